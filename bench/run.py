@@ -1,0 +1,45 @@
+"""Run every benchmark (or some) and write docs/benchmarks.md with the machine and the date.
+
+Each benchmark's section is kept in docs/bench/<name>.md (stamped with its own machine, date and
+command), so `--only` reruns one without losing the others; docs/benchmarks.md joins them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from pathlib import Path
+
+from bench.common import machine, stamp
+
+MODULES = ("bench_ingest", "bench_features", "bench_query", "bench_train", "bench_rank")
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="small sizes and short durations (smoke run)")
+    ap.add_argument("--only", nargs="*", choices=MODULES, help="run only these benchmarks")
+    args = ap.parse_args()
+    names = args.only or list(MODULES)
+    (DOCS / "bench").mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names, 1):
+        print(f"[{i}/{len(names)}] {name}{' (quick)' if args.quick else ''} ...", flush=True)
+        t0 = time.perf_counter()
+        section = importlib.import_module(f"bench.{name}").run(args.quick)
+        print(section, flush=True)
+        mode = "QUICK smoke sizes, not reference numbers" if args.quick else "full size"
+        footer = (f"\n\n_Measured {stamp()} on {machine()}; `python -m bench.run"
+                  f"{' --quick' if args.quick else ''} --only {name}` ({mode}); took {time.perf_counter() - t0:.0f} s._\n")
+        (DOCS / "bench" / f"{name}.md").write_text(section.rstrip() + footer)
+    parts = [(DOCS / "bench" / f"{n}.md") for n in MODULES]
+    body = "\n\n".join(p.read_text().rstrip() for p in parts if p.exists())
+    header = ("# Benchmarks\n\nWritten by `python -m bench.run` (each section says when, where and how it was "
+              "measured). Latencies in milliseconds; every ratio compares two figures measured in the same run.\n\n")
+    (DOCS / "benchmarks.md").write_text(header + body + "\n")
+    print(f"wrote {DOCS / 'benchmarks.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The embedded handle (`insession.open`): wires catalogue, log, features and queries in one process."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from insession.features import FeatureEngine
+from insession.log.catalog import Catalog
+from insession.log.eventlog import EventLog
+from insession.schema import BatchRejected, Event, FieldError, validate_events, validate_items
+
+REPLAY_CHUNK = 10_000
+
+
+class InsertResult(msgspec.Struct):
+    """What an acknowledged insert stored: offsets are durable log positions (events) or empty (items)."""
+
+    table: str
+    stored: int
+    duplicates: int = 0
+    unknown_items: int = 0
+    offsets: list[int] = []
+
+
+def _chunks(it: Iterable[Event], n: int) -> Iterator[list[Event]]:
+    iterator = iter(it)
+    while chunk := list(islice(iterator, n)):
+        yield chunk
+
+
+class Insession:
+    """One process's insession: `insert`, `select`, `close`; safe to share across threads.
+
+    Data layout under `data_dir`: `log.sqlite` (the event log, the source of truth), `catalog.sqlite`
+    (the items table), `features/` (snapshots of online feature state), `history/` (Parquet by day,
+    exported from closed log segments).
+    """
+
+    def __init__(self, data_dir: str | Path, *, maintenance_interval_s: float | None = 5.0) -> None:
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.history_dir = self.data_dir / "history"
+        self.catalog = Catalog(self.data_dir / "catalog.sqlite")
+        self.features = FeatureEngine.open(self.data_dir / "features")
+        self.log = EventLog(self.data_dir / "log.sqlite", on_commit=self.features.update_many)
+        self.unknown_items = 0
+        # Rebuild: last snapshot + everything the log acknowledged after it.
+        for chunk in _chunks(self.log.read(self.features.applied_offset + 1), REPLAY_CHUNK):
+            self.features.update_many(chunk)
+        self._stop = threading.Event()
+        self._maintenance: threading.Thread | None = None
+        if maintenance_interval_s:
+            self._maintenance = threading.Thread(
+                target=self._maintain, args=(maintenance_interval_s,), name="insession-maintenance", daemon=True
+            )
+            self._maintenance.start()
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def insert(self, table: str, rows: list[Any]) -> InsertResult:
+        """Validate, enrich and durably store a batch (all-or-nothing). Raises BatchRejected."""
+        if table == "events":
+            return self.insert_events(validate_events(rows))
+        if table == "items":
+            return InsertResult("items", self.catalog.upsert(validate_items(rows)))
+        raise BatchRejected([FieldError(-1, "table", f"unknown table {table!r}; tables: events, items")], 404)
+
+    def insert_events(self, events: list[Event]) -> InsertResult:
+        """Store already-validated events; returns once they are fsynced and visible to features."""
+        unknown = self.catalog.enrich(events)
+        self.unknown_items += unknown
+        results = self.log.append(events)
+        dups = sum(r.duplicate for r in results)
+        return InsertResult("events", len(results) - dups, dups, unknown, [r.offset for r in results])
+
+    # -- maintenance ----------------------------------------------------------------------------
+
+    def export(self) -> int:
+        """Export the log up to now as Parquet history; returns the exported offset."""
+        return self.log.export(self.history_dir)
+
+    def _maintain(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            self.export()
+            self.features.snapshot()
+
+    def lag(self) -> dict[str, int]:
+        """How far the history export and the feature snapshot trail the log, in events."""
+        last = self.log.last_offset()
+        return {
+            "log_offset": last,
+            "export_lag": last - self.log.exported_offset(),
+            "snapshot_lag": last - self.features.snapshot_offset,
+        }
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._maintenance is not None:
+            self._maintenance.join()
+        self.features.snapshot()
+        self.log.close()
+        self.catalog.close()
+
+    def __enter__(self) -> Insession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open(data_dir: str | Path, **kwargs: Any) -> Insession:  # noqa: A001 - the SDK verb is `insession.open`
+    """Open (or create) an embedded insession in `data_dir`."""
+    return Insession(data_dir, **kwargs)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,239 @@
+"""Feature declarations as data: windows, features, the persisted registry and the default feature set."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from insession.schema import ACTIONS
+
+MINUTE_MS = 60_000
+HOUR_MS = 60 * MINUTE_MS
+DAY_MS = 24 * HOUR_MS
+
+Entity = Literal["user", "user_item", "item", "global"]
+WindowKind = Literal["unbounded", "sliding", "session", "before_session"]
+AggKind = Literal[
+    "count", "sum", "last", "last_n", "distinct_topk", "topk_count", "counts_by_action", "age", "covisit"
+]
+
+ENTITY_KEYS: dict[str, tuple[str, ...]] = {
+    "user": ("user_id",),
+    "user_item": ("user_id", "item_id"),
+    "item": ("item_id",),
+    "global": (),
+}
+# Event columns an aggregation may read; `properties.<name>` reads a numeric property (sum only).
+VALUE_FIELDS = ("item_id", "category", "subcategory", "action", "surface", "session_id")
+SEQUENCE_FIELDS = ("item_id", "action", "ts", "category")  # what one element of a last_n sequence holds
+_NEEDS_FIELD = {"sum", "last", "distinct_topk", "topk_count"}
+_NEEDS_K = {"last_n", "distinct_topk", "topk_count", "covisit"}
+
+
+@dataclass(frozen=True)
+class Window:
+    """Which events an aggregation sees at read time t.
+
+    - unbounded: every event so far;
+    - sliding(length, tile): events in the `length // tile` tiles ending with the tile holding t, i.e.
+      ts >= (t // tile - length // tile + 1) * tile: the window covers between length - tile and
+      length of event time, and its edge moves one tile at a time (the same rule online and offline);
+    - session: the user's current session (empty when it has closed by inactivity);
+    - before_session: the user's events before the current session (last_n only).
+    """
+
+    kind: WindowKind = "unbounded"
+    length_ms: int = 0
+    tile_ms: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind == "sliding":
+            if self.tile_ms <= 0 or self.length_ms <= 0 or self.length_ms % self.tile_ms:
+                raise ValueError("a sliding window needs length_ms > 0 that is a multiple of tile_ms > 0")
+        elif self.length_ms or self.tile_ms:
+            raise ValueError(f"a {self.kind} window has no length or tile")
+
+    @property
+    def tiles(self) -> int:
+        return self.length_ms // self.tile_ms if self.kind == "sliding" else 0
+
+    def start(self, t: int) -> int | None:
+        """The smallest event time inside the window read at t (None: no lower edge)."""
+        if self.kind != "sliding":
+            return None
+        return (t // self.tile_ms - self.tiles + 1) * self.tile_ms
+
+
+def sliding(length_ms: int, tile_ms: int) -> Window:
+    return Window("sliding", length_ms, tile_ms)
+
+
+UNBOUNDED = Window()
+SESSION = Window("session")
+BEFORE_SESSION = Window("before_session")
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One declared feature (Chronon GroupBy / Feast FeatureView in spirit).
+
+    `agg` and its parameters: count; sum(field: `properties.<name>`); last(field); last_n(k): the k
+    latest events as {item_id, action, ts, category}, oldest first; distinct_topk(field, k): distinct
+    values, most recent first; topk_count(field, k): [{field: value, count: n}] by count; counts_by_action:
+    {action: n} for every action; age: ms from the earliest event in the window to t; covisit(k, span,
+    gap_ms): for an item, the k items most often seen within `span` events and `gap_ms` of it in the
+    same session. `actions` filters events before aggregation (None: all).
+    """
+
+    name: str
+    entity: Entity
+    agg: AggKind
+    window: Window = UNBOUNDED
+    field: str | None = None
+    k: int = 0
+    actions: tuple[str, ...] | None = None
+    span: int = 0
+    gap_ms: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"feature name {self.name!r} must be an identifier")
+        if self.entity not in ENTITY_KEYS:
+            raise ValueError(f"{self.name}: unknown entity {self.entity!r}")
+        if self.agg in _NEEDS_FIELD:
+            ok = self.field in VALUE_FIELDS if self.agg != "sum" else str(self.field).startswith("properties.")
+            if not ok:
+                raise ValueError(f"{self.name}: {self.agg} cannot read field {self.field!r}")
+        elif self.field is not None:
+            raise ValueError(f"{self.name}: {self.agg} takes no field")
+        if (self.agg in _NEEDS_K) != (self.k > 0):
+            raise ValueError(f"{self.name}: k > 0 is required by last_n/distinct_topk/topk_count/covisit only")
+        if self.actions is not None and (not self.actions or set(self.actions) - set(ACTIONS)):
+            raise ValueError(f"{self.name}: actions must be a non-empty subset of {ACTIONS}")
+        if self.window.kind in ("session", "before_session") and self.entity != "user":
+            raise ValueError(f"{self.name}: session windows are per user")
+        if self.window.kind == "before_session" and self.agg != "last_n":
+            raise ValueError(f"{self.name}: a before_session window supports last_n only")
+        if self.agg == "covisit":
+            if self.entity != "item" or self.span <= 0 or self.gap_ms <= 0:
+                raise ValueError(f"{self.name}: covisit is per item and needs span > 0 and gap_ms > 0")
+            if self.window.kind in ("session", "before_session"):
+                raise ValueError(f"{self.name}: covisit needs an unbounded or sliding window")
+        elif self.span or self.gap_ms:
+            raise ValueError(f"{self.name}: span/gap_ms belong to covisit")
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return ENTITY_KEYS[self.entity]
+
+    def to_json(self) -> dict[str, object]:
+        d = asdict(self)
+        d["actions"] = list(self.actions) if self.actions is not None else None
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, object]) -> Feature:
+        d = dict(d)
+        d["window"] = Window(**d["window"])  # type: ignore[arg-type]
+        if d.get("actions") is not None:
+            d["actions"] = tuple(d["actions"])  # type: ignore[arg-type]
+        return cls(**d)  # type: ignore[arg-type]
+
+
+@dataclass
+class FeatureRegistry:
+    """The declared features plus the two stream rules they share (lateness, session gap).
+
+    `hash()` is stable across processes and Python versions: the trainer stores it in model artefacts and
+    the ranking service refuses a model whose hash differs from the engine's.
+    """
+
+    features: dict[str, Feature] = field(default_factory=dict)
+    lateness_ms: int = 5 * MINUTE_MS
+    session_gap_ms: int = 30 * MINUTE_MS
+
+    def add(self, feature: Feature) -> None:
+        if feature.name in self.features:
+            raise ValueError(f"feature {feature.name!r} is already declared")
+        self.features[feature.name] = feature
+
+    def __iter__(self) -> Iterator[Feature]:
+        return iter(self.features.values())
+
+    def __getitem__(self, name: str) -> Feature:
+        try:
+            return self.features[name]
+        except KeyError:
+            raise KeyError(f"unknown feature {name!r}; declared: {', '.join(self.features)}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.features
+
+    def of_entity(self, entity: str) -> list[Feature]:
+        return [f for f in self if f.entity == entity]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "lateness_ms": self.lateness_ms,
+            "session_gap_ms": self.session_gap_ms,
+            "features": [f.to_json() for f in self],
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, object]) -> FeatureRegistry:
+        feats = [Feature.from_json(f) for f in d["features"]]  # type: ignore[union-attr]
+        return cls({f.name: f for f in feats}, int(d["lateness_ms"]), int(d["session_gap_ms"]))  # type: ignore[arg-type]
+
+    def hash(self) -> str:
+        body = self.to_json()
+        body["features"] = sorted(body["features"], key=lambda f: f["name"])  # type: ignore[arg-type, index]
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def save(self, path: Path) -> None:
+        """Write atomically (temporary file, fsync, rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            json.dump(self.to_json(), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> FeatureRegistry:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def of(cls, features: Iterable[Feature], **rules: int) -> FeatureRegistry:
+        reg = cls(**rules)
+        for f in features:
+            reg.add(f)
+        return reg
+
+
+def default_features() -> list[Feature]:
+    """The features the Dual Sequence ReRanker and the candidate stage read (names are a contract)."""
+    return [
+        Feature("top_categories_15d", "user", "distinct_topk", sliding(15 * DAY_MS, HOUR_MS), "category", 5,
+                actions=("view",)),
+        Feature("history_seq", "user", "last_n", BEFORE_SESSION, k=100),
+        Feature("session_seq", "user", "last_n", SESSION, k=50),
+        Feature("session_length", "user", "count", SESSION),
+        Feature("session_age", "user", "age", SESSION),
+        Feature("user_item_count_28d", "user_item", "counts_by_action", sliding(28 * DAY_MS, HOUR_MS)),
+        Feature("item_count_28d", "item", "counts_by_action", sliding(28 * DAY_MS, HOUR_MS)),
+        Feature("item_trending_2h", "item", "count", sliding(2 * HOUR_MS, MINUTE_MS)),
+        Feature("trending_items_2h", "global", "topk_count", sliding(2 * HOUR_MS, MINUTE_MS), "item_id", 50),
+        Feature("covisit", "item", "covisit", sliding(7 * DAY_MS, DAY_MS), k=20, span=5, gap_ms=30 * MINUTE_MS),
+    ]
+
+
+def default_registry() -> FeatureRegistry:
+    return FeatureRegistry.of(default_features())

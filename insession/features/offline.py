@@ -1,0 +1,257 @@
+"""The offline feature engine: the same declarations, point-in-time correct, computed in DuckDB.
+
+`compute(features, events, spine)` answers, for each spine row (entity keys, ts, [offset]), every feature as
+the online engine would have answered it when it had applied the log up to `offset` and was read at `ts`:
+only events with offset <= that offset and ts <= ts count, and the lateness rule drops exactly the events
+the online engine dropped (each event's watermark at arrival is a window function over offset order).
+Without an `offset` column a row sees what arrived while the stream's watermark was <= ts.
+
+Work per spine row is bounded by its window, never by a key's whole history: sliding windows join on
+(key, window-length bucket); session windows on (user, session number); last_n over unbounded and
+before-session windows read a rank range found with ASOF joins (the k latest events of a prefix of the
+log in offset order lie within [min ts of its last k events, max ts], which bounded lateness keeps
+narrow). Unbounded count/sum/last/distinct/topk windows read the key's whole history (no default feature
+uses one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from insession.features.declare import ENTITY_KEYS, Feature, FeatureRegistry
+from insession.schema import ACTIONS
+
+EventsLike = duckdb.DuckDBPyRelation | pa.Table | str | Path
+_SEQ_TYPE = "STRUCT(item_id VARCHAR, action VARCHAR, ts BIGINT, category VARCHAR)[]"
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _lit(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _events_sql(con: duckdb.DuckDBPyConnection, events: EventsLike) -> str:
+    if isinstance(events, str | Path):
+        return f"read_parquet({_lit(str(events))}, hive_partitioning = true, union_by_name = true)"
+    con.register("__events_in", events)
+    return "__events_in"
+
+
+def _prepare(con: duckdb.DuckDBPyConnection, source: str, reg: FeatureRegistry) -> None:
+    """ev: every event with its watermark after arrival; acc: accepted events with session numbers."""
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE ev AS
+        SELECT "offset" AS off, user_id, item_id, action, ts, session_id, surface, properties, category,
+               subcategory,
+               max(ts) OVER (ORDER BY "offset" ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS wm_prev,
+               max(ts) OVER (ORDER BY "offset" ROWS UNBOUNDED PRECEDING) AS wm_after
+        FROM {source}""")
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE acc AS
+        WITH a AS (
+            SELECT *,
+                row_number() OVER (PARTITION BY user_id ORDER BY off) AS urn,
+                lag(session_id) OVER (PARTITION BY user_id ORDER BY off) AS prev_sid,
+                max(ts) OVER (PARTITION BY user_id ORDER BY off
+                              ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_max
+            FROM ev WHERE wm_prev IS NULL OR ts >= wm_prev - {reg.lateness_ms} - 60000
+        )
+        SELECT * EXCLUDE (urn, prev_sid, prev_max),
+            sum(CASE WHEN urn = 1 OR session_id IS DISTINCT FROM prev_sid
+                      OR (session_id IS NULL AND ts - prev_max > {reg.session_gap_ms}) THEN 1 ELSE 0 END)
+                OVER (PARTITION BY user_id ORDER BY off ROWS UNBOUNDED PRECEDING) - 1 AS sess,
+            max(ts) OVER (PARTITION BY user_id ORDER BY off ROWS UNBOUNDED PRECEDING) AS user_max
+        FROM a""")
+
+
+def _prepare_spine(con: duckdb.DuckDBPyConnection, spine: pa.Table, reg: FeatureRegistry) -> None:
+    """sp: spine rows with rid, t, O; plus, for user rows, the current session (open or not)."""
+    spine = spine.append_column("__rid", pa.array(range(spine.num_rows), pa.int64()))
+    con.register("__spine_in", spine)
+    keys = ", ".join(c for c in ("user_id", "item_id") if c in spine.column_names)
+    keys = keys + "," if keys else ""
+    if "offset" in spine.column_names:
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE sp0 AS
+            SELECT __rid AS rid, {keys} ts AS t, "offset" AS o FROM __spine_in""")
+    else:
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE sp0 AS
+            WITH marks AS (SELECT wm_after, max(off) AS off FROM ev GROUP BY wm_after)
+            SELECT s.__rid AS rid, {keys} s.ts AS t, coalesce(m.off, -1) AS o
+            FROM __spine_in s ASOF LEFT JOIN marks m ON s.ts >= m.wm_after""")
+    if "user_id" in spine.column_names:
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE sp AS
+            SELECT s.*, a.sess AS cur_sess,
+                   a.off IS NOT NULL AND (a.session_id IS NOT NULL OR s.t - a.user_max <= {reg.session_gap_ms})
+                       AS is_open,
+                   f.first_off
+            FROM sp0 s
+            ASOF LEFT JOIN acc a ON s.user_id = a.user_id AND s.o >= a.off
+            LEFT JOIN (SELECT user_id, sess, min(off) AS first_off FROM acc GROUP BY ALL) f
+                   ON f.user_id = s.user_id AND f.sess = a.sess""")
+    else:
+        con.execute("CREATE OR REPLACE TEMP TABLE sp AS SELECT * FROM sp0")
+
+
+def _value_sql(f: Feature) -> str:
+    if f.field is None:
+        return "NULL::VARCHAR"
+    if f.agg == "sum":
+        path = _lit("$." + f.field.split(".", 1)[1])
+        return (f"CASE WHEN json_type(properties, {path}) IN ('BIGINT', 'UBIGINT', 'DOUBLE') "
+                f"THEN CAST(json_extract(properties, {path}) AS DOUBLE) END")
+    return _q(f.field)
+
+
+def _source(con: duckdb.DuckDBPyConnection, f: Feature, table: str) -> None:
+    """The events (or, for covisit, the item pairs) one feature aggregates: keys, value, ts, off, ..."""
+    where = "TRUE" if f.actions is None else f"action IN ({', '.join(_lit(a) for a in f.actions)})"
+    if f.agg != "covisit":
+        value = _value_sql(f)
+        has_value = "TRUE" if f.field is None else f"({value}) IS NOT NULL"
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE {table} AS
+            SELECT user_id, item_id, ts, off, sess, action, category, {value} AS value
+            FROM acc WHERE {where} AND {has_value}""")
+        return
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {table} AS
+        WITH f AS (
+            SELECT user_id, sess, item_id, ts, off,
+                   row_number() OVER (PARTITION BY user_id, sess ORDER BY off) AS rn
+            FROM acc WHERE {where}
+        ),
+        e AS (SELECT *, unnest(range(greatest(rn - {f.span}, 1), rn)) AS prn FROM f),
+        pairs AS (
+            SELECT e.item_id AS a, p.item_id AS b, e.ts, e.off
+            FROM e JOIN f p ON p.user_id = e.user_id AND p.sess = e.sess AND p.rn = e.prn
+            WHERE p.item_id <> e.item_id AND abs(p.ts - e.ts) <= {f.gap_ms}
+        )
+        SELECT NULL::VARCHAR AS user_id, a AS item_id, ts, off, NULL::BIGINT AS sess, NULL::VARCHAR AS action,
+               NULL::VARCHAR AS category, b AS value FROM pairs
+        UNION ALL
+        SELECT NULL, b, ts, off, NULL, NULL, NULL, a FROM pairs""")
+
+
+def _candidates(con: duckdb.DuckDBPyConnection, f: Feature, src: str, cand: str) -> None:
+    """(rid, event) pairs: the events of the row's key inside its window, arrived by its offset."""
+    keys = ENTITY_KEYS["item" if f.agg == "covisit" else f.entity]
+    on = [f"s.{k} = x.{k}" for k in keys] + ["x.off <= s.o", "x.ts <= s.t"]
+    w = f.window
+    spine = "sp"
+    if w.kind == "sliding":
+        ws = f"(s.t // {w.tile_ms} - {w.tiles - 1}) * {w.tile_ms}"
+        on.append(f"x.ts >= {ws}")
+        spine = f"(SELECT *, unnest(list_distinct([(t // {w.tile_ms} - {w.tiles - 1}) * {w.tile_ms} // {w.length_ms}, t // {w.length_ms}])) AS b FROM sp)"  # noqa: E501
+        on.append(f"x.ts // {w.length_ms} = s.b")
+    elif w.kind == "session":
+        on += ["s.is_open", "x.sess = s.cur_sess"]
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {cand} AS
+        SELECT s.rid, x.item_id, x.ts, x.off, x.action, x.category, x.value
+        FROM {spine} s JOIN {src} x ON {' AND '.join(on)}""")
+
+
+def _prefix_last_n(con: duckdb.DuckDBPyConnection, f: Feature, src: str, cand: str) -> None:
+    """last_n over a prefix of the user's log (offset <= p): before-session or unbounded windows."""
+    k = f.k
+    p = "s.o" if f.window.kind == "unbounded" else "CASE WHEN s.is_open THEN s.first_off - 1 ELSE s.o END"
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {src}_r AS
+        SELECT *, max(rk) OVER (PARTITION BY user_id, ts) AS cnt_le FROM (
+            SELECT *,
+                count(*) OVER w AS cnt_k, min(ts) OVER w AS lb, max(ts) OVER w AS mx,
+                max(ts) OVER (PARTITION BY user_id ORDER BY off ROWS UNBOUNDED PRECEDING) AS runmax,
+                row_number() OVER (PARTITION BY user_id ORDER BY ts, off) AS rk
+            FROM {src}
+            WINDOW w AS (PARTITION BY user_id ORDER BY off ROWS BETWEEN {k - 1} PRECEDING AND CURRENT ROW))""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {cand} AS
+        WITH b AS (
+            SELECT s.rid, s.user_id, s.t, {p} AS p,
+                   CASE WHEN r.cnt_k = {k} AND r.mx <= s.t THEN r.lb END AS lo_ts,
+                   least(s.t, r.runmax) AS hi_ts
+            FROM sp s ASOF JOIN {src}_r r ON s.user_id = r.user_id AND {p} >= r.off
+        ),
+        lo AS (
+            SELECT b.*, coalesce(r.cnt_le, 0) + 1 AS rank_lo
+            FROM b ASOF LEFT JOIN {src}_r r ON b.user_id = r.user_id AND b.lo_ts > r.ts
+        ),
+        hi AS (
+            SELECT lo.*, coalesce(r.cnt_le, 0) AS rank_hi
+            FROM lo ASOF LEFT JOIN {src}_r r ON lo.user_id = r.user_id AND lo.hi_ts >= r.ts
+        ),
+        ranks AS (SELECT rid, user_id, t, p, unnest(range(rank_lo, rank_hi + 1)) AS rk FROM hi)
+        SELECT ranks.rid, x.item_id, x.ts, x.off, x.action, x.category, x.value
+        FROM ranks JOIN {src}_r x ON x.user_id = ranks.user_id AND x.rk = ranks.rk
+        WHERE x.off <= ranks.p AND x.ts <= ranks.t""")
+
+
+def _aggregate(f: Feature, cand: str) -> str:
+    """SELECT rid, value for every spine row (empty windows give the online engine's empty value)."""
+    frm = f"sp LEFT JOIN {cand} c USING (rid)"
+    if f.agg == "count":
+        return f"SELECT sp.rid, count(c.off) AS v FROM {frm} GROUP BY sp.rid"
+    if f.agg == "sum":
+        return f"SELECT sp.rid, coalesce(sum(c.value), 0)::DOUBLE AS v FROM {frm} GROUP BY sp.rid"
+    if f.agg == "age":
+        return f"SELECT sp.rid, sp.t - min(c.ts) AS v FROM {frm} GROUP BY sp.rid, sp.t"
+    if f.agg == "counts_by_action":
+        parts = ", ".join(f"{_q(a)} := count(c.off) FILTER (WHERE c.action = {_lit(a)})" for a in ACTIONS)
+        return f"SELECT sp.rid, struct_pack({parts}) AS v FROM {frm} GROUP BY sp.rid"
+    if f.agg == "last":
+        return (f"SELECT sp.rid, (list(c.value ORDER BY c.ts DESC, c.off DESC) FILTER (WHERE c.off IS NOT NULL))[1]"
+                f" AS v FROM {frm} GROUP BY sp.rid")
+    if f.agg == "last_n":
+        elem = "struct_pack(item_id := c.item_id, action := c.action, ts := c.ts, category := c.category)"
+        return (f"SELECT sp.rid, coalesce(list_reverse((list({elem} ORDER BY c.ts DESC, c.off DESC) "
+                f"FILTER (WHERE c.off IS NOT NULL))[1:{f.k}]), []::{_SEQ_TYPE}) AS v FROM {frm} GROUP BY sp.rid")
+    if f.agg == "distinct_topk":
+        return f"""SELECT sp.rid, coalesce((list(g.value ORDER BY g.m DESC, g.value ASC)
+                        FILTER (WHERE g.value IS NOT NULL))[1:{f.k}], []::VARCHAR[]) AS v
+                   FROM sp LEFT JOIN (SELECT rid, value, max(ts) AS m FROM {cand} GROUP BY rid, value) g
+                   USING (rid) GROUP BY sp.rid"""
+    name = f.field or "item_id"  # topk_count and covisit
+    return f"""SELECT sp.rid, coalesce((list(struct_pack({_q(name)} := g.value, count := g.n)
+                    ORDER BY g.n DESC, g.value ASC) FILTER (WHERE g.value IS NOT NULL))[1:{f.k}],
+                    []::STRUCT({_q(name)} VARCHAR, count BIGINT)[]) AS v
+               FROM sp LEFT JOIN (SELECT rid, value, count(*) AS n FROM {cand} GROUP BY rid, value) g
+               USING (rid) GROUP BY sp.rid"""
+
+
+def compute(
+    features: FeatureRegistry | Iterable[Feature],
+    events: EventsLike,
+    spine: pa.Table,
+    *,
+    con: duckdb.DuckDBPyConnection | None = None,
+) -> pa.Table:
+    """Point-in-time feature values: the spine's columns plus one column per feature, in spine order.
+
+    `events`: an Arrow table, a DuckDB relation or a Parquet path/glob with `EVENT_ARROW_SCHEMA`, holding
+    the log from offset 0 (the lateness rule needs every earlier event). `spine`: columns `ts` plus the
+    entity keys the features need (`user_id`, `item_id`), optionally `offset`.
+    """
+    reg = features if isinstance(features, FeatureRegistry) else FeatureRegistry.of(features)
+    missing = {k for f in reg for k in f.keys} - set(spine.column_names)
+    if "ts" not in spine.column_names or missing:
+        raise ValueError(f"the spine needs columns ts and {sorted(missing)}")
+    con = con or duckdb.connect()
+    con.execute("SET preserve_insertion_order = true")
+    _prepare(con, _events_sql(con, events), reg)
+    _prepare_spine(con, spine, reg)
+    selects, joins = [], []
+    for n, f in enumerate(reg):
+        src, cand = f"src_{n}", f"cand_{n}"
+        _source(con, f, src)
+        if f.agg == "last_n" and f.window.kind in ("unbounded", "before_session"):
+            _prefix_last_n(con, f, src, cand)
+        else:
+            _candidates(con, f, src, cand)
+        con.execute(f"CREATE OR REPLACE TEMP TABLE res_{n} AS {_aggregate(f, cand)}")
+        selects.append(f"r{n}.v AS {_q(f.name)}")
+        joins.append(f"LEFT JOIN res_{n} r{n} ON r{n}.rid = s.__rid")
+    return con.sql(
+        f"SELECT s.* EXCLUDE (__rid), {', '.join(selects)} FROM __spine_in s {' '.join(joins)} ORDER BY s.__rid"
+    ).to_arrow_table()

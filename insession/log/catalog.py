@@ -1,0 +1,97 @@
+"""The item catalogue (`items` table): durable in SQLite, cached in a dict for enrichment on the hot path.
+
+The hierarchy is category > subcategory > item. Enrichment copies an item's category and subcategory
+onto each event at ingest time. Decision: an event for an unknown item is accepted and stored with
+category=None (`enrich` returns how many there were, the caller counts them); a later upsert of that
+item does not rewrite history, so the log always says what the catalogue knew when the event arrived.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pyarrow as pa
+
+from insession.schema import ITEM_ARROW_SCHEMA, Event, Item
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    item_id TEXT PRIMARY KEY,
+    category TEXT NOT NULL,
+    subcategory TEXT NOT NULL,
+    price REAL,
+    available INTEGER NOT NULL,
+    brand TEXT,
+    name TEXT,
+    updated_ts INTEGER NOT NULL
+)
+"""
+_UPSERT = """
+INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT(item_id) DO UPDATE SET category = excluded.category, subcategory = excluded.subcategory,
+    price = excluded.price, available = excluded.available, brand = excluded.brand, name = excluded.name,
+    updated_ts = excluded.updated_ts
+"""
+
+
+class Catalog:
+    """The items table; thread-safe. `path` is its SQLite file (WAL, synchronous=FULL)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute(_SCHEMA)
+        self._lock = threading.Lock()
+        self._items: dict[str, Item] = {
+            row[0]: Item(row[0], row[1], row[2], row[3], bool(row[4]), row[5], row[6], row[7])
+            for row in self._conn.execute("SELECT * FROM items")
+        }
+
+    def upsert(self, items: list[Item]) -> int:
+        """Insert or replace items (all-or-nothing, durable before return); returns how many."""
+        rows = [(it.item_id, it.category, it.subcategory, it.price, int(it.available), it.brand, it.name,
+                 it.updated_ts) for it in items]
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.executemany(_UPSERT, rows)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._items.update((it.item_id, it) for it in items)
+        return len(items)
+
+    def get(self, item_id: str) -> Item | None:
+        return self._items.get(item_id)
+
+    def enrich(self, events: list[Event]) -> int:
+        """Set category/subcategory on each event in place; returns how many events had an unknown item."""
+        items = self._items
+        unknown = 0
+        for ev in events:
+            item = items.get(ev.item_id)
+            if item is None:
+                unknown += 1
+            else:
+                ev.category = item.category
+                ev.subcategory = item.subcategory
+        return unknown
+
+    def to_arrow(self) -> pa.Table:
+        """The whole catalogue as `ITEM_ARROW_SCHEMA`."""
+        items = list(self._items.values())
+        columns = {name: [getattr(it, name) for it in items] for name in ITEM_ARROW_SCHEMA.names}
+        return pa.table(columns, schema=ITEM_ARROW_SCHEMA)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

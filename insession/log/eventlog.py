@@ -1,0 +1,341 @@
+"""The embedded event log: a crash-safe, append-only, group-committed log of events on SQLite.
+
+Storage: one SQLite database in WAL mode with `synchronous=FULL`, so a transaction is acknowledged
+only after its WAL frames are fsynced; SQLite's WAL recovery guarantees that a restart sees every
+committed transaction and nothing of an uncommitted one. Each row is
+
+    offset INTEGER PRIMARY KEY   -- global, dense (0, 1, 2, ...), monotonically increasing
+    event_id TEXT                -- idempotency key, partial UNIQUE index where not null
+    partition INTEGER            -- crc32(user_id) % partitions: the key of the replicated log at scale
+    body BLOB                    -- the whole Event as msgpack (offset not included; it is the row key)
+
+Only event_id is indexed (besides the primary key) and nothing else is a column: every extra index or
+column costs ingest throughput, and every reader of the log scans by offset.
+
+Group commit (leader/follower, as in RocksDB's write groups): `append` prepares its rows (msgpack,
+partition) in the caller's thread and queues its batch. If no commit is running, that caller becomes
+the writer: it takes every batch waiting at that moment, de-duplicates them against the table and each
+other, inserts them in ONE transaction, commits (one fsync for all of them), calls `on_commit` with the
+newly stored events, and only then releases the callers of the group; callers that queued meanwhile
+form the next group. One committer at a time, so offsets and `on_commit` calls are strictly ordered. A
+lone caller commits in its own thread (no hand-off to another thread on the latency path). A batch is
+all-or-nothing: it is inside exactly one transaction.
+
+Unknown items (decision): an event for an item the catalogue does not know is accepted and stored with
+category=None (the caller counts it); a later catalogue upsert does not rewrite history.
+
+Export: closed ranges of the log go to day-partitioned Parquet (see `insession.log.export`); rows stay
+in SQLite (retention is out of scope), so `tail_arrow` and `read` never race with an export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import msgspec
+import pyarrow as pa
+
+from insession.log.export import events_to_arrow, remove_orphans, write_day_partitions
+from insession.schema import Event
+
+log = logging.getLogger(__name__)
+
+READ_PAGE = 5_000  # rows per read query: bounded memory, short read transactions (checkpoints proceed)
+EXPORT_CHUNK = 200_000  # events per export round (one Parquet file per day per round)
+_LOOKUP_CHUNK = 500  # event_ids per IN (...) lookup, under SQLite's variable limit
+_SYNCHRONOUS = ("FULL", "NORMAL", "OFF")
+_MAX_OFFSET = 2**63 - 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    offset INTEGER PRIMARY KEY,
+    event_id TEXT,
+    partition INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_event_id ON events(event_id) WHERE event_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Event)
+
+Row = tuple[str | None, int, bytes]  # event_id, partition, body
+
+
+class AppendResult(msgspec.Struct):
+    """Where one appended event is: its offset, and whether it was a retry of an already stored event."""
+
+    offset: int
+    duplicate: bool
+
+
+class _Batch:
+    """One caller's batch waiting for a commit. `wake` is released once: when the batch is committed
+    (or failed), or when its caller is handed the committer role."""
+
+    __slots__ = ("events", "rows", "done", "results", "error", "wake")
+
+    def __init__(self, events: list[Event], rows: list[Row]) -> None:
+        self.events = events
+        self.rows = rows
+        self.done = False
+        self.results: list[AppendResult] = []
+        self.error: BaseException | None = None
+        self.wake = threading.Lock()
+        self.wake.acquire()
+
+
+def partition_of(user_id: str, partitions: int) -> int:
+    """Stable partition of a user (crc32, never Python's salted hash())."""
+    return zlib.crc32(user_id.encode()) % partitions
+
+
+def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+class EventLog:
+    """Durable append-only log of events; thread-safe. `path` is the SQLite file (created if absent).
+
+    `synchronous` other than "FULL" (acknowledged means fsynced) exists for the benchmark's ceiling only.
+    """
+
+    def __init__(self, path: Path, partitions: int = 16,
+                 on_commit: Callable[[list[Event]], None] | None = None,
+                 *, synchronous: str = "FULL") -> None:
+        if synchronous not in _SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {_SYNCHRONOUS}")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.partitions = partitions
+        self._on_commit = on_commit
+        self._synchronous = synchronous
+        self._conn = _connect(self.path, synchronous)  # used by one committer at a time
+        self._conn.executescript(_SCHEMA)
+        self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('partitions', ?)", (partitions,))
+        self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('exported_offset', -1)")
+        meta = dict(self._conn.execute("SELECT key, value FROM meta"))
+        if meta["partitions"] != partitions:
+            self._conn.close()
+            raise ValueError(f"{self.path} has {meta['partitions']} partitions, not {partitions}")
+        self._exported = int(meta["exported_offset"])
+        (last,) = self._conn.execute("SELECT COALESCE(MAX(offset), -1) FROM events").fetchone()
+        self._last = int(last)
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._export_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _pending, _committing, _closed
+        self._idle = threading.Condition(self._lock)  # notified when no commit is running
+        self._pending: list[_Batch] = []
+        self._committing = False
+        self._closed = False
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def append(self, events: list[Event]) -> list[AppendResult]:
+        """Store a batch durably (all-or-nothing); returns once it is fsynced. Sets `ev.offset` in place."""
+        if not events:
+            return []
+        n = self.partitions
+        rows = [(ev.event_id, partition_of(ev.user_id, n), _encoder.encode(ev)) for ev in events]
+        batch = _Batch(events, rows)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the event log is closed")
+            self._pending.append(batch)
+            lead = not self._committing
+            self._committing = True
+        if not lead:
+            batch.wake.acquire()  # each waiter is woken exactly once, never by a broadcast
+        if not batch.done:  # this caller is the committer for everything queued so far
+            self._lead()
+        if batch.error is not None:
+            raise batch.error
+        return batch.results
+
+    def _lead(self) -> None:
+        with self._lock:
+            group, self._pending = self._pending, []
+        try:
+            self._commit_group(group)
+        finally:
+            with self._lock:
+                successor = self._pending[0] if self._pending else None
+                if successor is None:
+                    self._committing = False
+                    self._idle.notify_all()
+            for batch in group:
+                batch.done = True
+                batch.wake.release()
+            if successor is not None:  # hand the committer role to the oldest waiting caller
+                successor.wake.release()
+
+    def _lookup(self, event_ids: list[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for i in range(0, len(event_ids), _LOOKUP_CHUNK):
+            chunk = event_ids[i : i + _LOOKUP_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT event_id, offset FROM events WHERE event_id IN ({marks})"
+            found.update(self._conn.execute(sql, chunk))
+        return found
+
+    def _commit_group(self, group: list[_Batch]) -> None:
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            ids = list({row[0] for batch in group for row in batch.rows if row[0] is not None})
+            known = self._lookup(ids) if ids else {}
+            offset = self._last
+            inserts: list[tuple[int, str | None, int, bytes]] = []
+            stored: list[Event] = []
+            results: list[list[AppendResult]] = []
+            for batch in group:
+                out = []
+                for ev, row in zip(batch.events, batch.rows, strict=True):
+                    eid = row[0]
+                    if eid is not None:
+                        original = known.get(eid)
+                        if original is not None:
+                            out.append(AppendResult(original, True))
+                            continue
+                        known[eid] = offset + 1
+                    offset += 1
+                    inserts.append((offset, *row))
+                    stored.append(ev)
+                    out.append(AppendResult(offset, False))
+                results.append(out)
+            conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?)", inserts)
+            conn.execute("COMMIT")
+        except BaseException as e:  # nothing of the group is stored: every caller gets the error
+            with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            for batch in group:
+                batch.error = e
+            if not isinstance(e, Exception):
+                raise
+            return
+        self._last = offset
+        for batch, out in zip(group, results, strict=True):
+            for ev, res in zip(batch.events, out, strict=True):
+                ev.offset = res.offset
+        if self._on_commit is not None and stored:
+            try:
+                self._on_commit(stored)
+            except Exception:  # the events are durable; a failing subscriber must not fail the writers
+                log.exception("on_commit callback failed for offsets %d..%d", stored[0].offset, offset)
+        for batch, out in zip(group, results, strict=True):
+            batch.results = out
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        with self._readers_lock:
+            if self._readers:
+                return self._readers.pop()
+        conn = _connect(self.path, self._synchronous)
+        conn.execute("PRAGMA query_only=ON")
+        return conn
+
+    def _release(self, conn: sqlite3.Connection) -> None:
+        with self._readers_lock:
+            if self._closed:
+                conn.close()
+            else:
+                self._readers.append(conn)
+
+    def _page(self, start: int, end: int | None, n: int) -> list[tuple[int, bytes]]:
+        conn = self._reader()
+        try:
+            sql = "SELECT offset, body FROM events WHERE offset >= ? AND offset <= ? ORDER BY offset LIMIT ?"
+            return conn.execute(sql, (start, _MAX_OFFSET if end is None else end, n)).fetchall()
+        finally:
+            self._release(conn)
+
+    def read(self, from_offset: int = 0, limit: int | None = None, *,
+             upto: int | None = None) -> Iterator[Event]:
+        """Stored events in offset order with from_offset <= offset (<= upto), at most `limit` of them."""
+        start = max(from_offset, 0)
+        left = limit
+        while left is None or left > 0:
+            n = READ_PAGE if left is None else min(READ_PAGE, left)
+            page = self._page(start, upto, n)
+            for off, body in page:
+                ev = _decoder.decode(body)
+                ev.offset = off
+                yield ev
+            if len(page) < n:
+                return
+            start = page[-1][0] + 1
+            if left is not None:
+                left -= len(page)
+
+    def last_offset(self) -> int:
+        """Offset of the newest acknowledged event; -1 when the log is empty."""
+        return self._last
+
+    def count(self) -> int:
+        """Number of stored events (offsets are dense from 0: nothing is ever deleted)."""
+        return self._last + 1
+
+    # -- history --------------------------------------------------------------------------------
+
+    def exported_offset(self) -> int:
+        """Last offset written to the Parquet history; -1 when nothing is exported."""
+        return self._exported
+
+    def export(self, history_dir: Path, upto_offset: int | None = None) -> int:
+        """Export (exported_offset, upto_offset] to Parquet by event day; idempotent; returns the new mark."""
+        history_dir = Path(history_dir)
+        with self._export_lock:
+            upto = self._last if upto_offset is None else min(upto_offset, self._last)
+            if upto <= self._exported:
+                return self._exported
+            remove_orphans(history_dir, self._exported)
+            conn = _connect(self.path, "FULL")
+            try:
+                while self._exported < upto:
+                    end = min(upto, self._exported + EXPORT_CHUNK)
+                    write_day_partitions(list(self.read(self._exported + 1, upto=end)), history_dir)
+                    conn.execute("UPDATE meta SET value = ? WHERE key = 'exported_offset'", (end,))
+                    self._exported = end
+            finally:
+                conn.close()
+            return self._exported
+
+    def tail_arrow(self, from_offset: int) -> pa.Table:
+        """Events with offset >= from_offset (call with exported_offset() + 1) as `EVENT_ARROW_SCHEMA`."""
+        return events_to_arrow(list(self.read(from_offset)))
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Wait for the running commit and queued appends, then close the database (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            while self._committing:
+                self._idle.wait()
+        self._conn.close()
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

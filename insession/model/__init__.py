@@ -1,0 +1,23 @@
+"""The Dual Sequence ReRanker model and its item vocabulary."""
+
+from insession.model.reranker import (
+    COUNTERS,
+    Batch,
+    DualSequenceReranker,
+    Encoded,
+    Explanation,
+    RerankerConfig,
+    Sequence,
+)
+from insession.model.vocab import Vocab
+
+__all__ = [
+    "COUNTERS",
+    "Batch",
+    "DualSequenceReranker",
+    "Encoded",
+    "Explanation",
+    "RerankerConfig",
+    "Sequence",
+    "Vocab",
+]

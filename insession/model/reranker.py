@@ -1,0 +1,424 @@
+"""The Dual Sequence ReRanker: one readable module, every component switchable for ablations.
+
+Reading order: config -> inputs -> token embedding -> encoder blocks -> target-aware pooling -> gate ->
+head -> the model (`encode` once per request, `score` all candidates in one pass, `forward` for training).
+
+Item index space (built by `insession.model.vocab.Vocab`), one table shared by every item input:
+
+    0            padding
+    1 .. N       items with a trained embedding          (rows of `item_emb`)
+    N+1 .. N+S   "unknown item of subcategory s"          (cold-start rows, derived, not trained)
+    .. + K       "unknown item of category k"
+    last         "unknown item, unknown category": the global average
+
+The cold-start rows are means of the trained item embeddings over the subcategory / category / all
+items (the chain SKU -> subcategory -> category -> global average); they are recomputed from the
+current item embeddings whenever the model enters eval mode (`refresh_cold_start`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from insession.schema import ACTIONS
+
+ADD_TO_CART = ACTIONS.index("add_to_cart") + 1  # action index 0 is padding
+COUNTERS: tuple[str, ...] = ("user_item_count_28d", "item_count_28d", "item_trending_2h")
+MS_PER_HOUR = 3_600_000
+
+
+def counter_row(features: Mapping[str, Any]) -> list[float]:
+    """The head's counter inputs, in COUNTERS order, from feature values as the feature engine returns them.
+
+    A count by action ({"view": 3, "add_to_cart": 1, ...}) counts every action; a missing value counts 0.
+    Training data and serving both go through this one function.
+    """
+    out = []
+    for name in COUNTERS:
+        v = features.get(name)
+        out.append(float(sum(v.values())) if isinstance(v, Mapping) else float(v or 0))
+    return out
+
+
+@dataclass
+class RerankerConfig:
+    """Sizes and ablation switches. Defaults are the full model, sized for a 2-core CPU."""
+
+    n_items: int = 2  # rows of the trained item table: padding + N items
+    n_subcats: int = 0
+    n_cats: int = 0
+    dim: int = 128  # item embedding width = token width = encoder width
+    n_layers: int = 1
+    n_heads: int = 2
+    dropout: float = 0.1
+    max_history: int = 50  # longest history sequence fed to the encoder (most recent kept)
+    max_session: int = 20
+    calendar_dim: int = 8
+    # ablation switches (issue 6): each False/True below departs from the full model
+    shared_encoder: bool = False  # one encoder for history and session instead of two
+    target_pooling: bool = True  # False: masked mean pooling, the same profile for every candidate
+    learned_gate: bool = True  # False: fixed g = 0.5 (the masked-side fallback still applies)
+    use_counters: bool = True  # False: the head sees no real-time counters
+    use_time: bool = True  # False: position index instead of the MLP on hours-to-request
+    cold_start: bool = True  # False: unknown items embed as the zero vector
+    loss: str = "hybrid"  # "hybrid" or "bce" (read by insession.train.loss)
+    item_subcat: list[int] = field(default_factory=list)  # subcategory of each trained item row (-1: pad)
+    subcat_cat: list[int] = field(default_factory=list)  # category of each subcategory
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Sequence:
+    """One padded side (history or session) of B requests, oldest -> newest, padding at the end."""
+
+    items: Tensor  # [B, L] long, item index, 0 = padding
+    actions: Tensor  # [B, L] long, 1 + ACTIONS.index(action), 0 = padding
+    ts: Tensor  # [B, L] long, event time in epoch ms
+
+    @property
+    def mask(self) -> Tensor:
+        return self.items != 0
+
+
+@dataclass
+class Batch:
+    """B example groups of C candidates each: everything `forward` and the loss need."""
+
+    history: Sequence
+    session: Sequence
+    request_ts: Tensor  # [B] long epoch ms
+    candidates: Tensor  # [B, C] long item index, 0 = padding
+    counters: Tensor  # [B, C, len(COUNTERS)] float, as of just before the request
+    labels: Tensor  # [B, C] float, 1 = added to cart
+
+    def __len__(self) -> int:
+        return self.candidates.shape[0]
+
+
+@dataclass
+class Encoded:
+    """What `encode` computes once per request and `score` reuses for every candidate."""
+
+    history: Tensor  # [B, Lh, D] encoder output
+    session: Tensor  # [B, Ls, D]
+    history_items: Tensor  # [B, Lh] item index (masks and repeat counts)
+    session_items: Tensor
+    history_hours: Tensor  # [B, Lh] hours between event and request (or position from the end)
+    session_hours: Tensor
+    history_atc: Tensor  # [B, Lh] float, 1 where the event is an add-to-cart
+    session_atc: Tensor
+    calendar: Tensor  # [B, 3 * calendar_dim]
+
+
+@dataclass
+class Explanation:
+    """Why each candidate scored as it did: pooling attention over both sequences and the gate."""
+
+    history_attention: Tensor  # [B, C, Lh], rows sum to 1 (0 where the history is empty)
+    session_attention: Tensor  # [B, C, Ls]
+    gate: Tensor  # [B, C] weight of the session side in the fused profile
+
+
+def calendar_fields(ts_ms: Tensor) -> Tensor:
+    """[..] epoch ms -> [.., 3] long: hour of day (0-23), day of week (Monday 0), week of month (0-4), UTC."""
+    days = torch.div(ts_ms, 86_400_000, rounding_mode="floor")
+    hour = torch.div(ts_ms - days * 86_400_000, MS_PER_HOUR, rounding_mode="floor")
+    dow = (days + 3) % 7  # 1970-01-01 was a Thursday
+    # day of month from days since epoch (H. Hinnant, "chrono-compatible low-level date algorithms")
+    z = days + 719_468
+    era = torch.div(z, 146_097, rounding_mode="floor")
+    doe = z - era * 146_097
+    yoe = torch.div(doe - doe // 1460 + doe // 36_524 - doe // 146_096, 365, rounding_mode="floor")
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day_of_month = doy - (153 * mp + 2) // 5 + 1
+    return torch.stack([hour, dow, (day_of_month - 1) // 7], dim=-1)
+
+
+class TokenEmbedding(nn.Module):
+    """token = item embedding + action embedding + MLP(log1p hours to request) (or a position embedding)."""
+
+    def __init__(self, cfg: RerankerConfig, item_embed: ItemEmbedding) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.items = item_embed
+        self.action = nn.Embedding(len(ACTIONS) + 1, cfg.dim, padding_idx=0)
+        if cfg.use_time:
+            self.time = nn.Sequential(nn.Linear(1, 16), nn.GELU(), nn.Linear(16, cfg.dim))
+        else:
+            self.position = nn.Embedding(max(cfg.max_history, cfg.max_session), cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, items: Tensor, actions: Tensor, hours: Tensor) -> Tensor:
+        x = self.items(items) + self.action(actions)
+        if self.cfg.use_time:
+            x = x + self.time(torch.log1p(hours).unsqueeze(-1))
+        else:
+            x = x + self.position(hours.long())  # hours holds the position from the end here
+        return self.drop(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: RerankerConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        b, length, d = x.shape
+        q, k, v = self.qkv(x).view(b, length, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        # a row with no valid key would give NaN; let it attend to its padding (its output is masked later)
+        keys = (mask | ~mask.any(-1, keepdim=True))[:, None, None, :]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=keys, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(y.transpose(1, 2).reshape(b, length, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: RerankerConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.dim)
+        self.attn = SelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.dim, 4 * cfg.dim),
+            nn.GELU(),
+            nn.Linear(4 * cfg.dim, cfg.dim),
+            nn.Dropout(cfg.dropout),
+        )
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x), mask)
+        return x + self.mlp(self.ln2(x))
+
+
+class Encoder(nn.Module):
+    """Token embedding + pre-norm blocks + final norm; padded positions come out as zeros."""
+
+    def __init__(self, cfg: RerankerConfig, tokens: TokenEmbedding) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln = nn.LayerNorm(cfg.dim)
+
+    def forward(self, items: Tensor, actions: Tensor, hours: Tensor) -> Tensor:
+        mask = items != 0
+        x = self.tokens(items, actions, hours)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.ln(x) * mask.unsqueeze(-1)
+
+
+class ItemEmbedding(nn.Module):
+    """Trained item rows plus the derived cold-start rows (see the module docstring)."""
+
+    def __init__(self, cfg: RerankerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Embedding(cfg.n_items, cfg.dim, padding_idx=0)
+        nn.init.normal_(self.weight.weight, std=0.1)
+        with torch.no_grad():
+            self.weight.weight[0].zero_()
+        subcat = cfg.item_subcat or [-1] * cfg.n_items
+        self.register_buffer("item_subcat", torch.tensor(subcat, dtype=torch.long), persistent=True)
+        self.register_buffer("subcat_cat", torch.tensor(cfg.subcat_cat, dtype=torch.long), persistent=True)
+        self.register_buffer("cold", torch.zeros(cfg.n_subcats + cfg.n_cats + 1, cfg.dim), persistent=True)
+
+    @torch.no_grad()
+    def refresh_cold_start(self) -> None:
+        """cold rows := mean trained embedding of each subcategory, each category, and of all items."""
+        self.cold.zero_()
+        if not self.cfg.cold_start or self.cfg.n_items < 2:
+            return
+        w = self.weight.weight[1:]
+        sub = self.item_subcat[1:]
+        known = sub >= 0
+        d = w.shape[1]
+        s, k = self.cfg.n_subcats, self.cfg.n_cats
+        sub_sum = torch.zeros(s, d).index_add_(0, sub[known], w[known])
+        sub_n = torch.zeros(s).index_add_(0, sub[known], torch.ones(int(known.sum())))
+        cat_of_item = self.subcat_cat[sub[known]] if s else sub[known]
+        cat_sum = torch.zeros(k, d).index_add_(0, cat_of_item, w[known])
+        cat_n = torch.zeros(k).index_add_(0, cat_of_item, torch.ones(int(known.sum())))
+        glob = w.mean(0)
+        self.cold[:s] = torch.where(sub_n[:, None] > 0, sub_sum / sub_n.clamp(min=1)[:, None], glob)
+        self.cold[s : s + k] = torch.where(cat_n[:, None] > 0, cat_sum / cat_n.clamp(min=1)[:, None], glob)
+        self.cold[-1] = glob
+
+    def forward(self, idx: Tensor) -> Tensor:
+        n = self.cfg.n_items
+        trained = self.weight(idx.clamp(max=n - 1))
+        cold = F.embedding((idx - n).clamp(min=0, max=self.cold.shape[0] - 1), self.cold)
+        return torch.where((idx >= n).unsqueeze(-1), cold, trained)
+
+
+class TargetPooling(nn.Module):
+    """Candidate-as-query attention over one encoded sequence: one profile per (request, candidate).
+
+    logit(c, t) = <Wq c, Wk h_t> / sqrt(D) - softplus(decay) * log1p(hours_t)
+                  + repeat_boost * [event t is an add-to-cart]
+    """
+
+    def __init__(self, cfg: RerankerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.q = nn.Linear(cfg.dim, cfg.dim)
+        self.k = nn.Linear(cfg.dim, cfg.dim)
+        self.v = nn.Linear(cfg.dim, cfg.dim)
+        self.decay = nn.Parameter(torch.tensor(-1.0))
+        self.repeat_boost = nn.Parameter(torch.tensor(0.5))
+
+    def forward(
+        self, cand: Tensor, h: Tensor, mask: Tensor, hours: Tensor, atc: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """cand [B, C, D], h [B, L, D], mask/hours/atc [B, L] -> pooled [B, C, D], weights [B, C, L]."""
+        b, c, _ = cand.shape
+        if not self.cfg.target_pooling:  # masked mean, the same for every candidate (expanded, not copied)
+            w = mask.float() / mask.sum(-1, keepdim=True).clamp(min=1)
+            w = w.unsqueeze(1).expand(b, c, -1)
+            return torch.bmm(w, h), w
+        # h is broadcast across the C candidates by the batched matmul: no per-candidate copy of it
+        logits = torch.bmm(self.q(cand), self.k(h).transpose(1, 2)) / math.sqrt(self.cfg.dim)
+        bias = -F.softplus(self.decay) * torch.log1p(hours) + self.repeat_boost * atc
+        logits = (logits + bias.unsqueeze(1)).masked_fill(~mask.unsqueeze(1), float("-inf"))
+        w = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # an empty sequence pools to zeros
+        return torch.bmm(w, self.v(h)), w
+
+
+class DualSequenceReranker(nn.Module):
+    def __init__(self, cfg: RerankerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.item_embed = ItemEmbedding(cfg)
+        self.history_encoder = Encoder(cfg, TokenEmbedding(cfg, self.item_embed))
+        self.session_encoder = (
+            self.history_encoder if cfg.shared_encoder else Encoder(cfg, TokenEmbedding(cfg, self.item_embed))
+        )
+        self.history_pool = TargetPooling(cfg)
+        self.session_pool = TargetPooling(cfg)
+        self.hour = nn.Embedding(24, cfg.calendar_dim)
+        self.weekday = nn.Embedding(7, cfg.calendar_dim)
+        self.week_of_month = nn.Embedding(5, cfg.calendar_dim)
+        n_meta = 6  # lengths (2), repeat counts (2), similarities (2)
+        self.gate = nn.Sequential(nn.Linear(3 * d + n_meta, d), nn.GELU(), nn.Linear(d, 1))
+        self.cand_proj = nn.Linear(d, d)
+        head_in = 3 * d + len(COUNTERS) + 3 * cfg.calendar_dim
+        self.head = nn.Sequential(
+            nn.Linear(head_in, 2 * d),
+            nn.GELU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(2 * d, d),
+            nn.GELU(),
+            nn.Linear(d, 1),
+        )
+
+    # --- the item table --------------------------------------------------------------------------
+    def init_item_vectors(self, vectors: Tensor) -> None:
+        """Copy pre-trained item vectors [n_items, dim] (row 0 = padding) into the item table."""
+        with torch.no_grad():
+            self.item_embed.weight.weight.copy_(vectors)
+            self.item_embed.weight.weight[0].zero_()
+        self.item_embed.refresh_cold_start()
+
+    def refresh_cold_start(self) -> None:
+        self.item_embed.refresh_cold_start()
+
+    def train(self, mode: bool = True) -> DualSequenceReranker:
+        """Entering eval mode re-derives the cold-start rows from the current item embeddings."""
+        if not mode:
+            self.item_embed.refresh_cold_start()
+        return super().train(mode)
+
+    # --- serving shape: encode once, score many --------------------------------------------------
+    def _hours(self, seq: Sequence, request_ts: Tensor) -> Tensor:
+        if self.cfg.use_time:
+            return ((request_ts.unsqueeze(1) - seq.ts).clamp(min=0) / MS_PER_HOUR).float() * seq.mask
+        # position from the most recent event (0 = newest), used instead of elapsed time
+        n = seq.mask.sum(-1, keepdim=True)
+        pos = n - 1 - torch.arange(seq.items.shape[1]).unsqueeze(0)
+        return (pos.clamp(min=0) * seq.mask).float()
+
+    def encode(self, history: Sequence, session: Sequence, request_ts: Tensor) -> Encoded:
+        """Run both encoders once per request. request_ts [B] epoch ms."""
+        h_hours, s_hours = self._hours(history, request_ts), self._hours(session, request_ts)
+        cal = calendar_fields(request_ts)
+        return Encoded(
+            history=self.history_encoder(history.items, history.actions, h_hours),
+            session=self.session_encoder(session.items, session.actions, s_hours),
+            history_items=history.items,
+            session_items=session.items,
+            history_hours=h_hours,
+            session_hours=s_hours,
+            history_atc=(history.actions == ADD_TO_CART).float(),
+            session_atc=(session.actions == ADD_TO_CART).float(),
+            calendar=torch.cat(
+                [self.hour(cal[:, 0]), self.weekday(cal[:, 1]), self.week_of_month(cal[:, 2])], -1
+            ),
+        )
+
+    def score(
+        self, enc: Encoded, candidates: Tensor, counters: Tensor, explain: bool = False
+    ) -> Tensor | tuple[Tensor, Explanation]:
+        """Scores (logits) of all candidates in one batched pass.
+
+        candidates [B, C] (or [C] for one request), counters [B, C, 3] (or [C, 3]) in COUNTERS order.
+        Returns [B, C] (or [C]); with explain=True also the attention weights and the gate.
+        """
+        single = candidates.dim() == 1
+        if single:
+            candidates, counters = candidates.unsqueeze(0), counters.unsqueeze(0)
+        b, c = candidates.shape
+        cand = self.item_embed(candidates)  # [B, C, D]
+        h_mask, s_mask = enc.history_items != 0, enc.session_items != 0
+        ph, wh = self.history_pool(cand, enc.history, h_mask, enc.history_hours, enc.history_atc)
+        ps, ws = self.session_pool(cand, enc.session, s_mask, enc.session_hours, enc.session_atc)
+
+        h_empty = (~h_mask.any(-1)).view(b, 1, 1).expand(b, c, 1)
+        s_empty = (~s_mask.any(-1)).view(b, 1, 1).expand(b, c, 1)
+        if self.cfg.learned_gate:
+            meta = torch.stack(
+                [
+                    torch.log1p(h_mask.sum(-1).float()).view(b, 1).expand(b, c),
+                    torch.log1p(s_mask.sum(-1).float()).view(b, 1).expand(b, c),
+                    torch.log1p((enc.history_items.unsqueeze(1) == candidates.unsqueeze(2)).sum(-1).float()),
+                    torch.log1p((enc.session_items.unsqueeze(1) == candidates.unsqueeze(2)).sum(-1).float()),
+                    F.cosine_similarity(cand, ph, dim=-1),
+                    F.cosine_similarity(cand, ps, dim=-1),
+                ],
+                dim=-1,
+            )
+            g = torch.sigmoid(self.gate(torch.cat([ps, ph, cand, meta], -1)))
+        else:
+            g = torch.full((b, c, 1), 0.5)
+        g = torch.where(s_empty, 0.0, torch.where(h_empty, 1.0, g))  # a fully masked side gets no weight
+        fused = g * ps + (1 - g) * ph
+
+        counts = torch.log1p(counters.float()) if self.cfg.use_counters else torch.zeros(b, c, len(COUNTERS))
+        calendar = enc.calendar.unsqueeze(1).expand(b, c, -1)  # request-level context, a view per candidate
+        x = torch.cat([fused, self.cand_proj(cand), fused * cand, counts, calendar], dim=-1)
+        scores = self.head(x).squeeze(-1)
+        if single:
+            scores = scores.squeeze(0)
+        if not explain:
+            return scores
+        return scores, Explanation(history_attention=wh, session_attention=ws, gate=g.squeeze(-1))
+
+    def forward(self, batch: Batch) -> Tensor:
+        """Training path: exactly encode + score. Returns logits [B, C]."""
+        enc = self.encode(batch.history, batch.session, batch.request_ts)
+        return self.score(enc, batch.candidates, batch.counters)  # type: ignore[return-value]

@@ -1,0 +1,130 @@
+"""Item vocabulary: item ids to the model's item index, with the cold-start chain for unknown items."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from insession.model.reranker import RerankerConfig
+
+_SEP = "\x1f"
+
+
+def _strings(values: object) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks().cast(pa.string())
+    return values.cast(pa.string()) if isinstance(values, pa.Array) else pa.array(values, pa.string())
+
+
+def _positions(values: pa.Array, value_set: pa.Array) -> np.ndarray:
+    """Position of each value in value_set, -1 when absent or null."""
+    return (
+        pc.fill_null(pc.index_in(values, value_set=value_set), -1)
+        .to_numpy(zero_copy_only=False)
+        .astype(np.int64)
+    )
+
+
+def _subcat_key(category: pa.Array, subcategory: pa.Array) -> pa.Array:
+    sub = pc.coalesce(subcategory, category)  # an item without a subcategory sits directly under its category
+    return pc.binary_join_element_wise(category, sub, _SEP)
+
+
+@dataclass
+class Vocab:
+    """Index layout (insession.model.reranker): 0 pad, 1..N items, then subcategories, categories, global."""
+
+    items: list[str]
+    item_subcat: list[int]  # per item, index into subcats, -1 when the category is unknown
+    subcats: list[str]  # "category<US>subcategory"
+    subcat_cat: list[int]  # per subcategory, index into cats
+    cats: list[str]
+
+    def __post_init__(self) -> None:
+        self._items = pa.array(self.items, pa.string())
+        self._subcats = pa.array(self.subcats, pa.string())
+        self._cats = pa.array(self.cats, pa.string())
+
+    @property
+    def n_items(self) -> int:
+        """Rows of the trained item table, padding included."""
+        return len(self.items) + 1
+
+    @property
+    def unknown(self) -> int:
+        """The index of the global-average row."""
+        return self.n_items + len(self.subcats) + len(self.cats)
+
+    @classmethod
+    def build(cls, item_id: pa.Array, category: pa.Array, subcategory: pa.Array) -> Vocab:
+        """From parallel arrays (e.g. the training period's events); an item's last seen category wins."""
+        t = pa.table({"item": item_id, "cat": category, "sub": subcategory}).filter(pc.is_valid(item_id))
+        t = t.append_column("key", _subcat_key(t["cat"], t["sub"]))
+        last = {
+            i: (c, k) for i, c, k in zip(*(t[n].to_pylist() for n in ("item", "cat", "key")), strict=True)
+        }
+        items = sorted(last)
+        cats = sorted({c for c, _ in last.values() if c is not None})
+        subcats = sorted({k for _, k in last.values() if k is not None})
+        cat_pos = {c: i for i, c in enumerate(cats)}
+        sub_pos = {k: i for i, k in enumerate(subcats)}
+        return cls(
+            items=items,
+            item_subcat=[sub_pos.get(last[i][1], -1) if last[i][1] is not None else -1 for i in items],
+            subcats=subcats,
+            subcat_cat=[cat_pos[k.split(_SEP, 1)[0]] for k in subcats],
+            cats=cats,
+        )
+
+    def lookup(
+        self,
+        item_id: pa.Array,
+        category: pa.Array | None = None,
+        subcategory: pa.Array | None = None,
+    ) -> np.ndarray:
+        """Item ids (with their category/subcategory when known) -> int64 indices; null item ids -> 0.
+
+        Unknown item -> its subcategory's row -> its category's row -> the global-average row.
+        """
+        item_id = _strings(item_id)
+        n = len(item_id)
+        out = _positions(item_id, self._items) + 1
+        cat = _strings(category if category is not None else pa.nulls(n, pa.string()))
+        sub = _strings(subcategory if subcategory is not None else pa.nulls(n, pa.string()))
+        s = _positions(_subcat_key(cat, sub), self._subcats)
+        c = _positions(cat, self._cats)
+        fallback = np.where(
+            s >= 0, self.n_items + s, np.where(c >= 0, self.n_items + len(self.subcats) + c, self.unknown)
+        )
+        out = np.where(out > 0, out, fallback)
+        return np.where(pc.is_null(item_id).to_numpy(zero_copy_only=False), 0, out)
+
+    def config(self, **overrides: object) -> RerankerConfig:
+        """A model config sized for this vocabulary."""
+        return RerankerConfig(
+            n_items=self.n_items,
+            n_subcats=len(self.subcats),
+            n_cats=len(self.cats),
+            item_subcat=[-1, *self.item_subcat],
+            subcat_cat=list(self.subcat_cat),
+            **overrides,  # type: ignore[arg-type]
+        )
+
+    def save(self, path: Path) -> None:
+        doc = {
+            "items": self.items,
+            "item_subcat": self.item_subcat,
+            "subcats": self.subcats,
+            "subcat_cat": self.subcat_cat,
+            "cats": self.cats,
+        }
+        path.write_text(json.dumps(doc))
+
+    @classmethod
+    def load(cls, path: Path) -> Vocab:
+        return cls(**json.loads(path.read_text()))

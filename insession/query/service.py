@@ -1,0 +1,297 @@
+"""QueryService: one SQL-friendly entry point that routes each query to the serving or the analytics lane.
+
+`execute(sql, params, roles)` (blocking, for the SDK's `select`) and `execute_async` (for the HTTP
+route: the serving lane answers inline, the analytics lane is awaited without blocking the loop) both
+parse once per distinct SQL text (cached), check the caller's roles, bind the parameters, and either
+read online feature state (cleaned by `Hygiene`) or run DuckDB on the analytics lane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import Collection, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import msgspec
+from sqlglot import exp
+
+from insession.query.analytics import AnalyticsLane, Limits, Sources, Table
+from insession.query.errors import QueryError
+from insession.query.hygiene import Hygiene
+from insession.query.match import FEATURES_TABLE, FeaturePlan, Matcher
+from insession.query.sql import DIALECT, Statement, _at, bind_params, param_contexts, parse
+from insession.query.tables import TABLE_COLUMNS
+from insession.schema import ACTIONS
+
+if TYPE_CHECKING:
+    from insession.features import FeatureEngine
+
+SERVING, ANALYTICS = "serving", "analytics"
+ENTITIES = ("user", "item", "user_item", "global")
+# Which roles may use which lane (admin may use everything; see insession.serve.auth).
+LANE_ROLES = {
+    SERVING: frozenset({"serve", "analytics", "admin"}),
+    ANALYTICS: frozenset({"analytics", "admin"}),
+}
+_ALL_COLUMNS = {c: t for cols in TABLE_COLUMNS.values() for c, t in cols.items()}
+PLAN_CACHE = 1024
+
+
+class Result(msgspec.Struct, omit_defaults=True):
+    """A query's answer. `feature`: the declared feature that answered (serving lane); `fallbacks`: feature
+    -> the feature its empty value fell back to (see Hygiene); `truncated`: a row/byte limit cut it."""
+
+    lane: str
+    columns: list[str]
+    rows: list[list[Any]]
+    feature: str | None = None
+    fallbacks: dict[str, str] = {}
+    truncated: bool = False
+    elapsed_ms: float = 0.0
+
+
+class Explanation(msgspec.Struct):
+    """What EXPLAIN says: the lane, the feature (serving) and the plan (DuckDB's, for analytics)."""
+
+    lane: str
+    feature: str | None
+    plan: str
+
+
+class QueryListener(Protocol):
+    """What the metrics module implements to observe queries."""
+
+    def query_done(self, lane: str, seconds: float, status: int) -> None: ...
+
+    def hygiene_dropped(self, feature: str, reason: str, n: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A parsed, routed query (cached per SQL text)."""
+
+    stmt: Statement
+    lane: str
+    serving: FeaturePlan | None
+    duck_sql: str | None
+    param_types: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    plan: Plan
+    params: dict[str, Any]
+    start: float
+
+
+class QueryService:
+    """Built once per process: `QueryService(features, log, catalog, history_dir, limits)`."""
+
+    def __init__(
+        self,
+        features: FeatureEngine,
+        log: Any,
+        catalog: Any,
+        history_dir: Path | None,
+        limits: Limits | None = None,
+        *,
+        sources: Sources | None = None,
+    ) -> None:
+        self.features = features
+        self.analytics = AnalyticsLane(sources or Sources.of(log, catalog, history_dir), limits)
+        self.matcher = Matcher(self._declared, ACTIONS)
+        self.hygiene = Hygiene(
+            catalog.get, lambda name: features.read(name, None), self._declared, self._dropped
+        )
+        self.listeners: list[QueryListener] = []
+        self._plans: dict[tuple[str, int], Plan] = {}  # insertion-ordered: the oldest is evicted first
+
+    def _declared(self) -> list[Any]:
+        return list(self.features.registry)
+
+    def listen(self, listener: QueryListener) -> None:
+        self.listeners.append(listener)
+
+    def _dropped(self, feature: str, reason: str, n: int) -> None:
+        for listener in self.listeners:
+            listener.hygiene_dropped(feature, reason, n)
+
+    def _done(self, lane: str, start: float, status: int) -> float:
+        seconds = time.perf_counter() - start
+        for listener in self.listeners:
+            listener.query_done(lane, seconds, status)
+        return seconds * 1000
+
+    # -- planning -------------------------------------------------------------------------------
+
+    def plan(self, sql: str) -> Plan:
+        """Parse, sandbox and route `sql` (cached; a newly declared feature invalidates the cache)."""
+        if not isinstance(sql, str):
+            raise QueryError("sql must be a string", code="syntax_error")
+        key = (sql, len(self.features.registry.features))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._compile(sql)
+            while len(self._plans) > PLAN_CACHE:
+                try:
+                    del self._plans[next(iter(self._plans))]
+                except (KeyError, RuntimeError, StopIteration):  # another thread evicted it first
+                    break
+        return plan
+
+    def is_planned(self, sql: str) -> bool:
+        """Whether `plan(sql)` is a cache hit (the HTTP route plans misses off the event loop)."""
+        return (sql, len(self.features.registry.features)) in self._plans
+
+    def _compile(self, sql: str) -> Plan:
+        stmt = parse(sql, (*TABLE_COLUMNS, FEATURES_TABLE))
+        serving = self.matcher.match(stmt)
+        if serving is not None:
+            types: dict[str, str | None] = {k.param: "VARCHAR" for k in serving.keys if k.param is not None}
+            return Plan(stmt, SERVING, serving, None, types)
+        duck_sql = stmt.tree.sql(dialect=DIALECT)
+        self.analytics.validate(duck_sql, functools.partial(_column_position, stmt))
+        return Plan(stmt, ANALYTICS, None, duck_sql, param_contexts(stmt.tree, _ALL_COLUMNS))
+
+    def prepare(
+        self,
+        sql: str,
+        params: Mapping[str, Any] | None,
+        roles: Collection[str] | None,
+        plan: Plan | None = None,
+    ) -> Prepared:
+        """Plan, check roles (None: access control is off) and bind parameters."""
+        start = time.perf_counter()
+        plan = plan or self.plan(sql)
+        if roles is not None and not LANE_ROLES[plan.lane] & set(roles):
+            need = " or ".join(sorted(LANE_ROLES[plan.lane] - {"admin"}))
+            raise QueryError(
+                f"this query runs on the {plan.lane} lane, which needs the role {need}", 403, code="forbidden"
+            )
+        return Prepared(plan, bind_params(plan.stmt, params or {}, plan.param_types), start)
+
+    # -- execution ------------------------------------------------------------------------------
+
+    def run_serving(self, p: Prepared) -> Result:
+        """Answer a serving-lane query from online state (fast; safe on the event loop)."""
+        fp = p.plan.serving
+        assert fp is not None
+        if p.plan.stmt.explain:
+            return self._explained(p, Explanation(SERVING, ",".join(fp.features), fp.note))
+        key = fp.key(p.params)
+        if fp.agg is None:
+            raw = self.features.read_all(fp.entity, key)
+        else:
+            raw = {fp.features[0]: self.features.read(fp.features[0], key)}
+        values, fallbacks = self._clean(fp.features, raw)
+        rows = fp.rows(values, p.params)
+        feature = fp.features[0] if fp.agg is not None else None
+        ms = self._done(SERVING, p.start, 200)
+        return Result(SERVING, list(fp.columns), rows, feature, fallbacks, elapsed_ms=ms)
+
+    def _clean(self, names: Collection[str], raw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        registry = self.features.registry
+        values: dict[str, Any] = {}
+        fallbacks: dict[str, str] = {}
+        for name in names:
+            values[name], fb = self.hygiene.clean(registry[name], raw[name])
+            if fb is not None:
+                fallbacks[name] = fb
+        return values, fallbacks
+
+    def submit(self, p: Prepared) -> Future[Table]:
+        """Admit an analytics-lane query (429 when the queue is full)."""
+        plan = p.plan
+        assert plan.duck_sql is not None
+        try:
+            return self.analytics.submit(
+                plan.duck_sql,
+                p.params,
+                explain=plan.stmt.explain,
+                position=functools.partial(_column_position, plan.stmt),
+            )
+        except QueryError as e:
+            self._done(ANALYTICS, p.start, e.status)
+            raise
+
+    def _analytics_result(self, p: Prepared, fut: Future[Table]) -> Result:
+        try:
+            table = fut.result()
+        except QueryError as e:
+            self._done(ANALYTICS, p.start, e.status)
+            raise
+        if p.plan.stmt.explain:
+            return self._explained(p, Explanation(ANALYTICS, None, table.rows[0][0]))
+        ms = self._done(ANALYTICS, p.start, 200)
+        return Result(ANALYTICS, table.columns, table.rows, truncated=table.truncated, elapsed_ms=ms)
+
+    def _explained(self, p: Prepared, ex: Explanation) -> Result:
+        ms = self._done(ex.lane, p.start, 200)
+        return Result(
+            ex.lane, ["lane", "feature", "plan"], [[ex.lane, ex.feature, ex.plan]], ex.feature, elapsed_ms=ms
+        )
+
+    def execute(
+        self, sql: str, params: Mapping[str, Any] | None = None, roles: Collection[str] | None = None
+    ) -> Result:
+        """Run a query to completion in the calling thread (the SDK's `select(sql, **params)`)."""
+        p = self.prepare(sql, params, roles)
+        if p.plan.lane == SERVING:
+            return self.run_serving(p)
+        fut = self.submit(p)
+        return self._analytics_result(p, fut)
+
+    async def execute_async(
+        self, sql: str, params: Mapping[str, Any] | None = None, roles: Collection[str] | None = None
+    ) -> Result:
+        """The same, for an event loop: serving inline, analytics awaited on its own pool."""
+        plan = self.plan(sql) if self.is_planned(sql) else await asyncio.to_thread(self.plan, sql)
+        p = self.prepare(sql, params, roles, plan)
+        if plan.lane == SERVING:
+            return self.run_serving(p)
+        fut = self.submit(p)
+        with contextlib.suppress(QueryError):  # raised again, and counted, by _analytics_result
+            await asyncio.wrap_future(fut)
+        return self._analytics_result(p, fut)
+
+    def explain(self, sql: str, params: Mapping[str, Any] | None = None) -> Explanation:
+        """Which lane `sql` takes and which feature or plan answers it (DuckDB plans with the parameters)."""
+        p = self.prepare(sql, params, None)
+        if p.plan.serving is not None:
+            return Explanation(SERVING, ",".join(p.plan.serving.features), p.plan.serving.note)
+        assert p.plan.duck_sql is not None
+        table = self.analytics.submit(p.plan.duck_sql, p.params, explain=True).result()
+        return Explanation(ANALYTICS, None, table.rows[0][0])
+
+    def read_features(
+        self, entity: str, key: str | tuple[str, ...] | None
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """Every declared feature of `entity` for `key`, cleaned; and the fallbacks used."""
+        if entity not in ENTITIES:
+            raise QueryError(
+                f"unknown entity {entity!r}; entities: {', '.join(ENTITIES)}", 404, code="unknown_entity"
+            )
+        start = time.perf_counter()
+        try:
+            raw = self.features.read_all(entity, key)
+        except ValueError as e:
+            raise QueryError(str(e), code="bad_key") from None
+        out = self._clean(raw.keys(), raw)
+        self._done(SERVING, start, 200)
+        return out
+
+    def close(self) -> None:
+        self.analytics.close()
+
+
+def _column_position(stmt: Statement, name: str) -> dict[str, int]:
+    for col in stmt.tree.find_all(exp.Column):
+        if col.name == name or col.name.lower() == name.lower():
+            return _at(col)
+    return {}

@@ -1,0 +1,137 @@
+"""The candidate stage: about 60 items worth reranking for a shopper right now, from four sources.
+
+Sources, in priority order, each with a quota (unused quota passes down to the next source):
+
+1. items of the current session, most recent first;
+2. co-visitation neighbours of the session's items (most recent session item first, neighbours
+   interleaved round-robin so every recent item contributes);
+3. popular items (28 days) of the shopper's categories: the session's categories, most recent first,
+   then the top categories of the last 15 days;
+4. global trending (2 hours), then global popularity (28 days), until `n` items are proposed.
+
+Every proposal passes an eligibility predicate (the hygiene rules for existing, available,
+not-already-purchased items), so nothing is proposed that could not be served. `propose` is a pure
+function of its inputs: the online service feeds it from the feature engine, and offline evaluation can
+feed it from point-in-time features, so both use the same candidate stage.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import chain, zip_longest
+
+import pyarrow.compute as pc
+
+from insession.features import FeatureEngine
+from insession.log.catalog import Catalog
+from insession.rank.inputs import item_counts
+
+
+@dataclass(frozen=True)
+class CandidateQuotas:
+    """How many proposals each source may contribute at most (the total is `n`)."""
+
+    n: int = 60
+    session: int = 15
+    covisit: int = 20
+    category: int = 15
+
+
+@dataclass
+class CandidateSources:
+    """What the candidate stage reads; every list is best (most recent / most frequent) first."""
+
+    session_items: Sequence[str] = ()  # the session's items, most recent first (repeats allowed)
+    covisit: Mapping[str, Sequence[str]] = field(default_factory=dict)  # item -> co-visited items
+    categories: Sequence[str] = ()  # the shopper's categories, most relevant first
+    category_popular: Mapping[str, Sequence[str]] = field(default_factory=dict)  # category -> items
+    trending: Sequence[str] = ()
+    popular: Sequence[str] = ()
+
+
+def _round_robin(lists: Iterable[Sequence[str]]) -> Iterable[str]:
+    """a1, b1, c1, a2, b2, ... over lists of different lengths."""
+    for row in zip_longest(*lists):
+        yield from (x for x in row if x is not None)
+
+
+def propose(
+    sources: CandidateSources, eligible: Callable[[str], bool], quotas: CandidateQuotas = CandidateQuotas()
+) -> list[str]:
+    """Up to `quotas.n` distinct eligible item ids, in source priority order."""
+    out: list[str] = []
+    seen: set[str] = set()
+
+    def take(items: Iterable[str], limit: int) -> int:
+        """Append up to `limit` new eligible items; returns the unused part of the limit."""
+        for item in items:
+            if len(out) >= quotas.n or limit <= 0:
+                break
+            if item in seen:
+                continue
+            seen.add(item)
+            if eligible(item):
+                out.append(item)
+                limit -= 1
+        return limit
+
+    session = list(dict.fromkeys(sources.session_items))  # distinct, most recent first
+    left = take(session, quotas.session)
+    left = take(_round_robin(sources.covisit.get(i, ()) for i in session), quotas.covisit + left)
+    categories = _round_robin(sources.category_popular.get(c, ()) for c in sources.categories)
+    take(categories, quotas.category + left)
+    take(chain(sources.trending, sources.popular), quotas.n)
+    return out
+
+
+class PopularItems:
+    """Per-category and global lists of available items by 28-day count, rebuilt when older than `ttl_s`.
+
+    The first `get` builds the lists in the caller; later rebuilds run on a background thread while
+    requests keep using the previous lists, so no request pays for a rebuild after the first.
+    """
+
+    def __init__(self, features: FeatureEngine, catalog: Catalog, per_category: int = 30, top: int = 200,
+                 ttl_s: float = 10.0) -> None:
+        self.features = features
+        self.catalog = catalog
+        self.per_category = per_category
+        self.top = top
+        self.ttl_s = ttl_s
+        self._lists: tuple[dict[str, list[str]], list[str]] = ({}, [])
+        self._built_at: float | None = None
+        self._lock = threading.Lock()
+
+    def cached(self) -> tuple[dict[str, list[str]], list[str]]:
+        """The current lists without building anything (empty before the first build)."""
+        return self._lists
+
+    def get(self) -> tuple[dict[str, list[str]], list[str]]:
+        """(category -> items, all categories' items), most popular first."""
+        if self._built_at is None:
+            self.refresh()
+        elif time.monotonic() - self._built_at > self.ttl_s and not self._lock.locked():
+            threading.Thread(target=self.refresh, name="insession-popular", daemon=True).start()
+        return self._lists
+
+    def refresh(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            return  # a rebuild is already running
+        try:
+            table = self.catalog.to_arrow().filter(pc.field("available"))
+            ids = table["item_id"].to_pylist()
+            count = item_counts(self.features, "item_count_28d", ids)
+            order = sorted((i for i in range(len(ids)) if count[i] > 0), key=lambda i: (-count[i], ids[i]))
+            categories = table["category"].to_pylist()
+            per_category: dict[str, list[str]] = {}
+            for i in order:
+                bucket = per_category.setdefault(categories[i], [])
+                if len(bucket) < self.per_category:
+                    bucket.append(ids[i])
+            self._lists = (per_category, [ids[i] for i in order[: self.top]])
+            self._built_at = time.monotonic()
+        finally:
+            self._lock.release()

@@ -1,0 +1,113 @@
+"""Online model inputs: a shopper's features read once per request, turned into the reranker's tensors.
+
+The sequences and counters follow the training examples exactly (insession.train.examples): events
+oldest -> newest with padding at the end, the most recent `max_history` / `max_session` kept, action
+index 1 + ACTIONS.index(action), counters in COUNTERS order (each a total over actions for the
+`counts_by_action` features).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from insession.features import FeatureEngine
+from insession.log.catalog import Catalog
+from insession.model import COUNTERS, Vocab
+from insession.model import Sequence as SeqTensors
+from insession.schema import ACTIONS
+
+ACTION_INDEX = {a: i + 1 for i, a in enumerate(ACTIONS)}  # 0 is padding
+
+
+@dataclass
+class Shopper:
+    """One read of the shopper's user features (one lock, one watermark)."""
+
+    user_id: str
+    history: list[dict[str, Any]]  # history_seq: events before the session, oldest first
+    session: list[dict[str, Any]]  # session_seq: the current session's events, oldest first
+    top_categories: list[str]  # top_categories_15d, most recent first
+    at_ms: int  # the instant the features were read at (the engine's watermark)
+
+    @property
+    def purchased(self) -> set[str]:
+        """Items bought in the current session (the hygiene rule on repeats reads this)."""
+        return {e["item_id"] for e in self.session if e["action"] == "purchase"}
+
+    @classmethod
+    def read(cls, features: FeatureEngine, user_id: str) -> Shopper:
+        f = features.read_all("user", user_id)
+        return cls(user_id, f["history_seq"], f["session_seq"], f["top_categories_15d"], features.watermark)
+
+
+def _total(value: Mapping[str, int] | int | float | None) -> float:
+    if isinstance(value, Mapping):
+        return float(sum(value.values()))
+    return float(value or 0)
+
+
+def item_counts(features: FeatureEngine, feature: str, items: Sequence[str]) -> list[float]:
+    """One item-level counter (a total over actions) for each item."""
+    return [_total(features.read(feature, item)) for item in items]
+
+
+def counters(features: FeatureEngine, user_id: str, items: Sequence[str]) -> np.ndarray:
+    """[C, len(COUNTERS)] float32: the per-user item count, 28-day popularity and 2-hour trending."""
+    columns = {
+        "user_item_count_28d": [_total(features.read("user_item_count_28d", (user_id, i))) for i in items],
+        "item_count_28d": item_counts(features, "item_count_28d", items),
+        "item_trending_2h": item_counts(features, "item_trending_2h", items),
+    }
+    return np.array([columns[c] for c in COUNTERS], dtype=np.float32).T.reshape(len(items), len(COUNTERS))
+
+
+class ItemIndex:
+    """Item ids -> vocabulary indices (`Vocab.lookup`), memoised for items with a trained row.
+
+    A trained row depends on the item id alone, so it is cached for the model's lifetime; items without
+    one take the cold-start chain through their catalogue entry on every call (a new item may move
+    subcategory, and it is rare enough to not matter for speed).
+    """
+
+    def __init__(self, vocab: Vocab, catalog: Catalog) -> None:
+        self.vocab = vocab
+        self.catalog = catalog
+        self._memo: dict[str, int] = {}
+
+    def __call__(self, items: Sequence[str]) -> np.ndarray:
+        memo = self._memo
+        out = np.fromiter((memo.get(i, -1) for i in items), np.int64, len(items))
+        miss = np.flatnonzero(out < 0)
+        if miss.size:
+            ids = [items[j] for j in miss]
+            known = [self.catalog.get(i) for i in ids]
+            found = self.vocab.lookup(
+                pa.array(ids, pa.string()),
+                pa.array([it.category if it else None for it in known], pa.string()),
+                pa.array([it.subcategory if it else None for it in known], pa.string()),
+            )
+            out[miss] = found
+            trained = self.vocab.n_items
+            memo.update((i, int(x)) for i, x in zip(ids, found, strict=True) if 0 < x < trained)
+        return out
+
+
+def sequence(index: ItemIndex, events: list[dict[str, Any]], max_len: int) -> SeqTensors:
+    """[1, L] tensors of the most recent `max_len` events (L >= 1: an empty side is one padding slot)."""
+    tail = events[-max_len:] if max_len else []
+    width = max(len(tail), 1)
+    items = np.zeros((1, width), dtype=np.int64)
+    actions = np.zeros((1, width), dtype=np.int64)
+    ts = np.zeros((1, width), dtype=np.int64)
+    if tail:
+        n = len(tail)
+        items[0, :n] = index([e["item_id"] for e in tail])
+        actions[0, :n] = [ACTION_INDEX[e["action"]] for e in tail]
+        ts[0, :n] = [e["ts"] for e in tail]
+    return SeqTensors(torch.from_numpy(items), torch.from_numpy(actions), torch.from_numpy(ts))

@@ -1,0 +1,470 @@
+"""The ranking service: features + candidates + the reranker under a deadline, fallbacks, hygiene, hot reload.
+
+One request: read the shopper's features once (history, session, top categories), take the given
+candidates or run the candidate stage, read the counters, then encode history and session once and
+score every candidate in one batched pass on a model thread, waiting at most for what is left of the
+request's budget. A feature read error, a model error, a blown budget or a missing model gives a
+fallback ranking (see `insession.rank.fallback`), flagged in the response and counted in metrics.
+Hygiene (see `insession.rank.hygiene`) runs on every list, model or fallback, before it leaves.
+
+Hot reload: `reload()` loads an artefact beside the serving one, refuses it when its feature-declaration
+hash differs from the running feature set, warms it, then swaps one reference; a request reads that
+reference once, so it finishes on the model it started with and no request fails during a swap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import torch
+
+from insession.features import FeatureEngine
+from insession.log.catalog import Catalog
+from insession.model import Explanation
+from insession.rank.candidates import CandidateQuotas, CandidateSources, PopularItems, propose
+from insession.rank.fallback import fallback_ranking
+from insession.rank.hygiene import HygieneRules, apply_hygiene, eligible
+from insession.rank.inputs import ItemIndex, Shopper, counters, item_counts, sequence
+from insession.rank.metrics import (
+    RANK_FALLBACKS,
+    RANK_HYGIENE_DROPS,
+    RANK_LATENCY,
+    RANK_MODEL_LOADED,
+    RANK_RELOADS,
+    RANK_REQUESTS,
+)
+from insession.train.artefact import Artefact, load_artefact
+
+log = logging.getLogger(__name__)
+
+REASONS: tuple[str, ...] = ("no_model", "feature_error", "model_error", "timeout")
+
+
+@dataclass(frozen=True)
+class RankConfig:
+    """Service settings; `budget_ms` is the default per-request deadline (a request may set its own)."""
+
+    budget_ms: float = 25.0
+    max_budget_ms: float = 10_000.0
+    max_candidates: int = 500
+    default_k: int = 20
+    explain_items: int = 5  # how many of the top items get an explanation
+    explain_events: int = 3  # events per side (history, session) in each explanation
+    hygiene: HygieneRules = field(default_factory=HygieneRules)
+    quotas: CandidateQuotas = field(default_factory=CandidateQuotas)
+    model_threads: int = 2  # concurrent model passes (a pool: the deadline can abandon a slow one)
+    popular_ttl_s: float = 10.0  # how often the per-category popular lists are rebuilt
+    # torch intra-op threads for the process (None: leave as is). One thread per pass, passes in
+    # parallel on the model threads: on a shared 2-core machine a multi-threaded pass waits on busy cores.
+    torch_threads: int | None = 1
+
+
+class RankRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """`POST /v1/rank` body: rank `candidates` (or the candidate stage's proposals) for `user_id` now."""
+
+    user_id: str | int
+    session_id: str | int | None = None
+    surface: str | None = None
+    candidates: list[str | int] | None = None  # at most RankConfig.max_candidates; None: candidate stage
+    k: int | None = None  # how many items to return (default RankConfig.default_k)
+    budget_ms: float | None = None  # the deadline for this request (default RankConfig.budget_ms)
+    explain: bool = False
+
+
+class RankedItem(msgspec.Struct):
+    item_id: str
+    score: float
+    category: str
+
+
+class ExplainedEvent(msgspec.Struct):
+    item_id: str
+    action: str
+    ts: int
+    weight: float  # the candidate's pooling attention on this event
+
+
+class ItemExplanation(msgspec.Struct):
+    """Why an item ranked where it did: the events it attended to most, and how much the session counted."""
+
+    item_id: str
+    session_weight: float  # the fusion gate: weight of the session side against the history side
+    history: list[ExplainedEvent]
+    session: list[ExplainedEvent]
+
+
+class RankResponse(msgspec.Struct):
+    user_id: str
+    items: list[RankedItem]
+    model_version: str | None
+    fallback: str | None  # None: the model ranked; else trending / popularity / input_order
+    fallback_reason: str | None  # no_model / feature_error / model_error / timeout
+    candidate_source: str  # request / candidate_stage
+    candidates: int  # how many were scored
+    hygiene_drops: dict[str, int]
+    timings_ms: dict[str, float]
+    session_id: str | None = None
+    surface: str | None = None
+    explanations: list[ItemExplanation] | None = None
+
+
+class RankRequestError(ValueError):
+    """A request the service will not run (bad sizes or values); HTTP 422."""
+
+
+class ArtefactRefused(ValueError):
+    """A model artefact that does not fit the running service (its feature declarations differ)."""
+
+
+class ModelInfo(msgspec.Struct):
+    version: str
+    path: str
+    feature_hash: str
+    loaded_at_ms: int
+    metrics: dict[str, Any]
+
+
+@dataclass
+class _Loaded:
+    artefact: Artefact
+    info: ModelInfo
+    index: ItemIndex
+
+
+@dataclass
+class _Job:
+    """One request between its stages."""
+
+    req: RankRequest
+    user_id: str
+    k: int
+    started: float
+    deadline: float
+    model: _Loaded | None
+    shopper: Shopper | None = None
+    items: list[str] = field(default_factory=list)
+    source: str = "request"
+    counters: np.ndarray | None = None
+    reason: str | None = None  # why the model is skipped
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def remaining_s(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def lap(self, name: str, since: float) -> float:
+        now = time.perf_counter()
+        self.timings[name] = round((now - since) * 1000.0, 3)
+        return now
+
+
+_Scored = tuple[np.ndarray, Explanation | None]
+
+
+class Ranker:
+    """The ranking service over one feature engine and catalogue; thread-safe; `rank` or `await arank`.
+
+    `model_dir` is a directory of versioned artefacts (what `insession train` writes) or one version;
+    the newest is loaded at start when there is one. Without a model every request is answered by the
+    fallback ranking, flagged `no_model`. `fault` is a test hook called with the stage name
+    ("features", "model") inside each stage; raising or sleeping in it forces that stage to fail.
+    """
+
+    def __init__(
+        self,
+        features: FeatureEngine,
+        catalog: Catalog,
+        model_dir: Path | None = None,
+        config: RankConfig | None = None,
+    ) -> None:
+        self.features = features
+        self.catalog = catalog
+        self.model_dir = Path(model_dir) if model_dir is not None else None
+        self.config = config or RankConfig()
+        self.popular = PopularItems(features, catalog, ttl_s=self.config.popular_ttl_s)
+        self.fault: Callable[[str], None] | None = None
+        self.last_reload_error: str | None = None
+        self._model: _Loaded | None = None
+        self._reload_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(self.config.model_threads, thread_name_prefix="insession-rank")
+        if self.config.torch_threads is not None:
+            torch.set_num_threads(self.config.torch_threads)
+        RANK_MODEL_LOADED.set(0)
+        if self.model_dir is not None:
+            try:
+                self.reload()
+            except (FileNotFoundError, ArtefactRefused) as e:
+                log.warning("ranking without a model: %s", e)
+
+    # -- the model ------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> ModelInfo | None:
+        loaded = self._model
+        return loaded.info if loaded else None
+
+    def reload(self, path: Path | None = None) -> ModelInfo:
+        """Load an artefact (default: the newest under `model_dir`), check it, warm it, swap it in.
+
+        Raises ArtefactRefused (feature hash mismatch) or FileNotFoundError; the serving model is
+        untouched then.
+        """
+        src = Path(path) if path is not None else self.model_dir
+        if src is None:
+            raise FileNotFoundError("no model path given and the ranker has no model_dir")
+        with self._reload_lock:
+            try:
+                art = load_artefact(src)
+                running = self.features.registry.hash()
+                if art.feature_hash != running:
+                    raise ArtefactRefused(
+                        f"model artefact {art.path} was trained on feature declarations {art.feature_hash}, "
+                        f"but this service runs declarations {running}; retrain it on the running feature "
+                        "set (`insession train`) before loading it"
+                    )
+                info = ModelInfo(art.path.name, str(art.path), art.feature_hash, int(time.time() * 1000),
+                                 art.metrics)
+                loaded = _Loaded(art, info, ItemIndex(art.vocab, self.catalog))
+                self._warm(loaded)
+            except ArtefactRefused as e:
+                RANK_RELOADS.labels("refused").inc()
+                self.last_reload_error = str(e)
+                raise
+            except Exception as e:
+                RANK_RELOADS.labels("error").inc()
+                self.last_reload_error = f"{type(e).__name__}: {e}"
+                raise
+            self._model = loaded  # the swap: one reference assignment
+            self.last_reload_error = None
+            RANK_RELOADS.labels("ok").inc()
+            RANK_MODEL_LOADED.set(1)
+        log.info("serving model %s", info.version)
+        return info
+
+    def _warm(self, loaded: _Loaded) -> None:
+        """One pass on a dummy request, so the first real request after a swap pays no warm-up."""
+        shopper = Shopper("", [], [], [], int(time.time() * 1000))
+        self._score(loaded, shopper, ["warm-up"], np.zeros((1, 3), np.float32), explain=True)
+
+    def _score(
+        self, loaded: _Loaded, shopper: Shopper, items: list[str], counts: np.ndarray, explain: bool
+    ) -> _Scored:
+        """Encode history and session once, score all candidates in one batched pass."""
+        if self.fault is not None:
+            self.fault("model")
+        model, index = loaded.artefact.model, loaded.index
+        with torch.inference_mode():
+            history = sequence(index, shopper.history, model.cfg.max_history)
+            session = sequence(index, shopper.session, model.cfg.max_session)
+            enc = model.encode(history, session, torch.tensor([shopper.at_ms]))
+            cand = torch.from_numpy(index(items))
+            out = model.score(enc, cand, torch.from_numpy(counts), explain=explain)
+        if explain:
+            scores, why = out  # type: ignore[misc]
+            return scores.numpy(), why
+        return out.numpy(), None  # type: ignore[union-attr]
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def rank(self, req: RankRequest) -> RankResponse:
+        """Rank for one shopper, within the request's budget (blocking)."""
+        job = self._begin(req)
+        if job.reason is not None or job.model is None:
+            return self._finish(job, None)
+        future = self._submit(job)
+        try:
+            result: _Scored | BaseException = future.result(timeout=max(job.remaining_s(), 0.0))
+        except FutureTimeout:
+            future.cancel()
+            result = TimeoutError()
+        except Exception as e:  # the model failed: fall back, never fail the request
+            result = e
+        return self._finish(job, result)
+
+    async def arank(self, req: RankRequest) -> RankResponse:
+        """`rank` for an event loop: the model pass runs on a model thread, the loop is free meanwhile."""
+        job = self._begin(req)
+        if job.reason is not None or job.model is None:
+            return self._finish(job, None)
+        future = self._submit(job)
+        try:
+            result: _Scored | BaseException = await asyncio.wait_for(
+                asyncio.wrap_future(future), max(job.remaining_s(), 0.0)
+            )
+        except TimeoutError:
+            future.cancel()
+            result = TimeoutError()
+        except Exception as e:
+            result = e
+        return self._finish(job, result)
+
+    def _submit(self, job: _Job) -> Future[_Scored]:
+        assert job.model is not None and job.shopper is not None and job.counters is not None
+        job.timings["queued_at"] = time.perf_counter()
+        explain = job.req.explain
+        return self._pool.submit(self._score, job.model, job.shopper, job.items, job.counters, explain)
+
+    def _validate(self, req: RankRequest) -> tuple[str, int, float]:
+        cfg = self.config
+        user_id = str(req.user_id)
+        if not user_id:
+            raise RankRequestError("user_id must not be empty")
+        if req.candidates is not None and len(req.candidates) > cfg.max_candidates:
+            raise RankRequestError(
+                f"{len(req.candidates)} candidates given; at most {cfg.max_candidates} per request "
+                "(or none, to use the built-in candidate stage)"
+            )
+        k = cfg.default_k if req.k is None else req.k
+        if not 1 <= k <= cfg.max_candidates:
+            raise RankRequestError(f"k must be between 1 and {cfg.max_candidates}, got {k}")
+        budget = cfg.budget_ms if req.budget_ms is None else req.budget_ms
+        if not 0 < budget <= cfg.max_budget_ms:
+            raise RankRequestError(f"budget_ms must be in (0, {cfg.max_budget_ms:g}], got {budget:g}")
+        return user_id, k, budget
+
+    def _begin(self, req: RankRequest) -> _Job:
+        """Validate, read features, pick candidates, read counters: everything before the model."""
+        user_id, k, budget = self._validate(req)
+        started = time.perf_counter()
+        job = _Job(req, user_id, k, started, started + budget / 1000.0, self._model)
+        if req.candidates is not None:
+            job.items = list(dict.fromkeys(str(c) for c in req.candidates))
+        try:
+            if self.fault is not None:
+                self.fault("features")
+            job.shopper = Shopper.read(self.features, user_id)
+            if job.shopper.at_ms < 0:  # nothing ingested yet: the wall clock is the only clock
+                job.shopper.at_ms = int(time.time() * 1000)
+            if req.candidates is None:
+                job.items, job.source = self._propose(job.shopper), "candidate_stage"
+            if job.model is not None and job.items:
+                job.counters = counters(self.features, user_id, job.items)
+        except Exception as e:  # a feature read failed: rank without the model
+            log.warning("rank %s: feature lookup failed: %s", user_id, e)
+            job.reason = "feature_error"
+            if req.candidates is None:
+                job.items, job.source = self._popular_fallback(), "candidate_stage"
+        job.lap("features", started)
+        if job.reason is None:
+            if job.model is None:
+                job.reason = "no_model"
+            elif job.remaining_s() <= 0:
+                job.reason = "timeout"
+        return job
+
+    def _propose(self, shopper: Shopper) -> list[str]:
+        """The candidate stage on online features."""
+        session_items = [e["item_id"] for e in reversed(shopper.session)]
+        distinct = list(dict.fromkeys(session_items))[: self.config.quotas.session]
+        session_categories = [e["category"] for e in reversed(shopper.session) if e["category"]]
+        per_category, popular = self.popular.get()
+        sources = CandidateSources(
+            session_items=session_items,
+            covisit={i: [n["item_id"] for n in self.features.read("covisit", i)] for i in distinct},
+            categories=list(dict.fromkeys([*session_categories, *shopper.top_categories])),
+            category_popular=per_category,
+            trending=[t["item_id"] for t in self.features.read("trending_items_2h", None)],
+            popular=popular,
+        )
+        purchased = shopper.purchased
+        rules = self.config.hygiene
+        return propose(sources, lambda i: eligible(i, self.catalog, purchased, rules), self.config.quotas)
+
+    def _popular_fallback(self) -> list[str]:
+        """Candidates when the features cannot be read: the cached popular list (no feature read)."""
+        return list(self.popular.cached()[1][: self.config.quotas.n])
+
+    def _finish(self, job: _Job, result: _Scored | BaseException | None) -> RankResponse:
+        """Model scores or a fallback ranking, then hygiene, metrics and the response."""
+        t = time.perf_counter()
+        queued = job.timings.pop("queued_at", None)
+        if queued is not None:
+            job.timings["model"] = round((t - queued) * 1000.0, 3)
+        why: Explanation | None = None
+        if isinstance(result, tuple):
+            scores, why = result
+            order = np.argsort(-scores, kind="stable")
+            ranked = [(job.items[i], float(scores[i])) for i in order]
+            fallback = None
+        else:
+            if isinstance(result, TimeoutError):
+                job.reason = "timeout"
+            elif isinstance(result, BaseException):
+                log.warning("rank %s: model failed: %r", job.user_id, result)
+                job.reason = "model_error"
+            fallback, ranked = fallback_ranking(
+                job.items,
+                lambda items: item_counts(self.features, "item_trending_2h", items),
+                lambda items: item_counts(self.features, "item_count_28d", items),
+            )
+        purchased = job.shopper.purchased if job.shopper is not None else set()
+        kept, drops = apply_hygiene(ranked, job.k, self.catalog, purchased, self.config.hygiene)
+        items = [RankedItem(i, s, self.catalog.get(i).category) for i, s in kept]  # type: ignore[union-attr]
+        explanations = None
+        if job.req.explain and why is not None and job.shopper is not None and job.model is not None:
+            explanations = self._explain(job, kept, why, job.model.artefact.model.cfg)
+        t = job.lap("finish", t)
+        job.timings["total"] = round((t - job.started) * 1000.0, 3)
+        self._count(job, fallback, drops, t - job.started)
+        return RankResponse(
+            user_id=job.user_id,
+            items=items,
+            model_version=job.model.info.version if job.model is not None and fallback is None else None,
+            fallback=fallback,
+            fallback_reason=job.reason if fallback is not None else None,
+            candidate_source=job.source,
+            candidates=len(job.items),
+            hygiene_drops=dict(drops),
+            timings_ms=job.timings,
+            session_id=None if job.req.session_id is None else str(job.req.session_id),
+            surface=job.req.surface,
+            explanations=explanations,
+        )
+
+    def _explain(
+        self, job: _Job, kept: list[tuple[str, float]], why: Explanation, cfg: Any
+    ) -> list[ItemExplanation]:
+        assert job.shopper is not None
+        position = {item: i for i, item in enumerate(job.items)}
+        sides = (
+            (job.shopper.history[-cfg.max_history:], why.history_attention[0].numpy()),
+            (job.shopper.session[-cfg.max_session:], why.session_attention[0].numpy()),
+        )
+        gate = why.gate[0].numpy()
+        n = self.config.explain_events
+        out = []
+        for item, _ in kept[: self.config.explain_items]:
+            c = position[item]
+            events: list[list[ExplainedEvent]] = []
+            for seq, weights in sides:
+                w = weights[c, : len(seq)]
+                top = [int(j) for j in np.argsort(-w, kind="stable")[:n] if w[j] > 0]
+                events.append([ExplainedEvent(seq[j]["item_id"], seq[j]["action"], seq[j]["ts"], float(w[j]))
+                               for j in top])
+            out.append(ItemExplanation(item, float(gate[c]), events[0], events[1]))
+        return out
+
+    @staticmethod
+    def _count(job: _Job, fallback: str | None, drops: Counter[str], seconds: float) -> None:
+        RANK_LATENCY.observe(seconds)
+        if fallback is None:
+            RANK_REQUESTS.labels("model").inc()
+        else:
+            RANK_REQUESTS.labels("fallback").inc()
+            RANK_FALLBACKS.labels(fallback, job.reason or "unknown").inc()
+        for reason, n in drops.items():
+            RANK_HYGIENE_DROPS.labels(reason).inc(n)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,1 @@
+"""HTTP serving: the FastAPI app, its routers, auth and metrics."""

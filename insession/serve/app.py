@@ -1,0 +1,91 @@
+"""The HTTP API (FastAPI): ingest and catalogue endpoints, health, and the routers of the other parts."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from insession.embedded import Insession
+from insession.schema import BatchRejected, EventIn, ItemIn, decode_body
+
+
+def _rejected(e: BatchRejected) -> JSONResponse:
+    return JSONResponse(
+        status_code=e.status,
+        content={"error": str(e), "errors": [msgspec.structs.asdict(x) for x in e.errors]},
+    )
+
+
+def _body_schema(struct: type[msgspec.Struct]) -> dict[str, Any]:
+    """OpenAPI request body for one record, an array of them, or NDJSON, from the schema module's struct."""
+    doc = msgspec.json.schema(struct)
+    schema = doc["$defs"][struct.__name__]
+    one_or_many = {"oneOf": [schema, {"type": "array", "items": schema}]}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": one_or_many},
+                "application/x-ndjson": {"schema": {"type": "string"}},
+            },
+        }
+    }
+
+
+def create_app(data_dir: str | Path | None = None, *, handle: Insession | None = None) -> FastAPI:
+    """Build the app over an embedded handle (opened from `data_dir` if not given, closed on shutdown)."""
+    if handle is None and data_dir is None:
+        raise ValueError("create_app needs data_dir or handle")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = handle is None
+        app.state.insession = handle or Insession(data_dir)  # type: ignore[arg-type]
+        try:
+            yield
+        finally:
+            if owned:
+                app.state.insession.close()
+
+    app = FastAPI(title="insession", version="0.1.0", lifespan=lifespan)
+
+    async def _insert(request: Request, table: str) -> JSONResponse:
+        db: Insession = request.app.state.insession
+        try:
+            records = decode_body(await request.body(), request.headers.get("content-type"))
+            result = await run_in_threadpool(db.insert, table, records)
+        except BatchRejected as e:
+            return _rejected(e)
+        return JSONResponse(msgspec.structs.asdict(result))
+
+    @app.post("/v1/events", openapi_extra=_body_schema(EventIn), tags=["ingest"])
+    async def post_events(request: Request) -> JSONResponse:
+        """Insert one event, a JSON array of events, or NDJSON; acknowledged once durable. All-or-nothing."""
+        return await _insert(request, "events")
+
+    @app.put("/v1/items", openapi_extra=_body_schema(ItemIn), tags=["ingest"])
+    async def put_items(request: Request) -> JSONResponse:
+        """Upsert catalogue rows (one object, an array, or NDJSON). All-or-nothing."""
+        return await _insert(request, "items")
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz(request: Request) -> Response:
+        """Readiness: the log is open and features have caught up with it."""
+        db: Insession | None = getattr(request.app.state, "insession", None)
+        if db is None:
+            return JSONResponse({"ready": False}, status_code=503)
+        return JSONResponse({"ready": True, **db.lag(), "watermark": db.features.watermark})
+
+    return app

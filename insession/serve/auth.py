@@ -1,0 +1,168 @@
+"""API keys with roles (ingest, serve, analytics, admin) and the FastAPI dependency `require(role)`.
+
+Configuration (server config file, TOML or JSON, or a dict), either plain keys or their SHA-256:
+
+    [[auth.keys]]
+    name = "checkout-service"
+    sha256 = "9f86d08..."          # or: key = "..." (hashed on load, never kept in memory)
+    roles = ["serve", "ingest"]
+
+Only SHA-256 digests are held; a presented key (header `X-API-Key`, or `Authorization: Bearer ...`) is
+hashed and compared with every configured digest in constant time. Keys are never logged or echoed
+(`Principal` carries the key's name, not the key). `admin` implies every role. Access control is off
+when no key is configured (the embedded default) and on as soon as one is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import APIKeyHeader
+
+ROLES: tuple[str, ...] = ("ingest", "serve", "analytics", "admin")
+ADMIN = "admin"
+API_KEY_HEADER = "X-API-Key"
+
+_api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="An insession API key")
+
+
+class Principal(msgspec.Struct, frozen=True):
+    """Who is calling: the configured key's name and its roles (admin expanded to every role)."""
+
+    name: str
+    roles: frozenset[str]
+
+
+class KeySpec(msgspec.Struct, forbid_unknown_fields=True):
+    """One configured key: a plain `key` (hashed on load) or its `sha256`, and its roles."""
+
+    name: str
+    roles: list[str]
+    key: str | None = None
+    sha256: str | None = None
+
+
+def hash_key(key: str) -> str:
+    """The SHA-256 hex digest a config stores instead of the key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def generate_key() -> str:
+    """A fresh random API key (256 bits, URL-safe)."""
+    return "isk_" + secrets.token_urlsafe(32)
+
+
+class Auth:
+    """The configured keys. `Auth()` (no keys) turns access control off."""
+
+    def __init__(self, keys: Iterable[KeySpec] = ()) -> None:
+        self._keys: list[tuple[bytes, Principal]] = []
+        for spec in keys:
+            if (spec.key is None) == (spec.sha256 is None):
+                raise ValueError(f"key {spec.name!r}: give exactly one of key or sha256")
+            unknown = set(spec.roles) - set(ROLES)
+            if unknown or not spec.roles:
+                raise ValueError(f"key {spec.name!r}: roles must be a non-empty subset of {ROLES}")
+            digest = hash_key(spec.key) if spec.key is not None else str(spec.sha256).lower()
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(f"key {spec.name!r}: sha256 must be 64 hex digits")
+            roles = frozenset(ROLES) if ADMIN in spec.roles else frozenset(spec.roles)
+            self._keys.append((bytes.fromhex(digest), Principal(spec.name, roles)))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> Auth:
+        """From a config mapping: the `auth` section of a server config, or the whole config holding one."""
+        section = config.get("auth", config)
+        return cls(msgspec.convert(section.get("keys", []), list[KeySpec]))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Auth:
+        """From a TOML (`.toml`) or JSON server config file."""
+        path = Path(path)
+        text = path.read_text()
+        config = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        return cls.from_dict(config)
+
+    def authenticate(self, key: str | None) -> Principal | None:
+        """The principal of a presented key, or None. Compares with every digest, in constant time each."""
+        if not key:
+            return None
+        presented = hashlib.sha256(key.encode()).digest()
+        found: Principal | None = None
+        for digest, principal in self._keys:
+            if hmac.compare_digest(presented, digest) and found is None:
+                found = principal
+        return found
+
+
+def write_config(path: str | Path, keys: Mapping[str, Iterable[str]]) -> dict[str, str]:
+    """Create a key per name with the given roles, write their digests to a TOML config, return the keys.
+
+    For the demo and for operators: the returned plain keys are shown once; the file holds hashes only.
+    """
+    plain = {name: generate_key() for name in keys}
+    lines = []
+    for name, roles in keys.items():
+        role_list = ", ".join(json.dumps(r) for r in roles)
+        lines += [
+            "[[auth.keys]]",
+            f"name = {json.dumps(name)}",
+            f'sha256 = "{hash_key(plain[name])}"',
+            f"roles = [{role_list}]",
+            "",
+        ]
+    Path(path).write_text("\n".join(lines))
+    return plain
+
+
+def _presented(request: Request, header_key: str | None) -> str | None:
+    if header_key:
+        return header_key
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def require(role: str, *more: str) -> Callable[..., Any]:
+    """A FastAPI dependency: 401 without a valid key, 403 when the key has none of the roles; returns the
+    `Principal` (None when access control is off). Reads `request.app.state.auth` (an `Auth`)."""
+    wanted = (role, *more)
+    if set(wanted) - set(ROLES):
+        raise ValueError(f"unknown role in {wanted}; roles: {ROLES}")
+
+    async def dependency(request: Request, key: str | None = Depends(_api_key_header)) -> Principal | None:
+        auth: Auth | None = getattr(request.app.state, "auth", None)
+        if auth is None or not auth.enabled:
+            return None
+        principal = auth.authenticate(_presented(request, key))
+        if principal is None:
+            raise HTTPException(
+                401,
+                detail=f"a valid API key is required (header {API_KEY_HEADER})",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if not principal.roles.intersection(wanted):
+            raise HTTPException(
+                403, detail=f"the key {principal.name!r} lacks the role {' or '.join(wanted)}"
+            )
+        return principal
+
+    dependency.__name__ = "require_" + "_or_".join(wanted)
+    return dependency
+
+
+def roles_of(principal: Principal | None) -> frozenset[str] | None:
+    """The roles to check a query against (None: access control is off, everything is allowed)."""
+    return None if principal is None else principal.roles

@@ -1,0 +1,253 @@
+"""Prometheus metrics for the whole product: one registry per app, served at `GET /metrics`.
+
+Pushed by the code paths that see the event (call the `observe_*` methods): ingest counts, errors and
+latency; event-to-feature freshness; per-lane query latency and errors (as a `QueryListener` of the
+QueryService); feature hygiene drops; rank latency and fallbacks. Pulled from the embedded handle at
+scrape time (`bind(handle)`): log offset, export (history) lag, snapshot lag, feature apply lag, the
+feature engine's watermark and late events, and the analytics lane's queue depth, running queries,
+rejections and timeouts. Process memory and CPU come from prometheus-client's process collector.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from fastapi import Request
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+# Seconds, from 100 µs (a served feature) to a minute (a heavy analytics scan).
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_LAG_HELP = {
+    "log_offset": "Offset of the newest acknowledged event",
+    "export_lag": "Events acknowledged but not yet exported to the Parquet history",
+    "snapshot_lag": "Events applied since the last feature-state snapshot",
+}
+
+
+class Metrics:
+    """Every insession metric in its own registry (so several apps can live in one process)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.ingest_records = Counter(
+            "insession_ingest_records", "Records stored, by table", ["table"], registry=r
+        )
+        self.ingest_errors = Counter(
+            "insession_ingest_errors",
+            "Ingest requests refused, by table and HTTP status",
+            ["table", "status"],
+            registry=r,
+        )
+        self.ingest_latency = Histogram(
+            "insession_ingest_seconds",
+            "Ingest request latency (validated to durable)",
+            ["table"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.freshness = Histogram(
+            "insession_event_to_feature_seconds",
+            "From an event's ingest (validated) to its effect on online features; the "
+            "oldest event of each applied group",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.query_latency = Histogram(
+            "insession_query_seconds",
+            "Query latency by lane (serving, analytics)",
+            ["lane"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.query_errors = Counter(
+            "insession_query_errors",
+            "Queries refused or failed, by lane and HTTP status",
+            ["lane", "status"],
+            registry=r,
+        )
+        self.hygiene_drops = Counter(
+            "insession_feature_hygiene_drops",
+            "Feature values dropped or replaced before serving, by feature and reason",
+            ["feature", "reason"],
+            registry=r,
+        )
+        self.rank_latency = Histogram(
+            "insession_rank_seconds", "Rank request latency", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.rank_fallbacks = Counter(
+            "insession_rank_fallbacks",
+            "Rank requests answered by a fallback, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self._pull = _HandleCollector()
+        r.register(self._pull)
+
+    # -- wiring ---------------------------------------------------------------------------------
+
+    def bind(self, handle: Any) -> None:
+        """Pull gauges from the embedded handle at scrape time and observe its queries (idempotent)."""
+        if self._pull.handle is handle:
+            return
+        self._pull.handle = handle
+        query = getattr(handle, "query", None)
+        if query is not None and hasattr(query, "listen"):
+            query.listen(self)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+    # -- pushed observations --------------------------------------------------------------------
+
+    def observe_ingest(self, table: str, records: int, seconds: float) -> None:
+        self.ingest_records.labels(table).inc(records)
+        self.ingest_latency.labels(table).observe(seconds)
+
+    def ingest_failed(self, table: str, status: int) -> None:
+        self.ingest_errors.labels(table, str(status)).inc()
+
+    def features_applied(self, events: Sequence[Any]) -> None:
+        """Call after the feature engine applied a committed group (events carry `ingest_ts`, epoch ms)."""
+        if events:
+            self.freshness.observe(max(time.time() * 1000 - events[0].ingest_ts, 0.0) / 1000)
+
+    def observe_rank(self, seconds: float, fallback: str | None = None) -> None:
+        self.rank_latency.observe(seconds)
+        if fallback:
+            self.rank_fallbacks.labels(fallback).inc()
+
+    # QueryListener (insession.query.service)
+    def query_done(self, lane: str, seconds: float, status: int) -> None:
+        if status < 400:
+            self.query_latency.labels(lane).observe(seconds)
+        else:
+            self.query_errors.labels(lane, str(status)).inc()
+
+    def hygiene_dropped(self, feature: str, reason: str, n: int) -> None:
+        self.hygiene_drops.labels(feature, reason).inc(n)
+
+
+class _HandleCollector(Collector):
+    """Gauges read from the embedded handle when Prometheus scrapes."""
+
+    def __init__(self) -> None:
+        self.handle: Any = None
+
+    def collect(self) -> Iterator[Metric]:
+        h = self.handle
+        if h is None:
+            return
+        try:
+            yield from self._collect(h)
+        except Exception:  # a scrape must never fail because one source is closing or missing
+            log.exception("metrics: reading the embedded handle failed")
+
+    @staticmethod
+    def _collect(h: Any) -> Iterator[Metric]:
+        if hasattr(h, "lag"):
+            for name, value in h.lag().items():
+                g = GaugeMetricFamily(f"insession_{name}", _LAG_HELP.get(name, name.replace("_", " ")))
+                g.add_metric([], value)
+                yield g
+        features, event_log = getattr(h, "features", None), getattr(h, "log", None)
+        if features is not None:
+            g = GaugeMetricFamily(
+                "insession_feature_watermark_ms", "Newest event time applied to features (ms)"
+            )
+            g.add_metric([], features.watermark)
+            yield g
+            c = CounterMetricFamily("insession_feature_late_events", "Events dropped as later than allowed")
+            c.add_metric([], features.too_late)
+            yield c
+            if event_log is not None:
+                g = GaugeMetricFamily(
+                    "insession_feature_lag", "Acknowledged events not yet applied to features"
+                )
+                g.add_metric([], event_log.last_offset() - features.applied_offset)
+                yield g
+        if hasattr(h, "unknown_items"):
+            c = CounterMetricFamily(
+                "insession_ingest_unknown_items", "Events stored for items not in the catalogue"
+            )
+            c.add_metric([], h.unknown_items)
+            yield c
+        lane = getattr(getattr(h, "query", None), "analytics", None)
+        if lane is not None:
+            for name, help_text, value in (
+                (
+                    "insession_analytics_queue_depth",
+                    "Analytics queries admitted and waiting",
+                    lane.queue_depth,
+                ),
+                ("insession_analytics_running", "Analytics queries running", lane.running),
+            ):
+                g = GaugeMetricFamily(name, help_text)
+                g.add_metric([], value)
+                yield g
+            for name, help_text, value in (
+                (
+                    "insession_analytics_rejected",
+                    "Analytics queries refused with 429 (queue full)",
+                    lane.rejected,
+                ),
+                (
+                    "insession_analytics_timeouts",
+                    "Analytics queries interrupted at their deadline",
+                    lane.timeouts,
+                ),
+            ):
+                c = CounterMetricFamily(name, help_text)
+                c.add_metric([], value)
+                yield c
+
+
+def metrics_of(request: Request) -> Metrics:
+    """The app's Metrics (created on first use), bound to the app's embedded handle."""
+    state = request.app.state
+    metrics: Metrics | None = getattr(state, "metrics", None)
+    if metrics is None:
+        metrics = state.metrics = Metrics()
+    handle = getattr(state, "insession", None)
+    if handle is not None:
+        metrics.bind(handle)
+    return metrics

@@ -1,0 +1,138 @@
+"""HTTP routes of the query interface: `POST /v1/query`, `GET /v1/features/{entity}/{key}`, `GET /metrics`.
+
+Mount with `app.include_router(router)`. The routes read `app.state.insession` (the embedded handle,
+whose `.query` is a `QueryService`), `app.state.auth` (an `Auth`; absent or empty: access control
+off) and `app.state.metrics` (a `Metrics`, created on first use). Every query error is a 4xx with
+`{"error", "code", "position"?}`; a full analytics queue answers 429 with `Retry-After`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from insession.query import QueryError, QueryService
+from insession.query.sql import MAX_SQL_CHARS
+from insession.schema import MAX_ID_LEN
+from insession.serve.auth import Principal, require, roles_of
+from insession.serve.metrics import CONTENT_TYPE, metrics_of
+
+router = APIRouter()
+
+
+def _fallback_encoding(obj: Any) -> Any:
+    """Values DuckDB can return that JSON has no type for (intervals, maps, ...) travel as text."""
+    return str(obj)
+
+
+_json = msgspec.json.Encoder(enc_hook=_fallback_encoding)
+
+
+class QueryRequest(BaseModel):
+    """A SQL-friendly query with named parameters (`:name` in the SQL)."""
+
+    sql: str = Field(
+        max_length=MAX_SQL_CHARS,
+        examples=[
+            "SELECT DISTINCT category FROM events WHERE user_id = :user AND ts > now() - INTERVAL 15 DAY "
+            "ORDER BY ts DESC LIMIT 5"
+        ],
+    )
+    params: dict[str, Any] = Field(default_factory=dict, examples=[{"user": "u42"}])
+
+
+class QueryAnswer(BaseModel):
+    """The answer (documentation of the JSON the route writes with msgspec)."""
+
+    lane: str = Field(description="serving (online feature state) or analytics (DuckDB over the history)")
+    columns: list[str]
+    rows: list[list[Any]]
+    feature: str | None = Field(None, description="the declared feature that answered (serving lane)")
+    fallbacks: dict[str, str] = Field(default_factory=dict, description="feature -> the fallback it used")
+    truncated: bool = Field(False, description="a row or byte limit cut the answer short")
+    elapsed_ms: float = 0.0
+
+
+class ErrorAnswer(BaseModel):
+    error: str
+    code: str
+    position: dict[str, int] | None = None
+    retry_after_s: int | None = None
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorAnswer, "description": text}
+    for status, text in (
+        (400, "invalid SQL, unknown table or column, missing or mistyped parameter"),
+        (401, "missing or unknown API key"),
+        (403, "the key lacks the role"),
+        (408, "the analytics query ran past its deadline"),
+        (413, "the analytics query needs more memory than allowed"),
+        (429, "the analytics queue is full; retry after Retry-After seconds"),
+    )
+}
+
+
+def _service(request: Request) -> QueryService:
+    return request.app.state.insession.query  # type: ignore[no-any-return]
+
+
+def error_response(e: QueryError) -> JSONResponse:
+    headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s is not None else None
+    return JSONResponse(e.to_dict(), status_code=e.status, headers=headers)
+
+
+@router.post("/v1/query", tags=["query"], responses={200: {"model": QueryAnswer}, **_ERRORS})
+async def post_query(
+    body: QueryRequest, request: Request, principal: Principal | None = Depends(require("serve", "analytics"))
+) -> Response:
+    """Run a query: a declared feature's shape is answered from online state (serving lane); any other
+    SELECT over `events` and `items` runs on the analytics lane. `EXPLAIN <query>` says which and how."""
+    metrics_of(request)
+    try:
+        result = await _service(request).execute_async(body.sql, body.params, roles_of(principal))
+    except QueryError as e:
+        return error_response(e)
+    return Response(_json.encode(result), media_type="application/json")
+
+
+@router.get(
+    "/v1/features/{entity}/{key}",
+    tags=["query"],
+    responses={200: {"model": dict[str, Any]}, **_ERRORS},
+    dependencies=[Depends(require("serve", "analytics"))],
+)
+async def get_features(
+    request: Request,
+    entity: str = Path(description="user, item, user_item or global (the key is then ignored)"),
+    key: str = Path(max_length=MAX_ID_LEN, description="user_id, or item_id for the item entity"),
+    item_id: str | None = Query(None, max_length=MAX_ID_LEN, description="the item of a user_item key"),
+) -> Response:
+    """Every declared feature of one key, cleaned by the hygiene rules (no SQL needed)."""
+    metrics_of(request)
+    if entity == "user_item" and item_id is None:
+        return error_response(QueryError("a user_item key needs ?item_id=...", code="bad_key"))
+    lookup: str | tuple[str, str] | None = {"global": None, "user_item": (key, item_id or "")}.get(
+        entity, key
+    )
+    try:
+        values, fallbacks = _service(request).read_features(entity, lookup)
+    except QueryError as e:
+        return error_response(e)
+    doc = {"entity": entity, "key": lookup, "features": values, "fallbacks": fallbacks}
+    return Response(_json.encode(doc), media_type="application/json")
+
+
+@router.get(
+    "/metrics",
+    tags=["ops"],
+    dependencies=[Depends(require("admin"))],
+    responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format"}},
+)
+async def get_metrics(request: Request) -> Response:
+    """Prometheus metrics of the whole product (needs the admin role when access control is on)."""
+    return Response(metrics_of(request).render(), media_type=CONTENT_TYPE)

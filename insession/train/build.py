@@ -1,0 +1,287 @@
+"""Point-in-time training data from the event history, through the offline feature engine's declarations.
+
+One example group per add-to-cart (the request): the state just before it is what the online engine
+would have served after applying the log up to the event before it (spine: user, ts, offset - 1), read
+from `insession.features.offline.compute` with the registry's own `history_seq`, `session_seq` and
+counters, so the model trains on exactly what serving sees. Candidates: the carted item (positive) and
+hard negatives, items viewed in the same session within `window_ms` of the add-to-cart but never carted
+in that session, found with a range join on (user, session, ts window); in-batch negatives from other
+users come later, in the loss. Validation groups are topped up with popularity-sampled items so that
+NDCG@10 ranks a list of serving size. Counters for every (request, candidate) pair come from the same
+engine at the same spine instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from insession.features import offline
+from insession.features.declare import MINUTE_MS, FeatureRegistry, default_registry
+from insession.model.reranker import COUNTERS, counter_row
+from insession.model.vocab import Vocab
+from insession.schema import ACTIONS, EVENT_ARROW_SCHEMA
+from insession.train.examples import Examples
+
+SEQUENCES = ("history_seq", "session_seq")
+
+
+@dataclass
+class BuildConfig:
+    window_ms: int = 10 * MINUTE_MS  # hard negatives: views this close to the add-to-cart, same session
+    max_hard_negatives: int = 20
+    val_fraction: float = 0.15  # the latest requests (by time) validate
+    eval_candidates: int = 50  # validation groups are topped up to this many candidates
+    seed: int = 0
+
+
+@dataclass
+class TrainingData:
+    train: Examples
+    val: Examples
+    vocab: Vocab
+    feature_hash: str
+    split_ts: int  # requests at or after this instant validate; the vocabulary is built before it
+    val_requests: pa.Table  # per validation group: user_id, session_id, ts, offset, item_id (carted)
+    item_sequences: tuple[np.ndarray, np.ndarray]  # (item index, session number) of training-period events
+
+
+def load_events(path: Path) -> pa.Table:
+    """Events with `EVENT_ARROW_SCHEMA` from a Parquet file, or a data dir holding `history/` (day=...)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "history" if (path / "history").is_dir() else path
+        files = sorted(path.rglob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"no Parquet files under {path}")
+        table = pa.concat_tables(pq.read_table(f, schema=EVENT_ARROW_SCHEMA) for f in files)
+    else:
+        table = pq.read_table(path)
+    missing = set(EVENT_ARROW_SCHEMA.names) - set(table.column_names)
+    if missing:
+        raise ValueError(f"{path}: not an event history (missing columns {sorted(missing)})")
+    table = table.select(EVENT_ARROW_SCHEMA.names).cast(EVENT_ARROW_SCHEMA)
+    return table.sort_by("offset")
+
+
+def _engine_sessions(con: duckdb.DuckDBPyConnection) -> None:
+    """SEAM: the table `sess_events(off, user_id, item_id, action, ts, session_id, sess, category,
+    subcategory)`: the events the offline engine accepted, numbered into sessions by its own rule
+    (the client's session id, else the inactivity gap).
+
+    Read from the temp table `acc` that `offline.compute` leaves on the connection it was given; to be
+    replaced by a public `offline` function when there is one (see docs / the issue).
+    """
+    con.execute("""CREATE OR REPLACE TEMP TABLE sess_events AS
+        SELECT off, user_id, item_id, action, ts, session_id, sess, category, subcategory FROM acc""")
+
+
+def _requests(events: pa.Table) -> pa.Table:
+    atc = events.filter(pc.equal(events["action"], "add_to_cart"))
+    return pa.table(
+        {
+            "user_id": atc["user_id"],
+            "ts": atc["ts"],
+            "offset": pc.subtract(atc["offset"], 1),  # the state just before the add-to-cart
+            "atc_offset": atc["offset"],
+        }
+    )
+
+
+def _candidates(con: duckdb.DuckDBPyConnection, cfg: BuildConfig) -> pa.Table:
+    """(g, item_id, category, subcategory, label) with the positive first, then hard negatives by proximity.
+
+    A range join on (user, session) and the ts window around each add-to-cart: the work per request is
+    bounded by its session window, never by the user's whole history.
+    """
+    return con.sql(f"""
+        WITH req AS (
+            SELECT r.g, e.user_id, e.sess, e.ts, e.item_id, e.category, e.subcategory
+            FROM requests r JOIN sess_events e ON e.off = r.atc_offset
+        ),
+        carted AS (SELECT DISTINCT user_id, sess, item_id FROM sess_events WHERE action = 'add_to_cart'),
+        near AS (
+            SELECT r.g, v.item_id, any_value(v.category) AS category, any_value(v.subcategory) AS subcategory,
+                   min(abs(v.ts - r.ts)) AS dist
+            FROM req r JOIN sess_events v
+              ON v.user_id = r.user_id AND v.sess = r.sess AND v.action = 'view'
+             AND v.ts BETWEEN r.ts - {cfg.window_ms} AND r.ts + {cfg.window_ms}
+            WHERE NOT EXISTS (SELECT 1 FROM carted c
+                              WHERE c.user_id = v.user_id AND c.sess = v.sess AND c.item_id = v.item_id)
+            GROUP BY r.g, v.item_id
+            QUALIFY row_number() OVER (PARTITION BY r.g ORDER BY dist, v.item_id) <= {cfg.max_hard_negatives}
+        )
+        SELECT g, item_id, category, subcategory, 1.0::FLOAT AS label, -1 AS dist FROM req
+        UNION ALL
+        SELECT g, item_id, category, subcategory, 0.0::FLOAT, dist FROM near
+        ORDER BY g, dist, item_id""").to_arrow_table()
+
+
+def _ragged(lists: pa.ChunkedArray) -> tuple[np.ndarray, pa.StructArray]:
+    lists = lists.combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return offsets, pc.list_flatten(lists)
+
+
+def _action_index(actions: pa.Array) -> np.ndarray:
+    idx = pc.fill_null(pc.index_in(actions, value_set=pa.array(ACTIONS)), -1).to_numpy(zero_copy_only=False)
+    return (idx + 1).astype(np.int64)
+
+
+def _sample_negatives(
+    cand: pa.Table, groups: np.ndarray, n_total: int, items: pa.Table, rng: np.random.Generator
+) -> pa.Table:
+    """Top up each group in `groups` to n_total candidates with popularity-weighted items not yet in it."""
+    have = cand.group_by("g").aggregate([("item_id", "list")])
+    present = dict(zip(have["g"].to_pylist(), have["item_id_list"].to_pylist(), strict=True))
+    ids = items["item_id"].to_pylist()
+    p = items["n"].to_numpy().astype(np.float64)
+    p /= p.sum()
+    rows: dict[str, list[Any]] = {"g": [], "item_id": [], "category": [], "subcategory": []}
+    cats, subs = items["category"].to_pylist(), items["subcategory"].to_pylist()
+    for g in groups.tolist():
+        taken = set(present.get(g, []))
+        need = n_total - len(taken)
+        if need <= 0:
+            continue
+        draw = rng.choice(len(ids), size=min(len(ids), need * 2 + 8), replace=False, p=p)
+        for j in draw:
+            if ids[j] in taken:
+                continue
+            taken.add(ids[j])
+            rows["g"].append(g)
+            rows["item_id"].append(ids[j])
+            rows["category"].append(cats[j])
+            rows["subcategory"].append(subs[j])
+            need -= 1
+            if need == 0:
+                break
+    extra = pa.table(
+        rows,
+        schema=pa.schema(
+            [
+                ("g", pa.int64()),
+                ("item_id", pa.string()),
+                ("category", pa.string()),
+                ("subcategory", pa.string()),
+            ]
+        ),
+    )
+    extra = extra.append_column("label", pa.array(np.zeros(extra.num_rows, np.float32)))
+    extra = extra.append_column("dist", pa.array(np.full(extra.num_rows, 1 << 40, np.int64)))
+    return extra
+
+
+def _examples(
+    requests: pa.Table, user_feats: pa.Table, cand: pa.Table, counters: np.ndarray, vocab: Vocab
+) -> Examples:
+    """Assemble the columnar examples of the groups in `requests` (g ascending; cand sorted by g)."""
+    parts: dict[str, np.ndarray] = {"request_ts": requests["ts"].to_numpy()}
+    for name, prefix in zip(SEQUENCES, ("hist", "sess"), strict=True):
+        offsets, flat = _ragged(user_feats[name])
+        parts[f"{prefix}_offsets"] = offsets
+        parts[f"{prefix}_items"] = vocab.lookup(flat.field("item_id"), flat.field("category"))
+        parts[f"{prefix}_actions"] = _action_index(flat.field("action"))
+        parts[f"{prefix}_ts"] = flat.field("ts").to_numpy(zero_copy_only=False).astype(np.int64)
+    g = cand["g"].to_numpy()
+    local = np.searchsorted(requests["g"].to_numpy(), g)
+    parts["cand_offsets"] = np.concatenate([[0], np.cumsum(np.bincount(local, minlength=requests.num_rows))])
+    parts["cand_items"] = vocab.lookup(cand["item_id"], cand["category"], cand["subcategory"])
+    parts["cand_labels"] = cand["label"].to_numpy().astype(np.float32)
+    parts["cand_counters"] = counters.astype(np.float32)
+    return Examples(**parts)
+
+
+def build(
+    events: pa.Table,
+    cfg: BuildConfig | None = None,
+    registry: FeatureRegistry | None = None,
+    progress: bool = True,
+) -> TrainingData:
+    """Training and validation examples (time split), vocabulary and item2vec inputs from an event history."""
+    cfg = cfg or BuildConfig()
+    registry = registry or default_registry()
+    say = print if progress else (lambda *_: None)
+    con = duckdb.connect()
+    requests = _requests(events)
+    if requests.num_rows == 0:
+        raise ValueError("the history holds no add_to_cart event: nothing to learn from")
+    say(f"point-in-time sequences for {requests.num_rows:,} add-to-carts ...")
+    user_feats = offline.compute(
+        [registry[n] for n in SEQUENCES], events, requests.select(["user_id", "ts", "offset"]), con=con
+    )
+    _engine_sessions(con)
+    requests = requests.append_column("g", pa.array(np.arange(requests.num_rows), pa.int64()))
+    con.register("requests", requests)
+    accepted = con.sql(
+        "SELECT r.g FROM requests r SEMI JOIN sess_events e ON e.off = r.atc_offset ORDER BY g"
+    )
+    keep = accepted.to_arrow_table()[
+        "g"
+    ].to_numpy()  # add-to-carts the engine dropped as too late are no request
+    split_ts = int(np.quantile(requests["ts"].to_numpy()[keep], 1 - cfg.val_fraction, method="lower")) + 1
+    is_val = requests["ts"].to_numpy() >= split_ts
+
+    train_events = con.sql(f"""SELECT item_id, category, subcategory FROM sess_events
+                               WHERE ts < {split_ts} ORDER BY off""").to_arrow_table()
+    vocab = Vocab.build(train_events["item_id"], train_events["category"], train_events["subcategory"])
+
+    say("candidates: positives and in-session hard negatives ...")
+    cand = _candidates(con, cfg)
+    val_groups = keep[is_val[keep]]
+    if cfg.eval_candidates and len(val_groups):
+        popular = con.sql(f"""
+            SELECT item_id, any_value(category) AS category, any_value(subcategory) AS subcategory,
+                   count(*) AS n
+            FROM sess_events WHERE ts < {split_ts} GROUP BY item_id ORDER BY item_id""").to_arrow_table()
+        extra = _sample_negatives(
+            cand, val_groups, cfg.eval_candidates, popular, np.random.default_rng(cfg.seed)
+        )
+        cand = pa.concat_tables([cand, extra.select(cand.column_names).cast(cand.schema)]).sort_by(
+            [("g", "ascending"), ("dist", "ascending"), ("item_id", "ascending")]
+        )
+
+    say(f"point-in-time counters for {cand.num_rows:,} (request, candidate) pairs ...")
+    g = cand["g"].to_numpy()
+    spine = pa.table(
+        {
+            "user_id": requests["user_id"].take(g),
+            "item_id": cand["item_id"],
+            "ts": requests["ts"].take(g),
+            "offset": requests["offset"].take(g),
+        }
+    )
+    counted = offline.compute([registry[n] for n in COUNTERS], events, spine, con=con)
+    counters = np.array([counter_row(r) for r in counted.select(list(COUNTERS)).to_pylist()], np.float32)
+    counters = counters.reshape(-1, len(COUNTERS))
+
+    def part(groups: np.ndarray) -> Examples:
+        rows = np.isin(g, groups)
+        req = requests.take(groups)
+        return _examples(req, user_feats.take(groups), cand.filter(pa.array(rows)), counters[rows], vocab)
+
+    seq = con.sql(f"""SELECT item_id, category, subcategory, dense_rank() OVER (ORDER BY user_id, sess) AS s
+                      FROM sess_events WHERE ts < {split_ts} ORDER BY user_id, sess, off""").to_arrow_table()
+    val_req = con.sql("""
+        SELECT e.user_id, e.session_id, e.ts, e.off AS "offset", e.item_id
+        FROM requests r JOIN sess_events e ON e.off = r.atc_offset ORDER BY r.g""").to_arrow_table()
+    return TrainingData(
+        train=part(keep[~is_val[keep]]),
+        val=part(val_groups),
+        vocab=vocab,
+        feature_hash=registry.hash(),
+        split_ts=split_ts,
+        val_requests=val_req.filter(pa.array(is_val[keep])),
+        item_sequences=(
+            vocab.lookup(seq["item_id"], seq["category"], seq["subcategory"]),
+            seq["s"].to_numpy(),
+        ),
+    )

@@ -1,0 +1,63 @@
+"""`insession train`: train the Dual Sequence ReRanker on an event history into a versioned artefact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from insession.train.build import BuildConfig
+from insession.train.trainer import TrainConfig
+
+
+def train(
+    data_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="A data dir holding history/day=*/ Parquet, or an events "
+            "Parquet file with insession's event schema."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Artefacts go to OUT/<version>/.")] = Path("models"),
+    epochs: Annotated[
+        int, typer.Option(help="At most this many epochs (early stopping may end sooner).")
+    ] = 8,
+    batch_size: Annotated[int, typer.Option(help="Example groups per batch.")] = 128,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-3,
+    patience: Annotated[
+        int, typer.Option(help="Epochs without a better validation NDCG@10 before stopping.")
+    ] = 2,
+    dim: Annotated[int, typer.Option(help="Item embedding / model width.")] = 128,
+    layers: Annotated[int, typer.Option(help="Transformer layers per encoder.")] = 1,
+    heads: Annotated[int, typer.Option(help="Attention heads.")] = 2,
+    item2vec_epochs: Annotated[int, typer.Option(help="Item2vec pre-training epochs (0: random init).")] = 2,
+    val_fraction: Annotated[
+        float, typer.Option(help="Share of the latest add-to-carts that validate.")
+    ] = 0.15,
+    threads: Annotated[int, typer.Option(help="torch intra-op threads.")] = 2,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Train the Dual Sequence ReRanker on point-in-time training data from the feature engine."""
+    from insession.train.build import load_events
+    from insession.train.pipeline import train_on_events
+
+    events = load_events(data_dir)
+    typer.echo(f"{events.num_rows:,} events from {data_dir}")
+    done = train_on_events(
+        events,
+        out,
+        train_config=TrainConfig(
+            epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, threads=threads
+        ),
+        build_config=BuildConfig(val_fraction=val_fraction, seed=seed),
+        item2vec_epochs=item2vec_epochs,
+        dim=dim,
+        n_layers=layers,
+        n_heads=heads,
+    )
+    m = done.result.metrics()
+    typer.echo(
+        f"best epoch {m['best_epoch']}: validation NDCG@10 {m['val_ndcg10']:.4f}, hit@10 {m['val_hit10']:.4f}"
+    )
+    typer.echo(f"artefact: {done.path}")

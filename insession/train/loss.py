@@ -1,0 +1,89 @@
+"""The hybrid ranking loss: in-session listwise + in-batch sampled softmax + repeat-weighted BCE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from insession.model.reranker import COUNTERS, Batch, DualSequenceReranker, Encoded
+
+USER_ITEM = COUNTERS.index("user_item_count_28d")
+
+
+@dataclass
+class LossWeights:
+    listwise: float = 1.0
+    inbatch: float = 0.5
+    bce: float = 1.0
+    repeat_alpha: float = 1.0  # a positive with historical count n weighs 1 + alpha * log1p(n) in the BCE
+
+
+def listwise_loss(scores: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+    """Softmax cross-entropy within each group over its valid candidates, averaged over the positives.
+
+    Only groups holding at least one positive and one negative take part; 0 when there are none.
+    """
+    logp = torch.log_softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    pos = (labels > 0) & mask
+    neg = (labels <= 0) & mask
+    groups = pos.any(-1) & neg.any(-1)
+    if not bool(groups.any()):
+        return scores.sum() * 0.0
+    per_group = -(logp.masked_fill(~pos, 0.0)).sum(-1) / pos.sum(-1).clamp(min=1)
+    return per_group[groups].mean()
+
+
+def inbatch_softmax_loss(logits: Tensor, items: Tensor) -> Tensor:
+    """logits [B, B]: request b scored against the positive item of every group; the target is b itself.
+
+    Another group's positive that is the same item as b's own is not a negative: it is masked out.
+    """
+    b = logits.shape[0]
+    eye = torch.eye(b, dtype=torch.bool)
+    collision = (items.unsqueeze(0) == items.unsqueeze(1)) & ~eye
+    return F.cross_entropy(logits.masked_fill(collision, float("-inf")), torch.arange(b))
+
+
+def weighted_bce(scores: Tensor, labels: Tensor, mask: Tensor, repeat: Tensor, alpha: float) -> Tensor:
+    """BCE over valid candidates; a positive weighs 1 + alpha * log1p(its user-item repeat count)."""
+    w = torch.where(labels > 0, 1.0 + alpha * torch.log1p(repeat.float()), 1.0) * mask
+    bce = F.binary_cross_entropy_with_logits(scores, labels.float(), reduction="none")
+    return (w * bce).sum() / w.sum().clamp(min=1e-9)
+
+
+def inbatch_logits(model: DualSequenceReranker, enc: Encoded, batch: Batch) -> tuple[Tensor, Tensor]:
+    """Score every request of the batch against every group's positive item (other users' positives are
+    the sampled negatives). Returns (logits [B, B], positive item per group [B]).
+
+    The per-user counter is unknown for cross pairs, so it is zeroed for all pairs, the diagonal included:
+    otherwise the true positive could be told apart by a counter its negatives never carry. The item-level
+    counters are those of the positive's own row.
+    """
+    first_pos = batch.labels.argmax(-1)
+    items = batch.candidates.gather(1, first_pos.unsqueeze(1)).squeeze(1)
+    counters = batch.counters.gather(1, first_pos.view(-1, 1, 1).expand(-1, 1, len(COUNTERS))).squeeze(1)
+    counters = counters.clone()
+    counters[:, USER_ITEM] = 0.0
+    b = len(batch)
+    logits = model.score(enc, items.unsqueeze(0).expand(b, b), counters.unsqueeze(0).expand(b, b, -1))
+    return logits, items  # type: ignore[return-value]
+
+
+def hybrid_loss(
+    model: DualSequenceReranker, batch: Batch, weights: LossWeights
+) -> tuple[Tensor, dict[str, float]]:
+    """The training objective for one batch (BCE alone when model.cfg.loss == "bce"); (loss, its parts)."""
+    enc = model.encode(batch.history, batch.session, batch.request_ts)
+    scores = model.score(enc, batch.candidates, batch.counters)
+    mask = batch.candidates != 0
+    bce = weighted_bce(scores, batch.labels, mask, batch.counters[..., USER_ITEM], weights.repeat_alpha)
+    if model.cfg.loss == "bce":
+        return bce, {"bce": float(bce)}
+    listwise = listwise_loss(scores, batch.labels, mask)
+    logits, items = inbatch_logits(model, enc, batch)
+    inbatch = inbatch_softmax_loss(logits, items)
+    total = weights.listwise * listwise + weights.inbatch * inbatch + weights.bce * bce
+    return total, {"listwise": float(listwise), "inbatch": float(inbatch), "bce": float(bce)}

@@ -1,0 +1,153 @@
+"""The training loop: bucketed prefetched batches, validation NDCG@10, early stopping, seeds, curves."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from insession.model.reranker import DualSequenceReranker
+from insession.train.examples import Examples, bucketed_batches, prefetch
+from insession.train.loss import LossWeights, hybrid_loss
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    patience: int = 2  # epochs without a better validation NDCG@10 before stopping
+    seed: int = 0
+    threads: int = 2
+    loss: LossWeights = field(default_factory=LossWeights)
+    progress: bool = True
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    train_loss: float
+    val_ndcg10: float
+    val_hit10: float
+    seconds: float
+    examples_per_s: float
+
+
+@dataclass
+class TrainResult:
+    model: DualSequenceReranker  # the best epoch's weights, in eval mode
+    epochs: list[EpochLog]
+    best_epoch: int
+
+    def metrics(self) -> dict:
+        best = self.epochs[self.best_epoch - 1] if self.epochs else None
+        return {
+            "best_epoch": self.best_epoch,
+            "val_ndcg10": best.val_ndcg10 if best else float("nan"),
+            "val_hit10": best.val_hit10 if best else float("nan"),
+            "epochs": [asdict(e) for e in self.epochs],
+        }
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_threads(threads: int) -> None:
+    """Intra-op threads for the matmuls; one inter-op thread (the prefetcher is the other worker)."""
+    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+
+
+def ranking_metrics(
+    scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, k: int = 10
+) -> torch.Tensor:
+    """Per group [B, 2]: NDCG@k and hit@k of the labelled candidates among the valid ones (ties lose)."""
+    s = scores.masked_fill(~mask, float("-inf"))
+    pos = (labels > 0) & mask
+    # rank of each positive = number of valid candidates scoring at least as high, other than itself
+    higher = ((s.unsqueeze(1) >= s.unsqueeze(2)) & mask.unsqueeze(1)).sum(-1) - 1  # [B, C]
+    gain = torch.where(pos & (higher < k), 1.0 / torch.log2(higher.float() + 2.0), 0.0).sum(-1)
+    n_pos = pos.sum(-1)
+    ideal = torch.stack([(1.0 / torch.log2(torch.arange(min(int(n), k)).float() + 2.0)).sum() for n in n_pos])
+    ndcg = gain / ideal.clamp(min=1e-9)
+    hit = (pos & (higher < k)).any(-1).float()
+    return torch.stack([ndcg, hit], -1)[n_pos > 0]
+
+
+@torch.no_grad()
+def evaluate(model: DualSequenceReranker, examples: Examples, batch_size: int = 256) -> dict[str, float]:
+    """Mean NDCG@10 and hit@10 over the example groups, each ranking its own candidate list."""
+    model.eval()
+    rows = []
+    for batch in prefetch(examples, bucketed_batches(examples.lengths(), batch_size, None), model.cfg):
+        rows.append(ranking_metrics(model(batch), batch.labels, batch.candidates != 0))
+    m = torch.cat(rows).mean(0) if rows else torch.full((2,), float("nan"))
+    return {"ndcg10": float(m[0]), "hit10": float(m[1])}
+
+
+def fit(model: DualSequenceReranker, train: Examples, val: Examples, tc: TrainConfig) -> TrainResult:
+    """Train with AdamW on the hybrid loss; keep the weights of the best validation NDCG@10."""
+    seed_everything(tc.seed)
+    set_threads(tc.threads)
+    rng = np.random.default_rng(tc.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    logs: list[EpochLog] = []
+    best, best_state, stale = -1.0, copy.deepcopy(model.state_dict()), 0
+    lengths = train.lengths()
+    for epoch in range(1, tc.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        batches = bucketed_batches(lengths, tc.batch_size, rng)
+        total, n = 0.0, 0
+        bar = tqdm(
+            prefetch(train, batches, model.cfg),
+            total=len(batches),
+            desc=f"epoch {epoch}",
+            disable=not tc.progress,
+            leave=False,
+        )
+        for batch in bar:
+            loss, _ = hybrid_loss(model, batch, tc.loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            total += float(loss) * len(batch)
+            n += len(batch)
+            bar.set_postfix(loss=f"{total / n:.4f}")
+        seconds = time.perf_counter() - t0
+        val_metrics = evaluate(model, val)
+        logs.append(
+            EpochLog(
+                epoch,
+                total / max(n, 1),
+                val_metrics["ndcg10"],
+                val_metrics["hit10"],
+                seconds,
+                n / seconds if seconds > 0 else 0.0,
+            )
+        )
+        if tc.progress:
+            tqdm.write(
+                f"epoch {epoch}: loss {total / max(n, 1):.4f}  val NDCG@10 {val_metrics['ndcg10']:.4f}  "
+                f"{n / seconds:,.0f} examples/s"
+            )
+        if val_metrics["ndcg10"] > best:
+            best, best_state, stale = val_metrics["ndcg10"], copy.deepcopy(model.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= tc.patience:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    best_epoch = max(range(len(logs)), key=lambda i: logs[i].val_ndcg10) + 1 if logs else 0
+    return TrainResult(model, logs, best_epoch)

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Command 2 of the README: install the test tools, lint, and run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh test
+.venv/bin/ruff check insession tests bench
+.venv/bin/python -m pytest "$@"

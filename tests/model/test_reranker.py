@@ -1,0 +1,243 @@
+"""The Dual Sequence ReRanker: shapes, masking, gate fallback, encode-once serving, cold start, ablations."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from insession.model import COUNTERS, Batch, DualSequenceReranker, RerankerConfig, Sequence, Vocab
+from insession.model.reranker import calendar_fields
+
+T0 = 1_700_000_000_000
+HOUR = 3_600_000
+
+
+def tiny_config(**kw: object) -> RerankerConfig:
+    # 30 items in 6 subcategories in 3 categories
+    base = RerankerConfig(
+        n_items=31,
+        n_subcats=6,
+        n_cats=3,
+        dim=16,
+        n_heads=2,
+        dropout=0.0,
+        max_history=12,
+        max_session=6,
+        item_subcat=[-1] + [i % 6 for i in range(30)],
+        subcat_cat=[s % 3 for s in range(6)],
+    )
+    return replace(base, **kw)
+
+
+def random_sequence(g: torch.Generator, b: int, length: int, lengths: list[int], n_items: int) -> Sequence:
+    items = torch.randint(1, n_items, (b, length), generator=g)
+    actions = torch.randint(1, 6, (b, length), generator=g)
+    ts = T0 - torch.randint(1, 200 * HOUR, (b, length), generator=g).sort(dim=1, descending=True).values
+    mask = torch.arange(length).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    return Sequence(items * mask, actions * mask, ts * mask)
+
+
+def random_batch(
+    cfg: RerankerConfig, lengths_h: list[int], lengths_s: list[int], c: int = 7, seed: int = 0
+) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    b = len(lengths_h)
+    cands = torch.randint(1, cfg.n_items, (b, c), generator=g)
+    labels = torch.zeros(b, c)
+    labels[:, 0] = 1
+    return Batch(
+        history=random_sequence(g, b, max(max(lengths_h), 1), lengths_h, cfg.n_items),
+        session=random_sequence(g, b, max(max(lengths_s), 1), lengths_s, cfg.n_items),
+        request_ts=torch.full((b,), T0) + torch.randint(0, 10 * HOUR, (b,), generator=g),
+        candidates=cands,
+        counters=torch.randint(0, 20, (b, c, len(COUNTERS)), generator=g).float(),
+        labels=labels,
+    )
+
+
+def model_for(cfg: RerankerConfig, seed: int = 0) -> DualSequenceReranker:
+    torch.manual_seed(seed)
+    return DualSequenceReranker(cfg).eval()
+
+
+def test_shapes_and_forward_equals_encode_then_score() -> None:
+    cfg = tiny_config()
+    m = model_for(cfg)
+    batch = random_batch(cfg, [12, 3, 0, 5], [6, 0, 2, 1])
+    scores = m(batch)
+    assert scores.shape == (4, 7)
+    assert torch.isfinite(scores).all()
+    enc = m.encode(batch.history, batch.session, batch.request_ts)
+    assert enc.history.shape == (4, 12, 16) and enc.session.shape == (4, 6, 16)
+    torch.testing.assert_close(m.score(enc, batch.candidates, batch.counters), scores)
+
+
+@pytest.mark.parametrize(
+    "ablation",
+    [
+        {},
+        {"shared_encoder": True},
+        {"target_pooling": False},
+        {"learned_gate": False},
+        {"use_counters": False},
+        {"use_time": False},
+        {"cold_start": False},
+    ],
+)
+def test_encode_once_equals_per_candidate_forward(ablation: dict) -> None:
+    """Serving shape: one encode, all candidates scored at once == one full forward pass per candidate."""
+    cfg = tiny_config(**ablation)
+    m = model_for(cfg)
+    batch = random_batch(cfg, [9], [4], c=20, seed=3)
+    batch.candidates[0, 5] = 40  # a cold item (subcategory row) among them
+    enc = m.encode(batch.history, batch.session, batch.request_ts)
+    once = m.score(enc, batch.candidates[0], batch.counters[0])  # [C] for one request
+    assert once.shape == (20,)
+    for c in range(20):
+        single = replace(
+            batch,
+            candidates=batch.candidates[:, c : c + 1],
+            counters=batch.counters[:, c : c + 1],
+            labels=batch.labels[:, c : c + 1],
+        )
+        torch.testing.assert_close(m(single)[0, 0], once[c], atol=1e-5, rtol=0)
+
+
+def test_encoded_state_is_shared_not_copied_across_candidates() -> None:
+    cfg = tiny_config()
+    m = model_for(cfg)
+    batch = random_batch(cfg, [5], [2])
+    enc = m.encode(batch.history, batch.session, batch.request_ts)
+    before = enc.history.clone()
+    m.score(enc, torch.arange(1, 31), torch.zeros(30, 3))
+    assert torch.equal(enc.history, before)  # scoring never writes into the encoded state
+    ctx = enc.calendar.unsqueeze(1).expand(1, 30, -1)  # the view score() builds for request-level context
+    assert ctx.data_ptr() == enc.calendar.data_ptr() and ctx.stride(1) == 0
+
+
+def test_padding_contents_do_not_matter() -> None:
+    cfg = tiny_config()
+    m = model_for(cfg)
+    batch = random_batch(cfg, [4, 12], [2, 6])
+    ref = m(batch)
+    noisy = replace(
+        batch, history=Sequence(batch.history.items, batch.history.actions.clone(), batch.history.ts.clone())
+    )
+    pad = ~batch.history.mask
+    noisy.history.actions[pad] = 3
+    noisy.history.ts[pad] = T0 - 5 * HOUR
+    torch.testing.assert_close(m(noisy), ref)
+
+
+def test_masking_and_gate_fallback() -> None:
+    cfg = tiny_config()
+    m = model_for(cfg)
+    batch = random_batch(cfg, [5, 0, 3, 0], [3, 3, 0, 0])
+    enc = m.encode(batch.history, batch.session, batch.request_ts)
+    scores, why = m.score(enc, batch.candidates, batch.counters, explain=True)
+    assert torch.isfinite(scores).all()
+    assert (why.gate[1] == 1.0).all()  # no history: everything from the session
+    assert (why.gate[2] == 0.0).all()  # no session: everything from the history
+    assert ((why.gate[0] > 0) & (why.gate[0] < 1)).all()
+    torch.testing.assert_close(why.history_attention[0].sum(-1), torch.ones(7))
+    torch.testing.assert_close(why.history_attention[2].sum(-1), torch.ones(7))
+    assert (why.history_attention[2][:, 3:] == 0).all()  # padding gets no attention
+    assert (why.history_attention[1] == 0).all() and (why.session_attention[2] == 0).all()
+    assert (why.history_attention[3] == 0).all() and (why.session_attention[3] == 0).all()
+
+
+def test_empty_side_output_ignores_that_side() -> None:
+    """With an empty session, changing the history changes scores; the (empty) session cannot."""
+    cfg = tiny_config()
+    m = model_for(cfg)
+    a = random_batch(cfg, [6], [0], seed=1)
+    b = replace(a, history=random_sequence(torch.Generator().manual_seed(9), 1, 6, [6], cfg.n_items))
+    assert not torch.allclose(m(a), m(b))
+
+
+def test_fixed_gate_is_half_when_both_sides_present() -> None:
+    m = model_for(tiny_config(learned_gate=False))
+    batch = random_batch(m.cfg, [5, 0], [3, 3])
+    _, why = m.score(
+        m.encode(batch.history, batch.session, batch.request_ts),
+        batch.candidates,
+        batch.counters,
+        explain=True,
+    )
+    assert (why.gate[0] == 0.5).all() and (why.gate[1] == 1.0).all()
+
+
+def test_repeat_boost_raises_attention_on_add_to_cart() -> None:
+    cfg = tiny_config()
+    m = model_for(cfg)
+    batch = random_batch(cfg, [6], [0])
+    enc = m.encode(batch.history, batch.session, batch.request_ts)
+    _, before = m.score(enc, batch.candidates, batch.counters, explain=True)
+    enc.history_atc[0, 2] = 1.0
+    with torch.no_grad():
+        m.history_pool.repeat_boost.fill_(3.0)
+    _, after = m.score(enc, batch.candidates, batch.counters, explain=True)
+    assert (after.history_attention[0, :, 2] > before.history_attention[0, :, 2]).all()
+
+
+def test_cold_start_chain() -> None:
+    vocab = Vocab.build(
+        pa.array(["a", "b", "c", "d", "e"]),
+        pa.array(["X", "X", "X", "Y", None]),
+        pa.array(["x1", "x1", "x2", "y", None]),
+    )
+    cfg = vocab.config(dim=8, n_heads=2)
+    m = model_for(cfg)
+    w = m.item_embed.weight.weight
+    new = vocab.lookup(
+        pa.array(["a", "new", "new", "new", "new"]),
+        pa.array(["X", "X", "X", "Z", None]),
+        pa.array(["x1", "x1", "x9", "z", None]),
+    )
+    got = m.item_embed(torch.from_numpy(new))
+    row = {item: i + 1 for i, item in enumerate(vocab.items)}
+    torch.testing.assert_close(got[0], w[row["a"]])  # known item: its own vector
+    torch.testing.assert_close(got[1], (w[row["a"]] + w[row["b"]]) / 2)  # subcategory X/x1
+    torch.testing.assert_close(got[2], (w[row["a"]] + w[row["b"]] + w[row["c"]]) / 3)  # category X
+    torch.testing.assert_close(got[3], w[1:].mean(0))  # unknown category: global average
+    torch.testing.assert_close(got[4], w[1:].mean(0))
+    off = model_for(replace(cfg, cold_start=False))
+    assert (off.item_embed(torch.from_numpy(new))[1:] == 0).all()
+
+
+def test_cold_rows_follow_training() -> None:
+    cfg = tiny_config()
+    m = model_for(cfg)
+    with torch.no_grad():
+        m.item_embed.weight.weight[1:] += 1.0
+    m.train()
+    m.eval()  # entering eval re-derives the cold rows
+    torch.testing.assert_close(m.item_embed.cold[-1], m.item_embed.weight.weight[1:].mean(0))
+
+
+@pytest.mark.parametrize(
+    "ablation", ["shared_encoder", "target_pooling", "learned_gate", "use_counters", "use_time", "cold_start"]
+)
+def test_every_ablation_trains(ablation: str) -> None:
+    cfg = tiny_config(**{ablation: not getattr(RerankerConfig(), ablation)})
+    m = DualSequenceReranker(cfg).train()
+    batch = random_batch(cfg, [5, 12, 0], [2, 0, 3])
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(m(batch), batch.labels)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    if ablation == "shared_encoder":
+        assert m.history_encoder is m.session_encoder
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=0, max_value=4_000_000_000_000))
+def test_calendar_fields_match_datetime(ts: int) -> None:
+    d = datetime.fromtimestamp(ts / 1000, UTC)
+    got = calendar_fields(torch.tensor([ts]))[0].tolist()
+    assert got == [d.hour, d.weekday(), (d.day - 1) // 7]

@@ -1,0 +1,1 @@
+"""Tests of the query interface (insession.query and its HTTP routes)."""

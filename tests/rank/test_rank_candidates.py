@@ -1,0 +1,67 @@
+"""The candidate stage: source priority, quotas, eligibility, and the online stage over real features."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from insession.rank import CandidateQuotas, CandidateSources, Ranker, propose
+from insession.rank.inputs import Shopper
+
+from .shop import COLD, Shop
+
+
+def test_sources_in_priority_order_with_quotas_passed_down() -> None:
+    sources = CandidateSources(
+        session_items=["a", "b", "a"],
+        covisit={"a": ["a1", "a2", "a3"], "b": ["b1", "a1"]},
+        categories=["x", "y"],
+        category_popular={"x": ["x1", "x2"], "y": ["y1"]},
+        trending=["t1", "a", "t2"],
+        popular=["p1", "p2"],
+    )
+    quotas = CandidateQuotas(n=11, session=3, covisit=2, category=2)
+    got = propose(sources, lambda i: i != "x2", quotas)
+    # session: 2 of 3 (the unused slot passes to covisit); covisit round-robin: 3; categories round-robin:
+    # 2; then trending and popular fill the rest, skipping what was already proposed
+    assert got == ["a", "b", "a1", "b1", "a2", "x1", "y1", "t1", "t2", "p1", "p2"]
+
+
+def test_empty_sources_propose_nothing() -> None:
+    assert propose(CandidateSources(), lambda i: True) == []
+
+
+names = st.text(alphabet="abcdef", min_size=1, max_size=2)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    session=st.lists(names, max_size=10),
+    covisit=st.dictionaries(names, st.lists(names, max_size=6), max_size=6),
+    popular=st.lists(names, max_size=30),
+    banned=st.sets(names, max_size=5),
+    n=st.integers(1, 40),
+)
+def test_proposals_are_distinct_eligible_and_bounded(
+    session: list[str], covisit: dict[str, list[str]], popular: list[str], banned: set[str], n: int
+) -> None:
+    sources = CandidateSources(session_items=session, covisit=covisit, trending=popular[::2], popular=popular)
+    got = propose(sources, lambda i: i not in banned, CandidateQuotas(n=n, session=3, covisit=4, category=2))
+    assert len(got) == len(set(got)) <= n
+    assert not set(got) & banned
+    if len(got) < n:  # the last source (trending, popular) has no quota of its own: all of it got in
+        assert set(popular) - banned <= set(got)
+
+
+def test_online_stage_reads_session_covisit_categories_and_trending(shop: Shop, ranker: Ranker) -> None:
+    shopper = Shopper.read(shop.features, "u0")
+    got = ranker._propose(shopper)
+    session_items = ["i62", "i17", "i16"]  # most recent first; i18 was bought in the session
+    assert got[:3] == session_items
+    assert "i18" not in got
+    assert "i40" in got  # co-visited with i16 by u1..u5
+    assert {"i48", "i49", "i50", "i51"} <= set(got)  # trending / popular
+    assert "i5" not in got  # unavailable
+    assert len(got) == len(set(got)) <= ranker.config.quotas.n
+    assert all(shop.catalog.get(i) is not None for i in got)
+    assert COLD[2] in got  # a cold (new) item viewed in the session is still a candidate
