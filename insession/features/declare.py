@@ -106,13 +106,17 @@ class Feature:
         if self.entity not in ENTITY_KEYS:
             raise ValueError(f"{self.name}: unknown entity {self.entity!r}")
         if self.agg in _NEEDS_FIELD:
-            ok = self.field in VALUE_FIELDS if self.agg != "sum" else str(self.field).startswith("properties.")
+            ok = (
+                self.field in VALUE_FIELDS if self.agg != "sum" else str(self.field).startswith("properties.")
+            )
             if not ok:
                 raise ValueError(f"{self.name}: {self.agg} cannot read field {self.field!r}")
         elif self.field is not None:
             raise ValueError(f"{self.name}: {self.agg} takes no field")
         if (self.agg in _NEEDS_K) != (self.k > 0):
-            raise ValueError(f"{self.name}: k > 0 is required by last_n/distinct_topk/topk_count/covisit only")
+            raise ValueError(
+                f"{self.name}: k > 0 is required by last_n/distinct_topk/topk_count/covisit only"
+            )
         if self.actions is not None and (not self.actions or set(self.actions) - set(ACTIONS)):
             raise ValueError(f"{self.name}: actions must be a non-empty subset of {ACTIONS}")
         if self.window.kind in ("session", "before_session") and self.entity != "user":
@@ -221,8 +225,15 @@ class FeatureRegistry:
 def default_features() -> list[Feature]:
     """The features the Dual Sequence ReRanker and the candidate stage read (names are a contract)."""
     return [
-        Feature("top_categories_15d", "user", "distinct_topk", sliding(15 * DAY_MS, HOUR_MS), "category", 5,
-                actions=("view",)),
+        Feature(
+            "top_categories_15d",
+            "user",
+            "distinct_topk",
+            sliding(15 * DAY_MS, HOUR_MS),
+            "category",
+            5,
+            actions=("view",),
+        ),
         Feature("history_seq", "user", "last_n", BEFORE_SESSION, k=100),
         Feature("session_seq", "user", "last_n", SESSION, k=50),
         Feature("session_length", "user", "count", SESSION),
@@ -231,7 +242,9 @@ def default_features() -> list[Feature]:
         Feature("item_count_28d", "item", "counts_by_action", sliding(28 * DAY_MS, HOUR_MS)),
         Feature("item_trending_2h", "item", "count", sliding(2 * HOUR_MS, MINUTE_MS)),
         Feature("trending_items_2h", "global", "topk_count", sliding(2 * HOUR_MS, MINUTE_MS), "item_id", 50),
-        Feature("covisit", "item", "covisit", sliding(7 * DAY_MS, DAY_MS), k=20, span=5, gap_ms=30 * MINUTE_MS),
+        Feature(
+            "covisit", "item", "covisit", sliding(7 * DAY_MS, DAY_MS), k=20, span=5, gap_ms=30 * MINUTE_MS
+        ),
     ]
 
 

@@ -25,11 +25,15 @@ _SNAPSHOT_VERSION = 1
 class _Stream:
     """Watermark, lateness and sessions for one pass over the log, feeding a set of aggregations."""
 
-    def __init__(self, registry: FeatureRegistry, names: Interner, aggs: dict[str, Agg] | None = None) -> None:
+    def __init__(
+        self, registry: FeatureRegistry, names: Interner, aggs: dict[str, Agg] | None = None
+    ) -> None:
         self.lateness_ms = registry.lateness_ms
         self.names = names
         self.sessions = Sessions(registry.session_gap_ms)
-        self.aggs = aggs if aggs is not None else {f.name: make_agg(f, names, self.sessions) for f in registry}
+        self.aggs = (
+            aggs if aggs is not None else {f.name: make_agg(f, names, self.sessions) for f in registry}
+        )
         self.watermark = -1
         self.applied_offset = -1
         self.too_late = 0
@@ -39,10 +43,9 @@ class _Stream:
         return agg
 
     def apply(self, events: Iterable[Event]) -> None:
-        names = self.names
-        updates = [agg.update for agg in self.aggs.values()]
-        sessions = self.sessions
+        names, ids, sessions = self.names, self.names.ids, self.sessions
         wm, applied, lateness = self.watermark, self.applied_offset, self.lateness_ms
+        evs: list[Ev] = []
         for e in events:
             if e.offset <= applied:
                 continue  # already applied (a replay overlapping the snapshot)
@@ -53,12 +56,29 @@ class _Stream:
                 continue
             if ts > wm:
                 wm = ts
-            u = names(e.user_id)
+            u, i, c = ids.get(e.user_id), ids.get(e.item_id), ids.get(e.category)  # type: ignore[arg-type]
+            if u is None:
+                u = names(e.user_id)
+            if i is None:
+                i = names(e.item_id)
+            if c is None:
+                c = names(e.category)
             sess = sessions.update(u, names(e.session_id), ts)
-            ev = Ev(u, names(e.item_id), names(e.category), ACTION_INDEX[e.action], ts, e.offset, sess, e)
-            for update in updates:
-                update(ev, wm)
+            evs.append(Ev(u, i, c, ACTION_INDEX[e.action], ts, e.offset, sess, wm, e))
         self.watermark, self.applied_offset = wm, applied
+        if not evs:
+            return
+        by_filter: dict[frozenset[int] | None, list[Ev]] = {None: evs}
+        for agg in self.aggs.values():
+            sub = by_filter.get(agg.actions)
+            if sub is None:
+                sub = by_filter[agg.actions] = [ev for ev in evs if ev.a in agg.actions]  # type: ignore[operator]
+            if sub:
+                agg.add_batch(sub)
+
+    def sweep(self) -> None:
+        for agg in self.aggs.values():
+            agg.sweep(self.watermark, self.lateness_ms)
 
 
 class FeatureEngine:
@@ -97,19 +117,24 @@ class FeatureEngine:
                 engine._stream = body["stream"]
                 engine.snapshot_offset = engine.applied_offset
             else:
-                log.warning("feature snapshot %s was taken with other declarations: rebuilding from the log", snap)
+                log.warning(
+                    "feature snapshot %s was taken with other declarations: rebuilding from the log", snap
+                )
         return engine
 
     def snapshot(self) -> None:
-        """Write the whole state atomically (temporary file, fsync, rename); expired keys are dropped first."""
+        """Write the whole state atomically (temporary file, fsync, rename), dropping expired keys first."""
         if self.state_dir is None:
             raise ValueError("this engine has no state_dir")
         with self._lock:
-            for agg in self._stream.aggs.values():
-                agg.sweep(self._stream.watermark)
+            self._stream.sweep()
             body = pickle.dumps(
-                {"version": _SNAPSHOT_VERSION, "registry_hash": self.registry.hash(), "names": self._names,
-                 "stream": self._stream},
+                {
+                    "version": _SNAPSHOT_VERSION,
+                    "registry_hash": self.registry.hash(),
+                    "names": self._names,
+                    "stream": self._stream,
+                },
                 protocol=pickle.HIGHEST_PROTOCOL,
             )
             offset = self.applied_offset
@@ -128,14 +153,15 @@ class FeatureEngine:
         """Apply committed events in offset order (events at or below applied_offset are skipped)."""
         for start in range(0, len(events), LOCK_EVERY):
             with self._lock:
-                self._stream.apply(events[start:start + LOCK_EVERY])
+                self._stream.apply(events[start : start + LOCK_EVERY])
 
     def add_feature(self, feature: Feature, log_events: Iterable[Event]) -> None:
         """Declare a new feature and backfill it: `log_events` is the log from offset 0 (EventLog.read(0))."""
         if feature.name in self.registry:
             raise ValueError(f"feature {feature.name!r} is already declared")
-        reg = FeatureRegistry.of([feature], lateness_ms=self.registry.lateness_ms,
-                                 session_gap_ms=self.registry.session_gap_ms)
+        reg = FeatureRegistry.of(
+            [feature], lateness_ms=self.registry.lateness_ms, session_gap_ms=self.registry.session_gap_ms
+        )
         with self._lock:  # the writer waits while the new feature catches up with the log
             backfill = _Stream(reg, self._names)
             backfill.apply(e for e in log_events if e.offset <= self.applied_offset)
@@ -167,7 +193,9 @@ class FeatureEngine:
             return 0
         ids = (key,) if isinstance(key, str) else tuple(key or ())
         if len(ids) != (2 if entity == "user_item" else 1):
-            raise ValueError(f"a {entity} key is {'(user_id, item_id)' if entity == 'user_item' else 'one id'}")
+            raise ValueError(
+                f"a {entity} key is {'(user_id, item_id)' if entity == 'user_item' else 'one id'}"
+            )
         ints = [self._names.get(str(i)) for i in ids]
         if None in ints:
             return None
@@ -187,6 +215,8 @@ class FeatureEngine:
             k = self._key(entity, key)
             wm = self._stream.watermark
             return {
-                f.name: self._stream.aggs[f.name].empty() if k is None else self._stream.aggs[f.name].read(k, wm)
+                f.name: self._stream.aggs[f.name].empty()
+                if k is None
+                else self._stream.aggs[f.name].read(k, wm)
                 for f in self.registry.of_entity(entity)
             }

@@ -61,7 +61,7 @@ def _prepare(con: duckdb.DuckDBPyConnection, source: str, reg: FeatureRegistry) 
                 lag(session_id) OVER (PARTITION BY user_id ORDER BY off) AS prev_sid,
                 max(ts) OVER (PARTITION BY user_id ORDER BY off
                               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_max
-            FROM ev WHERE wm_prev IS NULL OR ts >= wm_prev - {reg.lateness_ms} - 60000
+            FROM ev WHERE wm_prev IS NULL OR ts >= wm_prev - {reg.lateness_ms}
         )
         SELECT * EXCLUDE (urn, prev_sid, prev_max),
             sum(CASE WHEN urn = 1 OR session_id IS DISTINCT FROM prev_sid
@@ -88,7 +88,8 @@ def _prepare_spine(con: duckdb.DuckDBPyConnection, spine: pa.Table, reg: Feature
     if "user_id" in spine.column_names:
         con.execute(f"""CREATE OR REPLACE TEMP TABLE sp AS
             SELECT s.*, a.sess AS cur_sess,
-                   a.off IS NOT NULL AND (a.session_id IS NOT NULL OR s.t - a.user_max <= {reg.session_gap_ms})
+                   a.off IS NOT NULL
+                       AND (a.session_id IS NOT NULL OR s.t - a.user_max <= {reg.session_gap_ms})
                        AS is_open,
                    f.first_off
             FROM sp0 s
@@ -104,8 +105,10 @@ def _value_sql(f: Feature) -> str:
         return "NULL::VARCHAR"
     if f.agg == "sum":
         path = _lit("$." + f.field.split(".", 1)[1])
-        return (f"CASE WHEN json_type(properties, {path}) IN ('BIGINT', 'UBIGINT', 'DOUBLE') "
-                f"THEN CAST(json_extract(properties, {path}) AS DOUBLE) END")
+        return (
+            f"CASE WHEN json_type(properties, {path}) IN ('BIGINT', 'UBIGINT', 'DOUBLE') "
+            f"THEN CAST(json_extract(properties, {path}) AS DOUBLE) END"
+        )
     return _q(f.field)
 
 
@@ -143,16 +146,16 @@ def _candidates(con: duckdb.DuckDBPyConnection, f: Feature, src: str, cand: str)
     on = [f"s.{k} = x.{k}" for k in keys] + ["x.off <= s.o", "x.ts <= s.t"]
     w = f.window
     spine = "sp"
-    if w.kind == "sliding":
-        ws = f"(s.t // {w.tile_ms} - {w.tiles - 1}) * {w.tile_ms}"
-        on.append(f"x.ts >= {ws}")
-        spine = f"(SELECT *, unnest(list_distinct([(t // {w.tile_ms} - {w.tiles - 1}) * {w.tile_ms} // {w.length_ms}, t // {w.length_ms}])) AS b FROM sp)"  # noqa: E501
-        on.append(f"x.ts // {w.length_ms} = s.b")
+    if w.kind == "sliding":  # buckets as long as the window: a window spans at most two of them
+        start, length = f"(t // {w.tile_ms} - {w.tiles - 1}) * {w.tile_ms}", w.length_ms
+        buckets = f"list_distinct([{start} // {length}, t // {length}])"
+        spine = f"(SELECT *, {start} AS ws, unnest({buckets}) AS b FROM sp)"
+        on += ["x.ts >= s.ws", f"x.ts // {length} = s.b"]
     elif w.kind == "session":
         on += ["s.is_open", "x.sess = s.cur_sess"]
     con.execute(f"""CREATE OR REPLACE TEMP TABLE {cand} AS
         SELECT s.rid, x.item_id, x.ts, x.off, x.action, x.category, x.value
-        FROM {spine} s JOIN {src} x ON {' AND '.join(on)}""")
+        FROM {spine} s JOIN {src} x ON {" AND ".join(on)}""")
 
 
 def _prefix_last_n(con: duckdb.DuckDBPyConnection, f: Feature, src: str, cand: str) -> None:
@@ -166,7 +169,8 @@ def _prefix_last_n(con: duckdb.DuckDBPyConnection, f: Feature, src: str, cand: s
                 max(ts) OVER (PARTITION BY user_id ORDER BY off ROWS UNBOUNDED PRECEDING) AS runmax,
                 row_number() OVER (PARTITION BY user_id ORDER BY ts, off) AS rk
             FROM {src}
-            WINDOW w AS (PARTITION BY user_id ORDER BY off ROWS BETWEEN {k - 1} PRECEDING AND CURRENT ROW))""")
+            WINDOW w AS (PARTITION BY user_id ORDER BY off
+                         ROWS BETWEEN {k - 1} PRECEDING AND CURRENT ROW))""")
     con.execute(f"""CREATE OR REPLACE TEMP TABLE {cand} AS
         WITH b AS (
             SELECT s.rid, s.user_id, s.t, {p} AS p,
@@ -201,12 +205,17 @@ def _aggregate(f: Feature, cand: str) -> str:
         parts = ", ".join(f"{_q(a)} := count(c.off) FILTER (WHERE c.action = {_lit(a)})" for a in ACTIONS)
         return f"SELECT sp.rid, struct_pack({parts}) AS v FROM {frm} GROUP BY sp.rid"
     if f.agg == "last":
-        return (f"SELECT sp.rid, (list(c.value ORDER BY c.ts DESC, c.off DESC) FILTER (WHERE c.off IS NOT NULL))[1]"
-                f" AS v FROM {frm} GROUP BY sp.rid")
+        return (
+            "SELECT sp.rid, (list(c.value ORDER BY c.ts DESC, c.off DESC)"
+            " FILTER (WHERE c.off IS NOT NULL))[1]"
+            f" AS v FROM {frm} GROUP BY sp.rid"
+        )
     if f.agg == "last_n":
         elem = "struct_pack(item_id := c.item_id, action := c.action, ts := c.ts, category := c.category)"
-        return (f"SELECT sp.rid, coalesce(list_reverse((list({elem} ORDER BY c.ts DESC, c.off DESC) "
-                f"FILTER (WHERE c.off IS NOT NULL))[1:{f.k}]), []::{_SEQ_TYPE}) AS v FROM {frm} GROUP BY sp.rid")
+        return (
+            f"SELECT sp.rid, coalesce(list_reverse((list({elem} ORDER BY c.ts DESC, c.off DESC) "
+            f"FILTER (WHERE c.off IS NOT NULL))[1:{f.k}]), []::{_SEQ_TYPE}) AS v FROM {frm} GROUP BY sp.rid"
+        )
     if f.agg == "distinct_topk":
         return f"""SELECT sp.rid, coalesce((list(g.value ORDER BY g.m DESC, g.value ASC)
                         FILTER (WHERE g.value IS NOT NULL))[1:{f.k}], []::VARCHAR[]) AS v
@@ -253,5 +262,6 @@ def compute(
         selects.append(f"r{n}.v AS {_q(f.name)}")
         joins.append(f"LEFT JOIN res_{n} r{n} ON r{n}.rid = s.__rid")
     return con.sql(
-        f"SELECT s.* EXCLUDE (__rid), {', '.join(selects)} FROM __spine_in s {' '.join(joins)} ORDER BY s.__rid"
+        f"SELECT s.* EXCLUDE (__rid), {', '.join(selects)}"
+        f" FROM __spine_in s {' '.join(joins)} ORDER BY s.__rid"
     ).to_arrow_table()

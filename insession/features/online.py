@@ -1,4 +1,10 @@
-"""The online feature engine: per-event incremental state for every declared feature, snapshots, reads."""
+"""Online aggregation state: one small state object per declared feature, updated per event, read at t.
+
+Every aggregation gets the accepted events of a batch in offset order (`add_batch`), each carrying its
+interned ids, its session number and the watermark right after its arrival, and answers `read(key, t)`
+with a JSON-able value at t (the watermark). Per-event work is a few dict operations in one tight loop
+per feature and batch; state is bounded per key (capped sequences, tiles that expire).
+"""
 
 from __future__ import annotations
 
@@ -6,27 +12,30 @@ import heapq
 import struct
 from bisect import insort
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Any
 
 from insession.features.declare import Feature, Window
 from insession.schema import ACTIONS, Event
 
-_NONE = -1  # interned id of a missing value
+NONE_ID = -1  # interned id of a missing value
 ACTION_INDEX = {a: i for i, a in enumerate(ACTIONS)}
 _REC = struct.Struct("<qqiib")  # one sequence element: ts, offset, item, category, action (25 bytes)
 _SLOT_BITS = 3  # tile codes: tile << 3 | slot (slot = action index for counts_by_action, else 0)
+_TKEY, _TVAL = struct.Struct("<iq"), struct.Struct("<d")  # a tile record: (sub, code) then value
+_TREC = struct.Struct("<iqd")
 
 
 class Interner:
     """Ids and other strings to dense ints (and back): state holds small ints, not strings."""
 
-    def __init__(self, names: list[str] | None = None) -> None:
-        self.names: list[str] = names or []
-        self.ids: dict[str, int] = {n: i for i, n in enumerate(self.names)}
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.ids: dict[str, int] = {}
 
     def __call__(self, name: str | None) -> int:
         if name is None:
-            return _NONE
+            return NONE_ID
         i = self.ids.get(name)
         if i is None:
             i = self.ids[name] = len(self.names)
@@ -38,12 +47,17 @@ class Interner:
 
 
 class Ev:
-    """One accepted event as the aggregations see it: interned ids plus its session number."""
+    """One accepted event as the aggregations see it: interned ids, session number, watermark after it."""
 
-    __slots__ = ("u", "i", "c", "a", "ts", "off", "sess", "raw")
+    __slots__ = ("u", "i", "ui", "c", "a", "ts", "off", "sess", "wm", "raw")
+    g = 0  # the key of global features
 
-    def __init__(self, u: int, i: int, c: int, a: int, ts: int, off: int, sess: int, raw: Event) -> None:
-        self.u, self.i, self.c, self.a, self.ts, self.off, self.sess, self.raw = u, i, c, a, ts, off, sess, raw
+    def __init__(
+        self, u: int, i: int, c: int, a: int, ts: int, off: int, sess: int, wm: int, raw: Event
+    ) -> None:
+        self.u, self.i, self.c, self.a, self.ts, self.off, self.sess, self.wm = u, i, c, a, ts, off, sess, wm
+        self.ui = u << 32 | i  # the (user, item) key
+        self.raw = raw
 
 
 class Sessions:
@@ -60,11 +74,12 @@ class Sessions:
         self.state: dict[int, list[int]] = {}
 
     def update(self, u: int, sid: int, ts: int) -> int:
+        """Apply one accepted event; returns its session number."""
         st = self.state.get(u)
         if st is None:
             self.state[u] = [0, sid, ts]
             return 0
-        if sid != st[1] or (sid == _NONE and ts - st[2] > self.gap_ms):
+        if sid != st[1] or (sid == NONE_ID and ts - st[2] > self.gap_ms):
             st[0] += 1
         st[1] = sid
         if ts > st[2]:
@@ -74,29 +89,27 @@ class Sessions:
     def open_session(self, u: int, t: int) -> int | None:
         """The number of the user's open session at t, or None."""
         st = self.state.get(u)
-        if st is None or (st[1] == _NONE and t - st[2] > self.gap_ms):
+        if st is None or (st[1] == NONE_ID and t - st[2] > self.gap_ms):
             return None
         return st[0]
 
 
-def _key_fn(entity: str) -> Callable[[Ev], int]:
-    return {
-        "user": lambda ev: ev.u,
-        "user_item": lambda ev: ev.u << 32 | ev.i,
-        "item": lambda ev: ev.i,
-        "global": lambda ev: 0,
-    }[entity]
+_KEY_ATTR = {"user": "u", "user_item": "ui", "item": "i", "global": "g"}
+_VALUE_ATTR = {"item_id": "i", "category": "c"}
 
 
 class Agg:
-    """State of one feature: `update(ev, wm)` per accepted event, `read(key, t)` a JSON-able value."""
+    """State of one feature: `add_batch(evs)` with the accepted events that pass `actions`, in offset
+    order; `read(key, t)` a JSON-able value at t; `empty()` the value of a key never seen."""
 
     def __init__(self, f: Feature, names: Interner, window: Window | None = None) -> None:
         self.f = f
         self.names = names
         self.window = window or f.window
         self.state: dict[int, Any] = {}
-        self.key = _key_fn(f.entity)
+        self.key: Callable[[Ev], int] = attrgetter(_KEY_ATTR[f.entity])
+        attr = _VALUE_ATTR.get(f.field or "")
+        self.value: Callable[[Ev], int] = attrgetter(attr) if attr else self.raw_value
         self.actions = None if f.actions is None else frozenset(ACTION_INDEX[a] for a in f.actions)
         self.tile_ms = self.window.tile_ms or 0
         self.tiles = self.window.tiles
@@ -108,21 +121,11 @@ class Agg:
     def tile(self, ts: int) -> int:
         return ts // self.tile_ms if self.tile_ms else 0
 
-    def value(self, ev: Ev) -> int:
-        """The interned value of the declared field."""
-        name = self.f.field
-        if name == "item_id":
-            return ev.i
-        if name == "category":
-            return ev.c
-        return self.names(getattr(ev.raw, name or ""))
+    def raw_value(self, ev: Ev) -> int:
+        """The interned value of a declared field the engine does not intern up front."""
+        return self.names(getattr(ev.raw, self.f.field or ""))
 
-    def update(self, ev: Ev, wm: int) -> None:
-        if self.actions is not None and ev.a not in self.actions:
-            return
-        self.add(self.key(ev), ev, wm)
-
-    def add(self, key: int, ev: Ev, wm: int) -> None:
+    def add_batch(self, evs: list[Ev]) -> None:
         raise NotImplementedError
 
     def read(self, key: int, t: int) -> Any:
@@ -131,83 +134,107 @@ class Agg:
     def empty(self) -> Any:
         raise NotImplementedError
 
-    def sweep(self, wm: int) -> None:
-        """Forget keys whose whole state has left the window (bounded memory for idle keys)."""
+    def sweep(self, wm: int, lateness_ms: int) -> None:
+        """Forget keys whose whole state has left the window at wm for good (bounded memory for idle
+        keys); a session is done when even an event late by `lateness_ms` could not reopen it."""
 
 
 class TileAgg(Agg):
-    """count, sum, counts_by_action and age: per key {tile << 3 | slot: number}, expiring tiles."""
+    """count, sum, counts_by_action and age, tiled: per key a packed run of 20-byte records
+    (sub, tile << 3 | slot, value), where sub is the item of a (user, item) key (the state is kept per
+    user) and slot the action index for counts_by_action. An event adds to a matching recent record or
+    appends one; reads add up the live records; expired records go from the front."""
+
+    LOOKBACK = 16  # records searched for a match before appending (a miss only costs 20 bytes)
 
     def __init__(self, f: Feature, names: Interner, window: Window | None = None) -> None:
         super().__init__(f, names, window)
-        self.prop = f.field.split(".", 1)[1] if f.agg == "sum" and f.field else None
+        self.prop = f.field.split(".", 1)[1] if f.agg == "sum" and f.field else ""
+        self.per_user = f.entity == "user_item"
+        if self.per_user:
+            self.key = attrgetter("u")
 
-    def add(self, key: int, ev: Ev, wm: int) -> None:
-        tile = self.tile(ev.ts)
-        low = self.min_tile(wm)
-        if tile < low:
-            return  # only reachable for windows shorter than the lateness: never visible again
-        agg = self.f.agg
-        if agg == "sum":
-            props = ev.raw.properties or {}
-            v = props.get(self.prop or "")
-            if not isinstance(v, int | float) or isinstance(v, bool):
-                return
-        code = tile << _SLOT_BITS | (ev.a if agg == "counts_by_action" else 0)
-        d = self.state.get(key)
-        if d is None:
-            self.state[key] = {code: ev.ts if agg == "age" else (v if agg == "sum" else 1)}
-            return
-        old = d.get(code)
-        if old is None:
-            d[code] = ev.ts if agg == "age" else (v if agg == "sum" else 1)
-            if self.tile_ms:
-                for c in [c for c in d if c >> _SLOT_BITS < low]:
-                    del d[c]
-        elif agg == "age":
-            if ev.ts < old:
-                d[code] = ev.ts
-        else:
-            d[code] = old + (v if agg == "sum" else 1)
+    def add_batch(self, evs: list[Ev]) -> None:
+        state, key_of, tile_ms, tiles, agg = self.state, self.key, self.tile_ms, self.tiles, self.f.agg
+        by_action, is_sum, is_age, per_user = agg == "counts_by_action", agg == "sum", agg == "age", self.per_user
+        size, back = _TREC.size, self.LOOKBACK * _TREC.size
+        for ev in evs:
+            if tile_ms:
+                tile = ev.ts // tile_ms
+                low = ev.wm // tile_ms - tiles + 1
+                if tile < low:
+                    continue  # only reachable for windows shorter than the lateness: never visible again
+            else:
+                tile = low = 0
+            if is_sum:
+                v = (ev.raw.properties or {}).get(self.prop)
+                if not isinstance(v, int | float) or isinstance(v, bool):
+                    continue
+            else:
+                v = ev.ts if is_age else 1
+            prefix = _TKEY.pack(ev.i if per_user else 0, tile << _SLOT_BITS | ev.a if by_action else tile << _SLOT_BITS)
+            key = key_of(ev)
+            buf = state.get(key)
+            if buf is None:
+                state[key] = bytearray(prefix + _TVAL.pack(v))
+                continue
+            pos = buf.rfind(prefix, max(0, len(buf) - back))
+            if pos >= 0 and pos % size == 0:
+                old = _TVAL.unpack_from(buf, pos + _TKEY.size)[0]
+                _TVAL.pack_into(buf, pos + _TKEY.size, min(old, v) if is_age else old + v)
+                continue
+            buf += prefix
+            buf += _TVAL.pack(v)
+            if tile_ms and _TKEY.unpack_from(buf)[1] >> _SLOT_BITS < low:
+                state[key] = self.live(buf, low)
+
+    @staticmethod
+    def live(buf: bytes, low: int) -> bytearray:
+        """The records of tiles >= low."""
+        return bytearray(b"".join(_TREC.pack(*r) for r in _TREC.iter_unpack(buf) if r[1] >> _SLOT_BITS >= low))
 
     def read(self, key: int, t: int) -> Any:
-        d = self.state.get(key)
-        if not d:
+        sub = key & 0xFFFFFFFF if self.per_user else 0
+        buf = self.state.get(key >> 32 if self.per_user else key)
+        if not buf:
             return self.empty()
         low = self.min_tile(t)
-        live = [(c & 7, v) for c, v in d.items() if c >> _SLOT_BITS >= low]
+        live = [(c & 7, v) for s, c, v in _TREC.iter_unpack(buf) if s == sub and c >> _SLOT_BITS >= low]
         agg = self.f.agg
         if agg == "count":
-            return sum(v for _, v in live)
+            return int(sum(v for _, v in live))
         if agg == "sum":
             return float(sum(v for _, v in live))
         if agg == "age":
-            return t - min(v for _, v in live) if live else None
+            return t - int(min(v for _, v in live)) if live else None
         out = dict.fromkeys(ACTIONS, 0)
         for slot, v in live:
-            out[ACTIONS[slot]] += v
+            out[ACTIONS[slot]] += int(v)
         return out
 
     def empty(self) -> Any:
         agg = self.f.agg
         return {"count": 0, "sum": 0.0, "age": None}.get(agg, dict.fromkeys(ACTIONS, 0))
 
-    def sweep(self, wm: int) -> None:
+    def sweep(self, wm: int, lateness_ms: int) -> None:
         if self.tile_ms:
             low = self.min_tile(wm)
-            self.state = {k: d for k, d in self.state.items() if any(c >> _SLOT_BITS >= low for c in d)}
+            self.state = {k: b for k, b in ((k, self.live(b, low)) for k, b in self.state.items()) if b}
 
 
 class LastValue(Agg):
-    """last(field): the value of the latest event (by ts, then offset) in the window."""
+    """last(field): per key (ts, offset, value) of the latest event (by ts, then offset)."""
 
-    def add(self, key: int, ev: Ev, wm: int) -> None:
-        v = self.value(ev)
-        if v == _NONE:
-            return
-        old = self.state.get(key)
-        if old is None or (ev.ts, ev.off) > (old[0], old[1]):
-            self.state[key] = (ev.ts, ev.off, v)
+    def add_batch(self, evs: list[Ev]) -> None:
+        state, key_of, value_of = self.state, self.key, self.value
+        for ev in evs:
+            v = value_of(ev)
+            if v == NONE_ID:
+                continue
+            key = key_of(ev)
+            old = state.get(key)
+            if old is None or (ev.ts, ev.off) > (old[0], old[1]):
+                state[key] = (ev.ts, ev.off, v)
 
     def read(self, key: int, t: int) -> Any:
         old = self.state.get(key)
@@ -218,7 +245,7 @@ class LastValue(Agg):
     def empty(self) -> Any:
         return None
 
-    def sweep(self, wm: int) -> None:
+    def sweep(self, wm: int, lateness_ms: int) -> None:
         low = self.min_tile(wm)
         self.state = {k: v for k, v in self.state.items() if self.tile(v[0]) >= low}
 
@@ -233,24 +260,29 @@ class DistinctTopK(Agg):
     def order(self, entry: list[int]) -> tuple[int, str]:
         return -entry[0], self.names.names[entry[1]]
 
-    def add(self, key: int, ev: Ev, wm: int) -> None:
-        v = self.value(ev)
-        if v == _NONE:
-            return
-        entries = self.state.get(key)
-        if entries is None:
-            self.state[key] = [[ev.ts, v]]
-            return
-        for e in entries:
-            if e[1] == v:
-                if ev.ts > e[0]:
-                    e[0] = ev.ts
-                    entries.sort(key=self.order)
-                return
-        entries.append([ev.ts, v])
-        entries.sort(key=self.order)
-        if len(entries) > self.f.k:
-            entries.pop()
+    def add_batch(self, evs: list[Ev]) -> None:
+        state, key_of, value_of, k, order = self.state, self.key, self.value, self.f.k, self.order
+        for ev in evs:
+            v = value_of(ev)
+            if v == NONE_ID:
+                continue
+            key, ts = key_of(ev), ev.ts
+            entries = state.get(key)
+            if entries is None:
+                state[key] = [[ts, v]]
+                continue
+            for n, e in enumerate(entries):
+                if e[1] == v:
+                    if ts > e[0]:
+                        e[0] = ts
+                        if n:  # the first entry only gets more recent: it stays first
+                            entries.sort(key=order)
+                    break
+            else:
+                entries.append([ts, v])
+                entries.sort(key=order)
+                if len(entries) > k:
+                    entries.pop()
 
     def read(self, key: int, t: int) -> Any:
         low = self.min_tile(t)
@@ -260,54 +292,85 @@ class DistinctTopK(Agg):
     def empty(self) -> Any:
         return []
 
-    def sweep(self, wm: int) -> None:
+    def sweep(self, wm: int, lateness_ms: int) -> None:
         low = self.min_tile(wm)
         self.state = {k: e for k, e in self.state.items() if self.tile(e[0][0]) >= low}
 
 
 class TopKCount(Agg):
-    """topk_count(field, k): per key [{tile: {value: n}}, {value: n in live tiles}]; top k by count."""
+    """topk_count(field, k): per key {tile: {value: n}}; the top k by count over the live tiles.
 
-    def add(self, key: int, ev: Ev, wm: int) -> None:
-        v = self.value(ev)
-        if v != _NONE:
-            self.count(key, v, ev.ts, wm)
+    Keys with many tiles (e.g. global trending, 120 one-minute tiles) also keep a running total over the
+    live tiles, so a read does not sum every tile.
+    """
 
-    def count(self, key: int, v: int, ts: int, wm: int) -> None:
-        tile = self.tile(ts)
-        low = self.min_tile(wm)
-        if tile < low:
-            return
-        st = self.state.get(key)
-        if st is None:
-            st = self.state[key] = [{}, {}]
-        tiles, total = st
+    def __init__(self, f: Feature, names: Interner, window: Window | None = None) -> None:
+        super().__init__(f, names, window)
+        self.totals: dict[int, dict[int, int]] | None = {} if self.tiles > 8 else None
+
+    def count(self, key: int, values: list[int], tile: int, low: int) -> None:
+        """Count each of `values` once for `key` in `tile` (low: the oldest live tile)."""
+        tiles = self.state.get(key)
+        if tiles is None:
+            tiles = self.state[key] = {}
         per = tiles.get(tile)
         if per is None:
+            late = bool(tiles) and tile < next(reversed(tiles))
             per = tiles[tile] = {}
-            self.expire(st, low)
-        per[v] = per.get(v, 0) + 1
-        total[v] = total.get(v, 0) + 1
+            if late:  # keep the tiles in tile order, so expiry pops from the front
+                ordered = sorted(tiles.items())
+                tiles.clear()
+                tiles.update(ordered)
+            self.expire(key, tiles, low)
+        for v in values:
+            per[v] = per.get(v, 0) + 1
+        if self.totals is not None:
+            total = self.totals.get(key)
+            if total is None:
+                total = self.totals[key] = {}
+            for v in values:
+                total[v] = total.get(v, 0) + 1
 
-    @staticmethod
-    def expire(st: list[dict[int, Any]], low: int) -> None:
-        tiles, total = st
-        for tile in [tile for tile in tiles if tile < low]:
-            for v, n in tiles.pop(tile).items():
-                left = total[v] - n
-                if left:
-                    total[v] = left
-                else:
-                    del total[v]
+    def expire(self, key: int, tiles: dict[int, dict[int, int]], low: int) -> None:
+        while tiles and (first := next(iter(tiles))) < low:
+            per = tiles.pop(first)
+            if self.totals is not None:
+                total = self.totals[key]
+                for v, n in per.items():
+                    if total[v] == n:
+                        del total[v]
+                    else:
+                        total[v] -= n
+
+    def add_batch(self, evs: list[Ev]) -> None:
+        key_of, value_of, tile_ms, tiles = self.key, self.value, self.tile_ms, self.tiles
+        for ev in evs:
+            v = value_of(ev)
+            if v == NONE_ID:
+                continue
+            tile = ev.ts // tile_ms if tile_ms else 0
+            low = ev.wm // tile_ms - tiles + 1 if tile_ms else 0
+            if tile >= low:
+                self.count(key_of(ev), [v], tile, low)
 
     def read(self, key: int, t: int) -> Any:
-        st = self.state.get(key)
-        if st is None:
+        tiles = self.state.get(key)
+        if not tiles:
             return []
-        self.expire(st, self.min_tile(t))
+        low = self.min_tile(t)
+        self.expire(key, tiles, low)
+        if self.totals is not None:
+            return self.top(self.totals[key])
+        total: dict[int, int] = {}
+        for per in tiles.values():
+            for v, n in per.items():
+                total[v] = total.get(v, 0) + n
+        return self.top(total)
+
+    def top(self, total: dict[int, int]) -> list[dict[str, Any]]:
+        """The k largest counts, ties by value name: [{field: name, "count": n}]."""
         names = self.names.names
         k = self.f.k
-        total = st[1]
         if len(total) > k:  # everything tied with the k-th count competes on the name
             kth = heapq.nlargest(k, total.values())[-1]
             cands = [(-n, names[v]) for v, n in total.items() if n >= kth]
@@ -319,11 +382,13 @@ class TopKCount(Agg):
     def empty(self) -> Any:
         return []
 
-    def sweep(self, wm: int) -> None:
+    def sweep(self, wm: int, lateness_ms: int) -> None:
         low = self.min_tile(wm)
-        for st in self.state.values():
-            self.expire(st, low)
-        self.state = {k: st for k, st in self.state.items() if st[1]}
+        for key, tiles in self.state.items():
+            self.expire(key, tiles, low)
+        self.state = {k: tiles for k, tiles in self.state.items() if tiles}
+        if self.totals is not None:
+            self.totals = {k: total for k, total in self.totals.items() if k in self.state}
 
 
 class Covisit(TopKCount):
@@ -334,25 +399,37 @@ class Covisit(TopKCount):
         super().__init__(f, names, window)
         self.recent: dict[int, list[tuple[int, int, int]]] = {}  # user -> [(session, item, ts)]
 
-    def add(self, key: int, ev: Ev, wm: int) -> None:
-        recent = self.recent.get(ev.u)
-        if recent is None:
-            recent = self.recent[ev.u] = []
-        for sess, item, ts in recent:
-            if sess == ev.sess and item != ev.i and abs(ts - ev.ts) <= self.f.gap_ms:
-                self.count(ev.i, item, ev.ts, wm)
-                self.count(item, ev.i, ev.ts, wm)
-        recent.append((ev.sess, ev.i, ev.ts))
-        if len(recent) > self.f.span:
-            del recent[0]
-
-
-def _pack(ev: Ev) -> bytes:
-    return _REC.pack(ev.ts, ev.off, ev.i, ev.c, ev.a)
+    def add_batch(self, evs: list[Ev]) -> None:
+        recent_of, gap, span, tile_ms, tiles = (
+            self.recent,
+            self.f.gap_ms,
+            self.f.span,
+            self.tile_ms,
+            self.tiles,
+        )
+        for ev in evs:
+            i, ts, sess = ev.i, ev.ts, ev.sess
+            recent = recent_of.get(ev.u)
+            if recent is None:
+                recent_of[ev.u] = [(sess, i, ts)]
+                continue
+            co = [p for s, p, pts in recent if s == sess and p != i and -gap <= pts - ts <= gap]
+            recent.append((sess, i, ts))
+            if len(recent) > span:
+                del recent[0]
+            if not co:
+                continue
+            tile = ts // tile_ms if tile_ms else 0
+            low = ev.wm // tile_ms - tiles + 1 if tile_ms else 0
+            if tile >= low:
+                self.count(i, co, tile, low)
+                one = [i]
+                for p in co:
+                    self.count(p, one, tile, low)
 
 
 def _last_k(buf: bytes, k: int) -> bytearray:
-    return bytearray(buf[-k * _REC.size:]) if len(buf) > k * _REC.size else bytearray(buf)
+    return bytearray(buf[-k * _REC.size :]) if len(buf) > k * _REC.size else bytearray(buf)
 
 
 def _merge(a: bytes, b: bytes, k: int) -> bytearray:
@@ -362,7 +439,7 @@ def _merge(a: bytes, b: bytes, k: int) -> bytearray:
 
 def _insert(buf: bytearray, ev: Ev, k: int) -> bytearray:
     """Insert into a packed sequence sorted by (ts, offset), keeping the k latest."""
-    rec = _pack(ev)
+    rec = _REC.pack(ev.ts, ev.off, ev.i, ev.c, ev.a)
     if not buf or (ev.ts, ev.off) > _REC.unpack_from(buf, len(buf) - _REC.size)[:2]:
         buf += rec
     else:
@@ -375,14 +452,22 @@ def _insert(buf: bytearray, ev: Ev, k: int) -> bytearray:
 class LastN(Agg):
     """last_n(k): per key the k latest events (by ts, then offset), packed 25 bytes each."""
 
-    def add(self, key: int, ev: Ev, wm: int) -> None:
-        self.state[key] = _insert(self.state.get(key) or bytearray(), ev, self.f.k)
+    def add_batch(self, evs: list[Ev]) -> None:
+        state, key_of, k = self.state, self.key, self.f.k
+        for ev in evs:
+            key = key_of(ev)
+            state[key] = _insert(state.get(key) or bytearray(), ev, k)
 
     def decode(self, buf: bytes, t: int) -> list[dict[str, Any]]:
         low = self.min_tile(t)
         names = self.names.names
         return [
-            {"item_id": names[i], "action": ACTIONS[a], "ts": ts, "category": None if c == _NONE else names[c]}
+            {
+                "item_id": names[i],
+                "action": ACTIONS[a],
+                "ts": ts,
+                "category": None if c == NONE_ID else names[c],
+            }
             for ts, _, i, c, a in _REC.iter_unpack(buf)
             if self.tile(ts) >= low
         ]
@@ -393,28 +478,44 @@ class LastN(Agg):
     def empty(self) -> Any:
         return []
 
-    def sweep(self, wm: int) -> None:
+    def sweep(self, wm: int, lateness_ms: int) -> None:
         if self.tile_ms:
-            low = self.min_tile(wm)
+            low, size = self.min_tile(wm), _REC.size
             self.state = {
-                k: b for k, b in self.state.items() if self.tile(_REC.unpack_from(b, len(b) - _REC.size)[0]) >= low
+                k: b for k, b in self.state.items() if self.tile(_REC.unpack_from(b, len(b) - size)[0]) >= low
             }
 
 
 class SessionScoped(Agg):
-    """Any aggregation over the user's current session: the inner state restarts with each session."""
+    """Any aggregation over the user's current session: the inner state restarts with each session.
+
+    It sees every accepted event (a session starts with any event), the inner one only those that pass
+    the declared `actions`."""
 
     def __init__(self, f: Feature, names: Interner, sessions: Sessions) -> None:
         super().__init__(f, names)
         self.inner = _AGGS[f.agg](f, names, Window())
         self.sessions = sessions
-        self.sess_of: dict[int, int] = {}
+        self.actions = None
+        self.sess_of: dict[int, int] = {}  # user -> the session the inner state belongs to
 
-    def update(self, ev: Ev, wm: int) -> None:
-        if self.sess_of.get(ev.u) != ev.sess:
-            self.inner.state.pop(ev.u, None)
-            self.sess_of[ev.u] = ev.sess
-        self.inner.update(ev, wm)
+    def add_batch(self, evs: list[Ev]) -> None:
+        sess_of, inner, acts = self.sess_of, self.inner, self.inner.actions
+        run: list[Ev] = []
+        in_run: set[int] = set()
+        for ev in evs:
+            u = ev.u
+            if sess_of.get(u) != ev.sess:
+                if u in in_run:  # the user's earlier events in this batch belong to the old session
+                    inner.add_batch(run)
+                    run, in_run = [], set()
+                inner.state.pop(u, None)
+                sess_of[u] = ev.sess
+            if acts is None or ev.a in acts:
+                run.append(ev)
+                in_run.add(u)
+        if run:
+            inner.add_batch(run)
 
     def read(self, key: int, t: int) -> Any:
         sess = self.sessions.open_session(key, t)
@@ -425,28 +526,36 @@ class SessionScoped(Agg):
     def empty(self) -> Any:
         return self.inner.empty()
 
-    def sweep(self, wm: int) -> None:
-        gone = [u for u, s in self.sess_of.items() if self.sessions.open_session(u, wm) != s]
-        for u in gone:
+    def sweep(self, wm: int, lateness_ms: int) -> None:
+        done = wm - lateness_ms
+        for u in [u for u, s in self.sess_of.items() if self.sessions.open_session(u, done) != s]:
             del self.sess_of[u]
             self.inner.state.pop(u, None)
 
 
 class BeforeSession(LastN):
-    """last_n(k) over the user's events before the current session: [session, history, current]."""
+    """last_n(k) over the user's events before the current session: per user [session, history, current].
+
+    Like SessionScoped it sees every accepted event and filters by `actions` itself."""
 
     def __init__(self, f: Feature, names: Interner, sessions: Sessions) -> None:
         super().__init__(f, names)
         self.sessions = sessions
+        self.filter = self.actions
+        self.actions = None
 
-    def update(self, ev: Ev, wm: int) -> None:
-        st = self.state.get(ev.u)
-        if st is None:
-            st = self.state[ev.u] = [ev.sess, bytearray(), bytearray()]
-        elif st[0] != ev.sess:
-            st[0], st[1], st[2] = ev.sess, _merge(st[1], st[2], self.f.k), bytearray()
-        if self.actions is None or ev.a in self.actions:
-            st[2] = _insert(st[2], ev, self.f.k)
+    def add_batch(self, evs: list[Ev]) -> None:
+        state, k, acts = self.state, self.f.k, self.filter
+        for ev in evs:
+            st = state.get(ev.u)
+            if st is None:
+                st = state[ev.u] = [ev.sess, bytearray(), bytearray()]
+            elif st[0] != ev.sess:
+                st[0] = ev.sess
+                if st[2]:
+                    st[1], st[2] = _merge(st[1], st[2], k), bytearray()
+            if acts is None or ev.a in acts:
+                st[2] = _insert(st[2], ev, k)
 
     def read(self, key: int, t: int) -> Any:
         st = self.state.get(key)
@@ -455,6 +564,12 @@ class BeforeSession(LastN):
         if self.sessions.open_session(key, t) == st[0]:
             return self.decode(st[1], t)
         return self.decode(_merge(st[1], st[2], self.f.k), t)
+
+    def sweep(self, wm: int, lateness_ms: int) -> None:
+        done = wm - lateness_ms
+        for u, st in self.state.items():  # a closed session joins the history: one buffer per idle user
+            if st[2] and self.sessions.open_session(u, done) != st[0]:
+                st[1], st[2] = _merge(st[1], st[2], self.f.k), bytearray()
 
 
 _AGGS: dict[str, type[Agg]] = {

@@ -86,7 +86,7 @@ def parse_feature(sql: str) -> Feature:
     ):
         raise FeatureSQLError("expected CREATE FEATURE <name> AS SELECT ...")
     name = tokens[2].text
-    select = sqlglot.parse_one(sql[tokens[4].start:], read=_DIALECT)
+    select = sqlglot.parse_one(sql[tokens[4].start :], read=_DIALECT)
     if not isinstance(select, exp.Select):
         raise FeatureSQLError("expected CREATE FEATURE <name> AS SELECT ...")
     source = select.args.get("from_") or select.args.get("from")
@@ -118,7 +118,9 @@ def parse_feature(sql: str) -> Feature:
         if isinstance(left, exp.Column) and left.name == "action":
             values = cond.expressions if isinstance(cond, exp.In) else [cond.expression]
             if not isinstance(cond, exp.In | exp.EQ) or not all(isinstance(v, exp.Literal) for v in values):
-                raise FeatureSQLError(f"filter actions with action = '...' or action IN (...), got {cond.sql()}")
+                raise FeatureSQLError(
+                    f"filter actions with action = '...' or action IN (...), got {cond.sql()}"
+                )
             actions = tuple(v.this for v in values)
         elif isinstance(left, exp.Column) and left.name == "ts" and isinstance(cond, exp.GT | exp.GTE):
             if not isinstance(cond.expression, exp.Sub):
@@ -151,8 +153,9 @@ def parse_feature(sql: str) -> Feature:
         if fn in ("counts_by_action", "age") and not args:
             return Feature(agg=fn, **common)  # type: ignore[arg-type]
         if fn == "covisit" and len(args) == 3:
-            return Feature(agg="covisit", k=_int(args[0]), span=_int(args[1]), gap_ms=_interval_ms(args[2]),
-                           **common)  # type: ignore[arg-type]
+            return Feature(
+                agg="covisit", k=_int(args[0]), span=_int(args[1]), gap_ms=_interval_ms(args[2]), **common
+            )  # type: ignore[arg-type]
     except ValueError as e:
         raise FeatureSQLError(str(e)) from None
     raise FeatureSQLError(f"unknown aggregation {agg.sql(_DIALECT)}")
@@ -179,8 +182,11 @@ def to_sql(f: Feature) -> str:
     keys = list(f.keys)
     where = []
     if f.actions is not None:
-        where.append(f"action = '{f.actions[0]}'" if len(f.actions) == 1
-                     else "action IN (" + ", ".join(f"'{a}'" for a in f.actions) + ")")
+        where.append(
+            f"action = '{f.actions[0]}'"
+            if len(f.actions) == 1
+            else "action IN (" + ", ".join(f"'{a}'" for a in f.actions) + ")"
+        )
     if f.window.kind == "sliding":
         where.append(f"ts > now() - {_interval_sql(f.window.length_ms)}")
         keys.append(f"time_bucket({_interval_sql(f.window.tile_ms)}, ts)")

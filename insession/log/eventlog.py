@@ -2,7 +2,8 @@
 
 Storage: one SQLite database in WAL mode with `synchronous=FULL`, so a transaction is acknowledged
 only after its WAL frames are fsynced; SQLite's WAL recovery guarantees that a restart sees every
-committed transaction and nothing of an uncommitted one. Each row is
+committed transaction and nothing of an uncommitted one (tests/log/test_log_crash.py kill -9s a writer
+at random moments; power loss additionally relies on the disk honouring fsync). Each row is
 
     offset INTEGER PRIMARY KEY   -- global, dense (0, 1, 2, ...), monotonically increasing
     event_id TEXT                -- idempotency key, partial UNIQUE index where not null
@@ -19,10 +20,15 @@ other, inserts them in ONE transaction, commits (one fsync for all of them), cal
 newly stored events, and only then releases the callers of the group; callers that queued meanwhile
 form the next group. One committer at a time, so offsets and `on_commit` calls are strictly ordered. A
 lone caller commits in its own thread (no hand-off to another thread on the latency path). A batch is
-all-or-nothing: it is inside exactly one transaction.
+all-or-nothing: it is inside exactly one transaction. Offsets are assigned in memory, so one process
+owns a log file (a second writer process would fail its inserts on the primary key, never corrupt).
 
 Unknown items (decision): an event for an item the catalogue does not know is accepted and stored with
 category=None (the caller counts it); a later catalogue upsert does not rewrite history.
+
+Idempotency keys: time-ordered event ids (UUIDv7, ULID) land at the right edge of the event_id index;
+random ones (UUIDv4) touch a random index page per event, which costs throughput once the index
+outgrows the page cache (the benchmark measures both).
 
 Export: closed ranges of the log go to day-partitioned Parquet (see `insession.log.export`); rows stay
 in SQLite (retention is out of scope), so `tail_arrow` and `read` never race with an export.
@@ -135,6 +141,7 @@ class EventLog:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._export_lock = threading.Lock()
+        self._history_clean = False  # orphans of a crashed export removed from the history dir
         self._lock = threading.Lock()  # guards _pending, _committing, _closed
         self._idle = threading.Condition(self._lock)  # notified when no commit is running
         self._pending: list[_Batch] = []
@@ -295,14 +302,20 @@ class EventLog:
         """Last offset written to the Parquet history; -1 when nothing is exported."""
         return self._exported
 
-    def export(self, history_dir: Path, upto_offset: int | None = None) -> int:
-        """Export (exported_offset, upto_offset] to Parquet by event day; idempotent; returns the new mark."""
+    def export(self, history_dir: Path, upto_offset: int | None = None, *, min_events: int = 1) -> int:
+        """Export (exported_offset, upto_offset] to Parquet by event day; idempotent; returns the new mark.
+
+        Does nothing while fewer than `min_events` are pending: a periodic caller can pass a segment size
+        so the history is a few large files instead of many small ones (the tail stays in `tail_arrow`).
+        """
         history_dir = Path(history_dir)
         with self._export_lock:
             upto = self._last if upto_offset is None else min(upto_offset, self._last)
-            if upto <= self._exported:
+            if upto - self._exported < max(min_events, 1):
                 return self._exported
-            remove_orphans(history_dir, self._exported)
+            if not self._history_clean:  # first export of this process, or one after a failed export
+                remove_orphans(history_dir, self._exported)
+                self._history_clean = True
             conn = _connect(self.path, "FULL")
             try:
                 while self._exported < upto:
@@ -310,6 +323,9 @@ class EventLog:
                     write_day_partitions(list(self.read(self._exported + 1, upto=end)), history_dir)
                     conn.execute("UPDATE meta SET value = ? WHERE key = 'exported_offset'", (end,))
                     self._exported = end
+            except BaseException:
+                self._history_clean = False
+                raise
             finally:
                 conn.close()
             return self._exported

@@ -104,6 +104,24 @@ class Vocab:
         out = np.where(out > 0, out, fallback)
         return np.where(pc.is_null(item_id).to_numpy(zero_copy_only=False), 0, out)
 
+    def category_of(self, idx: np.ndarray) -> list[str | None]:
+        """The category each index stands for (an item's or a cold row's); None: padding, the global row."""
+        n, s = self.n_items, len(self.subcats)
+        sub_of = np.array([-1, *self.item_subcat], np.int64)
+        cat_of_sub = np.array(self.subcat_cat, np.int64)
+        out: list[str | None] = []
+        for i in np.asarray(idx).tolist():
+            if 0 < i < n:
+                sub = sub_of[i]
+                out.append(self.cats[cat_of_sub[sub]] if sub >= 0 else None)
+            elif n <= i < n + s:
+                out.append(self.cats[cat_of_sub[i - n]])
+            elif n + s <= i < self.unknown:
+                out.append(self.cats[i - n - s])
+            else:
+                out.append(None)
+        return out
+
     def config(self, **overrides: object) -> RerankerConfig:
         """A model config sized for this vocabulary."""
         return RerankerConfig(

@@ -10,6 +10,7 @@ query has a deadline (DuckDB `interrupt()`), a memory limit, and a cap on rows a
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -27,18 +28,37 @@ from insession.query.errors import QueryError
 from insession.query.tables import connect, schema_connection
 
 
-class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Analytics lane limits (a server config section `[query]` maps onto these fields)."""
+def _quarter_of_cores() -> int:
+    return max(1, (os.cpu_count() or 2) // 4)
 
-    concurrency: int = 2  # analytics queries running at once
+
+class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Analytics lane limits (a server config section `[query]` maps onto these fields).
+
+    By default analytics may use about a quarter of the machine (at least one core), at a lower OS
+    priority than serving, so the serving lane keeps its cores whatever analysts run.
+    """
+
+    concurrency: int = msgspec.field(default_factory=_quarter_of_cores)  # analytics queries running at once
     queue: int = 8  # analytics queries waiting beyond those; one more gets 429
-    threads: int = 1  # DuckDB threads per analytics query
+    threads: int = msgspec.field(default_factory=_quarter_of_cores)  # DuckDB threads per analytics query
+    nice: int = 10  # added to the analytics threads' OS niceness (Linux; 0 leaves it)
     timeout_s: float = 30.0  # per query, from the moment it starts running
     memory_limit: str = "1GB"  # per query (DuckDB memory_limit)
     max_rows: int = 10_000  # rows returned at most (more: truncated=true)
     max_bytes: int = 16 * 1024 * 1024  # Arrow bytes returned at most (more: truncated=true)
     retry_after_s: int = 1  # told to a client refused with 429
     items_ttl_s: float = 1.0  # the `items` table is re-read from the catalogue at most this often
+
+
+def _lower_priority(nice: int) -> None:
+    """Pool thread initializer: raise this thread's niceness (DuckDB's threads started from it inherit it)."""
+    if nice > 0 and hasattr(os, "setpriority"):
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        except OSError:  # not permitted here: run at normal priority
+            pass
 
 
 @dataclass(frozen=True)
@@ -105,7 +125,10 @@ class AnalyticsLane:
         self.sources = sources
         self.limits = limits or Limits()
         self._pool = ThreadPoolExecutor(
-            max_workers=self.limits.concurrency, thread_name_prefix="insession-analytics"
+            max_workers=self.limits.concurrency,
+            thread_name_prefix="insession-analytics",
+            initializer=_lower_priority,
+            initargs=(self.limits.nice,),
         )
         self._lock = threading.Lock()
         self._admitted = 0  # running + waiting

@@ -314,8 +314,10 @@ def _order_by_count_desc(select: exp.Select, count_expr: exp.Expression) -> bool
 
 
 def _output_names(select: exp.Select) -> tuple[str, ...]:
-    return tuple(e.alias_or_name if isinstance(e, exp.Column | exp.Alias) else e.sql(dialect=DIALECT)
-                 for e in select.expressions)
+    return tuple(
+        e.alias_or_name if isinstance(e, exp.Column | exp.Alias) else e.sql(dialect=DIALECT)
+        for e in select.expressions
+    )
 
 
 # -- matching -----------------------------------------------------------------------------------

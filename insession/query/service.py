@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from insession.features import FeatureEngine
 
 SERVING, ANALYTICS = "serving", "analytics"
+INVALID = "invalid"  # the metrics label of queries refused before they could be routed
 ENTITIES = ("user", "item", "user_item", "global")
 # Which roles may use which lane (admin may use everything; see insession.serve.auth).
 LANE_ROLES = {
@@ -166,15 +167,24 @@ class QueryService:
         roles: Collection[str] | None,
         plan: Plan | None = None,
     ) -> Prepared:
-        """Plan, check roles (None: access control is off) and bind parameters."""
+        """Plan, check roles (None: access control is off) and bind parameters. A refusal is counted under
+        its lane, or under "invalid" when the query could not be routed at all."""
         start = time.perf_counter()
-        plan = plan or self.plan(sql)
-        if roles is not None and not LANE_ROLES[plan.lane] & set(roles):
-            need = " or ".join(sorted(LANE_ROLES[plan.lane] - {"admin"}))
-            raise QueryError(
-                f"this query runs on the {plan.lane} lane, which needs the role {need}", 403, code="forbidden"
-            )
-        return Prepared(plan, bind_params(plan.stmt, params or {}, plan.param_types), start)
+        lane = INVALID
+        try:
+            plan = plan or self.plan(sql)
+            lane = plan.lane
+            if roles is not None and not LANE_ROLES[plan.lane] & set(roles):
+                need = " or ".join(sorted(LANE_ROLES[plan.lane] - {"admin"}))
+                raise QueryError(
+                    f"this query runs on the {plan.lane} lane, which needs the role {need}",
+                    403,
+                    code="forbidden",
+                )
+            return Prepared(plan, bind_params(plan.stmt, params or {}, plan.param_types), start)
+        except QueryError as e:
+            self._done(lane, start, e.status)
+            raise
 
     # -- execution ------------------------------------------------------------------------------
 
@@ -251,8 +261,16 @@ class QueryService:
         self, sql: str, params: Mapping[str, Any] | None = None, roles: Collection[str] | None = None
     ) -> Result:
         """The same, for an event loop: serving inline, analytics awaited on its own pool."""
-        plan = self.plan(sql) if self.is_planned(sql) else await asyncio.to_thread(self.plan, sql)
+        plan = None
+        if not self.is_planned(sql):  # parse and validate off the event loop
+            start = time.perf_counter()
+            try:
+                plan = await asyncio.to_thread(self.plan, sql)
+            except QueryError as e:
+                self._done(INVALID, start, e.status)
+                raise
         p = self.prepare(sql, params, roles, plan)
+        plan = p.plan
         if plan.lane == SERVING:
             return self.run_serving(p)
         fut = self.submit(p)

@@ -4,8 +4,8 @@ The rules, applied in rank order (the first, highest-scored occurrence of an ite
 
 1. duplicates: an item appears at most once;
 2. unknown items (not in the catalogue) and unavailable items are dropped;
-3. an item purchased in the current session is dropped, unless its category is replenishable
-   (`HygieneRules.replenishable`: groceries, nappies... may be bought again in the same visit);
+3. an item purchased in the current session is dropped, unless its category or subcategory is
+   replenishable (`HygieneRules.replenishable`: milk, nappies... may be bought again in one visit);
 4. at most `max_category_share` of the requested list (`ceil(share * k)`, at least 1) comes from one
    category; an item over its category's cap is dropped, and the next eligible item moves up. The
    list is then shorter than k only when the candidates cannot fill it within the cap.
@@ -31,7 +31,7 @@ class HygieneRules:
     """What a served list must respect (see the module docstring)."""
 
     max_category_share: float = 0.5
-    replenishable: frozenset[str] = field(default_factory=frozenset)
+    replenishable: frozenset[str] = field(default_factory=frozenset)  # category or subcategory names
 
     def __post_init__(self) -> None:
         if not 0.0 < self.max_category_share <= 1.0:
@@ -50,7 +50,8 @@ def ineligible_reason(
         return "unknown"
     if not item.available:
         return "unavailable"
-    if item_id in purchased and item.category not in rules.replenishable:
+    if item_id in purchased and item.category not in rules.replenishable \
+            and item.subcategory not in rules.replenishable:
         return "purchased"
     return None
 

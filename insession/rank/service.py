@@ -18,7 +18,6 @@ import asyncio
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -37,14 +36,7 @@ from insession.rank.candidates import CandidateQuotas, CandidateSources, Popular
 from insession.rank.fallback import fallback_ranking
 from insession.rank.hygiene import HygieneRules, apply_hygiene, eligible
 from insession.rank.inputs import ItemIndex, Shopper, counters, item_counts, sequence
-from insession.rank.metrics import (
-    RANK_FALLBACKS,
-    RANK_HYGIENE_DROPS,
-    RANK_LATENCY,
-    RANK_MODEL_LOADED,
-    RANK_RELOADS,
-    RANK_REQUESTS,
-)
+from insession.rank.onnx import OnnxScorer
 from insession.train.artefact import Artefact, load_artefact
 
 log = logging.getLogger(__name__)
@@ -66,6 +58,9 @@ class RankConfig:
     quotas: CandidateQuotas = field(default_factory=CandidateQuotas)
     model_threads: int = 2  # concurrent model passes (a pool: the deadline can abandon a slow one)
     popular_ttl_s: float = 10.0  # how often the per-category popular lists are rebuilt
+    # "onnx": score with ONNX Runtime once the artefact's export is ready (eager PyTorch until then);
+    # "torch": eager PyTorch only. Both give the same scores; ORT is faster (docs/benchmarks.md).
+    backend: str = "onnx"
     # torch intra-op threads for the process (None: leave as is). One thread per pass, passes in
     # parallel on the model threads: on a shared 2-core machine a multi-threaded pass waits on busy cores.
     torch_threads: int | None = 1
@@ -133,14 +128,25 @@ class ModelInfo(msgspec.Struct):
     path: str
     feature_hash: str
     loaded_at_ms: int
+    backend: str  # what scores right now: "onnx" (ONNX Runtime) or "torch" (eager, also while exporting)
     metrics: dict[str, Any]
 
 
 @dataclass
 class _Loaded:
     artefact: Artefact
-    info: ModelInfo
+    version: str
+    loaded_at_ms: int
     index: ItemIndex
+    onnx: OnnxScorer | None = None  # set once the ONNX graph is ready (read once per request)
+    onnx_ready: threading.Event = field(default_factory=threading.Event)  # set when export ended (or failed)
+
+    @property
+    def info(self) -> ModelInfo:
+        art = self.artefact
+        backend = "onnx" if self.onnx is not None else "torch"
+        return ModelInfo(self.version, str(art.path), art.feature_hash, self.loaded_at_ms, backend,
+                         art.metrics)
 
 
 @dataclass
@@ -200,7 +206,6 @@ class Ranker:
         self._pool = ThreadPoolExecutor(self.config.model_threads, thread_name_prefix="insession-rank")
         if self.config.torch_threads is not None:
             torch.set_num_threads(self.config.torch_threads)
-        RANK_MODEL_LOADED.set(0)
         if self.model_dir is not None:
             try:
                 self.reload()
@@ -233,46 +238,72 @@ class Ranker:
                         f"but this service runs declarations {running}; retrain it on the running feature "
                         "set (`insession train`) before loading it"
                     )
-                info = ModelInfo(art.path.name, str(art.path), art.feature_hash, int(time.time() * 1000),
-                                 art.metrics)
-                loaded = _Loaded(art, info, ItemIndex(art.vocab, self.catalog))
+                now_ms = int(time.time() * 1000)
+                loaded = _Loaded(art, art.path.name, now_ms, ItemIndex(art.vocab, self.catalog))
                 self._warm(loaded)
-            except ArtefactRefused as e:
-                RANK_RELOADS.labels("refused").inc()
-                self.last_reload_error = str(e)
-                raise
             except Exception as e:
-                RANK_RELOADS.labels("error").inc()
                 self.last_reload_error = f"{type(e).__name__}: {e}"
                 raise
             self._model = loaded  # the swap: one reference assignment
             self.last_reload_error = None
-            RANK_RELOADS.labels("ok").inc()
-            RANK_MODEL_LOADED.set(1)
-        log.info("serving model %s", info.version)
-        return info
+        log.info("serving model %s", loaded.version)
+        if self.config.backend == "onnx":
+            threading.Thread(target=self._to_onnx, args=(loaded,), name="insession-onnx", daemon=True).start()
+        else:
+            loaded.onnx_ready.set()
+        return loaded.info
 
-    def _warm(self, loaded: _Loaded) -> None:
+    def _to_onnx(self, loaded: _Loaded) -> None:
+        """Export (or load the cached export of) the artefact for ONNX Runtime, then switch to it.
+
+        Requests are served by eager PyTorch meanwhile; if the export fails, they stay on it.
+        """
+        try:
+            scorer = OnnxScorer(loaded.artefact.model, loaded.artefact.path, self.config.torch_threads or 1)
+            self._warm(loaded, scorer)
+            loaded.onnx = scorer
+            log.info("model %s now scores with ONNX Runtime", loaded.version)
+        except Exception as e:
+            log.warning("model %s stays on eager PyTorch: ONNX export failed: %s", loaded.version, e)
+        finally:
+            loaded.onnx_ready.set()
+
+    def backend_ready(self, timeout_s: float | None = None) -> str | None:
+        """Wait until the serving model's ONNX export ended (if any); returns its backend (None: no model)."""
+        loaded = self._model
+        if loaded is None:
+            return None
+        loaded.onnx_ready.wait(timeout_s)
+        return loaded.info.backend
+
+    def _warm(self, loaded: _Loaded, onnx: OnnxScorer | None = None) -> None:
         """One pass on a dummy request, so the first real request after a swap pays no warm-up."""
-        shopper = Shopper("", [], [], [], int(time.time() * 1000))
-        self._score(loaded, shopper, ["warm-up"], np.zeros((1, 3), np.float32), explain=True)
+        now_ms = int(time.time() * 1000)
+        shopper = Shopper("", [], [{"item_id": "warm-up", "action": "view", "ts": now_ms}], [], now_ms)
+        self._score(loaded, shopper, ["warm-up"], np.zeros((1, 3), np.float32), explain=True, onnx=onnx)
 
     def _score(
-        self, loaded: _Loaded, shopper: Shopper, items: list[str], counts: np.ndarray, explain: bool
+        self, loaded: _Loaded, shopper: Shopper, items: list[str], counts: np.ndarray, explain: bool,
+        onnx: OnnxScorer | None = None,
     ) -> _Scored:
-        """Encode history and session once, score all candidates in one batched pass."""
+        """Encode history and session once, score all candidates in one batched pass (ORT when ready)."""
         if self.fault is not None:
             self.fault("model")
         model, index = loaded.artefact.model, loaded.index
+        onnx = onnx or loaded.onnx
         with torch.inference_mode():
             history = sequence(index, shopper.history, model.cfg.max_history)
             session = sequence(index, shopper.session, model.cfg.max_session)
-            enc = model.encode(history, session, torch.tensor([shopper.at_ms]))
+            now = torch.tensor([shopper.at_ms])
             cand = torch.from_numpy(index(items))
+            if onnx is not None:
+                scores, why = onnx(history, session, now, cand, torch.from_numpy(counts))
+                return scores, why if explain else None
+            enc = model.encode(history, session, now)
             out = model.score(enc, cand, torch.from_numpy(counts), explain=explain)
         if explain:
-            scores, why = out  # type: ignore[misc]
-            return scores.numpy(), why
+            scores_t, why_t = out  # type: ignore[misc]
+            return scores_t.numpy(), why_t
         return out.numpy(), None  # type: ignore[union-attr]
 
     # -- requests -------------------------------------------------------------------------------
@@ -416,7 +447,6 @@ class Ranker:
             explanations = self._explain(job, kept, why, job.model.artefact.model.cfg)
         t = job.lap("finish", t)
         job.timings["total"] = round((t - job.started) * 1000.0, 3)
-        self._count(job, fallback, drops, t - job.started)
         return RankResponse(
             user_id=job.user_id,
             items=items,
@@ -454,17 +484,6 @@ class Ranker:
                                for j in top])
             out.append(ItemExplanation(item, float(gate[c]), events[0], events[1]))
         return out
-
-    @staticmethod
-    def _count(job: _Job, fallback: str | None, drops: Counter[str], seconds: float) -> None:
-        RANK_LATENCY.observe(seconds)
-        if fallback is None:
-            RANK_REQUESTS.labels("model").inc()
-        else:
-            RANK_REQUESTS.labels("fallback").inc()
-            RANK_FALLBACKS.labels(fallback, job.reason or "unknown").inc()
-        for reason, n in drops.items():
-            RANK_HYGIENE_DROPS.labels(reason).inc(n)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

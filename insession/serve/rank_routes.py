@@ -1,4 +1,9 @@
-"""The ranking endpoints: `POST /v1/rank` and `POST /v1/admin/reload` (an APIRouter the app mounts)."""
+"""The ranking endpoints: `POST /v1/rank` (role serve) and `POST /v1/admin/reload` (role admin).
+
+Mount with `app.include_router(router)`. The routes read `app.state.insession.ranker` (an
+`insession.rank.Ranker`), `app.state.auth` and `app.state.metrics` like the other routers; each rank
+request's latency, fallback reason and hygiene drops go to the app's metrics.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from insession.rank import ArtefactRefused, Ranker, RankRequest, RankRequestError, RankResponse
+from insession.rank import ArtefactRefused, ModelInfo, Ranker, RankRequest, RankRequestError, RankResponse
+from insession.serve.auth import require
+from insession.serve.metrics import metrics_of
 
 router = APIRouter()
 
@@ -59,7 +66,13 @@ def _ranker(request: Request) -> Ranker:
     return request.app.state.insession.ranker  # type: ignore[no-any-return]
 
 
-@router.post("/v1/rank", tags=["rank"], openapi_extra=_body(RankRequest), responses=_response(RankResponse))
+@router.post(
+    "/v1/rank",
+    tags=["rank"],
+    openapi_extra=_body(RankRequest),
+    responses=_response(RankResponse),
+    dependencies=[Depends(require("serve"))],
+)
 async def rank(request: Request) -> Response:
     """Rank candidates (or the built-in candidate stage's ~60 proposals) for a shopper, within `budget_ms`.
 
@@ -74,10 +87,35 @@ async def rank(request: Request) -> Response:
         result = await _ranker(request).arank(req)
     except RankRequestError as e:
         return _error(422, str(e))
+    metrics = metrics_of(request)
+    metrics.observe_rank(result.timings_ms["total"] / 1000.0, result.fallback_reason)
+    for reason, n in result.hygiene_drops.items():
+        metrics.hygiene_dropped("rank", reason, n)
     return Response(_encode.encode(result), media_type="application/json")
 
 
-@router.post("/v1/admin/reload", tags=["admin"], openapi_extra=_body(ReloadRequest, required=False))
+@router.get(
+    "/v1/admin/model",
+    tags=["admin"],
+    responses={**_response(ModelInfo), 404: {"description": "no model is serving"}},
+    dependencies=[Depends(require("admin"))],
+)
+async def get_model(request: Request) -> Response:
+    """The serving model: version, artefact path, feature hash, backend (onnx once exported, else torch)."""
+    ranker = _ranker(request)
+    info = ranker.model
+    if info is None:
+        return _error(404, f"no model is serving ({ranker.last_reload_error or 'no artefact loaded'})")
+    return Response(_encode.encode(info), media_type="application/json")
+
+
+@router.post(
+    "/v1/admin/reload",
+    tags=["admin"],
+    openapi_extra=_body(ReloadRequest, required=False),
+    responses=_response(ModelInfo),
+    dependencies=[Depends(require("admin"))],
+)
 async def reload_model(request: Request) -> Response:
     """Load a model artefact (the newest, or `version`) and swap it in without dropping requests.
 

@@ -49,7 +49,10 @@ class TrainingData:
     vocab: Vocab
     feature_hash: str
     split_ts: int  # requests at or after this instant validate; the vocabulary is built before it
-    val_requests: pa.Table  # per validation group: user_id, session_id, ts, offset, item_id (carted)
+    train_requests: (
+        pa.Table
+    )  # per training group, in Examples order: user_id, session_id, ts, offset, item_id
+    val_requests: pa.Table  # the same per validation group
     item_sequences: tuple[np.ndarray, np.ndarray]  # (item index, session number) of training-period events
 
 
@@ -270,7 +273,7 @@ def build(
 
     seq = con.sql(f"""SELECT item_id, category, subcategory, dense_rank() OVER (ORDER BY user_id, sess) AS s
                       FROM sess_events WHERE ts < {split_ts} ORDER BY user_id, sess, off""").to_arrow_table()
-    val_req = con.sql("""
+    meta = con.sql("""
         SELECT e.user_id, e.session_id, e.ts, e.off AS "offset", e.item_id
         FROM requests r JOIN sess_events e ON e.off = r.atc_offset ORDER BY r.g""").to_arrow_table()
     return TrainingData(
@@ -279,7 +282,8 @@ def build(
         vocab=vocab,
         feature_hash=registry.hash(),
         split_ts=split_ts,
-        val_requests=val_req.filter(pa.array(is_val[keep])),
+        train_requests=meta.filter(pa.array(~is_val[keep])),
+        val_requests=meta.filter(pa.array(is_val[keep])),
         item_sequences=(
             vocab.lookup(seq["item_id"], seq["category"], seq["subcategory"]),
             seq["s"].to_numpy(),

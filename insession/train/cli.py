@@ -35,7 +35,7 @@ def train(
     val_fraction: Annotated[
         float, typer.Option(help="Share of the latest add-to-carts that validate.")
     ] = 0.15,
-    threads: Annotated[int, typer.Option(help="torch intra-op threads.")] = 2,
+    threads: Annotated[int, typer.Option(help="torch intra-op threads.")] = 1,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Train the Dual Sequence ReRanker on point-in-time training data from the feature engine."""

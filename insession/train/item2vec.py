@@ -32,7 +32,7 @@ def item2vec(
     window: int = 3,
     epochs: int = 2,
     negatives: int = 5,
-    batch_size: int = 8192,
+    batch_size: int = 1024,
     max_pairs: int = 2_000_000,
     seed: int = 0,
     scale: float = 0.1,
@@ -41,7 +41,7 @@ def item2vec(
     """Item vectors [n_items, dim] (row 0 = padding = 0) learnt by SGNS; items never seen keep small noise.
 
     Negatives come from the unigram distribution to the power 0.75 (Mikolov et al. 2013). The result is
-    rescaled to standard deviation `scale`, the scale the reranker's item table is initialised with.
+    centred and rescaled to standard deviation `scale`, the scale the reranker's item table starts at.
     """
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -55,7 +55,7 @@ def item2vec(
     if len(pairs):
         freq = np.bincount(pairs[:, 0], minlength=n_items).astype(np.float64) ** 0.75
         noise = torch.from_numpy(freq / freq.sum())
-        opt = torch.optim.SparseAdam([emb_in.weight, emb_out.weight], lr=0.01)
+        opt = torch.optim.SparseAdam([emb_in.weight, emb_out.weight], lr=0.02)
         tensor_pairs = torch.from_numpy(pairs)
         steps = epochs * ((len(pairs) + batch_size - 1) // batch_size)
         bar = tqdm(total=steps, desc="item2vec", disable=not progress, leave=False)
@@ -73,5 +73,6 @@ def item2vec(
                 bar.update()
         bar.close()
     vectors = emb_in.weight.detach().clone()
+    vectors -= vectors[1:].mean(0)  # drop the direction all items share: it carries no similarity
     vectors[0] = 0
     return vectors * (scale / vectors[1:].std().clamp(min=1e-12))

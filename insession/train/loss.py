@@ -81,9 +81,10 @@ def hybrid_loss(
     mask = batch.candidates != 0
     bce = weighted_bce(scores, batch.labels, mask, batch.counters[..., USER_ITEM], weights.repeat_alpha)
     if model.cfg.loss == "bce":
-        return bce, {"bce": float(bce)}
+        return bce, {"bce": float(bce.detach())}
     listwise = listwise_loss(scores, batch.labels, mask)
     logits, items = inbatch_logits(model, enc, batch)
     inbatch = inbatch_softmax_loss(logits, items)
     total = weights.listwise * listwise + weights.inbatch * inbatch + weights.bce * bce
-    return total, {"listwise": float(listwise), "inbatch": float(inbatch), "bce": float(bce)}
+    parts = {"listwise": listwise, "inbatch": inbatch, "bce": bce}
+    return total, {k: float(v.detach()) for k, v in parts.items()}

@@ -17,12 +17,26 @@ T0 = 1_500_000_000_000  # 2017-07-14: event time, not the wall clock, drives eve
 
 
 def ev(
-    offset: int, user: str, item: str, ts: int, action: str = "view", *, category: str | None = "c0",
-    session: str | None = None, price: float | None = None,
+    offset: int,
+    user: str,
+    item: str,
+    ts: int,
+    action: str = "view",
+    *,
+    category: str | None = "c0",
+    session: str | None = None,
+    price: float | None = None,
 ) -> Event:
     return Event(
-        user_id=user, item_id=item, action=action, ts=ts, event_id=f"e{offset}", session_id=session,
-        category=category, properties=None if price is None else {"price": price}, offset=offset,
+        user_id=user,
+        item_id=item,
+        action=action,
+        ts=ts,
+        event_id=f"e{offset}",
+        session_id=session,
+        category=category,
+        properties=None if price is None else {"price": price},
+        offset=offset,
     )
 
 
@@ -46,27 +60,42 @@ def streams(draw: st.DrawFn, max_events: int = 60) -> list[Event]:
     for off in range(n):
         if out and draw(st.integers(0, 9)) == 0:  # a re-sent copy of an earlier event, with a new id
             src = out[draw(st.integers(0, len(out) - 1))]
-            out.append(ev(off, src.user_id, src.item_id, src.ts, src.action, category=src.category,
-                          session=src.session_id,
-                          price=None if src.properties is None else src.properties["price"]))
+            out.append(
+                ev(
+                    off,
+                    src.user_id,
+                    src.item_id,
+                    src.ts,
+                    src.action,
+                    category=src.category,
+                    session=src.session_id,
+                    price=None if src.properties is None else src.properties["price"],
+                )
+            )
             continue
         ts += draw(_STEPS)
-        out.append(ev(
-            off,
-            draw(st.sampled_from(["u0", "u1", "u2"])),
-            draw(st.sampled_from(["i0", "i1", "i2", "i3", "i4"])),
-            ts,
-            draw(st.sampled_from(ACTIONS)),
-            category=draw(st.sampled_from(["c0", "c1", "c2", None])),
-            session=draw(st.sampled_from([None, None, None, "s1", "s2"])),
-            price=draw(st.sampled_from([None, 1.5, 2.0, 10.25])),
-        ))
+        out.append(
+            ev(
+                off,
+                draw(st.sampled_from(["u0", "u1", "u2"])),
+                draw(st.sampled_from(["i0", "i1", "i2", "i3", "i4"])),
+                ts,
+                draw(st.sampled_from(ACTIONS)),
+                category=draw(st.sampled_from(["c0", "c1", "c2", None])),
+                session=draw(st.sampled_from([None, None, None, "s1", "s2"])),
+                price=draw(st.sampled_from([None, 1.5, 2.0, 10.25])),
+            )
+        )
     return out
 
 
 def key_of(entity: str, row: dict[str, Any]) -> str | tuple[str, str] | None:
-    return {"user": row["user_id"], "item": row["item_id"], "user_item": (row["user_id"], row["item_id"]),
-            "global": None}[entity]
+    return {
+        "user": row["user_id"],
+        "item": row["item_id"],
+        "user_item": (row["user_id"], row["item_id"]),
+        "global": None,
+    }[entity]
 
 
 def online_reads(
@@ -82,18 +111,26 @@ def online_reads(
         start = cut
         for u in ("u0", "u1", "u2", "u9"):
             for i in ("i0", "i1", "i2", "i3", "i4", "i9"):
-                row: dict[str, Any] = {"user_id": u, "item_id": i, "ts": engine.watermark,
-                                       "offset": engine.applied_offset}
+                row: dict[str, Any] = {
+                    "user_id": u,
+                    "item_id": i,
+                    "ts": engine.watermark,
+                    "offset": engine.applied_offset,
+                }
                 row["online"] = {f.name: engine.read(f.name, key_of(f.entity, row)) for f in registry}
                 rows.append(row)
     return rows, engine
 
 
 def assert_parity(registry: FeatureRegistry, events: list[Event], rows: list[dict[str, Any]]) -> None:
-    spine = pa.table({
-        "user_id": [r["user_id"] for r in rows], "item_id": [r["item_id"] for r in rows],
-        "ts": pa.array([r["ts"] for r in rows], pa.int64()), "offset": pa.array([r["offset"] for r in rows], pa.int64()),
-    })
+    spine = pa.table(
+        {
+            "user_id": [r["user_id"] for r in rows],
+            "item_id": [r["item_id"] for r in rows],
+            "ts": pa.array([r["ts"] for r in rows], pa.int64()),
+            "offset": pa.array([r["offset"] for r in rows], pa.int64()),
+        }
+    )
     offline = compute(registry, events_to_arrow(events), spine).to_pylist()
     for row, off in zip(rows, offline, strict=True):
         for f in registry:
@@ -101,4 +138,9 @@ def assert_parity(registry: FeatureRegistry, events: list[Event], rows: list[dic
             if f.agg == "sum":
                 assert abs(on - want) <= 1e-9 * max(1.0, abs(want)), (f.name, row, on, want)
             else:
-                assert on == want, (f.name, {k: row[k] for k in ("user_id", "item_id", "ts", "offset")}, on, want)
+                assert on == want, (
+                    f.name,
+                    {k: row[k] for k in ("user_id", "item_id", "ts", "offset")},
+                    on,
+                    want,
+                )

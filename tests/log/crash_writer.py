@@ -12,6 +12,7 @@ import json
 import random
 import sys
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def writer(log: EventLog, run: int, thread: int, retries: list[tuple[str, int]])
 def exporter(log: EventLog, history: Path) -> None:
     while True:
         log.export(history)
-        threading.Event().wait(0.05)
+        time.sleep(0.05)
 
 
 def main() -> None:

@@ -55,6 +55,7 @@ def test_kill_9_loses_nothing_acknowledged_and_shows_no_half_batch(tmp_path: Pat
     sizes: dict[str, int] = {}
     acked: dict[str, list[int]] = {}
     retries: list[tuple[str, int]] = []
+    lost_acks = 0  # batches committed whose ack the kill swallowed: their retry must be de-duplicated
     for run in range(KILLS):
         tried_now: dict[str, int] = {}
         for line in _run_and_kill(db, history, run, retries, rng):
@@ -83,5 +84,7 @@ def test_kill_9_loses_nothing_acknowledged_and_shows_no_half_batch(tmp_path: Pat
             assert sorted(exported.to_pylist()) == list(range(mark + 1))
         # the next run retries what this one tried without seeing the ack (with ids only)
         retries = [(k, n) for k, n in tried_now.items() if k not in acked and k.startswith("k")]
+        lost_acks += sum(k in by_key for k, _ in retries)
     assert len(acked) > KILLS  # the writer made progress between kills
+    assert lost_acks > 0  # kills did land between commit and ack, and those retries were stored once
 

@@ -9,10 +9,11 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+import pytest
 from conftest import T0, make_event
 
 from insession.log.eventlog import EventLog
-from insession.log.export import day_of, events_to_arrow
+from insession.log.export import day_of, events_to_arrow, write_parquet_atomic
 from insession.schema import EVENT_ARROW_SCHEMA
 
 
@@ -74,6 +75,7 @@ def test_export_cleans_files_of_a_crashed_export(tmp_path: Path) -> None:
         orphan = history / f"day={day_of(T0)}" / "part-4-6.parquet"
         pq.write_table(events_to_arrow(list(log.read(4, upto=6))), orphan)
         (orphan.parent / ".part-4-9.parquet.tmp").write_bytes(b"half a file")
+    with EventLog(tmp_path / "log.sqlite") as log:  # the restart after that crash
         assert log.export(history) == 9
         assert sorted(p.name for p in history.rglob("*")) == [f"day={day_of(T0)}", "part-0-3.parquet",
                                                               "part-4-9.parquet"]
@@ -81,7 +83,30 @@ def test_export_cleans_files_of_a_crashed_export(tmp_path: Path) -> None:
         assert sorted(offsets) == list(range(10))
 
 
-def test_export_in_chunks(tmp_path: Path, monkeypatch) -> None:
+def test_a_failed_export_is_cleaned_up_by_the_next(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    history = tmp_path / "history"
+    with EventLog(tmp_path / "log.sqlite") as log:
+        log.append([make_event(i, day=i % 2) for i in range(10)])
+        log.export(history)  # nothing to clean afterwards in this process...
+        log.append([make_event(i, day=i % 2) for i in range(10, 20)])
+        written: list[Path] = []
+
+        def one_day_then_fail(table: pa.Table, path: Path) -> None:  # ...until an export fails half-way
+            if written:
+                raise OSError("disk full")
+            write_parquet_atomic(table, path)
+            written.append(path)
+
+        monkeypatch.setattr("insession.log.export.write_parquet_atomic", one_day_then_fail)
+        with pytest.raises(OSError, match="disk full"):
+            log.export(history)
+        assert log.exported_offset() == 9 and written and written[0].exists()
+        monkeypatch.undo()
+        assert log.export(history) == 19
+        assert sorted(_history(history).column("offset").to_pylist()) == list(range(20))
+
+
+def test_export_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("insession.log.eventlog.EXPORT_CHUNK", 7)
     history = tmp_path / "history"
     with EventLog(tmp_path / "log.sqlite") as log:
@@ -90,3 +115,14 @@ def test_export_in_chunks(tmp_path: Path, monkeypatch) -> None:
         assert sorted(p.name for p in history.rglob("*.parquet")) == sorted(
             ["part-0-6.parquet", "part-7-13.parquet", "part-14-19.parquet"])
         assert _history(history).column("offset").to_pylist() == list(range(20))
+
+
+def test_export_waits_for_a_segment_of_min_events(tmp_path: Path) -> None:
+    history = tmp_path / "history"
+    with EventLog(tmp_path / "log.sqlite") as log:
+        log.append([make_event(i) for i in range(5)])
+        assert log.export(history, min_events=10) == -1
+        assert not history.exists()
+        log.append([make_event(i) for i in range(5, 10)])
+        assert log.export(history, min_events=10) == 9
+        assert _history(history).num_rows == 10

@@ -44,8 +44,13 @@ class World:
 
     def handle(self) -> SimpleNamespace:
         """What the lead's embedded handle offers the routes and metrics."""
-        return SimpleNamespace(query=self.query, features=self.features, log=self.log, catalog=self.catalog,
-                               history_dir=self.history_dir)
+        return SimpleNamespace(
+            query=self.query,
+            features=self.features,
+            log=self.log,
+            catalog=self.catalog,
+            history_dir=self.history_dir,
+        )
 
     def close(self) -> None:
         self.query.close()
@@ -68,14 +73,28 @@ def events(n: int, now_ms: int, seed: int = 0, users: int = 8) -> list[dict[str,
     ]
 
 
-def make_world(path: Path, n: int = 400, exported: int | None = 250, limits: Limits | None = None,
-               sources: Sources | None = None) -> World:
+def make_world(
+    path: Path,
+    n: int = 400,
+    exported: int | None = 250,
+    limits: Limits | None = None,
+    sources: Sources | None = None,
+) -> World:
     catalog = Catalog(path / "catalog.sqlite")
-    catalog.upsert(validate_items([
-        {"item_id": f"i{i}", "category": f"c{i % 7}", "subcategory": f"s{i % 11}", "price": 1.0 + i,
-         "available": i % 5 != 0}
-        for i in range(CATALOGUED)
-    ]))
+    catalog.upsert(
+        validate_items(
+            [
+                {
+                    "item_id": f"i{i}",
+                    "category": f"c{i % 7}",
+                    "subcategory": f"s{i % 11}",
+                    "price": 1.0 + i,
+                    "available": i % 5 != 0,
+                }
+                for i in range(CATALOGUED)
+            ]
+        )
+    )
     features = FeatureEngine(default_registry())
     log = EventLog(path / "log.sqlite", on_commit=features.update_many)
     now_ms = int(time.time() * 1000)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from .conftest import World, events, make_world
 def test_every_acknowledged_event_is_seen_exactly_once(tmp_path: Path) -> None:
     w = make_world(tmp_path, n=300, exported=120)
     try:
+
         def counts() -> tuple[int, int, int]:
             r = w.query.execute('SELECT count(*), count(DISTINCT "offset"), max("offset") FROM events')
             return tuple(r.rows[0])  # type: ignore[return-value]
@@ -53,12 +55,23 @@ def test_times_are_timestamps_in_sql(world: World) -> None:
 
 
 def _sources(n: int = 1000, gate: threading.Event | None = None) -> Sources:
-    tail = pa.table({
-        "offset": list(range(n)), "user_id": [f"u{i % 10}" for i in range(n)], "item_id": ["i1"] * n,
-        "action": ["view"] * n, "ts": [1_700_000_000_000 + i for i in range(n)], "event_id": [None] * n,
-        "session_id": [None] * n, "surface": [None] * n, "properties": [None] * n, "category": ["c"] * n,
-        "subcategory": ["s"] * n, "ingest_ts": [1_700_000_000_000] * n,
-    }, schema=EVENT_ARROW_SCHEMA)
+    tail = pa.table(
+        {
+            "offset": list(range(n)),
+            "user_id": [f"u{i % 10}" for i in range(n)],
+            "item_id": ["i1"] * n,
+            "action": ["view"] * n,
+            "ts": [1_700_000_000_000 + i for i in range(n)],
+            "event_id": [None] * n,
+            "session_id": [None] * n,
+            "surface": [None] * n,
+            "properties": [None] * n,
+            "category": ["c"] * n,
+            "subcategory": ["s"] * n,
+            "ingest_ts": [1_700_000_000_000] * n,
+        },
+        schema=EVENT_ARROW_SCHEMA,
+    )
 
     def tail_arrow(_: int) -> pa.Table:
         if gate is not None:
@@ -86,8 +99,11 @@ def test_byte_limit_truncates_and_says_so() -> None:
 
 def test_a_query_past_its_deadline_is_interrupted() -> None:
     lane = AnalyticsLane(_sources(), Limits(timeout_s=0.3))
-    fut = lane.submit('SELECT count(*) FROM events a, events b, events c, events d WHERE a."offset" + b."offset" '
-                      '+ c."offset" + d."offset" = -1', {})
+    fut = lane.submit(
+        'SELECT count(*) FROM events a, events b, events c, events d WHERE a."offset" + b."offset" '
+        '+ c."offset" + d."offset" = -1',
+        {},
+    )
     with pytest.raises(QueryError) as info:
         fut.result(timeout=20)
     assert info.value.status == 408 and info.value.code == "timeout"
@@ -112,7 +128,16 @@ def test_full_queue_is_refused_with_429_and_recovers() -> None:
 
 
 def test_validation_binds_without_reading_data(world: World) -> None:
-    world.query.analytics.validate('SELECT user_id, count(*) FROM events GROUP BY 1')
+    world.query.analytics.validate("SELECT user_id, count(*) FROM events GROUP BY 1")
     with pytest.raises(QueryError) as info:
         world.query.analytics.validate("SELECT nope FROM items")
     assert info.value.code == "unknown_column"
+
+
+def test_analytics_threads_run_at_a_lower_os_priority() -> None:
+    lane = AnalyticsLane(_sources(), Limits(concurrency=1, nice=5))
+    lane.submit("SELECT 1", {}).result()
+    (worker,) = lane._pool._threads  # the pool's one thread, started by the first query
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    assert os.getpriority(os.PRIO_PROCESS, worker.native_id) == min(19, own + 5)
+    lane.close()

@@ -12,26 +12,53 @@ from insession.query import QueryError
 
 from .conftest import World, make_world
 
-TOP_CATS = ("SELECT DISTINCT category FROM events WHERE user_id = :user AND ts > now() - INTERVAL 15 DAY "
-            "ORDER BY ts DESC LIMIT 5")
+TOP_CATS = (
+    "SELECT DISTINCT category FROM events WHERE user_id = :user AND ts > now() - INTERVAL 15 DAY "
+    "ORDER BY ts DESC LIMIT 5"
+)
 
 
-@pytest.mark.parametrize(("sql", "feature"), [
-    (TOP_CATS, "top_categories_15d"),
-    ("SELECT DISTINCT category FROM events WHERE action = 'view' AND user_id = :user "
-     "AND ts >= now() - INTERVAL 360 HOUR ORDER BY ts DESC LIMIT 3", "top_categories_15d"),
-    ("select distinct e.category from events e where now() - interval '15 days' < e.ts and e.user_id = :user "
-     "order by e.ts desc limit 5", "top_categories_15d"),
-    ("SELECT DISTINCT category FROM events WHERE user_id = :user AND action IN ('view') "
-     "AND ts > current_timestamp - INTERVAL 15 DAY ORDER BY ts DESC LIMIT 5", "top_categories_15d"),
-    ("SELECT count(*) FROM events WHERE item_id = :item AND ts > now() - INTERVAL 2 HOUR", "item_trending_2h"),
-    ("SELECT action, count(*) FROM events WHERE item_id = :item AND ts > now() - INTERVAL 28 DAY GROUP BY action",
-     "item_count_28d"),
-    ("SELECT count(*) AS n, action FROM events WHERE user_id = :user AND item_id = :item "
-     "AND ts > now() - INTERVAL 28 DAY GROUP BY action", "user_item_count_28d"),
-    ("SELECT item_id, count(*) AS n FROM events WHERE ts > now() - INTERVAL 2 HOUR GROUP BY item_id "
-     "ORDER BY n DESC LIMIT 10", "trending_items_2h"),
-])
+@pytest.mark.parametrize(
+    ("sql", "feature"),
+    [
+        (TOP_CATS, "top_categories_15d"),
+        (
+            "SELECT DISTINCT category FROM events WHERE action = 'view' AND user_id = :user "
+            "AND ts >= now() - INTERVAL 360 HOUR ORDER BY ts DESC LIMIT 3",
+            "top_categories_15d",
+        ),
+        (
+            "select distinct e.category from events e where now() - interval '15 days' < e.ts "
+            "and e.user_id = :user "
+            "order by e.ts desc limit 5",
+            "top_categories_15d",
+        ),
+        (
+            "SELECT DISTINCT category FROM events WHERE user_id = :user AND action IN ('view') "
+            "AND ts > current_timestamp - INTERVAL 15 DAY ORDER BY ts DESC LIMIT 5",
+            "top_categories_15d",
+        ),
+        (
+            "SELECT count(*) FROM events WHERE item_id = :item AND ts > now() - INTERVAL 2 HOUR",
+            "item_trending_2h",
+        ),
+        (
+            "SELECT action, count(*) FROM events WHERE item_id = :item AND ts > now() - INTERVAL 28 DAY "
+            "GROUP BY action",
+            "item_count_28d",
+        ),
+        (
+            "SELECT count(*) AS n, action FROM events WHERE user_id = :user AND item_id = :item "
+            "AND ts > now() - INTERVAL 28 DAY GROUP BY action",
+            "user_item_count_28d",
+        ),
+        (
+            "SELECT item_id, count(*) AS n FROM events WHERE ts > now() - INTERVAL 2 HOUR GROUP BY item_id "
+            "ORDER BY n DESC LIMIT 10",
+            "trending_items_2h",
+        ),
+    ],
+)
 def test_declared_feature_shapes_go_to_the_serving_lane(world: World, sql: str, feature: str) -> None:
     params = {p: ("u1" if p == "user" else "i7") for p in ("user", "item") if f":{p}" in sql}
     result = world.query.execute(sql, params)
@@ -41,26 +68,30 @@ def test_declared_feature_shapes_go_to_the_serving_lane(world: World, sql: str, 
     assert (ex.lane, ex.feature) == ("serving", feature)
 
 
-@pytest.mark.parametrize("sql", [
-    # another window, k beyond the declared 5, no LIMIT, another order, another action, an extra condition
-    TOP_CATS.replace("15 DAY", "14 DAY"),
-    TOP_CATS.replace("LIMIT 5", "LIMIT 6"),
-    TOP_CATS.replace(" LIMIT 5", ""),
-    TOP_CATS.replace("ts DESC", "ts ASC"),
-    TOP_CATS.replace("WHERE", "WHERE action = 'purchase' AND"),
-    TOP_CATS.replace("WHERE", "WHERE surface = 'home' AND"),
-    TOP_CATS.replace("user_id = :user", "user_id <> :user"),
-    TOP_CATS.replace("DISTINCT category", "DISTINCT subcategory"),
-    TOP_CATS.replace("FROM events", "FROM events JOIN items USING (item_id, category)"),
-    "SELECT count(*) FROM events WHERE item_id = :user AND ts > now() - INTERVAL 3 HOUR",
-    "SELECT count(*) FROM events WHERE item_id = :user",
-    "SELECT count(DISTINCT user_id) FROM events WHERE item_id = :user AND ts > now() - INTERVAL 2 HOUR",
-    "SELECT action, count(*) FROM events WHERE user_id = :user AND ts > now() - INTERVAL 28 DAY GROUP BY action",
-    "SELECT item_id, count(*) AS n FROM events WHERE ts > now() - INTERVAL 2 HOUR GROUP BY item_id "
-    "ORDER BY n DESC LIMIT 51",
-    "WITH t AS (SELECT * FROM events) SELECT DISTINCT category FROM t WHERE user_id = :user "
-    "ORDER BY ts DESC LIMIT 5",
-])
+@pytest.mark.parametrize(
+    "sql",
+    [
+        # another window, k beyond the declared 5, no LIMIT, another order, another action, an extra condition
+        TOP_CATS.replace("15 DAY", "14 DAY"),
+        TOP_CATS.replace("LIMIT 5", "LIMIT 6"),
+        TOP_CATS.replace(" LIMIT 5", ""),
+        TOP_CATS.replace("ts DESC", "ts ASC"),
+        TOP_CATS.replace("WHERE", "WHERE action = 'purchase' AND"),
+        TOP_CATS.replace("WHERE", "WHERE surface = 'home' AND"),
+        TOP_CATS.replace("user_id = :user", "user_id <> :user"),
+        TOP_CATS.replace("DISTINCT category", "DISTINCT subcategory"),
+        TOP_CATS.replace("FROM events", "FROM events JOIN items USING (item_id, category)"),
+        "SELECT count(*) FROM events WHERE item_id = :user AND ts > now() - INTERVAL 3 HOUR",
+        "SELECT count(*) FROM events WHERE item_id = :user",
+        "SELECT count(DISTINCT user_id) FROM events WHERE item_id = :user AND ts > now() - INTERVAL 2 HOUR",
+        "SELECT action, count(*) FROM events WHERE user_id = :user AND ts > now() - INTERVAL 28 DAY "
+        "GROUP BY action",
+        "SELECT item_id, count(*) AS n FROM events WHERE ts > now() - INTERVAL 2 HOUR GROUP BY item_id "
+        "ORDER BY n DESC LIMIT 51",
+        "WITH t AS (SELECT * FROM events) SELECT DISTINCT category FROM t WHERE user_id = :user "
+        "ORDER BY ts DESC LIMIT 5",
+    ],
+)
 def test_other_queries_go_to_analytics(world: World, sql: str) -> None:
     plan = world.query.plan(sql)
     assert plan.lane == "analytics"
@@ -83,7 +114,9 @@ def test_serving_agrees_with_analytics_on_the_same_question(world: World) -> Non
     """Views only, ordered by the latest view: the analytics lane computes it exactly from the events."""
     exact = world.query.execute(
         "SELECT category FROM events WHERE user_id = :user AND action = 'view' AND category IS NOT NULL "
-        "AND ts > now() - INTERVAL 15 DAY GROUP BY category ORDER BY max(ts) DESC LIMIT 5", {"user": "u3"})
+        "AND ts > now() - INTERVAL 15 DAY GROUP BY category ORDER BY max(ts) DESC LIMIT 5",
+        {"user": "u3"},
+    )
     assert exact.lane == "analytics"
     served = world.query.execute(TOP_CATS, {"user": "u3"})
     assert served.rows == exact.rows
@@ -91,10 +124,14 @@ def test_serving_agrees_with_analytics_on_the_same_question(world: World) -> Non
 
 def test_trending_rows_and_counts(world: World) -> None:
     value = world.features.read("trending_items_2h", None)
-    r = world.query.execute("SELECT count(*) AS n, item_id FROM events WHERE ts > now() - INTERVAL 2 HOUR "
-                            "GROUP BY item_id ORDER BY n DESC LIMIT 3")
+    r = world.query.execute(
+        "SELECT count(*) AS n, item_id FROM events WHERE ts > now() - INTERVAL 2 HOUR "
+        "GROUP BY item_id ORDER BY n DESC LIMIT 3"
+    )
     assert r.lane == "serving" and r.columns == ["n", "item_id"]
-    sellable = [d for d in value if world.catalog.get(d["item_id"]) and world.catalog.get(d["item_id"]).available]
+    sellable = [
+        d for d in value if world.catalog.get(d["item_id"]) and world.catalog.get(d["item_id"]).available
+    ]
     assert r.rows == [[d["count"], d["item_id"]] for d in sellable[:3]]
 
 
@@ -114,19 +151,24 @@ def test_features_table_reads_every_feature_of_a_key(world: World) -> None:
     assert row["session_length"] == world.features.read("session_length", "u2")
     r2 = world.query.execute("SELECT session_length, top_categories_15d FROM features WHERE user_id = 'u2'")
     assert r2.columns == ["user_id", "session_length", "top_categories_15d"]
-    both = world.query.execute("SELECT * FROM features WHERE item_id = :i AND user_id = :u", {"u": "u1", "i": "i3"})
+    both = world.query.execute(
+        "SELECT * FROM features WHERE item_id = :i AND user_id = :u", {"u": "u1", "i": "i3"}
+    )
     assert both.columns == ["user_id", "item_id", "user_item_count_28d"]
     glob = world.query.execute("SELECT * FROM features")
     assert glob.columns == ["trending_items_2h"]
 
 
-@pytest.mark.parametrize("sql", [
-    "SELECT * FROM features WHERE user_id = :user AND top_categories_15d IS NULL",
-    "SELECT * FROM features WHERE user_id LIKE :user",
-    "SELECT count(*) FROM features",
-    "SELECT * FROM features f JOIN events e USING (user_id)",
-    "SELECT * FROM features WHERE user_id = :user ORDER BY 1",
-])
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM features WHERE user_id = :user AND top_categories_15d IS NULL",
+        "SELECT * FROM features WHERE user_id LIKE :user",
+        "SELECT count(*) FROM features",
+        "SELECT * FROM features f JOIN events e USING (user_id)",
+        "SELECT * FROM features WHERE user_id = :user ORDER BY 1",
+    ],
+)
 def test_features_table_only_reads_by_key(world: World, sql: str) -> None:
     with pytest.raises(QueryError) as info:
         world.query.execute(sql, {"user": "u1"})
@@ -152,12 +194,15 @@ def test_last_n_shape_reads_the_newest_events_first(tmp_path: Path) -> None:
     w = make_world(tmp_path, n=120)
     try:
         w.features.add_feature(Feature("recent_events", "user", "last_n", k=20), w.log.read(0))
-        r = w.query.execute("SELECT item_id, ts FROM events WHERE user_id = :user ORDER BY ts DESC LIMIT 4",
-                            {"user": "u5"})
+        r = w.query.execute(
+            "SELECT item_id, ts FROM events WHERE user_id = :user ORDER BY ts DESC LIMIT 4", {"user": "u5"}
+        )
         assert (r.lane, r.feature) == ("serving", "recent_events")
-        exact = w.query.execute("SELECT item_id, ts FROM events WHERE user_id = :user AND item_id IN "
-                                "(SELECT item_id FROM items) ORDER BY ts DESC, \"offset\" DESC LIMIT 4",
-                                {"user": "u5"})
+        exact = w.query.execute(
+            "SELECT item_id, ts FROM events WHERE user_id = :user AND item_id IN "
+            '(SELECT item_id FROM items) ORDER BY ts DESC, "offset" DESC LIMIT 4',
+            {"user": "u5"},
+        )
         assert exact.lane == "analytics"
         assert r.rows == exact.rows
         assert isinstance(r.rows[0][1], datetime) and r.rows[0][1].tzinfo is None

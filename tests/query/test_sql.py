@@ -79,23 +79,32 @@ def test_escape_attempts_are_refused(world: World, sql: str) -> None:
     with pytest.raises(QueryError) as info:
         world.query.execute(sql, {}, None)
     assert info.value.status == 400
-    assert info.value.code in {"forbidden_statement", "forbidden_function", "forbidden_table", "unknown_table",
-                               "syntax_error", "bad_parameter"}, info.value.code
+    assert info.value.code in {
+        "forbidden_statement",
+        "forbidden_function",
+        "forbidden_table",
+        "unknown_table",
+        "syntax_error",
+        "bad_parameter",
+    }, info.value.code
 
 
 def test_there_are_at_least_twenty_escape_attempts() -> None:
     assert len(set(ESCAPES)) >= 20
 
 
-@pytest.mark.parametrize("sql", [
-    "SELECT * FROM read_csv('/etc/passwd')",
-    "SELECT * FROM '/etc/passwd'",
-    "ATTACH '/tmp/evil.db'",
-    "COPY (SELECT 1) TO '/tmp/x.csv'",
-    "SET enable_external_access = true",
-    "SET lock_configuration = false",
-    "INSTALL httpfs",
-])
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM read_csv('/etc/passwd')",
+        "SELECT * FROM '/etc/passwd'",
+        "ATTACH '/tmp/evil.db'",
+        "COPY (SELECT 1) TO '/tmp/x.csv'",
+        "SET enable_external_access = true",
+        "SET lock_configuration = false",
+        "INSTALL httpfs",
+    ],
+)
 def test_duckdb_itself_is_locked_down(sql: str) -> None:
     """Defence in depth: even SQL that got past the sandbox cannot reach files or change settings."""
     con = schema_connection()
@@ -104,30 +113,38 @@ def test_duckdb_itself_is_locked_down(sql: str) -> None:
 
 
 def test_history_is_readable_but_nothing_else(world: World) -> None:
-    con = connect(history_dir=world.history_dir, tail=world.log.tail_arrow(world.log.exported_offset() + 1),
-                  items=world.catalog.to_arrow())
+    con = connect(
+        history_dir=world.history_dir,
+        tail=world.log.tail_arrow(world.log.exported_offset() + 1),
+        items=world.catalog.to_arrow(),
+    )
     assert con.execute("SELECT count(*) FROM events").fetchone() == (world.log.count(),)
     with pytest.raises(duckdb.Error):
         con.execute(f"SELECT * FROM read_csv('{world.dir / 'catalog.sqlite'}')").fetchall()
 
 
-@pytest.mark.parametrize("sql", [
-    "SELECT action, count(*) AS n FROM events GROUP BY action ORDER BY n DESC",
-    "SELECT e.user_id, i.category, count(*) FROM events e JOIN items i ON e.item_id = i.item_id "
-    "WHERE i.available GROUP BY ALL",
-    "SELECT date_trunc('hour', ts) AS h, count(*) FILTER (WHERE action = 'add_to_cart') FROM events GROUP BY 1",
-    "SELECT item_id, row_number() OVER (PARTITION BY user_id ORDER BY ts DESC) AS rn FROM events QUALIFY rn <= 3",
-    "WITH s AS (SELECT user_id, min(ts) a, max(ts) b FROM events GROUP BY 1) "
-    "SELECT avg(date_diff('second', a, b)) FROM s",
-    "SELECT json_extract_string(properties, '$.q') AS q, count(*) FROM events GROUP BY q",
-    "SELECT approx_count_distinct(item_id), quantile_cont(price, 0.9) FROM items",
-    "SELECT * EXCLUDE (properties) FROM events ORDER BY \"offset\" DESC LIMIT 10",
-    "SELECT epoch_ms(ts), strftime(ts, '%Y-%m-%d'), ts::DATE FROM events LIMIT 1",
-    "SELECT count(*) FROM events WHERE ts > now() - INTERVAL '2 hours'",
-    "SELECT a.user_id FROM events a UNION SELECT b.item_id FROM events b",
-    "SELECT * FROM events WHERE item_id IN (SELECT item_id FROM items WHERE NOT available)",
-    "EXPLAIN SELECT count(*) FROM events",
-])
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT action, count(*) AS n FROM events GROUP BY action ORDER BY n DESC",
+        "SELECT e.user_id, i.category, count(*) FROM events e JOIN items i ON e.item_id = i.item_id "
+        "WHERE i.available GROUP BY ALL",
+        "SELECT date_trunc('hour', ts) AS h, count(*) FILTER (WHERE action = 'add_to_cart') FROM events "
+        "GROUP BY 1",
+        "SELECT item_id, row_number() OVER (PARTITION BY user_id ORDER BY ts DESC) AS rn FROM events "
+        "QUALIFY rn <= 3",
+        "WITH s AS (SELECT user_id, min(ts) a, max(ts) b FROM events GROUP BY 1) "
+        "SELECT avg(date_diff('second', a, b)) FROM s",
+        "SELECT json_extract_string(properties, '$.q') AS q, count(*) FROM events GROUP BY q",
+        "SELECT approx_count_distinct(item_id), quantile_cont(price, 0.9) FROM items",
+        'SELECT * EXCLUDE (properties) FROM events ORDER BY "offset" DESC LIMIT 10',
+        "SELECT epoch_ms(ts), strftime(ts, '%Y-%m-%d'), ts::DATE FROM events LIMIT 1",
+        "SELECT count(*) FROM events WHERE ts > now() - INTERVAL '2 hours'",
+        "SELECT a.user_id FROM events a UNION SELECT b.item_id FROM events b",
+        "SELECT * FROM events WHERE item_id IN (SELECT item_id FROM items WHERE NOT available)",
+        "EXPLAIN SELECT count(*) FROM events",
+    ],
+)
 def test_ordinary_analytics_sql_is_allowed(world: World, sql: str) -> None:
     result = world.query.execute(sql)
     assert result.lane == "analytics"
@@ -174,18 +191,21 @@ def test_explain_keeps_positions_of_the_users_text() -> None:
     assert (info.value.line, info.value.col) == (1, 23)
 
 
-@pytest.mark.parametrize(("params", "code", "fragment"), [
-    ({}, "missing_parameter", ":user"),
-    ({"user": "u1"}, "missing_parameter", ":since"),
-    ({"user": "u1", "since": 0, "n": 5, "other": 1}, "bad_parameter", ":other"),
-    ({"user": ["u1"], "since": 0, "n": 5}, "bad_parameter", "single value"),
-    ({"user": True, "since": 1_700_000_000_000, "n": 5}, "bad_parameter", "VARCHAR"),
-    ({"user": "u1", "since": "last tuesday", "n": 5}, "bad_parameter", "ISO-8601"),
-    ({"user": "u1", "since": 2.5, "n": 5}, "bad_parameter", "timestamp"),
-    ({"user": "u1", "since": 10**30, "n": 5}, "bad_parameter", "64-bit"),
-    ({"user": "u1", "since": 0, "n": -1}, "bad_parameter", "non-negative"),
-    ({"user": "u1", "since": 0, "n": "5"}, "bad_parameter", "non-negative"),
-])
+@pytest.mark.parametrize(
+    ("params", "code", "fragment"),
+    [
+        ({}, "missing_parameter", ":user"),
+        ({"user": "u1"}, "missing_parameter", ":since"),
+        ({"user": "u1", "since": 0, "n": 5, "other": 1}, "bad_parameter", ":other"),
+        ({"user": ["u1"], "since": 0, "n": 5}, "bad_parameter", "single value"),
+        ({"user": True, "since": 1_700_000_000_000, "n": 5}, "bad_parameter", "VARCHAR"),
+        ({"user": "u1", "since": "last tuesday", "n": 5}, "bad_parameter", "ISO-8601"),
+        ({"user": "u1", "since": 2.5, "n": 5}, "bad_parameter", "timestamp"),
+        ({"user": "u1", "since": 10**30, "n": 5}, "bad_parameter", "64-bit"),
+        ({"user": "u1", "since": 0, "n": -1}, "bad_parameter", "non-negative"),
+        ({"user": "u1", "since": 0, "n": "5"}, "bad_parameter", "non-negative"),
+    ],
+)
 def test_parameter_errors(world: World, params: dict, code: str, fragment: str) -> None:
     sql = "SELECT * FROM events WHERE user_id = :user AND ts > :since LIMIT :n"
     with pytest.raises(QueryError) as info:
@@ -205,8 +225,10 @@ def test_parameters_are_bound_not_spliced(world: World) -> None:
     evil = "u1' OR '1'='1"
     r = world.query.execute("SELECT count(*) FROM events WHERE user_id = :user", {"user": evil})
     assert r.rows == [[0]]
-    ok = world.query.execute("SELECT count(*) FROM events WHERE user_id = :user AND ts > :since",
-                             {"user": "u1", "since": "2000-01-01T00:00:00Z"})
+    ok = world.query.execute(
+        "SELECT count(*) FROM events WHERE user_id = :user AND ts > :since",
+        {"user": "u1", "since": "2000-01-01T00:00:00Z"},
+    )
     assert ok.rows[0][0] > 0
 
 
@@ -217,18 +239,88 @@ def test_integer_ids_are_accepted_as_text(world: World) -> None:
 
 # -- fuzzing: the parser and the lanes answer or refuse, never crash ---------------------------
 
-FRAGMENTS = ["SELECT", "DISTINCT", "*", "count(*)", "user_id", "item_id", "ts", "category", "price", "FROM",
-             "events", "items", "features", "WHERE", "=", ">", "<", "AND", "OR", "NOT", ":user", "$x", "?",
-             "'u1'", "1", "-2.5", "NULL", "now()", "-", "INTERVAL", "15", "DAY", "ORDER", "BY", "DESC", "LIMIT",
-             "GROUP", "HAVING", "(", ")", ",", ";", "JOIN", "ON", "USING", "UNION", "WITH", "AS", "x", "IN",
-             "CASE", "WHEN", "THEN", "END", "::", "INT", "[", "]", "{", "}", "'", '"', "--", "/*", "EXPLAIN",
-             "read_csv('/etc/passwd')", "ATTACH", "COPY", "TO", "getenv('HOME')", "\n", "é", "\x00"]
+FRAGMENTS = [
+    "SELECT",
+    "DISTINCT",
+    "*",
+    "count(*)",
+    "user_id",
+    "item_id",
+    "ts",
+    "category",
+    "price",
+    "FROM",
+    "events",
+    "items",
+    "features",
+    "WHERE",
+    "=",
+    ">",
+    "<",
+    "AND",
+    "OR",
+    "NOT",
+    ":user",
+    "$x",
+    "?",
+    "'u1'",
+    "1",
+    "-2.5",
+    "NULL",
+    "now()",
+    "-",
+    "INTERVAL",
+    "15",
+    "DAY",
+    "ORDER",
+    "BY",
+    "DESC",
+    "LIMIT",
+    "GROUP",
+    "HAVING",
+    "(",
+    ")",
+    ",",
+    ";",
+    "JOIN",
+    "ON",
+    "USING",
+    "UNION",
+    "WITH",
+    "AS",
+    "x",
+    "IN",
+    "CASE",
+    "WHEN",
+    "THEN",
+    "END",
+    "::",
+    "INT",
+    "[",
+    "]",
+    "{",
+    "}",
+    "'",
+    '"',
+    "--",
+    "/*",
+    "EXPLAIN",
+    "read_csv('/etc/passwd')",
+    "ATTACH",
+    "COPY",
+    "TO",
+    "getenv('HOME')",
+    "\n",
+    "é",
+    "\x00",
+]
 TEMPLATES = [
     "SELECT DISTINCT category FROM events WHERE user_id = :user AND ts > now() - INTERVAL 15 DAY "
     "ORDER BY ts DESC LIMIT 5",
     "SELECT * FROM features WHERE user_id = :user",
     "SELECT action, count(*) FROM events WHERE item_id = :user GROUP BY action",
-    "SELECT e.user_id, count(*) FROM events e JOIN items i USING (item_id) GROUP BY 1 ORDER BY 2 DESC LIMIT 3",
+    "SELECT e.user_id, count(*) FROM events e JOIN items i USING (item_id) GROUP BY 1 "
+    "ORDER BY 2 DESC LIMIT 3",
 ]
 
 
@@ -245,7 +337,9 @@ def sql_text(draw: st.DrawFn) -> str:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(sql=sql_text(), user=st.one_of(st.text(max_size=5), st.integers(), st.none(), st.floats(), st.booleans()))
+@given(
+    sql=sql_text(), user=st.one_of(st.text(max_size=5), st.integers(), st.none(), st.floats(), st.booleans())
+)
 def test_fuzzed_sql_answers_or_is_refused(world: World, sql: str, user: object) -> None:
     try:
         result = world.query.execute(sql, {"user": user} if ":user" in sql else {})

@@ -27,6 +27,6 @@ def shop(tmp_path: Path) -> Iterator[Shop]:
 @pytest.fixture
 def ranker(shop: Shop) -> Iterator[Ranker]:
     shop.artefact("v1", seed=1)
-    r = Ranker(shop.features, shop.catalog, shop.model_dir, RankConfig(budget_ms=5_000))
+    r = Ranker(shop.features, shop.catalog, shop.model_dir, RankConfig(budget_ms=5_000, backend="torch"))
     yield r
     r.close()

@@ -36,6 +36,8 @@ def test_replenishable_categories_may_repeat_a_purchase(catalog: Catalog) -> Non
     kept, drops = apply_hygiene(ranked, 10, catalog, {"i2", "i40"}, rules)
     assert kept == [("i2", 2.0)]
     assert drops == Counter(purchased=1)
+    by_subcategory = HygieneRules(max_category_share=1.0, replenishable=frozenset({"s5"}))  # i40 is in s5
+    assert apply_hygiene(ranked, 10, catalog, {"i2", "i40"}, by_subcategory)[0] == [("i40", 1.0)]
 
 
 def test_category_cap_lets_other_categories_move_up(catalog: Catalog) -> None:
@@ -59,7 +61,7 @@ ids = st.sampled_from([f"i{n}" for n in range(64)] + ["ghost", "i5"])
     k=st.integers(1, 30),
     share=st.sampled_from([0.2, 0.34, 0.5, 1.0]),
     purchased=st.sets(ids, max_size=6),
-    replenishable=st.sets(st.sampled_from(["c0", "c1", "c2", "c3"]), max_size=2),
+    replenishable=st.sets(st.sampled_from(["c0", "c1", "c2", "c3", "s0", "s3", "s7"]), max_size=3),
 )
 def test_served_lists_always_satisfy_every_rule(
     catalog: Catalog, ranked: list[tuple[str, float]], k: int, share: float, purchased: set[str],
@@ -72,7 +74,7 @@ def test_served_lists_always_satisfy_every_rule(
     for item_id in got:
         item: Item | None = catalog.get(item_id)
         assert item is not None and item.available
-        assert item_id not in purchased or item.category in replenishable
+        assert item_id not in purchased or {item.category, item.subcategory} & replenishable
     per_cat = Counter(catalog.get(i).category for i in got)  # type: ignore[union-attr]
     assert max(per_cat.values(), default=0) <= rules.category_cap(k)
     # kept items keep their rank order, and nothing eligible was dropped while the list had room

@@ -19,24 +19,25 @@ def item_category(item: int, n_subcats: int = 2, per_subcat: int = 8) -> tuple[s
 
 def make_shop(
     n_users: int = 40, sessions_per_user: int = 6, n_cats: int = 4, seed: int = 0, session_ids: bool = True
-) -> tuple[pa.Table, dict[tuple[str, int], str]]:
-    """Events (EVENT_ARROW_SCHEMA, offsets in time order) and each session's intent category.
+) -> tuple[pa.Table, dict[str, str]]:
+    """Events (EVENT_ARROW_SCHEMA, offsets in time order) and each session's intent category by session id
+    (`<user>-s<k>`, also the events' session_id unless session_ids=False).
 
-    In a session the shopper mostly views items of the intent category (some noise), then adds one or two
-    of them to the cart, sometimes viewing more afterwards. Items are `i<k>` in categories `c<j>`.
+    In a session the shopper mostly views items of the intent category (some noise) and adds one or two
+    items of it to the cart (half of them viewed just before), sometimes viewing more afterwards. Items are `i<k>` in categories `c<j>`.
     """
     rng = np.random.default_rng(seed)
     per_cat = 16
     n_items = n_cats * per_cat
     rows: list[tuple[str, str, str, int, str | None, str, str]] = []
-    intents: dict[tuple[str, int], str] = {}
+    intents: dict[str, str] = {}
     for u in range(n_users):
         user = f"u{u}"
         fav = rng.integers(n_cats)
         t = T0 + int(rng.integers(0, DAY))
         for s in range(sessions_per_user):
             cat = int(fav if rng.random() < 0.5 else rng.integers(n_cats))
-            intents[(user, s)] = f"c{cat}"
+            intents[f"{user}-s{s}"] = f"c{cat}"
             sid = f"{user}-s{s}" if session_ids else None
             pool = np.arange(cat * per_cat, (cat + 1) * per_cat)
             n_views = int(rng.integers(4, 10))
@@ -48,7 +49,8 @@ def make_shop(
             for c in carts:
                 pos = int(rng.integers(1, len(seq) + 1))
                 seq.insert(pos, (c, "add_to_cart"))
-                seq.insert(pos, (c, "view"))
+                if rng.random() < 0.5:  # half the carts come straight from a listing, without a product view
+                    seq.insert(pos, (c, "view"))
             for item, action in seq:
                 t += int(rng.integers(10_000, 4 * MINUTE))
                 category, sub = item_category(item)

@@ -1,0 +1,217 @@
+"""Benchmark of the query lanes: serving-lane feature selects over HTTP, alone and beside heavy analytics.
+
+A data directory is loaded through the embedded API (catalogue, events, Parquet history), the server is
+started as a user would (`python -m insession.cli serve`), and a client in a second process sends
+`top_categories_15d` selects at a fixed rate over one keep-alive connection. Latency is measured from
+each request's scheduled send time, so a stalled server cannot hide behind a slowed-down client. The
+same run is then repeated while two threads of the benchmark process keep two full-scan analytics
+queries running against the server the whole time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing as mp
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from bench.bench_features import N_CATEGORIES, N_ITEMS, synthetic_events
+from bench.common import percentiles_ms, table
+
+SERVING_SQL = ("SELECT DISTINCT category FROM events WHERE user_id = :user AND ts > now() - INTERVAL 15 DAY "
+               "ORDER BY ts DESC LIMIT 5")
+ANALYTICS_SQL = (
+    "SELECT user_id, count(*) AS n, count(DISTINCT item_id) AS items, max(ts) AS last FROM events "
+    "GROUP BY user_id ORDER BY n DESC LIMIT 10",
+    "SELECT category, action, count(*) AS n, avg(epoch_ms(ts)) AS mean_ts FROM events GROUP BY ALL "
+    "ORDER BY n DESC LIMIT 20",
+)
+RATE = 500  # requests per second
+
+
+def load(data_dir: Path, n_users: int, per_user: int) -> None:
+    """Catalogue, events (through the embedded API: log, features) and the Parquet history into data_dir."""
+    import insession
+
+    db = insession.open(data_dir, maintenance_interval_s=None)
+    try:
+        items = [{"item_id": f"i{i}", "category": f"c{i % N_CATEGORIES}"} for i in range(N_ITEMS)]
+        for start in range(0, len(items), 10_000):
+            db.insert("items", items[start:start + 10_000])
+        with tqdm(total=n_users * per_user, desc="load events", unit="ev", leave=False) as bar:
+            for chunk in synthetic_events(n_users, per_user):
+                db.insert_events(chunk)
+                bar.update(len(chunk))
+        db.export()
+    finally:
+        db.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    """The lead's server command, on loopback; returns once /healthz answers."""
+    proc = subprocess.Popen([sys.executable, "-m", "insession.cli", "serve", "--data-dir", str(data_dir),
+                             "--host", "127.0.0.1", "--port", str(port)])
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not start within 300 s")
+
+
+def _post(conn: http.client.HTTPConnection, body: bytes) -> tuple[int, bytes, dict[str, str]]:
+    conn.request("POST", "/v1/query", body=body, headers={"content-type": "application/json"})
+    resp = conn.getresponse()
+    return resp.status, resp.read(), dict(resp.getheaders())
+
+
+def _serving_client(port: int, users: list[str], rate: float, seconds: float, out: Connection) -> None:
+    """Second process: paced selects; sends back (latencies from the scheduled time, errors)."""
+    bodies = [json.dumps({"sql": SERVING_SQL, "params": {"user": u}}).encode() for u in users]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    n = int(rate * seconds)
+    interval = 1.0 / rate
+    latencies: list[float] = []
+    errors = 0
+    start = time.perf_counter()
+    for i in range(n):
+        due = start + i * interval
+        wait = due - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        try:
+            status, _, _ = _post(conn, bodies[i % len(bodies)])
+            if status != 200:
+                errors += 1
+        except OSError:
+            errors += 1
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        latencies.append(time.perf_counter() - due)
+    out.send((latencies, errors, time.perf_counter() - start))
+    out.close()
+
+
+def _serve_phase(port: int, users: list[str], seconds: float) -> tuple[dict[str, float], int, float]:
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_serving_client, args=(port, users, RATE, seconds, send))
+    proc.start()
+    latencies, errors, elapsed = recv.recv()
+    proc.join()
+    return percentiles_ms(latencies), errors, len(latencies) / elapsed
+
+
+class _Analytics(threading.Thread):
+    """Keeps one heavy analytics query running against the server until stopped."""
+
+    def __init__(self, port: int, sql: str) -> None:
+        super().__init__(daemon=True)
+        self.port, self.body = port, json.dumps({"sql": sql}).encode()
+        self.stop = threading.Event()
+        self.done: list[float] = []
+        self.refused = self.failed = 0
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        while not self.stop.is_set():
+            t0 = time.perf_counter()
+            status, _, headers = _post(conn, self.body)
+            if status == 200:
+                self.done.append(time.perf_counter() - t0)
+            elif status == 429:
+                self.refused += 1
+                time.sleep(float(headers.get("Retry-After", headers.get("retry-after", "1"))))
+            else:
+                self.failed += 1
+
+
+def run(quick: bool) -> str:
+    n_users, per_user, seconds = (4_000, 50, 5.0) if quick else (100_000, 100, 60.0)
+    n_events = n_users * per_user
+    print(f"bench_query: loading {n_events:,} events")
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp) / "data"
+        load(data_dir, n_users, per_user)
+        port = _free_port()
+        server = start_server(data_dir, port)
+        try:
+            users = [f"u{i}" for i in range(0, n_users, max(1, n_users // 1000))]
+            print("bench_query: warm-up")
+            _serve_phase(port, users, 1.0 if quick else 5.0)
+            print(f"bench_query: serving alone, {RATE} req/s for {seconds:g} s")
+            alone, err_alone, rate_alone = _serve_phase(port, users, seconds)
+            scans = [_Analytics(port, sql) for sql in ANALYTICS_SQL]
+            for s in scans:
+                s.start()
+            time.sleep(1.0)  # both scans admitted (one runs, one waits, with the default limits)
+            print(f"bench_query: serving beside {len(scans)} continuous analytics scans")
+            busy, err_busy, rate_busy = _serve_phase(port, users, seconds)
+            for s in scans:
+                s.stop.set()
+            for s in scans:
+                s.join(600)
+        finally:
+            server.terminate()
+            server.wait(60)
+    scans_done = [t for s in scans for t in s.done]
+    ratio = busy["p99"] / alone["p99"]
+    rows: list[list[Any]] = [
+        [phase, f"{rate:.0f}", p["p50"], p["p99"], p["p99.9"], p["mean"], errors]
+        for phase, rate, p, errors in (("serving alone", rate_alone, alone, err_alone),
+                                       ("serving + 2 analytics scans", rate_busy, busy, err_busy))
+    ]
+    scan_ms = percentiles_ms(scans_done) if scans_done else None
+    return "\n".join([
+        "## Query lanes: serving-lane selects beside analytics (HTTP, loopback)",
+        "",
+        f"`top_categories_15d` selects (`{SERVING_SQL}`) from a second process at {RATE} req/s for "
+        f"{seconds:g} s per phase, latency from each request's scheduled send time; {n_events:,} events "
+        f"({n_users:,} users) in the Parquet history. Analytics: two full scans kept running continuously "
+        "(per-user and per-category aggregates over every event) on the analytics lane's default limits.",
+        "",
+        table(["phase", "achieved req/s", "p50 ms", "p99 ms", "p99.9 ms", "mean ms", "errors"], rows),
+        "",
+        f"p99 with analytics / p99 alone: **{ratio:.2f}x** (target <= 1.5x); targets alone: p99 < 2.5 ms, "
+        "p99.9 < 10 ms.",
+        "",
+        f"Analytics scans completed during the busy phase: {len(scans_done)}"
+        + (f" (p50 {scan_ms['p50'] / 1000:.2f} s each)" if scan_ms else "")
+        + f"; refused with 429: {sum(s.refused for s in scans)}; failed: {sum(s.failed for s in scans)}.",
+        "",
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="200k events, 5 s per phase")
+    args = parser.parse_args()
+    print(run(args.quick))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""The ranking service's candidate stage replayed offline: 60 proposals per request from point-in-time state.
+
+For each request the sources are read as the online engine would have served them just before the
+add-to-cart (`insession.features.offline`, same declarations): the session and history sequences, the
+15-day top categories, the 2-hour trending list and the co-visitation neighbours of the session's items.
+Popular items per category come from the declared 28-day window at the start of the request's hour (the
+service rebuilds its popular lists every few seconds; an hour-old snapshot is a little staler, never
+newer). Proposals go through the service's own `propose` and hygiene `eligible` rule.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from insession.features import default_registry, offline
+from insession.features.declare import HOUR_MS, FeatureRegistry
+from insession.log.catalog import Catalog
+from insession.model.reranker import COUNTERS
+from insession.rank.candidates import CandidateQuotas, CandidateSources, propose
+from insession.rank.hygiene import HygieneRules, eligible
+from insession.schema import Item
+
+USER_FEATURES = ("history_seq", "session_seq", "top_categories_15d", "trending_items_2h")
+PER_CATEGORY, TOP = 30, 200  # the PopularItems list sizes of the ranking service
+
+
+@dataclass
+class CandidateSets:
+    """Requests with their point-in-time state, proposals, and the evaluated candidate lists.
+
+    `lists[i]` is request i's ranked-by-nobody candidate list in the "forced" view: the proposals, with
+    the positive put in place of the last proposal when the stage missed it; `proposed[i]` says whether the
+    stage proposed it (the "proposed" view is those requests only). `positive[i]` indexes it in lists[i].
+    """
+
+    requests: pa.Table  # split.requests() columns + session_key
+    state: pa.Table  # per request: USER_FEATURES (point-in-time)
+    lists: list[list[str]]
+    positive: np.ndarray
+    proposed: np.ndarray  # bool
+    proposal_rank: np.ndarray  # 0-based rank of the positive in proposal order, -1 when not proposed
+    n_proposed: np.ndarray  # how many items the stage proposed
+    covisit: list[dict[str, dict[str, int]]]  # per request: session item -> {neighbour: count}
+    counters: pa.Table  # per (request, candidate) row of `flat()`: the COUNTERS features, point-in-time
+
+    def flat(self) -> pa.Table:
+        """(g, item_id, label) for every candidate of every request, in list order."""
+        g = np.repeat(self.requests["g"].to_numpy(), [len(x) for x in self.lists])
+        items = [i for x in self.lists for i in x]
+        label = (
+            np.concatenate([np.arange(len(x)) == p for x, p in zip(self.lists, self.positive, strict=True)])
+            if self.lists
+            else np.zeros(0, bool)
+        )
+        return pa.table(
+            {
+                "g": pa.array(g, pa.int64()),
+                "item_id": pa.array(items, pa.string()),
+                "label": pa.array(label.astype(np.float32)),
+            }
+        )
+
+    def row_offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum([len(x) for x in self.lists])]).astype(np.int64)
+
+
+def _catalog(items: pa.Table, path: Path) -> Catalog:
+    catalog = Catalog(path)
+    rows = items.to_pylist()
+    catalog.upsert([Item(r["item_id"], r["category"], r["subcategory"], None, r["available"]) for r in rows])
+    return catalog
+
+
+def _popular_snapshots(
+    events: pa.Table, items: pa.Table, hours: np.ndarray, reg: FeatureRegistry
+) -> dict[int, tuple[dict[str, list[str]], list[str]]]:
+    """hour start -> (category -> popular items, global popular items), as of that instant (28-day window)."""
+    w = reg["item_count_28d"].window
+    con = duckdb.connect()
+    con.register("ev", events.select(["item_id", "ts"]))
+    con.register("items", items)
+    con.register("snap", pa.table({"h": pa.array(np.unique(hours), pa.int64())}))
+    rows = con.sql(f"""
+        WITH counts AS (
+            SELECT s.h, e.item_id, count(*) AS n FROM snap s JOIN ev e
+              ON e.ts < s.h AND e.ts >= (s.h // {w.tile_ms} - {w.tiles - 1}) * {w.tile_ms}
+            GROUP BY ALL),
+        ranked AS (
+            SELECT c.h, c.item_id, i.category,
+                   row_number() OVER (PARTITION BY c.h, i.category ORDER BY c.n DESC, c.item_id) AS rc,
+                   row_number() OVER (PARTITION BY c.h ORDER BY c.n DESC, c.item_id) AS rg
+            FROM counts c JOIN items i USING (item_id) WHERE i.available)
+        SELECT h, item_id, category, rc, rg FROM ranked WHERE rc <= {PER_CATEGORY} OR rg <= {TOP}
+        ORDER BY h, rg""").fetchall()
+    out: dict[int, tuple[dict[str, list[str]], list[str]]] = {int(h): ({}, []) for h in np.unique(hours)}
+    for h, item, category, rc, rg in rows:
+        per_category, top = out[h]
+        if rc <= PER_CATEGORY:
+            per_category.setdefault(category, []).append(item)
+        if rg <= TOP:
+            top.append(item)
+    return out
+
+
+def build_candidates(
+    events: pa.Table,
+    items: pa.Table,
+    requests: pa.Table,
+    quotas: CandidateQuotas = CandidateQuotas(),
+    rules: HygieneRules = HygieneRules(),
+    registry: FeatureRegistry | None = None,
+    progress: bool = True,
+) -> CandidateSets:
+    """Replay the candidate stage for every request (see the module docstring); one list per request."""
+    reg = registry or default_registry()
+    say = tqdm.write if progress else (lambda *_: None)
+    say(f"point-in-time state for {requests.num_rows:,} requests ...")
+    spine = requests.select(["user_id", "ts", "offset"])
+    state = offline.compute([reg[n] for n in USER_FEATURES], events, spine)
+    sessions = state["session_seq"].to_pylist()
+    # a session is keyed by its user and first event (the request itself when the session starts with it)
+    ts = requests["ts"].to_numpy()
+    users = requests["user_id"].to_pylist()
+    key = [f"{u}@{s[0]['ts'] if s else t}" for u, s, t in zip(users, sessions, ts.tolist(), strict=True)]
+    requests = requests.append_column("session_key", pa.array(key, pa.string()))
+
+    session_items = [[e["item_id"] for e in reversed(s)] for s in sessions]
+    distinct = [list(dict.fromkeys(x))[: quotas.session] for x in session_items]
+    g_rep = np.repeat(np.arange(len(distinct)), [len(d) for d in distinct])
+    say(f"co-visitation neighbours of {len(g_rep):,} session items ...")
+    cv_spine = pa.table(
+        {
+            "item_id": pa.array([i for d in distinct for i in d], pa.string()),
+            "ts": pa.array(ts[g_rep], pa.int64()),
+            "offset": pa.array(requests["offset"].to_numpy()[g_rep], pa.int64()),
+        }
+    )
+    cv = offline.compute([reg["covisit"]], events, cv_spine)["covisit"].to_pylist()
+    covisit: list[dict[str, dict[str, int]]] = [{} for _ in distinct]
+    for g, item, nbrs in zip(g_rep.tolist(), cv_spine["item_id"].to_pylist(), cv, strict=True):
+        covisit[g][item] = {n["item_id"]: int(n["count"]) for n in nbrs}
+
+    say("popular items per category (hourly snapshots) ...")
+    hours = ts // HOUR_MS * HOUR_MS
+    popular = _popular_snapshots(events, items, hours, reg)
+
+    lists: list[list[str]] = []
+    positive, proposal_rank, n_proposed = [], [], []
+    with tempfile.TemporaryDirectory(prefix="insession-eval-") as tmp:
+        catalog = _catalog(items, Path(tmp) / "catalog.sqlite")
+        top_cats = state["top_categories_15d"].to_pylist()
+        trending = state["trending_items_2h"].to_pylist()
+        pos_items = requests["item_id"].to_pylist()
+        for g in tqdm(range(requests.num_rows), desc="candidate stage", disable=not progress, leave=False):
+            session = sessions[g]
+            per_category, top = popular[int(hours[g])]
+            sources = CandidateSources(
+                session_items=session_items[g],
+                covisit={i: list(covisit[g].get(i, {})) for i in distinct[g]},
+                categories=list(
+                    dict.fromkeys(
+                        [*(e["category"] for e in reversed(session) if e["category"]), *top_cats[g]]
+                    )
+                ),
+                category_popular=per_category,
+                trending=[t["item_id"] for t in trending[g]],
+                popular=top,
+            )
+            purchased = {e["item_id"] for e in session if e["action"] == "purchase"}
+            proposal = propose(sources, lambda i, p=purchased: eligible(i, catalog, p, rules), quotas)
+            n_proposed.append(len(proposal))
+            if pos_items[g] in proposal:
+                r = proposal.index(pos_items[g])
+                proposal_rank.append(r)
+                positive.append(r)
+            else:
+                proposal_rank.append(-1)
+                if len(proposal) >= quotas.n:
+                    proposal[-1] = pos_items[g]
+                else:
+                    proposal.append(pos_items[g])
+                positive.append(len(proposal) - 1)
+            lists.append(proposal)
+        catalog.close()
+    sets = CandidateSets(
+        requests,
+        state,
+        lists,
+        np.array(positive, np.int64),
+        np.array(proposal_rank) >= 0,
+        np.array(proposal_rank, np.int64),
+        np.array(n_proposed, np.int64),
+        covisit,
+        pa.table({}),
+    )
+    flat = sets.flat()
+    say(f"point-in-time counters for {flat.num_rows:,} (request, candidate) pairs ...")
+    g = flat["g"].to_numpy()
+    cspine = pa.table(
+        {
+            "user_id": requests["user_id"].take(g),
+            "item_id": flat["item_id"],
+            "ts": requests["ts"].take(g),
+            "offset": requests["offset"].take(g),
+        }
+    )
+    sets.counters = offline.compute([reg[n] for n in COUNTERS], events, cspine).select(list(COUNTERS))
+    return sets

@@ -1,0 +1,81 @@
+"""`insession evaluate`: the whole evaluation of one dataset, written into docs/evaluation.md."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DEFAULT_DATA = Path("/work/shared/data")
+BEGIN, END = "<!-- evaluate:{name}:begin -->", "<!-- evaluate:{name}:end -->"
+
+
+def write_section(doc: Path, name: str, body: str) -> None:
+    """Replace (or append) this dataset's generated section of the report, leaving the rest as written."""
+    begin, end = BEGIN.format(name=name), END.format(name=name)
+    text = doc.read_text() if doc.exists() else "# Evaluation\n"
+    block = f"{begin}\n{body}\n{end}"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    text = (
+        pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    )
+    doc.write_text(text)
+
+
+def evaluate(
+    dataset: Annotated[
+        str,
+        typer.Argument(help="`synthetic`, or a sample name under --data (e.g. taobao_userbehavior_head84k)."),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="The report to write (its section for this dataset).")
+    ] = Path("docs/evaluation.md"),
+    data: Annotated[
+        Path, typer.Option("--data", help="Directory of the normalised real samples.")
+    ] = DEFAULT_DATA,
+    seeds: Annotated[int, typer.Option(help="Seeds per neural model and ablation.")] = 3,
+    epochs: Annotated[int, typer.Option(help="Reranker epochs at most (early stopping).")] = 4,
+    neural_epochs: Annotated[int, typer.Option(help="SASRec / DIN / BST epochs.")] = 3,
+    dim: Annotated[int, typer.Option(help="Reranker width.")] = 64,
+    ablations: Annotated[
+        bool, typer.Option(help="Train every ablation (else the full reranker only).")
+    ] = True,
+    neural: Annotated[bool, typer.Option(help="Train SASRec, DIN and BST.")] = True,
+    users: Annotated[int, typer.Option(help="Synthetic shop: shoppers.")] = 400,
+    items: Annotated[int, typer.Option(help="Synthetic shop: items.")] = 1200,
+    days: Annotated[int, typer.Option(help="Synthetic shop: days.")] = 14,
+    seed: Annotated[int, typer.Option(help="Synthetic shop seed.")] = 7,
+    boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 1000,
+) -> None:
+    """Evaluate the reranker against baselines and its ablations on one dataset (seeded, reproducible)."""
+    from insession.evaluate.data import load_real, load_synthetic
+    from insession.evaluate.neural import MODELS
+    from insession.evaluate.report import render
+    from insession.evaluate.runner import ABLATIONS, EvalConfig, run
+
+    ds = (
+        load_synthetic(users, items, days, seed)
+        if dataset == "synthetic"
+        else load_real(data / f"{dataset}.parquet", dataset)
+    )
+    cfg = EvalConfig(
+        seeds=tuple(range(seeds)),
+        epochs=epochs,
+        neural_epochs=neural_epochs,
+        dim=dim,
+        ablations=tuple(ABLATIONS) if ablations else ("reranker",),
+        neural=tuple(MODELS) if neural else (),
+        n_boot=boot,
+    )
+    res = run(ds, cfg)
+    command = (
+        f"insession evaluate {dataset} --seeds {seeds} --epochs {epochs} --neural-epochs {neural_epochs} "
+        f"--dim {dim} {'--ablations' if ablations else '--no-ablations'} "
+        f"{'--neural' if neural else '--no-neural'} --boot {boot}"
+        + (f" --users {users} --items {items} --days {days} --seed {seed}" if dataset == "synthetic" else "")
+    )
+    body = render(res, out.parent / "img", f"eval_{dataset}")
+    write_section(out, dataset, f"Reproduce: `{command}`\n\n{body}")
+    typer.echo(f"wrote {out} ({res.seconds['total'] / 60:.1f} min)")

@@ -1,0 +1,284 @@
+"""The evaluation run: split, candidate sets, every method tuned on validation, scored on test; segments."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from insession.evaluate.baselines import Params, Scorer, SessionKNN, Signals, baselines, signals
+from insession.evaluate.candidates import CandidateSets, build_candidates
+from insession.evaluate.data import Dataset
+from insession.evaluate.metrics import PerRequest, score_requests, truncated_rank_metrics
+from insession.evaluate.neural import MODELS, fit_neural, score_examples
+from insession.evaluate.split import TimeSplit, before, requests
+from insession.model.reranker import COUNTERS, DualSequenceReranker, counter_row
+from insession.model.vocab import Vocab
+from insession.train.build import BuildConfig, TrainingData, _examples, build
+from insession.train.examples import Examples
+from insession.train.item2vec import item2vec
+from insession.train.trainer import TrainConfig, fit
+
+# The reranker's ablations (issue 6): RerankerConfig overrides, each replacing one component.
+ABLATIONS: dict[str, dict[str, object]] = {
+    "reranker": {},
+    "shared_encoder": {"shared_encoder": True},
+    "mean_pooling": {"target_pooling": False},
+    "fixed_gate_0.5": {"learned_gate": False},
+    "no_counters": {"use_counters": False},
+    "bce_only": {"loss": "bce"},
+    "position_not_dhours": {"use_time": False},
+    "zero_cold_start": {"cold_start": False},
+}
+
+
+@dataclass
+class EvalConfig:
+    val_share: float = 0.15
+    test_share: float = 0.15
+    seeds: tuple[int, ...] = (0, 1, 2)
+    ablations: tuple[str, ...] = tuple(ABLATIONS)
+    neural: tuple[str, ...] = tuple(MODELS)
+    epochs: int = 4  # reranker epochs (early stopping on its validation may end sooner)
+    neural_epochs: int = 3
+    dim: int = 64
+    item2vec_epochs: int = 1
+    n_boot: int = 1000
+    threads: int = 2
+    progress: bool = True
+
+
+@dataclass
+class MethodResult:
+    name: str
+    kind: str  # baseline / neural / reranker
+    params: dict
+    proposed: PerRequest  # test requests whose positive the stage proposed
+    forced: PerRequest  # every test request, the positive forced into the list
+    seed: int | None = None
+
+
+@dataclass
+class Results:
+    dataset: str
+    config: EvalConfig
+    split: TimeSplit
+    n_events: int
+    n_requests: dict[str, int]
+    candidate_stage: dict[str, float]  # recall, HR@20, MRR@20 (test), mean proposals, misses in history
+    methods: list[MethodResult] = field(default_factory=list)
+    segments: dict[str, np.ndarray] = field(default_factory=dict)  # segment name -> label per test request
+    seconds: dict[str, float] = field(default_factory=dict)
+    train_curves: dict[str, list] = field(default_factory=dict)
+
+
+def _per_request(sets: CandidateSets, rows: np.ndarray, scores: list[np.ndarray]) -> PerRequest:
+    return score_requests(
+        scores,
+        sets.positive[rows],
+        sets.requests["user_id"].to_numpy(zero_copy_only=False)[rows],
+        sets.requests["session_key"].to_numpy(zero_copy_only=False)[rows],
+    )
+
+
+def _segments(sets: CandidateSets, rows: np.ndarray, vocab_items: set[str]) -> dict[str, np.ndarray]:
+    """Segment label of each request in `rows`: repeat/new item, session and history length, cold item."""
+    hist = sets.state["history_seq"].to_pylist()
+    sess = sets.state["session_seq"].to_pylist()
+    pos = sets.requests["item_id"].to_pylist()
+    out: dict[str, list[str]] = {"repeat": [], "session_length": [], "history_length": [], "cold_item": []}
+    for i in rows.tolist():
+        seen = {e["item_id"] for e in hist[i]} | {e["item_id"] for e in sess[i]}
+        out["repeat"].append("repeat item" if pos[i] in seen else "new item")
+        n = len(sess[i])
+        out["session_length"].append("0" if n == 0 else "1-2" if n <= 2 else "3-9" if n <= 9 else "10+")
+        h = len(hist[i])
+        out["history_length"].append("0" if h == 0 else "1-9" if h <= 9 else "10-49" if h <= 49 else "50+")
+        out["cold_item"].append("warm item" if pos[i] in vocab_items else "cold item")
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def _examples_for(sets: CandidateSets, items: pa.Table, vocab: Vocab) -> Examples:
+    """The candidate lists as reranker examples (same sequences, counters and vocabulary as training)."""
+    flat = sets.flat()
+    cat = items.select(["item_id", "category", "subcategory"])
+    idx = pc.index_in(flat["item_id"], cat["item_id"])
+    cand = flat.append_column("category", cat["category"].take(idx)).append_column(
+        "subcategory", cat["subcategory"].take(idx)
+    )
+    counters = np.array([counter_row(r) for r in sets.counters.to_pylist()], np.float32).reshape(
+        -1, len(COUNTERS)
+    )
+    return _examples(sets.requests.select(["g", "ts"]), sets.state, cand, counters, vocab)
+
+
+def _tune(
+    name: str,
+    scorer: Scorer,
+    grid: list[Params],
+    sets: CandidateSets,
+    sig: Signals,
+    val_rows: np.ndarray,
+    progress: bool,
+) -> Params:
+    best, best_p = -1.0, grid[0]
+    if len(grid) > 1:
+        for p in tqdm(grid, desc=f"tune {name}", disable=not progress, leave=False):
+            v = float(np.mean(_per_request(sets, val_rows, scorer(sets, sig, val_rows, p)).ndcg10))
+            if v > best:
+                best, best_p = v, p
+    return best_p
+
+
+def run(ds: Dataset, cfg: EvalConfig) -> Results:
+    """Every number of the evaluation report for one dataset."""
+    import torch
+
+    torch.set_num_threads(cfg.threads)
+    say = tqdm.write if cfg.progress else (lambda *_: None)
+    t0 = time.perf_counter()
+    split = TimeSplit.of(ds.events, cfg.val_share, cfg.test_share)
+    req = requests(ds.events, split)
+    sets = build_candidates(ds.events, ds.items, req, progress=cfg.progress)
+    period = sets.requests["period"].to_numpy(zero_copy_only=False)
+    val_all, test_all = np.flatnonzero(period == "val"), np.flatnonzero(period == "test")
+    val_rows, test_rows = val_all[sets.proposed[val_all]], test_all[sets.proposed[test_all]]
+    hist = sets.state["history_seq"].to_pylist()
+    pos = sets.requests["item_id"].to_pylist()
+    missed = test_all[~sets.proposed[test_all]]
+    stage = {
+        "recall": float(sets.proposed[test_all].mean()) if len(test_all) else float("nan"),
+        **truncated_rank_metrics(sets.proposal_rank[test_all], 20),
+        "mean_proposals": float(sets.n_proposed[test_all].mean()) if len(test_all) else float("nan"),
+        "misses_in_history": float(np.mean([pos[i] in {e["item_id"] for e in hist[i]} for i in missed]))
+        if len(missed)
+        else float("nan"),
+    }
+    res = Results(
+        ds.name,
+        cfg,
+        split,
+        ds.events.num_rows,
+        {
+            "val": len(val_all),
+            "test": len(test_all),
+            "val_proposed": len(val_rows),
+            "test_proposed": len(test_rows),
+        },
+        stage,
+    )
+    res.seconds["candidates"] = time.perf_counter() - t0
+
+    def add(
+        name: str,
+        kind: str,
+        params: dict,
+        rows: np.ndarray,
+        scores: list[np.ndarray],
+        seed: int | None = None,
+    ) -> None:
+        """Record a method's test metrics from its scores of `rows` (a superset of the test requests)."""
+        by_row = dict(zip(rows.tolist(), scores, strict=True))
+        res.methods.append(
+            MethodResult(
+                name,
+                kind,
+                params,
+                _per_request(sets, test_rows, [by_row[i] for i in test_rows.tolist()]),
+                _per_request(sets, test_all, [by_row[i] for i in test_all.tolist()]),
+                seed,
+            )
+        )
+
+    # baselines: statistics fitted before each period, hyper-parameters tuned on validation
+    t = time.perf_counter()
+    sig = signals(sets)
+    say("session kNN indexes (training period for validation, training + validation for test) ...")
+    knn = {p: SessionKNN(before(ds.events, split.fit_end(p))) for p in ("val", "test")}
+    for name, (scorer, grid) in baselines(knn).items():
+        p = _tune(name, scorer, grid, sets, sig, val_rows, cfg.progress)
+        add(name, "baseline", p, test_all, scorer(sets, sig, test_all, p))
+    res.seconds["baselines"] = time.perf_counter() - t
+
+    # the reranker's training data: the training + validation periods only (its own early stopping uses the
+    # add-to-carts of the validation period), then neural baselines and the reranker on the same examples
+    n_fit = pc.sum(pc.equal(before(ds.events, split.test_start)["action"], "add_to_cart")).as_py()
+    val_fraction = min(max(len(val_all) / max(n_fit, 1), 0.05), 0.5)
+    for seed in cfg.seeds:
+        t = time.perf_counter()
+        data: TrainingData = build(
+            before(ds.events, split.test_start),
+            BuildConfig(val_fraction=val_fraction, seed=seed),
+            progress=cfg.progress,
+        )
+        examples = _examples_for(sets, ds.items, data.vocab)
+        sub = examples.subset(test_all)  # trained before the test period: scored on it only
+        if seed == cfg.seeds[0]:
+            res.segments = _segments(sets, test_rows, set(data.vocab.items))
+        base_cfg = data.vocab.config(dim=cfg.dim)
+        n_rows = (
+            int(
+                max(
+                    examples.cand_items.max(initial=0),
+                    data.train.cand_items.max(initial=0),
+                    examples.hist_items.max(initial=0),
+                    examples.sess_items.max(initial=0),
+                )
+            )
+            + 1
+        )
+        n_rows = max(n_rows, base_cfg.n_items + base_cfg.n_subcats + base_cfg.n_cats + 1)
+        res.seconds[f"build_seed{seed}"] = time.perf_counter() - t
+        for name in cfg.neural:
+            t = time.perf_counter()
+            model = fit_neural(
+                name, data.train, n_rows, base_cfg, cfg.neural_epochs, seed=seed, progress=cfg.progress
+            )
+            add(
+                name,
+                "neural",
+                {"epochs": cfg.neural_epochs, "dim": 32},
+                test_all,
+                score_examples(model, sub, base_cfg),
+                seed,
+            )
+            res.seconds[f"{name}_seed{seed}"] = time.perf_counter() - t
+        vectors = None
+        if cfg.item2vec_epochs > 0:
+            items, sequence = data.item_sequences
+            vectors = item2vec(
+                items,
+                sequence,
+                base_cfg.n_items,
+                cfg.dim,
+                epochs=cfg.item2vec_epochs,
+                seed=seed,
+                progress=cfg.progress,
+            )
+        for name in cfg.ablations:
+            t = time.perf_counter()
+            model = DualSequenceReranker(data.vocab.config(dim=cfg.dim, **ABLATIONS[name]))  # type: ignore[arg-type]
+            if vectors is not None:
+                model.init_item_vectors(vectors)
+            fitted = fit(
+                model,
+                data.train,
+                data.val,
+                TrainConfig(epochs=cfg.epochs, seed=seed, threads=cfg.threads, progress=cfg.progress),
+            )
+            res.train_curves[f"{name}_seed{seed}"] = [e.__dict__ for e in fitted.epochs]
+            add(
+                name,
+                "reranker",
+                {**ABLATIONS[name], "best_epoch": fitted.best_epoch},
+                test_all,
+                score_examples(fitted.model, sub, fitted.model.cfg),
+                seed,
+            )
+            res.seconds[f"{name}_seed{seed}"] = time.perf_counter() - t
+    res.seconds["total"] = time.perf_counter() - t0
+    return res

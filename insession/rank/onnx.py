@@ -1,0 +1,100 @@
+"""ONNX Runtime scoring: the reranker's encode-once-and-score pass exported once per artefact, run by ORT.
+
+The graph is exactly `model.encode` then `model.score(..., explain=True)` for one request: history and
+session are encoded once inside it and the C candidates scored in one batched pass (C, and both sequence
+lengths, are dynamic axes). ORT runs it with far less per-operator overhead than eager PyTorch, which
+dominates at this size (see docs/benchmarks.md). The export (torch.export -> ONNX, some seconds) is cached
+as `serve.onnx` in the artefact's directory, so a model is exported once, at its first load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from insession.model import DualSequenceReranker, Explanation
+from insession.model import Sequence as SeqTensors
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "serve.onnx"
+_INPUTS = (
+    "h_items", "h_actions", "h_ts", "s_items", "s_actions", "s_ts", "request_ts", "candidates", "counters"
+)
+
+
+class _EncodeAndScore(nn.Module):
+    def __init__(self, model: DualSequenceReranker) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, hi: Tensor, ha: Tensor, ht: Tensor, si: Tensor, sa: Tensor, st: Tensor, now: Tensor,
+                cands: Tensor, counters: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        enc = self.model.encode(SeqTensors(hi, ha, ht), SeqTensors(si, sa, st), now)
+        scores, why = self.model.score(enc, cands, counters, explain=True)  # type: ignore[misc]
+        return scores, why.history_attention, why.session_attention, why.gate
+
+
+def export(model: DualSequenceReranker, path: Path) -> None:
+    """Write the serving graph of `model` (eval mode) to `path` atomically."""
+    g = torch.Generator().manual_seed(0)
+    n = model.cfg.n_items
+
+    def side(length: int) -> list[Tensor]:
+        return [torch.randint(1, n, (1, length), generator=g), torch.randint(1, 5, (1, length), generator=g),
+                torch.arange(length).view(1, -1) * 60_000 + 1_700_000_000_000]
+
+    cands = torch.randint(1, n, (1, 7), generator=g)
+    example = (*side(5), *side(3), torch.tensor([1_700_000_600_000]), cands, torch.rand(1, 7, 3, generator=g))
+    lh, ls, c = (torch.export.Dim(name, min=1, max=4096) for name in ("history", "session", "candidates"))
+    dims = ({1: lh}, {1: lh}, {1: lh}, {1: ls}, {1: ls}, {1: ls}, None, {1: c}, {1: c})
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    try:
+        exporter_log.setLevel(logging.ERROR)  # the exporter's notes (optional torchvision ops, axis names)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_EncodeAndScore(model).eval(), example, tmp, dynamo=True, dynamic_shapes=dims,
+                              input_names=list(_INPUTS), output_names=["scores", "wh", "ws", "gate"],
+                              optimize=True, verbose=False)
+        os.replace(tmp, path)
+    finally:
+        exporter_log.setLevel(level)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class OnnxScorer:
+    """`scorer(history, session, request_ts, candidates, counters)` -> (scores [C], Explanation) via ORT."""
+
+    def __init__(self, model: DualSequenceReranker, artefact_dir: Path, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        path = artefact_dir / ONNX_FILE
+        weights = next(artefact_dir.glob("*.pt"), None)
+        if not path.exists() or (weights is not None and path.stat().st_mtime < weights.stat().st_mtime):
+            log.info("exporting %s to ONNX (once per artefact)", artefact_dir)
+            export(model, path)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, history: SeqTensors, session: SeqTensors, request_ts: Tensor, candidates: Tensor,
+                 counters: Tensor) -> tuple[np.ndarray, Explanation]:
+        values = (history.items, history.actions, history.ts, session.items, session.actions, session.ts,
+                  request_ts, candidates.view(1, -1), counters.view(1, -1, counters.shape[-1]))
+        feed = dict(zip(_INPUTS, values, strict=True))
+        scores, wh, ws, gate = self.session.run(None, {k: v.numpy() for k, v in feed.items()})
+        why = Explanation(torch.from_numpy(wh), torch.from_numpy(ws), torch.from_numpy(gate))
+        return scores[0], why

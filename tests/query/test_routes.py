@@ -1,0 +1,150 @@
+"""The HTTP routes: answers, every error class as a 4xx with a position, 429 + Retry-After, /metrics."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from insession.query import Limits, Sources
+
+from .conftest import World, make_app, make_world
+
+SERVING = (
+    "SELECT DISTINCT category FROM events WHERE user_id = :user AND ts > now() - INTERVAL 15 DAY "
+    "ORDER BY ts DESC LIMIT 5"
+)
+
+
+def test_query_answers_from_both_lanes(world: World) -> None:
+    client = TestClient(make_app(world.handle()))
+    r = client.post("/v1/query", json={"sql": SERVING, "params": {"user": "u1"}})
+    assert r.status_code == 200
+    doc = r.json()
+    assert (
+        doc["lane"] == "serving" and doc["feature"] == "top_categories_15d" and doc["columns"] == ["category"]
+    )
+    assert doc["rows"] == [[c] for c in world.features.read("top_categories_15d", "u1")]
+    r = client.post(
+        "/v1/query", json={"sql": "SELECT user_id, max(ts) AS last FROM events GROUP BY 1 ORDER BY 1"}
+    )
+    doc = r.json()
+    assert r.status_code == 200 and doc["lane"] == "analytics" and doc["columns"] == ["user_id", "last"]
+    assert doc["rows"][0][0] == "u0" and doc["rows"][0][1].startswith("20")  # timestamps travel as ISO text
+    r = client.post("/v1/query", json={"sql": "EXPLAIN SELECT count(*) FROM events"})
+    assert r.json()["rows"][0][0] == "analytics" and "PARQUET_SCAN" in r.json()["rows"][0][2].upper()
+
+
+def test_features_endpoint(world: World) -> None:
+    client = TestClient(make_app(world.handle()))
+    doc = client.get("/v1/features/user/u2").json()
+    assert doc["entity"] == "user" and set(doc["features"]) == {
+        f.name for f in world.features.registry.of_entity("user")
+    }
+    assert doc["features"]["top_categories_15d"] == world.features.read("top_categories_15d", "u2")
+    pair = client.get("/v1/features/user_item/u1", params={"item_id": "i3"}).json()
+    assert set(pair["features"]) == {"user_item_count_28d"}
+    assert client.get("/v1/features/user_item/u1").status_code == 400
+    assert client.get("/v1/features/global/-").json()["features"].keys() == {"trending_items_2h"}
+    assert client.get("/v1/features/shop/u1").status_code == 404
+
+
+def test_error_classes_are_4xx_with_messages_and_positions(world: World) -> None:
+    client = TestClient(make_app(world.handle()))
+    cases = [
+        ({"sql": "SELEC * FROM events"}, 400, "syntax_error"),
+        ({"sql": "SELECT * FROM orders"}, 400, "unknown_table"),
+        ({"sql": "SELECT colour FROM events"}, 400, "unknown_column"),
+        ({"sql": SERVING}, 400, "missing_parameter"),
+        ({"sql": SERVING, "params": {"user": ["a"]}}, 400, "bad_parameter"),
+        ({"sql": "SELECT * FROM read_csv('/etc/passwd')"}, 400, "forbidden_table"),
+        ({"sql": "COPY events TO '/tmp/x'"}, 400, "forbidden_statement"),
+    ]
+    for body, status, code in cases:
+        r = client.post("/v1/query", json=body)
+        assert r.status_code == status, (body, r.text)
+        doc = r.json()
+        assert doc["code"] == code and doc["error"]
+    doc = client.post("/v1/query", json={"sql": "SELECT *\nFROM orders"}).json()
+    assert doc["position"] == {"line": 2, "col": 6}
+    assert client.post("/v1/query", json={"params": {}}).status_code == 422
+    assert client.post("/v1/query", content=b"{not json").status_code == 422
+
+
+def test_full_analytics_queue_answers_429_with_retry_after(tmp_path: Path) -> None:
+    gate = threading.Event()
+    w = make_world(tmp_path, n=50)
+    base = Sources.of(w.log, w.catalog, w.history_dir)
+
+    def gated_tail(offset: int):  # noqa: ANN202 - a pyarrow Table
+        gate.wait(30)
+        return base.tail_arrow(offset)
+
+    gated = Sources(base.history_dir, base.exported_offset, gated_tail, base.items_arrow)
+    w.query.close()
+    from insession.query import QueryService
+
+    w.query = QueryService(
+        w.features,
+        w.log,
+        w.catalog,
+        w.history_dir,
+        Limits(concurrency=1, queue=1, retry_after_s=2),
+        sources=gated,
+    )
+    client = TestClient(make_app(w.handle()))
+    try:
+        results: list[int] = []
+        threads = [
+            threading.Thread(
+                target=lambda: results.append(
+                    client.post("/v1/query", json={"sql": "SELECT count(*) FROM events"}).status_code
+                )
+            )
+            for _ in range(2)
+        ]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while w.query.analytics.queue_depth + w.query.analytics.running < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = client.post("/v1/query", json={"sql": "SELECT count(*) FROM items"})
+        assert r.status_code == 429 and r.headers["Retry-After"] == "2" and r.json()["code"] == "overloaded"
+        # the serving lane does not wait behind the blocked analytics lane
+        t0 = time.perf_counter()
+        ok = client.post("/v1/query", json={"sql": SERVING, "params": {"user": "u1"}})
+        assert ok.status_code == 200 and time.perf_counter() - t0 < 2
+        metrics = client.get("/metrics").text
+        assert "insession_analytics_rejected_total 1.0" in metrics
+        assert "insession_analytics_queue_depth 1.0" in metrics
+        gate.set()
+        for t in threads:
+            t.join(20)
+        assert results == [200, 200]
+    finally:
+        gate.set()
+        w.close()
+
+
+def test_metrics_endpoint_has_the_product_metrics(world: World) -> None:
+    client = TestClient(make_app(world.handle()))
+    client.post("/v1/query", json={"sql": SERVING, "params": {"user": "u1"}})
+    client.post("/v1/query", json={"sql": "SELECT count(*) FROM events"})
+    client.post("/v1/query", json={"sql": "SELECT nope FROM events"})
+    text = client.get("/metrics").text
+    for name in (
+        'insession_query_seconds_bucket{lane="serving"',
+        'insession_query_seconds_count{lane="analytics"}',
+        'insession_query_errors_total{lane="invalid",status="400"}',
+        "insession_analytics_queue_depth",
+        "insession_feature_watermark_ms",
+        "insession_feature_lag",
+        "process_resident_memory_bytes",
+        "insession_event_to_feature_seconds_bucket",
+        "insession_ingest_records_total",
+        "insession_rank_seconds_bucket",
+        "insession_feature_hygiene_drops_total",
+    ):
+        assert name in text, name

@@ -1,0 +1,123 @@
+"""Training end to end: the loop, early stopping, item2vec, the artefact, the CLI, the intent check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import typer
+from train_shop import DAY, make_shop
+from typer.testing import CliRunner
+
+from insession.features.declare import default_registry
+from insession.train import TrainConfig, Trained, load_artefact, train_on_events
+from insession.train.artefact import CONFIG, CURVE, FEATURES, METRICS, VOCAB, WEIGHTS
+from insession.train.cli import train
+from insession.train.item2vec import item2vec
+from insession.train.trainer import category_auc, evaluate, fit, ranking_metrics
+
+TINY = {"dim": 16, "n_heads": 2, "dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trained, dict[str, str]]:
+    events, intents = make_shop(n_users=80, seed=1)
+    out = tmp_path_factory.mktemp("models")
+    tc = TrainConfig(epochs=6, batch_size=32, lr=5e-3, patience=6, progress=False)
+    return train_on_events(events, out, train_config=tc, item2vec_epochs=1, **TINY), intents
+
+
+def test_artefact_is_complete_and_loads_ready_to_score(trained: tuple[Trained, dict[str, str]]) -> None:
+    done, _ = trained
+    for name in (WEIGHTS, CONFIG, VOCAB, FEATURES, METRICS, CURVE):
+        assert (done.path / name).stat().st_size > 0
+    art = load_artefact(done.path.parent)  # the directory of versions: the newest
+    assert art.path == done.path and not art.model.training
+    assert art.feature_hash == default_registry().hash()
+    batch = done.data.val.collate(np.arange(len(done.data.val)), art.model.cfg)
+    torch.testing.assert_close(art.model(batch), done.result.model(batch))
+    metrics = json.loads((done.path / METRICS).read_text())
+    assert len(metrics["epochs"]) == len(done.result.epochs) >= 1
+    assert metrics["val_ndcg10"] == max(e["val_ndcg10"] for e in metrics["epochs"])
+
+
+def test_training_learns_the_session_intent(trained: tuple[Trained, dict[str, str]]) -> None:
+    """Validation candidates of the session's intended category rank above the others far above chance."""
+    done, intents = trained
+    targets = [intents.get(s) for s in done.data.val_requests["session_id"].to_pylist()]
+    auc = category_auc(done.result.model, done.data.val, done.data.vocab, targets)
+    assert auc > 0.8, auc
+    epochs = done.result.epochs
+    assert epochs[-1].train_loss < epochs[0].train_loss
+    assert max(e.val_ndcg10 for e in epochs) > 0.5  # random order of 20 candidates, 1 positive: ~0.2
+
+
+def test_early_stopping_keeps_the_best_epoch(trained: tuple[Trained, dict[str, str]]) -> None:
+    done, _ = trained
+    model = done.result.model
+    before = evaluate(model, done.data.val)["ndcg10"]
+    result = fit(
+        model, done.data.train, done.data.val, TrainConfig(epochs=10, lr=0.0, patience=2, progress=False)
+    )
+    assert len(result.epochs) == 3  # no epoch improves on the first: stop after `patience` more
+    assert result.best_epoch == 1
+    assert evaluate(result.model, done.data.val)["ndcg10"] == pytest.approx(before, abs=1e-6)
+
+
+def test_ranking_metrics_on_hand_made_lists() -> None:
+    scores = torch.tensor([[3.0, 2.0, 1.0, 0.0], [0.0, 3.0, 2.0, 1.0], [1.0, 1.0, 0.0, 9.0]])
+    labels = torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0], [1.0, 0, 0, 0]])
+    mask = torch.tensor([[True] * 4, [True] * 4, [True, True, True, False]])
+    m = ranking_metrics(scores, labels, mask, k=3)
+    assert m[0].tolist() == [1.0, 1.0]  # positive on top
+    assert m[1].tolist() == [0.0, 0.0]  # positive 4th of 4: outside the top 3
+    assert m[2, 0].item() == pytest.approx(
+        1 / np.log2(3)
+    )  # tie with a negative counts against; padding ignored
+
+
+def test_item2vec_puts_co_occurring_items_together() -> None:
+    rng = np.random.default_rng(0)
+    seqs = [rng.choice(np.arange(1, 11) if s % 2 else np.arange(11, 21), size=8) for s in range(400)]
+    items = np.concatenate(seqs)
+    sequence = np.repeat(np.arange(400), 8)
+    v = item2vec(items, sequence, 21, 16, epochs=3, batch_size=512, progress=False)
+    assert v.shape == (21, 16) and (v[0] == 0).all()
+    v = torch.nn.functional.normalize(v[1:], dim=1)
+    sim = v @ v.T
+    same = torch.block_diag(torch.ones(10, 10), torch.ones(10, 10)).bool() & ~torch.eye(20, dtype=torch.bool)
+    assert sim[same].mean() > sim[~same & ~torch.eye(20, dtype=torch.bool)].mean() + 0.3
+
+
+def test_cli_trains_from_a_history_dir(tmp_path: Path) -> None:
+    events, _ = make_shop(n_users=20, sessions_per_user=4, seed=2)
+    days = events["ts"].to_numpy() // DAY
+    for d in np.unique(days):
+        part = tmp_path / "data" / "history" / f"day={int(d)}"
+        part.mkdir(parents=True)
+        pq.write_table(events.filter(days == d), part / "part-0.parquet")
+    app = typer.Typer()
+    app.command()(train)
+    app.command("noop")(lambda: None)  # two commands, so `train` is addressed by name as in `insession train`
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "models"),
+            "--epochs",
+            "1",
+            "--dim",
+            "16",
+            "--item2vec-epochs",
+            "0",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    art = load_artefact(tmp_path / "models")
+    assert art.model.cfg.dim == 16 and "NDCG@10" in result.output
