@@ -94,7 +94,7 @@ def model_latency(quick: bool) -> str:
         # the serving setting is 1 thread (RankConfig.torch_threads) and ORT; the others for reference
         for threads, name, fn, n in ((1, ENCODE_ONCE_ORT, encode_once_ort, n_fast),
                                      (1, ENCODE_ONCE, encode_once, n_fast), (1, NAIVE, naive, n_naive),
-                                     (2, ENCODE_ONCE, encode_once, n_fast)):
+                                     (2, ENCODE_ONCE, encode_once, n_fast // 4)):
             torch.set_num_threads(threads)
             _time(fn, max(3, n // 20), f"warm {name}")
             p = percentiles_ms(_time(fn, n, f"{name} ({threads} thread)"))
@@ -146,7 +146,10 @@ def http_latency(quick: bool, rate: float = 200.0) -> str:
         users = _fill(data_dir, quick)
         rng = np.random.default_rng(1)
         with ServerProcess(data_dir) as srv, httpx.Client(base_url=srv.url, timeout=5.0) as client:
-            backend = client.get("/v1/admin/model").json().get("backend")
+            model = client.get("/v1/admin/model")
+            if model.status_code != 200:
+                raise RuntimeError(f"the server serves no model: {model.status_code} {model.text}")
+            backend = model.json()["backend"]
             for u in users[:50]:  # warm-up: connections, model threads, popular lists
                 client.post("/v1/rank", json={"user_id": u, "k": 20})
             n = int(rate * seconds)

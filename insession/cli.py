@@ -19,14 +19,46 @@ def serve(
     data_dir: Path = typer.Option(Path("data"), "--data-dir", help="Where the log, features and history live."),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
+    config: Path | None = typer.Option(None, "--config", help="Server config (TOML/JSON): API keys, query limits."),
 ) -> None:
     """Run the HTTP server on the embedded default (one process)."""
     import uvicorn
 
     from insession.serve.app import create_app
 
-    uvicorn.run(create_app(data_dir), host=host, port=port, loop="uvloop", http="httptools",
+    uvicorn.run(create_app(data_dir, config=config), host=host, port=port, loop="uvloop", http="httptools",
                 access_log=False, log_level="warning")
+
+
+@app.command()
+def query(
+    sql: str = typer.Argument(..., help="SQL-friendly query; prefix with EXPLAIN to see the lane and plan."),
+    param: list[str] = typer.Option([], "--param", "-p", help="Named parameter NAME=VALUE (repeatable)."),
+    url: str | None = typer.Option(None, "--url", help="A running server; default: the embedded --data-dir."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="INSESSION_API_KEY"),
+    data_dir: Path = typer.Option(Path("data"), "--data-dir"),
+) -> None:
+    """Run a query against a server (--url) or the embedded store (--data-dir) and print the rows."""
+    import insession
+    from insession.client import RemoteError
+    from insession.query import QueryError
+    from insession.schema import BatchRejected
+
+    params = dict(p.split("=", 1) for p in param)
+    try:
+        if url:
+            with insession.Client(url, api_key=api_key) as client:
+                result = client.select(sql, **params)
+        else:
+            with insession.open(data_dir, maintenance_interval_s=None) as db:
+                result = db.select(sql, **params)
+    except (QueryError, BatchRejected, RemoteError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"-- lane: {result.lane}" + (f", feature: {result.feature}" if result.feature else ""))
+    typer.echo("\t".join(result.columns))
+    for row in result.rows:
+        typer.echo("\t".join("" if v is None else str(v) for v in row))
 
 
 @app.command()

@@ -8,6 +8,7 @@ import httpx
 import msgspec
 
 from insession.embedded import InsertResult
+from insession.query import Result
 from insession.schema import TABLES, BatchRejected, FieldError
 
 API_KEY_HEADER = "X-API-Key"
@@ -50,9 +51,9 @@ class Client:
         method = "PUT" if table == "items" else "POST"
         return msgspec.convert(self._call(method, f"/v1/{table}", rows), InsertResult)
 
-    def select(self, sql: str, **params: Any) -> dict[str, Any]:
+    def select(self, sql: str, **params: Any) -> Result:
         """Run a SQL-friendly query; the server routes it to the serving or the analytics lane."""
-        return self._call("POST", "/v1/query", {"sql": sql, "params": params})
+        return msgspec.convert(self._call("POST", "/v1/query", {"sql": sql, "params": params}), Result)
 
     def rank(self, user_id: str, **request: Any) -> dict[str, Any]:
         """Rank candidates (or the built-in candidate stage's) for a shopper right now."""

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -14,9 +13,11 @@ import msgspec
 from insession.features import FeatureEngine
 from insession.log.catalog import Catalog
 from insession.log.eventlog import EventLog
+from insession.query import Limits, QueryService, Result
 from insession.schema import BatchRejected, Event, FieldError, validate_events, validate_items
 
 REPLAY_CHUNK = 10_000
+EXPORT_MIN_EVENTS = 50_000  # background export waits for this many events (fewer, larger Parquet files)
 
 
 class InsertResult(msgspec.Struct):
@@ -43,17 +44,21 @@ class Insession:
     exported from closed log segments).
     """
 
-    def __init__(self, data_dir: str | Path, *, maintenance_interval_s: float | None = 5.0) -> None:
+    def __init__(self, data_dir: str | Path, *, maintenance_interval_s: float | None = 5.0,
+                 limits: Limits | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.history_dir = self.data_dir / "history"
         self.catalog = Catalog(self.data_dir / "catalog.sqlite")
         self.features = FeatureEngine.open(self.data_dir / "features")
-        self.log = EventLog(self.data_dir / "log.sqlite", on_commit=self.features.update_many)
+        # Called with each committed group after the features applied it (metrics hook in here).
+        self.applied_listeners: list[Callable[[list[Event]], None]] = []
+        self.log = EventLog(self.data_dir / "log.sqlite", on_commit=self._on_commit)
         self.unknown_items = 0
         # Rebuild: last snapshot + everything the log acknowledged after it.
         for chunk in _chunks(self.log.read(self.features.applied_offset + 1), REPLAY_CHUNK):
             self.features.update_many(chunk)
+        self.query = QueryService(self.features, self.log, self.catalog, self.history_dir, limits)
         self._stop = threading.Event()
         self._maintenance: threading.Thread | None = None
         if maintenance_interval_s:
@@ -80,15 +85,30 @@ class Insession:
         dups = sum(r.duplicate for r in results)
         return InsertResult("events", len(results) - dups, dups, unknown, [r.offset for r in results])
 
+    def _on_commit(self, events: list[Event]) -> None:
+        """Runs after the fsync and before the ack, in offset order: read-your-writes for features."""
+        self.features.update_many(events)
+        for listener in self.applied_listeners:
+            listener(events)
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def select(self, sql: str, **params: Any) -> Result:
+        """A SQL-friendly query: answered from online features when it matches one, else by analytics."""
+        return self.query.execute(sql, params)
+
     # -- maintenance ----------------------------------------------------------------------------
 
-    def export(self) -> int:
-        """Export the log up to now as Parquet history; returns the exported offset."""
-        return self.log.export(self.history_dir)
+    def export(self, min_events: int = 1) -> int:
+        """Export the log up to now as Parquet history (if at least `min_events` wait); returns the exported offset.
+
+        Events not yet exported stay queryable: the analytics lane reads them from the log's tail.
+        """
+        return self.log.export(self.history_dir, min_events=min_events)
 
     def _maintain(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
-            self.export()
+            self.export(EXPORT_MIN_EVENTS)
             self.features.snapshot()
 
     def lag(self) -> dict[str, int]:
@@ -104,7 +124,9 @@ class Insession:
         self._stop.set()
         if self._maintenance is not None:
             self._maintenance.join()
+        self.query.close()
         self.features.snapshot()
+        self.export()
         self.log.close()
         self.catalog.close()
 
@@ -118,7 +140,3 @@ class Insession:
 def open(data_dir: str | Path, **kwargs: Any) -> Insession:  # noqa: A001 - the SDK verb is `insession.open`
     """Open (or create) an embedded insession in `data_dir`."""
     return Insession(data_dir, **kwargs)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)

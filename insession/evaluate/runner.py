@@ -86,7 +86,8 @@ def _per_request(sets: CandidateSets, rows: np.ndarray, scores: list[np.ndarray]
 
 
 def _segments(sets: CandidateSets, rows: np.ndarray, vocab_items: set[str]) -> dict[str, np.ndarray]:
-    """Segment label of each request in `rows`: repeat/new item, session and history length, cold item."""
+    """Segment label of each request in `rows`: repeat/new item, session and history length, cold item, and
+    the surface of the add-to-cart where the data has one."""
     hist = sets.state["history_seq"].to_pylist()
     sess = sets.state["session_seq"].to_pylist()
     pos = sets.requests["item_id"].to_pylist()
@@ -99,6 +100,9 @@ def _segments(sets: CandidateSets, rows: np.ndarray, vocab_items: set[str]) -> d
         h = len(hist[i])
         out["history_length"].append("0" if h == 0 else "1-9" if h <= 9 else "10-49" if h <= 49 else "50+")
         out["cold_item"].append("warm item" if pos[i] in vocab_items else "cold item")
+    surface = sets.requests["surface"].to_pylist()
+    if any(surface[i] is not None for i in rows.tolist()):
+        out["surface"] = [surface[i] or "unknown" for i in rows.tolist()]
     return {k: np.array(v) for k, v in out.items()}
 
 

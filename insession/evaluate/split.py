@@ -46,7 +46,7 @@ def requests(events: pa.Table, split: TimeSplit) -> pa.Table:
     """One request per add-to-cart in the validation and test periods: the state just before it.
 
     Columns: g (request number), user_id, item_id (the positive), category, subcategory, ts, offset (the
-    log position the state is read at: the add-to-cart's own offset - 1), period.
+    log position the state is read at: the add-to-cart's own offset - 1), period, surface.
     """
     atc = events.filter(
         pc.and_(pc.equal(events["action"], "add_to_cart"), pc.greater_equal(events["ts"], split.val_start))
@@ -62,5 +62,6 @@ def requests(events: pa.Table, split: TimeSplit) -> pa.Table:
             "ts": atc["ts"],
             "offset": pc.subtract(atc["offset"], 1),
             "period": pa.array(split.period(ts), pa.string()),
+            "surface": atc["surface"],
         }
     )

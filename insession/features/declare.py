@@ -18,9 +18,7 @@ DAY_MS = 24 * HOUR_MS
 
 Entity = Literal["user", "user_item", "item", "global"]
 WindowKind = Literal["unbounded", "sliding", "session", "before_session"]
-AggKind = Literal[
-    "count", "sum", "last", "last_n", "distinct_topk", "topk_count", "counts_by_action", "age", "covisit"
-]
+AggKind = Literal["count", "sum", "last", "last_n", "distinct_topk", "topk_count", "counts_by_action", "age", "covisit"]
 
 ENTITY_KEYS: dict[str, tuple[str, ...]] = {
     "user": ("user_id",),
@@ -106,17 +104,13 @@ class Feature:
         if self.entity not in ENTITY_KEYS:
             raise ValueError(f"{self.name}: unknown entity {self.entity!r}")
         if self.agg in _NEEDS_FIELD:
-            ok = (
-                self.field in VALUE_FIELDS if self.agg != "sum" else str(self.field).startswith("properties.")
-            )
+            ok = self.field in VALUE_FIELDS if self.agg != "sum" else str(self.field).startswith("properties.")
             if not ok:
                 raise ValueError(f"{self.name}: {self.agg} cannot read field {self.field!r}")
         elif self.field is not None:
             raise ValueError(f"{self.name}: {self.agg} takes no field")
         if (self.agg in _NEEDS_K) != (self.k > 0):
-            raise ValueError(
-                f"{self.name}: k > 0 is required by last_n/distinct_topk/topk_count/covisit only"
-            )
+            raise ValueError(f"{self.name}: k > 0 is required by last_n/distinct_topk/topk_count/covisit only")
         if self.actions is not None and (not self.actions or set(self.actions) - set(ACTIONS)):
             raise ValueError(f"{self.name}: actions must be a non-empty subset of {ACTIONS}")
         if self.window.kind in ("session", "before_session") and self.entity != "user":
@@ -242,9 +236,7 @@ def default_features() -> list[Feature]:
         Feature("item_count_28d", "item", "counts_by_action", sliding(28 * DAY_MS, HOUR_MS)),
         Feature("item_trending_2h", "item", "count", sliding(2 * HOUR_MS, MINUTE_MS)),
         Feature("trending_items_2h", "global", "topk_count", sliding(2 * HOUR_MS, MINUTE_MS), "item_id", 50),
-        Feature(
-            "covisit", "item", "covisit", sliding(7 * DAY_MS, DAY_MS), k=20, span=5, gap_ms=30 * MINUTE_MS
-        ),
+        Feature("covisit", "item", "covisit", sliding(7 * DAY_MS, DAY_MS), k=20, span=5, gap_ms=30 * MINUTE_MS),
     ]
 
 

@@ -25,15 +25,11 @@ _SNAPSHOT_VERSION = 1
 class _Stream:
     """Watermark, lateness and sessions for one pass over the log, feeding a set of aggregations."""
 
-    def __init__(
-        self, registry: FeatureRegistry, names: Interner, aggs: dict[str, Agg] | None = None
-    ) -> None:
+    def __init__(self, registry: FeatureRegistry, names: Interner, aggs: dict[str, Agg] | None = None) -> None:
         self.lateness_ms = registry.lateness_ms
         self.names = names
         self.sessions = Sessions(registry.session_gap_ms)
-        self.aggs = (
-            aggs if aggs is not None else {f.name: make_agg(f, names, self.sessions) for f in registry}
-        )
+        self.aggs = aggs if aggs is not None else {f.name: make_agg(f, names, self.sessions) for f in registry}
         self.watermark = -1
         self.applied_offset = -1
         self.too_late = 0
@@ -64,7 +60,7 @@ class _Stream:
             if c is None:
                 c = names(e.category)
             sess = sessions.update(u, names(e.session_id), ts)
-            evs.append(Ev(u, i, c, ACTION_INDEX[e.action], ts, e.offset, sess, wm, e))
+            evs.append(Ev(u, i, c, ACTION_INDEX[e.action], ts, e.offset, sess, sessions.started, wm, e))
         self.watermark, self.applied_offset = wm, applied
         if not evs:
             return
@@ -117,9 +113,7 @@ class FeatureEngine:
                 engine._stream = body["stream"]
                 engine.snapshot_offset = engine.applied_offset
             else:
-                log.warning(
-                    "feature snapshot %s was taken with other declarations: rebuilding from the log", snap
-                )
+                log.warning("feature snapshot %s was taken with other declarations: rebuilding from the log", snap)
         return engine
 
     def snapshot(self) -> None:
@@ -193,9 +187,7 @@ class FeatureEngine:
             return 0
         ids = (key,) if isinstance(key, str) else tuple(key or ())
         if len(ids) != (2 if entity == "user_item" else 1):
-            raise ValueError(
-                f"a {entity} key is {'(user_id, item_id)' if entity == 'user_item' else 'one id'}"
-            )
+            raise ValueError(f"a {entity} key is {'(user_id, item_id)' if entity == 'user_item' else 'one id'}")
         ints = [self._names.get(str(i)) for i in ids]
         if None in ints:
             return None
@@ -215,8 +207,6 @@ class FeatureEngine:
             k = self._key(entity, key)
             wm = self._stream.watermark
             return {
-                f.name: self._stream.aggs[f.name].empty()
-                if k is None
-                else self._stream.aggs[f.name].read(k, wm)
+                f.name: self._stream.aggs[f.name].empty() if k is None else self._stream.aggs[f.name].read(k, wm)
                 for f in self.registry.of_entity(entity)
             }

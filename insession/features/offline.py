@@ -262,6 +262,5 @@ def compute(
         selects.append(f"r{n}.v AS {_q(f.name)}")
         joins.append(f"LEFT JOIN res_{n} r{n} ON r{n}.rid = s.__rid")
     return con.sql(
-        f"SELECT s.* EXCLUDE (__rid), {', '.join(selects)}"
-        f" FROM __spine_in s {' '.join(joins)} ORDER BY s.__rid"
+        f"SELECT s.* EXCLUDE (__rid), {', '.join(selects)} FROM __spine_in s {' '.join(joins)} ORDER BY s.__rid"
     ).to_arrow_table()

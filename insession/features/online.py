@@ -24,6 +24,8 @@ _REC = struct.Struct("<qqiib")  # one sequence element: ts, offset, item, catego
 _SLOT_BITS = 3  # tile codes: tile << 3 | slot (slot = action index for counts_by_action, else 0)
 _TKEY, _TVAL = struct.Struct("<iq"), struct.Struct("<d")  # a tile record: (sub, code) then value
 _TREC = struct.Struct("<iqd")
+_CREC = struct.Struct("<iiq")  # covisit: one recent event of a user (session, item, ts)
+_DREC = struct.Struct("<qi")  # distinct_topk: (latest ts, value)
 
 
 class Interner:
@@ -49,13 +51,14 @@ class Interner:
 class Ev:
     """One accepted event as the aggregations see it: interned ids, session number, watermark after it."""
 
-    __slots__ = ("u", "i", "ui", "c", "a", "ts", "off", "sess", "wm", "raw")
+    __slots__ = ("u", "i", "ui", "c", "a", "ts", "off", "sess", "new", "wm", "raw")
     g = 0  # the key of global features
 
     def __init__(
-        self, u: int, i: int, c: int, a: int, ts: int, off: int, sess: int, wm: int, raw: Event
+        self, u: int, i: int, c: int, a: int, ts: int, off: int, sess: int, new: bool, wm: int, raw: Event
     ) -> None:
         self.u, self.i, self.c, self.a, self.ts, self.off, self.sess, self.wm = u, i, c, a, ts, off, sess, wm
+        self.new = new  # the first event of its session
         self.ui = u << 32 | i  # the (user, item) key
         self.raw = raw
 
@@ -72,14 +75,17 @@ class Sessions:
     def __init__(self, gap_ms: int) -> None:
         self.gap_ms = gap_ms
         self.state: dict[int, list[int]] = {}
+        self.started = False
 
     def update(self, u: int, sid: int, ts: int) -> int:
-        """Apply one accepted event; returns its session number."""
+        """Apply one accepted event; returns its session number (`started`: it is the session's first)."""
         st = self.state.get(u)
         if st is None:
             self.state[u] = [0, sid, ts]
+            self.started = True
             return 0
-        if sid != st[1] or (sid == NONE_ID and ts - st[2] > self.gap_ms):
+        self.started = sid != st[1] or (sid == NONE_ID and ts - st[2] > self.gap_ms)
+        if self.started:
             st[0] += 1
         st[1] = sid
         if ts > st[2]:
@@ -156,7 +162,8 @@ class TileAgg(Agg):
 
     def add_batch(self, evs: list[Ev]) -> None:
         state, key_of, tile_ms, tiles, agg = self.state, self.key, self.tile_ms, self.tiles, self.f.agg
-        by_action, is_sum, is_age, per_user = agg == "counts_by_action", agg == "sum", agg == "age", self.per_user
+        by_action, is_sum, is_age = agg == "counts_by_action", agg == "sum", agg == "age"
+        per_user = self.per_user
         size, back = _TREC.size, self.LOOKBACK * _TREC.size
         for ev in evs:
             if tile_ms:
@@ -172,7 +179,8 @@ class TileAgg(Agg):
                     continue
             else:
                 v = ev.ts if is_age else 1
-            prefix = _TKEY.pack(ev.i if per_user else 0, tile << _SLOT_BITS | ev.a if by_action else tile << _SLOT_BITS)
+            code = tile << _SLOT_BITS | ev.a if by_action else tile << _SLOT_BITS
+            prefix = _TKEY.pack(ev.i if per_user else 0, code)
             key = key_of(ev)
             buf = state.get(key)
             if buf is None:
@@ -185,13 +193,17 @@ class TileAgg(Agg):
                 continue
             buf += prefix
             buf += _TVAL.pack(v)
-            if tile_ms and _TKEY.unpack_from(buf)[1] >> _SLOT_BITS < low:
-                state[key] = self.live(buf, low)
+            if tile_ms:  # records come in tile order but for late events: expire from the front
+                end = 0
+                while end < len(buf) and _TKEY.unpack_from(buf, end)[1] >> _SLOT_BITS < low:
+                    end += size
+                del buf[:end]
 
     @staticmethod
     def live(buf: bytes, low: int) -> bytearray:
         """The records of tiles >= low."""
-        return bytearray(b"".join(_TREC.pack(*r) for r in _TREC.iter_unpack(buf) if r[1] >> _SLOT_BITS >= low))
+        records = (_TREC.pack(*r) for r in _TREC.iter_unpack(buf) if r[1] >> _SLOT_BITS >= low)
+        return bytearray(b"".join(records))
 
     def read(self, key: int, t: int) -> Any:
         sub = key & 0xFFFFFFFF if self.per_user else 0
@@ -251,7 +263,8 @@ class LastValue(Agg):
 
 
 class DistinctTopK(Agg):
-    """distinct_topk(field, k): per key the k values with the latest event time, as [[ts, value], ...].
+    """distinct_topk(field, k): per key the k values with the latest event time, packed (ts, value)
+    records, most recent first (ties by value name).
 
     Keeping only k entries is exact: an evicted value trails k others that stay in the window at least as
     long, and a later event for it re-enters only with a time that beats the k-th.
@@ -267,34 +280,50 @@ class DistinctTopK(Agg):
             if v == NONE_ID:
                 continue
             key, ts = key_of(ev), ev.ts
-            entries = state.get(key)
-            if entries is None:
-                state[key] = [[ts, v]]
+            buf = state.get(key)
+            if buf is None:
+                state[key] = bytearray(_DREC.pack(ts, v))
                 continue
-            for n, e in enumerate(entries):
+            first_ts, first_v = _DREC.unpack_from(buf)
+            if first_v == v:  # the most recent value again: it only gets more recent, it stays first
+                if ts > first_ts:
+                    _DREC.pack_into(buf, 0, ts, v)
+                continue
+            if ts > first_ts:  # the newest event (the usual case): v moves to the front, no sorting
+                size = _DREC.size
+                for pos in range(size, len(buf), size):
+                    if _DREC.unpack_from(buf, pos)[1] == v:
+                        del buf[pos : pos + size]
+                        break
+                else:
+                    del buf[(k - 1) * size :]
+                buf[0:0] = _DREC.pack(ts, v)
+                continue
+            entries = [list(r) for r in _DREC.iter_unpack(buf)]
+            for e in entries:
                 if e[1] == v:
-                    if ts > e[0]:
-                        e[0] = ts
-                        if n:  # the first entry only gets more recent: it stays first
-                            entries.sort(key=order)
+                    if ts <= e[0]:
+                        break
+                    e[0] = ts
+                    entries.sort(key=order)
+                    state[key] = bytearray(b"".join(_DREC.pack(*e) for e in entries))
                     break
             else:
                 entries.append([ts, v])
                 entries.sort(key=order)
-                if len(entries) > k:
-                    entries.pop()
+                state[key] = bytearray(b"".join(_DREC.pack(*e) for e in entries[:k]))
 
     def read(self, key: int, t: int) -> Any:
         low = self.min_tile(t)
         names = self.names.names
-        return [names[v] for ts, v in self.state.get(key, ()) if self.tile(ts) >= low]
+        return [names[v] for ts, v in _DREC.iter_unpack(self.state.get(key, b"")) if self.tile(ts) >= low]
 
     def empty(self) -> Any:
         return []
 
     def sweep(self, wm: int, lateness_ms: int) -> None:
         low = self.min_tile(wm)
-        self.state = {k: e for k, e in self.state.items() if self.tile(e[0][0]) >= low}
+        self.state = {k: b for k, b in self.state.items() if self.tile(_DREC.unpack_from(b)[0]) >= low}
 
 
 class TopKCount(Agg):
@@ -397,26 +426,22 @@ class Covisit(TopKCount):
 
     def __init__(self, f: Feature, names: Interner, window: Window | None = None) -> None:
         super().__init__(f, names, window)
-        self.recent: dict[int, list[tuple[int, int, int]]] = {}  # user -> [(session, item, ts)]
+        self.recent: dict[int, bytearray] = {}  # user -> packed (session, item, ts) of the last `span` events
 
     def add_batch(self, evs: list[Ev]) -> None:
-        recent_of, gap, span, tile_ms, tiles = (
-            self.recent,
-            self.f.gap_ms,
-            self.f.span,
-            self.tile_ms,
-            self.tiles,
-        )
+        recent_of, gap, span, size = self.recent, self.f.gap_ms, self.f.span, _CREC.size
+        tile_ms, tiles = self.tile_ms, self.tiles
         for ev in evs:
             i, ts, sess = ev.i, ev.ts, ev.sess
+            rec = _CREC.pack(sess, i, ts)
             recent = recent_of.get(ev.u)
             if recent is None:
-                recent_of[ev.u] = [(sess, i, ts)]
+                recent_of[ev.u] = bytearray(rec)
                 continue
-            co = [p for s, p, pts in recent if s == sess and p != i and -gap <= pts - ts <= gap]
-            recent.append((sess, i, ts))
-            if len(recent) > span:
-                del recent[0]
+            co = [p for s, p, t in _CREC.iter_unpack(recent) if s == sess and p != i and -gap <= t - ts <= gap]
+            recent += rec
+            if len(recent) > span * size:
+                del recent[:size]
             if not co:
                 continue
             tile = ts // tile_ms if tile_ms else 0
@@ -497,20 +522,18 @@ class SessionScoped(Agg):
         self.inner = _AGGS[f.agg](f, names, Window())
         self.sessions = sessions
         self.actions = None
-        self.sess_of: dict[int, int] = {}  # user -> the session the inner state belongs to
 
     def add_batch(self, evs: list[Ev]) -> None:
-        sess_of, inner, acts = self.sess_of, self.inner, self.inner.actions
+        inner, acts = self.inner, self.inner.actions
         run: list[Ev] = []
         in_run: set[int] = set()
         for ev in evs:
             u = ev.u
-            if sess_of.get(u) != ev.sess:
+            if ev.new:
                 if u in in_run:  # the user's earlier events in this batch belong to the old session
                     inner.add_batch(run)
                     run, in_run = [], set()
                 inner.state.pop(u, None)
-                sess_of[u] = ev.sess
             if acts is None or ev.a in acts:
                 run.append(ev)
                 in_run.add(u)
@@ -518,8 +541,7 @@ class SessionScoped(Agg):
             inner.add_batch(run)
 
     def read(self, key: int, t: int) -> Any:
-        sess = self.sessions.open_session(key, t)
-        if sess is None or self.sess_of.get(key) != sess:
+        if self.sessions.open_session(key, t) is None:
             return self.inner.empty()
         return self.inner.read(key, t)
 
@@ -528,9 +550,8 @@ class SessionScoped(Agg):
 
     def sweep(self, wm: int, lateness_ms: int) -> None:
         done = wm - lateness_ms
-        for u in [u for u, s in self.sess_of.items() if self.sessions.open_session(u, done) != s]:
-            del self.sess_of[u]
-            self.inner.state.pop(u, None)
+        for u in [u for u in self.inner.state if self.sessions.open_session(u, done) is None]:
+            del self.inner.state[u]
 
 
 class BeforeSession(LastN):

@@ -118,9 +118,7 @@ def parse_feature(sql: str) -> Feature:
         if isinstance(left, exp.Column) and left.name == "action":
             values = cond.expressions if isinstance(cond, exp.In) else [cond.expression]
             if not isinstance(cond, exp.In | exp.EQ) or not all(isinstance(v, exp.Literal) for v in values):
-                raise FeatureSQLError(
-                    f"filter actions with action = '...' or action IN (...), got {cond.sql()}"
-                )
+                raise FeatureSQLError(f"filter actions with action = '...' or action IN (...), got {cond.sql()}")
             actions = tuple(v.this for v in values)
         elif isinstance(left, exp.Column) and left.name == "ts" and isinstance(cond, exp.GT | exp.GTE):
             if not isinstance(cond.expression, exp.Sub):
@@ -153,9 +151,7 @@ def parse_feature(sql: str) -> Feature:
         if fn in ("counts_by_action", "age") and not args:
             return Feature(agg=fn, **common)  # type: ignore[arg-type]
         if fn == "covisit" and len(args) == 3:
-            return Feature(
-                agg="covisit", k=_int(args[0]), span=_int(args[1]), gap_ms=_interval_ms(args[2]), **common
-            )  # type: ignore[arg-type]
+            return Feature(agg="covisit", k=_int(args[0]), span=_int(args[1]), gap_ms=_interval_ms(args[2]), **common)  # type: ignore[arg-type]
     except ValueError as e:
         raise FeatureSQLError(str(e)) from None
     raise FeatureSQLError(f"unknown aggregation {agg.sql(_DIALECT)}")

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 READ_PAGE = 5_000  # rows per read query: bounded memory, short read transactions (checkpoints proceed)
 EXPORT_CHUNK = 200_000  # events per export round (one Parquet file per day per round)
 _LOOKUP_CHUNK = 500  # event_ids per IN (...) lookup, under SQLite's variable limit
-_SYNCHRONOUS = ("FULL", "NORMAL", "OFF")
+_SYNCHRONOUS = ("FULL", "OFF")
 _MAX_OFFSET = 2**63 - 1
 
 _SCHEMA = """

@@ -8,16 +8,12 @@ from insession.model.reranker import (
     Explanation,
     RerankerConfig,
     Sequence,
+    calendar_fields,
+    counter_row,
 )
 from insession.model.vocab import Vocab
 
 __all__ = [
-    "COUNTERS",
-    "Batch",
-    "DualSequenceReranker",
-    "Encoded",
-    "Explanation",
-    "RerankerConfig",
-    "Sequence",
-    "Vocab",
+    "COUNTERS", "Batch", "DualSequenceReranker", "Encoded", "Explanation", "RerankerConfig", "Sequence",
+    "Vocab", "calendar_fields", "counter_row",
 ]

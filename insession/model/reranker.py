@@ -159,12 +159,9 @@ class TokenEmbedding(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, items: Tensor, actions: Tensor, hours: Tensor) -> Tensor:
-        x = self.items(items) + self.action(actions)
-        if self.cfg.use_time:
-            x = x + self.time(torch.log1p(hours).unsqueeze(-1))
-        else:
-            x = x + self.position(hours.long())  # hours holds the position from the end here
-        return self.drop(x)
+        # with use_time=False, `hours` holds the position from the newest event instead
+        when = self.time(torch.log1p(hours).unsqueeze(-1)) if self.cfg.use_time else self.position(hours.long())
+        return self.drop(self.items(items) + self.action(actions) + when)
 
 
 class SelfAttention(nn.Module):
@@ -180,9 +177,7 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(b, length, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         # a row with no valid key would give NaN; let it attend to its padding (its output is masked later)
         keys = (mask | ~mask.any(-1, keepdim=True))[:, None, None, :]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=keys, dropout_p=self.dropout if self.training else 0.0
-        )
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(b, length, d))
 
 
@@ -282,9 +277,7 @@ class TargetPooling(nn.Module):
         self.decay = nn.Parameter(torch.tensor(-1.0))
         self.repeat_boost = nn.Parameter(torch.tensor(0.5))
 
-    def forward(
-        self, cand: Tensor, h: Tensor, mask: Tensor, hours: Tensor, atc: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def forward(self, cand: Tensor, h: Tensor, mask: Tensor, hours: Tensor, atc: Tensor) -> tuple[Tensor, Tensor]:
         """cand [B, C, D], h [B, L, D], mask/hours/atc [B, L] -> pooled [B, C, D], weights [B, C, L]."""
         b, c, _ = cand.shape
         if not self.cfg.target_pooling:  # masked mean, the same for every candidate (expanded, not copied)
@@ -366,9 +359,7 @@ class DualSequenceReranker(nn.Module):
             session_hours=s_hours,
             history_atc=(history.actions == ADD_TO_CART).float(),
             session_atc=(session.actions == ADD_TO_CART).float(),
-            calendar=torch.cat(
-                [self.hour(cal[:, 0]), self.weekday(cal[:, 1]), self.week_of_month(cal[:, 2])], -1
-            ),
+            calendar=torch.cat([self.hour(cal[:, 0]), self.weekday(cal[:, 1]), self.week_of_month(cal[:, 2])], -1),
         )
 
     def score(

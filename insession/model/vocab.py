@@ -23,11 +23,7 @@ def _strings(values: object) -> pa.Array:
 
 def _positions(values: pa.Array, value_set: pa.Array) -> np.ndarray:
     """Position of each value in value_set, -1 when absent or null."""
-    return (
-        pc.fill_null(pc.index_in(values, value_set=value_set), -1)
-        .to_numpy(zero_copy_only=False)
-        .astype(np.int64)
-    )
+    return pc.fill_null(pc.index_in(values, value_set=value_set), -1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def _subcat_key(category: pa.Array, subcategory: pa.Array) -> pa.Array:
@@ -65,9 +61,7 @@ class Vocab:
         """From parallel arrays (e.g. the training period's events); an item's last seen category wins."""
         t = pa.table({"item": item_id, "cat": category, "sub": subcategory}).filter(pc.is_valid(item_id))
         t = t.append_column("key", _subcat_key(t["cat"], t["sub"]))
-        last = {
-            i: (c, k) for i, c, k in zip(*(t[n].to_pylist() for n in ("item", "cat", "key")), strict=True)
-        }
+        last = {i: (c, k) for i, c, k in zip(*(t[n].to_pylist() for n in ("item", "cat", "key")), strict=True)}
         items = sorted(last)
         cats = sorted({c for c, _ in last.values() if c is not None})
         subcats = sorted({k for _, k in last.values() if k is not None})

@@ -265,6 +265,12 @@ class AnalyticsLane:
             ) from None
         except _INPUT_ERRORS as e:
             raise input_error(e, position) from None
+        except duckdb.IOException:  # a history file replaced under the query (an export's clean-up)
+            raise QueryError(
+                "the history changed while the query ran; retry", 503, code="retry", retry_after_s=lim.retry_after_s
+            ) from None
+        except duckdb.InternalException as e:  # DuckDB's own limitation, reached by this query's SQL
+            raise QueryError(f"DuckDB could not run this query: {e}", 400, code="unsupported_query") from None
         finally:
             timer.cancel()
             con.close()

@@ -35,15 +35,14 @@ from typing import Any
 
 from sqlglot import exp
 
+from insession.features.declare import ENTITY_KEYS, SEQUENCE_FIELDS, VALUE_FIELDS
 from insession.query.errors import QueryError
-from insession.query.sql import DIALECT, Statement, _at
+from insession.query.sql import DIALECT, Statement, position_of
 
 FEATURES_TABLE = "features"
-KEY_COLUMNS = ("user_id", "item_id")
-_ENTITIES = {(): "global", ("user_id",): "user", ("item_id",): "item", ("user_id", "item_id"): "user_item"}
+KEY_COLUMNS = ENTITY_KEYS["user_item"]
+_ENTITIES = {keys: entity for entity, keys in ENTITY_KEYS.items()}
 _UNIT_MS = {"SECOND": 1000, "MINUTE": 60_000, "HOUR": 3_600_000, "DAY": 86_400_000, "WEEK": 7 * 86_400_000}
-_VALUE_FIELDS = ("item_id", "category", "subcategory", "action", "surface", "session_id")
-_SEQUENCE_FIELDS = ("item_id", "action", "ts", "category")
 _NOW = (exp.CurrentTimestamp,)
 
 
@@ -174,9 +173,7 @@ def _conjuncts(where: exp.Where | None) -> list[exp.Expression]:
     return [c.unnest() for c in cond.flatten()] if isinstance(cond, exp.And) else [cond]
 
 
-def _read_where(
-    select: exp.Select, table: str, key_columns: tuple[str, ...], allow_filters: bool
-) -> _Where | None:
+def _read_where(select: exp.Select, table: str, key_columns: tuple[str, ...], allow_filters: bool) -> _Where | None:
     keys: dict[str, KeyRef] = {}
     actions: frozenset[str] | None = None
     window: int | None = None
@@ -194,12 +191,7 @@ def _read_where(
                 actions = frozenset({val[1]})
             else:
                 return None
-        elif (
-            allow_filters
-            and isinstance(cond, exp.In)
-            and _column(cond.this, table) == "action"
-            and actions is None
-        ):
+        elif allow_filters and isinstance(cond, exp.In) and _column(cond.this, table) == "action" and actions is None:
             vals = [_value(v) for v in cond.expressions]
             if not vals or any(v is None or v[1] is None for v in vals):
                 return None
@@ -270,21 +262,15 @@ def _shapes(select: exp.Select, table: str) -> list[tuple[str, str | None, int |
     by_ts = _order_is_ts_desc(select, table)
     out: list[tuple[str, str | None, int | None, tuple[str, ...]]] = []
     if distinct:
-        if len(sel) == 1 and cols[0] in _VALUE_FIELDS and by_ts and not group and limit and limit > 0:
+        if len(sel) == 1 and cols[0] in VALUE_FIELDS and by_ts and not group and limit and limit > 0:
             out.append(("distinct_topk", cols[0], limit, ("value",)))
         return out
     if not group and by_ts and limit and limit > 0 and all(cols):
-        if len(cols) == 1 and limit == 1 and cols[0] in _VALUE_FIELDS:
+        if len(cols) == 1 and limit == 1 and cols[0] in VALUE_FIELDS:
             out.append(("last", cols[0], None, ("value",)))
-        if all(c in _SEQUENCE_FIELDS for c in cols):
+        if all(c in SEQUENCE_FIELDS for c in cols):
             out.append(("last_n", None, limit, tuple(c for c in cols if c)))
-    if (
-        len(sel) == 1
-        and _is_count_star(sel[0])
-        and not group
-        and limit is None
-        and select.args.get("order") is None
-    ):
+    if len(sel) == 1 and _is_count_star(sel[0]) and not group and limit is None and select.args.get("order") is None:
         out.append(("count", None, None, ("count",)))
     if len(sel) == 2 and len(group) == 1 and group[0] is not None:
         counts = [_is_count_star(e) for e in sel]
@@ -293,7 +279,7 @@ def _shapes(select: exp.Select, table: str) -> list[tuple[str, str | None, int |
             if group[0] == "action" and limit is None and select.args.get("order") is None:
                 out.append(("counts_by_action", None, None, proj))
             elif (
-                group[0] in _VALUE_FIELDS
+                group[0] in VALUE_FIELDS
                 and limit
                 and limit > 0
                 and _order_by_count_desc(select, sel[counts.index(True)])
@@ -315,8 +301,7 @@ def _order_by_count_desc(select: exp.Select, count_expr: exp.Expression) -> bool
 
 def _output_names(select: exp.Select) -> tuple[str, ...]:
     return tuple(
-        e.alias_or_name if isinstance(e, exp.Column | exp.Alias) else e.sql(dialect=DIALECT)
-        for e in select.expressions
+        e.alias_or_name if isinstance(e, exp.Column | exp.Alias) else e.sql(dialect=DIALECT) for e in select.expressions
     )
 
 
@@ -362,9 +347,7 @@ class Matcher:
                     )
                     + (f"; declared action filter {sorted(feature.actions)}" if feature.actions else "")
                 )
-                return FeaturePlan(
-                    entity, keys, (feature.name,), _output_names(select), agg, n, projection, note
-                )
+                return FeaturePlan(entity, keys, (feature.name,), _output_names(select), agg, n, projection, note)
         return None
 
     def _pick(
@@ -402,13 +385,13 @@ class Matcher:
         )
         select = _plain_select(stmt.tree)
         if select is None or {t.name.lower() for t in stmt.tree.find_all(exp.Table)} != {FEATURES_TABLE}:
-            raise QueryError(usage, code="bad_features_query", **_at(stmt.tree))
+            raise QueryError(usage, code="bad_features_query", **position_of(stmt.tree))
         if any(select.args.get(a) for a in ("group", "order", "limit", "distinct")):
-            raise QueryError(usage, code="bad_features_query", **_at(stmt.tree))
+            raise QueryError(usage, code="bad_features_query", **position_of(stmt.tree))
         table = select.args["from_"].this.alias_or_name.lower()
         where = _read_where(select, table, KEY_COLUMNS, allow_filters=False)
         if where is None:
-            raise QueryError(usage, code="bad_features_query", **_at(select.args.get("where") or select))
+            raise QueryError(usage, code="bad_features_query", **position_of(select.args.get("where") or select))
         key_cols = tuple(c for c in KEY_COLUMNS if c in where.keys)
         entity = _ENTITIES[key_cols]
         declared = [f.name for f in self._features() if f.entity == entity]
@@ -419,14 +402,14 @@ class Matcher:
                 continue
             col = _column(e, table)
             if col is None:
-                raise QueryError(usage, code="bad_features_query", **_at(e))
+                raise QueryError(usage, code="bad_features_query", **position_of(e))
             if col in key_cols:
                 continue
             if col not in declared:
                 raise QueryError(
                     f"unknown {entity} feature {e.sql(dialect=DIALECT)}; declared: {', '.join(declared)}",
                     code="unknown_column",
-                    **_at(e),
+                    **position_of(e),
                 )
             names.append(col)  # type: ignore[arg-type]
         keys = tuple(where.keys[c] for c in key_cols)

@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 from sqlglot import exp
 
+from insession.features.declare import ENTITY_KEYS
 from insession.query.analytics import AnalyticsLane, Limits, Sources, Table
 from insession.query.errors import QueryError
 from insession.query.hygiene import Hygiene
 from insession.query.match import FEATURES_TABLE, FeaturePlan, Matcher
-from insession.query.sql import DIALECT, Statement, _at, bind_params, param_contexts, parse
+from insession.query.sql import DIALECT, Statement, bind_params, param_contexts, parse, position_of
 from insession.query.tables import TABLE_COLUMNS
 from insession.schema import ACTIONS
 
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 SERVING, ANALYTICS = "serving", "analytics"
 INVALID = "invalid"  # the metrics label of queries refused before they could be routed
-ENTITIES = ("user", "item", "user_item", "global")
+ENTITIES = tuple(ENTITY_KEYS)
 # Which roles may use which lane (admin may use everything; see insession.serve.auth).
 LANE_ROLES = {
     SERVING: frozenset({"serve", "analytics", "admin"}),
@@ -44,7 +45,7 @@ _ALL_COLUMNS = {c: t for cols in TABLE_COLUMNS.values() for c, t in cols.items()
 PLAN_CACHE = 1024
 
 
-class Result(msgspec.Struct, omit_defaults=True):
+class Result(msgspec.Struct):
     """A query's answer. `feature`: the declared feature that answered (serving lane); `fallbacks`: feature
     -> the feature its empty value fell back to (see Hygiene); `truncated`: a row/byte limit cut it."""
 
@@ -107,9 +108,7 @@ class QueryService:
         self.features = features
         self.analytics = AnalyticsLane(sources or Sources.of(log, catalog, history_dir), limits)
         self.matcher = Matcher(self._declared, ACTIONS)
-        self.hygiene = Hygiene(
-            catalog.get, lambda name: features.read(name, None), self._declared, self._dropped
-        )
+        self.hygiene = Hygiene(catalog.get, lambda name: features.read(name, None), self._declared, self._dropped)
         self.listeners: list[QueryListener] = []
         self._plans: dict[tuple[str, int], Plan] = {}  # insertion-ordered: the oldest is evicted first
 
@@ -243,9 +242,7 @@ class QueryService:
 
     def _explained(self, p: Prepared, ex: Explanation) -> Result:
         ms = self._done(ex.lane, p.start, 200)
-        return Result(
-            ex.lane, ["lane", "feature", "plan"], [[ex.lane, ex.feature, ex.plan]], ex.feature, elapsed_ms=ms
-        )
+        return Result(ex.lane, ["lane", "feature", "plan"], [[ex.lane, ex.feature, ex.plan]], ex.feature, elapsed_ms=ms)
 
     def execute(
         self, sql: str, params: Mapping[str, Any] | None = None, roles: Collection[str] | None = None
@@ -287,14 +284,10 @@ class QueryService:
         table = self.analytics.submit(p.plan.duck_sql, p.params, explain=True).result()
         return Explanation(ANALYTICS, None, table.rows[0][0])
 
-    def read_features(
-        self, entity: str, key: str | tuple[str, ...] | None
-    ) -> tuple[dict[str, Any], dict[str, str]]:
+    def read_features(self, entity: str, key: str | tuple[str, ...] | None) -> tuple[dict[str, Any], dict[str, str]]:
         """Every declared feature of `entity` for `key`, cleaned; and the fallbacks used."""
         if entity not in ENTITIES:
-            raise QueryError(
-                f"unknown entity {entity!r}; entities: {', '.join(ENTITIES)}", 404, code="unknown_entity"
-            )
+            raise QueryError(f"unknown entity {entity!r}; entities: {', '.join(ENTITIES)}", 404, code="unknown_entity")
         start = time.perf_counter()
         try:
             raw = self.features.read_all(entity, key)
@@ -311,5 +304,5 @@ class QueryService:
 def _column_position(stmt: Statement, name: str) -> dict[str, int]:
     for col in stmt.tree.find_all(exp.Column):
         if col.name == name or col.name.lower() == name.lower():
-            return _at(col)
+            return position_of(col)
     return {}

@@ -258,7 +258,7 @@ class Statement:
         return {} if line is None else {"line": line, "col": col}
 
 
-def _at(node: exp.Expression) -> dict[str, int]:
+def position_of(node: exp.Expression) -> dict[str, int]:
     """Line and column of a node where the parser recorded them (identifiers carry them)."""
     for n in (node, *(node.find_all(exp.Identifier))):
         meta = n.meta if hasattr(n, "meta") else {}
@@ -281,9 +281,7 @@ def parse(sql: str, tables: Collection[str]) -> Statement:
     if len(sql) > MAX_SQL_CHARS:
         raise QueryError(f"query of {len(sql)} characters exceeds {MAX_SQL_CHARS}", code="syntax_error")
     tokens = _tokenize(sql)
-    explain = (
-        bool(tokens) and tokens[0].token_type == TokenType.COMMAND and tokens[0].text.upper() == "EXPLAIN"
-    )
+    explain = bool(tokens) and tokens[0].token_type == TokenType.COMMAND and tokens[0].text.upper() == "EXPLAIN"
     if explain:
         # Blank out the keyword so that positions in the rest stay those of the user's text.
         sql_body = " " * (tokens[0].end + 1) + sql[tokens[0].end + 1 :]
@@ -313,7 +311,7 @@ def parse(sql: str, tables: Collection[str]) -> Statement:
         raise QueryError(
             f"only SELECT queries are allowed, not {tree.key.upper()}",
             code="forbidden_statement",
-            **_at(tree),
+            **position_of(tree),
         )
     params = _check_tree(tree, {t.lower() for t in tables})
     positions: dict[str, tuple[int, int]] = {}
@@ -332,7 +330,7 @@ def _check_tree(tree: exp.Query, tables: set[str]) -> tuple[str, ...]:
             raise QueryError(
                 f"{node.key.upper()} is not allowed: queries are read-only SELECTs",
                 code="forbidden_statement",
-                **_at(node),
+                **position_of(node),
             )
         if isinstance(node, exp.Table):
             _check_table(node, tables, ctes)
@@ -341,12 +339,12 @@ def _check_tree(tree: exp.Query, tables: set[str]) -> tuple[str, ...]:
                 raise QueryError(
                     f"function {node.name}() is not available in queries",
                     code="forbidden_function",
-                    **_at(node),
+                    **position_of(node),
                 )
         elif isinstance(node, exp.Func) and type(node) not in ALLOWED_FUNCTIONS:
             name = node.sql_name() if hasattr(node, "sql_name") else node.key
             raise QueryError(
-                f"function {name}() is not available in queries", code="forbidden_function", **_at(node)
+                f"function {name}() is not available in queries", code="forbidden_function", **position_of(node)
             )
         elif isinstance(node, exp.Placeholder):
             name = node.name
@@ -364,21 +362,21 @@ def _check_table(node: exp.Table, tables: set[str], ctes: set[str]) -> None:
         raise QueryError(
             "table functions are not allowed; read the declared tables: " + ", ".join(sorted(tables)),
             code="forbidden_table",
-            **_at(node),
+            **position_of(node),
         )
     if node.args.get("db") or node.args.get("catalog"):
         raise QueryError(
             f"qualified table {node.sql(dialect=DIALECT)} is not allowed; use a declared table: "
             + ", ".join(sorted(tables)),
             code="unknown_table",
-            **_at(node),
+            **position_of(node),
         )
     name = node.name.lower()
     if name not in tables and name not in ctes:
         raise QueryError(
             f"unknown table {node.name!r}; tables: {', '.join(sorted(tables))}",
             code="unknown_table",
-            **_at(node),
+            **position_of(node),
         )
 
 
@@ -427,8 +425,7 @@ def _to_timestamp(name: str, value: Any) -> datetime:
             ) from None
         return dt.astimezone(UTC).replace(tzinfo=None) if dt.tzinfo else dt
     raise QueryError(
-        f"parameter :{name} must be a timestamp (epoch milliseconds or ISO-8601 text), "
-        f"got {type(value).__name__}",
+        f"parameter :{name} must be a timestamp (epoch milliseconds or ISO-8601 text), got {type(value).__name__}",
         code="bad_parameter",
     )
 
@@ -471,15 +468,12 @@ def convert_param(name: str, value: Any, sql_type: str | None) -> Any:
             code="bad_parameter",
         )
     raise QueryError(
-        f"parameter :{name} is compared with a {sql_type} column and cannot be "
-        f"{type(value).__name__} {value!r}",
+        f"parameter :{name} is compared with a {sql_type} column and cannot be {type(value).__name__} {value!r}",
         code="bad_parameter",
     )
 
 
-def bind_params(
-    stmt: Statement, params: Mapping[str, Any], types: Mapping[str, str | None]
-) -> dict[str, Any]:
+def bind_params(stmt: Statement, params: Mapping[str, Any], types: Mapping[str, str | None]) -> dict[str, Any]:
     """Check that every named parameter is given (and nothing else), with a value of the right type."""
     if not isinstance(params, Mapping):
         raise QueryError("params must be an object of name -> value", code="bad_parameter")

@@ -1,8 +1,8 @@
 """Ranking: the candidate stage, the reranker under a deadline, fallbacks, hygiene checks, hot reload."""
 
-from insession.rank.candidates import CandidateQuotas, CandidateSources, PopularItems, propose
+from insession.rank.candidates import CandidateQuotas, CandidateSources, PopularItems, propose, sources_for
 from insession.rank.fallback import FALLBACKS, fallback_ranking
-from insession.rank.hygiene import HygieneRules, apply_hygiene, eligible
+from insession.rank.hygiene import HygieneRules, apply_hygiene, eligible, purchased_in
 from insession.rank.service import (
     REASONS,
     ArtefactRefused,
@@ -36,4 +36,6 @@ __all__ = [
     "eligible",
     "fallback_ranking",
     "propose",
+    "purchased_in",
+    "sources_for",
 ]

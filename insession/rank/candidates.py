@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, zip_longest
+from typing import Any
 
 import pyarrow.compute as pc
 
@@ -50,6 +51,31 @@ class CandidateSources:
     category_popular: Mapping[str, Sequence[str]] = field(default_factory=dict)  # category -> items
     trending: Sequence[str] = ()
     popular: Sequence[str] = ()
+
+
+def sources_for(
+    session: Sequence[Mapping[str, Any]],
+    top_categories: Sequence[str],
+    covisit: Callable[[str], Sequence[str]],
+    category_popular: Mapping[str, Sequence[str]],
+    trending: Sequence[str],
+    popular: Sequence[str],
+    quotas: CandidateQuotas = CandidateQuotas(),
+) -> CandidateSources:
+    """The sources for one shopper from feature values: `session` is `session_seq` (oldest first),
+    `top_categories` is `top_categories_15d`, `covisit(item)` the `covisit` neighbours of an item (read
+    for the `quotas.session` most recent distinct session items only)."""
+    session_items = [e["item_id"] for e in reversed(session)]
+    recent = list(dict.fromkeys(session_items))[: quotas.session]
+    session_categories = [e["category"] for e in reversed(session) if e["category"]]
+    return CandidateSources(
+        session_items=session_items,
+        covisit={i: covisit(i) for i in recent},
+        categories=list(dict.fromkeys([*session_categories, *top_categories])),
+        category_popular=category_popular,
+        trending=trending,
+        popular=popular,
+    )
 
 
 def _round_robin(lists: Iterable[Sequence[str]]) -> Iterable[str]:

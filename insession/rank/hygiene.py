@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from insession.log.catalog import Catalog
 
@@ -39,6 +40,11 @@ class HygieneRules:
 
     def category_cap(self, k: int) -> int:
         return max(1, math.ceil(self.max_category_share * k - 1e-9))
+
+
+def purchased_in(session: Iterable[Mapping[str, Any]]) -> set[str]:
+    """Items bought in the session (`session_seq` events): what rule 3 applies to."""
+    return {e["item_id"] for e in session if e["action"] == "purchase"}
 
 
 def ineligible_reason(

@@ -2,13 +2,12 @@
 
 The sequences and counters follow the training examples exactly (insession.train.examples): events
 oldest -> newest with padding at the end, the most recent `max_history` / `max_session` kept, action
-index 1 + ACTIONS.index(action), counters in COUNTERS order (each a total over actions for the
-`counts_by_action` features).
+index 1 + ACTIONS.index(action), counters in COUNTERS order through the model's own `counter_row`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,8 @@ from insession.features import FeatureEngine
 from insession.log.catalog import Catalog
 from insession.model import COUNTERS, Vocab
 from insession.model import Sequence as SeqTensors
+from insession.model.reranker import counter_row
+from insession.rank.hygiene import purchased_in
 from insession.schema import ACTIONS
 
 ACTION_INDEX = {a: i + 1 for i, a in enumerate(ACTIONS)}  # 0 is padding
@@ -38,7 +39,7 @@ class Shopper:
     @property
     def purchased(self) -> set[str]:
         """Items bought in the current session (the hygiene rule on repeats reads this)."""
-        return {e["item_id"] for e in self.session if e["action"] == "purchase"}
+        return purchased_in(self.session)
 
     @classmethod
     def read(cls, features: FeatureEngine, user_id: str) -> Shopper:
@@ -46,25 +47,20 @@ class Shopper:
         return cls(user_id, f["history_seq"], f["session_seq"], f["top_categories_15d"], features.watermark)
 
 
-def _total(value: Mapping[str, int] | int | float | None) -> float:
-    if isinstance(value, Mapping):
-        return float(sum(value.values()))
-    return float(value or 0)
-
-
 def item_counts(features: FeatureEngine, feature: str, items: Sequence[str]) -> list[float]:
-    """One item-level counter (a total over actions) for each item."""
-    return [_total(features.read(feature, item)) for item in items]
+    """One item-level counter of COUNTERS (a total over actions) for each item, as the model reads it."""
+    col = COUNTERS.index(feature)
+    return [counter_row({feature: features.read(feature, item)})[col] for item in items]
 
 
 def counters(features: FeatureEngine, user_id: str, items: Sequence[str]) -> np.ndarray:
-    """[C, len(COUNTERS)] float32: the per-user item count, 28-day popularity and 2-hour trending."""
-    columns = {
-        "user_item_count_28d": [_total(features.read("user_item_count_28d", (user_id, i))) for i in items],
-        "item_count_28d": item_counts(features, "item_count_28d", items),
-        "item_trending_2h": item_counts(features, "item_trending_2h", items),
-    }
-    return np.array([columns[c] for c in COUNTERS], dtype=np.float32).T.reshape(len(items), len(COUNTERS))
+    """[C, len(COUNTERS)] float32 for the model head: per-user item count, 28-day and 2-hour counts."""
+    entity = {name: features.registry[name].entity for name in COUNTERS}
+    rows = [
+        counter_row({n: features.read(n, (user_id, item) if entity[n] == "user_item" else item) for n in COUNTERS})
+        for item in items
+    ]
+    return np.array(rows, dtype=np.float32).reshape(len(items), len(COUNTERS))
 
 
 class ItemIndex:

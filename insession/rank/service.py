@@ -6,6 +6,8 @@ score every candidate in one batched pass on a model thread, waiting at most for
 request's budget. A feature read error, a model error, a blown budget or a missing model gives a
 fallback ranking (see `insession.rank.fallback`), flagged in the response and counted in metrics.
 Hygiene (see `insession.rank.hygiene`) runs on every list, model or fallback, before it leaves.
+The request instant the model sees (hours since each event, calendar) is the feature engine's watermark,
+the clock every feature was read at, so replays and imported history rank as they would have live.
 
 Hot reload: `reload()` loads an artefact beside the serving one, refuses it when its feature-declaration
 hash differs from the running feature set, warms it, then swaps one reference; a request reads that
@@ -32,7 +34,7 @@ import torch
 from insession.features import FeatureEngine
 from insession.log.catalog import Catalog
 from insession.model import Explanation
-from insession.rank.candidates import CandidateQuotas, CandidateSources, PopularItems, propose
+from insession.rank.candidates import CandidateQuotas, PopularItems, propose, sources_for
 from insession.rank.fallback import fallback_ranking
 from insession.rank.hygiene import HygieneRules, apply_hygiene, eligible
 from insession.rank.inputs import ItemIndex, Shopper, counters, item_counts, sequence
@@ -57,7 +59,7 @@ class RankConfig:
     hygiene: HygieneRules = field(default_factory=HygieneRules)
     quotas: CandidateQuotas = field(default_factory=CandidateQuotas)
     model_threads: int = 2  # concurrent model passes (a pool: the deadline can abandon a slow one)
-    popular_ttl_s: float = 10.0  # how often the per-category popular lists are rebuilt
+    popular_ttl_s: float = 60.0  # how often the per-category 28-day popular lists are rebuilt
     # "onnx": score with ONNX Runtime once the artefact's export is ready (eager PyTorch until then);
     # "torch": eager PyTorch only. Both give the same scores; ORT is faster (docs/benchmarks.md).
     backend: str = "onnx"
@@ -70,8 +72,8 @@ class RankRequest(msgspec.Struct, forbid_unknown_fields=True):
     """`POST /v1/rank` body: rank `candidates` (or the candidate stage's proposals) for `user_id` now."""
 
     user_id: str | int
-    session_id: str | int | None = None
-    surface: str | None = None
+    session_id: str | int | None = None  # echoed; the session ranked on is the user's current one
+    surface: str | None = None  # echoed (home, search, cart, pdp, ...)
     candidates: list[str | int] | None = None  # at most RankConfig.max_candidates; None: candidate stage
     k: int | None = None  # how many items to return (default RankConfig.default_k)
     budget_ms: float | None = None  # the deadline for this request (default RankConfig.budget_ms)
@@ -176,6 +178,7 @@ class _Job:
 
 
 _Scored = tuple[np.ndarray, Explanation | None]
+_NOTHING: _Scored = (np.zeros(0, np.float32), None)
 
 
 class Ranker:
@@ -199,6 +202,7 @@ class Ranker:
         self.model_dir = Path(model_dir) if model_dir is not None else None
         self.config = config or RankConfig()
         self.popular = PopularItems(features, catalog, ttl_s=self.config.popular_ttl_s)
+        self.popular.refresh()  # built once here, so no request pays for it
         self.fault: Callable[[str], None] | None = None
         self.last_reload_error: str | None = None
         self._model: _Loaded | None = None
@@ -311,8 +315,8 @@ class Ranker:
     def rank(self, req: RankRequest) -> RankResponse:
         """Rank for one shopper, within the request's budget (blocking)."""
         job = self._begin(req)
-        if job.reason is not None or job.model is None:
-            return self._finish(job, None)
+        if job.reason is not None or not job.items:  # a fallback, or nothing to score
+            return self._finish(job, None if job.reason else _NOTHING)
         future = self._submit(job)
         try:
             result: _Scored | BaseException = future.result(timeout=max(job.remaining_s(), 0.0))
@@ -326,8 +330,8 @@ class Ranker:
     async def arank(self, req: RankRequest) -> RankResponse:
         """`rank` for an event loop: the model pass runs on a model thread, the loop is free meanwhile."""
         job = self._begin(req)
-        if job.reason is not None or job.model is None:
-            return self._finish(job, None)
+        if job.reason is not None or not job.items:  # a fallback, or nothing to score
+            return self._finish(job, None if job.reason else _NOTHING)
         future = self._submit(job)
         try:
             result: _Scored | BaseException = await asyncio.wait_for(
@@ -396,17 +400,15 @@ class Ranker:
 
     def _propose(self, shopper: Shopper) -> list[str]:
         """The candidate stage on online features."""
-        session_items = [e["item_id"] for e in reversed(shopper.session)]
-        distinct = list(dict.fromkeys(session_items))[: self.config.quotas.session]
-        session_categories = [e["category"] for e in reversed(shopper.session) if e["category"]]
         per_category, popular = self.popular.get()
-        sources = CandidateSources(
-            session_items=session_items,
-            covisit={i: [n["item_id"] for n in self.features.read("covisit", i)] for i in distinct},
-            categories=list(dict.fromkeys([*session_categories, *shopper.top_categories])),
-            category_popular=per_category,
-            trending=[t["item_id"] for t in self.features.read("trending_items_2h", None)],
-            popular=popular,
+        sources = sources_for(
+            shopper.session,
+            shopper.top_categories,
+            lambda item: [n["item_id"] for n in self.features.read("covisit", item)],
+            per_category,
+            [t["item_id"] for t in self.features.read("trending_items_2h", None)],
+            popular,
+            self.config.quotas,
         )
         purchased = shopper.purchased
         rules = self.config.hygiene

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,6 +15,12 @@ from starlette.concurrency import run_in_threadpool
 
 from insession.embedded import Insession
 from insession.schema import BatchRejected, EventIn, ItemIn, decode_body
+from insession.serve import query_routes, rank_routes
+from insession.serve.auth import SECURITY, Auth, authorize
+from insession.serve.config import load_config, query_limits
+from insession.serve.metrics import Metrics
+
+_json = msgspec.json.Encoder()
 
 
 def _rejected(e: BatchRejected) -> JSONResponse:
@@ -39,39 +46,54 @@ def _body_schema(struct: type[msgspec.Struct]) -> dict[str, Any]:
     }
 
 
-def create_app(data_dir: str | Path | None = None, *, handle: Insession | None = None) -> FastAPI:
-    """Build the app over an embedded handle (opened from `data_dir` if not given, closed on shutdown)."""
+def create_app(data_dir: str | Path | None = None, *, handle: Insession | None = None,
+               config: str | Path | dict[str, Any] | None = None) -> FastAPI:
+    """Build the app over an embedded handle (opened from `data_dir` if not given, closed on shutdown).
+
+    `config`: a server config file or its parsed form (API keys, analytics limits); none means auth off.
+    """
     if handle is None and data_dir is None:
         raise ValueError("create_app needs data_dir or handle")
+    cfg = config if isinstance(config, dict) else load_config(config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = handle is None
-        app.state.insession = handle or Insession(data_dir)  # type: ignore[arg-type]
+        db = app.state.insession = handle or Insession(data_dir, limits=query_limits(cfg))  # type: ignore[arg-type]
+        app.state.metrics.bind(db)
         try:
             yield
         finally:
             if owned:
-                app.state.insession.close()
+                db.close()
 
     app = FastAPI(title="insession", version="0.1.0", lifespan=lifespan)
+    app.state.auth = Auth.from_dict(cfg)
+    app.state.metrics = Metrics()
+    app.include_router(query_routes.router)
+    app.include_router(rank_routes.router)
 
-    async def _insert(request: Request, table: str) -> JSONResponse:
+    async def _insert(request: Request, table: str) -> Response:
+        authorize(request, "ingest")
         db: Insession = request.app.state.insession
+        metrics: Metrics = request.app.state.metrics
+        t0 = time.perf_counter()
         try:
             records = decode_body(await request.body(), request.headers.get("content-type"))
             result = await run_in_threadpool(db.insert, table, records)
         except BatchRejected as e:
+            metrics.ingest_failed(table, e.status)
             return _rejected(e)
-        return JSONResponse(msgspec.structs.asdict(result))
+        metrics.observe_ingest(table, result.stored, time.perf_counter() - t0)
+        return Response(_json.encode(result), media_type="application/json")
 
-    @app.post("/v1/events", openapi_extra=_body_schema(EventIn), tags=["ingest"])
-    async def post_events(request: Request) -> JSONResponse:
+    @app.post("/v1/events", openapi_extra={**_body_schema(EventIn), **SECURITY}, tags=["ingest"])
+    async def post_events(request: Request) -> Response:
         """Insert one event, a JSON array of events, or NDJSON; acknowledged once durable. All-or-nothing."""
         return await _insert(request, "events")
 
-    @app.put("/v1/items", openapi_extra=_body_schema(ItemIn), tags=["ingest"])
-    async def put_items(request: Request) -> JSONResponse:
+    @app.put("/v1/items", openapi_extra={**_body_schema(ItemIn), **SECURITY}, tags=["ingest"])
+    async def put_items(request: Request) -> Response:
         """Upsert catalogue rows (one object, an array, or NDJSON). All-or-nothing."""
         return await _insert(request, "items")
 

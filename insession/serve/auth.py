@@ -128,39 +128,48 @@ def write_config(path: str | Path, keys: Mapping[str, Iterable[str]]) -> dict[st
     return plain
 
 
-def _presented(request: Request, header_key: str | None) -> str | None:
-    if header_key:
-        return header_key
+def _presented(request: Request) -> str | None:
+    key = request.headers.get(API_KEY_HEADER)
+    if key:
+        return key
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+def authorize(request: Request, *roles: str) -> Principal | None:
+    """Check the request's key against `request.app.state.auth` (an `Auth`): the `Principal`, or None when
+    access control is off; HTTPException 401 without a valid key, 403 when the key has none of `roles`.
+    For hot routes that skip FastAPI's dependency machinery; `require` is the dependency form."""
+    auth: Auth | None = getattr(request.app.state, "auth", None)
+    if auth is None or not auth.enabled:
+        return None
+    principal = auth.authenticate(_presented(request))
+    if principal is None:
+        raise HTTPException(
+            401,
+            detail=f"a valid API key is required (header {API_KEY_HEADER})",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if not principal.roles.intersection(roles):
+        raise HTTPException(403, detail=f"the key {principal.name!r} lacks the role {' or '.join(roles)}")
+    return principal
+
+
 def require(role: str, *more: str) -> Callable[..., Any]:
-    """A FastAPI dependency: 401 without a valid key, 403 when the key has none of the roles; returns the
-    `Principal` (None when access control is off). Reads `request.app.state.auth` (an `Auth`)."""
+    """A FastAPI dependency doing `authorize(request, role, *more)`; returns the `Principal` (or None)."""
     wanted = (role, *more)
     if set(wanted) - set(ROLES):
         raise ValueError(f"unknown role in {wanted}; roles: {ROLES}")
 
-    async def dependency(request: Request, key: str | None = Depends(_api_key_header)) -> Principal | None:
-        auth: Auth | None = getattr(request.app.state, "auth", None)
-        if auth is None or not auth.enabled:
-            return None
-        principal = auth.authenticate(_presented(request, key))
-        if principal is None:
-            raise HTTPException(
-                401,
-                detail=f"a valid API key is required (header {API_KEY_HEADER})",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        if not principal.roles.intersection(wanted):
-            raise HTTPException(
-                403, detail=f"the key {principal.name!r} lacks the role {' or '.join(wanted)}"
-            )
-        return principal
+    async def dependency(request: Request, _: str | None = Depends(_api_key_header)) -> Principal | None:
+        return authorize(request, *wanted)
 
     dependency.__name__ = "require_" + "_or_".join(wanted)
     return dependency
+
+
+# OpenAPI: the security requirement of a route that calls `authorize` itself (the scheme `require` declares).
+SECURITY = {"security": [{_api_key_header.scheme_name: []}]}
 
 
 def roles_of(principal: Principal | None) -> frozenset[str] | None:

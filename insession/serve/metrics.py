@@ -132,6 +132,9 @@ class Metrics:
         query = getattr(handle, "query", None)
         if query is not None and hasattr(query, "listen"):
             query.listen(self)
+        applied = getattr(handle, "applied_listeners", None)  # called with each group features applied
+        if applied is not None:
+            applied.append(self.features_applied)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

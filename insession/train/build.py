@@ -21,8 +21,10 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.json as pj
 import pyarrow.parquet as pq
 
+from insession.datasets.files import EVENTS_FILE, ITEMS_FILE
 from insession.features import offline
 from insession.features.declare import MINUTE_MS, FeatureRegistry, default_registry
 from insession.model.reranker import COUNTERS, counter_row
@@ -39,6 +41,7 @@ class BuildConfig:
     max_hard_negatives: int = 20
     val_fraction: float = 0.15  # the latest requests (by time) validate
     eval_candidates: int = 50  # validation groups are topped up to this many candidates
+    max_val_groups: int = 3000  # a seeded sample of the validation requests beyond this (bounds the build)
     seed: int = 0
 
 
@@ -49,16 +52,45 @@ class TrainingData:
     vocab: Vocab
     feature_hash: str
     split_ts: int  # requests at or after this instant validate; the vocabulary is built before it
-    train_requests: (
-        pa.Table
-    )  # per training group, in Examples order: user_id, session_id, ts, offset, item_id
+    train_requests: pa.Table  # per training group, in Examples order: user_id, session_id, ts, offset, item_id
     val_requests: pa.Table  # the same per validation group
     item_sequences: tuple[np.ndarray, np.ndarray]  # (item index, session number) of training-period events
 
 
+def as_history(events: pa.Table, items: pa.Table) -> pa.Table:
+    """A dataset (events with the `EventIn` columns in time order, and a catalogue) as a stored event
+    history: offsets in file order, category and subcategory from the catalogue (as ingest enriches)."""
+    con = duckdb.connect()
+    ev = events.append_column("__row", pa.array(np.arange(events.num_rows), pa.int64()))
+    con.register("ev_in", ev)
+    con.register("items_in", items.select(["item_id", "category", "subcategory"]))
+    cols = set(events.column_names)
+
+    def col(name: str) -> str:
+        return f"CAST(e.{name} AS VARCHAR)" if name in cols else "NULL::VARCHAR"
+
+    table = con.sql(f"""
+        SELECT e.__row AS "offset", CAST(e.user_id AS VARCHAR) AS user_id, CAST(e.item_id AS VARCHAR) AS item_id,
+               e.action, e.ts, {col("event_id")} AS event_id, {col("session_id")} AS session_id,
+               {col("surface")} AS surface, NULL::VARCHAR AS properties, i.category,
+               coalesce(i.subcategory, i.category) AS subcategory, e.ts AS ingest_ts
+        FROM ev_in e LEFT JOIN (SELECT CAST(item_id AS VARCHAR) AS item_id, any_value(category) AS category,
+                                       any_value(subcategory) AS subcategory FROM items_in GROUP BY 1) i
+          ON i.item_id = CAST(e.item_id AS VARCHAR)
+        ORDER BY e.__row""").to_arrow_table()
+    return table.cast(EVENT_ARROW_SCHEMA)
+
+
 def load_events(path: Path) -> pa.Table:
-    """Events with `EVENT_ARROW_SCHEMA` from a Parquet file, or a data dir holding `history/` (day=...)."""
+    """An event history (`EVENT_ARROW_SCHEMA`) from: a Parquet file with that schema; a data dir holding
+    `history/day=*/` Parquet (the EventLog export); or a dataset dir (`items.jsonl` + `events.parquet`,
+    as `insession generate` / `insession import` write it)."""
     path = Path(path)
+    if path.is_dir() and (path / ITEMS_FILE).exists() and (path / EVENTS_FILE).exists():
+        items = pj.read_json(path / ITEMS_FILE)
+        if "subcategory" not in items.column_names:
+            items = items.append_column("subcategory", pa.nulls(items.num_rows, pa.string()))
+        return as_history(pq.read_table(path / EVENTS_FILE), items)
     if path.is_dir():
         path = path / "history" if (path / "history").is_dir() else path
         files = sorted(path.rglob("*.parquet"))
@@ -70,8 +102,7 @@ def load_events(path: Path) -> pa.Table:
     missing = set(EVENT_ARROW_SCHEMA.names) - set(table.column_names)
     if missing:
         raise ValueError(f"{path}: not an event history (missing columns {sorted(missing)})")
-    table = table.select(EVENT_ARROW_SCHEMA.names).cast(EVENT_ARROW_SCHEMA)
-    return table.sort_by("offset")
+    return table.select(EVENT_ARROW_SCHEMA.names).cast(EVENT_ARROW_SCHEMA).sort_by("offset")
 
 
 def _engine_sessions(con: duckdb.DuckDBPyConnection) -> None:
@@ -183,9 +214,7 @@ def _sample_negatives(
     return extra
 
 
-def _examples(
-    requests: pa.Table, user_feats: pa.Table, cand: pa.Table, counters: np.ndarray, vocab: Vocab
-) -> Examples:
+def _examples(requests: pa.Table, user_feats: pa.Table, cand: pa.Table, counters: np.ndarray, vocab: Vocab) -> Examples:
     """Assemble the columnar examples of the groups in `requests` (g ascending; cand sorted by g)."""
     parts: dict[str, np.ndarray] = {"request_ts": requests["ts"].to_numpy()}
     for name, prefix in zip(SEQUENCES, ("hist", "sess"), strict=True):
@@ -224,12 +253,8 @@ def build(
     _engine_sessions(con)
     requests = requests.append_column("g", pa.array(np.arange(requests.num_rows), pa.int64()))
     con.register("requests", requests)
-    accepted = con.sql(
-        "SELECT r.g FROM requests r SEMI JOIN sess_events e ON e.off = r.atc_offset ORDER BY g"
-    )
-    keep = accepted.to_arrow_table()[
-        "g"
-    ].to_numpy()  # add-to-carts the engine dropped as too late are no request
+    accepted = con.sql("SELECT r.g FROM requests r SEMI JOIN sess_events e ON e.off = r.atc_offset ORDER BY g")
+    keep = accepted.to_arrow_table()["g"].to_numpy()  # add-to-carts the engine dropped as too late are no request
     split_ts = int(np.quantile(requests["ts"].to_numpy()[keep], 1 - cfg.val_fraction, method="lower")) + 1
     is_val = requests["ts"].to_numpy() >= split_ts
 
@@ -239,15 +264,16 @@ def build(
 
     say("candidates: positives and in-session hard negatives ...")
     cand = _candidates(con, cfg)
-    val_groups = keep[is_val[keep]]
+    train_groups, val_groups = keep[~is_val[keep]], keep[is_val[keep]]
+    if len(val_groups) > cfg.max_val_groups:
+        val_groups = np.sort(np.random.default_rng(cfg.seed).choice(val_groups, cfg.max_val_groups, replace=False))
+    cand = cand.filter(pa.array(np.isin(cand["g"].to_numpy(), np.concatenate([train_groups, val_groups]))))
     if cfg.eval_candidates and len(val_groups):
         popular = con.sql(f"""
             SELECT item_id, any_value(category) AS category, any_value(subcategory) AS subcategory,
                    count(*) AS n
             FROM sess_events WHERE ts < {split_ts} GROUP BY item_id ORDER BY item_id""").to_arrow_table()
-        extra = _sample_negatives(
-            cand, val_groups, cfg.eval_candidates, popular, np.random.default_rng(cfg.seed)
-        )
+        extra = _sample_negatives(cand, val_groups, cfg.eval_candidates, popular, np.random.default_rng(cfg.seed))
         cand = pa.concat_tables([cand, extra.select(cand.column_names).cast(cand.schema)]).sort_by(
             [("g", "ascending"), ("dist", "ascending"), ("item_id", "ascending")]
         )
@@ -277,13 +303,13 @@ def build(
         SELECT e.user_id, e.session_id, e.ts, e.off AS "offset", e.item_id
         FROM requests r JOIN sess_events e ON e.off = r.atc_offset ORDER BY r.g""").to_arrow_table()
     return TrainingData(
-        train=part(keep[~is_val[keep]]),
+        train=part(train_groups),
         val=part(val_groups),
         vocab=vocab,
         feature_hash=registry.hash(),
         split_ts=split_ts,
-        train_requests=meta.filter(pa.array(~is_val[keep])),
-        val_requests=meta.filter(pa.array(is_val[keep])),
+        train_requests=meta.filter(pa.array(np.isin(keep, train_groups))),
+        val_requests=meta.filter(pa.array(np.isin(keep, val_groups))),
         item_sequences=(
             vocab.lookup(seq["item_id"], seq["category"], seq["subcategory"]),
             seq["s"].to_numpy(),

@@ -15,26 +15,19 @@ def train(
     data_dir: Annotated[
         Path,
         typer.Argument(
-            help="A data dir holding history/day=*/ Parquet, or an events "
-            "Parquet file with insession's event schema."
+            help="A data dir holding history/day=*/ Parquet, or an events Parquet file with insession's event schema."
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Artefacts go to OUT/<version>/.")] = Path("models"),
-    epochs: Annotated[
-        int, typer.Option(help="At most this many epochs (early stopping may end sooner).")
-    ] = 8,
+    epochs: Annotated[int, typer.Option(help="At most this many epochs (early stopping may end sooner).")] = 8,
     batch_size: Annotated[int, typer.Option(help="Example groups per batch.")] = 128,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-3,
-    patience: Annotated[
-        int, typer.Option(help="Epochs without a better validation NDCG@10 before stopping.")
-    ] = 2,
+    patience: Annotated[int, typer.Option(help="Epochs without a better validation NDCG@10 before stopping.")] = 2,
     dim: Annotated[int, typer.Option(help="Item embedding / model width.")] = 128,
     layers: Annotated[int, typer.Option(help="Transformer layers per encoder.")] = 1,
     heads: Annotated[int, typer.Option(help="Attention heads.")] = 2,
     item2vec_epochs: Annotated[int, typer.Option(help="Item2vec pre-training epochs (0: random init).")] = 2,
-    val_fraction: Annotated[
-        float, typer.Option(help="Share of the latest add-to-carts that validate.")
-    ] = 0.15,
+    val_fraction: Annotated[float, typer.Option(help="Share of the latest add-to-carts that validate.")] = 0.15,
     threads: Annotated[int, typer.Option(help="torch intra-op threads.")] = 1,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
@@ -57,7 +50,5 @@ def train(
         n_heads=heads,
     )
     m = done.result.metrics()
-    typer.echo(
-        f"best epoch {m['best_epoch']}: validation NDCG@10 {m['val_ndcg10']:.4f}, hit@10 {m['val_hit10']:.4f}"
-    )
+    typer.echo(f"best epoch {m['best_epoch']}: validation NDCG@10 {m['val_ndcg10']:.4f}, hit@10 {m['val_hit10']:.4f}")
     typer.echo(f"artefact: {done.path}")

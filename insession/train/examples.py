@@ -67,15 +67,9 @@ class Examples:
 
     def collate(self, idx: np.ndarray, cfg: RerankerConfig) -> Batch:
         """Padded tensors for the groups `idx`; sequences keep their most recent max_history/max_session."""
-        hi, ha, ht = _pad(
-            self.hist_offsets, (self.hist_items, self.hist_actions, self.hist_ts), idx, cfg.max_history
-        )
-        si, sa, st = _pad(
-            self.sess_offsets, (self.sess_items, self.sess_actions, self.sess_ts), idx, cfg.max_session
-        )
-        ci, cl, cc = _pad(
-            self.cand_offsets, (self.cand_items, self.cand_labels, self.cand_counters), idx, None
-        )
+        hi, ha, ht = _pad(self.hist_offsets, (self.hist_items, self.hist_actions, self.hist_ts), idx, cfg.max_history)
+        si, sa, st = _pad(self.sess_offsets, (self.sess_items, self.sess_actions, self.sess_ts), idx, cfg.max_session)
+        ci, cl, cc = _pad(self.cand_offsets, (self.cand_items, self.cand_labels, self.cand_counters), idx, None)
         return Batch(
             history=Sequence(torch.from_numpy(hi), torch.from_numpy(ha), torch.from_numpy(ht)),
             session=Sequence(torch.from_numpy(si), torch.from_numpy(sa), torch.from_numpy(st)),
@@ -118,9 +112,7 @@ def _pad(
     return out
 
 
-def bucketed_batches(
-    lengths: np.ndarray, batch_size: int, rng: np.random.Generator | None
-) -> list[np.ndarray]:
+def bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
     """Groups of similar sequence length in the same batch (little padding); batch order shuffled.
 
     With rng None the order is deterministic (evaluation).
@@ -135,9 +127,7 @@ def bucketed_batches(
     return batches
 
 
-def prefetch(
-    examples: Examples, batches: list[np.ndarray], cfg: RerankerConfig, depth: int = 4
-) -> Iterator[Batch]:
+def prefetch(examples: Examples, batches: list[np.ndarray], cfg: RerankerConfig, depth: int = 4) -> Iterator[Batch]:
     """Collate batches in a background thread, `depth` ahead of the consumer."""
     q: queue.Queue[Batch | BaseException | None] = queue.Queue(maxsize=depth)
     stop = threading.Event()

@@ -15,9 +15,7 @@ def cooccurrence_pairs(items: np.ndarray, sequence: np.ndarray, window: int) -> 
     """
     out = []
     for k in range(1, window + 1):
-        same = (
-            (sequence[k:] == sequence[:-k]) & (items[k:] != 0) & (items[:-k] != 0) & (items[k:] != items[:-k])
-        )
+        same = (sequence[k:] == sequence[:-k]) & (items[k:] != 0) & (items[:-k] != 0) & (items[k:] != items[:-k])
         a, b = items[:-k][same], items[k:][same]
         out += [np.stack([a, b], 1), np.stack([b, a], 1)]
     return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
@@ -32,7 +30,7 @@ def item2vec(
     window: int = 3,
     epochs: int = 2,
     negatives: int = 5,
-    batch_size: int = 1024,
+    steps_per_epoch: int = 300,
     max_pairs: int = 2_000_000,
     seed: int = 0,
     scale: float = 0.1,
@@ -57,6 +55,7 @@ def item2vec(
         noise = torch.from_numpy(freq / freq.sum())
         opt = torch.optim.SparseAdam([emb_in.weight, emb_out.weight], lr=0.02)
         tensor_pairs = torch.from_numpy(pairs)
+        batch_size = int(np.clip(len(pairs) // steps_per_epoch, 256, 8192))
         steps = epochs * ((len(pairs) + batch_size - 1) // batch_size)
         bar = tqdm(total=steps, desc="item2vec", disable=not progress, leave=False)
         for _ in range(epochs):

@@ -19,6 +19,7 @@ class LossWeights:
     inbatch: float = 0.5
     bce: float = 1.0
     repeat_alpha: float = 1.0  # a positive with historical count n weighs 1 + alpha * log1p(n) in the BCE
+    inbatch_negatives: int = 31  # other groups' positives each request is contrasted with
 
 
 def listwise_loss(scores: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
@@ -37,14 +38,12 @@ def listwise_loss(scores: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
 
 
 def inbatch_softmax_loss(logits: Tensor, items: Tensor) -> Tensor:
-    """logits [B, B]: request b scored against the positive item of every group; the target is b itself.
-
-    Another group's positive that is the same item as b's own is not a negative: it is masked out.
-    """
-    b = logits.shape[0]
-    eye = torch.eye(b, dtype=torch.bool)
-    collision = (items.unsqueeze(0) == items.unsqueeze(1)) & ~eye
-    return F.cross_entropy(logits.masked_fill(collision, float("-inf")), torch.arange(b))
+    """logits [B, 1 + K]: request b scored against its own positive (column 0) and K positives of other
+    groups, items [B, 1 + K] those items. Cross-entropy with target 0; a sampled item that is the same as
+    the request's own positive is not a negative: it is masked out."""
+    collision = items[:, 1:] == items[:, :1]
+    masked = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(collision, float("-inf"))], dim=1)
+    return F.cross_entropy(masked, torch.zeros(len(logits), dtype=torch.long))
 
 
 def weighted_bce(scores: Tensor, labels: Tensor, mask: Tensor, repeat: Tensor, alpha: float) -> Tensor:
@@ -54,27 +53,31 @@ def weighted_bce(scores: Tensor, labels: Tensor, mask: Tensor, repeat: Tensor, a
     return (w * bce).sum() / w.sum().clamp(min=1e-9)
 
 
-def inbatch_logits(model: DualSequenceReranker, enc: Encoded, batch: Batch) -> tuple[Tensor, Tensor]:
-    """Score every request of the batch against every group's positive item (other users' positives are
-    the sampled negatives). Returns (logits [B, B], positive item per group [B]).
+def inbatch_logits(model: DualSequenceReranker, enc: Encoded, batch: Batch, k: int) -> tuple[Tensor, Tensor]:
+    """Score every request against its own positive and the positives of k other groups of the batch
+    (other users' add-to-carts are the sampled negatives). Returns (logits [B, 1 + k], items [B, 1 + k]).
 
-    The per-user counter is unknown for cross pairs, so it is zeroed for all pairs, the diagonal included:
-    otherwise the true positive could be told apart by a counter its negatives never carry. The item-level
-    counters are those of the positive's own row.
+    The per-user counter is unknown for cross pairs, so it is zeroed for all pairs, the own positive
+    included: otherwise the true positive could be told apart by a counter its negatives never carry. The
+    item-level counters are those of the positive's own row.
     """
+    b = len(batch)
     first_pos = batch.labels.argmax(-1)
     items = batch.candidates.gather(1, first_pos.unsqueeze(1)).squeeze(1)
-    counters = batch.counters.gather(1, first_pos.view(-1, 1, 1).expand(-1, 1, len(COUNTERS))).squeeze(1)
-    counters = counters.clone()
+    counters = batch.counters.gather(1, first_pos.view(-1, 1, 1).expand(-1, 1, len(COUNTERS))).squeeze(1).clone()
     counters[:, USER_ITEM] = 0.0
-    b = len(batch)
-    logits = model.score(enc, items.unsqueeze(0).expand(b, b), counters.unsqueeze(0).expand(b, b, -1))
-    return logits, items  # type: ignore[return-value]
+    k = min(k, b - 1)
+    # group b's negatives: the positives of groups b+1 .. b+k (mod B) of a random permutation of the batch
+    perm = torch.randperm(b)
+    shifts = torch.arange(k + 1)
+    pos_in_perm = torch.empty(b, dtype=torch.long)
+    pos_in_perm[perm] = torch.arange(b)
+    others = perm[(pos_in_perm.unsqueeze(1) + shifts.unsqueeze(0)) % b]  # [B, 1 + k], column 0 = b itself
+    logits = model.score(enc, items[others], counters[others])
+    return logits, items[others]  # type: ignore[return-value]
 
 
-def hybrid_loss(
-    model: DualSequenceReranker, batch: Batch, weights: LossWeights
-) -> tuple[Tensor, dict[str, float]]:
+def hybrid_loss(model: DualSequenceReranker, batch: Batch, weights: LossWeights) -> tuple[Tensor, dict[str, float]]:
     """The training objective for one batch (BCE alone when model.cfg.loss == "bce"); (loss, its parts)."""
     enc = model.encode(batch.history, batch.session, batch.request_ts)
     scores = model.score(enc, batch.candidates, batch.counters)
@@ -83,7 +86,7 @@ def hybrid_loss(
     if model.cfg.loss == "bce":
         return bce, {"bce": float(bce.detach())}
     listwise = listwise_loss(scores, batch.labels, mask)
-    logits, items = inbatch_logits(model, enc, batch)
+    logits, items = inbatch_logits(model, enc, batch, weights.inbatch_negatives)
     inbatch = inbatch_softmax_loss(logits, items)
     total = weights.listwise * listwise + weights.inbatch * inbatch + weights.bce * bce
     parts = {"listwise": listwise, "inbatch": inbatch, "bce": bce}

@@ -68,9 +68,7 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
 
 
-def ranking_metrics(
-    scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, k: int = 10
-) -> torch.Tensor:
+def ranking_metrics(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, k: int = 10) -> torch.Tensor:
     """Per group [B, 2]: NDCG@k and hit@k of the labelled candidates among the valid ones (ties lose)."""
     s = scores.masked_fill(~mask, float("-inf"))
     pos = (labels > 0) & mask
@@ -96,9 +94,7 @@ def evaluate(model: DualSequenceReranker, examples: Examples, batch_size: int = 
 
 
 @torch.no_grad()
-def category_auc(
-    model: DualSequenceReranker, examples: Examples, vocab: Vocab, targets: list[str | None]
-) -> float:
+def category_auc(model: DualSequenceReranker, examples: Examples, vocab: Vocab, targets: list[str | None]) -> float:
     """How well scores put the candidates of a target category (e.g. the session's known intent) above the
     others: per group, P(a target-category candidate outscores a non-target one), averaged over groups that
     hold both. 0.5 is chance. `targets[g]` is group g's category (None: skip the group)."""

@@ -47,7 +47,7 @@ def test_run_and_report(shop: Dataset, tmp_path: Path) -> None:
     recency = next(m for m in res.methods if m.name == "session_recency")
     pop = next(m for m in res.methods if m.name == "popularity_28d")
     assert np.mean(recency.proposed.ndcg10) > np.mean(pop.proposed.ndcg10)
-    assert set(res.segments) == {"repeat", "session_length", "history_length", "cold_item"}
+    assert set(res.segments) == {"repeat", "session_length", "history_length", "cold_item", "surface"}
 
     body = render(res, tmp_path / "img", "eval_tiny")
     assert "### Candidate stage" in body and "| reranker |" in body and "| no_counters |" in body

@@ -23,9 +23,7 @@ from insession.features.sql import FeatureSQLError, parse_feature, to_sql
 EXTRA = [
     Feature("spend_1d", "user", "sum", sliding(DAY_MS, HOUR_MS), "properties.price", actions=("purchase",)),
     Feature("last_surface", "user", "last", field="surface"),
-    Feature(
-        "cart_cats", "user", "distinct_topk", SESSION, "category", 3, actions=("add_to_cart", "purchase")
-    ),
+    Feature("cart_cats", "user", "distinct_topk", SESSION, "category", 3, actions=("add_to_cart", "purchase")),
     Feature("top_subcats", "global", "topk_count", sliding(2 * HOUR_MS, 5 * MINUTE_MS), "subcategory", 10),
     Feature("views_before", "user", "last_n", BEFORE_SESSION, k=20, actions=("view",)),
 ]

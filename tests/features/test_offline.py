@@ -82,9 +82,7 @@ def test_point_in_time_excludes_later_events_and_late_arrivals() -> None:
     reg = default_registry()
     table = events_to_arrow(events)
     # a training row at b's time, as of before c arrived, then after: c changes the answer only after
-    out = compute(
-        reg, table, _spine([("u", "a", base + 4 * MINUTE_MS)] * 4, offsets=[0, 1, 2, 3])
-    ).to_pylist()
+    out = compute(reg, table, _spine([("u", "a", base + 4 * MINUTE_MS)] * 4, offsets=[0, 1, 2, 3])).to_pylist()
     assert [[s["item_id"] for s in r["session_seq"]] for r in out] == [
         ["a"],
         ["a", "b"],

@@ -73,9 +73,7 @@ def test_sequences_are_capped_and_history_keeps_the_latest() -> None:
 
 def test_lateness_rule() -> None:
     wm = T + 10 * MINUTE_MS
-    e = engine_with(
-        [ev(0, "u", "a", wm), ev(1, "u", "b", wm - 5 * MINUTE_MS), ev(2, "u", "c", wm - 5 * MINUTE_MS - 1)]
-    )
+    e = engine_with([ev(0, "u", "a", wm), ev(1, "u", "b", wm - 5 * MINUTE_MS), ev(2, "u", "c", wm - 5 * MINUTE_MS - 1)])
     assert e.too_late == 1
     assert e.watermark == wm
     assert e.applied_offset == 2
@@ -115,9 +113,7 @@ def test_top_categories_distinct_by_recency_views_only() -> None:
 
 
 def test_counters_by_action() -> None:
-    evs = [
-        ev(n, "u", "a", T + n, action) for n, action in enumerate(["view", "view", "add_to_cart", "purchase"])
-    ]
+    evs = [ev(n, "u", "a", T + n, action) for n, action in enumerate(["view", "view", "add_to_cart", "purchase"])]
     evs.append(ev(4, "v", "a", T + 4))
     e = engine_with(evs)
     assert e.read("user_item_count_28d", ("u", "a")) == {
@@ -198,9 +194,7 @@ def _all_reads(engine: FeatureEngine, registry: FeatureRegistry) -> dict[tuple[s
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(events=streams(), cut=st.integers(0, 60))
-def test_restart_from_snapshot_plus_log_equals_never_stopping(
-    tmp_path: Path, events: list[Event], cut: int
-) -> None:
+def test_restart_from_snapshot_plus_log_equals_never_stopping(tmp_path: Path, events: list[Event], cut: int) -> None:
     state = Path(tempfile.mkdtemp(dir=tmp_path))  # one directory per example
     reference = engine_with(events)
     first = FeatureEngine.open(state)
@@ -235,10 +229,7 @@ def test_added_feature_is_backfilled_from_the_log(events: list[Event]) -> None:
 
 
 def test_reads_are_safe_while_the_writer_applies() -> None:
-    evs = [
-        ev(n, f"u{n % 7}", f"i{n % 11}", T + n * 5000, ACTIONS[n % 4], category=f"c{n % 5}")
-        for n in range(6000)
-    ]
+    evs = [ev(n, f"u{n % 7}", f"i{n % 11}", T + n * 5000, ACTIONS[n % 4], category=f"c{n % 5}") for n in range(6000)]
     engine = FeatureEngine(default_registry())
     errors: list[BaseException] = []
     stop = threading.Event()
@@ -271,8 +262,9 @@ def test_memory_per_key_is_bounded() -> None:
     aggs = e._stream.aggs
     assert len(aggs["history_seq"].state[e._names.get("u")][1]) <= 100 * 25
     item = e._names.get("a")
-    assert len(aggs["item_count_28d"].state[item]) <= 28 * 24 * len(ACTIONS) + len(ACTIONS)
-    assert len(aggs["item_trending_2h"].state[item]) <= 2 * 60 + 1
+    assert len(aggs["item_count_28d"].state[item]) <= (28 * 24 + 1) * len(ACTIONS) * 20  # 20-byte records
+    assert len(aggs["item_trending_2h"].state[item]) <= (2 * 60 + 1) * 20
+    assert len(aggs["user_item_count_28d"].state[e._names.get("u")]) <= (28 * 24 + 1) * len(ACTIONS) * 20
     e.update_many([ev(len(day_events), "v", "b", T + 100 * DAY_MS)])
     e._stream.sweep()  # what snapshot() runs: keys with nothing left in their window go
     assert item not in aggs["item_count_28d"].state and item not in aggs["item_trending_2h"].state

@@ -43,9 +43,7 @@ def random_sequence(g: torch.Generator, b: int, length: int, lengths: list[int],
     return Sequence(items * mask, actions * mask, ts * mask)
 
 
-def random_batch(
-    cfg: RerankerConfig, lengths_h: list[int], lengths_s: list[int], c: int = 7, seed: int = 0
-) -> Batch:
+def random_batch(cfg: RerankerConfig, lengths_h: list[int], lengths_s: list[int], c: int = 7, seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
     b = len(lengths_h)
     cands = torch.randint(1, cfg.n_items, (b, c), generator=g)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from insession.rank import CandidateQuotas, CandidateSources, Ranker, propose
+from insession.rank import CandidateQuotas, CandidateSources, Ranker, propose, sources_for
 from insession.rank.inputs import Shopper
 
 from .shop import COLD, Shop
@@ -65,3 +65,14 @@ def test_online_stage_reads_session_covisit_categories_and_trending(shop: Shop, 
     assert len(got) == len(set(got)) <= ranker.config.quotas.n
     assert all(shop.catalog.get(i) is not None for i in got)
     assert COLD[2] in got  # a cold (new) item viewed in the session is still a candidate
+
+
+def test_sources_for_shapes_feature_values_as_the_service_reads_them() -> None:
+    session = [{"item_id": "a", "category": "x"}, {"item_id": "b", "category": None},
+               {"item_id": "a", "category": "x"}, {"item_id": "c", "category": "y"}]
+    asked: list[str] = []
+    sources = sources_for(session, ["z", "x"], lambda i: asked.append(i) or [f"{i}1"], {"x": ["x1"]}, ["t"], ["p"],
+                          CandidateQuotas(session=2))
+    assert list(sources.session_items) == ["c", "a", "b", "a"]  # most recent first
+    assert asked == ["c", "a"] and dict(sources.covisit) == {"c": ["c1"], "a": ["a1"]}  # 2 most recent distinct
+    assert list(sources.categories) == ["y", "x", "z"]  # session categories first, then the 15-day top

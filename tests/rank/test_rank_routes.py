@@ -49,10 +49,12 @@ def test_rank_without_a_model_then_reload_then_rank_with_it(served: tuple[TestCl
     metrics = client.app.state.metrics.render().decode()  # type: ignore[attr-defined]
     assert 'insession_rank_fallbacks_total{reason="no_model"} 1.0' in metrics
 
+    assert client.get("/v1/admin/model").status_code == 404
     shop.artefact("v1", seed=1)
     r = client.post("/v1/admin/reload")
     assert r.status_code == 200, r.text
     assert r.json()["version"] == "v1"
+    assert client.get("/v1/admin/model").json()["backend"] == "torch"
     r = client.post("/v1/rank", json={"user_id": "u1", "candidates": ["i1", "i2", 3, "i4"], "explain": True})
     body = r.json()
     assert r.status_code == 200 and body["model_version"] == "v1" and body["fallback"] is None

@@ -10,10 +10,13 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from insession.model import Batch
 from insession.rank import HygieneRules, RankConfig, Ranker, RankRequest, RankRequestError, fallback_ranking
 from insession.rank.inputs import ItemIndex, Shopper, counters, item_counts, sequence
+from insession.rank.onnx import ONNX_FILE
 
 from .shop import MINUTE, Shop
 
@@ -55,6 +58,12 @@ def test_rank_without_candidates_runs_the_candidate_stage(shop: Shop, ranker: Ra
     assert max(cats.count(c) for c in cats) <= cap
 
 
+def test_no_candidates_to_rank_is_an_empty_list(ranker: Ranker) -> None:
+    req = RankRequest("u0", candidates=[])
+    for resp in (ranker.rank(req), asyncio.run(ranker.arank(req))):
+        assert resp.items == [] and resp.fallback is None and resp.model_version == "v1"
+
+
 def test_async_path_gives_the_same_ranking(ranker: Ranker) -> None:
     req = RankRequest("u0", candidates=["i1", "i20", "i40", "i50"])
     assert asyncio.run(ranker.arank(req)).items == ranker.rank(req).items
@@ -93,6 +102,7 @@ def test_encode_once_equals_one_full_forward_per_candidate(shop: Shop, ranker: R
     config = RankConfig(hygiene=HygieneRules(max_category_share=1.0), budget_ms=5_000, backend=backend)
     served_by = Ranker(shop.features, shop.catalog, shop.model_dir, config)
     assert served_by.backend_ready(timeout_s=300) == backend
+    assert (shop.model_dir / "v1" / ONNX_FILE).exists() == (backend == "onnx")  # exported once, kept
     cands = ["i1", "i3", "i17", "i20", "i33", "i40", "i48", "i60", "i62"]
     resp = served_by.rank(RankRequest("u0", candidates=cands, k=len(cands), explain=True))
     served_by.close()
@@ -244,3 +254,18 @@ def test_counters_follow_the_model_order(shop: Shop) -> None:
     assert c.shape == (2, 3) and c.dtype == np.float32
     assert c[0, 0] == 2  # u0 viewed and carted i17 in the session
     assert c[1].tolist() == [0.0, 0.0, 0.0]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    cands=st.lists(st.sampled_from([f"i{n}" for n in range(64)] + ["ghost"]), max_size=40),
+    k=st.integers(1, 30),
+    user=st.sampled_from(["u0", "u1", "u9"]),
+)
+def test_every_response_is_servable(shop: Shop, ranker: Ranker, cands: list[str], k: int, user: str) -> None:
+    resp = ranker.rank(RankRequest(user, candidates=cands, k=k))
+    assert resp.fallback is None and len(resp.items) <= k
+    assert {it.item_id for it in resp.items} <= set(cands)
+    assert_servable(shop, resp, frozenset(Shopper.read(shop.features, user).purchased))
+    cats = [it.category for it in resp.items]
+    assert all(cats.count(c) <= ranker.config.hygiene.category_cap(k) for c in cats)

@@ -24,9 +24,7 @@ def shop() -> pa.Table:
 
 @pytest.fixture(scope="module")
 def data(shop: pa.Table) -> TrainingData:
-    return build(
-        shop, BuildConfig(window_ms=WINDOW, max_hard_negatives=50, eval_candidates=20), progress=False
-    )
+    return build(shop, BuildConfig(window_ms=WINDOW, max_hard_negatives=50, eval_candidates=20), progress=False)
 
 
 def groups(data: TrainingData) -> list[tuple[str, object, np.ndarray, np.ndarray]]:
@@ -69,13 +67,9 @@ def test_hard_negatives_are_viewed_near_the_cart_in_the_session_and_never_carted
         near = {
             e["item_id"]
             for e in rows
-            if (e["user_id"], e["session_id"]) == key
-            and e["action"] == "view"
-            and abs(e["ts"] - req["ts"]) <= WINDOW
+            if (e["user_id"], e["session_id"]) == key and e["action"] == "view" and abs(e["ts"] - req["ts"]) <= WINDOW
         } - carted[key]
-        expected = data.vocab.lookup(
-            pa.array(sorted(near), pa.string()), pa.array([None] * len(near), pa.string())
-        )
+        expected = data.vocab.lookup(pa.array(sorted(near), pa.string()), pa.array([None] * len(near), pa.string()))
         assert sorted(items[1:].tolist()) == sorted(expected.tolist())
 
 
@@ -108,19 +102,14 @@ def test_counters_equal_a_brute_force_count_before_the_request(shop: pa.Table, d
         for g, r in enumerate(req.to_pylist()):
             seen = [e for e in rows if e["offset"] < r["offset"] and e["ts"] <= r["ts"]]
             a, b = ex.cand_offsets[g], ex.cand_offsets[g + 1]
-            for idx, counters in zip(
-                ex.cand_items[a:b].tolist(), ex.cand_counters[a:b].tolist(), strict=True
-            ):
+            for idx, counters in zip(ex.cand_items[a:b].tolist(), ex.cand_counters[a:b].tolist(), strict=True):
                 if not 0 < idx < data.vocab.n_items:
                     continue  # a cold candidate: its id is not in the vocabulary to compare with
                 item = data.vocab.items[idx - 1]
                 lo28 = (r["ts"] // hour - 28 * 24 + 1) * hour
                 lo2 = (r["ts"] // minute - 120 + 1) * minute
                 expected = [
-                    sum(
-                        e["user_id"] == r["user_id"] and e["item_id"] == item and e["ts"] >= lo28
-                        for e in seen
-                    ),
+                    sum(e["user_id"] == r["user_id"] and e["item_id"] == item and e["ts"] >= lo28 for e in seen),
                     sum(e["item_id"] == item and e["ts"] >= lo28 for e in seen),
                     sum(e["item_id"] == item and e["ts"] >= lo2 for e in seen),
                 ]
@@ -193,3 +182,13 @@ def test_a_planted_future_event_never_reaches_an_earlier_example(shop: pa.Table)
     nxt = after[(target["user_id"], later[0]["ts"])]
     seen = nxt["hist"] + nxt["sess"]
     assert "LATE" in seen and "FUTURE" in seen
+
+
+def test_validation_sample_is_capped_without_leaking_into_training(shop: pa.Table, data: TrainingData) -> None:
+    capped = build(
+        shop, BuildConfig(window_ms=WINDOW, max_hard_negatives=50, eval_candidates=20, max_val_groups=5), progress=False
+    )
+    assert len(capped.val) == 5 and capped.val_requests.num_rows == 5
+    assert set(capped.val_requests["offset"].to_pylist()) <= set(data.val_requests["offset"].to_pylist())
+    assert capped.train_requests.equals(data.train_requests)  # the unsampled validation requests are dropped
+    assert np.array_equal(capped.train.cand_counters, data.train.cand_counters)

@@ -70,8 +70,7 @@ def test_subset_and_roundtrip(tmp_path: Path) -> None:
     ex.save(tmp_path / "ex.npz")
     back = Examples.load(tmp_path / "ex.npz")
     assert (
-        back.collate(np.arange(4), cfg).history.items.tolist()
-        == ex.collate(np.arange(4), cfg).history.items.tolist()
+        back.collate(np.arange(4), cfg).history.items.tolist() == ex.collate(np.arange(4), cfg).history.items.tolist()
     )
 
 

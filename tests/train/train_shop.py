@@ -24,7 +24,8 @@ def make_shop(
     (`<user>-s<k>`, also the events' session_id unless session_ids=False).
 
     In a session the shopper mostly views items of the intent category (some noise) and adds one or two
-    items of it to the cart (half of them viewed just before), sometimes viewing more afterwards. Items are `i<k>` in categories `c<j>`.
+    items of it to the cart (most of them viewed just before), sometimes viewing
+    more afterwards. Items are `i<k>` in categories `c<j>`.
     """
     rng = np.random.default_rng(seed)
     per_cat = 16
@@ -49,7 +50,7 @@ def make_shop(
             for c in carts:
                 pos = int(rng.integers(1, len(seq) + 1))
                 seq.insert(pos, (c, "add_to_cart"))
-                if rng.random() < 0.5:  # half the carts come straight from a listing, without a product view
+                if rng.random() < 0.9:  # most carts follow a product view; some come straight from a listing
                     seq.insert(pos, (c, "view"))
             for item, action in seq:
                 t += int(rng.integers(10_000, 4 * MINUTE))
