@@ -17,9 +17,6 @@ import http.client
 import json
 import multiprocessing as mp
 import re
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,6 +28,7 @@ from tqdm import tqdm
 
 from bench.bench_features import N_CATEGORIES, N_ITEMS, synthetic_events
 from bench.common import percentiles_ms, table
+from insession.serve.process import ServerProcess
 
 SERVING_SQL = (
     "SELECT DISTINCT category FROM events WHERE user_id = :user AND ts > now() - INTERVAL 15 DAY "
@@ -61,43 +59,6 @@ def load(data_dir: Path, n_users: int, per_user: int) -> None:
         db.export()
     finally:
         db.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    """The lead's server command, on loopback; returns once /healthz answers."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "insession.cli",
-            "serve",
-            "--data-dir",
-            str(data_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ]
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            conn.request("GET", "/healthz")
-            if conn.getresponse().status == 200:
-                return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the server did not start within 300 s")
 
 
 def _post(conn: http.client.HTTPConnection, body: bytes) -> tuple[int, bytes, dict[str, str]]:
@@ -204,8 +165,8 @@ def run(quick: bool) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
         load(data_dir, n_users, per_user)
-        port = _free_port()
-        server = start_server(data_dir, port)
+        server = ServerProcess(data_dir, ready_timeout_s=300).start()
+        port = server.port
         try:
             users = [f"u{i}" for i in range(0, n_users, max(1, n_users // 1000))]
             print("bench_query: warm-up")
@@ -223,8 +184,7 @@ def run(quick: bool) -> str:
             for s in scans:
                 s.join(600)
         finally:
-            server.terminate()
-            server.wait(60)
+            server.stop()
     scans_done = [t for s in scans for t in s.done]
     ratio = busy["p99"] / alone["p99"]
     rows: list[list[Any]] = [

@@ -13,6 +13,7 @@ import torch
 
 from bench.common import percentiles_ms, table
 from insession.datasets import Imported, generate_shop
+from insession.evaluate.candidates import stage_proposer
 from insession.train import TrainConfig, train_on_events
 from insession.train.build import as_history
 from insession.train.trainer import category_auc
@@ -44,7 +45,12 @@ def train_row(name: str, events: pa.Table, epochs: int, intents: dict[str, str] 
     print(f"[bench_train] {name}: {events.num_rows:,} events, training {epochs} epoch(s) ...", flush=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        done = train_on_events(events, Path(out), train_config=TrainConfig(epochs=epochs, progress=False))
+        done = train_on_events(
+            events,
+            Path(out),
+            train_config=TrainConfig(epochs=epochs, progress=False),
+            proposer=stage_proposer(events, progress=False),  # what `insession train` does by default
+        )
     total = time.perf_counter() - t0
     fit_s = sum(e.seconds for e in done.result.epochs)
     examples = len(done.data.train) * len(done.result.epochs)
@@ -127,9 +133,10 @@ def run(quick: bool) -> str:
         [
             "## Dual Sequence ReRanker training" + (" (quick)" if quick else ""),
             "Default model (dim 128, 1 layer per encoder, 2 heads), 1 torch thread, batch 128, hybrid loss; "
-            "training data from the offline feature engine (point-in-time). `build s` is the training-data "
-            "build, `examples/s` counts example groups (one add-to-cart with its candidates) per second of "
-            "training. Intent AUC: P(a validation candidate of the session's intended category outscores one "
+            "training data from the offline feature engine (point-in-time), negatives from the serving "
+            "candidate stage replayed at each add-to-cart (only add-to-carts it proposed are kept). `build s` "
+            "is the training-data build (the replay included), `examples/s` counts example groups (one "
+            "add-to-cart with its candidates) per second of training. Intent AUC: P(a validation candidate of the session's intended category outscores one "
             "of another category), 0.5 = chance.",
             table(heads, rows),
             f"### Scoring {N_CANDIDATES} candidates for one request (model trained on taobao)",

@@ -7,11 +7,15 @@ from pathlib import Path
 import typer
 
 from insession.datasets.cli import generate, import_
+from insession.evaluate.cli import evaluate
+from insession.train.cli import train
 
 app = typer.Typer(help="insession: real-time in-session personalisation.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 app.command("generate")(generate)
 app.command("import")(import_)
+app.command("train")(train)
+app.command("evaluate")(evaluate)
 
 
 @app.command()
@@ -68,11 +72,12 @@ def demo(
     items: int = typer.Option(1500, "--items"),
     days: int = typer.Option(10, "--days"),
     seed: int = typer.Option(7, "--seed"),
+    epochs: int = typer.Option(3, "--epochs", help="Training epochs for the demo's small model."),
 ) -> None:
-    """The whole story on the embedded default: generate a shop, serve it, ingest through the API, read back."""
+    """The whole story: generate a shop, serve it, ingest through the API, train, replay a session with ranks."""
     from insession.demo import run_demo
 
-    run_demo(data_dir, users=users, items=items, days=days, seed=seed)
+    run_demo(data_dir, users=users, items=items, days=days, seed=seed, epochs=epochs)
 
 
 if __name__ == "__main__":

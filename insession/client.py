@@ -9,6 +9,7 @@ import msgspec
 
 from insession.embedded import InsertResult
 from insession.query import Result
+from insession.rank import RankResponse
 from insession.schema import TABLES, BatchRejected, FieldError
 
 API_KEY_HEADER = "X-API-Key"
@@ -55,9 +56,9 @@ class Client:
         """Run a SQL-friendly query; the server routes it to the serving or the analytics lane."""
         return msgspec.convert(self._call("POST", "/v1/query", {"sql": sql, "params": params}), Result)
 
-    def rank(self, user_id: str, **request: Any) -> dict[str, Any]:
-        """Rank candidates (or the built-in candidate stage's) for a shopper right now."""
-        return self._call("POST", "/v1/rank", {"user_id": user_id, **request})
+    def rank(self, user_id: str, **request: Any) -> RankResponse:
+        """Rank candidates (or the built-in candidate stage's ~60) for a shopper right now; see RankRequest."""
+        return msgspec.convert(self._call("POST", "/v1/rank", {"user_id": user_id, **request}), RankResponse)
 
     def close(self) -> None:
         self._http.close()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
+import httpx
 from tqdm import tqdm
 
 from insession.client import Client
@@ -32,8 +36,36 @@ def ingest_shop(client: Client, shop: Shop) -> tuple[int, float]:
     return stored, time.perf_counter() - t0
 
 
-def run_demo(data_dir: Path | None, *, users: int, items: int, days: int, seed: int) -> None:
-    """Generate a shop, serve it, ingest it through the API, and read features back."""
+def _shifting_session(shop: Shop, clicks_per_intent: int) -> list[dict]:
+    """A new session whose intent moves from one category to another: the items to click, in order."""
+    by_cat: dict[str, list[dict]] = {}
+    for item in shop.items:
+        by_cat.setdefault(item["category"], []).append(item)
+    first, second = sorted(by_cat, key=lambda c: -len(by_cat[c]))[:2]
+    return by_cat[first][:clicks_per_intent] + by_cat[second][:clicks_per_intent]
+
+
+def replay_session(client: Client, shop: Shop, user: str, start_ms: int, clicks_per_intent: int = 4) -> None:
+    """Click through a session whose intent shifts; after each click, ask for recommendations."""
+    category = {item["item_id"]: item["category"] for item in shop.items}
+    latencies = []
+    for i, item in enumerate(_shifting_session(shop, clicks_per_intent)):
+        client.insert("events", [{"user_id": user, "item_id": item["item_id"], "action": "view",
+                                  "ts": start_ms + i * 40_000, "surface": "pdp"}])
+        t0 = time.perf_counter()
+        ranked = client.rank(user, k=5)
+        latencies.append((time.perf_counter() - t0) * 1000)
+        cats = Counter(category.get(r.item_id, "?") for r in ranked.items)
+        top = ", ".join(f"{c}×{n}" for c, n in cats.most_common())
+        flag = f" fallback={ranked.fallback}" if ranked.fallback else ""
+        print(f"  click {i + 1:2d}: viewed {item['item_id']} ({item['category']:>12}) -> top-5 by category: {top}"
+              f"  [{latencies[-1]:.1f} ms{flag}]")
+    latencies.sort()
+    print(f"  /v1/rank round trips: median {latencies[len(latencies) // 2]:.1f} ms, max {latencies[-1]:.1f} ms")
+
+
+def run_demo(data_dir: Path | None, *, users: int, items: int, days: int, seed: int, epochs: int) -> None:
+    """Generate a shop, serve it, ingest it through the API, train the ReRanker, and replay a session."""
     data_dir = data_dir or Path(tempfile.mkdtemp(prefix="insession-demo-"))
     _say(f"generating a synthetic shop: {users} users, {items} items, {days} days (seed {seed})")
     shop = generate_shop(users, items, days, seed)
@@ -44,5 +76,20 @@ def run_demo(data_dir: Path | None, *, users: int, items: int, days: int, seed: 
         print(f"stored {stored:,} events durably in {secs:.1f}s ({stored / secs:,.0f} events/s over HTTP)")
         user = str(shop.sessions.column("user_id")[0])
         _say(f"features of user {user}, read back through the API")
-        for name, value in client.select("SELECT * FROM features WHERE user_id = :user", user=user).items():
-            print(f"  {name}: {value}")
+        result = client.select("SELECT * FROM features WHERE user_id = :user", user=user)
+        for row in result.rows:
+            print("  " + ", ".join(f"{c}={str(v)[:90]}" for c, v in zip(result.columns, row, strict=True)))
+        sql = ("SELECT DISTINCT category FROM events WHERE user_id = :user AND ts > now() - INTERVAL 15 DAY "
+               "ORDER BY ts DESC LIMIT 5")
+        print(f"  {sql}\n    -> lane {client.select('EXPLAIN ' + sql, user=user).rows}")
+        top = client.select("SELECT category, count(*) AS n FROM events GROUP BY category ORDER BY n DESC LIMIT 3")
+        print(f"  analytics lane, busiest categories: {top.rows}")
+    # The server exported the history on its graceful stop; train on exactly what the features saw.
+    _say(f"training the Dual Sequence ReRanker on {data_dir / 'history'} ({epochs} epochs)")
+    subprocess.run([sys.executable, "-m", "insession.cli", "train", str(data_dir), "--out", str(data_dir / "models"),
+                    "--epochs", str(epochs), "--dim", "64"], check=True)
+    _say("restarting the server: it loads the newest model; replaying a session whose intent shifts")
+    with ServerProcess(data_dir) as server, Client(server.url) as client:
+        start = int(httpx.get(server.url + "/readyz").json()["watermark"]) + 3_600_000  # an hour later
+        replay_session(client, shop, user, start)
+        print(f"\nmetrics: {server.url}/metrics   OpenAPI: {server.url}/docs   data: {data_dir}")

@@ -14,6 +14,7 @@ from insession.features import FeatureEngine
 from insession.log.catalog import Catalog
 from insession.log.eventlog import EventLog
 from insession.query import Limits, QueryService, Result
+from insession.rank import RankConfig, Ranker, RankRequest, RankResponse
 from insession.schema import BatchRejected, Event, FieldError, validate_events, validate_items
 
 REPLAY_CHUNK = 10_000
@@ -37,15 +38,15 @@ def _chunks(it: Iterable[Event], n: int) -> Iterator[list[Event]]:
 
 
 class Insession:
-    """One process's insession: `insert`, `select`, `close`; safe to share across threads.
+    """One process's insession: `insert`, `select`, `rank`, `close`; safe to share across threads.
 
     Data layout under `data_dir`: `log.sqlite` (the event log, the source of truth), `catalog.sqlite`
     (the items table), `features/` (snapshots of online feature state), `history/` (Parquet by day,
-    exported from closed log segments).
+    exported from closed log segments), `models/` (versioned ReRanker artefacts; the newest serves).
     """
 
     def __init__(self, data_dir: str | Path, *, maintenance_interval_s: float | None = 5.0,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, rank_config: RankConfig | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.history_dir = self.data_dir / "history"
@@ -59,6 +60,8 @@ class Insession:
         for chunk in _chunks(self.log.read(self.features.applied_offset + 1), REPLAY_CHUNK):
             self.features.update_many(chunk)
         self.query = QueryService(self.features, self.log, self.catalog, self.history_dir, limits)
+        self.models_dir = self.data_dir / "models"  # `insession train --out` here; the newest version serves
+        self.ranker = Ranker(self.features, self.catalog, self.models_dir, rank_config)
         self._stop = threading.Event()
         self._maintenance: threading.Thread | None = None
         if maintenance_interval_s:
@@ -97,6 +100,10 @@ class Insession:
         """A SQL-friendly query: answered from online features when it matches one, else by analytics."""
         return self.query.execute(sql, params)
 
+    def rank(self, user_id: str, **request: Any) -> RankResponse:
+        """Rank candidates (or the candidate stage's ~60) for a shopper right now; see RankRequest."""
+        return self.ranker.rank(msgspec.convert({"user_id": user_id, **request}, RankRequest))
+
     # -- maintenance ----------------------------------------------------------------------------
 
     def export(self, min_events: int = 1) -> int:
@@ -125,6 +132,7 @@ class Insession:
         if self._maintenance is not None:
             self._maintenance.join()
         self.query.close()
+        self.ranker.close()
         self.features.snapshot()
         self.export()
         self.log.close()

@@ -26,6 +26,7 @@ from insession.model.reranker import COUNTERS
 from insession.rank.candidates import CandidateQuotas, CandidateSources, propose
 from insession.rank.hygiene import HygieneRules, eligible
 from insession.schema import Item
+from insession.train.build import Proposer, session_covisit
 
 USER_FEATURES = ("history_seq", "session_seq", "top_categories_15d", "trending_items_2h")
 PER_CATEGORY, TOP = 30, 200  # the PopularItems list sizes of the ranking service
@@ -66,6 +67,12 @@ class CandidateSets:
                 "label": pa.array(label.astype(np.float32)),
             }
         )
+
+    def proposals(self) -> pa.Table:
+        """(g, item_id) of what the stage itself proposed, in proposal order (no positive put in)."""
+        flat = self.flat()
+        forced = np.repeat(~self.proposed, [len(x) for x in self.lists]) & (flat["label"].to_numpy() > 0)
+        return flat.filter(pa.array(~forced)).select(["g", "item_id"])
 
     def row_offsets(self) -> np.ndarray:
         return np.concatenate([[0], np.cumsum([len(x) for x in self.lists])]).astype(np.int64)
@@ -117,8 +124,11 @@ def build_candidates(
     rules: HygieneRules = HygieneRules(),
     registry: FeatureRegistry | None = None,
     progress: bool = True,
+    with_counters: bool = True,
 ) -> CandidateSets:
-    """Replay the candidate stage for every request (see the module docstring); one list per request."""
+    """Replay the candidate stage for every request (see the module docstring); one list per request.
+
+    with_counters=False leaves `counters` empty (training reads them itself)."""
     reg = registry or default_registry()
     say = tqdm.write if progress else (lambda *_: None)
     say(f"point-in-time state for {requests.num_rows:,} requests ...")
@@ -132,20 +142,9 @@ def build_candidates(
     requests = requests.append_column("session_key", pa.array(key, pa.string()))
 
     session_items = [[e["item_id"] for e in reversed(s)] for s in sessions]
-    distinct = [list(dict.fromkeys(x))[: quotas.session] for x in session_items]
-    g_rep = np.repeat(np.arange(len(distinct)), [len(d) for d in distinct])
-    say(f"co-visitation neighbours of {len(g_rep):,} session items ...")
-    cv_spine = pa.table(
-        {
-            "item_id": pa.array([i for d in distinct for i in d], pa.string()),
-            "ts": pa.array(ts[g_rep], pa.int64()),
-            "offset": pa.array(requests["offset"].to_numpy()[g_rep], pa.int64()),
-        }
-    )
-    cv = offline.compute([reg["covisit"]], events, cv_spine)["covisit"].to_pylist()
-    covisit: list[dict[str, dict[str, int]]] = [{} for _ in distinct]
-    for g, item, nbrs in zip(g_rep.tolist(), cv_spine["item_id"].to_pylist(), cv, strict=True):
-        covisit[g][item] = {n["item_id"]: int(n["count"]) for n in nbrs}
+    say("co-visitation neighbours of the session items ...")
+    covisit = session_covisit(events, sessions, ts, requests["offset"].to_numpy(), quotas.session, reg)
+    distinct = [list(c) for c in covisit]
 
     say("popular items per category (hourly snapshots) ...")
     hours = ts // HOUR_MS * HOUR_MS
@@ -165,9 +164,7 @@ def build_candidates(
                 session_items=session_items[g],
                 covisit={i: list(covisit[g].get(i, {})) for i in distinct[g]},
                 categories=list(
-                    dict.fromkeys(
-                        [*(e["category"] for e in reversed(session) if e["category"]), *top_cats[g]]
-                    )
+                    dict.fromkeys([*(e["category"] for e in reversed(session) if e["category"]), *top_cats[g]])
                 ),
                 category_popular=per_category,
                 trending=[t["item_id"] for t in trending[g]],
@@ -200,6 +197,8 @@ def build_candidates(
         covisit,
         pa.table({}),
     )
+    if not with_counters:
+        return sets
     flat = sets.flat()
     say(f"point-in-time counters for {flat.num_rows:,} (request, candidate) pairs ...")
     g = flat["g"].to_numpy()
@@ -213,3 +212,28 @@ def build_candidates(
     )
     sets.counters = offline.compute([reg[n] for n in COUNTERS], events, cspine).select(list(COUNTERS))
     return sets
+
+
+def catalogue_of(events: pa.Table) -> pa.Table:
+    """A catalogue (item_id, category, subcategory, available) of every item in an event history, for
+    histories that come without one (every item taken as available)."""
+    con = duckdb.connect()
+    con.register("ev", events.select(["item_id", "category", "subcategory"]))
+    return con.sql("""SELECT item_id, any_value(category) AS category, any_value(subcategory) AS subcategory,
+                             true AS available FROM ev GROUP BY item_id ORDER BY item_id""").to_arrow_table()
+
+
+def stage_proposer(events: pa.Table, items: pa.Table | None = None, progress: bool = True) -> Proposer:
+    """The training data's `Proposer`: this replay of the serving candidate stage over `events` (and the
+    catalogue `items`, derived from the events when None), point-in-time at each request."""
+    catalogue = items if items is not None else catalogue_of(events)
+    replayed: dict[tuple[int, ...], pa.Table] = {}  # the same requests (e.g. one build per seed) replay once
+
+    def propose_at(requests: pa.Table) -> pa.Table:
+        key = tuple(requests["offset"].to_pylist())
+        if key not in replayed:
+            sets = build_candidates(events, catalogue, requests, progress=progress, with_counters=False)
+            replayed[key] = sets.proposals()
+        return replayed[key]
+
+    return propose_at

@@ -18,9 +18,7 @@ def write_section(doc: Path, name: str, body: str) -> None:
     text = doc.read_text() if doc.exists() else "# Evaluation\n"
     block = f"{begin}\n{body}\n{end}"
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
-    text = (
-        pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    )
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     doc.write_text(text)
 
 
@@ -29,19 +27,15 @@ def evaluate(
         str,
         typer.Argument(help="`synthetic`, or a sample name under --data (e.g. taobao_userbehavior_head84k)."),
     ],
-    out: Annotated[
-        Path, typer.Option("--out", help="The report to write (its section for this dataset).")
-    ] = Path("docs/evaluation.md"),
-    data: Annotated[
-        Path, typer.Option("--data", help="Directory of the normalised real samples.")
-    ] = DEFAULT_DATA,
+    out: Annotated[Path, typer.Option("--out", help="The report to write (its section for this dataset).")] = Path(
+        "docs/evaluation.md"
+    ),
+    data: Annotated[Path, typer.Option("--data", help="Directory of the normalised real samples.")] = DEFAULT_DATA,
     seeds: Annotated[int, typer.Option(help="Seeds per neural model and ablation.")] = 3,
     epochs: Annotated[int, typer.Option(help="Reranker epochs at most (early stopping).")] = 4,
     neural_epochs: Annotated[int, typer.Option(help="SASRec / DIN / BST epochs.")] = 3,
     dim: Annotated[int, typer.Option(help="Reranker width.")] = 64,
-    ablations: Annotated[
-        bool, typer.Option(help="Train every ablation (else the full reranker only).")
-    ] = True,
+    ablations: Annotated[bool, typer.Option(help="Train every ablation (else the full reranker only).")] = True,
     neural: Annotated[bool, typer.Option(help="Train SASRec, DIN and BST.")] = True,
     users: Annotated[int, typer.Option(help="Synthetic shop: shoppers.")] = 400,
     items: Annotated[int, typer.Option(help="Synthetic shop: items.")] = 1200,

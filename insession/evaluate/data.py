@@ -72,8 +72,7 @@ def load_synthetic(users: int, items: int, days: int, seed: int) -> Dataset:
     """A seeded synthetic shop from the dataset generator."""
     shop = generate_shop(users, items, days, seed)
     core = pa.concat_tables(
-        t.select(["user_id", "item_id", "action", "ts", "session_id", "surface"])
-        for t in shop.iter_event_tables()
+        t.select(["user_id", "item_id", "action", "ts", "session_id", "surface"]) for t in shop.iter_event_tables()
     )
     catalogue = _items_table(shop.items)
     return Dataset(f"synthetic_u{users}_i{items}_d{days}_s{seed}", stored_events(core, catalogue), catalogue)

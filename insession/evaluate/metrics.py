@@ -128,9 +128,7 @@ class PerRequest:
         return PerRequest(**arrays, pairs=self.pairs.subset(mask))
 
     def gauc(self, mult: np.ndarray | None = None) -> np.ndarray:
-        return gauc_weighted(
-            self.pairs, self.user, self.n_candidates, np.ones(len(self)) if mult is None else mult
-        )
+        return gauc_weighted(self.pairs, self.user, self.n_candidates, np.ones(len(self)) if mult is None else mult)
 
     def point(self) -> dict[str, float]:
         out = {m: float(np.nanmean(getattr(self, m))) if len(self) else float("nan") for m in PER_REQUEST}
@@ -159,9 +157,7 @@ def average(pers: list[PerRequest]) -> PerRequest:
     first = pers[0]
     cols = {m: np.mean([getattr(p, m) for p in pers], 0) for m in PER_REQUEST}
     pairs = Pairs(first.pairs.a, first.pairs.b, np.mean([p.pairs.count for p in pers], 0))
-    return PerRequest(
-        **cols, user=first.user, session=first.session, n_candidates=first.n_candidates, pairs=pairs
-    )
+    return PerRequest(**cols, user=first.user, session=first.session, n_candidates=first.n_candidates, pairs=pairs)
 
 
 @dataclass
@@ -199,9 +195,7 @@ def bootstrap(per: PerRequest, n_boot: int = 1000, seed: int = 0, level: float =
     reps["gauc"] = per.gauc(mult)
     alpha = (1.0 - level) / 2.0
     return {
-        m: Estimate(
-            point[m], float(np.nanquantile(reps[m], alpha)), float(np.nanquantile(reps[m], 1 - alpha))
-        )
+        m: Estimate(point[m], float(np.nanquantile(reps[m], alpha)), float(np.nanquantile(reps[m], 1 - alpha)))
         for m in METRICS
     }
 

@@ -83,12 +83,8 @@ class BST(nn.Module):
         items, mask = _sequence(batch)
         B, C = batch.candidates.shape
         L = items.shape[1]
-        seq = torch.cat([items[:, None].expand(B, C, L), batch.candidates[:, :, None]], 2).reshape(
-            B * C, L + 1
-        )
-        m = torch.cat([mask[:, None].expand(B, C, L), torch.ones(B, C, 1, dtype=torch.bool)], 2).reshape(
-            B * C, -1
-        )
+        seq = torch.cat([items[:, None].expand(B, C, L), batch.candidates[:, :, None]], 2).reshape(B * C, L + 1)
+        m = torch.cat([mask[:, None].expand(B, C, L), torch.ones(B, C, 1, dtype=torch.bool)], 2).reshape(B * C, -1)
         h = self.enc(self.emb(seq) + self.pos(torch.arange(L + 1)), src_key_padding_mask=~m)
         pooled = (h * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True)
         return self.head(torch.cat([pooled, h[:, -1]], -1)).reshape(B, C)

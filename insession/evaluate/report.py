@@ -42,8 +42,7 @@ def render(res: Results, img_dir: Path, img_prefix: str) -> str:
     cfg = res.config
     groups = grouped(res)
     pooled = {
-        name: (kind, {v: _pool(rs, v) for v in ("proposed", "forced")}, rs)
-        for name, (kind, rs) in groups.items()
+        name: (kind, {v: _pool(rs, v) for v in ("proposed", "forced")}, rs) for name, (kind, rs) in groups.items()
     }
     est = {name: {v: bootstrap(p[v], cfg.n_boot, seed=0) for v in p} for name, (_, p, _) in pooled.items()}
     L = [f"## {res.dataset}", ""]
@@ -121,9 +120,9 @@ def render(res: Results, img_dir: Path, img_prefix: str) -> str:
     if res.segments:
         L += ["### Segments (test, positive proposed; NDCG@10 with 95% CI, n = requests)", ""]
         ranked = sorted(pooled, key=lambda n: -est[n]["proposed"]["ndcg10"].value)
-        names = [n for n in ranked if pooled[n][0] == "reranker"] + [
-            n for n in ranked if pooled[n][0] != "reranker"
-        ][:6]
+        names = [n for n in ranked if pooled[n][0] == "reranker"] + [n for n in ranked if pooled[n][0] != "reranker"][
+            :6
+        ]
         for seg, labels in res.segments.items():
             values = sorted(set(labels.tolist()))
             L += [
@@ -136,9 +135,7 @@ def render(res: Results, img_dir: Path, img_prefix: str) -> str:
                 cells = []
                 for v in values:
                     sub = pooled[n][1]["proposed"].subset(labels == v)
-                    cells.append(
-                        str(bootstrap(sub, min(cfg.n_boot, 300), seed=0)["ndcg10"]) if len(sub) else "-"
-                    )
+                    cells.append(str(bootstrap(sub, min(cfg.n_boot, 300), seed=0)["ndcg10"]) if len(sub) else "-")
                 L.append(f"| {n} | " + " | ".join(cells) + " |")
             L.append("")
     L += _plots(res, est, pooled, img_dir, img_prefix)
@@ -159,9 +156,7 @@ def _plots(res: Results, est: dict, pooled: dict, img_dir: Path, prefix: str) ->
         v = np.array([est[n][view]["ndcg10"].value for n in names])
         lo = v - np.array([est[n][view]["ndcg10"].low for n in names])
         hi = np.array([est[n][view]["ndcg10"].high for n in names]) - v
-        colors = [
-            {"baseline": "tab:gray", "neural": "tab:blue", "reranker": "tab:red"}[pooled[n][0]] for n in names
-        ]
+        colors = [{"baseline": "tab:gray", "neural": "tab:blue", "reranker": "tab:red"}[pooled[n][0]] for n in names]
         ax.barh(names, v, xerr=[lo, hi], color=colors)
         ax.set_title(f"NDCG@10, test, {view} view")
     fig.tight_layout()

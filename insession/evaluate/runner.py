@@ -11,17 +11,17 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from insession.evaluate.baselines import Params, Scorer, SessionKNN, Signals, baselines, signals
-from insession.evaluate.candidates import CandidateSets, build_candidates
+from insession.evaluate.candidates import CandidateSets, build_candidates, stage_proposer
 from insession.evaluate.data import Dataset
 from insession.evaluate.metrics import PerRequest, score_requests, truncated_rank_metrics
 from insession.evaluate.neural import MODELS, fit_neural, score_examples
 from insession.evaluate.split import TimeSplit, before, requests
-from insession.model.reranker import COUNTERS, DualSequenceReranker, counter_row
+from insession.model.reranker import COUNTERS, counter_row
 from insession.model.vocab import Vocab
-from insession.train.build import BuildConfig, TrainingData, _examples, build
+from insession.train.build import BuildConfig, TrainingData, assemble_examples, build
 from insession.train.examples import Examples
-from insession.train.item2vec import item2vec
-from insession.train.trainer import TrainConfig, fit
+from insession.train.pipeline import pretrain_vectors, train_model
+from insession.train.trainer import TrainConfig
 
 # The reranker's ablations (issue 6): RerankerConfig overrides, each replacing one component.
 ABLATIONS: dict[str, dict[str, object]] = {
@@ -44,11 +44,12 @@ class EvalConfig:
     ablations: tuple[str, ...] = tuple(ABLATIONS)
     neural: tuple[str, ...] = tuple(MODELS)
     epochs: int = 4  # reranker epochs (early stopping on its validation may end sooner)
+    batch_size: int = 32  # groups per reranker batch: with served lists there are few groups, so more steps
     neural_epochs: int = 3
     dim: int = 64
     item2vec_epochs: int = 1
     n_boot: int = 1000
-    threads: int = 2
+    threads: int = 1  # torch intra-op threads (see TrainConfig.threads)
     progress: bool = True
 
 
@@ -114,10 +115,8 @@ def _examples_for(sets: CandidateSets, items: pa.Table, vocab: Vocab) -> Example
     cand = flat.append_column("category", cat["category"].take(idx)).append_column(
         "subcategory", cat["subcategory"].take(idx)
     )
-    counters = np.array([counter_row(r) for r in sets.counters.to_pylist()], np.float32).reshape(
-        -1, len(COUNTERS)
-    )
-    return _examples(sets.requests.select(["g", "ts"]), sets.state, cand, counters, vocab)
+    counters = np.array([counter_row(r) for r in sets.counters.to_pylist()], np.float32).reshape(-1, len(COUNTERS))
+    return assemble_examples(sets.requests.select(["g", "ts"]), sets.state, cand, counters, vocab, sets.covisit)
 
 
 def _tune(
@@ -209,15 +208,16 @@ def run(ds: Dataset, cfg: EvalConfig) -> Results:
     res.seconds["baselines"] = time.perf_counter() - t
 
     # the reranker's training data: the training + validation periods only (its own early stopping uses the
-    # add-to-carts of the validation period), then neural baselines and the reranker on the same examples
-    n_fit = pc.sum(pc.equal(before(ds.events, split.test_start)["action"], "add_to_cart")).as_py()
+    # add-to-carts of the validation period), negatives from the same candidate stage; then neural baselines
+    # and the reranker on the same examples
+    fit_events = before(ds.events, split.test_start)
+    n_fit = pc.sum(pc.equal(fit_events["action"], "add_to_cart")).as_py()
     val_fraction = min(max(len(val_all) / max(n_fit, 1), 0.05), 0.5)
+    proposer = stage_proposer(fit_events, ds.items, progress=cfg.progress)
     for seed in cfg.seeds:
         t = time.perf_counter()
         data: TrainingData = build(
-            before(ds.events, split.test_start),
-            BuildConfig(val_fraction=val_fraction, seed=seed),
-            progress=cfg.progress,
+            fit_events, BuildConfig(val_fraction=val_fraction, seed=seed), progress=cfg.progress, proposer=proposer
         )
         examples = _examples_for(sets, ds.items, data.vocab)
         sub = examples.subset(test_all)  # trained before the test period: scored on it only
@@ -239,9 +239,7 @@ def run(ds: Dataset, cfg: EvalConfig) -> Results:
         res.seconds[f"build_seed{seed}"] = time.perf_counter() - t
         for name in cfg.neural:
             t = time.perf_counter()
-            model = fit_neural(
-                name, data.train, n_rows, base_cfg, cfg.neural_epochs, seed=seed, progress=cfg.progress
-            )
+            model = fit_neural(name, data.train, n_rows, base_cfg, cfg.neural_epochs, seed=seed, progress=cfg.progress)
             add(
                 name,
                 "neural",
@@ -251,28 +249,21 @@ def run(ds: Dataset, cfg: EvalConfig) -> Results:
                 seed,
             )
             res.seconds[f"{name}_seed{seed}"] = time.perf_counter() - t
-        vectors = None
-        if cfg.item2vec_epochs > 0:
-            items, sequence = data.item_sequences
-            vectors = item2vec(
-                items,
-                sequence,
-                base_cfg.n_items,
-                cfg.dim,
-                epochs=cfg.item2vec_epochs,
-                seed=seed,
-                progress=cfg.progress,
-            )
+        vectors = (
+            pretrain_vectors(data, cfg.dim, cfg.item2vec_epochs, seed, cfg.progress)
+            if cfg.item2vec_epochs > 0
+            else None
+        )
         for name in cfg.ablations:
             t = time.perf_counter()
-            model = DualSequenceReranker(data.vocab.config(dim=cfg.dim, **ABLATIONS[name]))  # type: ignore[arg-type]
-            if vectors is not None:
-                model.init_item_vectors(vectors)
-            fitted = fit(
-                model,
-                data.train,
-                data.val,
-                TrainConfig(epochs=cfg.epochs, seed=seed, threads=cfg.threads, progress=cfg.progress),
+            fitted = train_model(
+                data,
+                TrainConfig(
+                    epochs=cfg.epochs, batch_size=cfg.batch_size, seed=seed, threads=cfg.threads, progress=cfg.progress
+                ),
+                vectors,
+                dim=cfg.dim,
+                **ABLATIONS[name],
             )
             res.train_curves[f"{name}_seed{seed}"] = [e.__dict__ for e in fitted.epochs]
             add(

@@ -7,6 +7,7 @@ import os
 import pickle
 import threading
 from collections.abc import Iterable
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +20,21 @@ log = logging.getLogger(__name__)
 SNAPSHOT_FILE = "features.snapshot"
 REGISTRY_FILE = "registry.json"
 LOCK_EVERY = 512  # events applied per lock hold, so readers never wait behind a long replay
+REPLAY_CHUNK = 10_000  # events per batch when a new feature is backfilled from the log
 _SNAPSHOT_VERSION = 1
 
 
 class _Stream:
     """Watermark, lateness and sessions for one pass over the log, feeding a set of aggregations."""
 
-    def __init__(self, registry: FeatureRegistry, names: Interner, aggs: dict[str, Agg] | None = None) -> None:
+    def __init__(self, registry: FeatureRegistry, names: Interner) -> None:
         self.lateness_ms = registry.lateness_ms
         self.names = names
         self.sessions = Sessions(registry.session_gap_ms)
-        self.aggs = aggs if aggs is not None else {f.name: make_agg(f, names, self.sessions) for f in registry}
+        self.aggs: dict[str, Agg] = {f.name: make_agg(f, names, self.sessions) for f in registry}
         self.watermark = -1
         self.applied_offset = -1
         self.too_late = 0
-
-    def attach(self, f: Feature) -> Agg:
-        agg = self.aggs[f.name] = make_agg(f, self.names, self.sessions)
-        return agg
 
     def apply(self, events: Iterable[Event]) -> None:
         names, ids, sessions = self.names, self.names.ids, self.sessions
@@ -158,7 +156,9 @@ class FeatureEngine:
         )
         with self._lock:  # the writer waits while the new feature catches up with the log
             backfill = _Stream(reg, self._names)
-            backfill.apply(e for e in log_events if e.offset <= self.applied_offset)
+            events = iter(log_events)
+            while chunk := [e for e in islice(events, REPLAY_CHUNK) if e.offset <= self.applied_offset]:
+                backfill.apply(chunk)
             agg = backfill.aggs[feature.name]
             if hasattr(agg, "sessions"):
                 agg.sessions = self._stream.sessions  # the same rule over the same log: the same sessions

@@ -16,13 +16,14 @@ uses one).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
-from insession.features.declare import ENTITY_KEYS, Feature, FeatureRegistry
+from insession.features.declare import ENTITY_KEYS, MINUTE_MS, Feature, FeatureRegistry, Window
 from insession.schema import ACTIONS
 
 EventsLike = duckdb.DuckDBPyRelation | pa.Table | str | Path
@@ -72,20 +73,22 @@ def _prepare(con: duckdb.DuckDBPyConnection, source: str, reg: FeatureRegistry) 
 
 
 def _prepare_spine(con: duckdb.DuckDBPyConnection, spine: pa.Table, reg: FeatureRegistry) -> None:
-    """sp: spine rows with rid, t, O; plus, for user rows, the current session (open or not)."""
+    """sp: spine rows with rid, t, o and m (the watermark once offset o had arrived); plus, when a feature
+    reads sessions, the user's current session (open or not)."""
     spine = spine.append_column("__rid", pa.array(range(spine.num_rows), pa.int64()))
     con.register("__spine_in", spine)
     keys = ", ".join(c for c in ("user_id", "item_id") if c in spine.column_names)
     keys = keys + "," if keys else ""
     if "offset" in spine.column_names:
         con.execute(f"""CREATE OR REPLACE TEMP TABLE sp0 AS
-            SELECT __rid AS rid, {keys} ts AS t, "offset" AS o FROM __spine_in""")
+            SELECT s.__rid AS rid, {keys} s.ts AS t, s."offset" AS o, e.wm_after AS m
+            FROM __spine_in s ASOF LEFT JOIN (SELECT off, wm_after FROM ev) e ON s."offset" >= e.off""")
     else:
         con.execute(f"""CREATE OR REPLACE TEMP TABLE sp0 AS
             WITH marks AS (SELECT wm_after, max(off) AS off FROM ev GROUP BY wm_after)
-            SELECT s.__rid AS rid, {keys} s.ts AS t, coalesce(m.off, -1) AS o
+            SELECT s.__rid AS rid, {keys} s.ts AS t, coalesce(m.off, -1) AS o, m.wm_after AS m
             FROM __spine_in s ASOF LEFT JOIN marks m ON s.ts >= m.wm_after""")
-    if "user_id" in spine.column_names:
+    if any(f.window.kind in ("session", "before_session") for f in reg):
         con.execute(f"""CREATE OR REPLACE TEMP TABLE sp AS
             SELECT s.*, a.sess AS cur_sess,
                    a.off IS NOT NULL
@@ -140,22 +143,83 @@ def _source(con: duckdb.DuckDBPyConnection, f: Feature, table: str) -> None:
         SELECT NULL, b, ts, off, NULL, NULL, NULL, a FROM pairs""")
 
 
-def _candidates(con: duckdb.DuckDBPyConnection, f: Feature, src: str, cand: str) -> None:
-    """(rid, event) pairs: the events of the row's key inside its window, arrived by its offset."""
+def _window_start(w: Window) -> str:
+    """SQL for `Window.start(t)` of a sliding window, on the spine's column t."""
+    return f"(t // {w.tile_ms} - {w.tiles - 1}) * {w.tile_ms}"
+
+
+def _candidates(
+    con: duckdb.DuckDBPyConnection,
+    f: Feature,
+    src: str,
+    cand: str,
+    spine: str = "sp",
+    span: tuple[str, str, int] | None = None,
+) -> None:
+    """(rid, event) pairs: the events of the row's key inside its window, arrived by its offset.
+
+    `span` = (lo, hi, width): SQL bounds on the spine's columns with hi - lo < width; only events with
+    lo <= ts <= hi are read (a sliding window's own span by default)."""
     keys = ENTITY_KEYS["item" if f.agg == "covisit" else f.entity]
     on = [f"s.{k} = x.{k}" for k in keys] + ["x.off <= s.o", "x.ts <= s.t"]
     w = f.window
-    spine = "sp"
-    if w.kind == "sliding":  # buckets as long as the window: a window spans at most two of them
-        start, length = f"(t // {w.tile_ms} - {w.tiles - 1}) * {w.tile_ms}", w.length_ms
-        buckets = f"list_distinct([{start} // {length}, t // {length}])"
-        spine = f"(SELECT *, {start} AS ws, unnest({buckets}) AS b FROM sp)"
-        on += ["x.ts >= s.ws", f"x.ts // {length} = s.b"]
+    if span is None and w.kind == "sliding":
+        span = (_window_start(w), "t", w.length_ms)
+    if span is not None:  # buckets as wide as the span: it lies in at most two of them
+        lo, hi, width = span
+        buckets = f"list_distinct([({lo}) // {width}, ({hi}) // {width}])"
+        spine = f"(SELECT *, {lo} AS lo, unnest({buckets}) AS b FROM {spine})"
+        on += ["x.ts >= s.lo", f"x.ts // {width} = s.b"]
     elif w.kind == "session":
         on += ["s.is_open", "x.sess = s.cur_sess"]
     con.execute(f"""CREATE OR REPLACE TEMP TABLE {cand} AS
         SELECT s.rid, x.item_id, x.ts, x.off, x.action, x.category, x.value
         FROM {spine} s JOIN {src} x ON {" AND ".join(on)}""")
+
+
+def _counts(f: Feature) -> list[tuple[str, str]]:
+    """(name, condition) of each count a count / counts_by_action value adds up."""
+    if f.agg == "count":
+        return [("n", "TRUE")]
+    return [(a, f"action = {_lit(a)}") for a in ACTIONS]
+
+
+def _tiled(con: duckdb.DuckDBPyConnection, f: Feature, reg: FeatureRegistry, src: str, cand: str) -> str:
+    """count / counts_by_action over a sliding or unbounded window from running per-tile counts.
+
+    An accepted event that arrived after offset o has ts >= m - lateness (m: the watermark once o had
+    arrived), so every accepted event with ts < cut = min(t + 1, m - lateness) is visible to the row. The
+    tiles (of g = gcd(tile, 1 min), so window edges fall on them) wholly before the cut come from running
+    counts per key (two ASOF joins); only the events from the cut's tile to min(t, m), a span shorter than
+    lateness + g, are read one by one. Returns the SELECT rid, v of the feature."""
+    keys = ENTITY_KEYS[f.entity]
+    counts = _counts(f)
+    g = math.gcd(f.window.tile_ms, MINUTE_MS)
+    by = f"PARTITION BY {', '.join(keys)} " if keys else ""
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {src}_tiles AS
+        SELECT {"".join(k + ", " for k in keys)} g,
+               {", ".join(f"(sum({_q(c)}) OVER ({by}ORDER BY g))::BIGINT AS {_q(c)}" for c, _ in counts)}
+        FROM (SELECT {"".join(k + ", " for k in keys)} ts // {g} AS g,
+                     {", ".join(f"count(*) FILTER (WHERE {cond}) AS {_q(c)}" for c, cond in counts)}
+              FROM {src} GROUP BY ALL)""")
+    start = _window_start(f.window) if f.window.kind == "sliding" else "0"
+    cut = f"least(t + 1, m - {reg.lateness_ms})"
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {cand}_sp AS
+        SELECT *, CASE WHEN m IS NULL THEN lo_tile ELSE greatest(greatest({cut}, 0) // {g}, lo_tile) END AS hi_tile
+        FROM (SELECT *, greatest({start}, 0) // {g} AS lo_tile FROM sp)""")
+    _candidates(con, f, src, cand, f"{cand}_sp", (f"hi_tile * {g}", "least(t, m)", reg.lateness_ms + g))
+    on = "".join(f"x.{k} = s.{k} AND " for k in keys)
+    on_lo = on.replace("x.", "y.")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {cand}_tiles AS
+        SELECT s.rid, {", ".join(f"x.{_q(c)} - coalesce(y.{_q(c)}, 0) AS {_q(c)}" for c, _ in counts)}
+        FROM {cand}_sp s ASOF JOIN {src}_tiles x ON {on}s.hi_tile > x.g
+        ASOF LEFT JOIN {src}_tiles y ON {on_lo}s.lo_tile > y.g""")
+    total = {c: f"(coalesce(e.{_q(c)}, 0) + coalesce(p.{_q(c)}, 0))::BIGINT" for c, _ in counts}
+    v = total["n"] if f.agg == "count" else f"struct_pack({', '.join(f'{_q(c)} := {x}' for c, x in total.items())})"
+    return f"""SELECT sp.rid, {v} AS v FROM sp
+        LEFT JOIN (SELECT rid, {", ".join(f"count(*) FILTER (WHERE {cond}) AS {_q(c)}" for c, cond in counts)}
+                   FROM {cand} GROUP BY rid) e USING (rid)
+        LEFT JOIN {cand}_tiles p USING (rid)"""
 
 
 def _prefix_last_n(con: duckdb.DuckDBPyConnection, f: Feature, src: str, cand: str) -> None:
@@ -254,11 +318,15 @@ def compute(
     for n, f in enumerate(reg):
         src, cand = f"src_{n}", f"cand_{n}"
         _source(con, f, src)
-        if f.agg == "last_n" and f.window.kind in ("unbounded", "before_session"):
+        if f.agg in ("count", "counts_by_action") and f.window.kind in ("unbounded", "sliding"):
+            result = _tiled(con, f, reg, src, cand)
+        elif f.agg == "last_n" and f.window.kind in ("unbounded", "before_session"):
             _prefix_last_n(con, f, src, cand)
+            result = _aggregate(f, cand)
         else:
             _candidates(con, f, src, cand)
-        con.execute(f"CREATE OR REPLACE TEMP TABLE res_{n} AS {_aggregate(f, cand)}")
+            result = _aggregate(f, cand)
+        con.execute(f"CREATE OR REPLACE TEMP TABLE res_{n} AS {result}")
         selects.append(f"r{n}.v AS {_q(f.name)}")
         joins.append(f"LEFT JOIN res_{n} r{n} ON r{n}.rid = s.__rid")
     return con.sql(

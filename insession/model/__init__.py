@@ -2,6 +2,7 @@
 
 from insession.model.reranker import (
     COUNTERS,
+    SIGNALS,
     Batch,
     DualSequenceReranker,
     Encoded,
@@ -10,10 +11,21 @@ from insession.model.reranker import (
     Sequence,
     calendar_fields,
     counter_row,
+    signal_rows,
 )
 from insession.model.vocab import Vocab
 
 __all__ = [
-    "COUNTERS", "Batch", "DualSequenceReranker", "Encoded", "Explanation", "RerankerConfig", "Sequence",
-    "Vocab", "calendar_fields", "counter_row",
+    "COUNTERS",
+    "SIGNALS",
+    "Batch",
+    "DualSequenceReranker",
+    "Encoded",
+    "Explanation",
+    "RerankerConfig",
+    "Sequence",
+    "Vocab",
+    "calendar_fields",
+    "counter_row",
+    "signal_rows",
 ]

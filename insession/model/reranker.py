@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from collections.abc import Sequence as Sequence_
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,6 +32,18 @@ from insession.schema import ACTIONS
 
 ADD_TO_CART = ACTIONS.index("add_to_cart") + 1  # action index 0 is padding
 COUNTERS: tuple[str, ...] = ("user_item_count_28d", "item_count_28d", "item_trending_2h")
+# Per-(request, candidate) signals of the shopper's own sequences, by item id (so cold items, which share a
+# cold-start row, are still told apart), computed by `signal_rows` from the served state.
+SIGNALS: tuple[str, ...] = (
+    "session_count",  # log1p(events of the candidate in the session so far)
+    "session_recency",  # 1 / (1 + events since the candidate's latest session event); 0 if absent
+    "session_carted",  # 1 if the candidate was already added to cart in this session
+    "history_count",  # log1p(events of the candidate in the history sequence)
+    "history_recency",  # 1 / (1 + events since its latest history event); 0 if absent
+    "covisit_recent",  # log1p(sum_j 0.5^j covisit(session item j, candidate)), j = 0 most recent distinct
+    "covisit_total",  # log1p(sum_j covisit(session item j, candidate))
+)
+COVISIT_DECAY = 0.5
 MS_PER_HOUR = 3_600_000
 
 
@@ -45,6 +58,54 @@ def counter_row(features: Mapping[str, Any]) -> list[float]:
         v = features.get(name)
         out.append(float(sum(v.values())) if isinstance(v, Mapping) else float(v or 0))
     return out
+
+
+def _recency_counts(events: Sequence_[Mapping[str, Any]]) -> dict[str, tuple[int, int]]:
+    """item -> (events of it, events since its latest one: 0 = the newest event)."""
+    out: dict[str, tuple[int, int]] = {}
+    n = len(events)
+    for j, e in enumerate(events):
+        count = out.get(e["item_id"], (0, 0))[0]
+        out[e["item_id"]] = (count + 1, n - 1 - j)
+    return out
+
+
+def signal_rows(
+    candidates: Sequence_[str],
+    session: Sequence_[Mapping[str, Any]],
+    history: Sequence_[Mapping[str, Any]],
+    covisit: Mapping[str, Mapping[str, int]],
+) -> list[list[float]]:
+    """The head's SIGNALS for each candidate, from the served state (training, evaluation and serving all
+    go through this one function).
+
+    session / history: the `session_seq` / `history_seq` features (events oldest -> newest, dicts with
+    item_id and action); covisit: the `covisit` feature ({neighbour: count}) of the session's distinct
+    items, most recent first (the candidate stage reads the same lists).
+    """
+    sess, hist = _recency_counts(session), _recency_counts(history)
+    carted = {e["item_id"] for e in session if e["action"] == "add_to_cart"}
+    rows = []
+    for c in candidates:
+        s_n, s_age = sess.get(c, (0, 0))
+        h_n, h_age = hist.get(c, (0, 0))
+        recent = total = 0.0
+        for j, nbrs in enumerate(covisit.values()):
+            n = nbrs.get(c, 0)
+            recent += COVISIT_DECAY**j * n
+            total += n
+        rows.append(
+            [
+                math.log1p(s_n),
+                1.0 / (1 + s_age) if s_n else 0.0,
+                float(c in carted),
+                math.log1p(h_n),
+                1.0 / (1 + h_age) if h_n else 0.0,
+                math.log1p(recent),
+                math.log1p(total),
+            ]
+        )
+    return rows
 
 
 @dataclass
@@ -99,6 +160,7 @@ class Batch:
     candidates: Tensor  # [B, C] long item index, 0 = padding
     counters: Tensor  # [B, C, len(COUNTERS)] float, as of just before the request
     labels: Tensor  # [B, C] float, 1 = added to cart
+    signals: Tensor | None = None  # [B, C, len(SIGNALS)] float (`signal_rows`); None reads as zeros
 
     def __len__(self) -> int:
         return self.candidates.shape[0]
@@ -307,10 +369,10 @@ class DualSequenceReranker(nn.Module):
         self.hour = nn.Embedding(24, cfg.calendar_dim)
         self.weekday = nn.Embedding(7, cfg.calendar_dim)
         self.week_of_month = nn.Embedding(5, cfg.calendar_dim)
-        n_meta = 6  # lengths (2), repeat counts (2), similarities (2)
+        n_meta = 4 + len(SIGNALS)  # lengths (2), similarities (2), the candidate's repeat signals
         self.gate = nn.Sequential(nn.Linear(3 * d + n_meta, d), nn.GELU(), nn.Linear(d, 1))
         self.cand_proj = nn.Linear(d, d)
-        head_in = 3 * d + len(COUNTERS) + 3 * cfg.calendar_dim
+        head_in = 3 * d + len(COUNTERS) + len(SIGNALS) + 3 * cfg.calendar_dim
         self.head = nn.Sequential(
             nn.Linear(head_in, 2 * d),
             nn.GELU(),
@@ -319,6 +381,9 @@ class DualSequenceReranker(nn.Module):
             nn.GELU(),
             nn.Linear(d, 1),
         )
+        # a linear ("wide") path from the real-time counters and signals straight to the logit: the deep head
+        # above learns interactions, this learns the strong monotone effects (recency, repeats) in few steps
+        self.wide = nn.Linear(len(COUNTERS) + len(SIGNALS), 1)
 
     # --- the item table --------------------------------------------------------------------------
     def init_item_vectors(self, vectors: Tensor) -> None:
@@ -363,17 +428,27 @@ class DualSequenceReranker(nn.Module):
         )
 
     def score(
-        self, enc: Encoded, candidates: Tensor, counters: Tensor, explain: bool = False
+        self,
+        enc: Encoded,
+        candidates: Tensor,
+        counters: Tensor,
+        explain: bool = False,
+        signals: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Explanation]:
         """Scores (logits) of all candidates in one batched pass.
 
-        candidates [B, C] (or [C] for one request), counters [B, C, 3] (or [C, 3]) in COUNTERS order.
+        candidates [B, C] (or [C] for one request), counters [B, C, 3] (or [C, 3]) in COUNTERS order,
+        signals [B, C, 7] (or [C, 7]) in SIGNALS order (None: zeros, i.e. "never touched, no co-visitation").
         Returns [B, C] (or [C]); with explain=True also the attention weights and the gate.
         """
         single = candidates.dim() == 1
+        if signals is None:
+            signals = counters.new_zeros(*counters.shape[:-1], len(SIGNALS))
         if single:
-            candidates, counters = candidates.unsqueeze(0), counters.unsqueeze(0)
+            candidates, counters, signals = candidates.unsqueeze(0), counters.unsqueeze(0), signals.unsqueeze(0)
         b, c = candidates.shape
+        if not self.cfg.use_counters:  # the "no real-time counters" ablation drops every real-time signal
+            counters, signals = torch.zeros_like(counters), torch.zeros_like(signals)
         cand = self.item_embed(candidates)  # [B, C, D]
         h_mask, s_mask = enc.history_items != 0, enc.session_items != 0
         ph, wh = self.history_pool(cand, enc.history, h_mask, enc.history_hours, enc.history_atc)
@@ -386,23 +461,22 @@ class DualSequenceReranker(nn.Module):
                 [
                     torch.log1p(h_mask.sum(-1).float()).view(b, 1).expand(b, c),
                     torch.log1p(s_mask.sum(-1).float()).view(b, 1).expand(b, c),
-                    torch.log1p((enc.history_items.unsqueeze(1) == candidates.unsqueeze(2)).sum(-1).float()),
-                    torch.log1p((enc.session_items.unsqueeze(1) == candidates.unsqueeze(2)).sum(-1).float()),
                     F.cosine_similarity(cand, ph, dim=-1),
                     F.cosine_similarity(cand, ps, dim=-1),
                 ],
                 dim=-1,
             )
+            meta = torch.cat([meta, signals.float()], -1)
             g = torch.sigmoid(self.gate(torch.cat([ps, ph, cand, meta], -1)))
         else:
             g = torch.full((b, c, 1), 0.5)
         g = torch.where(s_empty, 0.0, torch.where(h_empty, 1.0, g))  # a fully masked side gets no weight
         fused = g * ps + (1 - g) * ph
 
-        counts = torch.log1p(counters.float()) if self.cfg.use_counters else torch.zeros(b, c, len(COUNTERS))
+        counts = torch.log1p(counters.float())
         calendar = enc.calendar.unsqueeze(1).expand(b, c, -1)  # request-level context, a view per candidate
-        x = torch.cat([fused, self.cand_proj(cand), fused * cand, counts, calendar], dim=-1)
-        scores = self.head(x).squeeze(-1)
+        x = torch.cat([fused, self.cand_proj(cand), fused * cand, counts, signals.float(), calendar], dim=-1)
+        scores = (self.head(x) + self.wide(torch.cat([counts, signals.float()], -1))).squeeze(-1)
         if single:
             scores = scores.squeeze(0)
         if not explain:
@@ -412,4 +486,4 @@ class DualSequenceReranker(nn.Module):
     def forward(self, batch: Batch) -> Tensor:
         """Training path: exactly encode + score. Returns logits [B, C]."""
         enc = self.encode(batch.history, batch.session, batch.request_ts)
-        return self.score(enc, batch.candidates, batch.counters)  # type: ignore[return-value]
+        return self.score(enc, batch.candidates, batch.counters, signals=batch.signals)  # type: ignore[return-value]

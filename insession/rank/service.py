@@ -177,6 +177,19 @@ class _Job:
         return now
 
 
+def _load(path: Path) -> Artefact:
+    """`load_artefact`, with anything but a missing artefact reported as a refusal."""
+    try:
+        return load_artefact(path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # weights of another architecture, a truncated file, ...
+        raise ArtefactRefused(
+            f"model artefact {path} cannot be loaded by this version of insession ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); retrain it with `insession train`"
+        ) from e
+
+
 _Scored = tuple[np.ndarray, Explanation | None]
 _NOTHING: _Scored = (np.zeros(0, np.float32), None)
 
@@ -226,15 +239,15 @@ class Ranker:
     def reload(self, path: Path | None = None) -> ModelInfo:
         """Load an artefact (default: the newest under `model_dir`), check it, warm it, swap it in.
 
-        Raises ArtefactRefused (feature hash mismatch) or FileNotFoundError; the serving model is
-        untouched then.
+        Raises ArtefactRefused (feature hash mismatch, or an artefact this code cannot load) or
+        FileNotFoundError; the serving model is untouched then.
         """
         src = Path(path) if path is not None else self.model_dir
         if src is None:
             raise FileNotFoundError("no model path given and the ranker has no model_dir")
         with self._reload_lock:
             try:
-                art = load_artefact(src)
+                art = _load(src)
                 running = self.features.registry.hash()
                 if art.feature_hash != running:
                     raise ArtefactRefused(

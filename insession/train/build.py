@@ -3,16 +3,22 @@
 One example group per add-to-cart (the request): the state just before it is what the online engine
 would have served after applying the log up to the event before it (spine: user, ts, offset - 1), read
 from `insession.features.offline.compute` with the registry's own `history_seq`, `session_seq` and
-counters, so the model trains on exactly what serving sees. Candidates: the carted item (positive) and
-hard negatives, items viewed in the same session within `window_ms` of the add-to-cart but never carted
-in that session, found with a range join on (user, session, ts window); in-batch negatives from other
-users come later, in the loss. Validation groups are topped up with popularity-sampled items so that
-NDCG@10 ranks a list of serving size. Counters for every (request, candidate) pair come from the same
-engine at the same spine instant.
+counters, so the model trains on exactly what serving sees. Candidates: the carted item (positive); hard
+negatives, items viewed in the same session within `window_ms` of the add-to-cart but never carted in
+that session, found with a range join on (user, session, ts window); and, given a `Proposer` (the ranking
+service's candidate stage replayed point-in-time, `insession.evaluate.candidates.stage_proposer`), the
+stage's proposals at that request: the model then learns to rank what it is served. With a proposer,
+only requests whose positive the stage proposed are kept (a reranker never sees the others), and
+validation lists are the served lists. Without one, validation groups are topped up with
+popularity-sampled items. In-batch negatives from other users come later, in the loss. Counters for
+every (request, candidate) pair come from the same engine at the same spine instant; the SIGNALS (the
+candidate's repeat/recency in the session and history, its co-visitation with the session's items) come
+from the same state through the model's `signal_rows`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,12 +33,16 @@ import pyarrow.parquet as pq
 from insession.datasets.files import EVENTS_FILE, ITEMS_FILE
 from insession.features import offline
 from insession.features.declare import MINUTE_MS, FeatureRegistry, default_registry
-from insession.model.reranker import COUNTERS, counter_row
+from insession.model.reranker import COUNTERS, SIGNALS, counter_row, signal_rows
 from insession.model.vocab import Vocab
 from insession.schema import ACTIONS, EVENT_ARROW_SCHEMA
 from insession.train.examples import Examples
 
 SEQUENCES = ("history_seq", "session_seq")
+
+Proposer = Callable[[pa.Table], pa.Table]
+"""requests (g, user_id, item_id, category, subcategory, ts, offset: the state is read at this log offset)
+-> (g, item_id): the candidate stage's proposals at each request, in proposal order."""
 
 
 @dataclass
@@ -42,6 +52,7 @@ class BuildConfig:
     val_fraction: float = 0.15  # the latest requests (by time) validate
     eval_candidates: int = 50  # validation groups are topped up to this many candidates
     max_val_groups: int = 3000  # a seeded sample of the validation requests beyond this (bounds the build)
+    session_items: int = 15  # covisit lists read for this many distinct session items (the stage's quota)
     seed: int = 0
 
 
@@ -117,11 +128,40 @@ def _engine_sessions(con: duckdb.DuckDBPyConnection) -> None:
         SELECT off, user_id, item_id, action, ts, session_id, sess, category, subcategory FROM acc""")
 
 
+def session_covisit(
+    events: pa.Table,
+    sessions: list[list[dict[str, Any]]],
+    ts: np.ndarray,
+    offset: np.ndarray,
+    n_items: int,
+    registry: FeatureRegistry,
+) -> list[dict[str, dict[str, int]]]:
+    """Per request: the `covisit` feature ({neighbour: count}) of its session's `n_items` most recent
+    distinct items, keyed in that order (most recent first), read point-in-time at (ts, offset)."""
+    distinct = [list(dict.fromkeys(e["item_id"] for e in reversed(s)))[:n_items] for s in sessions]
+    g_rep = np.repeat(np.arange(len(distinct)), [len(d) for d in distinct])
+    spine = pa.table(
+        {
+            "item_id": pa.array([i for d in distinct for i in d], pa.string()),
+            "ts": pa.array(np.asarray(ts)[g_rep], pa.int64()),
+            "offset": pa.array(np.asarray(offset)[g_rep], pa.int64()),
+        }
+    )
+    cv = offline.compute([registry["covisit"]], events, spine)["covisit"].to_pylist()
+    out: list[dict[str, dict[str, int]]] = [{} for _ in distinct]
+    for g, item, nbrs in zip(g_rep.tolist(), spine["item_id"].to_pylist(), cv, strict=True):
+        out[g][item] = {n["item_id"]: int(n["count"]) for n in nbrs or []}
+    return out
+
+
 def _requests(events: pa.Table) -> pa.Table:
     atc = events.filter(pc.equal(events["action"], "add_to_cart"))
     return pa.table(
         {
             "user_id": atc["user_id"],
+            "item_id": atc["item_id"],
+            "category": atc["category"],
+            "subcategory": atc["subcategory"],
             "ts": atc["ts"],
             "offset": pc.subtract(atc["offset"], 1),  # the state just before the add-to-cart
             "atc_offset": atc["offset"],
@@ -214,11 +254,38 @@ def _sample_negatives(
     return extra
 
 
-def _examples(requests: pa.Table, user_feats: pa.Table, cand: pa.Table, counters: np.ndarray, vocab: Vocab) -> Examples:
-    """Assemble the columnar examples of the groups in `requests` (g ascending; cand sorted by g)."""
+def _proposals(con: duckdb.DuckDBPyConnection, props: pa.Table) -> pa.Table:
+    """The stage's proposals as negatives (g, item_id, category, subcategory, label, dist), in proposal
+    order after the positive and the hard negatives; the positive itself and items already listed are
+    left out."""
+    con.register("props", props.append_column("__row", pa.array(np.arange(props.num_rows), pa.int64())))
+    return con.sql(f"""
+        WITH cats AS (SELECT item_id, any_value(category) AS category, any_value(subcategory) AS subcategory
+                      FROM sess_events GROUP BY item_id)
+        SELECT p.g, p.item_id, c.category, c.subcategory, 0.0::FLOAT AS label,
+               {1 << 40} + row_number() OVER (PARTITION BY p.g ORDER BY p.__row) AS dist
+        FROM props p JOIN requests r ON r.g = p.g LEFT JOIN cats c ON c.item_id = p.item_id
+        WHERE p.item_id <> r.item_id
+          AND NOT EXISTS (SELECT 1 FROM cand x WHERE x.g = p.g AND x.item_id = p.item_id)""").to_arrow_table()
+
+
+def assemble_examples(
+    requests: pa.Table,
+    state: pa.Table,
+    cand: pa.Table,
+    counters: np.ndarray,
+    vocab: Vocab,
+    covisit: list[dict[str, dict[str, int]]],
+) -> Examples:
+    """The columnar examples of the groups in `requests` (columns g ascending, ts).
+
+    state: per request, the `history_seq` and `session_seq` features; cand: (g, item_id, category,
+    subcategory, label) sorted by g; counters: per cand row, in COUNTERS order; covisit: per request, the
+    `session_covisit` lists. Training, evaluation and (row by row) serving build the model's inputs this way.
+    """
     parts: dict[str, np.ndarray] = {"request_ts": requests["ts"].to_numpy()}
     for name, prefix in zip(SEQUENCES, ("hist", "sess"), strict=True):
-        offsets, flat = _ragged(user_feats[name])
+        offsets, flat = _ragged(state[name])
         parts[f"{prefix}_offsets"] = offsets
         parts[f"{prefix}_items"] = vocab.lookup(flat.field("item_id"), flat.field("category"))
         parts[f"{prefix}_actions"] = _action_index(flat.field("action"))
@@ -229,6 +296,15 @@ def _examples(requests: pa.Table, user_feats: pa.Table, cand: pa.Table, counters
     parts["cand_items"] = vocab.lookup(cand["item_id"], cand["category"], cand["subcategory"])
     parts["cand_labels"] = cand["label"].to_numpy().astype(np.float32)
     parts["cand_counters"] = counters.astype(np.float32)
+    sessions, histories = state["session_seq"].to_pylist(), state["history_seq"].to_pylist()
+    items = cand["item_id"].to_pylist()
+    bounds = parts["cand_offsets"].tolist()
+    signals = [
+        row
+        for r in range(requests.num_rows)
+        for row in signal_rows(items[bounds[r] : bounds[r + 1]], sessions[r] or [], histories[r] or [], covisit[r])
+    ]
+    parts["cand_signals"] = np.array(signals, np.float32).reshape(-1, len(SIGNALS))
     return Examples(**parts)
 
 
@@ -237,8 +313,12 @@ def build(
     cfg: BuildConfig | None = None,
     registry: FeatureRegistry | None = None,
     progress: bool = True,
+    proposer: Proposer | None = None,
 ) -> TrainingData:
-    """Training and validation examples (time split), vocabulary and item2vec inputs from an event history."""
+    """Training and validation examples (time split), vocabulary and item2vec inputs from an event history.
+
+    With a `proposer` the candidate stage's proposals are negatives too, and only requests whose positive
+    the stage proposed are kept (see the module docstring)."""
     cfg = cfg or BuildConfig()
     registry = registry or default_registry()
     say = print if progress else (lambda *_: None)
@@ -267,8 +347,22 @@ def build(
     train_groups, val_groups = keep[~is_val[keep]], keep[is_val[keep]]
     if len(val_groups) > cfg.max_val_groups:
         val_groups = np.sort(np.random.default_rng(cfg.seed).choice(val_groups, cfg.max_val_groups, replace=False))
+    if proposer is not None:
+        say("candidates: the candidate stage's proposals at each request ...")
+        props = proposer(requests.take(np.concatenate([train_groups, val_groups])))
+        con.register("cand", cand)
+        served = _proposals(con, props)
+        proposed = np.unique(
+            con.sql("SELECT p.g FROM props p JOIN requests r ON r.g = p.g AND r.item_id = p.item_id")
+            .to_arrow_table()["g"]
+            .to_numpy()
+        )
+        train_groups, val_groups = np.intersect1d(train_groups, proposed), np.intersect1d(val_groups, proposed)
+        cand = pa.concat_tables([cand, served.select(cand.column_names).cast(cand.schema)])
     cand = cand.filter(pa.array(np.isin(cand["g"].to_numpy(), np.concatenate([train_groups, val_groups]))))
-    if cfg.eval_candidates and len(val_groups):
+    if proposer is not None:
+        cand = cand.sort_by([("g", "ascending"), ("dist", "ascending"), ("item_id", "ascending")])
+    elif cfg.eval_candidates and len(val_groups):
         popular = con.sql(f"""
             SELECT item_id, any_value(category) AS category, any_value(subcategory) AS subcategory,
                    count(*) AS n
@@ -292,10 +386,29 @@ def build(
     counters = np.array([counter_row(r) for r in counted.select(list(COUNTERS)).to_pylist()], np.float32)
     counters = counters.reshape(-1, len(COUNTERS))
 
+    say("co-visitation of the session items ...")
+    groups_all = np.concatenate([train_groups, val_groups])
+    covisit_all = session_covisit(
+        events,
+        user_feats["session_seq"].take(groups_all).to_pylist(),
+        requests["ts"].to_numpy()[groups_all],
+        requests["offset"].to_numpy()[groups_all],
+        cfg.session_items,
+        registry,
+    )
+    covisit = dict(zip(groups_all.tolist(), covisit_all, strict=True))
+
     def part(groups: np.ndarray) -> Examples:
         rows = np.isin(g, groups)
         req = requests.take(groups)
-        return _examples(req, user_feats.take(groups), cand.filter(pa.array(rows)), counters[rows], vocab)
+        return assemble_examples(
+            req,
+            user_feats.take(groups),
+            cand.filter(pa.array(rows)),
+            counters[rows],
+            vocab,
+            [covisit[x] for x in groups.tolist()],
+        )
 
     seq = con.sql(f"""SELECT item_id, category, subcategory, dense_rank() OVER (ORDER BY user_id, sess) AS s
                       FROM sess_events WHERE ts < {split_ts} ORDER BY user_id, sess, off""").to_arrow_table()

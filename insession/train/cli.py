@@ -30,8 +30,13 @@ def train(
     val_fraction: Annotated[float, typer.Option(help="Share of the latest add-to-carts that validate.")] = 0.15,
     threads: Annotated[int, typer.Option(help="torch intra-op threads.")] = 1,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    served_negatives: Annotated[
+        bool,
+        typer.Option(help="Negatives from the ranking service's candidate stage, replayed at each add-to-cart."),
+    ] = True,
 ) -> None:
     """Train the Dual Sequence ReRanker on point-in-time training data from the feature engine."""
+    from insession.evaluate.candidates import stage_proposer
     from insession.train.build import load_events
     from insession.train.pipeline import train_on_events
 
@@ -44,6 +49,7 @@ def train(
             epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, threads=threads
         ),
         build_config=BuildConfig(val_fraction=val_fraction, seed=seed),
+        proposer=stage_proposer(events) if served_negatives else None,
         item2vec_epochs=item2vec_epochs,
         dim=dim,
         n_layers=layers,

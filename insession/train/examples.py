@@ -34,6 +34,7 @@ class Examples:
     cand_items: np.ndarray
     cand_labels: np.ndarray  # float32, 1 = carted
     cand_counters: np.ndarray  # [Nc, len(COUNTERS)] float32
+    cand_signals: np.ndarray  # [Nc, len(SIGNALS)] float32 (`signal_rows`)
 
     def __len__(self) -> int:
         return len(self.request_ts)
@@ -47,7 +48,7 @@ class Examples:
         for prefix, columns in (
             ("hist", ("items", "actions", "ts")),
             ("sess", ("items", "actions", "ts")),
-            ("cand", ("items", "labels", "counters")),
+            ("cand", ("items", "labels", "counters", "signals")),
         ):
             off = getattr(self, f"{prefix}_offsets")
             start, end = off[idx], off[idx + 1]
@@ -69,7 +70,9 @@ class Examples:
         """Padded tensors for the groups `idx`; sequences keep their most recent max_history/max_session."""
         hi, ha, ht = _pad(self.hist_offsets, (self.hist_items, self.hist_actions, self.hist_ts), idx, cfg.max_history)
         si, sa, st = _pad(self.sess_offsets, (self.sess_items, self.sess_actions, self.sess_ts), idx, cfg.max_session)
-        ci, cl, cc = _pad(self.cand_offsets, (self.cand_items, self.cand_labels, self.cand_counters), idx, None)
+        ci, cl, cc, cs = _pad(
+            self.cand_offsets, (self.cand_items, self.cand_labels, self.cand_counters, self.cand_signals), idx, None
+        )
         return Batch(
             history=Sequence(torch.from_numpy(hi), torch.from_numpy(ha), torch.from_numpy(ht)),
             session=Sequence(torch.from_numpy(si), torch.from_numpy(sa), torch.from_numpy(st)),
@@ -77,6 +80,7 @@ class Examples:
             candidates=torch.from_numpy(ci),
             counters=torch.from_numpy(cc.astype(np.float32)),
             labels=torch.from_numpy(cl.astype(np.float32)),
+            signals=torch.from_numpy(cs.astype(np.float32)),
         )
 
 

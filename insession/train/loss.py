@@ -57,9 +57,9 @@ def inbatch_logits(model: DualSequenceReranker, enc: Encoded, batch: Batch, k: i
     """Score every request against its own positive and the positives of k other groups of the batch
     (other users' add-to-carts are the sampled negatives). Returns (logits [B, 1 + k], items [B, 1 + k]).
 
-    The per-user counter is unknown for cross pairs, so it is zeroed for all pairs, the own positive
-    included: otherwise the true positive could be told apart by a counter its negatives never carry. The
-    item-level counters are those of the positive's own row.
+    The per-user counter and the SIGNALS (the candidate in this shopper's sequences) are unknown for cross
+    pairs, so they are zeroed for all pairs, the own positive included: otherwise the true positive could be
+    told apart by a feature its negatives never carry. The item-level counters are the positive's own row's.
     """
     b = len(batch)
     first_pos = batch.labels.argmax(-1)
@@ -80,7 +80,7 @@ def inbatch_logits(model: DualSequenceReranker, enc: Encoded, batch: Batch, k: i
 def hybrid_loss(model: DualSequenceReranker, batch: Batch, weights: LossWeights) -> tuple[Tensor, dict[str, float]]:
     """The training objective for one batch (BCE alone when model.cfg.loss == "bce"); (loss, its parts)."""
     enc = model.encode(batch.history, batch.session, batch.request_ts)
-    scores = model.score(enc, batch.candidates, batch.counters)
+    scores = model.score(enc, batch.candidates, batch.counters, signals=batch.signals)
     mask = batch.candidates != 0
     bce = weighted_bce(scores, batch.labels, mask, batch.counters[..., USER_ITEM], weights.repeat_alpha)
     if model.cfg.loss == "bce":

@@ -7,11 +7,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import torch
 
 from insession.features.declare import FeatureRegistry
 from insession.model.reranker import DualSequenceReranker
 from insession.train.artefact import CURVE, new_version, save_artefact
-from insession.train.build import BuildConfig, TrainingData, build
+from insession.train.build import BuildConfig, Proposer, TrainingData, build
 from insession.train.item2vec import item2vec
 from insession.train.plots import plot_curve
 from insession.train.trainer import TrainConfig, TrainResult, fit, seed_everything, set_threads
@@ -25,6 +26,28 @@ class Trained:
     seconds: dict[str, float]  # build / item2vec / fit wall time
 
 
+def pretrain_vectors(data: TrainingData, dim: int, epochs: int, seed: int, progress: bool = True) -> torch.Tensor:
+    """Item2vec vectors [n_items, dim] learnt on the training period's sessions (the item table's init)."""
+    items, sequence = data.item_sequences
+    return item2vec(items, sequence, data.vocab.n_items, dim, epochs=epochs, seed=seed, progress=progress)
+
+
+def train_model(
+    data: TrainingData,
+    tc: TrainConfig,
+    vectors: torch.Tensor | None = None,
+    **model_overrides: object,
+) -> TrainResult:
+    """The training step: a reranker sized by the data's vocabulary (+ overrides), initialised from
+    `vectors` when given, fitted with early stopping on the data's validation groups."""
+    set_threads(tc.threads)
+    seed_everything(tc.seed)
+    model = DualSequenceReranker(data.vocab.config(**model_overrides))
+    if vectors is not None:
+        model.init_item_vectors(vectors)
+    return fit(model, data.train, data.val, tc)
+
+
 def train_on_events(
     events: pa.Table,
     out: Path,
@@ -32,29 +55,25 @@ def train_on_events(
     train_config: TrainConfig | None = None,
     build_config: BuildConfig | None = None,
     registry: FeatureRegistry | None = None,
+    proposer: Proposer | None = None,
     item2vec_epochs: int = 2,
     **model_overrides: object,
 ) -> Trained:
-    """The whole of `insession train`: examples, item2vec initialisation, training, artefact + curve."""
+    """The whole of `insession train`: the data step (`build`), item2vec, the training step, artefact + curve."""
     tc = train_config or TrainConfig()
     set_threads(tc.threads)
-    seed_everything(tc.seed)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    data = build(events, build_config or BuildConfig(seed=tc.seed), registry, progress=tc.progress)
+    data = build(events, build_config or BuildConfig(seed=tc.seed), registry, progress=tc.progress, proposer=proposer)
     seconds["build"] = time.perf_counter() - t0
     cfg = data.vocab.config(**model_overrides)
-    model = DualSequenceReranker(cfg)
+    vectors = None
     if item2vec_epochs > 0:
         t0 = time.perf_counter()
-        items, sequence = data.item_sequences
-        vectors = item2vec(
-            items, sequence, cfg.n_items, cfg.dim, epochs=item2vec_epochs, seed=tc.seed, progress=tc.progress
-        )
-        model.init_item_vectors(vectors)
+        vectors = pretrain_vectors(data, cfg.dim, item2vec_epochs, tc.seed, tc.progress)
         seconds["item2vec"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    result = fit(model, data.train, data.val, tc)
+    result = train_model(data, tc, vectors, **model_overrides)
     seconds["fit"] = time.perf_counter() - t0
     version = new_version(Path(out))
     metrics = {
@@ -63,6 +82,7 @@ def train_on_events(
         "val_groups": len(data.val),
         "items": cfg.n_items - 1,
         "split_ts": data.split_ts,
+        "candidate_stage_negatives": proposer is not None,
         "seconds": seconds,
         "train_config": asdict(tc),
     }

@@ -162,7 +162,7 @@ def fit(model: DualSequenceReranker, train: Examples, val: Examples, tc: TrainCo
                 f"epoch {epoch}: loss {total / max(n, 1):.4f}  val NDCG@10 {val_metrics['ndcg10']:.4f}  "
                 f"{n / seconds:,.0f} examples/s"
             )
-        if val_metrics["ndcg10"] > best:
+        if val_metrics["ndcg10"] > best or (len(val) == 0):  # no validation groups: keep the latest
             best, best_state, stale = val_metrics["ndcg10"], copy.deepcopy(model.state_dict()), 0
         else:
             stale += 1

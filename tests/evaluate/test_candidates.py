@@ -33,9 +33,7 @@ def test_lists_follow_the_stage(shop: Dataset, sets: CandidateSets) -> None:
 
 def test_forced_view_replaces_the_last_proposal(shop: Dataset, split: TimeSplit) -> None:
     quotas = CandidateQuotas(n=4, session=0, covisit=1, category=1)  # no session items: misses
-    small = build_candidates(
-        shop.events, shop.items, requests(shop.events, split).slice(0, 40), quotas, progress=False
-    )
+    small = build_candidates(shop.events, shop.items, requests(shop.events, split).slice(0, 40), quotas, progress=False)
     missed = np.flatnonzero(~small.proposed)
     assert len(missed) > 0
     for i in missed:

@@ -55,9 +55,7 @@ def test_gauc_by_hand() -> None:
     # pooled: positives {5, 3}, negatives {1, 2, 4, 0}; 5 beats all 4, 3 beats 1, 2, 0 -> 7 / 8 pairs.
     # user b: one request [1, 2] (positive 1 loses) -> AUC 0. Weights = impressions: 6 and 2.
     scores = [np.array([5.0, 1, 2]), np.array([3.0, 4, 0]), np.array([1.0, 2])]
-    per = score_requests(
-        scores, np.zeros(3, np.int64), np.array(["a", "a", "b"]), np.array(["s1", "s2", "s3"])
-    )
+    per = score_requests(scores, np.zeros(3, np.int64), np.array(["a", "a", "b"]), np.array(["s1", "s2", "s3"]))
     assert per.point()["gauc"] == pytest.approx((7 / 8 * 6 + 0.0 * 2) / 8)
     assert per.point()["auc"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)  # per-request AUCs differ from GAUC
     # a tie counts against the positive, as in the per-request metrics

@@ -66,9 +66,7 @@ def test_model_scores_line_up_with_the_candidate_lists(shop: Dataset, sets: Cand
     data = build(before(shop.events, sets_split_end(sets)), BuildConfig(val_fraction=0.2), progress=False)
     examples = _examples_for(sets, shop.items, data.vocab)
     rows = np.arange(len(sets.lists))[::-1].copy()  # any order of requests
-    scores = score_examples(
-        lambda batch: batch.candidates.double(), examples.subset(rows), data.vocab.config()
-    )
+    scores = score_examples(lambda batch: batch.candidates.double(), examples.subset(rows), data.vocab.config())
     facts = {r["item_id"]: (r["category"], r["subcategory"]) for r in shop.items.to_pylist()}
     for got, i in zip(scores, rows, strict=True):
         items = sets.lists[i]

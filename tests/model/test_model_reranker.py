@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -11,8 +12,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from insession.model import COUNTERS, Batch, DualSequenceReranker, RerankerConfig, Sequence, Vocab
-from insession.model.reranker import calendar_fields
+from insession.model import (
+    COUNTERS,
+    SIGNALS,
+    Batch,
+    DualSequenceReranker,
+    RerankerConfig,
+    Sequence,
+    Vocab,
+    signal_rows,
+)
+from insession.model.reranker import COVISIT_DECAY, calendar_fields
 
 T0 = 1_700_000_000_000
 HOUR = 3_600_000
@@ -56,6 +66,7 @@ def random_batch(cfg: RerankerConfig, lengths_h: list[int], lengths_s: list[int]
         candidates=cands,
         counters=torch.randint(0, 20, (b, c, len(COUNTERS)), generator=g).float(),
         labels=labels,
+        signals=torch.rand(b, c, len(SIGNALS), generator=g),
     )
 
 
@@ -73,7 +84,7 @@ def test_shapes_and_forward_equals_encode_then_score() -> None:
     assert torch.isfinite(scores).all()
     enc = m.encode(batch.history, batch.session, batch.request_ts)
     assert enc.history.shape == (4, 12, 16) and enc.session.shape == (4, 6, 16)
-    torch.testing.assert_close(m.score(enc, batch.candidates, batch.counters), scores)
+    torch.testing.assert_close(m.score(enc, batch.candidates, batch.counters, signals=batch.signals), scores)
 
 
 @pytest.mark.parametrize(
@@ -95,7 +106,7 @@ def test_encode_once_equals_per_candidate_forward(ablation: dict) -> None:
     batch = random_batch(cfg, [9], [4], c=20, seed=3)
     batch.candidates[0, 5] = 40  # a cold item (subcategory row) among them
     enc = m.encode(batch.history, batch.session, batch.request_ts)
-    once = m.score(enc, batch.candidates[0], batch.counters[0])  # [C] for one request
+    once = m.score(enc, batch.candidates[0], batch.counters[0], signals=batch.signals[0])  # [C] for one request
     assert once.shape == (20,)
     for c in range(20):
         single = replace(
@@ -103,6 +114,7 @@ def test_encode_once_equals_per_candidate_forward(ablation: dict) -> None:
             candidates=batch.candidates[:, c : c + 1],
             counters=batch.counters[:, c : c + 1],
             labels=batch.labels[:, c : c + 1],
+            signals=batch.signals[:, c : c + 1],
         )
         torch.testing.assert_close(m(single)[0, 0], once[c], atol=1e-5, rtol=0)
 
@@ -239,3 +251,35 @@ def test_calendar_fields_match_datetime(ts: int) -> None:
     d = datetime.fromtimestamp(ts / 1000, UTC)
     got = calendar_fields(torch.tensor([ts]))[0].tolist()
     assert got == [d.hour, d.weekday(), (d.day - 1) // 7]
+
+
+def test_signal_rows_by_hand() -> None:
+    """Repeat, recency and co-visitation of each candidate, by item id (two cold items never merge)."""
+    session = [
+        {"item_id": i, "action": a} for i, a in (("a", "view"), ("b", "add_to_cart"), ("a", "view"), ("c", "view"))
+    ]
+    history = [{"item_id": "b", "action": "view"}, {"item_id": "z", "action": "view"}]
+    covisit = {"c": {"a": 2, "x": 4}, "a": {"x": 1, "b": 3}}  # most recent distinct session item first
+    rows = dict(zip("abxq", signal_rows(list("abxq"), session, history, covisit), strict=True))
+    col = {name: i for i, name in enumerate(SIGNALS)}
+    assert rows["a"][col["session_count"]] == pytest.approx(math.log1p(2))
+    assert rows["a"][col["session_recency"]] == pytest.approx(1 / 2)  # one event (c) after its latest
+    assert rows["b"][col["session_recency"]] == pytest.approx(1 / 3)
+    assert rows["b"][col["session_carted"]] == 1.0 and rows["a"][col["session_carted"]] == 0.0
+    assert rows["b"][col["history_count"]] == pytest.approx(math.log1p(1))
+    assert rows["b"][col["history_recency"]] == pytest.approx(1 / 2)
+    assert rows["x"][col["covisit_recent"]] == pytest.approx(math.log1p(4 + COVISIT_DECAY * 1))
+    assert rows["x"][col["covisit_total"]] == pytest.approx(math.log1p(5))
+    assert rows["a"][col["covisit_recent"]] == pytest.approx(math.log1p(2))
+    assert rows["q"] == [0.0] * len(SIGNALS)  # never touched, no co-visitation
+
+
+@pytest.mark.parametrize("use_counters", [True, False])
+def test_signals_reach_the_head_unless_ablated(use_counters: bool) -> None:
+    cfg = tiny_config(use_counters=use_counters)
+    m = model_for(cfg)
+    batch = random_batch(cfg, [5, 3], [4, 2])
+    enc = m.encode(batch.history, batch.session, batch.request_ts)
+    with_signals = m.score(enc, batch.candidates, batch.counters, signals=batch.signals)
+    without = m.score(enc, batch.candidates, batch.counters)
+    assert torch.allclose(with_signals, without) != use_counters  # type: ignore[arg-type]

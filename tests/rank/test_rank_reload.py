@@ -91,3 +91,17 @@ def test_missing_artefact(shop: Shop, ranker: Ranker) -> None:
     with pytest.raises(FileNotFoundError):
         ranker.reload(shop.model_dir / "nope")
     assert ranker.model is not None and ranker.model.version == "v1"
+
+
+def test_an_artefact_this_code_cannot_load_is_refused_not_fatal(shop: Shop, ranker: Ranker) -> None:
+    broken = shop.artefact("v5", seed=5)
+    (broken / "model.pt").write_bytes(b"not a state dict")
+    with pytest.raises(ArtefactRefused, match="cannot be loaded"):
+        ranker.reload(broken)
+    assert ranker.model is not None and ranker.model.version == "v1"
+    r = Ranker(shop.features, shop.catalog, shop.model_dir, RankConfig(backend="torch"))  # v5 is the newest
+    try:
+        assert r.model is None and "cannot be loaded" in (r.last_reload_error or "")
+        assert r.rank(RankRequest("u0", k=3)).fallback_reason == "no_model"
+    finally:
+        r.close()

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from insession.model import RerankerConfig
+from insession.model import SIGNALS, RerankerConfig
 from insession.train.examples import Examples, bucketed_batches, prefetch
 
 
@@ -38,6 +38,7 @@ def make_examples(hist: list[int], sess: list[int], cands: list[int]) -> Example
         cand_items=cv,
         cand_labels=labels,
         cand_counters=np.stack([cv, cv * 2, cv * 3], 1).astype(np.float32),
+        cand_signals=np.stack([cv * k for k in range(1, len(SIGNALS) + 1)], 1).astype(np.float32),
     )
 
 
@@ -51,6 +52,8 @@ def test_collate_pads_right_and_keeps_the_most_recent() -> None:
     assert b.labels.tolist() == [[1, 0, 0], [1, 0, 0], [1, 0, 0]]
     assert b.counters[1, 1].tolist() == [5001, 10002, 15003]
     assert b.counters[0, 1].tolist() == [0, 0, 0]
+    assert b.signals is not None and b.signals[1, 1].tolist() == [5001 * k for k in range(1, len(SIGNALS) + 1)]
+    assert b.signals[0, 1].abs().sum() == 0
     assert b.request_ts.tolist() == [1_700_000_000_020, 1_700_000_000_000, 1_700_000_000_010]
 
 
@@ -64,6 +67,7 @@ def test_subset_and_roundtrip(tmp_path: Path) -> None:
         (whole.history.items, part.history.items),
         (whole.candidates, part.candidates),
         (whole.counters, part.counters),
+        (whole.signals, part.signals),
         (whole.session.ts, part.session.ts),
     ):
         assert a.tolist() == b.tolist()
