@@ -1,4 +1,5 @@
-"""Benchmark of the feature engine: online throughput, memory per user, online read vs DuckDB on demand."""
+"""Benchmark of the feature engine: online throughput, memory per user, online read vs DuckDB on demand,
+offline training-data counters (tiled) vs a direct window join."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from collections.abc import Iterator
 
 import duckdb
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
 from bench.common import percentiles_ms, table
-from insession.features import FeatureEngine, FeatureRegistry, default_registry
+from insession.features import FeatureEngine, FeatureRegistry, default_registry, offline
 from insession.log.export import events_to_arrow
 from insession.schema import ACTIONS, Event
 
@@ -139,11 +142,86 @@ def _top_categories_latency(n_events: int, reads: int) -> tuple[dict[str, float]
     return percentiles_ms(online), percentiles_ms(ondemand)
 
 
+COUNTERS = ("user_item_count_28d", "item_count_28d", "item_trending_2h")  # what the trainer reads per candidate
+
+
+def _training_spine(events: pa.Table, requests: int, candidates: int) -> pa.Table:
+    """The trainer's shape: per add-to-cart request (user, ts, offset), `candidates` items, 5 of them the
+    request's own item, the rest drawn by Zipf popularity (the hot items are the expensive ones)."""
+    rng = np.random.default_rng(9)
+    atc = events.filter(pc.equal(events["action"], "add_to_cart"))
+    req = atc.take(np.sort(rng.choice(atc.num_rows, min(requests, atc.num_rows), replace=False)))
+    g = np.repeat(np.arange(req.num_rows), candidates)
+    items = np.char.add("i", (np.minimum(rng.zipf(1.3, len(g)), N_ITEMS) - 1).astype(str)).astype(object)
+    own = np.arange(len(g)) % candidates < 5
+    items[own] = np.asarray(req["item_id"].to_pylist(), dtype=object)[g[own]]
+    return pa.table(
+        {
+            "user_id": req["user_id"].take(g),
+            "item_id": pa.array(items, pa.string()),
+            "ts": req["ts"].take(g),
+            "offset": req["offset"].take(g),
+        }
+    )
+
+
+def _window_join(events: pa.Table, spine: pa.Table) -> pa.Table:
+    """The counters by their definition: every accepted event of the key inside the window, joined per row."""
+    reg = default_registry()
+    con = duckdb.connect()
+    offline.sessions(reg, events, con=con)
+    con.register("spine", spine.append_column("rid", pa.array(np.arange(spine.num_rows), pa.int64())))
+    by_action = ", ".join(f"{a} := count(x.ts) FILTER (WHERE x.action = '{a}')" for a in ACTIONS)
+    selects = []
+    for name in COUNTERS:
+        f = reg[name]
+        keys = " AND ".join(f"x.{k} = s.{k}" for k in f.keys)
+        start = f"(s.ts // {f.window.tile_ms} - {f.window.tiles - 1}) * {f.window.tile_ms}"
+        v = "count(x.ts)" if f.agg == "count" else f"struct_pack({by_action})"
+        selects.append(f"""(SELECT s.rid, {v} AS {name} FROM spine s LEFT JOIN accepted_sessions x
+                             ON {keys} AND x."offset" <= s."offset" AND x.ts <= s.ts AND x.ts >= {start}
+                             GROUP BY s.rid)""")
+    joined = " JOIN ".join(f"{sel} r{n}" + (" USING (rid)" if n else "") for n, sel in enumerate(selects))
+    cols = ", ".join(f"r{n}.{name}" for n, name in enumerate(COUNTERS))
+    return con.sql(f"SELECT {cols} FROM {joined} ORDER BY rid").to_arrow_table()
+
+
+def _offline_counters(n_users: int, per_user: int, requests: int, baseline_requests: int) -> list[list[object]]:
+    """Seconds and spine rows per second for the trainer's counters: offline.compute (running per-tile
+    counts) on the full spine, the direct window join on its first `baseline_requests` requests; the
+    answers on that part are checked equal."""
+    events = pa.concat_tables(events_to_arrow(c) for c in synthetic_events(n_users, per_user, seed=13))
+    spine = _training_spine(events, requests, 60)
+    feats = [default_registry()[n] for n in COUNTERS]
+    t = time.perf_counter()
+    tiled = offline.compute(feats, events, spine).select(list(COUNTERS))
+    tiled_s = time.perf_counter() - t
+    part = spine.slice(0, baseline_requests * 60)
+    t = time.perf_counter()
+    joined = _window_join(events, part)
+    join_s = time.perf_counter() - t
+    if joined.to_pylist() != tiled.slice(0, part.num_rows).to_pylist():
+        raise AssertionError("offline.compute differs from the direct window join")
+    tiled_rate, join_rate = spine.num_rows / tiled_s, part.num_rows / join_s
+    return [
+        [
+            "offline.compute (running per-tile counts)",
+            f"{events.num_rows:,}",
+            f"{spine.num_rows:,}",
+            tiled_s,
+            tiled_rate,
+        ],
+        ["direct window join (baseline)", f"{events.num_rows:,}", f"{part.num_rows:,}", join_s, join_rate],
+        ["ratio (rows/s)", "", "", "", f"{tiled_rate / join_rate:,.0f}x"],
+    ]
+
+
 def run(quick: bool) -> str:
     """The markdown section for docs/benchmarks.md."""
     tp_users, tp_per_user = (10_000, 10) if quick else (200_000, 20)
     mem_users, mem_per_user = (10_000, 20) if quick else (1_000_000, 20)
     hist_events, reads = (200_000, 300) if quick else (10_000_000, 2_000)
+    off_users, off_requests, off_baseline = (5_000, 1_000, 100) if quick else (25_000, 20_000, 500)
 
     print(f"throughput: {tp_users * tp_per_user:,} events through the default feature set ...")
     rate_wall, rate_cpu, total, engine = _throughput(tp_users, tp_per_user)
@@ -156,6 +234,10 @@ def run(quick: bool) -> str:
     print(f"top_categories_15d: online state vs DuckDB over {hist_events:,} raw events ...")
     on, dd = _top_categories_latency(hist_events, reads)
     print(f"  p50 {on['p50']:.4f} ms vs {dd['p50']:.3f} ms")
+
+    print(f"offline counters: {off_users * 20:,} events, {off_requests:,} requests x 60 candidates ...")
+    off_rows = _offline_counters(off_users, 20, off_requests, off_baseline)
+    print(f"  {off_rows[0][3]:.1f} s for {off_rows[0][2]} rows; baseline {off_rows[1][3]:.1f} s for {off_rows[1][2]}")
 
     scale = " Quick run: measured at the sizes shown; per-user state does not depend on the number of users."
     rows = [
@@ -193,6 +275,13 @@ def run(quick: bool) -> str:
                 ratio,
             ],
         ),
+        "",
+        f"Training-data counters ({', '.join(f'`{c}`' for c in COUNTERS)}) for (add-to-cart request, candidate)"
+        " rows, 60 candidates per request drawn by Zipf popularity: `offline.compute` versus the same"
+        " counts by a direct window join (every event of the key in the window, per row; run on the first"
+        f" {off_baseline:,} requests only); answers checked equal.",
+        "",
+        table(["path", "events", "spine rows", "seconds", "rows/s"], off_rows),
         "",
     ]
     return "\n".join(lines)

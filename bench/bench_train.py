@@ -136,8 +136,8 @@ def run(quick: bool) -> str:
             "training data from the offline feature engine (point-in-time), negatives from the serving "
             "candidate stage replayed at each add-to-cart (only add-to-carts it proposed are kept). `build s` "
             "is the training-data build (the replay included), `examples/s` counts example groups (one "
-            "add-to-cart with its candidates) per second of training. Intent AUC: P(a validation candidate of the session's intended category outscores one "
-            "of another category), 0.5 = chance.",
+            "add-to-cart with its candidates) per second of training. Intent AUC: P(a validation candidate "
+            "of the session's intended category outscores one of another category), 0.5 = chance.",
             table(heads, rows),
             f"### Scoring {N_CANDIDATES} candidates for one request (model trained on taobao)",
             table(["path", "p50 ms", "p99 ms", "p99.9 ms", "n", "x faster than baseline"], scoring),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bench.common import machine, stamp
 
-MODULES = ("bench_ingest", "bench_features", "bench_query", "bench_train", "bench_rank")
+MODULES = ("bench_ingest", "bench_features", "bench_freshness", "bench_query", "bench_train", "bench_rank")
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
@@ -30,8 +30,9 @@ def main() -> None:
         section = importlib.import_module(f"bench.{name}").run(args.quick)
         print(section, flush=True)
         mode = "QUICK smoke sizes, not reference numbers" if args.quick else "full size"
+        took = time.perf_counter() - t0
         footer = (f"\n\n_Measured {stamp()} on {machine()}; `python -m bench.run"
-                  f"{' --quick' if args.quick else ''} --only {name}` ({mode}); took {time.perf_counter() - t0:.0f} s._\n")
+                  f"{' --quick' if args.quick else ''} --only {name}` ({mode}); took {took:.0f} s._\n")
         (DOCS / "bench" / f"{name}.md").write_text(section.rstrip() + footer)
     parts = [(DOCS / "bench" / f"{n}.md") for n in MODULES]
     body = "\n\n".join(p.read_text().rstrip() for p in parts if p.exists())

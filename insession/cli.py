@@ -1,4 +1,4 @@
-"""The `insession` command line: serve, demo, load, and the commands of the other parts."""
+"""The `insession` command line: serve, demo, load, query, and the commands of the other parts."""
 
 from __future__ import annotations
 
@@ -32,6 +32,35 @@ def serve(
 
     uvicorn.run(create_app(data_dir, config=config), host=host, port=port, loop="uvloop", http="httptools",
                 access_log=False, log_level="warning")
+
+
+@app.command()
+def load(
+    dataset_dir: Path = typer.Argument(..., help="A dataset dir from `insession generate` or `insession import`."),
+    url: str | None = typer.Option(None, "--url", help="A running server; default: the embedded --data-dir."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="INSESSION_API_KEY"),
+    data_dir: Path = typer.Option(Path("data"), "--data-dir"),
+) -> None:
+    """Insert a dataset directory (catalogue, then events in time order) into a server or the embedded store."""
+    from contextlib import closing
+
+    from tqdm import tqdm
+
+    import insession
+    from insession.datasets import load_dir
+
+    items, batches = load_dir(dataset_dir)
+    target = insession.Client(url, api_key=api_key) if url else insession.open(data_dir, maintenance_interval_s=None)
+    with closing(target):
+        for start in range(0, len(items), 5_000):
+            target.insert("items", items[start:start + 5_000])
+        stored = dups = 0
+        with tqdm(desc="events", unit=" ev", unit_scale=True) as bar:
+            for batch in batches:
+                result = target.insert("events", batch)
+                stored, dups = stored + result.stored, dups + result.duplicates
+                bar.update(len(batch))
+    typer.echo(f"{len(items):,} items, {stored:,} events stored ({dups:,} already there)")
 
 
 @app.command()

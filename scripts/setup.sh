@@ -9,5 +9,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 extra=""
 [ "${1:-}" = "test" ] && extra="[test]"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extra}" 2>&1 | grep -v "^WARNING: Location" || true
+# (the registry mirror's "Location ... is ignored" warnings are noise; every other line stays)
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extra}" 2> >(grep -v "^WARNING: Location" >&2)
 .venv/bin/python -c "import insession, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"

@@ -293,6 +293,20 @@ def _aggregate(f: Feature, cand: str) -> str:
                USING (rid) GROUP BY sp.rid"""
 
 
+def sessions(
+    registry: FeatureRegistry, events: EventsLike, *, con: duckdb.DuckDBPyConnection | None = None
+) -> duckdb.DuckDBPyRelation:
+    """The events the engines accept under `registry`'s lateness rule, in offset order, each with its
+    session number under the session rule: columns `offset, user_id, item_id, action, ts, session_id,
+    surface, properties, category, subcategory, sess` (sess: 0, 1, ... per user, in arrival order).
+    Materialised on `con` as the temp table `accepted_sessions` (replaced by the next call on `con`)."""
+    con = con or duckdb.connect()
+    _prepare(con, _events_sql(con, events), registry)
+    con.execute("""CREATE OR REPLACE TEMP TABLE accepted_sessions AS
+        SELECT off AS "offset", * EXCLUDE (off, wm_prev, wm_after, user_max) FROM acc ORDER BY off""")
+    return con.table("accepted_sessions")
+
+
 def compute(
     features: FeatureRegistry | Iterable[Feature],
     events: EventsLike,

@@ -42,6 +42,8 @@ SIGNALS: tuple[str, ...] = (
     "history_recency",  # 1 / (1 + events since its latest history event); 0 if absent
     "covisit_recent",  # log1p(sum_j 0.5^j covisit(session item j, candidate)), j = 0 most recent distinct
     "covisit_total",  # log1p(sum_j covisit(session item j, candidate))
+    "session_category_share",  # share of the session's events in the candidate's category
+    "last_category_match",  # 1 if the candidate's category is that of the session's newest event
 )
 COVISIT_DECAY = 0.5
 MS_PER_HOUR = 3_600_000
@@ -72,6 +74,7 @@ def _recency_counts(events: Sequence_[Mapping[str, Any]]) -> dict[str, tuple[int
 
 def signal_rows(
     candidates: Sequence_[str],
+    categories: Sequence_[str | None],
     session: Sequence_[Mapping[str, Any]],
     history: Sequence_[Mapping[str, Any]],
     covisit: Mapping[str, Mapping[str, int]],
@@ -79,14 +82,20 @@ def signal_rows(
     """The head's SIGNALS for each candidate, from the served state (training, evaluation and serving all
     go through this one function).
 
-    session / history: the `session_seq` / `history_seq` features (events oldest -> newest, dicts with
-    item_id and action); covisit: the `covisit` feature ({neighbour: count}) of the session's distinct
-    items, most recent first (the candidate stage reads the same lists).
+    categories: each candidate's catalogue category (None: unknown); session / history: the `session_seq` /
+    `history_seq` features (events oldest -> newest, dicts with item_id, action and category); covisit:
+    the `covisit` feature ({neighbour: count}) of the session's distinct items, most recent first (the
+    candidate stage reads the same lists).
     """
     sess, hist = _recency_counts(session), _recency_counts(history)
     carted = {e["item_id"] for e in session if e["action"] == "add_to_cart"}
+    in_category: dict[str, int] = {}
+    for e in session:
+        if e.get("category") is not None:
+            in_category[e["category"]] = in_category.get(e["category"], 0) + 1
+    last = session[-1].get("category") if session else None
     rows = []
-    for c in candidates:
+    for c, cat in zip(candidates, categories, strict=True):
         s_n, s_age = sess.get(c, (0, 0))
         h_n, h_age = hist.get(c, (0, 0))
         recent = total = 0.0
@@ -103,6 +112,8 @@ def signal_rows(
                 1.0 / (1 + h_age) if h_n else 0.0,
                 math.log1p(recent),
                 math.log1p(total),
+                in_category.get(cat, 0) / len(session) if cat is not None and session else 0.0,
+                float(cat is not None and cat == last),
             ]
         )
     return rows

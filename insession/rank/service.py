@@ -223,7 +223,7 @@ class Ranker:
         self._pool = ThreadPoolExecutor(self.config.model_threads, thread_name_prefix="insession-rank")
         if self.config.torch_threads is not None:
             torch.set_num_threads(self.config.torch_threads)
-        if self.model_dir is not None:
+        if self.model_dir is not None and self.model_dir.exists():  # no directory: nothing trained yet
             try:
                 self.reload()
             except (FileNotFoundError, ArtefactRefused) as e:

@@ -297,12 +297,18 @@ def assemble_examples(
     parts["cand_labels"] = cand["label"].to_numpy().astype(np.float32)
     parts["cand_counters"] = counters.astype(np.float32)
     sessions, histories = state["session_seq"].to_pylist(), state["history_seq"].to_pylist()
-    items = cand["item_id"].to_pylist()
+    items, cats = cand["item_id"].to_pylist(), cand["category"].to_pylist()
     bounds = parts["cand_offsets"].tolist()
     signals = [
         row
         for r in range(requests.num_rows)
-        for row in signal_rows(items[bounds[r] : bounds[r + 1]], sessions[r] or [], histories[r] or [], covisit[r])
+        for row in signal_rows(
+            items[bounds[r] : bounds[r + 1]],
+            cats[bounds[r] : bounds[r + 1]],
+            sessions[r] or [],
+            histories[r] or [],
+            covisit[r],
+        )
     ]
     parts["cand_signals"] = np.array(signals, np.float32).reshape(-1, len(SIGNALS))
     return Examples(**parts)

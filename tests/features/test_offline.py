@@ -1,18 +1,22 @@
-"""The offline engine: inputs it accepts, spines without offsets, point-in-time correctness."""
+"""The offline engine: inputs it accepts, spines without offsets, point-in-time correctness, tiled counts
+against their definition, accepted events and their sessions."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
-from features_helpers import T0, ev, key_of
+from features_helpers import T0, ev, key_of, streams
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from insession.features import FeatureEngine, default_registry
-from insession.features.declare import MINUTE_MS
-from insession.features.offline import compute
+from insession.features import UNBOUNDED, Feature, FeatureEngine, FeatureRegistry, default_registry, sliding
+from insession.features.declare import DAY_MS, HOUR_MS, MINUTE_MS
+from insession.features.offline import compute, sessions
 from insession.log.export import events_to_arrow, write_day_partitions
-from insession.schema import ACTIONS, Event
+from insession.schema import ACTIONS, EVENT_ARROW_SCHEMA, Event
 
 
 def _events() -> list[Event]:
@@ -99,3 +103,120 @@ def test_point_in_time_excludes_later_events_and_late_arrivals() -> None:
 def test_spine_must_carry_the_keys() -> None:
     with pytest.raises(ValueError):
         compute(default_registry(), events_to_arrow(_events()), pa.table({"user_id": ["u0"], "ts": [T0]}))
+
+
+# count / counts_by_action read running per-tile counts plus the events near the row's cut: check them
+# against the definition at arbitrary (t, offset), not only at watermarks as the parity test does.
+COUNTS = [
+    Feature("u_n", "user", "count", sliding(HOUR_MS, 10 * MINUTE_MS), actions=("view", "purchase")),
+    Feature("ui_n", "user_item", "count", sliding(2 * HOUR_MS, MINUTE_MS)),
+    Feature("i_acts", "item", "counts_by_action", sliding(28 * DAY_MS, HOUR_MS)),
+    Feature("g_n", "global", "count", sliding(3 * HOUR_MS, HOUR_MS)),
+    Feature("i_all", "item", "count", UNBOUNDED),
+    Feature("ui_acts", "user_item", "counts_by_action", UNBOUNDED),
+]
+
+
+def _accepted(events: list[Event], lateness_ms: int) -> list[Event]:
+    out, wm = [], None
+    for e in events:
+        if wm is None or e.ts >= wm - lateness_ms:
+            out.append(e)
+            wm = e.ts if wm is None else max(wm, e.ts)
+    return out
+
+
+def _reference(f: Feature, accepted: list[Event], row: dict[str, Any]) -> object:
+    start = f.window.start(row["ts"])
+    seen = [
+        e
+        for e in accepted
+        if e.offset <= row["offset"]
+        and e.ts <= row["ts"]
+        and (start is None or e.ts >= start)
+        and (f.actions is None or e.action in f.actions)
+        and key_of(f.entity, {"user_id": e.user_id, "item_id": e.item_id}) == key_of(f.entity, row)
+    ]
+    if f.agg == "count":
+        return len(seen)
+    return {a: sum(e.action == a for e in seen) for a in ACTIONS}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    events=streams(),
+    lateness=st.sampled_from([0, 5 * MINUTE_MS, 30 * MINUTE_MS]),
+    rows=st.lists(
+        st.tuples(
+            st.sampled_from(["u0", "u1", "u9"]),
+            st.sampled_from(["i0", "i1", "i9"]),
+            st.integers(0, 59),  # near this event's time ...
+            st.integers(-10 * MINUTE_MS, 10 * MINUTE_MS),
+            st.integers(-1, 60),  # ... as of this offset
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+)
+def test_tiled_counts_equal_their_definition_at_any_time_and_offset(
+    events: list[Event], lateness: int, rows: list[tuple[str, str, int, int, int]]
+) -> None:
+    reg = FeatureRegistry.of(COUNTS, lateness_ms=lateness)
+    spine = [
+        {"user_id": u, "item_id": i, "ts": events[j % len(events)].ts + dt, "offset": o} for u, i, j, dt, o in rows
+    ]
+    got = compute(reg, events_to_arrow(events), pa.Table.from_pylist(spine)).to_pylist()
+    accepted = _accepted(events, lateness)
+    for row, have in zip(spine, got, strict=True):
+        for f in COUNTS:
+            assert have[f.name] == _reference(f, accepted, row), (f.name, row)
+
+
+def test_tiled_counts_leave_out_late_events_that_arrive_after_the_row() -> None:
+    base = T0 - T0 % HOUR_MS
+    events = [ev(n, "u", "a", base + n * MINUTE_MS) for n in range(30)]  # one a minute, in order
+    events += [ev(30 + n, "u", "a", base + (25 + n) * MINUTE_MS, "purchase") for n in range(4)]  # late, allowed
+    reg = FeatureRegistry.of(COUNTS)
+    spine = pa.table(
+        {
+            "user_id": ["u"] * 4,
+            "item_id": ["a"] * 4,
+            "ts": pa.array([base + 29 * MINUTE_MS, base + 29 * MINUTE_MS, base + 26 * MINUTE_MS, base], pa.int64()),
+            "offset": pa.array([29, 33, 33, 33], pa.int64()),
+        }
+    )
+    got = compute(reg, events_to_arrow(events), spine).to_pylist()
+    assert [r["ui_n"] for r in got] == [30, 34, 27 + 2, 1]
+    assert [r["i_acts"]["purchase"] for r in got] == [0, 4, 2, 0]
+    assert [r["u_n"] for r in got] == [30, 34, 29, 1]
+    for row, have in zip(spine.to_pylist(), got, strict=True):
+        assert have["g_n"] == _reference(reg["g_n"], events, row)
+
+
+def test_sessions_are_the_accepted_events_numbered_by_the_session_rule() -> None:
+    base = T0 - T0 % HOUR_MS
+    events = [
+        ev(0, "u", "a", base),
+        ev(1, "v", "x", base + MINUTE_MS, session="s1"),
+        ev(2, "u", "b", base + 30 * MINUTE_MS),  # exactly the gap: same session
+        ev(3, "u", "c", base + 61 * MINUTE_MS),  # more than the gap: a new session
+        ev(4, "v", "y", base + 62 * MINUTE_MS, session="s1"),  # the client's id keeps it open
+        ev(5, "u", "d", base + 50 * MINUTE_MS),  # 12 minutes late: dropped
+        ev(6, "u", "e", base + 58 * MINUTE_MS),  # late but allowed: joins the open session
+        ev(7, "v", "z", base + 63 * MINUTE_MS, session="s2"),
+    ]
+    rel = sessions(default_registry(), events_to_arrow(events))
+    got = [(r["offset"], r["user_id"], r["sess"]) for r in rel.to_arrow_table().to_pylist()]
+    assert got == [(0, "u", 0), (1, "v", 0), (2, "u", 0), (3, "u", 1), (4, "v", 0), (6, "u", 1), (7, "v", 1)]
+    assert rel.columns[0] == "offset"
+    assert set(EVENT_ARROW_SCHEMA.names) - set(rel.columns) == {"event_id", "ingest_ts"}
+
+
+@settings(max_examples=20, deadline=None)
+@given(events=streams())
+def test_sessions_drop_what_the_online_engine_drops(events: list[Event]) -> None:
+    engine = FeatureEngine(default_registry())
+    engine.update_many(events)
+    accepted = sessions(default_registry(), events_to_arrow(events)).to_arrow_table()
+    assert accepted.num_rows == len(events) - engine.too_late
+    assert accepted["offset"].to_pylist() == [e.offset for e in _accepted(events, engine.registry.lateness_ms)]

@@ -254,13 +254,13 @@ def test_calendar_fields_match_datetime(ts: int) -> None:
 
 
 def test_signal_rows_by_hand() -> None:
-    """Repeat, recency and co-visitation of each candidate, by item id (two cold items never merge)."""
-    session = [
-        {"item_id": i, "action": a} for i, a in (("a", "view"), ("b", "add_to_cart"), ("a", "view"), ("c", "view"))
-    ]
-    history = [{"item_id": "b", "action": "view"}, {"item_id": "z", "action": "view"}]
+    """Repeat, recency, co-visitation and category of each candidate, by item id (cold items never merge)."""
+    events = (("a", "view", "k1"), ("b", "add_to_cart", "k2"), ("a", "view", "k1"), ("c", "view", "k2"))
+    session = [{"item_id": i, "action": a, "category": k} for i, a, k in events]
+    history = [{"item_id": "b", "action": "view", "category": "k2"}, {"item_id": "z", "action": "view"}]
     covisit = {"c": {"a": 2, "x": 4}, "a": {"x": 1, "b": 3}}  # most recent distinct session item first
-    rows = dict(zip("abxq", signal_rows(list("abxq"), session, history, covisit), strict=True))
+    cats = ["k1", "k2", "k2", None]
+    rows = dict(zip("abxq", signal_rows(list("abxq"), cats, session, history, covisit), strict=True))
     col = {name: i for i, name in enumerate(SIGNALS)}
     assert rows["a"][col["session_count"]] == pytest.approx(math.log1p(2))
     assert rows["a"][col["session_recency"]] == pytest.approx(1 / 2)  # one event (c) after its latest
@@ -271,7 +271,9 @@ def test_signal_rows_by_hand() -> None:
     assert rows["x"][col["covisit_recent"]] == pytest.approx(math.log1p(4 + COVISIT_DECAY * 1))
     assert rows["x"][col["covisit_total"]] == pytest.approx(math.log1p(5))
     assert rows["a"][col["covisit_recent"]] == pytest.approx(math.log1p(2))
-    assert rows["q"] == [0.0] * len(SIGNALS)  # never touched, no co-visitation
+    assert rows["a"][col["session_category_share"]] == pytest.approx(2 / 4)
+    assert rows["x"][col["last_category_match"]] == 1.0 and rows["a"][col["last_category_match"]] == 0.0
+    assert rows["q"] == [0.0] * len(SIGNALS)  # never touched, no co-visitation, unknown category
 
 
 @pytest.mark.parametrize("use_counters", [True, False])
