@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-DEFAULT_DATA = Path("/work/shared/data")
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the checkout
 BEGIN, END = "<!-- evaluate:{name}:begin -->", "<!-- evaluate:{name}:end -->"
 
 

@@ -9,7 +9,8 @@
   a later-but-allowed one lands in its own tile. The offline engine applies the same rule.
 
 Details and the default feature set: docs/features.md. Entry points: `FeatureEngine` (online),
-`offline.compute` (training data), `sql.parse_feature` (CREATE FEATURE ... AS SELECT ...).
+`offline.compute` (training data), `offline.sessions`
+(accepted events with session numbers), `sql.parse_feature` (CREATE FEATURE ... AS SELECT ...).
 """
 
 from insession.features.declare import (

@@ -6,12 +6,14 @@ only events with offset <= that offset and ts <= ts count, and the lateness rule
 the online engine dropped (each event's watermark at arrival is a window function over offset order).
 Without an `offset` column a row sees what arrived while the stream's watermark was <= ts.
 
-Work per spine row is bounded by its window, never by a key's whole history: sliding windows join on
-(key, window-length bucket); session windows on (user, session number); last_n over unbounded and
-before-session windows read a rank range found with ASOF joins (the k latest events of a prefix of the
-log in offset order lie within [min ts of its last k events, max ts], which bounded lateness keeps
-narrow). Unbounded count/sum/last/distinct/topk windows read the key's whole history (no default feature
-uses one).
+Work per spine row is bounded by its window, never by a key's whole history: count and counts_by_action
+over sliding or unbounded windows add up running per-tile counts and read only the few minutes of events
+around the row's cut one by one (see `_tiled`); other sliding windows join on (key, window-length bucket);
+session windows on (user, session number); last_n over unbounded and before-session windows read a rank
+range found with ASOF joins (the k latest events of a prefix of the log in offset order lie within [min ts
+of its last k events, max ts], which bounded lateness keeps narrow). Unbounded sum/last/distinct/topk
+windows read the key's whole history (no default feature uses one). `sessions(registry, events)` gives the
+accepted events with their session numbers.
 """
 
 from __future__ import annotations

@@ -163,8 +163,10 @@ class TileAgg(Agg):
     def add_batch(self, evs: list[Ev]) -> None:
         state, key_of, tile_ms, tiles, agg = self.state, self.key, self.tile_ms, self.tiles, self.f.agg
         by_action, is_sum, is_age = agg == "counts_by_action", agg == "sum", agg == "age"
-        per_user = self.per_user
-        size, back = _TREC.size, self.LOOKBACK * _TREC.size
+        per_user, prop = self.per_user, self.prop
+        size, back, vpos = _TREC.size, self.LOOKBACK * _TREC.size, _TKEY.size
+        pack_key, pack_rec, unpack_key = _TKEY.pack, _TREC.pack, _TKEY.unpack_from
+        unpack_val, pack_val = _TVAL.unpack_from, _TVAL.pack_into
         for ev in evs:
             if tile_ms:
                 tile = ev.ts // tile_ms
@@ -174,28 +176,28 @@ class TileAgg(Agg):
             else:
                 tile = low = 0
             if is_sum:
-                v = (ev.raw.properties or {}).get(self.prop)
+                v = (ev.raw.properties or {}).get(prop)
                 if not isinstance(v, int | float) or isinstance(v, bool):
                     continue
             else:
                 v = ev.ts if is_age else 1
+            sub = ev.i if per_user else 0
             code = tile << _SLOT_BITS | ev.a if by_action else tile << _SLOT_BITS
-            prefix = _TKEY.pack(ev.i if per_user else 0, code)
             key = key_of(ev)
             buf = state.get(key)
             if buf is None:
-                state[key] = bytearray(prefix + _TVAL.pack(v))
+                state[key] = bytearray(pack_rec(sub, code, v))
                 continue
-            pos = buf.rfind(prefix, max(0, len(buf) - back))
+            n = len(buf)
+            pos = buf.rfind(pack_key(sub, code), n - back if n > back else 0)
             if pos >= 0 and pos % size == 0:
-                old = _TVAL.unpack_from(buf, pos + _TKEY.size)[0]
-                _TVAL.pack_into(buf, pos + _TKEY.size, min(old, v) if is_age else old + v)
+                old = unpack_val(buf, pos + vpos)[0]
+                pack_val(buf, pos + vpos, (v if v < old else old) if is_age else old + v)
                 continue
-            buf += prefix
-            buf += _TVAL.pack(v)
-            if tile_ms:  # records come in tile order but for late events: expire from the front
-                end = 0
-                while end < len(buf) and _TKEY.unpack_from(buf, end)[1] >> _SLOT_BITS < low:
+            buf += pack_rec(sub, code, v)
+            if tile_ms and unpack_key(buf)[1] >> _SLOT_BITS < low:  # records come in tile order but for
+                end = size  # late events: expire from the front
+                while end < len(buf) and unpack_key(buf, end)[1] >> _SLOT_BITS < low:
                     end += size
                 del buf[:end]
 
@@ -373,14 +375,24 @@ class TopKCount(Agg):
 
     def add_batch(self, evs: list[Ev]) -> None:
         key_of, value_of, tile_ms, tiles = self.key, self.value, self.tile_ms, self.tiles
+        state, totals = self.state, self.totals
         for ev in evs:
             v = value_of(ev)
             if v == NONE_ID:
                 continue
             tile = ev.ts // tile_ms if tile_ms else 0
             low = ev.wm // tile_ms - tiles + 1 if tile_ms else 0
-            if tile >= low:
-                self.count(key_of(ev), [v], tile, low)
+            if tile < low:
+                continue
+            key = key_of(ev)
+            per = state[key].get(tile) if key in state else None
+            if per is None:  # a new tile (or key): ordering and expiry
+                self.count(key, [v], tile, low)
+                continue
+            per[v] = per.get(v, 0) + 1  # the usual case: the tile exists, count it and its running total
+            if totals is not None:
+                total = totals[key]
+                total[v] = total.get(v, 0) + 1
 
     def read(self, key: int, t: int) -> Any:
         tiles = self.state.get(key)

@@ -19,7 +19,7 @@ from insession.features import FeatureEngine
 from insession.log.catalog import Catalog
 from insession.model import COUNTERS, Vocab
 from insession.model import Sequence as SeqTensors
-from insession.model.reranker import counter_row
+from insession.model.reranker import SIGNALS, counter_row, signal_rows
 from insession.rank.hygiene import purchased_in
 from insession.schema import ACTIONS
 
@@ -61,6 +61,22 @@ def counters(features: FeatureEngine, user_id: str, items: Sequence[str]) -> np.
         for item in items
     ]
     return np.array(rows, dtype=np.float32).reshape(len(items), len(COUNTERS))
+
+
+def covisit_counts(features: FeatureEngine, session: Sequence[dict[str, Any]], n: int) -> dict[str, dict[str, int]]:
+    """`covisit` of the session's `n` most recent distinct items, newest first: {item: {neighbour: count}}.
+
+    The candidate stage reads these neighbour lists and the model's SIGNALS read their counts, exactly as
+    training does (insession.train.build.session_covisit)."""
+    recent = list(dict.fromkeys(e["item_id"] for e in reversed(session)))[:n]
+    return {i: {x["item_id"]: int(x["count"]) for x in features.read("covisit", i)} for i in recent}
+
+
+def signals(catalog: Catalog, shopper: Shopper, covisit: dict[str, dict[str, int]], items: Sequence[str]) -> np.ndarray:
+    """[C, len(SIGNALS)] float32: the model's per-candidate repeat and co-visitation signals."""
+    categories = [it.category if (it := catalog.get(i)) is not None else None for i in items]
+    rows = signal_rows(items, categories, shopper.session, shopper.history, covisit)
+    return np.array(rows, dtype=np.float32).reshape(len(items), len(SIGNALS))
 
 
 class ItemIndex:

@@ -21,12 +21,14 @@ from torch import Tensor, nn
 
 from insession.model import DualSequenceReranker, Explanation
 from insession.model import Sequence as SeqTensors
+from insession.model.reranker import SIGNALS
 
 log = logging.getLogger(__name__)
 
 ONNX_FILE = "serve.onnx"
 _INPUTS = (
-    "h_items", "h_actions", "h_ts", "s_items", "s_actions", "s_ts", "request_ts", "candidates", "counters"
+    "h_items", "h_actions", "h_ts", "s_items", "s_actions", "s_ts", "request_ts", "candidates", "counters",
+    "signals",
 )
 
 
@@ -36,9 +38,9 @@ class _EncodeAndScore(nn.Module):
         self.model = model
 
     def forward(self, hi: Tensor, ha: Tensor, ht: Tensor, si: Tensor, sa: Tensor, st: Tensor, now: Tensor,
-                cands: Tensor, counters: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                cands: Tensor, counters: Tensor, signals: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         enc = self.model.encode(SeqTensors(hi, ha, ht), SeqTensors(si, sa, st), now)
-        scores, why = self.model.score(enc, cands, counters, explain=True)  # type: ignore[misc]
+        scores, why = self.model.score(enc, cands, counters, explain=True, signals=signals)  # type: ignore[misc]
         return scores, why.history_attention, why.session_attention, why.gate
 
 
@@ -52,9 +54,10 @@ def export(model: DualSequenceReranker, path: Path) -> None:
                 torch.arange(length).view(1, -1) * 60_000 + 1_700_000_000_000]
 
     cands = torch.randint(1, n, (1, 7), generator=g)
-    example = (*side(5), *side(3), torch.tensor([1_700_000_600_000]), cands, torch.rand(1, 7, 3, generator=g))
+    example = (*side(5), *side(3), torch.tensor([1_700_000_600_000]), cands, torch.rand(1, 7, 3, generator=g),
+               torch.rand(1, 7, len(SIGNALS), generator=g))
     lh, ls, c = (torch.export.Dim(name, min=1, max=4096) for name in ("history", "session", "candidates"))
-    dims = ({1: lh}, {1: lh}, {1: lh}, {1: ls}, {1: ls}, {1: ls}, None, {1: c}, {1: c})
+    dims = ({1: lh}, {1: lh}, {1: lh}, {1: ls}, {1: ls}, {1: ls}, None, {1: c}, {1: c}, {1: c})
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
     os.close(fd)
     exporter_log = logging.getLogger("torch.onnx")
@@ -74,7 +77,7 @@ def export(model: DualSequenceReranker, path: Path) -> None:
 
 
 class OnnxScorer:
-    """`scorer(history, session, request_ts, candidates, counters)` -> (scores [C], Explanation) via ORT."""
+    """`scorer(history, session, request_ts, candidates, counters, signals)` -> (scores [C], Explanation) via ORT."""
 
     def __init__(self, model: DualSequenceReranker, artefact_dir: Path, threads: int = 1) -> None:
         import onnxruntime as ort
@@ -91,9 +94,10 @@ class OnnxScorer:
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
     def __call__(self, history: SeqTensors, session: SeqTensors, request_ts: Tensor, candidates: Tensor,
-                 counters: Tensor) -> tuple[np.ndarray, Explanation]:
+                 counters: Tensor, signals: Tensor) -> tuple[np.ndarray, Explanation]:
         values = (history.items, history.actions, history.ts, session.items, session.actions, session.ts,
-                  request_ts, candidates.view(1, -1), counters.view(1, -1, counters.shape[-1]))
+                  request_ts, candidates.view(1, -1), counters.view(1, -1, counters.shape[-1]),
+                  signals.view(1, -1, signals.shape[-1]))
         feed = dict(zip(_INPUTS, values, strict=True))
         scores, wh, ws, gate = self.session.run(None, {k: v.numpy() for k, v in feed.items()})
         why = Explanation(torch.from_numpy(wh), torch.from_numpy(ws), torch.from_numpy(gate))

@@ -33,11 +33,12 @@ import torch
 
 from insession.features import FeatureEngine
 from insession.log.catalog import Catalog
-from insession.model import Explanation
+from insession.model import COUNTERS, Explanation
+from insession.model.reranker import SIGNALS
 from insession.rank.candidates import CandidateQuotas, PopularItems, propose, sources_for
 from insession.rank.fallback import fallback_ranking
 from insession.rank.hygiene import HygieneRules, apply_hygiene, eligible
-from insession.rank.inputs import ItemIndex, Shopper, counters, item_counts, sequence
+from insession.rank.inputs import ItemIndex, Shopper, counters, covisit_counts, item_counts, sequence, signals
 from insession.rank.onnx import OnnxScorer
 from insession.train.artefact import Artefact, load_artefact
 
@@ -165,6 +166,7 @@ class _Job:
     items: list[str] = field(default_factory=list)
     source: str = "request"
     counters: np.ndarray | None = None
+    signals: np.ndarray | None = None
     reason: str | None = None  # why the model is skipped
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -297,11 +299,12 @@ class Ranker:
         """One pass on a dummy request, so the first real request after a swap pays no warm-up."""
         now_ms = int(time.time() * 1000)
         shopper = Shopper("", [], [{"item_id": "warm-up", "action": "view", "ts": now_ms}], [], now_ms)
-        self._score(loaded, shopper, ["warm-up"], np.zeros((1, 3), np.float32), explain=True, onnx=onnx)
+        self._score(loaded, shopper, ["warm-up"], np.zeros((1, len(COUNTERS)), np.float32),
+                    np.zeros((1, len(SIGNALS)), np.float32), explain=True, onnx=onnx)
 
     def _score(
-        self, loaded: _Loaded, shopper: Shopper, items: list[str], counts: np.ndarray, explain: bool,
-        onnx: OnnxScorer | None = None,
+        self, loaded: _Loaded, shopper: Shopper, items: list[str], counts: np.ndarray, sigs: np.ndarray,
+        explain: bool, onnx: OnnxScorer | None = None,
     ) -> _Scored:
         """Encode history and session once, score all candidates in one batched pass (ORT when ready)."""
         if self.fault is not None:
@@ -314,10 +317,10 @@ class Ranker:
             now = torch.tensor([shopper.at_ms])
             cand = torch.from_numpy(index(items))
             if onnx is not None:
-                scores, why = onnx(history, session, now, cand, torch.from_numpy(counts))
+                scores, why = onnx(history, session, now, cand, torch.from_numpy(counts), torch.from_numpy(sigs))
                 return scores, why if explain else None
             enc = model.encode(history, session, now)
-            out = model.score(enc, cand, torch.from_numpy(counts), explain=explain)
+            out = model.score(enc, cand, torch.from_numpy(counts), explain=explain, signals=torch.from_numpy(sigs))
         if explain:
             scores_t, why_t = out  # type: ignore[misc]
             return scores_t.numpy(), why_t
@@ -358,10 +361,11 @@ class Ranker:
         return self._finish(job, result)
 
     def _submit(self, job: _Job) -> Future[_Scored]:
-        assert job.model is not None and job.shopper is not None and job.counters is not None
+        assert job.model is not None and job.shopper is not None
+        assert job.counters is not None and job.signals is not None
         job.timings["queued_at"] = time.perf_counter()
         explain = job.req.explain
-        return self._pool.submit(self._score, job.model, job.shopper, job.items, job.counters, explain)
+        return self._pool.submit(self._score, job.model, job.shopper, job.items, job.counters, job.signals, explain)
 
     def _validate(self, req: RankRequest) -> tuple[str, int, float]:
         cfg = self.config
@@ -394,10 +398,12 @@ class Ranker:
             job.shopper = Shopper.read(self.features, user_id)
             if job.shopper.at_ms < 0:  # nothing ingested yet: the wall clock is the only clock
                 job.shopper.at_ms = int(time.time() * 1000)
+            covisit = covisit_counts(self.features, job.shopper.session, self.config.quotas.session)
             if req.candidates is None:
-                job.items, job.source = self._propose(job.shopper), "candidate_stage"
+                job.items, job.source = self._propose(job.shopper, covisit), "candidate_stage"
             if job.model is not None and job.items:
                 job.counters = counters(self.features, user_id, job.items)
+                job.signals = signals(self.catalog, job.shopper, covisit, job.items)
         except Exception as e:  # a feature read failed: rank without the model
             log.warning("rank %s: feature lookup failed: %s", user_id, e)
             job.reason = "feature_error"
@@ -411,13 +417,13 @@ class Ranker:
                 job.reason = "timeout"
         return job
 
-    def _propose(self, shopper: Shopper) -> list[str]:
-        """The candidate stage on online features."""
+    def _propose(self, shopper: Shopper, covisit: dict[str, dict[str, int]]) -> list[str]:
+        """The candidate stage on online features (`covisit`: the session items' neighbour counts)."""
         per_category, popular = self.popular.get()
         sources = sources_for(
             shopper.session,
             shopper.top_categories,
-            lambda item: [n["item_id"] for n in self.features.read("covisit", item)],
+            lambda item: list(covisit.get(item, {})),
             per_category,
             [t["item_id"] for t in self.features.read("trending_items_2h", None)],
             popular,

@@ -142,7 +142,7 @@ def _reference(f: Feature, accepted: list[Event], row: dict[str, Any]) -> object
     return {a: sum(e.action == a for e in seen) for a in ACTIONS}
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     events=streams(),
     lateness=st.sampled_from([0, 5 * MINUTE_MS, 30 * MINUTE_MS]),

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from insession.rank import CandidateQuotas, CandidateSources, Ranker, propose, sources_for
-from insession.rank.inputs import Shopper
+from insession.rank.inputs import Shopper, covisit_counts
 
 from .shop import COLD, Shop
 
@@ -55,7 +55,7 @@ def test_proposals_are_distinct_eligible_and_bounded(
 
 def test_online_stage_reads_session_covisit_categories_and_trending(shop: Shop, ranker: Ranker) -> None:
     shopper = Shopper.read(shop.features, "u0")
-    got = ranker._propose(shopper)
+    got = ranker._propose(shopper, covisit_counts(shop.features, shopper.session, ranker.config.quotas.session))
     session_items = ["i62", "i17", "i16"]  # most recent first; i18 was bought in the session
     assert got[:3] == session_items
     assert "i18" not in got

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from insession.model import Batch
 from insession.rank import HygieneRules, RankConfig, Ranker, RankRequest, RankRequestError, fallback_ranking
-from insession.rank.inputs import ItemIndex, Shopper, counters, item_counts, sequence
+from insession.rank.inputs import ItemIndex, Shopper, counters, covisit_counts, item_counts, sequence, signals
 from insession.rank.onnx import ONNX_FILE
 
 from .shop import MINUTE, Shop
@@ -113,11 +113,14 @@ def test_encode_once_equals_one_full_forward_per_candidate(shop: Shop, ranker: R
     history = sequence(index, shopper.history, model.cfg.max_history)
     session = sequence(index, shopper.session, model.cfg.max_session)
     counts = torch.from_numpy(counters(shop.features, "u0", cands))
+    covisit = covisit_counts(shop.features, shopper.session, served_by.config.quotas.session)
+    sigs = torch.from_numpy(signals(shop.catalog, shopper, covisit, cands))
+    assert sigs.abs().sum() > 0  # the session's repeat and co-visitation signals reach the model
     with torch.inference_mode():
         for c, item in enumerate(cands):
             batch = Batch(history, session, torch.tensor([shopper.at_ms]),
                           torch.from_numpy(index([item])).view(1, 1), counts[c].view(1, 1, -1),
-                          torch.zeros(1, 1))
+                          torch.zeros(1, 1), sigs[c].view(1, 1, -1))
             naive = float(model(batch)[0, 0])
             assert served[item] == pytest.approx(naive, abs=1e-5)
     # the explanations (attention weights, gate) agree between the backends too
