@@ -18,7 +18,7 @@ from insession.train import TrainConfig, train_on_events
 from insession.train.build import as_history
 from insession.train.trainer import category_auc
 
-TAOBAO = Path("/work/shared/data/taobao_userbehavior_head84k.parquet")
+TAOBAO = Path(__file__).resolve().parents[2] / "shared" / "data" / "taobao_userbehavior_head84k.parquet"
 N_CANDIDATES = 60
 
 

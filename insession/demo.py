@@ -64,6 +64,16 @@ def replay_session(client: Client, shop: Shop, user: str, start_ms: int, clicks_
     print(f"  /v1/rank round trips: median {latencies[len(latencies) // 2]:.1f} ms, max {latencies[-1]:.1f} ms")
 
 
+def _wait_for_onnx(url: str, timeout_s: float = 120.0) -> dict:
+    """The server exports a new model to ONNX in the background (eager PyTorch serves meanwhile); wait."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = httpx.get(url + "/v1/admin/model").json()
+        if info["backend"] == "onnx" or time.monotonic() > deadline:
+            return info
+        time.sleep(0.5)
+
+
 def run_demo(data_dir: Path | None, *, users: int, items: int, days: int, seed: int, epochs: int) -> None:
     """Generate a shop, serve it, ingest it through the API, train the ReRanker, and replay a session."""
     data_dir = data_dir or Path(tempfile.mkdtemp(prefix="insession-demo-"))
@@ -90,6 +100,9 @@ def run_demo(data_dir: Path | None, *, users: int, items: int, days: int, seed: 
                     "--epochs", str(epochs), "--dim", "64"], check=True)
     _say("restarting the server: it loads the newest model; replaying a session whose intent shifts")
     with ServerProcess(data_dir) as server, Client(server.url) as client:
+        model = _wait_for_onnx(server.url)
+        print(f"  model {model['version']} serving on {model['backend']} "
+              f"(validation NDCG@10 {model['metrics'].get('val_ndcg10', float('nan')):.3f})")
         start = int(httpx.get(server.url + "/readyz").json()["watermark"]) + 3_600_000  # an hour later
         replay_session(client, shop, user, start)
         print(f"\nmetrics: {server.url}/metrics   OpenAPI: {server.url}/docs   data: {data_dir}")

@@ -14,7 +14,7 @@ import pytest
 from insession.datasets import Imported, read
 from insession.schema import validate_events, validate_items
 
-SHARED = Path("/work/shared/data")
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the checkout
 
 
 def _write(path: Path, text: str) -> Path:
