@@ -116,16 +116,13 @@ def load_events(path: Path) -> pa.Table:
     return table.select(EVENT_ARROW_SCHEMA.names).cast(EVENT_ARROW_SCHEMA).sort_by("offset")
 
 
-def _engine_sessions(con: duckdb.DuckDBPyConnection) -> None:
-    """SEAM: the table `sess_events(off, user_id, item_id, action, ts, session_id, sess, category,
-    subcategory)`: the events the offline engine accepted, numbered into sessions by its own rule
-    (the client's session id, else the inactivity gap).
-
-    Read from the temp table `acc` that `offline.compute` leaves on the connection it was given; to be
-    replaced by a public `offline` function when there is one (see docs / the issue).
-    """
+def _engine_sessions(con: duckdb.DuckDBPyConnection, registry: FeatureRegistry, events: Any) -> None:
+    """The table `sess_events(off, user_id, item_id, action, ts, session_id, sess, category, subcategory)`:
+    the events the offline engine accepts, numbered into sessions by its own rule (`offline.sessions`)."""
+    offline.sessions(registry, events, con=con)
     con.execute("""CREATE OR REPLACE TEMP TABLE sess_events AS
-        SELECT off, user_id, item_id, action, ts, session_id, sess, category, subcategory FROM acc""")
+        SELECT "offset" AS off, user_id, item_id, action, ts, session_id, sess, category, subcategory
+        FROM accepted_sessions""")
 
 
 def session_covisit(
@@ -336,7 +333,7 @@ def build(
     user_feats = offline.compute(
         [registry[n] for n in SEQUENCES], events, requests.select(["user_id", "ts", "offset"]), con=con
     )
-    _engine_sessions(con)
+    _engine_sessions(con, registry, events)
     requests = requests.append_column("g", pa.array(np.arange(requests.num_rows), pa.int64()))
     con.register("requests", requests)
     accepted = con.sql("SELECT r.g FROM requests r SEMI JOIN sess_events e ON e.off = r.atc_offset ORDER BY g")
