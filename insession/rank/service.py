@@ -361,11 +361,17 @@ class Ranker:
         return self._finish(job, result)
 
     def _submit(self, job: _Job) -> Future[_Scored]:
+        job.timings["queued_at"] = time.perf_counter()
+        return self._pool.submit(self._score_in_time, job)
+
+    def _score_in_time(self, job: _Job) -> _Scored:
+        """The model thread's work; a job whose deadline passed while it queued is dropped unscored, so an
+        overloaded service sheds stale work instead of queueing it (its request already fell back)."""
+        if job.remaining_s() <= 0:
+            raise TimeoutError("deadline passed in the model queue")
         assert job.model is not None and job.shopper is not None
         assert job.counters is not None and job.signals is not None
-        job.timings["queued_at"] = time.perf_counter()
-        explain = job.req.explain
-        return self._pool.submit(self._score, job.model, job.shopper, job.items, job.counters, job.signals, explain)
+        return self._score(job.model, job.shopper, job.items, job.counters, job.signals, job.req.explain)
 
     def _validate(self, req: RankRequest) -> tuple[str, int, float]:
         cfg = self.config
