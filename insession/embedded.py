@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -19,6 +20,7 @@ from insession.schema import BatchRejected, Event, FieldError, validate_events, 
 
 REPLAY_CHUNK = 10_000
 EXPORT_MIN_EVENTS = 50_000  # background export waits for this many events (fewer, larger Parquet files)
+SNAPSHOT_EVERY_S = 60.0  # a snapshot pauses feature reads while it pickles: take one only this often, on change
 
 
 class InsertResult(msgspec.Struct):
@@ -114,9 +116,13 @@ class Insession:
         return self.log.export(self.history_dir, min_events=min_events)
 
     def _maintain(self, interval_s: float) -> None:
+        last_snapshot = time.monotonic()
         while not self._stop.wait(interval_s):
             self.export(EXPORT_MIN_EVENTS)
-            self.features.snapshot()
+            changed = self.features.applied_offset != self.features.snapshot_offset
+            if changed and time.monotonic() - last_snapshot >= SNAPSHOT_EVERY_S:
+                self.features.snapshot()  # restart = this snapshot + the log after it
+                last_snapshot = time.monotonic()
 
     def lag(self) -> dict[str, int]:
         """How far the history export and the feature snapshot trail the log, in events."""
