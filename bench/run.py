@@ -21,7 +21,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sizes and short durations (smoke run)")
     ap.add_argument("--only", nargs="*", choices=MODULES, help="run only these benchmarks")
+    ap.add_argument("--join", action="store_true", help="only rebuild docs/benchmarks.md from docs/bench/")
     args = ap.parse_args()
+    if args.join:
+        return join()
     names = args.only or list(MODULES)
     (DOCS / "bench").mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(names, 1):
@@ -34,6 +37,11 @@ def main() -> None:
         footer = (f"\n\n_Measured {stamp()} on {machine()}; `python -m bench.run"
                   f"{' --quick' if args.quick else ''} --only {name}` ({mode}); took {took:.0f} s._\n")
         (DOCS / "bench" / f"{name}.md").write_text(section.rstrip() + footer)
+    join()
+
+
+def join() -> None:
+    """docs/benchmarks.md from every section in docs/bench/ (also `python -m bench.run --join`)."""
     parts = [(DOCS / "bench" / f"{n}.md") for n in MODULES]
     body = "\n\n".join(p.read_text().rstrip() for p in parts if p.exists())
     header = ("# Benchmarks\n\nWritten by `python -m bench.run` (each section says when, where and how it was "
