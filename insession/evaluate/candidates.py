@@ -26,7 +26,7 @@ from insession.model.reranker import COUNTERS
 from insession.rank.candidates import CandidateQuotas, CandidateSources, propose
 from insession.rank.hygiene import HygieneRules, eligible
 from insession.schema import Item
-from insession.train.build import Proposer, session_covisit
+from insession.train.build import Proposer, pair_counters, session_covisit
 
 USER_FEATURES = ("history_seq", "session_seq", "top_categories_15d", "trending_items_2h")
 PER_CATEGORY, TOP = 30, 200  # the PopularItems list sizes of the ranking service
@@ -201,16 +201,8 @@ def build_candidates(
         return sets
     flat = sets.flat()
     say(f"point-in-time counters for {flat.num_rows:,} (request, candidate) pairs ...")
-    g = flat["g"].to_numpy()
-    cspine = pa.table(
-        {
-            "user_id": requests["user_id"].take(g),
-            "item_id": flat["item_id"],
-            "ts": requests["ts"].take(g),
-            "offset": requests["offset"].take(g),
-        }
-    )
-    sets.counters = offline.compute([reg[n] for n in COUNTERS], events, cspine).select(list(COUNTERS))
+    counted = pair_counters(requests, flat["g"].to_numpy(), flat["item_id"], events, reg)
+    sets.counters = counted.select(list(COUNTERS))
     return sets
 
 

@@ -125,6 +125,26 @@ def _engine_sessions(con: duckdb.DuckDBPyConnection, registry: FeatureRegistry, 
         FROM accepted_sessions""")
 
 
+def pair_counters(
+    requests: pa.Table,
+    g: np.ndarray,
+    items: pa.Array | pa.ChunkedArray,
+    events: Any,
+    registry: FeatureRegistry,
+    con: duckdb.DuckDBPyConnection | None = None,
+) -> pa.Table:
+    """The COUNTERS features, point-in-time, for (request g[i], candidate items[i]) pairs."""
+    spine = pa.table(
+        {
+            "user_id": requests["user_id"].take(g),
+            "item_id": items,
+            "ts": requests["ts"].take(g),
+            "offset": requests["offset"].take(g),
+        }
+    )
+    return offline.compute([registry[n] for n in COUNTERS], events, spine, con=con)
+
+
 def session_covisit(
     events: pa.Table,
     sessions: list[list[dict[str, Any]]],
@@ -377,15 +397,7 @@ def build(
 
     say(f"point-in-time counters for {cand.num_rows:,} (request, candidate) pairs ...")
     g = cand["g"].to_numpy()
-    spine = pa.table(
-        {
-            "user_id": requests["user_id"].take(g),
-            "item_id": cand["item_id"],
-            "ts": requests["ts"].take(g),
-            "offset": requests["offset"].take(g),
-        }
-    )
-    counted = offline.compute([registry[n] for n in COUNTERS], events, spine, con=con)
+    counted = pair_counters(requests, g, cand["item_id"], events, registry, con=con)
     counters = np.array([counter_row(r) for r in counted.select(list(COUNTERS)).to_pylist()], np.float32)
     counters = counters.reshape(-1, len(COUNTERS))
 

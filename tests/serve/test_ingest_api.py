@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +39,7 @@ def test_one_object_array_and_ndjson(api: TestClient) -> None:
     assert r.status_code == 200 and r.json()["offsets"] == [0]
     r = api.post("/v1/events", json=[ev(1), ev(2)])
     assert r.json()["offsets"] == [1, 2] and r.json()["stored"] == 2
-    body = "\n".join(__import__("json").dumps(ev(i)) for i in range(3, 6)) + "\n"
+    body = "\n".join(json.dumps(ev(i)) for i in range(3, 6)) + "\n"
     r = api.post("/v1/events", content=body, headers={"content-type": "application/x-ndjson"})
     assert r.status_code == 200 and r.json()["offsets"] == [3, 4, 5]
     assert stored_count(api) == 6
