@@ -20,8 +20,18 @@ log = logging.getLogger(__name__)
 SNAPSHOT_FILE = "features.snapshot"
 REGISTRY_FILE = "registry.json"
 LOCK_EVERY = 512  # events applied per lock hold, so readers never wait behind a long replay
+SWEEP_CHUNK = 5_000  # keys swept per lock hold
 REPLAY_CHUNK = 10_000  # events per batch when a new feature is backfilled from the log
-_SNAPSHOT_VERSION = 1
+_SNAPSHOT_VERSION = 2  # 2: tile records kept in tile order, running totals
+
+
+def _write_snapshot(path: Path, body: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as f:
+        pickle.dump(body, f, protocol=pickle.HIGHEST_PROTOCOL)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class _Stream:
@@ -114,29 +124,52 @@ class FeatureEngine:
                 log.warning("feature snapshot %s was taken with other declarations: rebuilding from the log", snap)
         return engine
 
+    def sweep(self) -> None:
+        """Forget expired state (bounded memory for idle keys), `SWEEP_CHUNK` keys per lock hold, so
+        readers and the writer wait for one chunk at most, never for a pass over every key."""
+        for name in list(self._stream.aggs):
+            with self._lock:
+                agg = self._stream.aggs[name]
+                keys = agg.swept_keys()
+            for start in range(0, len(keys), SWEEP_CHUNK):
+                with self._lock:
+                    agg.sweep(self._stream.watermark, self._stream.lateness_ms, keys[start : start + SWEEP_CHUNK])
+
     def snapshot(self) -> None:
-        """Write the whole state atomically (temporary file, fsync, rename), dropping expired keys first."""
+        """Sweep, then write the whole state atomically (temporary file, fsync, rename).
+
+        Where the OS can fork, a child process writes a copy-on-write image of the state taken under the
+        lock, so the pickling never pauses reads or writes here; elsewhere it pickles under the lock."""
         if self.state_dir is None:
             raise ValueError("this engine has no state_dir")
-        with self._lock:
-            self._stream.sweep()
-            body = pickle.dumps(
-                {
-                    "version": _SNAPSHOT_VERSION,
-                    "registry_hash": self.registry.hash(),
-                    "names": self._names,
-                    "stream": self._stream,
-                },
-                protocol=pickle.HIGHEST_PROTOCOL,
-            )
-            offset = self.applied_offset
+        self.sweep()
         path = self.state_dir / SNAPSHOT_FILE
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        fork = getattr(os, "fork", None)
+        with self._lock:
+            offset = self.applied_offset
+            body = {
+                "version": _SNAPSHOT_VERSION,
+                "registry_hash": self.registry.hash(),
+                "names": self._names,
+                "stream": self._stream,
+            }
+            if fork is None:
+                _write_snapshot(path, body)
+            else:
+                pid = fork()
+                if pid == 0:  # the child: write the frozen state, and leave without running any cleanup
+                    code = 1
+                    try:
+                        _write_snapshot(path, body)
+                        code = 0
+                    except BaseException as e:  # noqa: BLE001 - reported to the parent by the exit code
+                        os.write(2, f"insession: feature snapshot failed: {e!r}\n".encode())
+                    finally:
+                        os._exit(code)
+        if fork is not None:
+            _, status = os.waitpid(pid, 0)
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise RuntimeError(f"the feature snapshot process failed (status {status}); {path} is unchanged")
         self.snapshot_offset = offset
 
     # -- writes ---------------------------------------------------------------------------------
@@ -200,6 +233,16 @@ class FeatureEngine:
             agg = self._stream.aggs[feature]
             k = self._key(f.entity, key)
             return agg.empty() if k is None else agg.read(k, self._stream.watermark)
+
+    def read_many(self, feature: str, keys: list[str | tuple[str, ...] | None]) -> list[Any]:
+        """`read` of `feature` for each of `keys`, at one watermark under one lock."""
+        f = self.registry[feature]
+        with self._lock:
+            agg = self._stream.aggs[feature]
+            ints = [self._key(f.entity, key) for key in keys]
+            known = agg.read_many([k for k in ints if k is not None], self._stream.watermark)
+            values = iter(known)
+            return [agg.empty() if k is None else next(values) for k in ints]
 
     def read_all(self, entity: str, key: str | tuple[str, ...] | None) -> dict[str, Any]:
         """Every feature of `entity` for `key`, read at one watermark."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 import struct
 from bisect import insort
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from operator import attrgetter
 from typing import Any
 
@@ -137,21 +137,33 @@ class Agg:
     def read(self, key: int, t: int) -> Any:
         raise NotImplementedError
 
+    def read_many(self, keys: list[int], t: int) -> list[Any]:
+        """`read` of each key (aggregations that can share work between keys override it)."""
+        return [self.read(key, t) for key in keys]
+
     def empty(self) -> Any:
         raise NotImplementedError
 
-    def sweep(self, wm: int, lateness_ms: int) -> None:
-        """Forget keys whose whole state has left the window at wm for good (bounded memory for idle
-        keys); a session is done when even an event late by `lateness_ms` could not reopen it."""
+    def swept_keys(self) -> list[int]:
+        """The keys `sweep` looks at."""
+        return list(self.state)
+
+    def sweep(self, wm: int, lateness_ms: int, keys: Iterable[int] | None = None) -> None:
+        """Forget what has left the window at wm for good, for `keys` (default: `swept_keys()`): bounded
+        memory for idle keys; a session is done when even an event late by `lateness_ms` could not reopen
+        it. Keys given may have gone meanwhile (the engine sweeps in chunks between writes)."""
 
 
 class TileAgg(Agg):
     """count, sum, counts_by_action and age, tiled: per key a packed run of 20-byte records
-    (sub, tile << 3 | slot, value), where sub is the item of a (user, item) key (the state is kept per
-    user) and slot the action index for counts_by_action. An event adds to a matching recent record or
-    appends one; reads add up the live records; expired records go from the front."""
+    (sub, tile << 3 | slot, value) in tile order, where sub is the item of a (user, item) key (the state is
+    kept per user) and slot the action index for counts_by_action. An event adds to a matching recent
+    record or inserts one (a late event's goes before the records of later tiles); expired records go
+    from the front. Item and global counts with many tiles (e.g. the 672 hourly tiles of 28 days) also
+    keep running totals per slot over their live records, so a read does not add up every tile."""
 
     LOOKBACK = 16  # records searched for a match before appending (a miss only costs 20 bytes)
+    RUNNING_TOTALS_FROM = 8  # tiles per window from which item / global counts keep running totals
 
     def __init__(self, f: Feature, names: Interner, window: Window | None = None) -> None:
         super().__init__(f, names, window)
@@ -159,9 +171,12 @@ class TileAgg(Agg):
         self.per_user = f.entity == "user_item"
         if self.per_user:
             self.key = attrgetter("u")
+        running = f.agg in ("count", "counts_by_action") and not self.per_user
+        self.totals: dict[int, list[float]] | None = {} if running and self.tiles > self.RUNNING_TOTALS_FROM else None
 
     def add_batch(self, evs: list[Ev]) -> None:
-        state, key_of, tile_ms, tiles, agg = self.state, self.key, self.tile_ms, self.tiles, self.f.agg
+        state, totals, key_of, agg = self.state, self.totals, self.key, self.f.agg
+        tile_ms, tiles = self.tile_ms, self.tiles
         by_action, is_sum, is_age = agg == "counts_by_action", agg == "sum", agg == "age"
         per_user, prop = self.per_user, self.prop
         size, back, vpos = _TREC.size, self.LOOKBACK * _TREC.size, _TKEY.size
@@ -182,10 +197,16 @@ class TileAgg(Agg):
             else:
                 v = ev.ts if is_age else 1
             sub = ev.i if per_user else 0
-            code = tile << _SLOT_BITS | ev.a if by_action else tile << _SLOT_BITS
+            slot = ev.a if by_action else 0
+            code = tile << _SLOT_BITS | slot
             key = key_of(ev)
+            if totals is not None:
+                total = totals.get(key)
+                if total is None:
+                    total = totals[key] = [0.0] * len(ACTIONS)
+                total[slot] += v
             buf = state.get(key)
-            if buf is None:
+            if not buf:  # a new key (or one whose records a read expired)
                 state[key] = bytearray(pack_rec(sub, code, v))
                 continue
             n = len(buf)
@@ -194,46 +215,100 @@ class TileAgg(Agg):
                 old = unpack_val(buf, pos + vpos)[0]
                 pack_val(buf, pos + vpos, (v if v < old else old) if is_age else old + v)
                 continue
-            buf += pack_rec(sub, code, v)
-            if tile_ms and unpack_key(buf)[1] >> _SLOT_BITS < low:  # records come in tile order but for
-                end = size  # late events: expire from the front
-                while end < len(buf) and unpack_key(buf, end)[1] >> _SLOT_BITS < low:
-                    end += size
-                del buf[:end]
+            at = n - size
+            if unpack_key(buf, at)[1] >> _SLOT_BITS > tile:  # late: it goes before the later tiles' records
+                while at and unpack_key(buf, at - size)[1] >> _SLOT_BITS > tile:
+                    at -= size
+                buf[at:at] = pack_rec(sub, code, v)
+            else:
+                buf += pack_rec(sub, code, v)
+            if tile_ms and unpack_key(buf)[1] >> _SLOT_BITS < low:
+                self.expire(key, buf, low)
 
-    @staticmethod
-    def live(buf: bytes, low: int) -> bytearray:
-        """The records of tiles >= low."""
-        records = (_TREC.pack(*r) for r in _TREC.iter_unpack(buf) if r[1] >> _SLOT_BITS >= low)
-        return bytearray(b"".join(records))
+    def expire(self, key: int, buf: bytearray, low: int) -> None:
+        """Drop the records of tiles before `low` from the front of `buf` (and from the key's totals)."""
+        size, n, end = _TREC.size, len(buf), 0
+        total = self.totals.get(key) if self.totals is not None else None
+        while end < n:
+            _, code, v = _TREC.unpack_from(buf, end)
+            if code >> _SLOT_BITS >= low:
+                break
+            if total is not None:
+                total[code & 7] -= v
+            end += size
+        if end:
+            del buf[:end]
 
-    def read(self, key: int, t: int) -> Any:
-        sub = key & 0xFFFFFFFF if self.per_user else 0
-        buf = self.state.get(key >> 32 if self.per_user else key)
-        if not buf:
+    def _accumulate(self, buf: bytes, low: int) -> dict[int, list[float]]:
+        """sub -> per-slot sums (for age: [earliest ts]) over the records of tiles >= low."""
+        acc: dict[int, list[float]] = {}
+        is_age = self.f.agg == "age"
+        for sub, code, v in _TREC.iter_unpack(buf):
+            if code >> _SLOT_BITS < low:
+                continue
+            a = acc.get(sub)
+            if a is None:
+                a = acc[sub] = [v] if is_age else [0.0] * len(ACTIONS)
+            if is_age:
+                if v < a[0]:
+                    a[0] = v
+            else:
+                a[code & 7] += v
+        return acc
+
+    def _value(self, acc: list[float] | None, t: int) -> Any:
+        """The feature's value from one key's accumulated slots (None: nothing live)."""
+        if acc is None:
             return self.empty()
-        low = self.min_tile(t)
-        live = [(c & 7, v) for s, c, v in _TREC.iter_unpack(buf) if s == sub and c >> _SLOT_BITS >= low]
         agg = self.f.agg
         if agg == "count":
-            return int(sum(v for _, v in live))
+            return int(acc[0])
         if agg == "sum":
-            return float(sum(v for _, v in live))
+            return float(acc[0])
         if agg == "age":
-            return t - int(min(v for _, v in live)) if live else None
-        out = dict.fromkeys(ACTIONS, 0)
-        for slot, v in live:
-            out[ACTIONS[slot]] += int(v)
+            return t - int(acc[0])
+        return {a: int(n) for a, n in zip(ACTIONS, acc, strict=True)}
+
+    def read(self, key: int, t: int) -> Any:
+        return self.read_many([key], t)[0]
+
+    def read_many(self, keys: list[int], t: int) -> list[Any]:
+        """One pass over each key's records (a (user, item) key's user's records once for all its items)."""
+        low, state, out = self.min_tile(t), self.state, []
+        if self.totals is not None:
+            for key in keys:
+                buf = state.get(key)
+                if buf:
+                    self.expire(key, buf, low)
+                out.append(self._value(self.totals[key] if buf else None, t))
+            return out
+        mask = 0xFFFFFFFF if self.per_user else 0
+        seen: dict[int, dict[int, list[float]]] = {}
+        for key in keys:
+            owner = key >> 32 if self.per_user else key
+            acc = seen.get(owner)
+            if acc is None:
+                acc = seen[owner] = self._accumulate(state.get(owner, b""), low)
+            out.append(self._value(acc.get(key & mask), t))
         return out
 
     def empty(self) -> Any:
         agg = self.f.agg
         return {"count": 0, "sum": 0.0, "age": None}.get(agg, dict.fromkeys(ACTIONS, 0))
 
-    def sweep(self, wm: int, lateness_ms: int) -> None:
-        if self.tile_ms:
-            low = self.min_tile(wm)
-            self.state = {k: b for k, b in ((k, self.live(b, low)) for k, b in self.state.items()) if b}
+    def sweep(self, wm: int, lateness_ms: int, keys: Iterable[int] | None = None) -> None:
+        if not self.tile_ms:
+            return
+        low, state, totals = self.min_tile(wm), self.state, self.totals
+        for key in self.swept_keys() if keys is None else keys:
+            buf = state.get(key)
+            if buf is None:
+                continue
+            self.expire(key, buf, low)
+            if not buf:
+                del state[key]
+                if totals is not None:
+                    del totals[key]
 
 
 class LastValue(Agg):
@@ -259,9 +334,12 @@ class LastValue(Agg):
     def empty(self) -> Any:
         return None
 
-    def sweep(self, wm: int, lateness_ms: int) -> None:
-        low = self.min_tile(wm)
-        self.state = {k: v for k, v in self.state.items() if self.tile(v[0]) >= low}
+    def sweep(self, wm: int, lateness_ms: int, keys: Iterable[int] | None = None) -> None:
+        low, state = self.min_tile(wm), self.state
+        for key in self.swept_keys() if keys is None else keys:
+            old = state.get(key)
+            if old is not None and self.tile(old[0]) < low:
+                del state[key]
 
 
 class DistinctTopK(Agg):
@@ -323,9 +401,12 @@ class DistinctTopK(Agg):
     def empty(self) -> Any:
         return []
 
-    def sweep(self, wm: int, lateness_ms: int) -> None:
-        low = self.min_tile(wm)
-        self.state = {k: b for k, b in self.state.items() if self.tile(_DREC.unpack_from(b)[0]) >= low}
+    def sweep(self, wm: int, lateness_ms: int, keys: Iterable[int] | None = None) -> None:
+        low, state = self.min_tile(wm), self.state
+        for key in self.swept_keys() if keys is None else keys:
+            buf = state.get(key)
+            if buf is not None and self.tile(_DREC.unpack_from(buf)[0]) < low:  # the newest entry is first
+                del state[key]
 
 
 class TopKCount(Agg):
@@ -423,13 +504,17 @@ class TopKCount(Agg):
     def empty(self) -> Any:
         return []
 
-    def sweep(self, wm: int, lateness_ms: int) -> None:
-        low = self.min_tile(wm)
-        for key, tiles in self.state.items():
+    def sweep(self, wm: int, lateness_ms: int, keys: Iterable[int] | None = None) -> None:
+        low, state, totals = self.min_tile(wm), self.state, self.totals
+        for key in self.swept_keys() if keys is None else keys:
+            tiles = state.get(key)
+            if tiles is None:
+                continue
             self.expire(key, tiles, low)
-        self.state = {k: tiles for k, tiles in self.state.items() if tiles}
-        if self.totals is not None:
-            self.totals = {k: total for k, total in self.totals.items() if k in self.state}
+            if not tiles:
+                del state[key]
+                if totals is not None:
+                    del totals[key]
 
 
 class Covisit(TopKCount):
@@ -470,6 +555,11 @@ def _last_k(buf: bytes, k: int) -> bytearray:
 
 
 def _merge(a: bytes, b: bytes, k: int) -> bytearray:
+    """The k latest records of two packed sequences sorted by (ts, offset)."""
+    if not b:
+        return bytearray(a)
+    if not a or _REC.unpack_from(b)[:2] > _REC.unpack_from(a, len(a) - _REC.size)[:2]:  # b follows a (usual)
+        return _last_k(bytearray(a) + b, k)
     recs = sorted([*_REC.iter_unpack(a), *_REC.iter_unpack(b)])
     return bytearray(b"".join(_REC.pack(*r) for r in recs[-k:]))
 
@@ -515,12 +605,14 @@ class LastN(Agg):
     def empty(self) -> Any:
         return []
 
-    def sweep(self, wm: int, lateness_ms: int) -> None:
-        if self.tile_ms:
-            low, size = self.min_tile(wm), _REC.size
-            self.state = {
-                k: b for k, b in self.state.items() if self.tile(_REC.unpack_from(b, len(b) - size)[0]) >= low
-            }
+    def sweep(self, wm: int, lateness_ms: int, keys: Iterable[int] | None = None) -> None:
+        if not self.tile_ms:
+            return
+        low, size, state = self.min_tile(wm), _REC.size, self.state
+        for key in self.swept_keys() if keys is None else keys:
+            buf = state.get(key)
+            if buf is not None and self.tile(_REC.unpack_from(buf, len(buf) - size)[0]) < low:
+                del state[key]
 
 
 class SessionScoped(Agg):
@@ -560,10 +652,14 @@ class SessionScoped(Agg):
     def empty(self) -> Any:
         return self.inner.empty()
 
-    def sweep(self, wm: int, lateness_ms: int) -> None:
-        done = wm - lateness_ms
-        for u in [u for u in self.inner.state if self.sessions.open_session(u, done) is None]:
-            del self.inner.state[u]
+    def swept_keys(self) -> list[int]:
+        return list(self.inner.state)
+
+    def sweep(self, wm: int, lateness_ms: int, keys: Iterable[int] | None = None) -> None:
+        done, state = wm - lateness_ms, self.inner.state
+        for u in self.swept_keys() if keys is None else keys:
+            if u in state and self.sessions.open_session(u, done) is None:
+                del state[u]
 
 
 class BeforeSession(LastN):
@@ -598,10 +694,11 @@ class BeforeSession(LastN):
             return self.decode(st[1], t)
         return self.decode(_merge(st[1], st[2], self.f.k), t)
 
-    def sweep(self, wm: int, lateness_ms: int) -> None:
-        done = wm - lateness_ms
-        for u, st in self.state.items():  # a closed session joins the history: one buffer per idle user
-            if st[2] and self.sessions.open_session(u, done) != st[0]:
+    def sweep(self, wm: int, lateness_ms: int, keys: Iterable[int] | None = None) -> None:
+        done, state = wm - lateness_ms, self.state
+        for u in self.swept_keys() if keys is None else keys:  # a closed session joins the history
+            st = state.get(u)
+            if st is not None and st[2] and self.sessions.open_session(u, done) != st[0]:
                 st[1], st[2] = _merge(st[1], st[2], self.f.k), bytearray()
 
 

@@ -50,16 +50,17 @@ class Shopper:
 def item_counts(features: FeatureEngine, feature: str, items: Sequence[str]) -> list[float]:
     """One item-level counter of COUNTERS (a total over actions) for each item, as the model reads it."""
     col = COUNTERS.index(feature)
-    return [counter_row({feature: features.read(feature, item)})[col] for item in items]
+    return [counter_row({feature: v})[col] for v in features.read_many(feature, list(items))]
 
 
 def counters(features: FeatureEngine, user_id: str, items: Sequence[str]) -> np.ndarray:
     """[C, len(COUNTERS)] float32 for the model head: per-user item count, 28-day and 2-hour counts."""
-    entity = {name: features.registry[name].entity for name in COUNTERS}
-    rows = [
-        counter_row({n: features.read(n, (user_id, item) if entity[n] == "user_item" else item) for n in COUNTERS})
-        for item in items
+    columns = [
+        features.read_many(n, [(user_id, i) for i in items] if features.registry[n].entity == "user_item"
+                           else list(items))
+        for n in COUNTERS
     ]
+    rows = [counter_row(dict(zip(COUNTERS, values, strict=True))) for values in zip(*columns, strict=True)]
     return np.array(rows, dtype=np.float32).reshape(len(items), len(COUNTERS))
 
 
