@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import heapq
 import struct
-from bisect import insort
+from bisect import bisect_right
 from collections.abc import Callable, Iterable
-from operator import attrgetter
+from functools import cache
+from operator import attrgetter, itemgetter
 from typing import Any
 
-from insession.features.declare import Feature, Window
+from insession.features.declare import MINUTE_MS, Feature, Window
 from insession.schema import ACTIONS, Event
 
 NONE_ID = -1  # interned id of a missing value
 ACTION_INDEX = {a: i for i, a in enumerate(ACTIONS)}
-_REC = struct.Struct("<qqiib")  # one sequence element: ts, offset, item, category, action (25 bytes)
+# One sequence element: ts, item, category, action (17 bytes). Sequences are ordered by (ts, offset) without
+# storing the offset: a key's events arrive in offset order, so a new event goes after every stored one with
+# a ts at most its own, and of two sequences merged, the first holds the events that arrived earlier.
+_REC = struct.Struct("<qiib")
 _SLOT_BITS = 3  # tile codes: tile << 3 | slot (slot = action index for counts_by_action, else 0)
-_TKEY, _TVAL = struct.Struct("<iq"), struct.Struct("<d")  # a tile record: (sub, code) then value
-_TREC = struct.Struct("<iqd")
 _CREC = struct.Struct("<iiq")  # covisit: one recent event of a user (session, item, ts)
 _DREC = struct.Struct("<qi")  # distinct_topk: (latest ts, value)
 
@@ -154,15 +156,21 @@ class Agg:
         it. Keys given may have gone meanwhile (the engine sweeps in chunks between writes)."""
 
 
+@cache
+def _tile_structs(code: str, value: str) -> tuple[struct.Struct, struct.Struct, struct.Struct]:
+    """A tile record (sub, code, value), its (sub, code) prefix, and its value."""
+    return struct.Struct(f"<i{code}{value}"), struct.Struct(f"<i{code}"), struct.Struct(f"<{value}")
+
+
 class TileAgg(Agg):
-    """count, sum, counts_by_action and age, tiled: per key a packed run of 20-byte records
+    """count, sum, counts_by_action and age, tiled: per key a packed run of records
     (sub, tile << 3 | slot, value) in tile order, where sub is the item of a (user, item) key (the state is
     kept per user) and slot the action index for counts_by_action. An event adds to a matching recent
     record or inserts one (a late event's goes before the records of later tiles); expired records go
     from the front. Item and global counts with many tiles (e.g. the 672 hourly tiles of 28 days) also
     keep running totals per slot over their live records, so a read does not add up every tile."""
 
-    LOOKBACK = 16  # records searched for a match before appending (a miss only costs 20 bytes)
+    LOOKBACK = 16  # records searched for a match before appending (a miss only costs one record)
     RUNNING_TOTALS_FROM = 8  # tiles per window from which item / global counts keep running totals
 
     def __init__(self, f: Feature, names: Interner, window: Window | None = None) -> None:
@@ -171,6 +179,11 @@ class TileAgg(Agg):
         self.per_user = f.entity == "user_item"
         if self.per_user:
             self.key = attrgetter("u")
+        # A record: sub (int32), tile << 3 | slot (int32 for tiles of a minute or more: until the year 2480),
+        # value (uint32 counts, float64 sums, int64 times): 12 bytes for counts.
+        code = "i" if not self.tile_ms or self.tile_ms >= MINUTE_MS else "q"
+        value = {"sum": "d", "age": "q"}.get(f.agg, "I")
+        self.layout = (code, value)
         running = f.agg in ("count", "counts_by_action") and not self.per_user
         self.totals: dict[int, list[float]] | None = {} if running and self.tiles > self.RUNNING_TOTALS_FROM else None
 
@@ -179,9 +192,10 @@ class TileAgg(Agg):
         tile_ms, tiles = self.tile_ms, self.tiles
         by_action, is_sum, is_age = agg == "counts_by_action", agg == "sum", agg == "age"
         per_user, prop = self.per_user, self.prop
-        size, back, vpos = _TREC.size, self.LOOKBACK * _TREC.size, _TKEY.size
-        pack_key, pack_rec, unpack_key = _TKEY.pack, _TREC.pack, _TKEY.unpack_from
-        unpack_val, pack_val = _TVAL.unpack_from, _TVAL.pack_into
+        rec, rec_key, rec_val = _tile_structs(*self.layout)
+        size, back, vpos = rec.size, self.LOOKBACK * rec.size, rec_key.size
+        pack_key, pack_rec, unpack_key = rec_key.pack, rec.pack, rec_key.unpack_from
+        unpack_val, pack_val = rec_val.unpack_from, rec_val.pack_into
         for ev in evs:
             if tile_ms:
                 tile = ev.ts // tile_ms
@@ -227,10 +241,11 @@ class TileAgg(Agg):
 
     def expire(self, key: int, buf: bytearray, low: int) -> None:
         """Drop the records of tiles before `low` from the front of `buf` (and from the key's totals)."""
-        size, n, end = _TREC.size, len(buf), 0
+        rec = _tile_structs(*self.layout)[0]
+        size, n, end = rec.size, len(buf), 0
         total = self.totals.get(key) if self.totals is not None else None
         while end < n:
-            _, code, v = _TREC.unpack_from(buf, end)
+            _, code, v = rec.unpack_from(buf, end)
             if code >> _SLOT_BITS >= low:
                 break
             if total is not None:
@@ -243,7 +258,7 @@ class TileAgg(Agg):
         """sub -> per-slot sums (for age: [earliest ts]) over the records of tiles >= low."""
         acc: dict[int, list[float]] = {}
         is_age = self.f.agg == "age"
-        for sub, code, v in _TREC.iter_unpack(buf):
+        for sub, code, v in _tile_structs(*self.layout)[0].iter_unpack(buf):
             if code >> _SLOT_BITS < low:
                 continue
             a = acc.get(sub)
@@ -555,25 +570,25 @@ def _last_k(buf: bytes, k: int) -> bytearray:
 
 
 def _merge(a: bytes, b: bytes, k: int) -> bytearray:
-    """The k latest records of two packed sequences sorted by (ts, offset)."""
+    """The k latest records of two packed sequences, `a`'s events having arrived before `b`'s."""
     if not b:
         return bytearray(a)
-    if not a or _REC.unpack_from(b)[:2] > _REC.unpack_from(a, len(a) - _REC.size)[:2]:  # b follows a (usual)
+    if not a or _REC.unpack_from(b)[0] >= _REC.unpack_from(a, len(a) - _REC.size)[0]:  # b follows a (usual)
         return _last_k(bytearray(a) + b, k)
-    recs = sorted([*_REC.iter_unpack(a), *_REC.iter_unpack(b)])
+    recs = sorted([*_REC.iter_unpack(a), *_REC.iter_unpack(b)], key=itemgetter(0))  # stable: a first on ties
     return bytearray(b"".join(_REC.pack(*r) for r in recs[-k:]))
 
 
 def _insert(buf: bytearray, ev: Ev, k: int) -> bytearray:
-    """Insert into a packed sequence sorted by (ts, offset), keeping the k latest."""
-    rec = _REC.pack(ev.ts, ev.off, ev.i, ev.c, ev.a)
-    if not buf or (ev.ts, ev.off) > _REC.unpack_from(buf, len(buf) - _REC.size)[:2]:
+    """Insert the newest arrival into a packed sequence sorted by (ts, offset), keeping the k latest."""
+    rec = _REC.pack(ev.ts, ev.i, ev.c, ev.a)
+    size = _REC.size
+    if not buf or ev.ts >= _REC.unpack_from(buf, len(buf) - size)[0]:
         buf += rec
-    else:
-        recs = list(_REC.iter_unpack(buf))
-        insort(recs, _REC.unpack(rec))
-        buf = bytearray(b"".join(_REC.pack(*r) for r in recs))
-    return _last_k(buf, k) if len(buf) > k * _REC.size else buf
+    else:  # a late event: after every stored event with a ts at most its own
+        at = bisect_right([r[0] for r in _REC.iter_unpack(buf)], ev.ts) * size
+        buf[at:at] = rec
+    return _last_k(buf, k) if len(buf) > k * size else buf
 
 
 class LastN(Agg):
@@ -595,7 +610,7 @@ class LastN(Agg):
                 "ts": ts,
                 "category": None if c == NONE_ID else names[c],
             }
-            for ts, _, i, c, a in _REC.iter_unpack(buf)
+            for ts, i, c, a in _REC.iter_unpack(buf)
             if self.tile(ts) >= low
         ]
 

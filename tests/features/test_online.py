@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 import tempfile
 import threading
 from pathlib import Path
@@ -15,7 +14,7 @@ from hypothesis import strategies as st
 from insession.features import Feature, FeatureEngine, FeatureRegistry, default_registry, sliding
 from insession.features import engine as engine_module
 from insession.features.declare import DAY_MS, HOUR_MS, MINUTE_MS
-from insession.features.online import TileAgg
+from insession.features.online import TileAgg, _tile_structs
 from insession.schema import ACTIONS, Event
 
 GAP = 30 * MINUTE_MS
@@ -263,11 +262,11 @@ def test_memory_per_key_is_bounded() -> None:
     day_events = [ev(n, "u", "a", T + n * 30 * MINUTE_MS, ACTIONS[n % 4]) for n in range(60 * 48)]  # 60 days
     e = engine_with(day_events)
     aggs = e._stream.aggs
-    assert len(aggs["history_seq"].state[e._names.get("u")][1]) <= 100 * 25
+    assert len(aggs["history_seq"].state[e._names.get("u")][1]) <= 100 * 17  # 17-byte records
     item = e._names.get("a")
-    assert len(aggs["item_count_28d"].state[item]) <= (28 * 24 + 1) * len(ACTIONS) * 20  # 20-byte records
-    assert len(aggs["item_trending_2h"].state[item]) <= (2 * 60 + 1) * 20
-    assert len(aggs["user_item_count_28d"].state[e._names.get("u")]) <= (28 * 24 + 1) * len(ACTIONS) * 20
+    assert len(aggs["item_count_28d"].state[item]) <= (28 * 24 + 1) * len(ACTIONS) * 12  # 12-byte records
+    assert len(aggs["item_trending_2h"].state[item]) <= (2 * 60 + 1) * 12
+    assert len(aggs["user_item_count_28d"].state[e._names.get("u")]) <= (28 * 24 + 1) * len(ACTIONS) * 12
     e.update_many([ev(len(day_events), "v", "b", T + 100 * DAY_MS)])
     e._stream.sweep()  # what snapshot() runs: keys with nothing left in their window go
     assert item not in aggs["item_count_28d"].state and item not in aggs["item_trending_2h"].state
@@ -299,7 +298,7 @@ def test_tile_records_stay_in_tile_order(events: list[Event]) -> None:
     for agg in engine._stream.aggs.values():
         if isinstance(agg, TileAgg):
             for buf in agg.state.values():
-                tiles = [code >> 3 for _, code, _ in struct.iter_unpack("<iqd", buf)]
+                tiles = [code >> 3 for _, code, _ in _tile_structs(*agg.layout)[0].iter_unpack(buf)]
                 assert tiles == sorted(tiles), agg.f.name
 
 
