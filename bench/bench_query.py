@@ -16,7 +16,6 @@ import asyncio
 import http.client
 import json
 import multiprocessing as mp
-import re
 import tempfile
 import threading
 import time
@@ -27,7 +26,7 @@ from typing import Any
 from tqdm import tqdm
 
 from bench.bench_features import N_CATEGORIES, N_ITEMS, synthetic_events
-from bench.common import percentiles_ms, table
+from bench.common import CONNECTIONS, latency_histogram, paced, percentiles_ms, table
 from insession.serve.process import ServerProcess
 
 SERVING_SQL = (
@@ -67,63 +66,14 @@ def _post(conn: http.client.HTTPConnection, body: bytes) -> tuple[int, bytes, di
     return resp.status, resp.read(), dict(resp.getheaders())
 
 
-CONNECTIONS = 16  # the client's keep-alive connections: a slow answer never delays the next send
-
-
-async def _paced(port: int, bodies: list[bytes], rate: float, seconds: float) -> tuple[list[float], int, int, float]:
-    """Open-loop load: request i is sent at start + i / rate on a free connection, whatever earlier answers
-    do. Returns (latencies from send to full answer, errors, sends more than 1 ms late, elapsed)."""
-    requests = [
-        b"POST /v1/query HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%b" % (len(b), b)
-        for b in bodies
-    ]
-    pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
-    for _ in range(CONNECTIONS):
-        pool.put_nowait(await asyncio.open_connection("127.0.0.1", port))
-    latencies: list[float] = []
-    errors = late = 0
-
-    async def one(i: int) -> None:
-        nonlocal errors
-        reader, writer = await pool.get()
-        try:
-            sent = time.perf_counter()
-            writer.write(requests[i % len(requests)])
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = re.search(rb"(?i)content-length:\s*(\d+)", head)
-            await reader.readexactly(int(length.group(1)) if length else 0)
-            latencies.append(time.perf_counter() - sent)
-            if head[9:12] != b"200":
-                errors += 1
-        finally:
-            pool.put_nowait((reader, writer))
-
-    tasks = []
-    start = time.perf_counter()
-    for i in range(int(rate * seconds)):
-        due = start + i / rate
-        delay = due - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        elif delay < -0.001:
-            late += 1
-        tasks.append(asyncio.create_task(one(i)))
-    await asyncio.gather(*tasks)
-    elapsed = time.perf_counter() - start
-    while not pool.empty():
-        pool.get_nowait()[1].close()
-    return latencies, errors, late, elapsed
-
-
 def _serving_client(port: int, users: list[str], rate: float, seconds: float, out: Connection) -> None:
-    """Second process: paced feature selects; sends back what `_paced` measured."""
+    """Second process: paced feature selects; sends back what `paced` measured."""
     bodies = [json.dumps({"sql": SERVING_SQL, "params": {"user": u}}).encode() for u in users]
-    out.send(asyncio.run(_paced(port, bodies, rate, seconds)))
+    out.send(asyncio.run(paced(port, "/v1/query", bodies, rate, seconds)))
     out.close()
 
 
-def _serve_phase(port: int, users: list[str], seconds: float) -> tuple[dict[str, float], int, int, float]:
+def _serve_phase(port: int, users: list[str], seconds: float) -> tuple[list[float], int, int, float]:
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_serving_client, args=(port, users, RATE, seconds, send))
@@ -131,7 +81,7 @@ def _serve_phase(port: int, users: list[str], seconds: float) -> tuple[dict[str,
     send.close()  # the child's end only: recv() raises EOFError if the client dies
     latencies, errors, late, elapsed = recv.recv()
     proc.join()
-    return percentiles_ms(latencies), errors, late, len(latencies) / elapsed
+    return latencies, errors, late, len(latencies) / elapsed
 
 
 class _Analytics(threading.Thread):
@@ -172,13 +122,13 @@ def run(quick: bool) -> str:
             print("bench_query: warm-up")
             _serve_phase(port, users, 1.0 if quick else 5.0)
             print(f"bench_query: serving alone, {RATE} req/s for {seconds:g} s")
-            alone, err_alone, late_alone, rate_alone = _serve_phase(port, users, seconds)
+            lat_alone, err_alone, late_alone, rate_alone = _serve_phase(port, users, seconds)
             scans = [_Analytics(port, sql) for sql in ANALYTICS_SQL]
             for s in scans:
                 s.start()
             time.sleep(1.0)  # both scans admitted (one runs, one waits, with the default limits)
             print(f"bench_query: serving beside {len(scans)} continuous analytics scans")
-            busy, err_busy, late_busy, rate_busy = _serve_phase(port, users, seconds)
+            lat_busy, err_busy, late_busy, rate_busy = _serve_phase(port, users, seconds)
             for s in scans:
                 s.stop.set()
             for s in scans:
@@ -186,6 +136,7 @@ def run(quick: bool) -> str:
         finally:
             server.stop()
     scans_done = [t for s in scans for t in s.done]
+    alone, busy = percentiles_ms(lat_alone), percentiles_ms(lat_busy)
     ratio = busy["p99"] / alone["p99"]
     rows: list[list[Any]] = [
         [phase, f"{rate:.0f}", p["p50"], p["p99"], p["p99.9"], p["mean"], errors, late]
@@ -201,7 +152,8 @@ def run(quick: bool) -> str:
             "",
             f"`top_categories_15d` selects (`{SERVING_SQL}`) from a second process at {RATE} req/s for "
             f"{seconds:g} s per phase over {CONNECTIONS} keep-alive connections (open loop: a slow answer never "
-            f"delays the next send; latency from send to full answer; late sends are counted); {n_events:,} events "
+            f"delays the next send; latency from when the request was due to its full answer; late sends are "
+            f"counted); {n_events:,} events "
             f"({n_users:,} users) in the Parquet history. Analytics: two full scans kept running continuously "
             "(per-user and per-category aggregates over every event) on the analytics lane's default limits.",
             "",
@@ -216,6 +168,9 @@ def run(quick: bool) -> str:
             f"Analytics scans completed during the busy phase: {len(scans_done)}"
             + (f" (p50 {scan_ms['p50'] / 1000:.2f} s each)" if scan_ms else "")
             + f"; refused with 429: {sum(s.refused for s in scans)}; failed: {sum(s.failed for s in scans)}.",
+            "",
+            latency_histogram("bench_query_serving", "Serving-lane selects, alone and beside analytics",
+                              {"serving alone": lat_alone, "serving + 2 analytics scans": lat_busy}),
             "",
         ]
     )

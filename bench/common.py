@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
+import re
 import subprocess
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 
 def percentiles_ms(samples_s: Sequence[float]) -> dict[str, float]:
@@ -54,3 +59,87 @@ def machine() -> str:
 
 def stamp() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def latency_histogram(name: str, title: str, series: dict[str, Sequence[float]]) -> str:
+    """Plot latency histograms (samples in seconds, log-scaled ms axis) with their p50/p99 marked to
+    docs/img/<name>.png; returns the markdown that shows it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img = Path(__file__).resolve().parent.parent / "docs" / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    every = np.concatenate([np.asarray(s, dtype=np.float64) * 1000.0 for s in series.values()])
+    every = every[every > 0]
+    bins = np.geomspace(max(every.min(), 1e-3), every.max() * 1.01, 80)
+    for (label, samples), color in zip(series.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"],
+                                       strict=False):
+        ms = np.asarray(samples, dtype=np.float64) * 1000.0
+        p50, p99 = np.percentile(ms, [50, 99])
+        ax.hist(ms, bins=bins, alpha=0.55, color=color, label=f"{label} (p50 {p50:.2f}, p99 {p99:.2f} ms)")
+        ax.axvline(p99, color=color, linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency, ms (log scale; dashed: p99)")
+    ax.set_ylabel("requests")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(img / f"{name}.png", dpi=110)
+    plt.close(fig)
+    return f"![{title}](img/{name}.png)"
+
+
+CONNECTIONS = 16  # a load client's keep-alive connections: a slow answer never delays the next send
+
+
+async def paced(port: int, path: str, bodies: list[bytes], rate: float, seconds: float,
+                answers: list[bytes] | None = None) -> tuple[list[float], int, int, float]:
+    """Open-loop load on 127.0.0.1:port: POST i (JSON body i mod len) is due at start + i / rate and sent on
+    a free keep-alive connection, whatever earlier answers do; its latency counts from when it was due.
+    A bare HTTP/1.1 client on asyncio streams, so the client's own cost stays small next to the server's.
+    Returns (latencies, non-200 answers, sends more than 1 ms late, elapsed); `answers` gets the bodies."""
+    requests = [
+        b"POST %b HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%b" % (path.encode(), len(b), b)
+        for b in bodies
+    ]
+    pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+    for _ in range(CONNECTIONS):
+        pool.put_nowait(await asyncio.open_connection("127.0.0.1", port))
+    latencies: list[float] = []
+    errors = late = 0
+
+    async def one(i: int, due: float) -> None:
+        nonlocal errors
+        reader, writer = await pool.get()
+        try:
+            writer.write(requests[i % len(requests)])
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length:\s*(\d+)", head)
+            body = await reader.readexactly(int(length.group(1)) if length else 0)
+            latencies.append(time.perf_counter() - due)
+            if head[9:12] != b"200":
+                errors += 1
+            if answers is not None:
+                answers.append(body)
+        finally:
+            pool.put_nowait((reader, writer))
+
+    tasks = []
+    start = time.perf_counter()
+    for i in tqdm(range(int(rate * seconds)), desc=f"POST {path} at {rate:.0f}/s", leave=False):
+        due = start + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        elif delay < -0.001:
+            late += 1
+        tasks.append(asyncio.create_task(one(i, due)))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    while not pool.empty():
+        pool.get_nowait()[1].close()
+    return latencies, errors, late, elapsed
