@@ -74,8 +74,24 @@ def _throughput(n_users: int, per_user: int) -> tuple[float, float, int, Feature
     return total / wall, total / cpu, total, engine
 
 
-def _traced_bytes(registry: FeatureRegistry, n_users: int, per_user: int) -> tuple[int, int]:
-    """(bytes the engine holds after the stream, bytes of covisit's per-user part when declared)."""
+def _user_bytes(engine: FeatureEngine) -> int:
+    """Bytes of the per-user part that every registry has (so the difference of two engines cancels it):
+    the session rule's state per user, and the interned user ids with their share of the interner."""
+    sessions = engine._stream.sessions.state
+    names = engine._names
+    users = [n for n in names.names if n.startswith("u")]
+    share = (sys.getsizeof(names.ids) + sys.getsizeof(names.names)) * len(users) / max(len(names.names), 1)
+    return int(
+        sys.getsizeof(sessions)
+        + sum(sys.getsizeof(st) for st in sessions.values())
+        + sum(sys.getsizeof(u) for u in users)
+        + share
+    )
+
+
+def _traced_bytes(registry: FeatureRegistry, n_users: int, per_user: int) -> tuple[int, int, int]:
+    """(bytes the engine holds after the stream, bytes of covisit's per-user part when declared, bytes of
+    the sessions and user ids)."""
     gc.collect()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
@@ -88,19 +104,20 @@ def _traced_bytes(registry: FeatureRegistry, n_users: int, per_user: int) -> tup
     tracemalloc.stop()
     recent: dict[int, bytearray] = getattr(engine._stream.aggs.get("covisit"), "recent", {})
     recent_bytes = sys.getsizeof(recent) + sum(sys.getsizeof(b) for b in recent.values()) if recent else 0
-    return used, recent_bytes
+    return used, recent_bytes, _user_bytes(engine)
 
 
 def _memory(n_users: int, per_user: int) -> tuple[float, int]:
     """(bytes per user, bytes of shared state): an engine with every feature minus one with only the
     item and global features, whose state is bounded by the catalogue and the tiles, not by the users;
-    covisit's per-user part (each user's last few events) is added back to the per-user figure."""
+    the per-user parts the second engine also holds (covisit's last few events per user, the session
+    rule's state and the user ids) are added back to the per-user figure."""
     reg = default_registry()
-    total, _ = _traced_bytes(reg, n_users, per_user)
-    shared, recent = _traced_bytes(
+    total, _, _ = _traced_bytes(reg, n_users, per_user)
+    shared, recent, users = _traced_bytes(
         FeatureRegistry.of(f for f in reg if f.entity in ("item", "global")), n_users, per_user
     )
-    return (total - shared + recent) / n_users, shared - recent
+    return (total - shared + recent + users) / n_users, shared - recent - users
 
 
 def _top_categories_latency(n_events: int, reads: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -248,7 +265,8 @@ def run(quick: bool) -> str:
         ["events/s by the wall clock (machine shared with other work)", f"{rate_wall:,.0f}", ""],
         ["events applied / too late (dropped)", f"{total:,} / {too_late:,}", ""],
         [
-            f"memory per active user ({mem_users:,} users x {mem_per_user} events, tracemalloc)",
+            f"memory per active user ({mem_users:,} users x {mem_per_user} events, tracemalloc; with sessions "
+            "and user ids)",
             f"{per_user:,.0f} B",
             "< 2,048 B at 1,000,000 users",
         ],

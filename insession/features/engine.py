@@ -22,7 +22,7 @@ REGISTRY_FILE = "registry.json"
 LOCK_EVERY = 512  # events applied per lock hold, so readers never wait behind a long replay
 SWEEP_CHUNK = 5_000  # keys swept per lock hold
 REPLAY_CHUNK = 10_000  # events per batch when a new feature is backfilled from the log
-_SNAPSHOT_VERSION = 3  # 3: compact tile and sequence records, tile order, running totals
+_SNAPSHOT_VERSION = 4  # 4: packed sessions, scalar session counters, compact records
 
 
 def _write_snapshot(path: Path, body: dict[str, Any]) -> None:
