@@ -8,12 +8,13 @@ Without an `offset` column a row sees what arrived while the stream's watermark 
 
 Work per spine row is bounded by its window, never by a key's whole history: count and counts_by_action
 over sliding or unbounded windows add up running per-tile counts and read only the few minutes of events
-around the row's cut one by one (see `_tiled`); other sliding windows join on (key, window-length bucket);
-session windows on (user, session number); last_n over unbounded and before-session windows read a rank
-range found with ASOF joins (the k latest events of a prefix of the log in offset order lie within [min ts
-of its last k events, max ts], which bounded lateness keeps narrow). Unbounded sum/last/distinct/topk
-windows read the key's whole history (no default feature uses one). `sessions(registry, events)` gives the
-accepted events with their session numbers.
+around the row's cut one by one (see `_tiled`); topk_count and covisit over sliding windows count a
+shortlist of values per row from running counts per (key, value) (see `_top_sliding`); other sliding
+windows join on (key, window-length bucket); session windows on (user, session number); last_n over
+unbounded and before-session windows read a rank range found with ASOF joins (the k latest events of a
+prefix of the log in offset order lie within [min ts of its last k events, max ts], which bounded lateness
+keeps narrow). Unbounded sum/last/distinct/topk windows read the key's whole history (no default feature
+uses one). `sessions(registry, events)` gives the accepted events with their session numbers.
 """
 
 from __future__ import annotations
@@ -224,6 +225,76 @@ def _tiled(con: duckdb.DuckDBPyConnection, f: Feature, reg: FeatureRegistry, src
         LEFT JOIN {cand}_tiles p USING (rid)"""
 
 
+def _top_sliding(con: duckdb.DuckDBPyConnection, f: Feature, reg: FeatureRegistry, src: str, cand: str) -> str:
+    """topk_count / covisit over a sliding window from running counts per (key, value) and a shortlist of
+    values shared by rows alike, never reading a row's window event by event.
+
+    A value's count for a row is exact from running counts: with cut = max(start, min(t + 1, m - lateness)),
+    every accepted event with start <= ts < cut is visible (see `_tiled`), so the count is (ts < cut) -
+    (ts < start) plus the events from the cut to min(t, m) read one by one (a span of at most the lateness).
+    A settled row (t >= m, start <= m - lateness: everything arrived by o happened by t, and every event
+    before the start had arrived) needs no events: its count is (arrived by offset o) - (ts < start).
+    Only a shortlist per row is counted. Rows with the same key and the same blocks (of about 1/24 of the
+    window) share one: L(v) counts v in the blocks wholly inside [start, cut) (visible to every such row),
+    U(v) in the blocks that meet [start, min(t, m)] (at least v's count in every such row); a value with
+    U(v) below the k-th largest L is outcounted by k values in each row, so the shortlist is the values with
+    U(v) >= that k-th L. Returns the SELECT rid, v of the feature."""
+    keys = ENTITY_KEYS["item" if f.agg == "covisit" else f.entity]
+    kc = "".join(k + ", " for k in keys)
+    lat, block = reg.lateness_ms, f.window.tile_ms * max(1, f.window.tiles // 24)
+
+    def on(a: str, b: str, cols: tuple[str, ...] = (*keys, "value")) -> str:
+        return "".join(f"{a}.{c} = {b}.{c} AND " for c in cols)
+
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {src}_n AS
+        SELECT {kc} value, ts, off, count(*) AS n FROM {src} GROUP BY ALL""")
+    for order in ("ts", "off"):  # running counts of (key, value) in time order and in arrival order
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE {src}_{order} AS
+            SELECT {kc} value, {order}, sum(n) OVER (PARTITION BY {kc} value ORDER BY {order}) AS cum
+            FROM (SELECT {kc} value, {order}, sum(n) AS n FROM {src}_n GROUP BY ALL)""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {src}_b AS
+        SELECT {kc} value, ts // {block} AS b, sum(n) AS n FROM {src}_n GROUP BY ALL""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {cand}_sp AS
+        SELECT *, (s + {block - 1}) // {block} AS bl_lo, c0 // {block} AS bl_hi, s // {block} AS bu_lo,
+               (least(t, m) + {block}) // {block} AS bu_hi
+        FROM (SELECT rid, {kc} t, o, m, s, greatest(s, least(t + 1, m - {lat})) AS c0,
+                     t >= m AND s <= m - {lat} AS settled
+              FROM (SELECT *, greatest({_window_start(f.window)}, 0) AS s FROM sp) WHERE m IS NOT NULL)""")
+    group = f"{kc}bl_lo, bl_hi, bu_lo, bu_hi"
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {cand}_e AS
+        WITH c AS (
+            SELECT gr.*, x.value, sum(x.n) AS up,
+                   coalesce(sum(x.n) FILTER (WHERE x.b >= gr.bl_lo AND x.b < gr.bl_hi), 0) AS low
+            FROM (SELECT DISTINCT {group} FROM {cand}_sp) gr
+            JOIN {src}_b x ON {on("x", "gr", keys)}x.b >= gr.bu_lo AND x.b < gr.bu_hi
+            GROUP BY ALL)
+        SELECT {group}, value FROM c
+        QUALIFY up >= coalesce(nth_value(low, {f.k}) OVER (PARTITION BY {group} ORDER BY low DESC
+                                ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING), 0)""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {cand}_pv AS
+        SELECT s.rid, {"".join(f"s.{k}, " for k in keys)}e.value, s.s, s.c0, s.o, s.settled
+        FROM {cand}_sp s JOIN {cand}_e e USING ({group})""")
+    unsettled = f"(SELECT * FROM {cand}_sp WHERE NOT settled)"
+    _candidates(con, f, src, f"{cand}_tail", unsettled, ("c0", "least(t, m)", lat + 1))
+    return _top_counts(
+        f,
+        f"""
+        SELECT rid, value, sum(n) AS n FROM (
+            SELECT p.rid, p.value, -d.n AS n FROM {cand}_pv p
+            JOIN (SELECT d.*, coalesce(r.cum, 0) AS n FROM (SELECT DISTINCT {kc} value, s FROM {cand}_pv) d
+                  ASOF LEFT JOIN {src}_ts r ON {on("r", "d")}d.s > r.ts) d USING ({kc} value, s)
+            UNION ALL
+            SELECT p.rid, p.value, coalesce(q.cum, 0)
+            FROM (SELECT * FROM {cand}_pv WHERE settled) p ASOF LEFT JOIN {src}_off q ON {on("q", "p")}p.o >= q.off
+            UNION ALL
+            SELECT p.rid, p.value, coalesce(r.cum, 0)
+            FROM (SELECT * FROM {cand}_pv WHERE NOT settled) p ASOF LEFT JOIN {src}_ts r ON {on("r", "p")}p.c0 > r.ts
+            UNION ALL
+            SELECT x.rid, x.value, 1 FROM {cand}_tail x SEMI JOIN {cand}_pv p ON p.rid = x.rid AND p.value = x.value)
+        GROUP BY rid, value HAVING sum(n) > 0""",
+    )
+
+
 def _prefix_last_n(con: duckdb.DuckDBPyConnection, f: Feature, src: str, cand: str) -> None:
     """last_n over a prefix of the user's log (offset <= p): before-session or unbounded windows."""
     k = f.k
@@ -287,12 +358,16 @@ def _aggregate(f: Feature, cand: str) -> str:
                         FILTER (WHERE g.value IS NOT NULL))[1:{f.k}], []::VARCHAR[]) AS v
                    FROM sp LEFT JOIN (SELECT rid, value, max(ts) AS m FROM {cand} GROUP BY rid, value) g
                    USING (rid) GROUP BY sp.rid"""
-    name = f.field or "item_id"  # topk_count and covisit
+    return _top_counts(f, f"SELECT rid, value, count(*) AS n FROM {cand} GROUP BY rid, value")
+
+
+def _top_counts(f: Feature, counts: str) -> str:
+    """topk_count / covisit: the k largest of `counts` (SELECT rid, value, n with n > 0), ties by name."""
+    name = f.field or "item_id"
     return f"""SELECT sp.rid, coalesce((list(struct_pack({_q(name)} := g.value, count := g.n)
                     ORDER BY g.n DESC, g.value ASC) FILTER (WHERE g.value IS NOT NULL))[1:{f.k}],
                     []::STRUCT({_q(name)} VARCHAR, count BIGINT)[]) AS v
-               FROM sp LEFT JOIN (SELECT rid, value, count(*) AS n FROM {cand} GROUP BY rid, value) g
-               USING (rid) GROUP BY sp.rid"""
+               FROM sp LEFT JOIN ({counts}) g USING (rid) GROUP BY sp.rid"""
 
 
 def sessions(
@@ -336,6 +411,8 @@ def compute(
         _source(con, f, src)
         if f.agg in ("count", "counts_by_action") and f.window.kind in ("unbounded", "sliding"):
             result = _tiled(con, f, reg, src, cand)
+        elif f.agg in ("topk_count", "covisit") and f.window.kind == "sliding":
+            result = _top_sliding(con, f, reg, src, cand)
         elif f.agg == "last_n" and f.window.kind in ("unbounded", "before_session"):
             _prefix_last_n(con, f, src, cand)
             result = _aggregate(f, cand)
