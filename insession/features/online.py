@@ -168,13 +168,36 @@ class Agg:
         it. Keys given may have gone meanwhile (the engine sweeps in chunks between writes)."""
 
 
+class Expiring(Agg):
+    """An aggregation whose per-key state holds tiles in tile order, some keys with running totals
+    (`totals`); `expire(key, state, low)` drops the tiles before `low` from a key's state and totals."""
+
+    RUNNING_TOTALS_FROM = 8  # tiles per window from which keys keep running totals (reads skip the tiles)
+    totals: dict[int, Any] | None
+
+    def expire(self, key: int, value: Any, low: int) -> None:
+        raise NotImplementedError
+
+    def sweep(self, wm: int, lateness_ms: int, keys: Iterable[int] | None = None) -> None:
+        low, state, totals = self.min_tile(wm), self.state, self.totals
+        for key in self.swept_keys() if keys is None else keys:
+            value = state.get(key)
+            if value is None:
+                continue
+            self.expire(key, value, low)
+            if not value:
+                del state[key]
+                if totals is not None:
+                    del totals[key]
+
+
 @cache
 def _tile_structs(code: str, value: str) -> tuple[struct.Struct, struct.Struct, struct.Struct]:
     """A tile record (sub, code, value), its (sub, code) prefix, and its value."""
     return struct.Struct(f"<i{code}{value}"), struct.Struct(f"<i{code}"), struct.Struct(f"<{value}")
 
 
-class TileAgg(Agg):
+class TileAgg(Expiring):
     """count, sum, counts_by_action and age, tiled: per key a packed run of records
     (sub, tile << 3 | slot, value) in tile order, where sub is the item of a (user, item) key (the state is
     kept per user) and slot the action index for counts_by_action. An event adds to a matching recent
@@ -183,7 +206,6 @@ class TileAgg(Agg):
     keep running totals per slot over their live records, so a read does not add up every tile."""
 
     LOOKBACK = 16  # records searched for a match before appending (a miss only costs one record)
-    RUNNING_TOTALS_FROM = 8  # tiles per window from which item / global counts keep running totals
 
     def __init__(self, f: Feature, names: Interner, window: Window | None = None) -> None:
         super().__init__(f, names, window)
@@ -323,20 +345,6 @@ class TileAgg(Agg):
         agg = self.f.agg
         return {"count": 0, "sum": 0.0, "age": None}.get(agg, dict.fromkeys(ACTIONS, 0))
 
-    def sweep(self, wm: int, lateness_ms: int, keys: Iterable[int] | None = None) -> None:
-        if not self.tile_ms:
-            return
-        low, state, totals = self.min_tile(wm), self.state, self.totals
-        for key in self.swept_keys() if keys is None else keys:
-            buf = state.get(key)
-            if buf is None:
-                continue
-            self.expire(key, buf, low)
-            if not buf:
-                del state[key]
-                if totals is not None:
-                    del totals[key]
-
 
 class Scalar(Agg):
     """count, sum and age over an unbounded window (also a session's, inside SessionScoped): per key one
@@ -470,7 +478,7 @@ class DistinctTopK(Agg):
                 del state[key]
 
 
-class TopKCount(Agg):
+class TopKCount(Expiring):
     """topk_count(field, k): per key {tile: {value: n}}; the top k by count over the live tiles.
 
     Keys with many tiles (e.g. global trending, 120 one-minute tiles) also keep a running total over the
@@ -479,7 +487,7 @@ class TopKCount(Agg):
 
     def __init__(self, f: Feature, names: Interner, window: Window | None = None) -> None:
         super().__init__(f, names, window)
-        self.totals: dict[int, dict[int, int]] | None = {} if self.tiles > 8 else None
+        self.totals: dict[int, dict[int, int]] | None = {} if self.tiles > self.RUNNING_TOTALS_FROM else None
 
     def count(self, key: int, values: list[int], tile: int, low: int) -> None:
         """Count each of `values` once for `key` in `tile` (low: the oldest live tile)."""
@@ -564,18 +572,6 @@ class TopKCount(Agg):
 
     def empty(self) -> Any:
         return []
-
-    def sweep(self, wm: int, lateness_ms: int, keys: Iterable[int] | None = None) -> None:
-        low, state, totals = self.min_tile(wm), self.state, self.totals
-        for key in self.swept_keys() if keys is None else keys:
-            tiles = state.get(key)
-            if tiles is None:
-                continue
-            self.expire(key, tiles, low)
-            if not tiles:
-                del state[key]
-                if totals is not None:
-                    del totals[key]
 
 
 class Covisit(TopKCount):
