@@ -187,6 +187,25 @@ def _counts(f: Feature) -> list[tuple[str, str]]:
     return [(a, f"action = {_lit(a)}") for a in ACTIONS]
 
 
+def _tile_g(f: Feature) -> int:
+    """The tile size of `_tiled`'s running counts: g = gcd(tile, 1 min), so window edges fall on tiles."""
+    return math.gcd(f.window.tile_ms, MINUTE_MS)
+
+
+def _tile_counts(con: duckdb.DuckDBPyConnection, f: Feature, src: str) -> None:
+    """`_tiled`'s index: running counts per (key, tile of g)."""
+    keys = ENTITY_KEYS[f.entity]
+    g = _tile_g(f)
+    by = f"PARTITION BY {', '.join(keys)} " if keys else ""
+    counts = _counts(f)
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {src}_tiles AS
+        SELECT {"".join(k + ", " for k in keys)} g,
+               {", ".join(f"(sum({_q(c)}) OVER ({by}ORDER BY g))::BIGINT AS {_q(c)}" for c, _ in counts)}
+        FROM (SELECT {"".join(k + ", " for k in keys)} ts // {g} AS g,
+                     {", ".join(f"count(*) FILTER (WHERE {cond}) AS {_q(c)}" for c, cond in counts)}
+              FROM {src} GROUP BY ALL)""")
+
+
 def _tiled(con: duckdb.DuckDBPyConnection, f: Feature, reg: FeatureRegistry, src: str, cand: str) -> str:
     """count / counts_by_action over a sliding or unbounded window from running per-tile counts.
 
@@ -197,14 +216,7 @@ def _tiled(con: duckdb.DuckDBPyConnection, f: Feature, reg: FeatureRegistry, src
     lateness + g, are read one by one. Returns the SELECT rid, v of the feature."""
     keys = ENTITY_KEYS[f.entity]
     counts = _counts(f)
-    g = math.gcd(f.window.tile_ms, MINUTE_MS)
-    by = f"PARTITION BY {', '.join(keys)} " if keys else ""
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE {src}_tiles AS
-        SELECT {"".join(k + ", " for k in keys)} g,
-               {", ".join(f"(sum({_q(c)}) OVER ({by}ORDER BY g))::BIGINT AS {_q(c)}" for c, _ in counts)}
-        FROM (SELECT {"".join(k + ", " for k in keys)} ts // {g} AS g,
-                     {", ".join(f"count(*) FILTER (WHERE {cond}) AS {_q(c)}" for c, cond in counts)}
-              FROM {src} GROUP BY ALL)""")
+    g = _tile_g(f)
     start = _window_start(f.window) if f.window.kind == "sliding" else "0"
     cut = f"least(t + 1, m - {reg.lateness_ms})"
     con.execute(f"""CREATE OR REPLACE TEMP TABLE {cand}_sp AS
@@ -225,6 +237,29 @@ def _tiled(con: duckdb.DuckDBPyConnection, f: Feature, reg: FeatureRegistry, src
         LEFT JOIN {cand}_tiles p USING (rid)"""
 
 
+def _value_keys(f: Feature) -> tuple[str, ...]:
+    return ENTITY_KEYS["item" if f.agg == "covisit" else f.entity]
+
+
+def _block(f: Feature) -> int:
+    """`_top_sliding`'s block: about 1/24 of the window, a whole number of tiles."""
+    return f.window.tile_ms * max(1, f.window.tiles // 24)
+
+
+def _value_counts(con: duckdb.DuckDBPyConnection, f: Feature, src: str) -> None:
+    """`_top_sliding`'s index: running counts per (key, value) in time order and in arrival order, and
+    counts per (key, value, block)."""
+    kc = "".join(k + ", " for k in _value_keys(f))
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {src}_n AS
+        SELECT {kc} value, ts, off, count(*) AS n FROM {src} GROUP BY ALL""")
+    for order in ("ts", "off"):
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE {src}_{order} AS
+            SELECT {kc} value, {order}, sum(n) OVER (PARTITION BY {kc} value ORDER BY {order}) AS cum
+            FROM (SELECT {kc} value, {order}, sum(n) AS n FROM {src}_n GROUP BY ALL)""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {src}_b AS
+        SELECT {kc} value, ts // {_block(f)} AS b, sum(n) AS n FROM {src}_n GROUP BY ALL""")
+
+
 def _top_sliding(con: duckdb.DuckDBPyConnection, f: Feature, reg: FeatureRegistry, src: str, cand: str) -> str:
     """topk_count / covisit over a sliding window from running counts per (key, value) and a shortlist of
     values shared by rows alike, never reading a row's window event by event.
@@ -239,21 +274,13 @@ def _top_sliding(con: duckdb.DuckDBPyConnection, f: Feature, reg: FeatureRegistr
     U(v) in the blocks that meet [start, min(t, m)] (at least v's count in every such row); a value with
     U(v) below the k-th largest L is outcounted by k values in each row, so the shortlist is the values with
     U(v) >= that k-th L. Returns the SELECT rid, v of the feature."""
-    keys = ENTITY_KEYS["item" if f.agg == "covisit" else f.entity]
+    keys = _value_keys(f)
     kc = "".join(k + ", " for k in keys)
-    lat, block = reg.lateness_ms, f.window.tile_ms * max(1, f.window.tiles // 24)
+    lat, block = reg.lateness_ms, _block(f)
 
     def on(a: str, b: str, cols: tuple[str, ...] = (*keys, "value")) -> str:
         return "".join(f"{a}.{c} = {b}.{c} AND " for c in cols)
 
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE {src}_n AS
-        SELECT {kc} value, ts, off, count(*) AS n FROM {src} GROUP BY ALL""")
-    for order in ("ts", "off"):  # running counts of (key, value) in time order and in arrival order
-        con.execute(f"""CREATE OR REPLACE TEMP TABLE {src}_{order} AS
-            SELECT {kc} value, {order}, sum(n) OVER (PARTITION BY {kc} value ORDER BY {order}) AS cum
-            FROM (SELECT {kc} value, {order}, sum(n) AS n FROM {src}_n GROUP BY ALL)""")
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE {src}_b AS
-        SELECT {kc} value, ts // {block} AS b, sum(n) AS n FROM {src}_n GROUP BY ALL""")
     con.execute(f"""CREATE OR REPLACE TEMP TABLE {cand}_sp AS
         SELECT *, (s + {block - 1}) // {block} AS bl_lo, c0 // {block} AS bl_hi, s // {block} AS bu_lo,
                (least(t, m) + {block}) // {block} AS bu_hi
@@ -295,10 +322,9 @@ def _top_sliding(con: duckdb.DuckDBPyConnection, f: Feature, reg: FeatureRegistr
     )
 
 
-def _prefix_last_n(con: duckdb.DuckDBPyConnection, f: Feature, src: str, cand: str) -> None:
-    """last_n over a prefix of the user's log (offset <= p): before-session or unbounded windows."""
-    k = f.k
-    p = "s.o" if f.window.kind == "unbounded" else "CASE WHEN s.is_open THEN s.first_off - 1 ELSE s.o END"
+def _ranked(con: duckdb.DuckDBPyConnection, f: Feature, src: str) -> None:
+    """`_prefix_last_n`'s index: per user event, its rank by (ts, offset), the count of events ranked at or
+    before its ts, and over its last k events in offset order their count and ts range."""
     con.execute(f"""CREATE OR REPLACE TEMP TABLE {src}_r AS
         SELECT *, max(rk) OVER (PARTITION BY user_id, ts) AS cnt_le FROM (
             SELECT *,
@@ -307,7 +333,13 @@ def _prefix_last_n(con: duckdb.DuckDBPyConnection, f: Feature, src: str, cand: s
                 row_number() OVER (PARTITION BY user_id ORDER BY ts, off) AS rk
             FROM {src}
             WINDOW w AS (PARTITION BY user_id ORDER BY off
-                         ROWS BETWEEN {k - 1} PRECEDING AND CURRENT ROW))""")
+                         ROWS BETWEEN {f.k - 1} PRECEDING AND CURRENT ROW))""")
+
+
+def _prefix_last_n(con: duckdb.DuckDBPyConnection, f: Feature, src: str, cand: str) -> None:
+    """last_n over a prefix of the user's log (offset <= p): before-session or unbounded windows."""
+    k = f.k
+    p = "s.o" if f.window.kind == "unbounded" else "CASE WHEN s.is_open THEN s.first_off - 1 ELSE s.o END"
     con.execute(f"""CREATE OR REPLACE TEMP TABLE {cand} AS
         WITH b AS (
             SELECT s.rid, s.user_id, s.t, {p} AS p,
@@ -370,6 +402,40 @@ def _top_counts(f: Feature, counts: str) -> str:
                FROM sp LEFT JOIN ({counts}) g USING (rid) GROUP BY sp.rid"""
 
 
+def _method(f: Feature) -> str:
+    """How `compute` answers a feature: "tiled", "top", "prefix" or "window" (see the module docstring)."""
+    if f.agg in ("count", "counts_by_action") and f.window.kind in ("unbounded", "sliding"):
+        return "tiled"
+    if f.agg in ("topk_count", "covisit") and f.window.kind == "sliding":
+        return "top"
+    if f.agg == "last_n" and f.window.kind in ("unbounded", "before_session"):
+        return "prefix"
+    return "window"
+
+
+def _index(con: duckdb.DuckDBPyConnection, f: Feature, src: str) -> None:
+    """What a feature reads that does not depend on the spine, built once per `compute`: its source and
+    its method's index."""
+    _source(con, f, src)
+    index = {"tiled": _tile_counts, "top": _value_counts, "prefix": _ranked}.get(_method(f))
+    if index is not None:
+        index(con, f, src)
+
+
+def _answer(con: duckdb.DuckDBPyConnection, f: Feature, reg: FeatureRegistry, src: str, cand: str) -> str:
+    """The SELECT rid, v of a feature for the spine rows in `sp`."""
+    method = _method(f)
+    if method == "tiled":
+        return _tiled(con, f, reg, src, cand)
+    if method == "top":
+        return _top_sliding(con, f, reg, src, cand)
+    if method == "prefix":
+        _prefix_last_n(con, f, src, cand)
+    else:
+        _candidates(con, f, src, cand)
+    return _aggregate(f, cand)
+
+
 def sessions(
     registry: FeatureRegistry, events: EventsLike, *, con: duckdb.DuckDBPyConnection | None = None
 ) -> duckdb.DuckDBPyRelation:
@@ -390,12 +456,14 @@ def compute(
     spine: pa.Table,
     *,
     con: duckdb.DuckDBPyConnection | None = None,
+    chunk_rows: int = 1_000_000,
 ) -> pa.Table:
     """Point-in-time feature values: the spine's columns plus one column per feature, in spine order.
 
     `events`: an Arrow table, a DuckDB relation or a Parquet path/glob with `EVENT_ARROW_SCHEMA`, holding
     the log from offset 0 (the lateness rule needs every earlier event). `spine`: columns `ts` plus the
-    entity keys the features need (`user_id`, `item_id`), optionally `offset`.
+    entity keys the features need (`user_id`, `item_id`), optionally `offset`. The events are indexed once;
+    the spine is answered `chunk_rows` rows at a time (memory bounded by the chunk, not the spine).
     """
     reg = features if isinstance(features, FeatureRegistry) else FeatureRegistry.of(features)
     missing = {k for f in reg for k in f.keys} - set(spine.column_names)
@@ -404,24 +472,18 @@ def compute(
     con = con or duckdb.connect()
     con.execute("SET preserve_insertion_order = true")
     _prepare(con, _events_sql(con, events), reg)
-    _prepare_spine(con, spine, reg)
-    selects, joins = [], []
     for n, f in enumerate(reg):
-        src, cand = f"src_{n}", f"cand_{n}"
-        _source(con, f, src)
-        if f.agg in ("count", "counts_by_action") and f.window.kind in ("unbounded", "sliding"):
-            result = _tiled(con, f, reg, src, cand)
-        elif f.agg in ("topk_count", "covisit") and f.window.kind == "sliding":
-            result = _top_sliding(con, f, reg, src, cand)
-        elif f.agg == "last_n" and f.window.kind in ("unbounded", "before_session"):
-            _prefix_last_n(con, f, src, cand)
-            result = _aggregate(f, cand)
-        else:
-            _candidates(con, f, src, cand)
-            result = _aggregate(f, cand)
-        con.execute(f"CREATE OR REPLACE TEMP TABLE res_{n} AS {result}")
-        selects.append(f"r{n}.v AS {_q(f.name)}")
-        joins.append(f"LEFT JOIN res_{n} r{n} ON r{n}.rid = s.__rid")
-    return con.sql(
-        f"SELECT s.* EXCLUDE (__rid), {', '.join(selects)} FROM __spine_in s {' '.join(joins)} ORDER BY s.__rid"
-    ).to_arrow_table()
+        _index(con, f, f"src_{n}")
+    selects = ", ".join(f"r{n}.v AS {_q(f.name)}" for n, f in enumerate(reg))
+    joins = " ".join(f"LEFT JOIN res_{n} r{n} ON r{n}.rid = s.__rid" for n in range(len(reg.features)))
+    parts = []
+    for lo in range(0, max(spine.num_rows, 1), chunk_rows):
+        _prepare_spine(con, spine.slice(lo, chunk_rows), reg)
+        for n, f in enumerate(reg):
+            con.execute(f"CREATE OR REPLACE TEMP TABLE res_{n} AS {_answer(con, f, reg, f'src_{n}', f'cand_{n}')}")
+        parts.append(
+            con.sql(
+                f"SELECT s.* EXCLUDE (__rid), {selects} FROM __spine_in s {joins} ORDER BY s.__rid"
+            ).to_arrow_table()
+        )
+    return pa.concat_tables(parts)

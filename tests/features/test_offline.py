@@ -220,3 +220,15 @@ def test_sessions_drop_what_the_online_engine_drops(events: list[Event]) -> None
     accepted = sessions(default_registry(), events_to_arrow(events)).to_arrow_table()
     assert accepted.num_rows == len(events) - engine.too_late
     assert accepted["offset"].to_pylist() == [e.offset for e in _accepted(events, engine.registry.lateness_ms)]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=streams(), chunk_rows=st.integers(1, 8))
+def test_a_spine_answered_in_chunks_equals_it_answered_at_once(events: list[Event], chunk_rows: int) -> None:
+    table = events_to_arrow(events)
+    spine = _spine(
+        [(f"u{n % 3}", f"i{n % 5}", events[n % len(events)].ts + n * MINUTE_MS) for n in range(20)], list(range(20))
+    )
+    whole = compute(default_registry(), table, spine).to_pylist()
+    assert compute(default_registry(), table, spine, chunk_rows=chunk_rows).to_pylist() == whole
+    assert len(whole) == 20
