@@ -20,6 +20,7 @@ uses one). `sessions(registry, events)` gives the accepted events with their ses
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -31,6 +32,13 @@ from insession.schema import ACTIONS
 
 EventsLike = duckdb.DuckDBPyRelation | pa.Table | str | Path
 _SEQ_TYPE = "STRUCT(item_id VARCHAR, action VARCHAR, ts BIGINT, category VARCHAR)[]"
+MEMORY_LIMIT = "8GB"  # per connection of `compute` / `sessions` (the caller's process needs memory too)
+_SPILL = Path(tempfile.gettempdir()) / "insession-duckdb"
+
+
+def connect() -> duckdb.DuckDBPyConnection:
+    """A connection that spills to a temporary directory beyond MEMORY_LIMIT rather than grow further."""
+    return duckdb.connect(config={"memory_limit": MEMORY_LIMIT, "temp_directory": str(_SPILL)})
 
 
 def _q(name: str) -> str:
@@ -49,7 +57,7 @@ def _events_sql(con: duckdb.DuckDBPyConnection, events: EventsLike) -> str:
 
 
 def _prepare(con: duckdb.DuckDBPyConnection, source: str, reg: FeatureRegistry) -> None:
-    """ev: every event with its watermark after arrival; acc: accepted events with session numbers."""
+    """ev: every event's offset and watermark after arrival; acc: accepted events with session numbers."""
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE ev AS
         SELECT "offset" AS off, user_id, item_id, action, ts, session_id, surface, properties, category,
@@ -73,6 +81,7 @@ def _prepare(con: duckdb.DuckDBPyConnection, source: str, reg: FeatureRegistry) 
                 OVER (PARTITION BY user_id ORDER BY off ROWS UNBOUNDED PRECEDING) - 1 AS sess,
             max(ts) OVER (PARTITION BY user_id ORDER BY off ROWS UNBOUNDED PRECEDING) AS user_max
         FROM a""")
+    con.execute("CREATE OR REPLACE TEMP TABLE ev AS SELECT off, wm_after FROM ev")
 
 
 def _prepare_spine(con: duckdb.DuckDBPyConnection, spine: pa.Table, reg: FeatureRegistry) -> None:
@@ -254,10 +263,11 @@ def _value_counts(con: duckdb.DuckDBPyConnection, f: Feature, src: str) -> None:
         SELECT {kc} value, ts, off, count(*) AS n FROM {src} GROUP BY ALL""")
     for order in ("ts", "off"):
         con.execute(f"""CREATE OR REPLACE TEMP TABLE {src}_{order} AS
-            SELECT {kc} value, {order}, sum(n) OVER (PARTITION BY {kc} value ORDER BY {order}) AS cum
+            SELECT {kc} value, {order}, (sum(n) OVER (PARTITION BY {kc} value ORDER BY {order}))::BIGINT AS cum
             FROM (SELECT {kc} value, {order}, sum(n) AS n FROM {src}_n GROUP BY ALL)""")
     con.execute(f"""CREATE OR REPLACE TEMP TABLE {src}_b AS
-        SELECT {kc} value, ts // {_block(f)} AS b, sum(n) AS n FROM {src}_n GROUP BY ALL""")
+        SELECT {kc} value, ts // {_block(f)} AS b, sum(n)::BIGINT AS n FROM {src}_n GROUP BY ALL""")
+    con.execute(f"DROP TABLE {src}_n")
 
 
 def _top_sliding(con: duckdb.DuckDBPyConnection, f: Feature, reg: FeatureRegistry, src: str, cand: str) -> str:
@@ -303,22 +313,22 @@ def _top_sliding(con: duckdb.DuckDBPyConnection, f: Feature, reg: FeatureRegistr
         FROM {cand}_sp s JOIN {cand}_e e USING ({group})""")
     unsettled = f"(SELECT * FROM {cand}_sp WHERE NOT settled)"
     _candidates(con, f, src, f"{cand}_tail", unsettled, ("c0", "least(t, m)", lat + 1))
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {cand}_lo AS
+        SELECT d.*, coalesce(r.cum, 0) AS lo FROM (SELECT DISTINCT {kc} value, s FROM {cand}_pv) d
+        ASOF LEFT JOIN {src}_ts r ON {on("r", "d")}d.s > r.ts""")
     return _top_counts(
         f,
         f"""
-        SELECT rid, value, sum(n) AS n FROM (
-            SELECT p.rid, p.value, -d.n AS n FROM {cand}_pv p
-            JOIN (SELECT d.*, coalesce(r.cum, 0) AS n FROM (SELECT DISTINCT {kc} value, s FROM {cand}_pv) d
-                  ASOF LEFT JOIN {src}_ts r ON {on("r", "d")}d.s > r.ts) d USING ({kc} value, s)
+        SELECT * FROM (
+            SELECT p.rid, p.value, coalesce(q.cum, 0) - d.lo AS n
+            FROM (SELECT * FROM {cand}_pv WHERE settled) p JOIN {cand}_lo d USING ({kc} value, s)
+            ASOF LEFT JOIN {src}_off q ON {on("q", "p")}p.o >= q.off
             UNION ALL
-            SELECT p.rid, p.value, coalesce(q.cum, 0)
-            FROM (SELECT * FROM {cand}_pv WHERE settled) p ASOF LEFT JOIN {src}_off q ON {on("q", "p")}p.o >= q.off
-            UNION ALL
-            SELECT p.rid, p.value, coalesce(r.cum, 0)
-            FROM (SELECT * FROM {cand}_pv WHERE NOT settled) p ASOF LEFT JOIN {src}_ts r ON {on("r", "p")}p.c0 > r.ts
-            UNION ALL
-            SELECT x.rid, x.value, 1 FROM {cand}_tail x SEMI JOIN {cand}_pv p ON p.rid = x.rid AND p.value = x.value)
-        GROUP BY rid, value HAVING sum(n) > 0""",
+            SELECT p.rid, p.value, coalesce(r.cum, 0) - d.lo + coalesce(x.n, 0)
+            FROM (SELECT * FROM {cand}_pv WHERE NOT settled) p JOIN {cand}_lo d USING ({kc} value, s)
+            ASOF LEFT JOIN {src}_ts r ON {on("r", "p")}p.c0 > r.ts
+            LEFT JOIN (SELECT rid, value, count(*) AS n FROM {cand}_tail GROUP BY ALL) x USING (rid, value))
+        WHERE n > 0""",
     )
 
 
@@ -443,7 +453,7 @@ def sessions(
     session number under the session rule: columns `offset, user_id, item_id, action, ts, session_id,
     surface, properties, category, subcategory, sess` (sess: 0, 1, ... per user, in arrival order).
     Materialised on `con` as the temp table `accepted_sessions` (replaced by the next call on `con`)."""
-    con = con or duckdb.connect()
+    con = con or connect()
     _prepare(con, _events_sql(con, events), registry)
     con.execute("""CREATE OR REPLACE TEMP TABLE accepted_sessions AS
         SELECT off AS "offset", * EXCLUDE (off, wm_prev, wm_after, user_max) FROM acc ORDER BY off""")
@@ -469,7 +479,7 @@ def compute(
     missing = {k for f in reg for k in f.keys} - set(spine.column_names)
     if "ts" not in spine.column_names or missing:
         raise ValueError(f"the spine needs columns ts and {sorted(missing)}")
-    con = con or duckdb.connect()
+    con = con or connect()
     con.execute("SET preserve_insertion_order = true")
     _prepare(con, _events_sql(con, events), reg)
     for n, f in enumerate(reg):

@@ -18,6 +18,7 @@ from the same state through the model's `signal_rows`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ import pyarrow.parquet as pq
 from insession.datasets.files import EVENTS_FILE, ITEMS_FILE
 from insession.features import offline
 from insession.features.declare import MINUTE_MS, FeatureRegistry, default_registry
-from insession.model.reranker import COUNTERS, SIGNALS, counter_row, signal_rows
+from insession.model.reranker import COUNTERS, SIGNALS, signal_rows
 from insession.model.vocab import Vocab
 from insession.schema import ACTIONS, EVENT_ARROW_SCHEMA
 from insession.train.examples import Examples
@@ -66,6 +67,7 @@ class TrainingData:
     train_requests: pa.Table  # per training group, in Examples order: user_id, session_id, ts, offset, item_id
     val_requests: pa.Table  # the same per validation group
     item_sequences: tuple[np.ndarray, np.ndarray]  # (item index, session number) of training-period events
+    seconds: dict[str, float]  # wall time of each step of the build, in order
 
 
 def as_history(events: pa.Table, items: pa.Table) -> pa.Table:
@@ -131,7 +133,6 @@ def pair_counters(
     items: pa.Array | pa.ChunkedArray,
     events: Any,
     registry: FeatureRegistry,
-    con: duckdb.DuckDBPyConnection | None = None,
 ) -> pa.Table:
     """The COUNTERS features, point-in-time, for (request g[i], candidate items[i]) pairs."""
     spine = pa.table(
@@ -142,7 +143,7 @@ def pair_counters(
             "offset": requests["offset"].take(g),
         }
     )
-    return offline.compute([registry[n] for n in COUNTERS], events, spine, con=con)
+    return offline.compute([registry[n] for n in COUNTERS], events, spine)
 
 
 def session_covisit(
@@ -164,10 +165,11 @@ def session_covisit(
             "offset": pa.array(np.asarray(offset)[g_rep], pa.int64()),
         }
     )
-    cv = offline.compute([registry["covisit"]], events, spine)["covisit"].to_pylist()
+    offsets, flat = _ragged(offline.compute([registry["covisit"]], events, spine)["covisit"])
+    names, counts, bounds = flat.field("item_id").to_pylist(), flat.field("count").to_pylist(), offsets.tolist()
     out: list[dict[str, dict[str, int]]] = [{} for _ in distinct]
-    for g, item, nbrs in zip(g_rep.tolist(), spine["item_id"].to_pylist(), cv, strict=True):
-        out[g][item] = {n["item_id"]: int(n["count"]) for n in nbrs or []}
+    for r, (g, item) in enumerate(zip(g_rep.tolist(), spine["item_id"].to_pylist(), strict=True)):
+        out[g][item] = dict(zip(names[bounds[r] : bounds[r + 1]], counts[bounds[r] : bounds[r + 1]], strict=True))
     return out
 
 
@@ -286,6 +288,18 @@ def _proposals(con: duckdb.DuckDBPyConnection, props: pa.Table) -> pa.Table:
           AND NOT EXISTS (SELECT 1 FROM cand x WHERE x.g = p.g AND x.item_id = p.item_id)""").to_arrow_table()
 
 
+def counter_matrix(counted: pa.Table) -> np.ndarray:
+    """`counter_row` of every row of a table of COUNTERS features, column by column: [rows, len(COUNTERS)]
+    float32 (a count by action counts every action, a missing value 0)."""
+    out = np.zeros((counted.num_rows, len(COUNTERS)), np.float32)
+    for j, name in enumerate(COUNTERS):
+        col = counted[name].combine_chunks()
+        parts = [col.field(i) for i in range(col.type.num_fields)] if pa.types.is_struct(col.type) else [col]
+        for part in parts:
+            out[:, j] += pc.fill_null(part, 0).to_numpy(zero_copy_only=False)
+    return out
+
+
 def assemble_examples(
     requests: pa.Table,
     state: pa.Table,
@@ -293,12 +307,14 @@ def assemble_examples(
     counters: np.ndarray,
     vocab: Vocab,
     covisit: list[dict[str, dict[str, int]]],
+    chunk: int = 20_000,
 ) -> Examples:
     """The columnar examples of the groups in `requests` (columns g ascending, ts).
 
     state: per request, the `history_seq` and `session_seq` features; cand: (g, item_id, category,
     subcategory, label) sorted by g; counters: per cand row, in COUNTERS order; covisit: per request, the
     `session_covisit` lists. Training, evaluation and (row by row) serving build the model's inputs this way.
+    The per-candidate SIGNALS go through `signal_rows` `chunk` requests at a time (bounded memory).
     """
     parts: dict[str, np.ndarray] = {"request_ts": requests["ts"].to_numpy()}
     for name, prefix in zip(SEQUENCES, ("hist", "sess"), strict=True):
@@ -313,22 +329,47 @@ def assemble_examples(
     parts["cand_items"] = vocab.lookup(cand["item_id"], cand["category"], cand["subcategory"])
     parts["cand_labels"] = cand["label"].to_numpy().astype(np.float32)
     parts["cand_counters"] = counters.astype(np.float32)
-    sessions, histories = state["session_seq"].to_pylist(), state["history_seq"].to_pylist()
-    items, cats = cand["item_id"].to_pylist(), cand["category"].to_pylist()
+    signals = np.zeros((cand.num_rows, len(SIGNALS)), np.float32)
     bounds = parts["cand_offsets"].tolist()
-    signals = [
-        row
-        for r in range(requests.num_rows)
-        for row in signal_rows(
-            items[bounds[r] : bounds[r + 1]],
-            cats[bounds[r] : bounds[r + 1]],
-            sessions[r] or [],
-            histories[r] or [],
-            covisit[r],
-        )
-    ]
-    parts["cand_signals"] = np.array(signals, np.float32).reshape(-1, len(SIGNALS))
+    for lo in range(0, requests.num_rows, chunk):
+        n = min(chunk, requests.num_rows - lo)
+        a, b = bounds[lo], bounds[lo + n]
+        sessions = state["session_seq"].slice(lo, n).to_pylist()
+        histories = state["history_seq"].slice(lo, n).to_pylist()
+        items, cats = cand["item_id"].slice(a, b - a).to_pylist(), cand["category"].slice(a, b - a).to_pylist()
+        rows = [
+            row
+            for r in range(n)
+            for row in signal_rows(
+                items[bounds[lo + r] - a : bounds[lo + r + 1] - a],
+                cats[bounds[lo + r] - a : bounds[lo + r + 1] - a],
+                sessions[r] or [],
+                histories[r] or [],
+                covisit[lo + r],
+            )
+        ]
+        signals[a:b] = np.array(rows, np.float32).reshape(-1, len(SIGNALS))
+    parts["cand_signals"] = signals
     return Examples(**parts)
+
+
+class _Steps:
+    """Wall time per step of the build, in order; `start(step, message)` ends the running step."""
+
+    def __init__(self, progress: bool) -> None:
+        self.seconds: dict[str, float] = {}
+        self.progress = progress
+        self.step, self.t0 = "", time.perf_counter()
+
+    def start(self, step: str, message: str = "") -> None:
+        now = time.perf_counter()
+        if self.step:
+            self.seconds[self.step] = self.seconds.get(self.step, 0.0) + now - self.t0
+            if self.progress:
+                print(f"  ({self.step}: {now - self.t0:.1f} s)", flush=True)
+        self.step, self.t0 = step, now
+        if self.progress and message:
+            print(message, flush=True)
 
 
 def build(
@@ -344,15 +385,13 @@ def build(
     the stage proposed are kept (see the module docstring)."""
     cfg = cfg or BuildConfig()
     registry = registry or default_registry()
-    say = print if progress else (lambda *_: None)
-    con = duckdb.connect()
+    steps = _Steps(progress)
+    con = offline.connect()
     requests = _requests(events)
     if requests.num_rows == 0:
         raise ValueError("the history holds no add_to_cart event: nothing to learn from")
-    say(f"point-in-time sequences for {requests.num_rows:,} add-to-carts ...")
-    user_feats = offline.compute(
-        [registry[n] for n in SEQUENCES], events, requests.select(["user_id", "ts", "offset"]), con=con
-    )
+    steps.start("sequences", f"point-in-time sequences for {requests.num_rows:,} add-to-carts ...")
+    user_feats = offline.compute([registry[n] for n in SEQUENCES], events, requests.select(["user_id", "ts", "offset"]))
     _engine_sessions(con, registry, events)
     requests = requests.append_column("g", pa.array(np.arange(requests.num_rows), pa.int64()))
     con.register("requests", requests)
@@ -365,13 +404,13 @@ def build(
                                WHERE ts < {split_ts} ORDER BY off""").to_arrow_table()
     vocab = Vocab.build(train_events["item_id"], train_events["category"], train_events["subcategory"])
 
-    say("candidates: positives and in-session hard negatives ...")
+    steps.start("hard negatives", "candidates: positives and in-session hard negatives ...")
     cand = _candidates(con, cfg)
     train_groups, val_groups = keep[~is_val[keep]], keep[is_val[keep]]
     if len(val_groups) > cfg.max_val_groups:
         val_groups = np.sort(np.random.default_rng(cfg.seed).choice(val_groups, cfg.max_val_groups, replace=False))
     if proposer is not None:
-        say("candidates: the candidate stage's proposals at each request ...")
+        steps.start("candidate stage", "candidates: the candidate stage's proposals at each request ...")
         props = proposer(requests.take(np.concatenate([train_groups, val_groups])))
         con.register("cand", cand)
         served = _proposals(con, props)
@@ -395,13 +434,12 @@ def build(
             [("g", "ascending"), ("dist", "ascending"), ("item_id", "ascending")]
         )
 
-    say(f"point-in-time counters for {cand.num_rows:,} (request, candidate) pairs ...")
+    steps.start("counters", f"point-in-time counters for {cand.num_rows:,} (request, candidate) pairs ...")
     g = cand["g"].to_numpy()
-    counted = pair_counters(requests, g, cand["item_id"], events, registry, con=con)
-    counters = np.array([counter_row(r) for r in counted.select(list(COUNTERS)).to_pylist()], np.float32)
-    counters = counters.reshape(-1, len(COUNTERS))
+    counted = pair_counters(requests, g, cand["item_id"], events, registry)
+    counters = counter_matrix(counted)
 
-    say("co-visitation of the session items ...")
+    steps.start("co-visitation", "co-visitation of the session items ...")
     groups_all = np.concatenate([train_groups, val_groups])
     covisit_all = session_covisit(
         events,
@@ -430,9 +468,12 @@ def build(
     meta = con.sql("""
         SELECT e.user_id, e.session_id, e.ts, e.off AS "offset", e.item_id
         FROM requests r JOIN sess_events e ON e.off = r.atc_offset ORDER BY r.g""").to_arrow_table()
+    steps.start("examples", f"examples: {len(train_groups):,} training and {len(val_groups):,} validation groups ...")
+    train, val = part(train_groups), part(val_groups)
+    steps.start("")
     return TrainingData(
-        train=part(train_groups),
-        val=part(val_groups),
+        train=train,
+        val=val,
         vocab=vocab,
         feature_hash=registry.hash(),
         split_ts=split_ts,
@@ -442,4 +483,5 @@ def build(
             vocab.lookup(seq["item_id"], seq["category"], seq["subcategory"]),
             seq["s"].to_numpy(),
         ),
+        seconds=steps.seconds,
     )

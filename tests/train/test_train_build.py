@@ -11,8 +11,9 @@ import pytest
 from train_shop import MINUTE, make_shop
 
 from insession.features.declare import default_registry
+from insession.model.reranker import COUNTERS, counter_row
 from insession.schema import ACTIONS
-from insession.train.build import BuildConfig, TrainingData, build
+from insession.train.build import BuildConfig, TrainingData, build, counter_matrix
 
 WINDOW = 5 * MINUTE
 
@@ -114,6 +115,24 @@ def test_counters_equal_a_brute_force_count_before_the_request(shop: pa.Table, d
                     sum(e["item_id"] == item and e["ts"] >= lo2 for e in seen),
                 ]
                 assert counters == expected, (r, item)
+
+
+def test_counter_matrix_is_counter_row_of_every_row() -> None:
+    by_action = pa.struct([(a, pa.int64()) for a in ACTIONS])
+    rows = [
+        {"user_item_count_28d": dict.fromkeys(ACTIONS, 2), "item_count_28d": None, "item_trending_2h": 7},
+        {
+            "user_item_count_28d": None,
+            "item_count_28d": {**dict.fromkeys(ACTIONS, 0), "view": 5},
+            "item_trending_2h": None,
+        },
+    ]
+    schema = pa.schema(
+        [("user_item_count_28d", by_action), ("item_count_28d", by_action), ("item_trending_2h", pa.int64())]
+    )
+    table = pa.Table.from_pylist(rows, schema)
+    assert counter_matrix(table).tolist() == [counter_row(r) for r in rows]
+    assert counter_matrix(table).shape == (2, len(COUNTERS))
 
 
 def item_ids(data: TrainingData, idx: np.ndarray) -> list[str]:
