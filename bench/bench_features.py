@@ -8,7 +8,6 @@ import gc
 import os
 import sys
 import time
-import tracemalloc
 from collections.abc import Iterator
 
 import duckdb
@@ -18,7 +17,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from bench.common import percentiles_ms, table
-from insession.features import FeatureEngine, FeatureRegistry, default_registry, offline
+from insession.features import FeatureEngine, default_registry, offline
 from insession.log.export import events_to_arrow
 from insession.schema import ACTIONS, Event
 
@@ -74,50 +73,53 @@ def _throughput(n_users: int, per_user: int) -> tuple[float, float, int, Feature
     return total / wall, total / cpu, total, engine
 
 
-def _user_bytes(engine: FeatureEngine) -> int:
-    """Bytes of the per-user part that every registry has (so the difference of two engines cancels it):
-    the session rule's state per user, and the interned user ids with their share of the interner."""
-    sessions = engine._stream.sessions.state
-    names = engine._names
-    users = [n for n in names.names if n.startswith("u")]
-    share = (sys.getsizeof(names.ids) + sys.getsizeof(names.names)) * len(users) / max(len(names.names), 1)
-    return int(
-        sys.getsizeof(sessions)
-        + sum(sys.getsizeof(st) for st in sessions.values())
-        + sum(sys.getsizeof(u) for u in users)
-        + share
-    )
+def _deep_size(obj: object, seen: set[int]) -> int:
+    """Bytes of `obj` and everything it holds (dicts, lists, tuples, sets), each object counted once
+    across calls sharing `seen` (an int shared by two structures belongs to the first one measured)."""
+    total, stack = 0, [obj]
+    while stack:
+        o = stack.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        total += sys.getsizeof(o)
+        if isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, list | tuple | set | frozenset):
+            stack.extend(o)
+    return total
 
 
-def _traced_bytes(registry: FeatureRegistry, n_users: int, per_user: int) -> tuple[int, int, int]:
-    """(bytes the engine holds after the stream, bytes of covisit's per-user part when declared, bytes of
-    the sessions and user ids)."""
+def _memory(n_users: int, per_user: int) -> tuple[float, int, list[list[object]]]:
+    """(bytes per user, bytes of shared state, per-part rows) after streaming n_users x per_user events:
+    every object the engine holds, measured with sys.getsizeof and counted once. Per user: the state of
+    the user and (user, item) features, covisit's last few events per user, the session rule's state and
+    the interned user ids; shared: item and global features and the other interned names."""
+    engine = FeatureEngine(default_registry())
+    with tqdm(total=n_users * per_user, desc="memory run", unit="ev", leave=False) as bar:
+        for chunk in synthetic_events(n_users, per_user, seed=11):
+            engine.update_many(chunk)
+            bar.update(len(chunk))
+            del chunk
     gc.collect()
-    tracemalloc.start()
-    base = tracemalloc.get_traced_memory()[0]
-    engine = FeatureEngine(registry)
-    for chunk in synthetic_events(n_users, per_user, seed=11):
-        engine.update_many(chunk)
-        del chunk
-    gc.collect()
-    used = tracemalloc.get_traced_memory()[0] - base
-    tracemalloc.stop()
-    recent: dict[int, bytearray] = getattr(engine._stream.aggs.get("covisit"), "recent", {})
-    recent_bytes = sys.getsizeof(recent) + sum(sys.getsizeof(b) for b in recent.values()) if recent else 0
-    return used, recent_bytes, _user_bytes(engine)
-
-
-def _memory(n_users: int, per_user: int) -> tuple[float, int]:
-    """(bytes per user, bytes of shared state): an engine with every feature minus one with only the
-    item and global features, whose state is bounded by the catalogue and the tiles, not by the users;
-    the per-user parts the second engine also holds (covisit's last few events per user, the session
-    rule's state and the user ids) are added back to the per-user figure."""
-    reg = default_registry()
-    total, _, _ = _traced_bytes(reg, n_users, per_user)
-    shared, recent, users = _traced_bytes(
-        FeatureRegistry.of(f for f in reg if f.entity in ("item", "global")), n_users, per_user
-    )
-    return (total - shared + recent + users) / n_users, shared - recent - users
+    stream, names, seen = engine._stream, engine._names, set()
+    parts: dict[str, int] = {}
+    for f in engine.registry:  # user-keyed first, so the ints they share with shared state count as theirs
+        if f.entity in ("user", "user_item"):
+            agg = stream.aggs[f.name]
+            parts[f.name] = _deep_size(getattr(agg, "inner", agg).state, seen)
+    parts["covisit: each user's last events"] = _deep_size(getattr(stream.aggs["covisit"], "recent", {}), seen)
+    parts["session rule"] = _deep_size(stream.sessions.state, seen)
+    users = [i for i, n in enumerate(names.names) if n.startswith("u")]
+    share = (sys.getsizeof(names.ids) + sys.getsizeof(names.names)) * len(users) / len(names.names)
+    parts["interned user ids"] = int(share) + sum(_deep_size(names.names[i], seen) for i in users)
+    per_user_bytes = sum(parts.values())
+    shared = sum(_deep_size(a.state, seen) + _deep_size(getattr(a, "totals", None), seen)
+                 for f in engine.registry if f.entity in ("item", "global") for a in [stream.aggs[f.name]])
+    shared += _deep_size(names.names, seen) + _deep_size(names.ids, seen) - int(share)
+    rows: list[list[object]] = [[part, f"{b / n_users:,.0f}"] for part, b in parts.items()]
+    return per_user_bytes / n_users, shared, rows
 
 
 def _top_categories_latency(n_events: int, reads: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -237,7 +239,7 @@ def _offline_counters(n_users: int, per_user: int, requests: int, baseline_reque
 def run(quick: bool) -> str:
     """The markdown section for docs/benchmarks.md."""
     tp_users, tp_per_user = (10_000, 10) if quick else (200_000, 20)
-    # The issue's reference is 1,000,000 users; tracemalloc makes that ~40 min here, so BENCH_MEM_USERS can
+    # The issue's reference is 1,000,000 users (about 5 min here); BENCH_MEM_USERS can
     # lower it (per-user state does not depend on how many other users there are; the table says what ran).
     mem_users, mem_per_user = (10_000, 20) if quick else (int(os.environ.get("BENCH_MEM_USERS", 1_000_000)), 20)
     hist_events, reads = (200_000, 300) if quick else (10_000_000, 2_000)
@@ -249,7 +251,7 @@ def run(quick: bool) -> str:
     del engine
     print(f"  {rate_cpu:,.0f} events per CPU-second ({rate_wall:,.0f} per wall-clock second)")
     print(f"memory: {mem_users:,} users x {mem_per_user} events ...")
-    per_user, shared = _memory(mem_users, mem_per_user)
+    per_user, shared, mem_rows = _memory(mem_users, mem_per_user)
     print(f"  {per_user:,.0f} bytes per user, {shared / 2**20:,.1f} MiB shared item/global state")
     print(f"top_categories_15d: online state vs DuckDB over {hist_events:,} raw events ...")
     on, dd = _top_categories_latency(hist_events, reads)
@@ -265,8 +267,8 @@ def run(quick: bool) -> str:
         ["events/s by the wall clock (machine shared with other work)", f"{rate_wall:,.0f}", ""],
         ["events applied / too late (dropped)", f"{total:,} / {too_late:,}", ""],
         [
-            f"memory per active user ({mem_users:,} users x {mem_per_user} events, tracemalloc; with sessions "
-            "and user ids)",
+            f"memory per active user ({mem_users:,} users x {mem_per_user} events; every object the engine "
+            "holds, by sys.getsizeof, counted once)",
             f"{per_user:,.0f} B",
             "< 2,048 B at 1,000,000 users",
         ],
@@ -284,6 +286,10 @@ def run(quick: bool) -> str:
         f" traffic in 2017 event time, 2% of events up to 4 min late.{scale if quick else ''}",
         "",
         table(["measure", "value", "target"], rows),
+        "",
+        f"Per-user memory by part ({mem_users:,} users x {mem_per_user} events):",
+        "",
+        table(["part", "bytes per user"], mem_rows),
         "",
         f"`top_categories_15d` for one user ({reads:,} random users): the online state vs the same answer"
         f" computed on demand by DuckDB (in-memory table) over {hist_events:,} raw events; answers checked equal.",
