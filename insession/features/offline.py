@@ -256,17 +256,21 @@ def _block(f: Feature) -> int:
 
 
 def _value_counts(con: duckdb.DuckDBPyConnection, f: Feature, src: str) -> None:
-    """`_top_sliding`'s index: running counts per (key, value) in time order and in arrival order, and
-    counts per (key, value, block)."""
+    """`_top_sliding`'s index: an integer id per (key, value) (`{src}_ids`: pid, and vr, the value's rank by
+    name), running counts per pid in time order and in arrival order, and counts per (key, pid, block)."""
     kc = "".join(k + ", " for k in _value_keys(f))
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {src}_ids AS
+        SELECT {kc} value, row_number() OVER () AS pid, dense_rank() OVER (ORDER BY value) AS vr
+        FROM (SELECT DISTINCT {kc} value FROM {src})""")
     con.execute(f"""CREATE OR REPLACE TEMP TABLE {src}_n AS
-        SELECT {kc} value, ts, off, count(*) AS n FROM {src} GROUP BY ALL""")
+        SELECT i.pid, x.ts, x.off, count(*) AS n FROM {src} x JOIN {src}_ids i USING ({kc} value) GROUP BY ALL""")
     for order in ("ts", "off"):
         con.execute(f"""CREATE OR REPLACE TEMP TABLE {src}_{order} AS
-            SELECT {kc} value, {order}, (sum(n) OVER (PARTITION BY {kc} value ORDER BY {order}))::BIGINT AS cum
-            FROM (SELECT {kc} value, {order}, sum(n) AS n FROM {src}_n GROUP BY ALL)""")
+            SELECT pid, {order}, (sum(n) OVER (PARTITION BY pid ORDER BY {order}))::BIGINT AS cum
+            FROM (SELECT pid, {order}, sum(n) AS n FROM {src}_n GROUP BY ALL)""")
     con.execute(f"""CREATE OR REPLACE TEMP TABLE {src}_b AS
-        SELECT {kc} value, ts // {_block(f)} AS b, sum(n)::BIGINT AS n FROM {src}_n GROUP BY ALL""")
+        SELECT {kc} i.pid, x.b, x.n FROM {src}_ids i
+        JOIN (SELECT pid, ts // {_block(f)} AS b, sum(n)::BIGINT AS n FROM {src}_n GROUP BY ALL) x USING (pid)""")
     con.execute(f"DROP TABLE {src}_n")
 
 
@@ -288,9 +292,6 @@ def _top_sliding(con: duckdb.DuckDBPyConnection, f: Feature, reg: FeatureRegistr
     kc = "".join(k + ", " for k in keys)
     lat, block = reg.lateness_ms, _block(f)
 
-    def on(a: str, b: str, cols: tuple[str, ...] = (*keys, "value")) -> str:
-        return "".join(f"{a}.{c} = {b}.{c} AND " for c in cols)
-
     con.execute(f"""CREATE OR REPLACE TEMP TABLE {cand}_sp AS
         SELECT *, (s + {block - 1}) // {block} AS bl_lo, c0 // {block} AS bl_hi, s // {block} AS bu_lo,
                (least(t, m) + {block}) // {block} AS bu_hi
@@ -300,35 +301,38 @@ def _top_sliding(con: duckdb.DuckDBPyConnection, f: Feature, reg: FeatureRegistr
     group = f"{kc}bl_lo, bl_hi, bu_lo, bu_hi"
     con.execute(f"""CREATE OR REPLACE TEMP TABLE {cand}_e AS
         WITH c AS (
-            SELECT gr.*, x.value, sum(x.n) AS up,
+            SELECT gr.*, x.pid, sum(x.n) AS up,
                    coalesce(sum(x.n) FILTER (WHERE x.b >= gr.bl_lo AND x.b < gr.bl_hi), 0) AS low
             FROM (SELECT DISTINCT {group} FROM {cand}_sp) gr
-            JOIN {src}_b x ON {on("x", "gr", keys)}x.b >= gr.bu_lo AND x.b < gr.bu_hi
+            JOIN {src}_b x ON {"".join(f"x.{k} = gr.{k} AND " for k in keys)}x.b >= gr.bu_lo AND x.b < gr.bu_hi
             GROUP BY ALL)
-        SELECT {group}, value FROM c
+        SELECT {group}, pid FROM c
         QUALIFY up >= coalesce(nth_value(low, {f.k}) OVER (PARTITION BY {group} ORDER BY low DESC
                                 ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING), 0)""")
     con.execute(f"""CREATE OR REPLACE TEMP TABLE {cand}_pv AS
-        SELECT s.rid, {"".join(f"s.{k}, " for k in keys)}e.value, s.s, s.c0, s.o, s.settled
-        FROM {cand}_sp s JOIN {cand}_e e USING ({group})""")
+        SELECT s.rid, e.pid, s.s, s.c0, s.o, s.settled FROM {cand}_sp s JOIN {cand}_e e USING ({group})""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {cand}_lo AS
+        SELECT d.*, coalesce(r.cum, 0) AS lo FROM (SELECT DISTINCT pid, s FROM {cand}_pv) d
+        ASOF LEFT JOIN {src}_ts r ON r.pid = d.pid AND d.s > r.ts""")
     unsettled = f"(SELECT * FROM {cand}_sp WHERE NOT settled)"
     _candidates(con, f, src, f"{cand}_tail", unsettled, ("c0", "least(t, m)", lat + 1))
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE {cand}_lo AS
-        SELECT d.*, coalesce(r.cum, 0) AS lo FROM (SELECT DISTINCT {kc} value, s FROM {cand}_pv) d
-        ASOF LEFT JOIN {src}_ts r ON {on("r", "d")}d.s > r.ts""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {cand}_n AS
+        SELECT * FROM (
+            SELECT p.rid, p.pid, coalesce(q.cum, 0) - d.lo AS n
+            FROM (SELECT * FROM {cand}_pv WHERE settled) p JOIN {cand}_lo d USING (pid, s)
+            ASOF LEFT JOIN {src}_off q ON q.pid = p.pid AND p.o >= q.off
+            UNION ALL
+            SELECT p.rid, p.pid, coalesce(r.cum, 0) - d.lo + coalesce(x.n, 0)
+            FROM (SELECT * FROM {cand}_pv WHERE NOT settled) p JOIN {cand}_lo d USING (pid, s)
+            ASOF LEFT JOIN {src}_ts r ON r.pid = p.pid AND p.c0 > r.ts
+            LEFT JOIN (SELECT x.rid, i.pid, count(*) AS n FROM {cand}_tail x JOIN {cand}_sp s USING (rid)
+                       JOIN {src}_ids i ON {"".join(f"i.{k} = s.{k} AND " for k in keys)}i.value = x.value
+                       GROUP BY ALL) x USING (rid, pid))
+        WHERE n > 0""")
     return _top_counts(
         f,
-        f"""
-        SELECT * FROM (
-            SELECT p.rid, p.value, coalesce(q.cum, 0) - d.lo AS n
-            FROM (SELECT * FROM {cand}_pv WHERE settled) p JOIN {cand}_lo d USING ({kc} value, s)
-            ASOF LEFT JOIN {src}_off q ON {on("q", "p")}p.o >= q.off
-            UNION ALL
-            SELECT p.rid, p.value, coalesce(r.cum, 0) - d.lo + coalesce(x.n, 0)
-            FROM (SELECT * FROM {cand}_pv WHERE NOT settled) p JOIN {cand}_lo d USING ({kc} value, s)
-            ASOF LEFT JOIN {src}_ts r ON {on("r", "p")}p.c0 > r.ts
-            LEFT JOIN (SELECT rid, value, count(*) AS n FROM {cand}_tail GROUP BY ALL) x USING (rid, value))
-        WHERE n > 0""",
+        f"""SELECT c.rid, i.value, c.n FROM {cand}_n c JOIN {src}_ids i USING (pid)
+            QUALIFY row_number() OVER (PARTITION BY c.rid ORDER BY c.n DESC, i.vr) <= {f.k}""",
     )
 
 
