@@ -34,8 +34,12 @@ def main() -> None:
         print(section, flush=True)
         mode = "QUICK smoke sizes, not reference numbers" if args.quick else "full size"
         took = time.perf_counter() - t0
+        loadavg = Path("/proc/loadavg")
+        load = " / ".join(loadavg.read_text().split()[:3]) if loadavg.exists() else "n/a"
         footer = (f"\n\n_Measured {stamp()} on {machine()}; `python -m bench.run"
-                  f"{' --quick' if args.quick else ''} --only {name}` ({mode}); took {took:.0f} s._\n")
+                  f"{' --quick' if args.quick else ''} --only {name}` ({mode}); took {took:.0f} s; load average "
+                  f"(1 / 5 / 15 min) at the end: {load} (the benchmark itself counts: above ~1-2, other work "
+                  "shared the 2 cores)._\n")
         (DOCS / "bench" / f"{name}.md").write_text(section.rstrip() + footer)
     join()
 
