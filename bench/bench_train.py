@@ -160,7 +160,9 @@ def run(quick: bool) -> str:
             "candidate stage replayed at each add-to-cart (only add-to-carts it proposed are kept). `build s` "
             "is the training-data build (the replay included), `examples/s` counts example groups (one "
             "add-to-cart with its candidates) per second of training. Intent AUC: P(a validation candidate "
-            "of the session's intended category outscores one of another category), 0.5 = chance.",
+            "of the session's intended category outscores one of another category), 0.5 = chance. Up to "
+            f"{epochs} epochs with early stopping (patience 2); the synthetic shop: {synthetic_epochs} "
+            f"(`BENCH_SYNTHETIC_EPOCHS`), ~{synthetic_events:,} events asked (`BENCH_SYNTHETIC_EVENTS`).",
             table(heads, rows),
             "### Training-data build, step by step (seconds)",
             "`candidate stage` replays the serving candidate stage at every request (its point-in-time state, "

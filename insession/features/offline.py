@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import duckdb
@@ -32,7 +32,7 @@ from insession.schema import ACTIONS
 
 EventsLike = duckdb.DuckDBPyRelation | pa.Table | str | Path
 _SEQ_TYPE = "STRUCT(item_id VARCHAR, action VARCHAR, ts BIGINT, category VARCHAR)[]"
-MEMORY_LIMIT = "8GB"  # per connection of `compute` / `sessions` (the caller's process needs memory too)
+MEMORY_LIMIT = "6GB"  # per connection of `compute` / `sessions` (the caller's process needs memory too)
 _SPILL = Path(tempfile.gettempdir()) / "insession-duckdb"
 
 
@@ -464,6 +464,36 @@ def sessions(
     return con.table("accepted_sessions")
 
 
+def compute_chunks(
+    features: FeatureRegistry | Iterable[Feature],
+    events: EventsLike,
+    spine: pa.Table,
+    *,
+    con: duckdb.DuckDBPyConnection | None = None,
+    chunk_rows: int = 1_000_000,
+) -> Iterator[pa.Table]:
+    """`compute`, one table per `chunk_rows` spine rows (at least one), each yielded as soon as it is
+    answered: a caller that reduces each chunk holds one chunk of feature values at a time."""
+    reg = features if isinstance(features, FeatureRegistry) else FeatureRegistry.of(features)
+    missing = {k for f in reg for k in f.keys} - set(spine.column_names)
+    if "ts" not in spine.column_names or missing:
+        raise ValueError(f"the spine needs columns ts and {sorted(missing)}")
+    con = con or connect()
+    con.execute("SET preserve_insertion_order = true")
+    _prepare(con, _events_sql(con, events), reg)
+    for n, f in enumerate(reg):
+        _index(con, f, f"src_{n}")
+    selects = ", ".join(f"r{n}.v AS {_q(f.name)}" for n, f in enumerate(reg))
+    joins = " ".join(f"LEFT JOIN res_{n} r{n} ON r{n}.rid = s.__rid" for n in range(len(reg.features)))
+    for lo in range(0, max(spine.num_rows, 1), chunk_rows):
+        _prepare_spine(con, spine.slice(lo, chunk_rows), reg)
+        for n, f in enumerate(reg):
+            con.execute(f"CREATE OR REPLACE TEMP TABLE res_{n} AS {_answer(con, f, reg, f'src_{n}', f'cand_{n}')}")
+        yield con.sql(
+            f"SELECT s.* EXCLUDE (__rid), {selects} FROM __spine_in s {joins} ORDER BY s.__rid"
+        ).to_arrow_table()
+
+
 def compute(
     features: FeatureRegistry | Iterable[Feature],
     events: EventsLike,
@@ -479,25 +509,4 @@ def compute(
     entity keys the features need (`user_id`, `item_id`), optionally `offset`. The events are indexed once;
     the spine is answered `chunk_rows` rows at a time (memory bounded by the chunk, not the spine).
     """
-    reg = features if isinstance(features, FeatureRegistry) else FeatureRegistry.of(features)
-    missing = {k for f in reg for k in f.keys} - set(spine.column_names)
-    if "ts" not in spine.column_names or missing:
-        raise ValueError(f"the spine needs columns ts and {sorted(missing)}")
-    con = con or connect()
-    con.execute("SET preserve_insertion_order = true")
-    _prepare(con, _events_sql(con, events), reg)
-    for n, f in enumerate(reg):
-        _index(con, f, f"src_{n}")
-    selects = ", ".join(f"r{n}.v AS {_q(f.name)}" for n, f in enumerate(reg))
-    joins = " ".join(f"LEFT JOIN res_{n} r{n} ON r{n}.rid = s.__rid" for n in range(len(reg.features)))
-    parts = []
-    for lo in range(0, max(spine.num_rows, 1), chunk_rows):
-        _prepare_spine(con, spine.slice(lo, chunk_rows), reg)
-        for n, f in enumerate(reg):
-            con.execute(f"CREATE OR REPLACE TEMP TABLE res_{n} AS {_answer(con, f, reg, f'src_{n}', f'cand_{n}')}")
-        parts.append(
-            con.sql(
-                f"SELECT s.* EXCLUDE (__rid), {selects} FROM __spine_in s {joins} ORDER BY s.__rid"
-            ).to_arrow_table()
-        )
-    return pa.concat_tables(parts)
+    return pa.concat_tables(list(compute_chunks(features, events, spine, con=con, chunk_rows=chunk_rows)))

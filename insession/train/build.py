@@ -127,6 +127,18 @@ def _engine_sessions(con: duckdb.DuckDBPyConnection, registry: FeatureRegistry, 
         FROM accepted_sessions""")
 
 
+def _pair_spine(requests: pa.Table, g: np.ndarray, items: pa.Array | pa.ChunkedArray) -> pa.Table:
+    """The spine of (request g[i], candidate items[i]) pairs: the request's user, ts and offset."""
+    return pa.table(
+        {
+            "user_id": requests["user_id"].take(g),
+            "item_id": items,
+            "ts": requests["ts"].take(g),
+            "offset": requests["offset"].take(g),
+        }
+    )
+
+
 def pair_counters(
     requests: pa.Table,
     g: np.ndarray,
@@ -135,15 +147,7 @@ def pair_counters(
     registry: FeatureRegistry,
 ) -> pa.Table:
     """The COUNTERS features, point-in-time, for (request g[i], candidate items[i]) pairs."""
-    spine = pa.table(
-        {
-            "user_id": requests["user_id"].take(g),
-            "item_id": items,
-            "ts": requests["ts"].take(g),
-            "offset": requests["offset"].take(g),
-        }
-    )
-    return offline.compute([registry[n] for n in COUNTERS], events, spine)
+    return offline.compute([registry[n] for n in COUNTERS], events, _pair_spine(requests, g, items))
 
 
 def session_covisit(
@@ -436,8 +440,9 @@ def build(
 
     steps.start("counters", f"point-in-time counters for {cand.num_rows:,} (request, candidate) pairs ...")
     g = cand["g"].to_numpy()
-    counted = pair_counters(requests, g, cand["item_id"], events, registry)
-    counters = counter_matrix(counted)
+    spine = _pair_spine(requests, g, cand["item_id"])  # one chunk of feature values at a time (28M rows at 5M events)
+    counted = offline.compute_chunks([registry[n] for n in COUNTERS], events, spine)
+    counters = np.concatenate([counter_matrix(chunk) for chunk in counted])
 
     steps.start("co-visitation", "co-visitation of the session items ...")
     groups_all = np.concatenate([train_groups, val_groups])
