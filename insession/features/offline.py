@@ -32,7 +32,7 @@ from insession.schema import ACTIONS
 
 EventsLike = duckdb.DuckDBPyRelation | pa.Table | str | Path
 _SEQ_TYPE = "STRUCT(item_id VARCHAR, action VARCHAR, ts BIGINT, category VARCHAR)[]"
-MEMORY_LIMIT = "6GB"  # per connection of `compute` / `sessions` (the caller's process needs memory too)
+MEMORY_LIMIT = "4GB"  # per connection of `compute` / `sessions` (the caller's process needs memory too)
 _SPILL = Path(tempfile.gettempdir()) / "insession-duckdb"
 
 

@@ -150,6 +150,15 @@ def pair_counters(
     return offline.compute([registry[n] for n in COUNTERS], events, _pair_spine(requests, g, items))
 
 
+def _counter_matrix(
+    requests: pa.Table, g: np.ndarray, items: pa.ChunkedArray, events: Any, registry: FeatureRegistry
+) -> np.ndarray:
+    """`counter_matrix(pair_counters(...))`, one chunk of feature values at a time (the trainer's pairs are
+    ~28M rows at 5M events)."""
+    counted = offline.compute_chunks([registry[n] for n in COUNTERS], events, _pair_spine(requests, g, items))
+    return np.concatenate([counter_matrix(chunk) for chunk in counted])
+
+
 def session_covisit(
     events: pa.Table,
     sessions: list[list[dict[str, Any]]],
@@ -440,9 +449,7 @@ def build(
 
     steps.start("counters", f"point-in-time counters for {cand.num_rows:,} (request, candidate) pairs ...")
     g = cand["g"].to_numpy()
-    spine = _pair_spine(requests, g, cand["item_id"])  # one chunk of feature values at a time (28M rows at 5M events)
-    counted = offline.compute_chunks([registry[n] for n in COUNTERS], events, spine)
-    counters = np.concatenate([counter_matrix(chunk) for chunk in counted])
+    counters = _counter_matrix(requests, g, cand["item_id"], events, registry)
 
     steps.start("co-visitation", "co-visitation of the session items ...")
     groups_all = np.concatenate([train_groups, val_groups])
