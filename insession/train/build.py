@@ -178,11 +178,16 @@ def session_covisit(
             "offset": pa.array(np.asarray(offset)[g_rep], pa.int64()),
         }
     )
-    offsets, flat = _ragged(offline.compute([registry["covisit"]], events, spine)["covisit"])
-    names, counts, bounds = flat.field("item_id").to_pylist(), flat.field("count").to_pylist(), offsets.tolist()
     out: list[dict[str, dict[str, int]]] = [{} for _ in distinct]
-    for r, (g, item) in enumerate(zip(g_rep.tolist(), spine["item_id"].to_pylist(), strict=True)):
-        out[g][item] = dict(zip(names[bounds[r] : bounds[r + 1]], counts[bounds[r] : bounds[r + 1]], strict=True))
+    rows = zip(g_rep.tolist(), spine["item_id"].to_pylist(), strict=True)
+    for chunk in offline.compute_chunks([registry["covisit"]], events, spine):  # a chunk's lists at a time
+        offsets, flat = _ragged(chunk["covisit"])
+        codes = flat.field("item_id").dictionary_encode()  # one str object per distinct neighbour
+        vocab = codes.dictionary.to_pylist()
+        names = [vocab[i] for i in codes.indices.to_numpy(zero_copy_only=False).tolist()]
+        counts, bounds = flat.field("count").to_pylist(), offsets.tolist()
+        for r, (g, item) in zip(range(chunk.num_rows), rows, strict=False):
+            out[g][item] = dict(zip(names[bounds[r] : bounds[r + 1]], counts[bounds[r] : bounds[r + 1]], strict=True))
     return out
 
 
