@@ -80,10 +80,6 @@ class _Stream:
             if sub:
                 agg.add_batch(sub)
 
-    def sweep(self) -> None:
-        for agg in self.aggs.values():
-            agg.sweep(self.watermark, self.lateness_ms)
-
 
 class FeatureEngine:
     """Online state of every declared feature; one writer (`update_many`), many concurrent readers.

@@ -268,7 +268,7 @@ def test_memory_per_key_is_bounded() -> None:
     assert len(aggs["item_trending_2h"].state[item]) <= (2 * 60 + 1) * 12
     assert len(aggs["user_item_count_28d"].state[e._names.get("u")]) <= (28 * 24 + 1) * len(ACTIONS) * 12
     e.update_many([ev(len(day_events), "v", "b", T + 100 * DAY_MS)])
-    e._stream.sweep()  # what snapshot() runs: keys with nothing left in their window go
+    e.sweep()  # what snapshot() runs first: keys with nothing left in their window go
     assert item not in aggs["item_count_28d"].state and item not in aggs["item_trending_2h"].state
 
 
@@ -326,9 +326,9 @@ def test_a_failed_snapshot_raises_and_keeps_the_last_one(tmp_path: Path) -> None
 def test_chunked_sweep_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     evs = [ev(n, f"u{n % 13}", f"i{n % 17}", T + n * 7 * MINUTE_MS, ACTIONS[n % 4]) for n in range(3000)]
     chunked, whole = engine_with(evs), engine_with(evs)
+    whole.sweep()  # the default chunk holds every key of this engine: one pass
     monkeypatch.setattr(engine_module, "SWEEP_CHUNK", 3)
     chunked.sweep()
-    whole._stream.sweep()
     for name, agg in whole._stream.aggs.items():
         assert chunked._stream.aggs[name].swept_keys() == agg.swept_keys(), name
     assert _all_reads(chunked, chunked.registry) == _all_reads(engine_with(evs), chunked.registry)
