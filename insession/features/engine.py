@@ -25,15 +25,6 @@ REPLAY_CHUNK = 10_000  # events per batch when a new feature is backfilled from 
 _SNAPSHOT_VERSION = 4  # 4: packed sessions, scalar session counters, compact records
 
 
-def _write_snapshot(path: Path, body: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("wb") as f:
-        pickle.dump(body, f, protocol=pickle.HIGHEST_PROTOCOL)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class _Stream:
     """Watermark, lateness and sessions for one pass over the log, feeding a set of aggregations."""
 
@@ -132,40 +123,32 @@ class FeatureEngine:
                     agg.sweep(self._stream.watermark, self._stream.lateness_ms, keys[start : start + SWEEP_CHUNK])
 
     def snapshot(self) -> None:
-        """Sweep, then write the whole state atomically (temporary file, fsync, rename).
+        """Sweep (in chunks), then write the whole state atomically (temporary file, fsync, rename).
 
-        Where the OS can fork, a child process writes a copy-on-write image of the state taken under the
-        lock, so the pickling never pauses reads or writes here; elsewhere it pickles under the lock."""
+        The state is pickled under the lock (a pause for readers that grows with the state); only the
+        write and fsync happen outside it. A forked writer would remove the pause but crashed (SIGSEGV)
+        in the server process, beside ONNX Runtime, torch and DuckDB threads."""
         if self.state_dir is None:
             raise ValueError("this engine has no state_dir")
         self.sweep()
-        path = self.state_dir / SNAPSHOT_FILE
-        fork = getattr(os, "fork", None)
         with self._lock:
             offset = self.applied_offset
-            body = {
-                "version": _SNAPSHOT_VERSION,
-                "registry_hash": self.registry.hash(),
-                "names": self._names,
-                "stream": self._stream,
-            }
-            if fork is None:
-                _write_snapshot(path, body)
-            else:
-                pid = fork()
-                if pid == 0:  # the child: write the frozen state, and leave without running any cleanup
-                    code = 1
-                    try:
-                        _write_snapshot(path, body)
-                        code = 0
-                    except BaseException as e:  # noqa: BLE001 - reported to the parent by the exit code
-                        os.write(2, f"insession: feature snapshot failed: {e!r}\n".encode())
-                    finally:
-                        os._exit(code)
-        if fork is not None:
-            _, status = os.waitpid(pid, 0)
-            if os.waitstatus_to_exitcode(status) != 0:
-                raise RuntimeError(f"the feature snapshot process failed (status {status}); {path} is unchanged")
+            body = pickle.dumps(
+                {
+                    "version": _SNAPSHOT_VERSION,
+                    "registry_hash": self.registry.hash(),
+                    "names": self._names,
+                    "stream": self._stream,
+                },
+                protocol=pickle.HIGHEST_PROTOCOL,
+            )
+        path = self.state_dir / SNAPSHOT_FILE
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
         self.snapshot_offset = offset
 
     # -- writes ---------------------------------------------------------------------------------

@@ -316,8 +316,8 @@ def test_a_failed_snapshot_raises_and_keeps_the_last_one(tmp_path: Path) -> None
     e.update_many([ev(0, "u", "a", T)])
     e.snapshot()
     e.update_many([ev(1, "u", "b", T + 1)])
-    e.state_dir = tmp_path / "gone"  # the writer (a child process where the OS forks) cannot create its file
-    with pytest.raises((RuntimeError, OSError)):
+    e.state_dir = tmp_path / "gone"  # the snapshot file cannot be created there
+    with pytest.raises(OSError):
         e.snapshot()
     assert e.snapshot_offset == 0
     assert FeatureEngine.open(tmp_path / "state").applied_offset == 0
