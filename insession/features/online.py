@@ -680,7 +680,8 @@ class SessionScoped(Agg):
 
     def __init__(self, f: Feature, names: Interner, sessions: Sessions) -> None:
         super().__init__(f, names)
-        self.inner = _agg_class(f, Window())(f, names, Window())
+        unbounded = Window()
+        self.inner = _agg_class(f, unbounded)(f, names, unbounded)
         self.sessions = sessions
         self.actions = None
 

@@ -89,6 +89,26 @@ def streams(draw: st.DrawFn, max_events: int = 60) -> list[Event]:
     return out
 
 
+def spine_rows(items: list[str], max_dt_ms: int) -> st.SearchStrategy[list[tuple[str, str, int, int, int]]]:
+    """Spine rows (user, item, j, dt, offset): at event j's time + dt, as of offset (-1: before any)."""
+    return st.lists(
+        st.tuples(
+            st.sampled_from(["u0", "u1", "u9"]),
+            st.sampled_from(items),
+            st.integers(0, 59),
+            st.integers(-max_dt_ms, max_dt_ms),
+            st.integers(-1, 60),
+        ),
+        min_size=1,
+        max_size=30,
+    )
+
+
+def spine_of(events: list[Event], rows: list[tuple[str, str, int, int, int]]) -> list[dict[str, Any]]:
+    """The spine dicts of `spine_rows` over `events`."""
+    return [{"user_id": u, "item_id": i, "ts": events[j % len(events)].ts + dt, "offset": o} for u, i, j, dt, o in rows]
+
+
 def key_of(entity: str, row: dict[str, Any]) -> str | tuple[str, str] | None:
     return {
         "user": row["user_id"],

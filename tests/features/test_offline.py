@@ -8,7 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from features_helpers import T0, ev, key_of, streams
+from features_helpers import T0, ev, key_of, spine_of, spine_rows, streams
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -146,25 +146,13 @@ def _reference(f: Feature, accepted: list[Event], row: dict[str, Any]) -> object
 @given(
     events=streams(),
     lateness=st.sampled_from([0, 5 * MINUTE_MS, 30 * MINUTE_MS]),
-    rows=st.lists(
-        st.tuples(
-            st.sampled_from(["u0", "u1", "u9"]),
-            st.sampled_from(["i0", "i1", "i9"]),
-            st.integers(0, 59),  # near this event's time ...
-            st.integers(-10 * MINUTE_MS, 10 * MINUTE_MS),
-            st.integers(-1, 60),  # ... as of this offset
-        ),
-        min_size=1,
-        max_size=30,
-    ),
+    rows=spine_rows(["i0", "i1", "i9"], 10 * MINUTE_MS),
 )
 def test_tiled_counts_equal_their_definition_at_any_time_and_offset(
     events: list[Event], lateness: int, rows: list[tuple[str, str, int, int, int]]
 ) -> None:
     reg = FeatureRegistry.of(COUNTS, lateness_ms=lateness)
-    spine = [
-        {"user_id": u, "item_id": i, "ts": events[j % len(events)].ts + dt, "offset": o} for u, i, j, dt, o in rows
-    ]
+    spine = spine_of(events, rows)
     got = compute(reg, events_to_arrow(events), pa.Table.from_pylist(spine)).to_pylist()
     accepted = _accepted(events, lateness)
     for row, have in zip(spine, got, strict=True):

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from features_helpers import T0, ev, key_of, streams
+from features_helpers import T0, ev, key_of, spine_of, spine_rows, streams
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -56,25 +56,13 @@ def _reference(f: Feature, records: list[tuple[Any, str, int, int]], row: dict[s
 @given(
     events=streams(),
     lateness=st.sampled_from([0, 5 * MINUTE_MS, 30 * MINUTE_MS]),
-    rows=st.lists(
-        st.tuples(
-            st.sampled_from(["u0", "u1", "u9"]),
-            st.sampled_from(["i0", "i1", "i2", "i9"]),
-            st.integers(0, 59),  # near this event's time ...
-            st.integers(-40 * MINUTE_MS, 40 * MINUTE_MS),
-            st.integers(-1, 60),  # ... as of this offset
-        ),
-        min_size=1,
-        max_size=30,
-    ),
+    rows=spine_rows(["i0", "i1", "i2", "i9"], 40 * MINUTE_MS),
 )
 def test_sliding_top_counts_equal_their_definition_at_any_time_and_offset(
     events: list[Event], lateness: int, rows: list[tuple[str, str, int, int, int]]
 ) -> None:
     reg = FeatureRegistry.of(TOPS, lateness_ms=lateness)
-    spine = [
-        {"user_id": u, "item_id": i, "ts": events[j % len(events)].ts + dt, "offset": o} for u, i, j, dt, o in rows
-    ]
+    spine = spine_of(events, rows)
     table = events_to_arrow(events)
     got = compute(reg, table, pa.Table.from_pylist(spine)).to_pylist()
     accepted = sessions(reg, table).to_arrow_table().to_pylist()
