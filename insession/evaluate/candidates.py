@@ -26,7 +26,7 @@ from insession.model.reranker import COUNTERS
 from insession.rank.candidates import CandidateQuotas, CandidateSources, propose
 from insession.rank.hygiene import HygieneRules, eligible
 from insession.schema import Item
-from insession.train.build import Proposer, pair_counters, session_covisit
+from insession.train.build import SEQUENCES, Proposed, Proposer, pair_counters, session_covisit
 
 USER_FEATURES = ("history_seq", "session_seq", "top_categories_15d", "trending_items_2h")
 PER_CATEGORY, TOP = 30, 200  # the PopularItems list sizes of the ranking service
@@ -219,13 +219,13 @@ def stage_proposer(events: pa.Table, items: pa.Table | None = None, progress: bo
     """The training data's `Proposer`: this replay of the serving candidate stage over `events` (and the
     catalogue `items`, derived from the events when None), point-in-time at each request."""
     catalogue = items if items is not None else catalogue_of(events)
-    replayed: dict[tuple[int, ...], pa.Table] = {}  # the same requests (e.g. one build per seed) replay once
+    replayed: dict[tuple[int, ...], Proposed] = {}  # the same requests (e.g. one build per seed) replay once
 
-    def propose_at(requests: pa.Table) -> pa.Table:
+    def propose_at(requests: pa.Table) -> Proposed:
         key = tuple(requests["offset"].to_pylist())
         if key not in replayed:
             sets = build_candidates(events, catalogue, requests, progress=progress, with_counters=False)
-            replayed[key] = sets.proposals()
+            replayed[key] = Proposed(sets.proposals(), sets.state.select(list(SEQUENCES)), sets.covisit)
         return replayed[key]
 
     return propose_at

@@ -16,12 +16,11 @@ from insession.evaluate.data import Dataset
 from insession.evaluate.metrics import PerRequest, score_requests, truncated_rank_metrics
 from insession.evaluate.neural import MODELS, fit_neural, score_examples
 from insession.evaluate.split import TimeSplit, before, requests
-from insession.model.reranker import COUNTERS, counter_row
 from insession.model.vocab import Vocab
-from insession.train.build import BuildConfig, TrainingData, assemble_examples, build
+from insession.train.build import BuildConfig, TrainingData, assemble_examples, build, counter_matrix
 from insession.train.examples import Examples
 from insession.train.pipeline import pretrain_vectors, train_model
-from insession.train.trainer import TrainConfig
+from insession.train.trainer import TrainConfig, set_threads
 
 # The reranker's ablations (issue 6): RerankerConfig overrides, each replacing one component.
 ABLATIONS: dict[str, dict[str, object]] = {
@@ -49,7 +48,7 @@ class EvalConfig:
     dim: int = 64
     item2vec_epochs: int = 1
     n_boot: int = 1000
-    threads: int = 1  # torch intra-op threads (see TrainConfig.threads)
+    threads: int = 0  # torch intra-op threads, 0 = every core (see TrainConfig.threads)
     progress: bool = True
 
 
@@ -115,7 +114,7 @@ def _examples_for(sets: CandidateSets, items: pa.Table, vocab: Vocab) -> Example
     cand = flat.append_column("category", cat["category"].take(idx)).append_column(
         "subcategory", cat["subcategory"].take(idx)
     )
-    counters = np.array([counter_row(r) for r in sets.counters.to_pylist()], np.float32).reshape(-1, len(COUNTERS))
+    counters = counter_matrix(sets.counters)
     return assemble_examples(sets.requests.select(["g", "ts"]), sets.state, cand, counters, vocab, sets.covisit)
 
 
@@ -139,9 +138,7 @@ def _tune(
 
 def run(ds: Dataset, cfg: EvalConfig) -> Results:
     """Every number of the evaluation report for one dataset."""
-    import torch
-
-    torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     say = tqdm.write if cfg.progress else (lambda *_: None)
     t0 = time.perf_counter()
     split = TimeSplit.of(ds.events, cfg.val_share, cfg.test_share)

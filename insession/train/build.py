@@ -19,7 +19,7 @@ from the same state through the model's `signal_rows`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,9 +41,19 @@ from insession.train.examples import Examples
 
 SEQUENCES = ("history_seq", "session_seq")
 
-Proposer = Callable[[pa.Table], pa.Table]
+
+@dataclass
+class Proposed:
+    """What a `Proposer` answers for requests (one row of `state` and `covisit` per request, in order)."""
+
+    proposals: pa.Table  # (g, item_id): the candidate stage's proposals at each request, in proposal order
+    state: pa.Table  # the SEQUENCES features at each request (the stage reads them too)
+    covisit: list[dict[str, dict[str, int]]]  # `session_covisit` at each request
+
+
+Proposer = Callable[[pa.Table], Proposed]
 """requests (g, user_id, item_id, category, subcategory, ts, offset: the state is read at this log offset)
--> (g, item_id): the candidate stage's proposals at each request, in proposal order."""
+-> the candidate stage's answer at each request."""
 
 
 @dataclass
@@ -54,6 +64,7 @@ class BuildConfig:
     eval_candidates: int = 50  # validation groups are topped up to this many candidates
     max_val_groups: int = 3000  # a seeded sample of the validation requests beyond this (bounds the build)
     session_items: int = 15  # covisit lists read for this many distinct session items (the stage's quota)
+    signal_chunk: int = 5_000  # requests whose SIGNALS are computed at a time (bounds the examples step's memory)
     seed: int = 0
 
 
@@ -324,8 +335,8 @@ def assemble_examples(
     cand: pa.Table,
     counters: np.ndarray,
     vocab: Vocab,
-    covisit: list[dict[str, dict[str, int]]],
-    chunk: int = 20_000,
+    covisit: Sequence[dict[str, dict[str, int]]],
+    chunk: int = 5_000,
 ) -> Examples:
     """The columnar examples of the groups in `requests` (columns g ascending, ts).
 
@@ -408,8 +419,7 @@ def build(
     requests = _requests(events)
     if requests.num_rows == 0:
         raise ValueError("the history holds no add_to_cart event: nothing to learn from")
-    steps.start("sequences", f"point-in-time sequences for {requests.num_rows:,} add-to-carts ...")
-    user_feats = offline.compute([registry[n] for n in SEQUENCES], events, requests.select(["user_id", "ts", "offset"]))
+    steps.start("sessions", f"sessions and time split of {requests.num_rows:,} add-to-carts ...")
     _engine_sessions(con, registry, events)
     requests = requests.append_column("g", pa.array(np.arange(requests.num_rows), pa.int64()))
     con.register("requests", requests)
@@ -421,24 +431,44 @@ def build(
     train_events = con.sql(f"""SELECT item_id, category, subcategory FROM sess_events
                                WHERE ts < {split_ts} ORDER BY off""").to_arrow_table()
     vocab = Vocab.build(train_events["item_id"], train_events["category"], train_events["subcategory"])
+    del train_events
 
     steps.start("hard negatives", "candidates: positives and in-session hard negatives ...")
     cand = _candidates(con, cfg)
     train_groups, val_groups = keep[~is_val[keep]], keep[is_val[keep]]
     if len(val_groups) > cfg.max_val_groups:
         val_groups = np.sort(np.random.default_rng(cfg.seed).choice(val_groups, cfg.max_val_groups, replace=False))
+    asked = np.concatenate([train_groups, val_groups])  # the groups whose state is read, in this order
     if proposer is not None:
         steps.start("candidate stage", "candidates: the candidate stage's proposals at each request ...")
-        props = proposer(requests.take(np.concatenate([train_groups, val_groups])))
+        answer = proposer(requests.take(asked))
+        state, covisit = answer.state, answer.covisit  # read by the stage at the same requests: reused
         con.register("cand", cand)
-        served = _proposals(con, props)
+        served = _proposals(con, answer.proposals)
         proposed = np.unique(
             con.sql("SELECT p.g FROM props p JOIN requests r ON r.g = p.g AND r.item_id = p.item_id")
             .to_arrow_table()["g"]
             .to_numpy()
         )
+        con.unregister("props")
+        del answer
         train_groups, val_groups = np.intersect1d(train_groups, proposed), np.intersect1d(val_groups, proposed)
         cand = pa.concat_tables([cand, served.select(cand.column_names).cast(cand.schema)])
+        del served
+    else:
+        steps.start("sequences", f"point-in-time sequences for {len(asked):,} add-to-carts ...")
+        state = offline.compute(
+            [registry[n] for n in SEQUENCES], events, requests.take(asked).select(["user_id", "ts", "offset"])
+        )
+        steps.start("co-visitation", "co-visitation of the session items ...")
+        covisit = session_covisit(
+            events,
+            state["session_seq"].to_pylist(),
+            requests["ts"].to_numpy()[asked],
+            requests["offset"].to_numpy()[asked],
+            cfg.session_items,
+            registry,
+        )
     cand = cand.filter(pa.array(np.isin(cand["g"].to_numpy(), np.concatenate([train_groups, val_groups]))))
     if proposer is not None:
         cand = cand.sort_by([("g", "ascending"), ("dist", "ascending"), ("item_id", "ascending")])
@@ -456,37 +486,30 @@ def build(
     g = cand["g"].to_numpy()
     counters = _counter_matrix(requests, g, cand["item_id"], events, registry)
 
-    steps.start("co-visitation", "co-visitation of the session items ...")
-    groups_all = np.concatenate([train_groups, val_groups])
-    covisit_all = session_covisit(
-        events,
-        user_feats["session_seq"].take(groups_all).to_pylist(),
-        requests["ts"].to_numpy()[groups_all],
-        requests["offset"].to_numpy()[groups_all],
-        cfg.session_items,
-        registry,
-    )
-    covisit = dict(zip(groups_all.tolist(), covisit_all, strict=True))
-
-    def part(groups: np.ndarray) -> Examples:
-        rows = np.isin(g, groups)
-        req = requests.take(groups)
-        return assemble_examples(
-            req,
-            user_feats.take(groups),
-            cand.filter(pa.array(rows)),
-            counters[rows],
-            vocab,
-            [covisit[x] for x in groups.tolist()],
-        )
-
     seq = con.sql(f"""SELECT item_id, category, subcategory, dense_rank() OVER (ORDER BY user_id, sess) AS s
                       FROM sess_events WHERE ts < {split_ts} ORDER BY user_id, sess, off""").to_arrow_table()
     meta = con.sql("""
         SELECT e.user_id, e.session_id, e.ts, e.off AS "offset", e.item_id
         FROM requests r JOIN sess_events e ON e.off = r.atc_offset ORDER BY r.g""").to_arrow_table()
+    con.close()  # the examples step needs none of the connection's tables
+    order = np.argsort(asked, kind="stable")
+
+    def part(groups: np.ndarray) -> Examples:
+        rows = np.isin(g, groups)
+        at = order[np.searchsorted(asked, groups, sorter=order)]  # the groups' rows in state and covisit
+        return assemble_examples(
+            requests.take(groups),
+            state.take(at),
+            cand.filter(pa.array(rows)),
+            counters[rows],
+            vocab,
+            [covisit[i] for i in at.tolist()],
+            cfg.signal_chunk,
+        )
+
     steps.start("examples", f"examples: {len(train_groups):,} training and {len(val_groups):,} validation groups ...")
-    train, val = part(train_groups), part(val_groups)
+    val = part(val_groups)
+    train = part(train_groups)
     steps.start("")
     return TrainingData(
         train=train,

@@ -28,7 +28,7 @@ def train(
     heads: Annotated[int, typer.Option(help="Attention heads.")] = 2,
     item2vec_epochs: Annotated[int, typer.Option(help="Item2vec pre-training epochs (0: random init).")] = 2,
     val_fraction: Annotated[float, typer.Option(help="Share of the latest add-to-carts that validate.")] = 0.15,
-    threads: Annotated[int, typer.Option(help="torch intra-op threads.")] = 1,
+    threads: Annotated[int, typer.Option(help="torch intra-op threads (0: every core).")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     served_negatives: Annotated[
         bool,

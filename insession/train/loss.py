@@ -80,14 +80,14 @@ def inbatch_logits(model: DualSequenceReranker, enc: Encoded, batch: Batch, k: i
 def hybrid_loss(model: DualSequenceReranker, batch: Batch, weights: LossWeights) -> tuple[Tensor, dict[str, float]]:
     """The training objective for one batch (BCE alone when model.cfg.loss == "bce"); (loss, its parts)."""
     enc = model.encode(batch.history, batch.session, batch.request_ts)
-    scores = model.score(enc, batch.candidates, batch.counters, signals=batch.signals)
+    scores = model.score(enc, batch.candidates, batch.counters, signals=batch.signals).float()  # bf16 under autocast
     mask = batch.candidates != 0
     bce = weighted_bce(scores, batch.labels, mask, batch.counters[..., USER_ITEM], weights.repeat_alpha)
     if model.cfg.loss == "bce":
         return bce, {"bce": float(bce.detach())}
     listwise = listwise_loss(scores, batch.labels, mask)
     logits, items = inbatch_logits(model, enc, batch, weights.inbatch_negatives)
-    inbatch = inbatch_softmax_loss(logits, items)
+    inbatch = inbatch_softmax_loss(logits.float(), items)
     total = weights.listwise * listwise + weights.inbatch * inbatch + weights.bce * bce
     parts = {"listwise": listwise, "inbatch": inbatch, "bce": bce}
     return total, {k: float(v.detach()) for k, v in parts.items()}

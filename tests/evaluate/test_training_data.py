@@ -73,3 +73,25 @@ def test_validation_groups_are_served_lists_too(fitted: tuple[pa.Table, Training
     _, data = fitted
     sizes = np.diff(data.val.cand_offsets)
     assert len(data.val) > 0 and (sizes >= 30).all()  # the stage's lists, not a handful of hard negatives
+
+
+def test_sequences_reused_from_the_stage_equal_the_builds_own(fitted: tuple[pa.Table, TrainingData]) -> None:
+    """With a proposer the build takes each request's sequences and co-visitation from the stage's replay;
+    they match what the build reads itself without one (same groups, by add-to-cart offset)."""
+    events, data = fitted
+    own = build(events, BuildConfig(seed=0), progress=False)
+    at = {o: g for g, o in enumerate(own.train_requests["offset"].to_pylist())}
+    mine = [at[o] for o in data.train_requests["offset"].to_pylist()]
+    assert len(mine) > 20
+    for name in ("hist", "sess"):
+        a, b = getattr(data.train, f"{name}_offsets"), getattr(own.train, f"{name}_offsets")
+        for g, h in enumerate(mine):
+            for col in ("items", "actions", "ts"):
+                x, y = getattr(data.train, f"{name}_{col}"), getattr(own.train, f"{name}_{col}")
+                assert x[a[g] : a[g + 1]].tolist() == y[b[h] : b[h + 1]].tolist()
+    # the positive's SIGNALS (co-visitation included) agree too
+    np.testing.assert_allclose(
+        data.train.cand_signals[data.train.cand_offsets[:-1]][: len(mine)],
+        own.train.cand_signals[own.train.cand_offsets[:-1][mine]],
+        rtol=1e-6,
+    )

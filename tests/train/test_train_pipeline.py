@@ -10,6 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import typer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from train_shop import DAY, make_shop
 from typer.testing import CliRunner
 
@@ -18,7 +20,7 @@ from insession.train import TrainConfig, Trained, load_artefact, train_on_events
 from insession.train.artefact import CONFIG, CURVE, FEATURES, METRICS, VOCAB, WEIGHTS
 from insession.train.cli import train
 from insession.train.item2vec import item2vec
-from insession.train.trainer import category_auc, evaluate, fit, ranking_metrics
+from insession.train.trainer import category_auc, epoch_orders, evaluate, fit, ranking_metrics
 
 TINY = {"dim": 16, "n_heads": 2, "dropout": 0.0}
 
@@ -65,6 +67,30 @@ def test_early_stopping_keeps_the_best_epoch(trained: tuple[Trained, dict[str, s
     assert len(result.epochs) == 3  # no epoch improves on the first: stop after `patience` more
     assert result.best_epoch == 1
     assert evaluate(result.model, done.data.val)["ndcg10"] == pytest.approx(before, abs=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 50), st.one_of(st.none(), st.integers(1, 60)), st.integers(0, 2**32 - 1))
+def test_epochs_cycle_through_every_group(n: int, epoch_groups: int | None, seed: int) -> None:
+    """Epochs of at most `epoch_groups` groups; every pass over the data sees each group exactly once."""
+    size = n if epoch_groups is None else min(epoch_groups, n)
+    orders = epoch_orders(n, epoch_groups, np.random.default_rng(seed))
+    stream = np.concatenate([next(orders) for _ in range(3 * n)])  # 3n epochs hold >= 3 whole passes
+    assert len(stream) == 3 * n * size
+    for p in range(3):
+        assert sorted(stream[p * n : (p + 1) * n].tolist()) == list(range(n))
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_sampled_epochs_and_bf16_train(trained: tuple[Trained, dict[str, str]], bf16: bool) -> None:
+    """An epoch of `epoch_groups` groups trains on that many; bf16 autocast trains too (loss goes down)."""
+    done, _ = trained
+    model = type(done.result.model)(done.result.model.cfg)
+    tc = TrainConfig(epochs=3, batch_size=16, patience=3, epoch_groups=40, bf16=bf16, progress=False)
+    result = fit(model, done.data.train, done.data.val, tc)
+    assert [e.groups for e in result.epochs] == [40, 40, 40]
+    assert result.epochs[-1].train_loss < result.epochs[0].train_loss
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
 
 
 def test_ranking_metrics_on_hand_made_lists() -> None:
