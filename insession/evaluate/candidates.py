@@ -23,10 +23,10 @@ from insession.features import default_registry, offline
 from insession.features.declare import HOUR_MS, FeatureRegistry
 from insession.log.catalog import Catalog
 from insession.model.reranker import COUNTERS
-from insession.rank.candidates import CandidateQuotas, CandidateSources, propose
+from insession.rank.candidates import CandidateQuotas, propose, sources_for
 from insession.rank.hygiene import HygieneRules, eligible
 from insession.schema import Item
-from insession.train.build import SEQUENCES, Proposed, Proposer, pair_counters, session_covisit
+from insession.train.build import SEQUENCES, Proposed, Proposer, pair_counters, ragged, session_covisit
 
 USER_FEATURES = ("history_seq", "session_seq", "top_categories_15d", "trending_items_2h")
 PER_CATEGORY, TOP = 30, 200  # the PopularItems list sizes of the ranking service
@@ -141,14 +141,19 @@ def build_candidates(
     key = [f"{u}@{s[0]['ts'] if s else t}" for u, s, t in zip(users, sessions, ts.tolist(), strict=True)]
     requests = requests.append_column("session_key", pa.array(key, pa.string()))
 
-    session_items = [[e["item_id"] for e in reversed(s)] for s in sessions]
     say("co-visitation neighbours of the session items ...")
     covisit = session_covisit(events, sessions, ts, requests["offset"].to_numpy(), quotas.session, reg)
-    distinct = [list(c) for c in covisit]
 
     say("popular items per category (hourly snapshots) ...")
     hours = ts // HOUR_MS * HOUR_MS
     popular = _popular_snapshots(events, items, hours, reg)
+
+    # history item ids as integer codes into one list of names (no Python object per history event)
+    offsets, flat = ragged(state["history_seq"])
+    bounds = offsets.tolist()
+    history_codes = flat.field("item_id").dictionary_encode()
+    history_names = history_codes.dictionary.to_pylist()
+    codes = history_codes.indices.to_numpy(zero_copy_only=False)
 
     lists: list[list[str]] = []
     positive, proposal_rank, n_proposed = [], [], []
@@ -160,15 +165,15 @@ def build_candidates(
         for g in tqdm(range(requests.num_rows), desc="candidate stage", disable=not progress, leave=False):
             session = sessions[g]
             per_category, top = popular[int(hours[g])]
-            sources = CandidateSources(
-                session_items=session_items[g],
-                covisit={i: list(covisit[g].get(i, {})) for i in distinct[g]},
-                categories=list(
-                    dict.fromkeys([*(e["category"] for e in reversed(session) if e["category"]), *top_cats[g]])
-                ),
-                category_popular=per_category,
-                trending=[t["item_id"] for t in trending[g]],
-                popular=top,
+            sources = sources_for(
+                session,
+                top_cats[g],
+                lambda i, c=covisit[g]: list(c.get(i, {})),
+                per_category,
+                [t["item_id"] for t in trending[g]],
+                top,
+                quotas,
+                history=[history_names[c] for c in codes[bounds[g] : bounds[g + 1]].tolist()],
             )
             purchased = {e["item_id"] for e in session if e["action"] == "purchase"}
             proposal = propose(sources, lambda i, p=purchased: eligible(i, catalog, p, rules), quotas)

@@ -434,6 +434,7 @@ class Ranker:
             [t["item_id"] for t in self.features.read("trending_items_2h", None)],
             popular,
             self.config.quotas,
+            history=[e["item_id"] for e in shopper.history],
         )
         purchased = shopper.purchased
         rules = self.config.hygiene

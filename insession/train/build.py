@@ -192,7 +192,7 @@ def session_covisit(
     out: list[dict[str, dict[str, int]]] = [{} for _ in distinct]
     rows = zip(g_rep.tolist(), spine["item_id"].to_pylist(), strict=True)
     for chunk in offline.compute_chunks([registry["covisit"]], events, spine):  # a chunk's lists at a time
-        offsets, flat = _ragged(chunk["covisit"])
+        offsets, flat = ragged(chunk["covisit"])
         codes = flat.field("item_id").dictionary_encode()  # one str object per distinct neighbour
         vocab = codes.dictionary.to_pylist()
         names = [vocab[i] for i in codes.indices.to_numpy(zero_copy_only=False).tolist()]
@@ -246,7 +246,8 @@ def _candidates(con: duckdb.DuckDBPyConnection, cfg: BuildConfig) -> pa.Table:
         ORDER BY g, dist, item_id""").to_arrow_table()
 
 
-def _ragged(lists: pa.ChunkedArray) -> tuple[np.ndarray, pa.StructArray]:
+def ragged(lists: pa.ChunkedArray) -> tuple[np.ndarray, pa.StructArray]:
+    """(offsets [n + 1], flattened values) of a list column: row r is values[offsets[r]:offsets[r + 1]]."""
     lists = lists.combine_chunks()
     lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -347,7 +348,7 @@ def assemble_examples(
     """
     parts: dict[str, np.ndarray] = {"request_ts": requests["ts"].to_numpy()}
     for name, prefix in zip(SEQUENCES, ("hist", "sess"), strict=True):
-        offsets, flat = _ragged(state[name])
+        offsets, flat = ragged(state[name])
         parts[f"{prefix}_offsets"] = offsets
         parts[f"{prefix}_items"] = vocab.lookup(flat.field("item_id"), flat.field("category"))
         parts[f"{prefix}_actions"] = _action_index(flat.field("action"))

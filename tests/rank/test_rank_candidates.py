@@ -15,16 +15,18 @@ def test_sources_in_priority_order_with_quotas_passed_down() -> None:
     sources = CandidateSources(
         session_items=["a", "b", "a"],
         covisit={"a": ["a1", "a2", "a3"], "b": ["b1", "a1"]},
+        history_items=["h1", "a", "h2", "h3"],
         categories=["x", "y"],
         category_popular={"x": ["x1", "x2"], "y": ["y1"]},
         trending=["t1", "a", "t2"],
         popular=["p1", "p2"],
     )
-    quotas = CandidateQuotas(n=11, session=3, covisit=2, category=2)
+    quotas = CandidateQuotas(n=13, session=3, covisit=2, history=2, category=2)
     got = propose(sources, lambda i: i != "x2", quotas)
-    # session: 2 of 3 (the unused slot passes to covisit); covisit round-robin: 3; categories round-robin:
-    # 2; then trending and popular fill the rest, skipping what was already proposed
-    assert got == ["a", "b", "a1", "b1", "a2", "x1", "y1", "t1", "t2", "p1", "p2"]
+    # session: 2 of 3 (the unused slot passes to covisit); covisit round-robin: 3; history: 2 (skipping "a",
+    # already proposed); categories round-robin: 2; then trending and popular fill the rest, skipping what
+    # was already proposed
+    assert got == ["a", "b", "a1", "b1", "a2", "h1", "h2", "x1", "y1", "t1", "t2", "p1", "p2"]
 
 
 def test_empty_sources_propose_nothing() -> None:
@@ -60,6 +62,7 @@ def test_online_stage_reads_session_covisit_categories_and_trending(shop: Shop, 
     assert got[:3] == session_items
     assert "i18" not in got
     assert "i40" in got  # co-visited with i16 by u1..u5
+    assert got.index("i11") < got.index("i48")  # u0's most recent history item, before trending / popular
     assert {"i48", "i49", "i50", "i51"} <= set(got)  # trending / popular
     assert "i5" not in got  # unavailable
     assert len(got) == len(set(got)) <= ranker.config.quotas.n
@@ -72,7 +75,8 @@ def test_sources_for_shapes_feature_values_as_the_service_reads_them() -> None:
                {"item_id": "a", "category": "x"}, {"item_id": "c", "category": "y"}]
     asked: list[str] = []
     sources = sources_for(session, ["z", "x"], lambda i: asked.append(i) or [f"{i}1"], {"x": ["x1"]}, ["t"], ["p"],
-                          CandidateQuotas(session=2))
+                          CandidateQuotas(session=2), history=["h1", "h2", "h1", "h3"])
+    assert list(sources.history_items) == ["h3", "h1", "h2"]  # distinct, most recent first
     assert list(sources.session_items) == ["c", "a", "b", "a"]  # most recent first
     assert asked == ["c", "a"] and dict(sources.covisit) == {"c": ["c1"], "a": ["a1"]}  # 2 most recent distinct
     assert list(sources.categories) == ["y", "x", "z"]  # session categories first, then the 15-day top
