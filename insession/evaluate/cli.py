@@ -32,9 +32,14 @@ def evaluate(
     ),
     data: Annotated[Path, typer.Option("--data", help="Directory of the normalised real samples.")] = DEFAULT_DATA,
     seeds: Annotated[int, typer.Option(help="Seeds per neural model and ablation.")] = 3,
-    epochs: Annotated[int, typer.Option(help="Reranker epochs at most (early stopping).")] = 4,
+    epochs: Annotated[int, typer.Option(help="Reranker epochs at most (early stopping).")] = 8,
     neural_epochs: Annotated[int, typer.Option(help="SASRec / DIN / BST epochs.")] = 3,
-    dim: Annotated[int, typer.Option(help="Reranker width.")] = 64,
+    tune: Annotated[
+        bool, typer.Option(help="Pick the reranker's width, learning rate and dropout on validation (else these).")
+    ] = True,
+    dim: Annotated[int, typer.Option(help="Reranker width (--no-tune).")] = 64,
+    lr: Annotated[float, typer.Option(help="Reranker learning rate (--no-tune).")] = 2e-3,
+    dropout: Annotated[float, typer.Option(help="Reranker dropout (--no-tune).")] = 0.1,
     ablations: Annotated[bool, typer.Option(help="Train every ablation (else the full reranker only).")] = True,
     neural: Annotated[bool, typer.Option(help="Train SASRec, DIN and BST.")] = True,
     users: Annotated[int, typer.Option(help="Synthetic shop: shoppers.")] = 400,
@@ -47,7 +52,7 @@ def evaluate(
     from insession.evaluate.data import load_real, load_synthetic
     from insession.evaluate.neural import MODELS
     from insession.evaluate.report import render
-    from insession.evaluate.runner import ABLATIONS, EvalConfig, run
+    from insession.evaluate.runner import ABLATIONS, RERANKER_GRID, EvalConfig, run
 
     ds = (
         load_synthetic(users, items, days, seed)
@@ -58,7 +63,7 @@ def evaluate(
         seeds=tuple(range(seeds)),
         epochs=epochs,
         neural_epochs=neural_epochs,
-        dim=dim,
+        grid=RERANKER_GRID if tune else ({"dim": dim, "lr": lr, "dropout": dropout},),
         ablations=tuple(ABLATIONS) if ablations else ("reranker",),
         neural=tuple(MODELS) if neural else (),
         n_boot=boot,
@@ -66,7 +71,8 @@ def evaluate(
     res = run(ds, cfg)
     command = (
         f"insession evaluate {dataset} --seeds {seeds} --epochs {epochs} --neural-epochs {neural_epochs} "
-        f"--dim {dim} {'--ablations' if ablations else '--no-ablations'} "
+        + ("--tune " if tune else f"--no-tune --dim {dim} --lr {lr} --dropout {dropout} ")
+        + f"{'--ablations' if ablations else '--no-ablations'} "
         f"{'--neural' if neural else '--no-neural'} --boot {boot}"
         + (f" --users {users} --items {items} --days {days} --seed {seed}" if dataset == "synthetic" else "")
     )

@@ -18,6 +18,10 @@ def _day(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M")
 
 
+def _setting(setting: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in setting.items())
+
+
 def _pool(results: list[MethodResult], view: str) -> PerRequest:
     """Seeds of one method pooled: per-request metrics averaged over seeds (sessions stay the unit)."""
     return average([getattr(r, view) for r in results])
@@ -53,7 +57,8 @@ def render(res: Results, img_dir: Path, img_prefix: str) -> str:
         f"({res.n_requests['val_proposed']:,} with the positive proposed), test {res.n_requests['test']:,} "
         f"({res.n_requests['test_proposed']:,} proposed). Seeds {list(cfg.seeds)}; "
         f"reranker epochs <= {cfg.epochs}, "
-        f"width {cfg.dim}; neural baselines {cfg.neural_epochs} epochs; {cfg.n_boot} bootstrap resamples of "
+        f"setting {_setting(res.reranker_setting)}; neural baselines {cfg.neural_epochs} epochs; "
+        f"{cfg.n_boot} bootstrap resamples of "
         f"test sessions; run time {res.seconds.get('total', 0) / 60:.1f} min."
     )
     s = res.candidate_stage
@@ -68,6 +73,16 @@ def render(res: Results, img_dir: Path, img_prefix: str) -> str:
         f"{s['misses_in_history']:.3f} |",
         "",
     ]
+
+    if res.reranker_grid:
+        L += [
+            "### Reranker setting, tuned on validation (first seed; NDCG@10 of the trainer's validation groups)",
+            "",
+            "| setting | validation NDCG@10 |",
+            "|---|---|",
+            *(f"| {_setting(p)} | {v:.4f} |" for p, v in res.reranker_grid),
+            "",
+        ]
 
     def note(name: str, kind: str, rs: list[MethodResult]) -> str:
         if kind == "reranker":

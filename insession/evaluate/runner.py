@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -20,7 +21,10 @@ from insession.model.vocab import Vocab
 from insession.train.build import BuildConfig, TrainingData, assemble_examples, build, counter_matrix
 from insession.train.examples import Examples
 from insession.train.pipeline import pretrain_vectors, train_model
-from insession.train.trainer import TrainConfig, set_threads
+from insession.train.trainer import TrainConfig, TrainResult, set_threads
+
+if TYPE_CHECKING:
+    import torch
 
 # The reranker's ablations (issue 6): RerankerConfig overrides, each replacing one component.
 ABLATIONS: dict[str, dict[str, object]] = {
@@ -35,6 +39,12 @@ ABLATIONS: dict[str, dict[str, object]] = {
 }
 
 
+# The reranker's settings tried on validation (as the baselines' grids are): width, learning rate, dropout.
+RERANKER_GRID: tuple[dict[str, float], ...] = tuple(
+    {"dim": d, "lr": lr, "dropout": p} for d in (64, 128) for lr in (1e-3, 3e-3) for p in (0.1, 0.3)
+)
+
+
 @dataclass
 class EvalConfig:
     val_share: float = 0.15
@@ -42,10 +52,12 @@ class EvalConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     ablations: tuple[str, ...] = tuple(ABLATIONS)
     neural: tuple[str, ...] = tuple(MODELS)
-    epochs: int = 4  # reranker epochs (early stopping on its validation may end sooner)
+    epochs: int = 8  # reranker epochs (early stopping on its validation may end sooner)
     batch_size: int = 32  # groups per reranker batch: with served lists there are few groups, so more steps
     neural_epochs: int = 3
-    dim: int = 64
+    # reranker settings: the one with the best validation NDCG@10 (first seed) is used for every seed and
+    # ablation; a single setting skips the tuning
+    grid: tuple[dict[str, float], ...] = RERANKER_GRID
     item2vec_epochs: int = 1
     n_boot: int = 1000
     threads: int = 0  # torch intra-op threads, 0 = every core (see TrainConfig.threads)
@@ -70,6 +82,8 @@ class Results:
     n_events: int
     n_requests: dict[str, int]
     candidate_stage: dict[str, float]  # recall, HR@20, MRR@20 (test), mean proposals, misses in history
+    reranker_grid: list[tuple[dict[str, float], float]] = field(default_factory=list)  # setting, val NDCG@10
+    reranker_setting: dict[str, float] = field(default_factory=dict)  # the chosen one
     methods: list[MethodResult] = field(default_factory=list)
     segments: dict[str, np.ndarray] = field(default_factory=dict)  # segment name -> label per test request
     seconds: dict[str, float] = field(default_factory=dict)
@@ -134,6 +148,31 @@ def _tune(
             if v > best:
                 best, best_p = v, p
     return best_p
+
+
+def _fit_reranker(
+    data: TrainingData,
+    cfg: EvalConfig,
+    seed: int,
+    setting: dict[str, float],
+    switches: dict[str, object],
+    vectors: dict[int, torch.Tensor | None],
+) -> TrainResult:
+    """One reranker (a grid `setting`, ablation `switches`) on `data`; `vectors` caches item2vec by width."""
+    dim = int(setting["dim"])
+    if dim not in vectors:
+        vectors[dim] = (
+            pretrain_vectors(data, dim, cfg.item2vec_epochs, seed, cfg.progress) if cfg.item2vec_epochs > 0 else None
+        )
+    tc = TrainConfig(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=setting["lr"],
+        seed=seed,
+        threads=cfg.threads,
+        progress=cfg.progress,
+    )
+    return train_model(data, tc, vectors[dim], dim=dim, dropout=setting["dropout"], **switches)
 
 
 def run(ds: Dataset, cfg: EvalConfig) -> Results:
@@ -220,7 +259,7 @@ def run(ds: Dataset, cfg: EvalConfig) -> Results:
         sub = examples.subset(test_all)  # trained before the test period: scored on it only
         if seed == cfg.seeds[0]:
             res.segments = _segments(sets, test_rows, set(data.vocab.items))
-        base_cfg = data.vocab.config(dim=cfg.dim)
+        base_cfg = data.vocab.config()  # the sequence lengths the neural baselines' batches are cut to
         n_rows = (
             int(
                 max(
@@ -246,22 +285,19 @@ def run(ds: Dataset, cfg: EvalConfig) -> Results:
                 seed,
             )
             res.seconds[f"{name}_seed{seed}"] = time.perf_counter() - t
-        vectors = (
-            pretrain_vectors(data, cfg.dim, cfg.item2vec_epochs, seed, cfg.progress)
-            if cfg.item2vec_epochs > 0
-            else None
-        )
+        vectors: dict[int, torch.Tensor | None] = {}  # item2vec vectors of this seed's data, by width
+
+        if not res.reranker_setting:  # tuned once, on the first seed's validation groups
+            t = time.perf_counter()
+            for setting in cfg.grid if len(cfg.grid) > 1 else ():
+                tried = _fit_reranker(data, cfg, seed, setting, {}, vectors)
+                res.reranker_grid.append((setting, tried.metrics()["val_ndcg10"]))
+                say(f"reranker {setting}: validation NDCG@10 {res.reranker_grid[-1][1]:.4f}")
+            res.reranker_setting = max(res.reranker_grid, key=lambda r: r[1])[0] if res.reranker_grid else cfg.grid[0]
+            res.seconds["reranker_tuning"] = time.perf_counter() - t
         for name in cfg.ablations:
             t = time.perf_counter()
-            fitted = train_model(
-                data,
-                TrainConfig(
-                    epochs=cfg.epochs, batch_size=cfg.batch_size, seed=seed, threads=cfg.threads, progress=cfg.progress
-                ),
-                vectors,
-                dim=cfg.dim,
-                **ABLATIONS[name],
-            )
+            fitted = _fit_reranker(data, cfg, seed, res.reranker_setting, ABLATIONS[name], vectors)
             res.train_curves[f"{name}_seed{seed}"] = [e.__dict__ for e in fitted.epochs]
             add(
                 name,

@@ -28,13 +28,15 @@ def test_run_and_report(shop: Dataset, tmp_path: Path) -> None:
         neural=("sasrec",),
         epochs=1,
         neural_epochs=1,
-        dim=16,
+        grid=({"dim": 16, "lr": 2e-3, "dropout": 0.0}, {"dim": 8, "lr": 3e-3, "dropout": 0.1}),
         item2vec_epochs=0,
         n_boot=30,
         threads=1,
         progress=False,
     )
     res = run(shop, cfg)
+    assert [p for p, _ in res.reranker_grid] == list(cfg.grid)  # every setting tried on validation,
+    assert res.reranker_setting == max(res.reranker_grid, key=lambda r: r[1])[0]  # the best one used
     names = {m.name for m in res.methods}
     assert set(baselines({})) | {"sasrec", "reranker", "no_counters"} == names
     n_test = res.n_requests["test"]
@@ -51,6 +53,7 @@ def test_run_and_report(shop: Dataset, tmp_path: Path) -> None:
 
     body = render(res, tmp_path / "img", "eval_tiny")
     assert "### Candidate stage" in body and "| reranker |" in body and "| no_counters |" in body
+    assert "| dim 8, lr 0.003, dropout 0.1 |" in body  # the tuning grid, with each setting's validation score
     assert (tmp_path / "img" / "eval_tiny_ndcg.png").stat().st_size > 0
     doc = tmp_path / "evaluation.md"
     doc.write_text("# Evaluation\n\nhand-written protocol\n")
