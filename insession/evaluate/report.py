@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from insession.evaluate.metrics import METRICS, Estimate, PerRequest, average, bootstrap, paired_difference
-from insession.evaluate.runner import MethodResult, Results
+from insession.evaluate.runner import ENSEMBLE, MethodResult, Results
 
 HEADERS = ("NDCG@10", "HR@10", "MRR", "AUC", "GAUC")
 
@@ -89,6 +89,8 @@ def render(res: Results, img_dir: Path, img_prefix: str) -> str:
             return f"{len(rs)} seeds; best epochs {[r.params.get('best_epoch') for r in rs]}"
         if kind == "neural":
             return f"{len(rs)} seeds"
+        if kind == "ensemble":
+            return f"mean score of the {rs[0].params['seeds']} seeds' rerankers"
         return ", ".join(f"{k}={v}" for k, v in rs[0].params.items())
 
     for view, title in (
@@ -102,18 +104,19 @@ def render(res: Results, img_dir: Path, img_prefix: str) -> str:
         L += [f"### Reranking, {title}", ""] + _table(rows) + [""]
     # the headline comparison: the reranker against the strongest baseline (by validation-free test NDCG@10
     # of the proposed view is what the reader sees; the paired interval says whether the gap is real)
-    if "reranker" in pooled:
-        others = [n for n, (k, _, _) in pooled.items() if k != "reranker"]
-        for view in ("proposed", "forced") if others else ():
+    others = [n for n, (k, _, _) in pooled.items() if k not in ("reranker", "ensemble")]
+    for ours, title in (("reranker", "Reranker"), (ENSEMBLE, "Reranker ensemble (seeds' scores averaged)")):
+        for view in ("proposed", "forced") if others and ours in pooled else ():
             # the strongest other method is picked on test itself, which favours it: a conservative comparison
             best = max(others, key=lambda n, v=view: est[n][v]["ndcg10"].value)
-            d = paired_difference(pooled["reranker"][1][view], pooled[best][1][view], n_boot=cfg.n_boot)
+            d = paired_difference(pooled[ours][1][view], pooled[best][1][view], n_boot=cfg.n_boot)
             verdict = "beats" if d.low > 0 else "loses to" if d.high < 0 else "is not distinguishable from"
             L += [
-                f"**Reranker vs the strongest other method, {view} view ({best})**: NDCG@10 difference on "
-                f"the same test requests (paired session bootstrap) {d}. The reranker **{verdict}** {best}.",
+                f"**{title} vs the strongest other method, {view} view ({best})**: NDCG@10 difference on "
+                f"the same test requests (paired session bootstrap) {d}. It **{verdict}** {best}.",
                 "",
             ]
+    if "reranker" in pooled:
         abl = [n for n, (k, _, _) in pooled.items() if k == "reranker" and n != "reranker"]
         if abl:
             L += [
@@ -135,9 +138,8 @@ def render(res: Results, img_dir: Path, img_prefix: str) -> str:
     if res.segments:
         L += ["### Segments (test, positive proposed; NDCG@10 with 95% CI, n = requests)", ""]
         ranked = sorted(pooled, key=lambda n: -est[n]["proposed"]["ndcg10"].value)
-        names = [n for n in ranked if pooled[n][0] == "reranker"] + [n for n in ranked if pooled[n][0] != "reranker"][
-            :6
-        ]
+        ours = [n for n in ranked if pooled[n][0] in ("reranker", "ensemble")]
+        names = ours + [n for n in ranked if n not in ours][:6]
         for seg, labels in res.segments.items():
             values = sorted(set(labels.tolist()))
             L += [
@@ -171,7 +173,8 @@ def _plots(res: Results, est: dict, pooled: dict, img_dir: Path, prefix: str) ->
         v = np.array([est[n][view]["ndcg10"].value for n in names])
         lo = v - np.array([est[n][view]["ndcg10"].low for n in names])
         hi = np.array([est[n][view]["ndcg10"].high for n in names]) - v
-        colors = [{"baseline": "tab:gray", "neural": "tab:blue", "reranker": "tab:red"}[pooled[n][0]] for n in names]
+        palette = {"baseline": "tab:gray", "neural": "tab:blue", "reranker": "tab:red", "ensemble": "tab:orange"}
+        colors = [palette[pooled[n][0]] for n in names]
         ax.barh(names, v, xerr=[lo, hi], color=colors)
         ax.set_title(f"NDCG@10, test, {view} view")
     fig.tight_layout()

@@ -39,6 +39,8 @@ ABLATIONS: dict[str, dict[str, object]] = {
 }
 
 
+ENSEMBLE = "reranker_ensemble"  # the full reranker of every seed, scores averaged (one more method)
+
 # The reranker's settings tried on validation (as the baselines' grids are): width, learning rate, dropout.
 RERANKER_GRID: tuple[dict[str, float], ...] = tuple(
     {"dim": d, "lr": lr, "dropout": p} for d in (64, 128) for lr in (1e-3, 3e-3) for p in (0.1, 0.3)
@@ -150,6 +152,11 @@ def _tune(
     return best_p
 
 
+def mean_scores(per_seed: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Per request, each candidate's score averaged over the seeds (`per_seed[s][request][candidate]`)."""
+    return [np.mean(np.stack(lists), axis=0) for lists in zip(*per_seed, strict=True)]
+
+
 def _fit_reranker(
     data: TrainingData,
     cfg: EvalConfig,
@@ -250,6 +257,7 @@ def run(ds: Dataset, cfg: EvalConfig) -> Results:
     n_fit = pc.sum(pc.equal(fit_events["action"], "add_to_cart")).as_py()
     val_fraction = min(max(len(val_all) / max(n_fit, 1), 0.05), 0.5)
     proposer = stage_proposer(fit_events, ds.items, progress=cfg.progress)
+    seed_scores: list[list[np.ndarray]] = []  # the full reranker's test scores, one list per seed
     for seed in cfg.seeds:
         t = time.perf_counter()
         data: TrainingData = build(
@@ -304,9 +312,13 @@ def run(ds: Dataset, cfg: EvalConfig) -> Results:
                 "reranker",
                 {**ABLATIONS[name], "best_epoch": fitted.best_epoch},
                 test_all,
-                score_examples(fitted.model, sub, fitted.model.cfg),
+                scores := score_examples(fitted.model, sub, fitted.model.cfg),
                 seed,
             )
+            if name == "reranker":
+                seed_scores.append(scores)
             res.seconds[f"{name}_seed{seed}"] = time.perf_counter() - t
+    if len(seed_scores) > 1:  # the seeds' rerankers served together: each candidate's mean score
+        add(ENSEMBLE, "ensemble", {"seeds": len(seed_scores)}, test_all, mean_scores(seed_scores))
     res.seconds["total"] = time.perf_counter() - t0
     return res

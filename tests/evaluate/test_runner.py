@@ -14,7 +14,7 @@ from insession.evaluate.cli import write_section
 from insession.evaluate.data import Dataset
 from insession.evaluate.neural import score_examples
 from insession.evaluate.report import render
-from insession.evaluate.runner import EvalConfig, _examples_for, run
+from insession.evaluate.runner import ENSEMBLE, EvalConfig, _examples_for, mean_scores, run
 from insession.evaluate.split import before
 from insession.train.build import BuildConfig, build
 
@@ -84,3 +84,32 @@ def test_model_scores_line_up_with_the_candidate_lists(shop: Dataset, sets: Cand
 
 def sets_split_end(sets: CandidateSets) -> int:
     return int(pc.min(sets.requests["ts"]).as_py())
+
+
+def test_ensemble_averages_each_candidates_score_over_seeds() -> None:
+    a = [np.array([1.0, 3.0]), np.array([0.0, 2.0, 4.0])]
+    b = [np.array([3.0, -1.0]), np.array([2.0, 2.0, 0.0])]
+    got = mean_scores([a, b])
+    assert [g.tolist() for g in got] == [[2.0, 1.0], [1.0, 2.0, 2.0]]
+
+
+def test_two_seeds_report_the_ensemble(shop: Dataset, tmp_path: Path) -> None:
+    cfg = EvalConfig(
+        val_share=0.2,
+        test_share=0.2,
+        seeds=(0, 1),
+        ablations=("reranker",),
+        neural=(),
+        epochs=1,
+        grid=({"dim": 8, "lr": 2e-3, "dropout": 0.0},),
+        item2vec_epochs=0,
+        n_boot=30,
+        threads=1,
+        progress=False,
+    )
+    res = run(shop, cfg)
+    ens = [m for m in res.methods if m.name == ENSEMBLE]
+    assert len(ens) == 1 and ens[0].kind == "ensemble" and ens[0].params == {"seeds": 2}
+    assert len(ens[0].proposed) == res.n_requests["test_proposed"]
+    body = render(res, tmp_path / "img", "eval_tiny")
+    assert "**Reranker ensemble (seeds' scores averaged) vs the strongest other method, proposed view" in body
