@@ -133,7 +133,6 @@ def _targets(rows: list[list]) -> str:
 
 
 def run(quick: bool) -> str:
-    torch.set_num_threads(1)
     epochs = 1 if quick else 8
     # The reference size is 5M events; BENCH_SYNTHETIC_EVENTS overrides it and BENCH_SYNTHETIC_EPOCHS
     # the synthetic shop's epochs (the table says what ran).

@@ -64,7 +64,6 @@ class BuildConfig:
     eval_candidates: int = 50  # validation groups are topped up to this many candidates
     max_val_groups: int = 3000  # a seeded sample of the validation requests beyond this (bounds the build)
     session_items: int = 15  # covisit lists read for this many distinct session items (the stage's quota)
-    signal_chunk: int = 5_000  # requests whose SIGNALS are computed at a time (bounds the examples step's memory)
     seed: int = 0
 
 
@@ -452,7 +451,6 @@ def build(
             .to_numpy()
         )
         con.unregister("props")
-        del answer
         train_groups, val_groups = np.intersect1d(train_groups, proposed), np.intersect1d(val_groups, proposed)
         cand = pa.concat_tables([cand, served.select(cand.column_names).cast(cand.schema)])
         del served
@@ -505,7 +503,6 @@ def build(
             counters[rows],
             vocab,
             [covisit[i] for i in at.tolist()],
-            cfg.signal_chunk,
         )
 
     steps.start("examples", f"examples: {len(train_groups):,} training and {len(val_groups):,} validation groups ...")
