@@ -1,5 +1,5 @@
-"""Non-neural baselines scoring the same candidate lists: popularity, trending, session recency, S-POP,
-P-TopFreq, session kNN and item co-visitation, each with a small grid tuned on validation.
+"""Non-neural baselines scoring the same candidate lists: popularity, trending, session recency, shopper
+recency, S-POP, P-TopFreq, session kNN and item co-visitation, each with a small grid tuned on validation.
 
 Each baseline turns per-candidate signals into a score; a tiny popularity term (weight `tie`, tuned over
 {0, 1e-3}) may break its ties, which is how these methods are used in published comparisons.
@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from insession.evaluate.candidates import CandidateSets
+from insession.model.reranker import SIGNALS, signal_rows
 
 Params = dict[str, Any]
 
@@ -33,6 +34,7 @@ class Signals:
     user_all: np.ndarray  # the user's events on the item (28 days)
     sess_count: np.ndarray  # events on the item in the current session
     sess_recency: np.ndarray  # 1 / (1 + events since the item's last session event); 0 when not in session
+    touch_recency: np.ndarray  # 1 / (1 + log1p(hours since the shopper's latest event on it)); 0 if none
 
     def split(self, values: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
         return [values[self.offsets[i] : self.offsets[i + 1]] for i in rows]
@@ -43,29 +45,31 @@ def _total(d: dict | None) -> float:
 
 
 def signals(sets: CandidateSets) -> Signals:
+    """The baselines' signals; the shopper's own ones through the reranker's `signal_rows` (one definition)."""
     c = sets.counters.to_pylist()
     uic = [r["user_item_count_28d"] or {} for r in c]
-    n = len(c)
-    sess_count, sess_rec = np.zeros(n), np.zeros(n)
-    offsets = sets.row_offsets()
     sessions = sets.state["session_seq"].to_pylist()
-    for i, lst in enumerate(sets.lists):
-        seq = [e["item_id"] for e in sessions[i]]
-        cnt = Counter(seq)
-        last = {item: len(seq) - 1 - j for j, item in enumerate(seq)}  # later events overwrite: steps back
-        for j, item in enumerate(lst):
-            sess_count[offsets[i] + j] = cnt.get(item, 0)
-            if item in last:
-                sess_rec[offsets[i] + j] = 1.0 / (1.0 + last[item])
+    histories = sets.state["history_seq"].to_pylist()
+    now = sets.requests["ts"].to_pylist()
+    own = np.array(
+        [
+            row
+            for i, lst in enumerate(sets.lists)
+            for row in signal_rows(lst, [None] * len(lst), sessions[i] or [], histories[i] or [], {}, now[i])
+        ],
+        np.float64,
+    ).reshape(-1, len(SIGNALS))
+    col = {name: own[:, SIGNALS.index(name)] for name in ("session_count", "session_recency", "touch_recency")}
     return Signals(
-        offsets=offsets,
+        offsets=sets.row_offsets(),
         items=[i for lst in sets.lists for i in lst],
         pop=np.array([_total(r["item_count_28d"]) for r in c]),
         trend=np.array([float(r["item_trending_2h"] or 0) for r in c]),
         user_buy=np.array([float(u.get("add_to_cart", 0) + u.get("purchase", 0)) for u in uic]),
         user_all=np.array([_total(u) for u in uic]),
-        sess_count=sess_count,
-        sess_recency=sess_rec,
+        sess_count=np.rint(np.expm1(col["session_count"])),  # the signal is log1p(a count)
+        sess_recency=col["session_recency"],
+        touch_recency=col["touch_recency"],
     )
 
 
@@ -160,6 +164,7 @@ def baselines(knn_by_period: dict[str, SessionKNN]) -> dict[str, tuple[Scorer, l
         "popularity_28d": (_simple(lambda s: np.zeros_like(s.pop)), [{"tie": 1.0}]),
         "trending_2h": (_simple(lambda s: s.trend), [{"tie": t} for t in TIES]),
         "session_recency": (_simple(lambda s: s.sess_recency), [{"tie": t} for t in TIES]),
+        "shopper_recency": (_simple(lambda s: s.touch_recency), [{"tie": t} for t in TIES]),
         "s_pop": (_simple(lambda s: s.sess_count), [{"tie": t} for t in TIES]),
         "p_topfreq": (_simple(lambda s: s.user_buy), [{"tie": t} for t in TIES]),
         "p_topfreq_all_actions": (_simple(lambda s: s.user_all), [{"tie": t} for t in TIES]),

@@ -44,6 +44,9 @@ SIGNALS: tuple[str, ...] = (
     "covisit_total",  # log1p(sum_j covisit(session item j, candidate))
     "session_category_share",  # share of the session's events in the candidate's category
     "last_category_match",  # 1 if the candidate's category is that of the session's newest event
+    "touch_recency",  # 1 / (1 + log1p(hours since the shopper's latest event on it, session or history)); 0 if none
+    "history_carted",  # 1 if the history holds an add-to-cart or purchase of the candidate
+    "history_favorited",  # 1 if the history holds a favourite of the candidate
 )
 COVISIT_DECAY = 0.5
 MS_PER_HOUR = 3_600_000
@@ -78,17 +81,23 @@ def signal_rows(
     session: Sequence_[Mapping[str, Any]],
     history: Sequence_[Mapping[str, Any]],
     covisit: Mapping[str, Mapping[str, int]],
+    now_ms: int,
 ) -> list[list[float]]:
     """The head's SIGNALS for each candidate, from the served state (training, evaluation and serving all
     go through this one function).
 
     categories: each candidate's catalogue category (None: unknown); session / history: the `session_seq` /
-    `history_seq` features (events oldest -> newest, dicts with item_id, action and category); covisit:
+    `history_seq` features (events oldest -> newest, dicts with item_id, action, ts and category); covisit:
     the `covisit` feature ({neighbour: count}) of the session's distinct items, most recent first (the
-    candidate stage reads the same lists).
+    candidate stage reads the same lists); now_ms: the request instant (the model's request_ts).
     """
     sess, hist = _recency_counts(session), _recency_counts(history)
     carted = {e["item_id"] for e in session if e["action"] == "add_to_cart"}
+    latest: dict[str, int] = {}  # item -> ts of the shopper's latest event on it
+    for e in (*history, *session):
+        latest[e["item_id"]] = max(latest.get(e["item_id"], e["ts"]), e["ts"])
+    hist_carted = {e["item_id"] for e in history if e["action"] in ("add_to_cart", "purchase")}
+    hist_fav = {e["item_id"] for e in history if e["action"] == "favorite"}
     in_category: dict[str, int] = {}
     for e in session:
         if e.get("category") is not None:
@@ -114,6 +123,9 @@ def signal_rows(
                 math.log1p(total),
                 in_category.get(cat, 0) / len(session) if cat is not None and session else 0.0,
                 float(cat is not None and cat == last),
+                1.0 / (1.0 + math.log1p(max(now_ms - latest[c], 0) / MS_PER_HOUR)) if c in latest else 0.0,
+                float(c in hist_carted),
+                float(c in hist_fav),
             ]
         )
     return rows
@@ -449,7 +461,8 @@ class DualSequenceReranker(nn.Module):
         """Scores (logits) of all candidates in one batched pass.
 
         candidates [B, C] (or [C] for one request), counters [B, C, 3] (or [C, 3]) in COUNTERS order,
-        signals [B, C, 7] (or [C, 7]) in SIGNALS order (None: zeros, i.e. "never touched, no co-visitation").
+        signals [B, C, len(SIGNALS)] (or [C, len(SIGNALS)]) in SIGNALS order (None: zeros, i.e. "never touched,
+        no co-visitation").
         Returns [B, C] (or [C]); with explain=True also the attention weights and the gate.
         """
         single = candidates.dim() == 1

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from insession.model.reranker import DualSequenceReranker, RerankerConfig
+from insession.model.reranker import SIGNALS, DualSequenceReranker, RerankerConfig
 from insession.model.vocab import Vocab
 
 WEIGHTS, CONFIG, VOCAB, FEATURES, METRICS, CURVE = (
@@ -51,7 +51,7 @@ def save_artefact(
     torch.save(model.state_dict(), version_dir / WEIGHTS)
     (version_dir / CONFIG).write_text(json.dumps(model.cfg.to_dict()))
     vocab.save(version_dir / VOCAB)
-    (version_dir / FEATURES).write_text(json.dumps({"feature_hash": feature_hash}))
+    (version_dir / FEATURES).write_text(json.dumps({"feature_hash": feature_hash, "signals": list(SIGNALS)}))
     (version_dir / METRICS).write_text(json.dumps(metrics, indent=2))
     return version_dir
 
@@ -69,6 +69,13 @@ def load_artefact(path: Path) -> Artefact:
     path = Path(path)
     if not (path / WEIGHTS).exists():
         path = latest_version(path)
+    features = json.loads((path / FEATURES).read_text())
+    trained = features.get("signals", "of an older version")
+    if trained != list(SIGNALS):
+        raise ValueError(
+            f"model artefact {path} was trained on the per-candidate signals {trained}, but this code computes "
+            f"{list(SIGNALS)}; retrain it with `insession train`"
+        )
     cfg = RerankerConfig(**json.loads((path / CONFIG).read_text()))
     model = DualSequenceReranker(cfg)
     model.load_state_dict(torch.load(path / WEIGHTS, weights_only=True))
@@ -77,6 +84,6 @@ def load_artefact(path: Path) -> Artefact:
         path=path,
         model=model,
         vocab=Vocab.load(path / VOCAB),
-        feature_hash=json.loads((path / FEATURES).read_text())["feature_hash"],
+        feature_hash=features["feature_hash"],
         metrics=json.loads((path / METRICS).read_text()) if (path / METRICS).exists() else {},
     )

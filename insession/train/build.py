@@ -366,6 +366,7 @@ def assemble_examples(
         sessions = state["session_seq"].slice(lo, n).to_pylist()
         histories = state["history_seq"].slice(lo, n).to_pylist()
         items, cats = cand["item_id"].slice(a, b - a).to_pylist(), cand["category"].slice(a, b - a).to_pylist()
+        now = parts["request_ts"][lo : lo + n].tolist()
         rows = [
             row
             for r in range(n)
@@ -375,6 +376,7 @@ def assemble_examples(
                 sessions[r] or [],
                 histories[r] or [],
                 covisit[lo + r],
+                now[r],
             )
         ]
         signals[a:b] = np.array(rows, np.float32).reshape(-1, len(SIGNALS))

@@ -67,3 +67,28 @@ def test_scorers_rank_the_shared_lists(sets: CandidateSets) -> None:
     for i in rows[:20]:
         seen = [e["item_id"] for e in sessions[i]]
         assert all(score == seen.count(item) for item, score in zip(sets.lists[i], s[i], strict=True))
+
+
+def test_shopper_recency_scores_the_latest_touch(sets: CandidateSets) -> None:
+    """Shopper recency: 0 for an item the shopper never touched (session or history), else decreasing in the
+    hours since the latest touch: the most recently touched item of a list scores highest."""
+    sig = signals(sets)
+    rows = np.arange(len(sets.lists))
+    recency, _ = baselines({})["shopper_recency"]
+    s = recency(sets, sig, rows, {"tie": 0.0})
+    state = sets.state.to_pylist()
+    now = sets.requests["ts"].to_pylist()
+    checked = 0
+    for i in rows:
+        latest: dict[str, int] = {}
+        for e in (*(state[i]["history_seq"] or []), *(state[i]["session_seq"] or [])):
+            latest[e["item_id"]] = max(latest.get(e["item_id"], e["ts"]), e["ts"])
+        for item, score in zip(sets.lists[i], s[i], strict=True):
+            hours = (now[i] - latest[item]) / 3_600_000 if item in latest else None
+            assert score == (0.0 if hours is None else pytest.approx(1 / (1 + np.log1p(hours)))), (i, item)
+        touched = [item for item in sets.lists[i] if item in latest]
+        if len(touched) > 1:
+            best = sets.lists[i][int(np.argmax(s[i]))]
+            assert latest[best] == max(latest[t] for t in touched)
+            checked += 1
+    assert checked > 0

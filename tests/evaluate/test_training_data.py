@@ -58,7 +58,8 @@ def test_groups_hold_the_stage_proposals_and_their_signals(
         assert len(items) >= len(proposed)
         # signals: the same function serving calls, on the same point-in-time state, by item id
         session, history = sets.state["session_seq"][g].as_py(), sets.state["history_seq"][g].as_py()
-        expected = np.array(signal_rows(proposed, cat, session, history, sets.covisit[g]), np.float32)
+        now = int(meta["ts"][g].as_py())
+        expected = np.array(signal_rows(proposed, cat, session, history, sets.covisit[g], now), np.float32)
         pos = proposed.index(meta["item_id"][g].as_py())
         np.testing.assert_allclose(signals[0], expected[pos], rtol=1e-6)
         got = sorted(map(tuple, np.round(signals[1:], 5).tolist()))

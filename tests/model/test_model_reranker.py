@@ -254,25 +254,39 @@ def test_calendar_fields_match_datetime(ts: int) -> None:
 
 
 def test_signal_rows_by_hand() -> None:
-    """Repeat, recency, co-visitation and category of each candidate, by item id (cold items never merge)."""
-    events = (("a", "view", "k1"), ("b", "add_to_cart", "k2"), ("a", "view", "k1"), ("c", "view", "k2"))
-    session = [{"item_id": i, "action": a, "category": k} for i, a, k in events]
-    history = [{"item_id": "b", "action": "view", "category": "k2"}, {"item_id": "z", "action": "view"}]
+    """Repeat, recency, co-visitation, category and past actions of each candidate, by item id (cold items
+    never merge)."""
+    h = HOUR
+    events = (("a", "view", "k1", 90), ("b", "add_to_cart", "k2", 91), ("a", "view", "k1", 92), ("c", "view", "k2", 93))
+    session = [{"item_id": i, "action": a, "category": k, "ts": t * h} for i, a, k, t in events]
+    history = [
+        {"item_id": "b", "action": "view", "category": "k2", "ts": 10 * h},
+        {"item_id": "z", "action": "view", "ts": 20 * h},
+        {"item_id": "z", "action": "purchase", "ts": 21 * h},
+        {"item_id": "y", "action": "favorite", "ts": 22 * h},
+    ]
     covisit = {"c": {"a": 2, "x": 4}, "a": {"x": 1, "b": 3}}  # most recent distinct session item first
-    cats = ["k1", "k2", "k2", None]
-    rows = dict(zip("abxq", signal_rows(list("abxq"), cats, session, history, covisit), strict=True))
+    cats = ["k1", "k2", "k2", None, None, None]
+    rows = dict(zip("abxqzy", signal_rows(list("abxqzy"), cats, session, history, covisit, 100 * h), strict=True))
     col = {name: i for i, name in enumerate(SIGNALS)}
     assert rows["a"][col["session_count"]] == pytest.approx(math.log1p(2))
     assert rows["a"][col["session_recency"]] == pytest.approx(1 / 2)  # one event (c) after its latest
     assert rows["b"][col["session_recency"]] == pytest.approx(1 / 3)
     assert rows["b"][col["session_carted"]] == 1.0 and rows["a"][col["session_carted"]] == 0.0
     assert rows["b"][col["history_count"]] == pytest.approx(math.log1p(1))
-    assert rows["b"][col["history_recency"]] == pytest.approx(1 / 2)
+    assert rows["b"][col["history_recency"]] == pytest.approx(1 / 4)  # z, z, y came after it
     assert rows["x"][col["covisit_recent"]] == pytest.approx(math.log1p(4 + COVISIT_DECAY * 1))
     assert rows["x"][col["covisit_total"]] == pytest.approx(math.log1p(5))
     assert rows["a"][col["covisit_recent"]] == pytest.approx(math.log1p(2))
     assert rows["a"][col["session_category_share"]] == pytest.approx(2 / 4)
     assert rows["x"][col["last_category_match"]] == 1.0 and rows["a"][col["last_category_match"]] == 0.0
+    # hours since the latest event on the item, session or history: b's is its session add-to-cart (9 h)
+    assert rows["a"][col["touch_recency"]] == pytest.approx(1 / (1 + math.log1p(8)))
+    assert rows["b"][col["touch_recency"]] == pytest.approx(1 / (1 + math.log1p(9)))
+    assert rows["z"][col["touch_recency"]] == pytest.approx(1 / (1 + math.log1p(79)))
+    assert rows["x"][col["touch_recency"]] == 0.0
+    assert rows["z"][col["history_carted"]] == 1.0 and rows["b"][col["history_carted"]] == 0.0  # b: session only
+    assert rows["y"][col["history_favorited"]] == 1.0 and rows["z"][col["history_favorited"]] == 0.0
     assert rows["q"] == [0.0] * len(SIGNALS)  # never touched, no co-visitation, unknown category
 
 
