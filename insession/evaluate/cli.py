@@ -47,18 +47,30 @@ def evaluate(
     days: Annotated[int, typer.Option(help="Synthetic shop: days.")] = 14,
     seed: Annotated[int, typer.Option(help="Synthetic shop seed.")] = 7,
     boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 1000,
+    backtest: Annotated[
+        int,
+        typer.Option(
+            help="Evaluate on an earlier window: drop the latest test period's events this many times first "
+            "(its own section of the report)."
+        ),
+    ] = 0,
 ) -> None:
     """Evaluate the reranker against baselines and its ablations on one dataset (seeded, reproducible)."""
-    from insession.evaluate.data import load_real, load_synthetic
+    from insession.evaluate.data import Dataset, load_real, load_synthetic
     from insession.evaluate.neural import MODELS
     from insession.evaluate.report import render
     from insession.evaluate.runner import ABLATIONS, RERANKER_GRID, EvalConfig, run
+    from insession.evaluate.split import earlier_window
 
     ds = (
         load_synthetic(users, items, days, seed)
         if dataset == "synthetic"
         else load_real(data / f"{dataset}.parquet", dataset)
     )
+    section = dataset
+    if backtest > 0:
+        section = f"{dataset}_backtest{backtest}"
+        ds = Dataset(f"{ds.name}, backtest {backtest}", earlier_window(ds.events, backtest), ds.items)
     cfg = EvalConfig(
         seeds=tuple(range(seeds)),
         epochs=epochs,
@@ -75,7 +87,8 @@ def evaluate(
         + f"{'--ablations' if ablations else '--no-ablations'} "
         f"{'--neural' if neural else '--no-neural'} --boot {boot}"
         + (f" --users {users} --items {items} --days {days} --seed {seed}" if dataset == "synthetic" else "")
+        + (f" --backtest {backtest}" if backtest else "")
     )
-    body = render(res, out.parent / "img", f"eval_{dataset}")
-    write_section(out, dataset, f"Reproduce: `{command}`\n\n{body}")
+    body = render(res, out.parent / "img", f"eval_{section}")
+    write_section(out, section, f"Reproduce: `{command}`\n\n{body}")
     typer.echo(f"wrote {out} ({res.seconds['total'] / 60:.1f} min)")

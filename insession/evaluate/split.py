@@ -42,6 +42,14 @@ def before(events: pa.Table, end_ts: int) -> pa.Table:
     return events.filter(pc.less(events["ts"], end_ts))
 
 
+def earlier_window(events: pa.Table, windows: int, val_share: float = 0.15, test_share: float = 0.15) -> pa.Table:
+    """The events before the test period, `windows` times over: the same protocol on these puts its test
+    period just before the previous one's (a backtest on a window the reported figures never tested on)."""
+    for _ in range(windows):
+        events = before(events, TimeSplit.of(events, val_share, test_share).test_start)
+    return events
+
+
 def requests(events: pa.Table, split: TimeSplit) -> pa.Table:
     """One request per add-to-cart in the validation and test periods: the state just before it.
 

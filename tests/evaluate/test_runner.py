@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import typer
+from typer.testing import CliRunner
 
 from insession.evaluate.baselines import baselines
 from insession.evaluate.candidates import CandidateSets
-from insession.evaluate.cli import write_section
+from insession.evaluate.cli import evaluate, write_section
 from insession.evaluate.data import Dataset
 from insession.evaluate.neural import score_examples
 from insession.evaluate.report import render
@@ -113,3 +115,20 @@ def test_two_seeds_report_the_ensemble(shop: Dataset, tmp_path: Path) -> None:
     assert len(ens[0].proposed) == res.n_requests["test_proposed"]
     body = render(res, tmp_path / "img", "eval_tiny")
     assert "**Reranker ensemble (seeds' scores averaged) vs the strongest other method, proposed view" in body
+
+
+def test_cli_backtest_writes_its_own_section(tmp_path: Path) -> None:
+    """`insession evaluate synthetic --backtest 1` evaluates the window before the latest test period and
+    writes it beside (not over) the dataset's own section, with the command that reproduces it."""
+    app = typer.Typer()
+    app.command()(evaluate)
+    doc = tmp_path / "evaluation.md"
+    write_section(doc, "synthetic", "the latest window")
+    small = ["--users", "40", "--items", "120", "--days", "8", "--seeds", "1", "--epochs", "1", "--no-tune"]
+    fast = ["--no-ablations", "--no-neural", "--boot", "50", "--out", str(doc)]
+    result = CliRunner().invoke(app, ["synthetic", *small, *fast, "--backtest", "1"])
+    assert result.exit_code == 0, result.output
+    text = doc.read_text()
+    assert "the latest window" in text and "<!-- evaluate:synthetic_backtest1:begin -->" in text
+    section = text.split("<!-- evaluate:synthetic_backtest1:begin -->")[1]
+    assert "--backtest 1" in section and "## synthetic_u40_i120_d8_s7, backtest 1" in section

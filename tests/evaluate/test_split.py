@@ -10,7 +10,7 @@ import pytest
 from insession.evaluate.baselines import SessionKNN
 from insession.evaluate.candidates import build_candidates
 from insession.evaluate.data import Dataset
-from insession.evaluate.split import TimeSplit, before, requests
+from insession.evaluate.split import TimeSplit, before, earlier_window, requests
 from insession.schema import EVENT_ARROW_SCHEMA
 from insession.train.build import BuildConfig, build
 
@@ -27,6 +27,16 @@ def test_periods_are_ordered_and_requests_are_later_add_to_carts(shop: Dataset, 
     assert pc.all(pc.greater_equal(req["ts"], split.val_start)).as_py()
     with pytest.raises(ValueError):
         TimeSplit.of(shop.events, 0.6, 0.5)
+
+
+def test_backtest_window_ends_where_the_latest_test_period_starts(shop: Dataset) -> None:
+    split = TimeSplit.of(shop.events)  # the shares the backtest uses (the evaluation's defaults)
+    assert earlier_window(shop.events, 0) is shop.events
+    one = earlier_window(shop.events, 1)
+    assert one.num_rows == before(shop.events, split.test_start).num_rows < shop.events.num_rows
+    earlier = TimeSplit.of(one)
+    assert earlier.test_start < split.test_start and earlier.val_start < split.val_start
+    assert earlier_window(shop.events, 2).num_rows == before(one, earlier.test_start).num_rows
 
 
 def _plant(events: pa.Table, rows: list[dict]) -> pa.Table:
