@@ -67,10 +67,6 @@ def evaluate(
         if dataset == "synthetic"
         else load_real(data / f"{dataset}.parquet", dataset)
     )
-    section = dataset
-    if backtest > 0:
-        section = f"{dataset}_backtest{backtest}"
-        ds = Dataset(f"{ds.name}, backtest {backtest}", earlier_window(ds.events, backtest), ds.items)
     cfg = EvalConfig(
         seeds=tuple(range(seeds)),
         epochs=epochs,
@@ -80,6 +76,11 @@ def evaluate(
         neural=tuple(MODELS) if neural else (),
         n_boot=boot,
     )
+    section = dataset
+    if backtest > 0:  # the earlier window is cut with the run's own shares, so its test period ends where ours starts
+        section = f"{dataset}_backtest{backtest}"
+        earlier = earlier_window(ds.events, backtest, cfg.val_share, cfg.test_share)
+        ds = Dataset(f"{ds.name}, backtest {backtest}", earlier, ds.items)
     res = run(ds, cfg)
     command = (
         f"insession evaluate {dataset} --seeds {seeds} --epochs {epochs} --neural-epochs {neural_epochs} "

@@ -42,7 +42,7 @@ def before(events: pa.Table, end_ts: int) -> pa.Table:
     return events.filter(pc.less(events["ts"], end_ts))
 
 
-def earlier_window(events: pa.Table, windows: int, val_share: float = 0.15, test_share: float = 0.15) -> pa.Table:
+def earlier_window(events: pa.Table, windows: int, val_share: float, test_share: float) -> pa.Table:
     """The events before the test period, `windows` times over: the same protocol on these puts its test
     period just before the previous one's (a backtest on a window the reported figures never tested on)."""
     for _ in range(windows):

@@ -30,13 +30,13 @@ def test_periods_are_ordered_and_requests_are_later_add_to_carts(shop: Dataset, 
 
 
 def test_backtest_window_ends_where_the_latest_test_period_starts(shop: Dataset) -> None:
-    split = TimeSplit.of(shop.events)  # the shares the backtest uses (the evaluation's defaults)
-    assert earlier_window(shop.events, 0) is shop.events
-    one = earlier_window(shop.events, 1)
+    split = TimeSplit.of(shop.events, 0.15, 0.15)
+    assert earlier_window(shop.events, 0, 0.15, 0.15) is shop.events
+    one = earlier_window(shop.events, 1, 0.15, 0.15)
     assert one.num_rows == before(shop.events, split.test_start).num_rows < shop.events.num_rows
-    earlier = TimeSplit.of(one)
+    earlier = TimeSplit.of(one, 0.15, 0.15)
     assert earlier.test_start < split.test_start and earlier.val_start < split.val_start
-    assert earlier_window(shop.events, 2).num_rows == before(one, earlier.test_start).num_rows
+    assert earlier_window(shop.events, 2, 0.15, 0.15).num_rows == before(one, earlier.test_start).num_rows
 
 
 def _plant(events: pa.Table, rows: list[dict]) -> pa.Table:
