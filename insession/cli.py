@@ -21,16 +21,36 @@ app.command("evaluate")(evaluate)
 @app.command()
 def serve(
     data_dir: Path = typer.Option(Path("data"), "--data-dir", help="Where the log, features and history live."),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port"),
-    config: Path | None = typer.Option(None, "--config", help="Server config (TOML/JSON): API keys, query limits."),
+    host: str | None = typer.Option(None, "--host", help="Address to bind (default: [server] host, 127.0.0.1)."),
+    port: int | None = typer.Option(None, "--port", help="TCP port (default: [server] port, 8000)."),
+    config: Path | None = typer.Option(
+        None, "--config", help="Server config (TOML/JSON), see docs/configuration.md: API keys, limits, ranking."
+    ),
+    insecure_no_auth: bool = typer.Option(
+        False, "--insecure-no-auth", help="Serve a non-loopback address without API keys (refused otherwise)."
+    ),
 ) -> None:
-    """Run the HTTP server on the embedded default (one process)."""
+    """Run the HTTP server on the embedded default (one process). A bad config stops it with the key at fault."""
+    import msgspec
     import uvicorn
 
     from insession.serve.app import create_app
+    from insession.serve.config import ConfigError, load_config
 
-    uvicorn.run(create_app(data_dir, config=config), host=host, port=port, loop="uvloop", http="httptools",
+    try:
+        cfg = load_config(config)
+        server = msgspec.structs.replace(
+            cfg.server,
+            host=cfg.server.host if host is None else host,
+            port=cfg.server.port if port is None else port,
+            insecure_no_auth=cfg.server.insecure_no_auth or insecure_no_auth,
+        )
+        cfg = msgspec.structs.replace(cfg, server=server)
+        api = create_app(data_dir, config=cfg)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    uvicorn.run(api, host=server.host, port=server.port, loop="uvloop", http="httptools",
                 access_log=False, log_level="warning")
 
 

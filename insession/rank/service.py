@@ -34,13 +34,13 @@ import torch
 from insession.features import FeatureEngine
 from insession.log.catalog import Catalog
 from insession.model import COUNTERS, Explanation
+from insession.model.artefact import Artefact, load_artefact, versions
 from insession.model.reranker import SIGNALS
 from insession.rank.candidates import CandidateQuotas, PopularItems, propose, sources_for
 from insession.rank.fallback import fallback_ranking
 from insession.rank.hygiene import HygieneRules, apply_hygiene, eligible
 from insession.rank.inputs import ItemIndex, Shopper, counters, covisit_counts, item_counts, sequence, signals
 from insession.rank.onnx import OnnxScorer
-from insession.train.artefact import Artefact, load_artefact
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,7 @@ class ModelInfo(msgspec.Struct):
     loaded_at_ms: int
     backend: str  # what scores right now: "onnx" (ONNX Runtime) or "torch" (eager, also while exporting)
     metrics: dict[str, Any]
+    skipped: dict[str, str] = {}  # newer versions refused when this one was loaded: version -> why
 
 
 @dataclass
@@ -141,6 +142,7 @@ class _Loaded:
     version: str
     loaded_at_ms: int
     index: ItemIndex
+    skipped: dict[str, str] = field(default_factory=dict)
     onnx: OnnxScorer | None = None  # set once the ONNX graph is ready (read once per request)
     onnx_ready: threading.Event = field(default_factory=threading.Event)  # set when export ended (or failed)
 
@@ -149,7 +151,7 @@ class _Loaded:
         art = self.artefact
         backend = "onnx" if self.onnx is not None else "torch"
         return ModelInfo(self.version, str(art.path), art.feature_hash, self.loaded_at_ms, backend,
-                         art.metrics)
+                         art.metrics, self.skipped)
 
 
 @dataclass
@@ -180,15 +182,18 @@ class _Job:
 
 
 def _load(path: Path) -> Artefact:
-    """`load_artefact`, with anything but a missing artefact reported as a refusal."""
+    """`load_artefact` of one version, with anything but a missing artefact reported as a refusal."""
     try:
         return load_artefact(path)
     except FileNotFoundError:
         raise
     except Exception as e:  # weights of another architecture, a truncated file, ...
+        log.warning("model artefact %s cannot be loaded", path, exc_info=True)
+        first = str(e).splitlines()[0] if str(e) else ""
         raise ArtefactRefused(
-            f"model artefact {path} cannot be loaded by this version of insession ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); retrain it with `insession train`"
+            f"model artefact {path.name} cannot be loaded by this version of insession ({type(e).__name__}"
+            f"{': ' + first if isinstance(e, ValueError) else ''}); retrain it with "
+            "`insession train`"
         ) from e
 
 
@@ -239,9 +244,11 @@ class Ranker:
         return loaded.info if loaded else None
 
     def reload(self, path: Path | None = None) -> ModelInfo:
-        """Load an artefact (default: the newest under `model_dir`), check it, warm it, swap it in.
+        """Load an artefact, check it, warm it, swap it in; `path` is one version or a directory of them
+        (default: `model_dir`), where the newest version that loads and fits serves: a broken or
+        mismatched newer one is skipped with a warning in the log and named in `ModelInfo.skipped`.
 
-        Raises ArtefactRefused (feature hash mismatch, or an artefact this code cannot load) or
+        Raises ArtefactRefused (every candidate version refused: the newest one's reason) or
         FileNotFoundError; the serving model is untouched then.
         """
         src = Path(path) if path is not None else self.model_dir
@@ -249,17 +256,7 @@ class Ranker:
             raise FileNotFoundError("no model path given and the ranker has no model_dir")
         with self._reload_lock:
             try:
-                art = _load(src)
-                running = self.features.registry.hash()
-                if art.feature_hash != running:
-                    raise ArtefactRefused(
-                        f"model artefact {art.path} was trained on feature declarations {art.feature_hash}, "
-                        f"but this service runs declarations {running}; retrain it on the running feature "
-                        "set (`insession train`) before loading it"
-                    )
-                now_ms = int(time.time() * 1000)
-                loaded = _Loaded(art, art.path.name, now_ms, ItemIndex(art.vocab, self.catalog))
-                self._warm(loaded)
+                loaded = self._first_valid(versions(src))
             except Exception as e:
                 self.last_reload_error = f"{type(e).__name__}: {e}"
                 raise
@@ -271,6 +268,34 @@ class Ranker:
         else:
             loaded.onnx_ready.set()
         return loaded.info
+
+    def _first_valid(self, candidates: list[Path]) -> _Loaded:
+        """The newest of `candidates` that loads and fits the running features, loaded and warmed."""
+        skipped: dict[str, str] = {}
+        first_refusal: ArtefactRefused | None = None
+        for version_dir in candidates:
+            try:
+                art = _load(version_dir)
+                running = self.features.registry.hash()
+                if art.feature_hash != running:
+                    raise ArtefactRefused(
+                        f"model artefact {version_dir.name} was trained on feature declarations {art.feature_hash}, "
+                        f"but this service runs declarations {running}; retrain it on the running feature "
+                        "set (`insession train`) before loading it"
+                    )
+            except ArtefactRefused as e:
+                log.warning("skipping model version %s: %s", version_dir.name, e)
+                skipped[version_dir.name] = str(e)
+                first_refusal = first_refusal or e
+                continue
+            loaded = _Loaded(art, version_dir.name, int(time.time() * 1000), ItemIndex(art.vocab, self.catalog),
+                             skipped)
+            self._warm(loaded)
+            if skipped:
+                log.warning("serving model %s; newer versions refused: %s", loaded.version, ", ".join(skipped))
+            return loaded
+        assert first_refusal is not None
+        raise first_refusal
 
     def _to_onnx(self, loaded: _Loaded) -> None:
         """Export (or load the cached export of) the artefact for ONNX Runtime, then switch to it.

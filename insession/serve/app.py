@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,9 +18,11 @@ from insession.embedded import Insession
 from insession.schema import BatchRejected, EventIn, ItemIn, decode_body
 from insession.serve import query_routes, rank_routes
 from insession.serve.auth import SECURITY, Auth, authorize
-from insession.serve.config import load_config, query_limits
+from insession.serve.config import Config, exposure_warning, load_config
+from insession.serve.limits import BodyLimit
 from insession.serve.metrics import Metrics
 
+log = logging.getLogger(__name__)
 _json = msgspec.json.Encoder()
 
 
@@ -28,6 +31,12 @@ def _rejected(e: BatchRejected) -> JSONResponse:
         status_code=e.status,
         content={"error": str(e), "errors": [msgspec.structs.asdict(x) for x in e.errors]},
     )
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    """A fault of the server (never of the input): the details go to the server log, not to the client."""
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"error": "internal error; the server log has the details", "code": "internal"}, 500)
 
 
 def _body_schema(struct: type[msgspec.Struct]) -> dict[str, Any]:
@@ -47,20 +56,32 @@ def _body_schema(struct: type[msgspec.Struct]) -> dict[str, Any]:
 
 
 def create_app(data_dir: str | Path | None = None, *, handle: Insession | None = None,
-               config: str | Path | dict[str, Any] | None = None) -> FastAPI:
+               config: Config | str | Path | None = None) -> FastAPI:
     """Build the app over an embedded handle (opened from `data_dir` if not given, closed on shutdown).
 
-    `config`: a server config file or its parsed form (API keys, analytics limits); none means auth off.
+    `config`: a `Config` or a server config file (`insession.serve.config`); none means the defaults
+    (auth off, loopback). Raises ConfigError for a bad file, and when `config.server.host` is not a
+    loopback address while no API key is configured, unless `insecure_no_auth` accepts it (then the
+    warning is logged at start and shown on /readyz).
     """
     if handle is None and data_dir is None:
         raise ValueError("create_app needs data_dir or handle")
-    cfg = config if isinstance(config, dict) else load_config(config)
+    cfg = config if isinstance(config, Config) else load_config(config)
+    warning = exposure_warning(cfg)
+    auth = Auth(cfg.auth.keys)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = handle is None
-        db = app.state.insession = handle or Insession(data_dir, limits=query_limits(cfg))  # type: ignore[arg-type]
+        db = app.state.insession = handle or Insession(
+            data_dir,  # type: ignore[arg-type]
+            maintenance_interval_s=cfg.server.maintenance_interval_s,
+            limits=cfg.query.limits(),
+            rank_config=cfg.rank.rank_config(),
+        )
         app.state.metrics.bind(db)
+        if warning:
+            log.warning("%s", warning)
         try:
             yield
         finally:
@@ -68,8 +89,12 @@ def create_app(data_dir: str | Path | None = None, *, handle: Insession | None =
                 db.close()
 
     app = FastAPI(title="insession", version="0.1.0", lifespan=lifespan)
-    app.state.auth = Auth.from_dict(cfg)
+    app.state.config = cfg
+    app.state.auth = auth
     app.state.metrics = Metrics()
+    app.state.warnings = [warning] if warning else []
+    app.add_middleware(BodyLimit, limit_for=cfg.http.limit_for)
+    app.add_exception_handler(Exception, _internal_error)
     app.include_router(query_routes.router)
     app.include_router(rank_routes.router)
 
@@ -106,8 +131,9 @@ def create_app(data_dir: str | Path | None = None, *, handle: Insession | None =
     async def readyz(request: Request) -> Response:
         """Readiness: the log is open and features have caught up with it."""
         db: Insession | None = getattr(request.app.state, "insession", None)
+        warnings = {"warnings": request.app.state.warnings} if request.app.state.warnings else {}
         if db is None:
-            return JSONResponse({"ready": False}, status_code=503)
-        return JSONResponse({"ready": True, **db.lag(), "watermark": db.features.watermark})
+            return JSONResponse({"ready": False, **warnings}, status_code=503)
+        return JSONResponse({"ready": True, **db.lag(), "watermark": db.features.watermark, **warnings})
 
     return app

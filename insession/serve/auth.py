@@ -19,16 +19,16 @@ import hashlib
 import hmac
 import json
 import secrets
-import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyHeader
 
-ROLES: tuple[str, ...] = ("ingest", "serve", "analytics", "admin")
+Role = Literal["ingest", "serve", "analytics", "admin"]
+ROLES: tuple[str, ...] = get_args(Role)
 ADMIN = "admin"
 API_KEY_HEADER = "X-API-Key"
 
@@ -42,13 +42,25 @@ class Principal(msgspec.Struct, frozen=True):
     roles: frozenset[str]
 
 
-class KeySpec(msgspec.Struct, forbid_unknown_fields=True):
-    """One configured key: a plain `key` (hashed on load) or its `sha256`, and its roles."""
+class KeySpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One configured key: a plain `key` (hashed on load) or its `sha256`, and its roles.
 
-    name: str
-    roles: list[str]
-    key: str | None = None
-    sha256: str | None = None
+    Decoding (`msgspec.convert`, the server config) refuses unknown fields, unknown or no roles, a
+    malformed digest, and both or neither of `key` and `sha256`, naming the field."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=256, description="shown in logs and 403s")]
+    roles: Annotated[list[Role], msgspec.Meta(min_length=1, description="admin implies every role")]
+    key: Annotated[str, msgspec.Meta(min_length=1, description="the plain key, hashed on load")] | None = None
+    sha256: (
+        Annotated[
+            str, msgspec.Meta(pattern="^[0-9a-fA-F]{64}$", description="the key's SHA-256 hex digest (instead of key)")
+        ]
+        | None
+    ) = None
+
+    def __post_init__(self) -> None:
+        if (self.key is None) == (self.sha256 is None):
+            raise ValueError(f"key {self.name!r}: give exactly one of key or sha256")
 
 
 def hash_key(key: str) -> str:
@@ -67,34 +79,14 @@ class Auth:
     def __init__(self, keys: Iterable[KeySpec] = ()) -> None:
         self._keys: list[tuple[bytes, Principal]] = []
         for spec in keys:
-            if (spec.key is None) == (spec.sha256 is None):
-                raise ValueError(f"key {spec.name!r}: give exactly one of key or sha256")
-            unknown = set(spec.roles) - set(ROLES)
-            if unknown or not spec.roles:
-                raise ValueError(f"key {spec.name!r}: roles must be a non-empty subset of {ROLES}")
+            spec = msgspec.convert(msgspec.to_builtins(spec), KeySpec)  # the checks of decoding, for built specs
             digest = hash_key(spec.key) if spec.key is not None else str(spec.sha256).lower()
-            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-                raise ValueError(f"key {spec.name!r}: sha256 must be 64 hex digits")
             roles = frozenset(ROLES) if ADMIN in spec.roles else frozenset(spec.roles)
             self._keys.append((bytes.fromhex(digest), Principal(spec.name, roles)))
 
     @property
     def enabled(self) -> bool:
         return bool(self._keys)
-
-    @classmethod
-    def from_dict(cls, config: Mapping[str, Any]) -> Auth:
-        """From a config mapping: the `auth` section of a server config, or the whole config holding one."""
-        section = config.get("auth", config)
-        return cls(msgspec.convert(section.get("keys", []), list[KeySpec]))
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> Auth:
-        """From a TOML (`.toml`) or JSON server config file."""
-        path = Path(path)
-        text = path.read_text()
-        config = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-        return cls.from_dict(config)
 
     def authenticate(self, key: str | None) -> Principal | None:
         """The principal of a presented key, or None. Compares with every digest, in constant time each."""

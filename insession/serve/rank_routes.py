@@ -7,6 +7,7 @@ request's latency, fallback reason and hygiene drops go to the app's metrics.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from insession.rank import ArtefactRefused, ModelInfo, Ranker, RankRequest, Rank
 from insession.serve.auth import require
 from insession.serve.metrics import metrics_of
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 _decode_rank = msgspec.json.Decoder(RankRequest)
@@ -105,7 +107,7 @@ async def get_model(request: Request) -> Response:
     ranker = _ranker(request)
     info = ranker.model
     if info is None:
-        return _error(404, f"no model is serving ({ranker.last_reload_error or 'no artefact loaded'})")
+        return _error(404, "no model is serving (no valid artefact loaded; the server log says why)")
     return Response(_encode.encode(info), media_type="application/json")
 
 
@@ -134,10 +136,13 @@ async def reload_model(request: Request) -> Response:
         if Path(version).name != version or version in ("", ".", ".."):
             return _error(422, f"version must be a directory name under the model directory, got {version!r}")
         path = ranker.model_dir / version
+    asked = "the newest version" if version is None else f"version {version!r}"
     try:
         info = await run_in_threadpool(ranker.reload, path)
-    except ArtefactRefused as e:
-        return _error(409, str(e))
+    except ArtefactRefused as e:  # the reason is the client's to know; where the files live is not
+        log.warning("reload of %s refused: %s", asked, e)
+        return _error(409, f"{asked} was refused: {e}")
     except FileNotFoundError as e:
-        return _error(404, str(e))
+        log.warning("reload of %s: %s", asked, e)
+        return _error(404, f"no model artefact for {asked} in the model directory")
     return Response(_encode.encode(info), media_type="application/json")

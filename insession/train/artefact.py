@@ -1,89 +1,31 @@
-"""Model artefacts: a versioned directory with weights, config, vocabulary, feature hash, metrics, curve."""
+"""The model artefact format moved to `insession.model.artefact`; re-exported for callers of the old path."""
 
-from __future__ import annotations
-
-import json
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
-
-import torch
-
-from insession.model.reranker import SIGNALS, DualSequenceReranker, RerankerConfig
-from insession.model.vocab import Vocab
-
-WEIGHTS, CONFIG, VOCAB, FEATURES, METRICS, CURVE = (
-    "model.pt",
-    "config.json",
-    "vocab.json",
-    "features.json",
-    "metrics.json",
-    "curve.png",
+from insession.model.artefact import (
+    CONFIG,
+    CURVE,
+    FEATURES,
+    METRICS,
+    VOCAB,
+    WEIGHTS,
+    Artefact,
+    latest_version,
+    load_artefact,
+    new_version,
+    save_artefact,
+    versions,
 )
 
-
-@dataclass
-class Artefact:
-    """A trained model ready to serve (eval mode, cold-start rows derived) and what it was trained on."""
-
-    path: Path
-    model: DualSequenceReranker
-    vocab: Vocab
-    feature_hash: str
-    metrics: dict
-
-
-def new_version(out: Path) -> Path:
-    """`out/<UTC timestamp>` (with a numeric suffix if that exists already), created."""
-    base = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path, n = out / base, 1
-    while path.exists():
-        path, n = out / f"{base}-{n}", n + 1
-    path.mkdir(parents=True)
-    return path
-
-
-def save_artefact(
-    version_dir: Path, model: DualSequenceReranker, vocab: Vocab, feature_hash: str, metrics: dict
-) -> Path:
-    """Write weights, config, vocabulary, feature-declaration hash and metrics into `version_dir`."""
-    version_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), version_dir / WEIGHTS)
-    (version_dir / CONFIG).write_text(json.dumps(model.cfg.to_dict()))
-    vocab.save(version_dir / VOCAB)
-    (version_dir / FEATURES).write_text(json.dumps({"feature_hash": feature_hash, "signals": list(SIGNALS)}))
-    (version_dir / METRICS).write_text(json.dumps(metrics, indent=2))
-    return version_dir
-
-
-def latest_version(out: Path) -> Path:
-    """The newest version directory under `out` that holds weights."""
-    versions = sorted(p for p in out.iterdir() if (p / WEIGHTS).exists())
-    if not versions:
-        raise FileNotFoundError(f"no model artefact under {out}")
-    return versions[-1]
-
-
-def load_artefact(path: Path) -> Artefact:
-    """A version directory (or a directory of versions: the newest) -> a model ready to score."""
-    path = Path(path)
-    if not (path / WEIGHTS).exists():
-        path = latest_version(path)
-    features = json.loads((path / FEATURES).read_text())
-    trained = features.get("signals", "of an older version")
-    if trained != list(SIGNALS):
-        raise ValueError(
-            f"model artefact {path} was trained on the per-candidate signals {trained}, but this code computes "
-            f"{list(SIGNALS)}; retrain it with `insession train`"
-        )
-    cfg = RerankerConfig(**json.loads((path / CONFIG).read_text()))
-    model = DualSequenceReranker(cfg)
-    model.load_state_dict(torch.load(path / WEIGHTS, weights_only=True))
-    model.eval()
-    return Artefact(
-        path=path,
-        model=model,
-        vocab=Vocab.load(path / VOCAB),
-        feature_hash=features["feature_hash"],
-        metrics=json.loads((path / METRICS).read_text()) if (path / METRICS).exists() else {},
-    )
+__all__ = [
+    "CONFIG",
+    "CURVE",
+    "FEATURES",
+    "METRICS",
+    "VOCAB",
+    "WEIGHTS",
+    "Artefact",
+    "latest_version",
+    "load_artefact",
+    "new_version",
+    "save_artefact",
+    "versions",
+]

@@ -10,8 +10,8 @@ import pyarrow as pa
 import torch
 
 from insession.features.declare import FeatureRegistry
+from insession.model.artefact import CURVE, new_version, save_artefact
 from insession.model.reranker import DualSequenceReranker
-from insession.train.artefact import CURVE, new_version, save_artefact
 from insession.train.build import BuildConfig, Proposer, TrainingData, build
 from insession.train.item2vec import item2vec
 from insession.train.plots import plot_curve

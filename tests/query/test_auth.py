@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from insession.serve.auth import Auth, KeySpec, hash_key, write_config
+from insession.serve.config import ConfigError, load_config
 
 from .conftest import World, make_app
 
@@ -89,7 +92,7 @@ def test_config_from_toml_holds_hashes_only(tmp_path: Path) -> None:
     text = path.read_text()
     assert all(k not in text for k in keys.values())
     assert hash_key(keys["shop"]) in text
-    auth = Auth.from_file(path)
+    auth = Auth(load_config(path).auth.keys)
     shop = auth.authenticate(keys["shop"])
     assert shop is not None and shop.roles == {"serve", "ingest"}
     ops = auth.authenticate(keys["ops"])
@@ -100,12 +103,16 @@ def test_config_from_toml_holds_hashes_only(tmp_path: Path) -> None:
 def test_json_config_and_bad_configs(tmp_path: Path) -> None:
     path = tmp_path / "server.json"
     path.write_text('{"auth": {"keys": [{"name": "a", "key": "secret-a", "roles": ["analytics"]}]}}')
-    assert Auth.from_file(path).authenticate("secret-a").roles == {"analytics"}
-    for bad in (
-        {"name": "x", "roles": ["serve"]},
-        {"name": "x", "roles": ["root"], "key": "k"},
-        {"name": "x", "roles": [], "key": "k"},
-        {"name": "x", "roles": ["serve"], "sha256": "abc"},
+    assert Auth(load_config(path).auth.keys).authenticate("secret-a").roles == {"analytics"}
+    for bad, says in (
+        ({"name": "x", "roles": ["serve"]}, "exactly one of key or sha256"),
+        ({"name": "x", "roles": ["serve"], "key": "k", "sha256": "a" * 64}, "exactly one of key or sha256"),
+        ({"name": "x", "roles": ["root"], "key": "k"}, "auth.keys[0].roles[0]"),
+        ({"name": "x", "roles": [], "key": "k"}, "auth.keys[0].roles"),
+        ({"name": "x", "roles": ["serve"], "sha256": "abc"}, "auth.keys[0].sha256"),
     ):
-        with pytest.raises(ValueError):
-            Auth.from_dict({"keys": [bad]})
+        path.write_text(json.dumps({"auth": {"keys": [bad]}}))
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            load_config(path)
+        with pytest.raises(ValueError):  # keys built in code get the same checks
+            Auth([KeySpec(**bad)])

@@ -11,8 +11,8 @@ import torch
 from insession.features import FeatureEngine
 from insession.log.catalog import Catalog
 from insession.model import DualSequenceReranker, Vocab
+from insession.model.artefact import save_artefact
 from insession.schema import Event, Item
-from insession.train.artefact import save_artefact
 
 T0 = 1_763_800_000_000  # 2025-11-22 in epoch ms
 MINUTE = 60_000

@@ -87,6 +87,23 @@ def test_a_mismatched_newest_artefact_at_start_leaves_the_service_answering(shop
         r.close()
 
 
+def test_a_broken_or_mismatched_newest_version_leaves_the_newest_valid_one_serving(shop: Shop) -> None:
+    shop.artefact("v1", seed=1)
+    shop.artefact("v2", seed=2)
+    shop.artefact("v8", seed=8, feature_hash="0123456789abcdef")
+    (shop.artefact("v9", seed=9) / "model.pt").write_bytes(b"garbage, not weights")
+    r = Ranker(shop.features, shop.catalog, shop.model_dir, RankConfig(backend="torch"))
+    try:
+        assert r.model is not None and r.model.version == "v2"
+        assert set(r.model.skipped) == {"v8", "v9"}
+        assert "0123456789abcdef" in r.model.skipped["v8"] and "cannot be loaded" in r.model.skipped["v9"]
+        assert str(shop.model_dir) not in repr(r.model.skipped)  # versions are named, not where they live
+        resp = r.rank(RankRequest("u0", candidates=CANDS, k=3))
+        assert resp.fallback is None and resp.model_version == "v2"
+    finally:
+        r.close()
+
+
 def test_missing_artefact(shop: Shop, ranker: Ranker) -> None:
     with pytest.raises(FileNotFoundError):
         ranker.reload(shop.model_dir / "nope")
@@ -99,7 +116,7 @@ def test_an_artefact_this_code_cannot_load_is_refused_not_fatal(shop: Shop, rank
     with pytest.raises(ArtefactRefused, match="cannot be loaded"):
         ranker.reload(broken)
     assert ranker.model is not None and ranker.model.version == "v1"
-    r = Ranker(shop.features, shop.catalog, shop.model_dir, RankConfig(backend="torch"))  # v5 is the newest
+    r = Ranker(shop.features, shop.catalog, shop.model_dir / "v5", RankConfig(backend="torch"))  # v5 alone
     try:
         assert r.model is None and "cannot be loaded" in (r.last_reload_error or "")
         assert r.rank(RankRequest("u0", k=3)).fallback_reason == "no_model"

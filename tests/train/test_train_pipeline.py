@@ -17,8 +17,8 @@ from train_shop import DAY, make_shop
 from typer.testing import CliRunner
 
 from insession.features.declare import default_registry
+from insession.model.artefact import CONFIG, CURVE, FEATURES, METRICS, VOCAB, WEIGHTS
 from insession.train import TrainConfig, Trained, load_artefact, train_on_events
-from insession.train.artefact import CONFIG, CURVE, FEATURES, METRICS, VOCAB, WEIGHTS
 from insession.train.cli import train
 from insession.train.item2vec import item2vec
 from insession.train.loss import LossWeights, hybrid_loss
