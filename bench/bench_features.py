@@ -94,8 +94,8 @@ def _deep_size(obj: object, seen: set[int]) -> int:
 def _memory(n_users: int, per_user: int) -> tuple[float, int, list[list[object]]]:
     """(bytes per user, bytes of shared state, per-part rows) after streaming n_users x per_user events:
     every object the engine holds, measured with sys.getsizeof and counted once. Per user: the state of
-    the user and (user, item) features, covisit's last few events per user, the session rule's state and
-    the interned user ids; shared: item and global features and the other interned names."""
+    the user and (user, item) features, covisit's last few events per user and the session rule's state
+    (shopper ids are hashed, not kept); shared: item and global features and the names of values."""
     engine = FeatureEngine(default_registry())
     with tqdm(total=n_users * per_user, desc="memory run", unit="ev", leave=False) as bar:
         for chunk in synthetic_events(n_users, per_user, seed=11):
@@ -103,21 +103,18 @@ def _memory(n_users: int, per_user: int) -> tuple[float, int, list[list[object]]
             bar.update(len(chunk))
             del chunk
     gc.collect()
-    stream, names, seen = engine._stream, engine._names, set()
+    names, seen = engine._names, set()
     parts: dict[str, int] = {}
     for f in engine.registry:  # user-keyed first, so the ints they share with shared state count as theirs
         if f.entity in ("user", "user_item"):
-            agg = stream.aggs[f.name]
-            parts[f.name] = _deep_size(getattr(agg, "inner", agg).state, seen)
-    parts["covisit: each user's last events"] = _deep_size(getattr(stream.aggs["covisit"], "recent", {}), seen)
-    parts["session rule"] = _deep_size(stream.sessions.state, seen)
-    users = [i for i, n in enumerate(names.names) if n.startswith("u")]
-    share = (sys.getsizeof(names.ids) + sys.getsizeof(names.names)) * len(users) / len(names.names)
-    parts["interned user ids"] = int(share) + sum(_deep_size(names.names[i], seen) for i in users)
+            parts[f.name] = sum(_deep_size(getattr(a, "inner", a).state, seen)
+                                for p in engine._parts for a in [p.aggs[f.name]])
+    parts["covisit: each user's last events"] = sum(_deep_size(p.aggs["covisit"].state, seen) for p in engine._parts)
+    parts["session rule"] = sum(_deep_size(p.sessions.state, seen) for p in engine._parts)
     per_user_bytes = sum(parts.values())
     shared = sum(_deep_size(a.state, seen) + _deep_size(getattr(a, "totals", None), seen)
-                 for f in engine.registry if f.entity in ("item", "global") for a in [stream.aggs[f.name]])
-    shared += _deep_size(names.names, seen) + _deep_size(names.ids, seen) - int(share)
+                 for unit in engine._items.values() for a in unit.aggs.values())
+    shared += _deep_size(names.names, seen) + _deep_size(names.ids, seen)
     rows: list[list[object]] = [[part, f"{b / n_users:,.0f}"] for part, b in parts.items()]
     return per_user_bytes / n_users, shared, rows
 

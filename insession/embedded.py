@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -18,9 +19,12 @@ from insession.query import Limits, QueryService, Result
 from insession.rank import RankConfig, Ranker, RankRequest, RankResponse
 from insession.schema import BatchRejected, Event, FieldError, validate_events, validate_items
 
+logger = logging.getLogger(__name__)
+
 REPLAY_CHUNK = 10_000
 EXPORT_MIN_EVENTS = 50_000  # background export waits for this many events (fewer, larger Parquet files)
-SNAPSHOT_EVERY_S = 60.0  # a snapshot pauses feature reads while it pickles: take one only this often, on change
+SNAPSHOT_EVERY_S = 60.0  # default interval between feature snapshots (taken only when the state changed)
+RETRY_MAX_S = 60.0  # a failing background job retries after 1, 2, 4 ... s, at most this
 
 
 class InsertResult(msgspec.Struct):
@@ -48,15 +52,22 @@ class Insession:
     """
 
     def __init__(self, data_dir: str | Path, *, maintenance_interval_s: float | None = 5.0,
-                 limits: Limits | None = None, rank_config: RankConfig | None = None) -> None:
+                 limits: Limits | None = None, rank_config: RankConfig | None = None,
+                 snapshot_interval_s: float = SNAPSHOT_EVERY_S, max_users: int = 0) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.history_dir = self.data_dir / "history"
         self.catalog = Catalog(self.data_dir / "catalog.sqlite")
-        self.features = FeatureEngine.open(self.data_dir / "features")
         # Called with each committed group after the features applied it (metrics hook in here).
         self.applied_listeners: list[Callable[[list[Event]], None]] = []
         self.log = EventLog(self.data_dir / "log.sqlite", on_commit=self._on_commit)
+        # One state partition per log partition (the log's crc32(user_id) % P).
+        self.features = FeatureEngine.open(self.data_dir / "features", partitions=self.log.partitions,
+                                           max_users=max_users)
+        self.snapshot_interval_s = snapshot_interval_s
+        # Background jobs (export, snapshot): failures so far, and the last one's message (readyz, metrics).
+        self.job_failures: dict[str, int] = {"export": 0, "snapshot": 0}
+        self.job_errors: dict[str, str | None] = {"export": None, "snapshot": None}
         self.unknown_items = 0
         # Rebuild: last snapshot + everything the log acknowledged after it.
         for chunk in _chunks(self.log.read(self.features.applied_offset + 1), REPLAY_CHUNK):
@@ -116,13 +127,36 @@ class Insession:
         return self.log.export(self.history_dir, min_events=min_events)
 
     def _maintain(self, interval_s: float) -> None:
+        """Export and snapshot in the background; a failure (full disk, a bad record) is logged, counted
+        and retried with backoff: the thread never dies."""
         last_snapshot = time.monotonic()
+        retry_at = {"export": 0.0, "snapshot": 0.0}
+        streak = {"export": 0, "snapshot": 0}  # consecutive failures: the backoff doubles with each
+        # restart = the last snapshot + the log after it
+        jobs = {"export": lambda: self.export(EXPORT_MIN_EVENTS), "snapshot": self.features.snapshot}
         while not self._stop.wait(interval_s):
-            self.export(EXPORT_MIN_EVENTS)
-            changed = self.features.applied_offset != self.features.snapshot_offset
-            if changed and time.monotonic() - last_snapshot >= SNAPSHOT_EVERY_S:
-                self.features.snapshot()  # restart = this snapshot + the log after it
-                last_snapshot = time.monotonic()
+            for name in ("export", "snapshot"):
+                if time.monotonic() < retry_at[name]:
+                    continue
+                if name == "snapshot":
+                    changed = self.features.applied_offset != self.features.snapshot_offset
+                    if not changed or time.monotonic() - last_snapshot < self.snapshot_interval_s:
+                        continue
+                try:
+                    jobs[name]()
+                except Exception as e:  # noqa: BLE001 - a background job must survive anything one run raises
+                    self.job_failures[name] += 1
+                    self.job_errors[name] = f"{type(e).__name__}: {e}"
+                    streak[name] += 1
+                    backoff = min(RETRY_MAX_S, 2.0 ** streak[name])
+                    retry_at[name] = time.monotonic() + backoff
+                    logger.exception("background %s failed (%d so far); retrying in %.0f s", name,
+                                     self.job_failures[name], backoff)
+                    continue
+                streak[name] = 0
+                self.job_errors[name] = None
+                if name == "snapshot":
+                    last_snapshot = time.monotonic()
 
     def lag(self) -> dict[str, int]:
         """How far the history export and the feature snapshot trail the log, in events."""

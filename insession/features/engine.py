@@ -1,46 +1,320 @@
-"""The FeatureEngine facade: applies committed events in offset order, serves reads, snapshots state."""
+"""The FeatureEngine facade: applies committed events in offset order, serves reads, snapshots state.
+
+State is split into units, each with its own lock, applied offset and watermark:
+
+- **P partitions** (default 16, the log's): partition p holds the shoppers with crc32(user_id) % P == p:
+  their sessions, every user and user_item feature, and covisit's shopper side (each shopper's recent
+  events, which find the co-visited pairs). A write to one partition never blocks reads of another.
+- **one unit per item or global feature** (28-day popularity, 2-hour trending, covisit's counts...): fed
+  by every partition's events, keyed by item. When partitions run in different processes, these units
+  are owned by item key the same way (a pair found on a shopper's partition travels with its event).
+
+One writer (`update_many`, the log's commit thread) decides lateness and the watermark in offset order
+for all units, so the partitioned state equals the single-stream rule exactly (property-tested), then
+applies each partition's events under that partition's lock, then the item and global units.
+
+Snapshots never pause serving: each unit is captured (msgpack, a few ms per 10^5 keys) under its own lock
+only, while the others keep serving, and written with its own applied offset; a restart replays the log
+from the earliest offset and each unit skips what it already holds. Partitions are captured before the
+item units, so an item unit never holds a pair its shopper's partition would not find again.
+"""
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
-import pickle
+import shutil
 import threading
+import time
+import zlib
 from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from insession.features.declare import Feature, FeatureRegistry, default_registry
-from insession.features.online import ACTION_INDEX, Agg, Ev, Interner, Sessions, make_agg
+from insession.features.online import (
+    ACTION_INDEX,
+    NONE_ID,
+    Agg,
+    CovisitPairs,
+    Ev,
+    Names,
+    Sessions,
+    make_agg,
+    stable_id,
+)
+from insession.features.snapshot import Sections, SnapshotError, UnitHeader, read_unit, write_unit
 from insession.schema import Event
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_FILE = "features.snapshot"
 REGISTRY_FILE = "registry.json"
-LOCK_EVERY = 512  # events applied per lock hold, so readers never wait behind a long replay
+CURRENT_FILE = "CURRENT"  # names the complete snapshot directory
+OLD_PICKLE_FILE = "features.snapshot"  # format of insession <= 0.1 (pickle): set aside, never loaded
+LOCK_EVERY = 512  # events applied per writer step, so readers never wait behind a long replay
 SWEEP_CHUNK = 5_000  # keys swept per lock hold
 REPLAY_CHUNK = 10_000  # events per batch when a new feature is backfilled from the log
-_SNAPSHOT_VERSION = 4  # 4: packed sessions, scalar session counters, compact records
+USER_ENTITIES = ("user", "user_item")
 
 
-class _Stream:
-    """Watermark, lateness and sessions for one pass over the log, feeding a set of aggregations."""
+def partition_of(user_id: str, partitions: int) -> int:
+    """The shopper's partition: crc32 of the UTF-8 id modulo P, the log's rule (never Python's hash())."""
+    return zlib.crc32(user_id.encode()) % partitions
 
-    def __init__(self, registry: FeatureRegistry, names: Interner) -> None:
-        self.lateness_ms = registry.lateness_ms
-        self.names = names
+
+def _feed(aggs: Iterable[Agg], evs: list[Ev]) -> None:
+    """Each aggregation gets the events that pass its `actions` (one filtered list per distinct filter)."""
+    by_filter: dict[frozenset[int] | None, list[Ev]] = {None: evs}
+    for agg in aggs:
+        sub = by_filter.get(agg.actions)
+        if sub is None:
+            sub = by_filter[agg.actions] = [ev for ev in evs if ev.a in agg.actions]  # type: ignore[operator]
+        if sub:
+            agg.add_batch(sub)
+
+
+class _Unit:
+    """A piece of state with its own lock; `applied`: every event of its up to this offset is in it;
+    `wm`: the watermark its reads use."""
+
+    def __init__(self, name: str, aggs: dict[str, Agg]) -> None:
+        self.name = name
+        self.lock = threading.Lock()
+        self.aggs = aggs
+        self.applied = -1
+        self.wm = -1
+
+    def capture(self) -> Sections:
+        return {f"f:{name}": agg.capture() for name, agg in self.aggs.items()}
+
+    def restore(self, sections: Sections) -> None:
+        missing = {f"f:{n}" for n in self.aggs} - set(sections)
+        if missing:
+            raise SnapshotError(f"{self.name}: sections {sorted(missing)} are missing")
+        for name, agg in self.aggs.items():
+            agg.restore(sections[f"f:{name}"])
+
+
+class _Partition(_Unit):
+    """The shoppers of one partition: sessions, user and user_item features, covisit's shopper side."""
+
+    def __init__(self, index: int, registry: FeatureRegistry, names: Names, max_users: int) -> None:
         self.sessions = Sessions(registry.session_gap_ms)
-        self.aggs: dict[str, Agg] = {f.name: make_agg(f, names, self.sessions) for f in registry}
+        aggs: dict[str, Agg] = {}
+        for f in registry:
+            if f.entity in USER_ENTITIES:
+                aggs[f.name] = make_agg(f, names, self.sessions)
+            elif f.agg == "covisit":
+                aggs[f.name] = CovisitPairs(f, names)
+        super().__init__(f"partition-{index:03d}", aggs)
+        self.max_users = max_users
+        self.evicted = 0
+
+    def apply(self, evs: list[Ev]) -> None:
+        sessions = self.sessions
+        for ev in evs:
+            ev.sess = sessions.update(ev.u, ev.sid, ev.ts)
+            ev.new = sessions.started
+        _feed(self.aggs.values(), evs)
+        if self.max_users and len(sessions.state) > self.max_users:
+            self.evict()
+
+    def evict(self) -> None:
+        """Forget the least recently active shoppers (by their latest event time) down to 98% of the cap,
+        so the scan runs once per 2% of new shoppers, not per event."""
+        state = self.sessions.state
+        keep = self.max_users - self.max_users // 50
+        victims = set(heapq.nsmallest(len(state) - keep, state, key=self.sessions.last_ts))
+        for u in victims:
+            del state[u]
+        for agg in self.aggs.values():
+            agg.forget(victims)
+        self.evicted += len(victims)
+
+    def capture(self) -> Sections:
+        return {"sessions": self.sessions.capture(), **super().capture()}
+
+    def restore(self, sections: Sections) -> None:
+        if "sessions" not in sections:
+            raise SnapshotError(f"{self.name}: the sessions section is missing")
+        self.sessions.restore(sections["sessions"])
+        super().restore(sections)
+
+
+class FeatureEngine:
+    """Online state of every declared feature; one writer (`update_many`), many concurrent readers.
+
+    Reads are answered at the watermark (the largest event time applied), never at the wall clock.
+    `max_users` > 0 caps the shoppers tracked per partition at max_users / P (least recently active
+    evicted; their features read empty until they come back, see docs/features.md).
+    """
+
+    def __init__(self, registry: FeatureRegistry, state_dir: Path | None = None, *,
+                 partitions: int = 16, max_users: int = 0) -> None:
+        if partitions < 1:
+            raise ValueError(f"partitions must be >= 1, not {partitions}")
+        if max_users < 0:
+            raise ValueError(f"max_users must be >= 0 (0: no cap), not {max_users}")
+        self.registry = registry
+        self.state_dir = state_dir
+        self.partitions = partitions
+        self.max_users = max_users
+        self._names = Names()
+        per_partition = -(-max_users // partitions) if max_users else 0
+        self._parts = [_Partition(p, registry, self._names, per_partition) for p in range(partitions)]
+        self._items = {f.name: self._item_unit(f) for f in registry if f.entity not in USER_ENTITIES}
+        self._writer = threading.Lock()  # one writer step at a time; snapshots take it to order their captures
+        self.lateness_ms = registry.lateness_ms
         self.watermark = -1
         self.applied_offset = -1
         self.too_late = 0
+        self.snapshot_offset = -1
+        self.rejected_snapshots = 0  # snapshots set aside (damaged, older format, other declarations)
 
-    def apply(self, events: Iterable[Event]) -> None:
-        names, ids, sessions = self.names, self.names.ids, self.sessions
+    def _item_unit(self, f: Feature) -> _Unit:
+        return _Unit(f"feature-{f.name}", {f.name: make_agg(f, self._names, Sessions(0))})
+
+    def _units(self) -> list[_Unit]:
+        """Partitions first, then item units: the order of snapshot captures (see the module docstring)."""
+        return [*self._parts, *self._items.values()]
+
+    @property
+    def evicted_users(self) -> int:
+        return sum(p.evicted for p in self._parts)
+
+    @property
+    def tracked_users(self) -> int:
+        return sum(len(p.sessions.state) for p in self._parts)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, state_dir: Path, registry: FeatureRegistry | None = None, *,
+             partitions: int = 16, max_users: int = 0) -> FeatureEngine:
+        """Open the state in `state_dir`: the last snapshot when it is intact and was taken with the same
+        declarations and partitions, else empty (applied_offset -1: replay the log from the start). A
+        snapshot that cannot be used is set aside (renamed `rejected-*`) with a warning, never loaded."""
+        state_dir = Path(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        reg_path = state_dir / REGISTRY_FILE
+        if registry is None:
+            registry = FeatureRegistry.load(reg_path) if reg_path.exists() else default_registry()
+        registry.save(reg_path)
+        engine = cls(registry, state_dir, partitions=partitions, max_users=max_users)
+        old = state_dir / OLD_PICKLE_FILE
+        if old.exists():
+            log.warning("feature snapshot %s is of an older format: set aside, rebuilding from the log", old.name)
+            os.replace(old, state_dir / f"rejected-{OLD_PICKLE_FILE}")
+            engine.rejected_snapshots += 1
+        current = state_dir / CURRENT_FILE
+        if current.exists():
+            gen = state_dir / current.read_text().strip()
+            try:
+                engine._restore(gen)
+            except SnapshotError as e:
+                log.warning("feature snapshot %s set aside, rebuilding from the log: %s", gen.name, e)
+                engine = cls(registry, state_dir, partitions=partitions, max_users=max_users)
+                engine.rejected_snapshots += 1
+                if gen.is_dir():
+                    shutil.rmtree(state_dir / f"rejected-{gen.name}", ignore_errors=True)
+                    os.replace(gen, state_dir / f"rejected-{gen.name}")
+                current.unlink()
+        return engine
+
+    def _header(self, unit: str, offset: int = -1, watermark: int = -1) -> UnitHeader:
+        return UnitHeader(self.partitions, self.registry.hash(), unit, offset, watermark)
+
+    def _restore(self, gen: Path) -> None:
+        head, sections = read_unit(gen / "stream.state", self._header("stream"))
+        try:
+            too_late = msgspec.msgpack.decode(sections["clock"][0], type=int)
+            for chunk in sections["names"]:
+                for name in msgspec.msgpack.decode(chunk, type=list[str]):
+                    self._names(name)
+            for unit in self._units():
+                uh, body = read_unit(gen / f"{unit.name}.state", self._header(unit.name))
+                if uh.offset < head.offset:
+                    raise SnapshotError(f"{unit.name}: offset {uh.offset} is before the stream's {head.offset}")
+                unit.restore(body)
+                unit.applied, unit.wm = uh.offset, uh.watermark
+        except (KeyError, IndexError, msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise SnapshotError(f"{gen.name}: undecodable section ({type(e).__name__}: {e})") from None
+        self.applied_offset, self.watermark, self.too_late = head.offset, head.watermark, too_late
+        self.snapshot_offset = head.offset
+
+    def sweep(self) -> None:
+        """Forget expired state (bounded memory for idle keys), `SWEEP_CHUNK` keys per lock hold, so
+        readers and the writer wait for one chunk at most, never for a pass over every key."""
+        for unit in self._units():
+            for agg in unit.aggs.values():
+                with unit.lock:
+                    keys = agg.swept_keys()
+                for start in range(0, len(keys), SWEEP_CHUNK):
+                    with unit.lock:
+                        agg.sweep(unit.wm, self.lateness_ms, keys[start : start + SWEEP_CHUNK])
+
+    def snapshot(self) -> None:
+        """Sweep (in chunks), then write every unit into a new snapshot directory and make it CURRENT.
+
+        Each unit is captured under its own lock only (reads of the others go on; the writer waits for
+        that one unit), then written outside it. A failure removes the new directory and raises; the
+        previous snapshot stays CURRENT."""
+        if self.state_dir is None:
+            raise ValueError("this engine has no state_dir")
+        self.sweep()
+        gen = self.state_dir / f"snap-{max(self.applied_offset, 0):012d}-{time.time_ns()}"
+        tmp = gen.with_name(gen.name + ".tmp")
+        try:
+            tmp.mkdir()
+            with self._writer:  # between writer steps: the stream's clock and names at one offset
+                offset, wm, too_late = self.applied_offset, self.watermark, self.too_late
+                names = list(self._names.ids)
+            stream = {"clock": [msgspec.msgpack.encode(too_late)],
+                      "names": [msgspec.msgpack.encode(names[a : a + 50_000]) for a in range(0, len(names), 50_000)]}
+            write_unit(tmp / "stream.state", self._header("stream", offset, wm), stream)
+            for unit in self._parts:
+                self._write_unit(tmp, unit)
+            with self._writer:  # a writer step whose partitions were captured has reached the item units
+                pass
+            for unit in self._items.values():
+                self._write_unit(tmp, unit)
+            _fsync_dir(tmp)
+            os.replace(tmp, gen)
+            _fsync_dir(self.state_dir)
+            _write_atomic(self.state_dir / CURRENT_FILE, gen.name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in self.state_dir.glob("snap-*"):
+            if old != gen:
+                shutil.rmtree(old, ignore_errors=True)
+        self.snapshot_offset = offset
+
+    def _write_unit(self, directory: Path, unit: _Unit) -> None:
+        with unit.lock:
+            sections, applied, wm = unit.capture(), unit.applied, unit.wm
+        write_unit(directory / f"{unit.name}.state", self._header(unit.name, applied, wm), sections)
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def update_many(self, events: list[Event]) -> None:
+        """Apply committed events in offset order (events at or below applied_offset are skipped)."""
+        for start in range(0, len(events), LOCK_EVERY):
+            with self._writer:
+                self._apply(events[start : start + LOCK_EVERY])
+
+    def _apply(self, events: list[Event]) -> None:
+        """One writer step: lateness and watermark in offset order, then each partition under its lock,
+        then each item unit under its lock. A unit skips events at or below its own applied offset
+        (after a restart, units captured at different offsets replay from the earliest)."""
+        names, parts, n = self._names, self._parts, self.partitions
         wm, applied, lateness = self.watermark, self.applied_offset, self.lateness_ms
-        evs: list[Ev] = []
+        by_part: dict[int, list[Ev]] = {}
+        accepted: list[Ev] = []
         for e in events:
             if e.offset <= applied:
                 continue  # already applied (a replay overlapping the snapshot)
@@ -51,113 +325,32 @@ class _Stream:
                 continue
             if ts > wm:
                 wm = ts
-            u, i, c = ids.get(e.user_id), ids.get(e.item_id), ids.get(e.category)  # type: ignore[arg-type]
-            if u is None:
-                u = names(e.user_id)
-            if i is None:
-                i = names(e.item_id)
-            if c is None:
-                c = names(e.category)
-            sess = sessions.update(u, names(e.session_id), ts)
-            evs.append(Ev(u, i, c, ACTION_INDEX[e.action], ts, e.offset, sess, sessions.started, wm, e))
-        self.watermark, self.applied_offset = wm, applied
-        if not evs:
-            return
-        by_filter: dict[frozenset[int] | None, list[Ev]] = {None: evs}
-        for agg in self.aggs.values():
-            sub = by_filter.get(agg.actions)
-            if sub is None:
-                sub = by_filter[agg.actions] = [ev for ev in evs if ev.a in agg.actions]  # type: ignore[operator]
-            if sub:
-                agg.add_batch(sub)
-
-
-class FeatureEngine:
-    """Online state of every declared feature; one writer (`update_many`), many concurrent readers.
-
-    Reads are answered at the watermark (the largest event time applied), never at the wall clock.
-    """
-
-    def __init__(self, registry: FeatureRegistry, state_dir: Path | None = None) -> None:
-        self.registry = registry
-        self.state_dir = state_dir
-        self._names = Interner()
-        self._stream = _Stream(registry, self._names)
-        self._lock = threading.Lock()
-        self.snapshot_offset = -1
-
-    # -- lifecycle ------------------------------------------------------------------------------
-
-    @classmethod
-    def open(cls, state_dir: Path, registry: FeatureRegistry | None = None) -> FeatureEngine:
-        """Open the state in `state_dir`: the last snapshot when it was taken with the same registry
-        (hash), else empty (applied_offset -1: replay the log from the start)."""
-        state_dir = Path(state_dir)
-        state_dir.mkdir(parents=True, exist_ok=True)
-        reg_path = state_dir / REGISTRY_FILE
-        if registry is None:
-            registry = FeatureRegistry.load(reg_path) if reg_path.exists() else default_registry()
-        registry.save(reg_path)
-        engine = cls(registry, state_dir)
-        snap = state_dir / SNAPSHOT_FILE
-        if snap.exists():
-            with snap.open("rb") as f:
-                body = pickle.load(f)
-            if body["version"] == _SNAPSHOT_VERSION and body["registry_hash"] == registry.hash():
-                engine._names = body["names"]
-                engine._stream = body["stream"]
-                engine.snapshot_offset = engine.applied_offset
+            sid = NONE_ID if e.session_id is None else stable_id(e.session_id)
+            ev = Ev(stable_id(e.user_id), names(e.item_id), names(e.category), ACTION_INDEX[e.action], ts,
+                    e.offset, sid, wm, e)
+            accepted.append(ev)
+            p = partition_of(e.user_id, n)
+            group = by_part.get(p)
+            if group is None:
+                by_part[p] = [ev]
             else:
-                log.warning("feature snapshot %s was taken with other declarations: rebuilding from the log", snap)
-        return engine
-
-    def sweep(self) -> None:
-        """Forget expired state (bounded memory for idle keys), `SWEEP_CHUNK` keys per lock hold, so
-        readers and the writer wait for one chunk at most, never for a pass over every key."""
-        for name in list(self._stream.aggs):
-            with self._lock:
-                agg = self._stream.aggs[name]
-                keys = agg.swept_keys()
-            for start in range(0, len(keys), SWEEP_CHUNK):
-                with self._lock:
-                    agg.sweep(self._stream.watermark, self._stream.lateness_ms, keys[start : start + SWEEP_CHUNK])
-
-    def snapshot(self) -> None:
-        """Sweep (in chunks), then write the whole state atomically (temporary file, fsync, rename).
-
-        The state is pickled under the lock (a pause for readers that grows with the state); only the
-        write and fsync happen outside it. A forked writer would remove the pause but crashed (SIGSEGV)
-        in the server process, beside ONNX Runtime, torch and DuckDB threads."""
-        if self.state_dir is None:
-            raise ValueError("this engine has no state_dir")
-        self.sweep()
-        with self._lock:
-            offset = self.applied_offset
-            body = pickle.dumps(
-                {
-                    "version": _SNAPSHOT_VERSION,
-                    "registry_hash": self.registry.hash(),
-                    "names": self._names,
-                    "stream": self._stream,
-                },
-                protocol=pickle.HIGHEST_PROTOCOL,
-            )
-        path = self.state_dir / SNAPSHOT_FILE
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        self.snapshot_offset = offset
-
-    # -- writes ---------------------------------------------------------------------------------
-
-    def update_many(self, events: list[Event]) -> None:
-        """Apply committed events in offset order (events at or below applied_offset are skipped)."""
-        for start in range(0, len(events), LOCK_EVERY):
-            with self._lock:
-                self._stream.apply(events[start : start + LOCK_EVERY])
+                group.append(ev)
+        for p, evs in by_part.items():
+            part = parts[p]
+            with part.lock:
+                todo = [ev for ev in evs if ev.off > part.applied]
+                if todo:
+                    part.apply(todo)
+                part.applied, part.wm = applied, wm
+        for part in parts:  # untouched ones have nothing at or below `applied` to apply: no lock needed
+            part.applied, part.wm = applied, wm
+        for unit in self._items.values():
+            todo = [ev for ev in accepted if ev.off > unit.applied]
+            with unit.lock:
+                if todo:
+                    _feed(unit.aggs.values(), todo)
+                unit.applied, unit.wm = applied, wm
+        self.watermark, self.applied_offset = wm, applied
 
     def add_feature(self, feature: Feature, log_events: Iterable[Event]) -> None:
         """Declare a new feature and backfill it: `log_events` is the log from offset 0 (EventLog.read(0))."""
@@ -166,69 +359,106 @@ class FeatureEngine:
         reg = FeatureRegistry.of(
             [feature], lateness_ms=self.registry.lateness_ms, session_gap_ms=self.registry.session_gap_ms
         )
-        with self._lock:  # the writer waits while the new feature catches up with the log
-            backfill = _Stream(reg, self._names)
+        with self._writer:  # the writer waits while the new feature catches up with the log
+            backfill = FeatureEngine(reg, partitions=self.partitions, max_users=self.max_users)
+            backfill._names = self._names
+            for part in backfill._parts:
+                for agg in part.aggs.values():
+                    agg.names = self._names
+            for unit in backfill._items.values():
+                for agg in unit.aggs.values():
+                    agg.names = self._names
             events = iter(log_events)
             while chunk := [e for e in islice(events, REPLAY_CHUNK) if e.offset <= self.applied_offset]:
-                backfill.apply(chunk)
-            agg = backfill.aggs[feature.name]
-            if hasattr(agg, "sessions"):
-                agg.sessions = self._stream.sessions  # the same rule over the same log: the same sessions
-            self._stream.aggs[feature.name] = agg
+                backfill._apply(chunk)
+            for mine, theirs in zip(self._parts, backfill._parts, strict=True):
+                if feature.name in theirs.aggs:
+                    agg = theirs.aggs[feature.name]
+                    if hasattr(agg, "sessions"):
+                        agg.sessions = mine.sessions  # the same rule over the same log: the same sessions
+                    with mine.lock:
+                        mine.aggs[feature.name] = agg
+            if feature.name in backfill._items:
+                unit = backfill._items[feature.name]
+                unit.applied, unit.wm = self.applied_offset, self.watermark
+                self._items[feature.name] = unit
             self.registry.add(feature)
         if self.state_dir is not None:
             self.registry.save(self.state_dir / REGISTRY_FILE)
 
     # -- reads ----------------------------------------------------------------------------------
 
-    @property
-    def applied_offset(self) -> int:
-        return self._stream.applied_offset
-
-    @property
-    def watermark(self) -> int:
-        return self._stream.watermark
-
-    @property
-    def too_late(self) -> int:
-        return self._stream.too_late
-
-    def _key(self, entity: str, key: str | tuple[str, ...] | None) -> int | None:
-        """The state key of an entity key, or None when some id was never seen."""
+    def _key(self, entity: str, key: str | tuple[str, ...] | None) -> tuple[Any, int]:
+        """The state key of an entity key and the partition it lives in (0 for item and global keys)."""
         if entity == "global":
-            return 0
+            return 0, 0
         ids = (key,) if isinstance(key, str) else tuple(key or ())
         if len(ids) != (2 if entity == "user_item" else 1):
             raise ValueError(f"a {entity} key is {'(user_id, item_id)' if entity == 'user_item' else 'one id'}")
-        ints = [self._names.get(str(i)) for i in ids]
-        if None in ints:
-            return None
-        return ints[0] << 32 | ints[1] if entity == "user_item" else ints[0]  # type: ignore[operator]
+        first = str(ids[0])
+        if entity == "item":
+            return stable_id(first), 0
+        part = partition_of(first, self.partitions)
+        if entity == "user_item":
+            return (stable_id(first), stable_id(str(ids[1]))), part
+        return stable_id(first), part
+
+    def _unit(self, f: Feature, part: int) -> _Unit:
+        return self._parts[part] if f.entity in USER_ENTITIES else self._items[f.name]
 
     def read(self, feature: str, key: str | tuple[str, ...] | None) -> Any:
         """The JSON-able value of `feature` for `key` (None for global features) at the watermark."""
         f = self.registry[feature]
-        with self._lock:
-            agg = self._stream.aggs[feature]
-            k = self._key(f.entity, key)
-            return agg.empty() if k is None else agg.read(k, self._stream.watermark)
+        k, part = self._key(f.entity, key)
+        unit = self._unit(f, part)
+        with unit.lock:
+            return unit.aggs[feature].read(k, unit.wm)
 
     def read_many(self, feature: str, keys: list[str | tuple[str, ...] | None]) -> list[Any]:
-        """`read` of `feature` for each of `keys`, at one watermark under one lock."""
+        """`read` of `feature` for each of `keys`; one lock hold per partition (item features: one)."""
         f = self.registry[feature]
-        with self._lock:
-            agg = self._stream.aggs[feature]
-            ints = [self._key(f.entity, key) for key in keys]
-            known = agg.read_many([k for k in ints if k is not None], self._stream.watermark)
-            values = iter(known)
-            return [agg.empty() if k is None else next(values) for k in ints]
+        located = [self._key(f.entity, key) for key in keys]
+        out: list[Any] = [None] * len(keys)
+        by_part: dict[int, list[int]] = {}
+        for n, (_, part) in enumerate(located):
+            by_part.setdefault(part, []).append(n)
+        for part, where in by_part.items():
+            unit = self._unit(f, part)
+            with unit.lock:
+                values = unit.aggs[feature].read_many([located[n][0] for n in where], unit.wm)
+            for n, value in zip(where, values, strict=True):
+                out[n] = value
+        return out
 
     def read_all(self, entity: str, key: str | tuple[str, ...] | None) -> dict[str, Any]:
-        """Every feature of `entity` for `key`, read at one watermark."""
-        with self._lock:
-            k = self._key(entity, key)
-            wm = self._stream.watermark
-            return {
-                f.name: self._stream.aggs[f.name].empty() if k is None else self._stream.aggs[f.name].read(k, wm)
-                for f in self.registry.of_entity(entity)
-            }
+        """Every feature of `entity` for `key`: a shopper's at one watermark under its partition's lock."""
+        k, part = self._key(entity, key)
+        feats = self.registry.of_entity(entity)
+        if entity in USER_ENTITIES:
+            unit = self._parts[part]
+            with unit.lock:
+                return {f.name: unit.aggs[f.name].read(k, unit.wm) for f in feats}
+        out = {}
+        for f in feats:
+            unit = self._items[f.name]
+            with unit.lock:
+                out[f.name] = unit.aggs[f.name].read(k, unit.wm)
+        return out
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)

@@ -1,13 +1,26 @@
 """Online aggregation state: one small state object per declared feature, updated per event, read at t.
 
 Every aggregation gets the accepted events of a batch in offset order (`add_batch`), each carrying its
-interned ids, its session number and the watermark right after its arrival, and answers `read(key, t)`
+stable ids, its session number and the watermark right after its arrival, and answers `read(key, t)`
 with a JSON-able value at t (the watermark). Per-event work is a few dict operations in one tight loop
 per feature and batch; state is bounded per key (capped sequences, tiles that expire).
+
+Three contracts the engine builds on (docs/features.md, "Online state"):
+
+- **Stable keys.** State is keyed by `stable_id(id)` (63 bits of blake2b over the UTF-8 id), the same in
+  every process and Python version, so state written by one process reads in another. A (user, item)
+  key is the pair of the two. Values that reads must name back (items, categories, other declared
+  fields) are kept in `Names`; shopper ids never are (a million shoppers cost no name table).
+- **Reads are pure.** `read`/`read_many` never change state: what left the window is skipped when read
+  and dropped on the write path or by `sweep` (maintenance).
+- **A codec per aggregation.** `capture()` turns the state into msgpack bytes (plain ints, floats, bytes,
+  lists and maps: no Python classes) and `restore()` reads them back; the engine frames them with a
+  versioned header and a checksum (`insession.features.snapshot`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import struct
 from bisect import bisect_right
@@ -16,34 +29,43 @@ from functools import cache
 from operator import attrgetter, itemgetter
 from typing import Any
 
+import msgspec
+
 from insession.features.declare import MINUTE_MS, Feature, Window
 from insession.schema import ACTIONS, Event
 
-NONE_ID = -1  # interned id of a missing value
+NONE_ID = -1  # the id of a missing value (stable ids are >= 0)
 ACTION_INDEX = {a: i for i, a in enumerate(ACTIONS)}
-# One sequence element: ts, item, category, action (17 bytes). Sequences are ordered by (ts, offset) without
+# One sequence element: ts, item, category, action (25 bytes). Sequences are ordered by (ts, offset) without
 # storing the offset: a key's events arrive in offset order, so a new event goes after every stored one with
 # a ts at most its own, and of two sequences merged, the first holds the events that arrived earlier.
-_REC = struct.Struct("<qiib")
+_REC = struct.Struct("<qqqb")
 _SLOT_BITS = 3  # tile codes: tile << 3 | slot (slot = action index for counts_by_action, else 0)
-_CREC = struct.Struct("<iiq")  # covisit: one recent event of a user (session, item, ts)
-_DREC = struct.Struct("<qi")  # distinct_topk: (latest ts, value)
+_CREC = struct.Struct("<iqq")  # covisit: one recent event of a user (session, item, ts)
+_DREC = struct.Struct("<qq")  # distinct_topk: (latest ts, value)
+CAPTURE_CHUNK = 20_000  # keys per msgpack chunk: one C call of a few ms, so other threads get the GIL between
 
 
-class Interner:
-    """Ids and other strings to dense ints (and back): state holds small ints, not strings."""
+def stable_id(name: str) -> int:
+    """The stable id of a string: 63 bits of blake2b (>= 0, so NONE_ID and struct "q" fit). Two of a
+    million ids collide with probability ~3e-8."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") >> 1
+
+
+class Names:
+    """Values that reads name back (items, categories, declared fields) <-> their stable ids."""
 
     def __init__(self) -> None:
-        self.names: list[str] = []
         self.ids: dict[str, int] = {}
+        self.names: dict[int, str] = {}
 
     def __call__(self, name: str | None) -> int:
         if name is None:
             return NONE_ID
         i = self.ids.get(name)
         if i is None:
-            i = self.ids[name] = len(self.names)
-            self.names.append(name)
+            i = self.ids[name] = stable_id(name)
+            self.names[i] = name
         return i
 
     def get(self, name: str) -> int | None:
@@ -51,22 +73,38 @@ class Interner:
 
 
 class Ev:
-    """One accepted event as the aggregations see it: interned ids, session number, watermark after it."""
+    """One accepted event as the aggregations see it: stable ids, session number, watermark after it.
 
-    __slots__ = ("u", "i", "ui", "c", "a", "ts", "off", "sess", "new", "wm", "raw")
+    `sess` and `new` are set by the shopper's partition (sessions are per user); `pairs` carries the
+    co-visited items a partition found for each covisit feature to the item-keyed state."""
+
+    __slots__ = ("u", "i", "ui", "c", "a", "ts", "off", "sid", "sess", "new", "wm", "raw", "pairs")
     g = 0  # the key of global features
 
-    def __init__(
-        self, u: int, i: int, c: int, a: int, ts: int, off: int, sess: int, new: bool, wm: int, raw: Event
-    ) -> None:
-        self.u, self.i, self.c, self.a, self.ts, self.off, self.sess, self.wm = u, i, c, a, ts, off, sess, wm
-        self.new = new  # the first event of its session
-        self.ui = u << 32 | i  # the (user, item) key
+    def __init__(self, u: int, i: int, c: int, a: int, ts: int, off: int, sid: int, wm: int, raw: Event) -> None:
+        self.u, self.i, self.c, self.a, self.ts, self.off, self.sid, self.wm = u, i, c, a, ts, off, sid, wm
+        self.sess, self.new = 0, False  # the first event of its session
+        self.ui = (u, i)  # the (user, item) key
         self.raw = raw
+        self.pairs: dict[str, list[int]] | None = None
 
 
-_TS_BITS, _SID_BITS = 48, 32  # Sessions packs (session number, session id + 1, max event time) in one int
+_TS_BITS, _SID_BITS = 48, 64  # Sessions packs (session number, session id + 1, max event time) in one int
 _TS_MASK, _SID_MASK = (1 << _TS_BITS) - 1, (1 << _SID_BITS) - 1
+
+
+def _chunked(pairs: list[Any]) -> list[bytes]:
+    """msgpack of a list of (key, value) tuples, CAPTURE_CHUNK at a time."""
+    enc = msgspec.msgpack.encode
+    return [enc(pairs[a : a + CAPTURE_CHUNK]) for a in range(0, len(pairs), CAPTURE_CHUNK)]
+
+
+def _unchunked(chunks: list[bytes], pair: Any) -> list[Any]:
+    """The tuples of `_chunked` output, decoded as `pair` (a tuple type)."""
+    out: list[Any] = []
+    for chunk in chunks:
+        out += msgspec.msgpack.decode(chunk, type=list[pair])
+    return out
 
 
 class Sessions:
@@ -76,7 +114,7 @@ class Sessions:
     the one of the user's previous event (arrival order), or when it has no session_id and comes more
     than `gap_ms` after the user's latest event time. A session is open at t while the last event has a
     session_id or t - latest event time <= gap_ms. The three are packed in one int per user (event times
-    are epoch ms >= 0 below 2^48), a third of the memory of a list of three.
+    are epoch ms >= 0 below 2^48, session ids stable ids below 2^63).
     """
 
     def __init__(self, gap_ms: int) -> None:
@@ -113,21 +151,42 @@ class Sessions:
             return None
         return sess
 
+    def last_ts(self, u: int) -> int:
+        return self.state[u] & _TS_MASK
+
+    def capture(self) -> list[bytes]:
+        """(user, session number, session id, max event time) per user (the packed int is wider than 64
+        bits, msgpack's limit)."""
+        unpack = self.unpack
+        return _chunked([(u, *unpack(v)) for u, v in self.state.items()])
+
+    def restore(self, chunks: list[bytes]) -> None:
+        self.state = {
+            u: (sess << _SID_BITS | (sid + 1)) << _TS_BITS | ts
+            for u, sess, sid, ts in _unchunked(chunks, tuple[int, int, int, int])
+        }
+
 
 _KEY_ATTR = {"user": "u", "user_item": "ui", "item": "i", "global": "g"}
 _VALUE_ATTR = {"item_id": "i", "category": "c"}
+Key = int | tuple[int, int]  # a state key: a stable id, or (user, item) for user_item features
 
 
 class Agg:
     """State of one feature: `add_batch(evs)` with the accepted events that pass `actions`, in offset
-    order; `read(key, t)` a JSON-able value at t; `empty()` the value of a key never seen."""
+    order; `read(key, t)` a JSON-able value at t; `empty()` the value of a key never seen.
 
-    def __init__(self, f: Feature, names: Interner, window: Window | None = None) -> None:
+    `state` maps a key to a value of type `VALUE` (what `restore` decodes); `capture`/`restore` are the
+    codec, `forget(users)` drops shoppers' state (the memory cap), `rebuilt()` derives what is not stored."""
+
+    VALUE: Any = Any
+
+    def __init__(self, f: Feature, names: Names, window: Window | None = None) -> None:
         self.f = f
         self.names = names
         self.window = window or f.window
-        self.state: dict[int, Any] = {}
-        self.key: Callable[[Ev], int] = attrgetter(_KEY_ATTR[f.entity])
+        self.state: dict[Any, Any] = {}
+        self.key: Callable[[Ev], Any] = attrgetter(_KEY_ATTR[f.entity])
         attr = _VALUE_ATTR.get(f.field or "")
         self.value: Callable[[Ev], int] = attrgetter(attr) if attr else self.raw_value
         self.actions = None if f.actions is None else frozenset(ACTION_INDEX[a] for a in f.actions)
@@ -142,30 +201,53 @@ class Agg:
         return ts // self.tile_ms if self.tile_ms else 0
 
     def raw_value(self, ev: Ev) -> int:
-        """The interned value of a declared field the engine does not intern up front."""
+        """The stable id of a declared field the engine does not look up up front."""
         return self.names(getattr(ev.raw, self.f.field or ""))
 
     def add_batch(self, evs: list[Ev]) -> None:
         raise NotImplementedError
 
-    def read(self, key: int, t: int) -> Any:
+    def read(self, key: Any, t: int) -> Any:
         raise NotImplementedError
 
-    def read_many(self, keys: list[int], t: int) -> list[Any]:
+    def read_many(self, keys: list[Any], t: int) -> list[Any]:
         """`read` of each key (aggregations that can share work between keys override it)."""
         return [self.read(key, t) for key in keys]
 
     def empty(self) -> Any:
         raise NotImplementedError
 
-    def swept_keys(self) -> list[int]:
+    def swept_keys(self) -> list[Any]:
         """The keys `sweep` looks at."""
         return list(self.state)
 
-    def sweep(self, wm: int, lateness_ms: int, keys: Iterable[int] | None = None) -> None:
+    def sweep(self, wm: int, lateness_ms: int, keys: Iterable[Any] | None = None) -> None:
         """Forget what has left the window at wm for good, for `keys` (default: `swept_keys()`): bounded
         memory for idle keys; a session is done when even an event late by `lateness_ms` could not reopen
         it. Keys given may have gone meanwhile (the engine sweeps in chunks between writes)."""
+
+    # -- codec and memory cap -----------------------------------------------------------------------
+
+    def capture(self) -> list[bytes]:
+        """The state as msgpack chunks of (key, value) pairs (called under the owner's lock)."""
+        return _chunked(list(self.state.items()))
+
+    def restore(self, chunks: list[bytes]) -> None:
+        self.state = dict(_unchunked(chunks, tuple[Key, self.VALUE]))  # type: ignore[name-defined]
+        self.rebuilt()
+
+    def rebuilt(self) -> None:
+        """Derive what `capture` does not store (running totals) after `restore`."""
+
+    def forget(self, users: set[int]) -> None:
+        """Drop the state of these shoppers (user and user_item keys)."""
+        state = self.state
+        if self.f.entity == "user_item" and not getattr(self, "per_user", False):
+            for key in [k for k in state if k[0] in users]:
+                del state[key]
+            return
+        for u in users:
+            state.pop(u, None)
 
 
 class Expiring(Agg):
@@ -173,12 +255,12 @@ class Expiring(Agg):
     (`totals`); `expire(key, state, low)` drops the tiles before `low` from a key's state and totals."""
 
     RUNNING_TOTALS_FROM = 8  # tiles per window from which keys keep running totals (reads skip the tiles)
-    totals: dict[int, Any] | None
+    totals: dict[Any, Any] | None
 
-    def expire(self, key: int, value: Any, low: int) -> None:
+    def expire(self, key: Any, value: Any, low: int) -> None:
         raise NotImplementedError
 
-    def sweep(self, wm: int, lateness_ms: int, keys: Iterable[int] | None = None) -> None:
+    def sweep(self, wm: int, lateness_ms: int, keys: Iterable[Any] | None = None) -> None:
         low, state, totals = self.min_tile(wm), self.state, self.totals
         for key in self.swept_keys() if keys is None else keys:
             value = state.get(key)
@@ -192,9 +274,9 @@ class Expiring(Agg):
 
 
 @cache
-def _tile_structs(code: str, value: str) -> tuple[struct.Struct, struct.Struct, struct.Struct]:
+def _tile_structs(sub: str, code: str, value: str) -> tuple[struct.Struct, struct.Struct, struct.Struct]:
     """A tile record (sub, code, value), its (sub, code) prefix, and its value."""
-    return struct.Struct(f"<i{code}{value}"), struct.Struct(f"<i{code}"), struct.Struct(f"<{value}")
+    return struct.Struct(f"<{sub}{code}{value}"), struct.Struct(f"<{sub}{code}"), struct.Struct(f"<{value}")
 
 
 class TileAgg(Expiring):
@@ -203,21 +285,24 @@ class TileAgg(Expiring):
     kept per user) and slot the action index for counts_by_action. An event adds to a matching recent
     record or inserts one (a late event's goes before the records of later tiles); expired records go
     from the front. Item and global counts with many tiles (e.g. the 672 hourly tiles of 28 days) also
-    keep running totals per slot over their live records, so a read does not add up every tile."""
+    keep running totals per slot over their records, so a read does not add up every tile (it subtracts
+    the few records at the front that have left the window but are not dropped yet)."""
 
     LOOKBACK = 16  # records searched for a match before appending (a miss only costs one record)
+    VALUE = bytearray
 
-    def __init__(self, f: Feature, names: Interner, window: Window | None = None) -> None:
+    def __init__(self, f: Feature, names: Names, window: Window | None = None) -> None:
         super().__init__(f, names, window)
         self.prop = f.field.split(".", 1)[1] if f.agg == "sum" and f.field else ""
         self.per_user = f.entity == "user_item"
         if self.per_user:
             self.key = attrgetter("u")
-        # A record: sub (int32), tile << 3 | slot (int32 for tiles of a minute or more: until the year 2480),
-        # value (uint32 counts, float64 sums, int64 times): 12 bytes for counts.
+        # A record: sub (the item's stable id for a (user, item) key, else one unused byte), tile << 3 | slot
+        # (int32 for tiles of a minute or more: until the year 2480), value (uint32 counts, float64 sums,
+        # int64 times): 9 bytes for item counts, 16 for a shopper's item counts.
         code = "i" if not self.tile_ms or self.tile_ms >= MINUTE_MS else "q"
         value = {"sum": "d", "age": "q"}.get(f.agg, "I")
-        self.layout = (code, value)
+        self.layout = ("q" if self.per_user else "B", code, value)
         running = f.agg in ("count", "counts_by_action") and not self.per_user
         self.totals: dict[int, list[float]] | None = {} if running and self.tiles > self.RUNNING_TOTALS_FROM else None
 
@@ -254,7 +339,7 @@ class TileAgg(Expiring):
                     total = totals[key] = [0.0] * len(ACTIONS)
                 total[slot] += v
             buf = state.get(key)
-            if not buf:  # a new key (or one whose records a read expired)
+            if not buf:  # a new key (or one whose records expired)
                 state[key] = bytearray(pack_rec(sub, code, v))
                 continue
             n = len(buf)
@@ -288,6 +373,15 @@ class TileAgg(Expiring):
         if end:
             del buf[:end]
 
+    def rebuilt(self) -> None:
+        if self.totals is None:
+            return
+        self.totals = {}
+        for key, buf in self.state.items():
+            total = self.totals[key] = [0.0] * len(ACTIONS)
+            for _, code, v in _tile_structs(*self.layout)[0].iter_unpack(buf):
+                total[code & 7] += v
+
     def _accumulate(self, buf: bytes, low: int) -> dict[int, list[float]]:
         """sub -> per-slot sums (for age: [earliest ts]) over the records of tiles >= low."""
         acc: dict[int, list[float]] = {}
@@ -305,6 +399,19 @@ class TileAgg(Expiring):
                 a[code & 7] += v
         return acc
 
+    def _live_total(self, key: int, buf: bytes, low: int) -> list[float]:
+        """The key's running total less the records at the front that have left the window (pure)."""
+        total = self.totals[key]  # type: ignore[index]
+        rec = _tile_structs(*self.layout)[0]
+        if not buf or rec.unpack_from(buf)[1] >> _SLOT_BITS >= low:
+            return total
+        total = list(total)
+        for _, code, v in rec.iter_unpack(buf):
+            if code >> _SLOT_BITS >= low:
+                break
+            total[code & 7] -= v
+        return total
+
     def _value(self, acc: list[float] | None, t: int) -> Any:
         """The feature's value from one key's accumulated slots (None: nothing live)."""
         if acc is None:
@@ -318,27 +425,24 @@ class TileAgg(Expiring):
             return t - int(acc[0])
         return {a: int(n) for a, n in zip(ACTIONS, acc, strict=True)}
 
-    def read(self, key: int, t: int) -> Any:
+    def read(self, key: Any, t: int) -> Any:
         return self.read_many([key], t)[0]
 
-    def read_many(self, keys: list[int], t: int) -> list[Any]:
+    def read_many(self, keys: list[Any], t: int) -> list[Any]:
         """One pass over each key's records (a (user, item) key's user's records once for all its items)."""
         low, state, out = self.min_tile(t), self.state, []
         if self.totals is not None:
             for key in keys:
                 buf = state.get(key)
-                if buf:
-                    self.expire(key, buf, low)
-                out.append(self._value(self.totals[key] if buf else None, t))
+                out.append(self._value(self._live_total(key, buf, low) if buf else None, t))
             return out
-        mask = 0xFFFFFFFF if self.per_user else 0
         seen: dict[int, dict[int, list[float]]] = {}
         for key in keys:
-            owner = key >> 32 if self.per_user else key
+            owner, sub = key if self.per_user else (key, 0)
             acc = seen.get(owner)
             if acc is None:
                 acc = seen[owner] = self._accumulate(state.get(owner, b""), low)
-            out.append(self._value(acc.get(key & mask), t))
+            out.append(self._value(acc.get(sub), t))
         return out
 
     def empty(self) -> Any:
@@ -351,9 +455,11 @@ class Scalar(Agg):
     number, where TileAgg would keep a one-record buffer (a fifth of the memory for a user's session
     length and age)."""
 
-    def __init__(self, f: Feature, names: Interner, window: Window | None = None) -> None:
+    def __init__(self, f: Feature, names: Names, window: Window | None = None) -> None:
         super().__init__(f, names, window)
         self.prop = f.field.split(".", 1)[1] if f.agg == "sum" and f.field else ""
+
+    VALUE = int | float
 
     def add_batch(self, evs: list[Ev]) -> None:
         state, key_of, agg, prop = self.state, self.key, self.f.agg, self.prop
@@ -382,6 +488,8 @@ class Scalar(Agg):
 
 class LastValue(Agg):
     """last(field): per key (ts, offset, value) of the latest event (by ts, then offset)."""
+
+    VALUE = tuple[int, int, int]
 
     def add_batch(self, evs: list[Ev]) -> None:
         state, key_of, value_of = self.state, self.key, self.value
@@ -418,6 +526,8 @@ class DistinctTopK(Agg):
     Keeping only k entries is exact: an evicted value trails k others that stay in the window at least as
     long, and a later event for it re-enters only with a time that beats the k-th.
     """
+
+    VALUE = bytearray
 
     def order(self, entry: list[int]) -> tuple[int, str]:
         return -entry[0], self.names.names[entry[1]]
@@ -481,11 +591,14 @@ class DistinctTopK(Agg):
 class TopKCount(Expiring):
     """topk_count(field, k): per key {tile: {value: n}}; the top k by count over the live tiles.
 
-    Keys with many tiles (e.g. global trending, 120 one-minute tiles) also keep a running total over the
-    live tiles, so a read does not sum every tile.
+    Keys with many tiles (e.g. global trending, 120 one-minute tiles) also keep a running total over their
+    tiles, so a read does not sum every tile (it subtracts the tiles that have left the window but are
+    not dropped yet).
     """
 
-    def __init__(self, f: Feature, names: Interner, window: Window | None = None) -> None:
+    VALUE = dict[int, dict[int, int]]  # tiles in tile order (msgpack maps keep their order)
+
+    def __init__(self, f: Feature, names: Names, window: Window | None = None) -> None:
         super().__init__(f, names, window)
         self.totals: dict[int, dict[int, int]] | None = {} if self.tiles > self.RUNNING_TOTALS_FROM else None
 
@@ -523,6 +636,16 @@ class TopKCount(Expiring):
                     else:
                         total[v] -= n
 
+    def rebuilt(self) -> None:
+        if self.totals is None:
+            return
+        self.totals = {}
+        for key, tiles in self.state.items():
+            total = self.totals[key] = {}
+            for per in tiles.values():
+                for v, n in per.items():
+                    total[v] = total.get(v, 0) + n
+
     def add_batch(self, evs: list[Ev]) -> None:
         key_of, value_of, tile_ms, tiles = self.key, self.value, self.tile_ms, self.tiles
         state, totals = self.state, self.totals
@@ -549,11 +672,21 @@ class TopKCount(Expiring):
         if not tiles:
             return []
         low = self.min_tile(t)
-        self.expire(key, tiles, low)
         if self.totals is not None:
-            return self.top(self.totals[key])
-        total: dict[int, int] = {}
-        for per in tiles.values():
+            total = self.totals[key]
+            if next(iter(tiles)) < low:  # tiles that left the window but are not dropped yet: skip them
+                total = dict(total)
+                for tile, per in tiles.items():
+                    if tile >= low:
+                        break
+                    for v, n in per.items():
+                        total[v] -= n
+                total = {v: n for v, n in total.items() if n}
+            return self.top(total)
+        total = {}
+        for tile, per in tiles.items():
+            if tile < low:
+                continue
             for v, n in per.items():
                 total[v] = total.get(v, 0) + n
         return self.top(total)
@@ -574,35 +707,55 @@ class TopKCount(Expiring):
         return []
 
 
-class Covisit(TopKCount):
-    """covisit: each event pairs with the user's previous `span` events of the same session (arrival
-    order) within `gap_ms` and with another item; both directions count at the event's time."""
+class CovisitPairs(Agg):
+    """The shopper side of covisit: per user the packed (session, item, ts) of the last `span` events; each
+    event pairs with those of the same session (arrival order) within `gap_ms` and with another item.
+    The pairs ride on the event (`ev.pairs[feature]`) to the item side (`Covisit`), which counts them."""
 
-    def __init__(self, f: Feature, names: Interner, window: Window | None = None) -> None:
-        super().__init__(f, names, window)
-        self.recent: dict[int, bytearray] = {}  # user -> packed (session, item, ts) of the last `span` events
+    VALUE = bytearray
+
+    def __init__(self, f: Feature, names: Names) -> None:
+        super().__init__(f, names)
+        self.key = attrgetter("u")
 
     def add_batch(self, evs: list[Ev]) -> None:
-        recent_of, gap, span, size = self.recent, self.f.gap_ms, self.f.span, _CREC.size
-        tile_ms, tiles = self.tile_ms, self.tiles
+        state, gap, span, size, name = self.state, self.f.gap_ms, self.f.span, _CREC.size, self.f.name
         for ev in evs:
             i, ts, sess = ev.i, ev.ts, ev.sess
             rec = _CREC.pack(sess, i, ts)
-            recent = recent_of.get(ev.u)
+            recent = state.get(ev.u)
             if recent is None:
-                recent_of[ev.u] = bytearray(rec)
+                state[ev.u] = bytearray(rec)
                 continue
             co = [p for s, p, t in _CREC.iter_unpack(recent) if s == sess and p != i and -gap <= t - ts <= gap]
             recent += rec
             if len(recent) > span * size:
                 del recent[:size]
+            if co:
+                if ev.pairs is None:
+                    ev.pairs = {}
+                ev.pairs[name] = co
+
+    def forget(self, users: set[int]) -> None:
+        for u in users:
+            self.state.pop(u, None)
+
+
+class Covisit(TopKCount):
+    """covisit: per item the items most often co-visited with it (pairs found by `CovisitPairs` on the
+    shopper's partition); both directions count at the event's time."""
+
+    def add_batch(self, evs: list[Ev]) -> None:
+        tile_ms, tiles, name = self.tile_ms, self.tiles, self.f.name
+        for ev in evs:
+            co = ev.pairs.get(name) if ev.pairs is not None else None
             if not co:
                 continue
-            tile = ts // tile_ms if tile_ms else 0
+            tile = ev.ts // tile_ms if tile_ms else 0
             low = ev.wm // tile_ms - tiles + 1 if tile_ms else 0
             if tile >= low:
-                self.count(i, co, tile, low)
-                one = [i]
+                self.count(ev.i, co, tile, low)
+                one = [ev.i]
                 for p in co:
                     self.count(p, one, tile, low)
 
@@ -635,6 +788,8 @@ def _insert(buf: bytearray, ev: Ev, k: int) -> bytearray:
 
 class LastN(Agg):
     """last_n(k): per key the k latest events (by ts, then offset), packed 25 bytes each."""
+
+    VALUE = bytearray
 
     def add_batch(self, evs: list[Ev]) -> None:
         state, key_of, k = self.state, self.key, self.f.k
@@ -678,7 +833,7 @@ class SessionScoped(Agg):
     It sees every accepted event (a session starts with any event), the inner one only those that pass
     the declared `actions`."""
 
-    def __init__(self, f: Feature, names: Interner, sessions: Sessions) -> None:
+    def __init__(self, f: Feature, names: Names, sessions: Sessions) -> None:
         super().__init__(f, names)
         unbounded = Window()
         self.inner = _agg_class(f, unbounded)(f, names, unbounded)
@@ -713,6 +868,15 @@ class SessionScoped(Agg):
     def swept_keys(self) -> list[int]:
         return list(self.inner.state)
 
+    def capture(self) -> list[bytes]:
+        return self.inner.capture()
+
+    def restore(self, chunks: list[bytes]) -> None:
+        self.inner.restore(chunks)
+
+    def forget(self, users: set[int]) -> None:
+        self.inner.forget(users)
+
     def sweep(self, wm: int, lateness_ms: int, keys: Iterable[int] | None = None) -> None:
         done, state = wm - lateness_ms, self.inner.state
         for u in self.swept_keys() if keys is None else keys:
@@ -725,11 +889,16 @@ class BeforeSession(LastN):
 
     Like SessionScoped it sees every accepted event and filters by `actions` itself."""
 
-    def __init__(self, f: Feature, names: Interner, sessions: Sessions) -> None:
+    VALUE = tuple[int, bytearray, bytearray]
+
+    def __init__(self, f: Feature, names: Names, sessions: Sessions) -> None:
         super().__init__(f, names)
         self.sessions = sessions
         self.filter = self.actions
         self.actions = None
+
+    def restore(self, chunks: list[bytes]) -> None:
+        self.state = {u: list(st) for u, st in _unchunked(chunks, tuple[int, self.VALUE])}
 
     def add_batch(self, evs: list[Ev]) -> None:
         state, k, acts = self.state, self.f.k, self.filter
@@ -779,7 +948,8 @@ def _agg_class(f: Feature, window: Window) -> type[Agg]:
     return _AGGS[f.agg]
 
 
-def make_agg(f: Feature, names: Interner, sessions: Sessions) -> Agg:
+def make_agg(f: Feature, names: Names, sessions: Sessions) -> Agg:
+    """The state of `f` (for covisit: the item side; `CovisitPairs` is the shopper side)."""
     if f.window.kind == "session":
         return SessionScoped(f, names, sessions)
     if f.window.kind == "before_session":

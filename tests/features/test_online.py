@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from insession.features import Feature, FeatureEngine, FeatureRegistry, default_registry, sliding
 from insession.features import engine as engine_module
 from insession.features.declare import DAY_MS, HOUR_MS, MINUTE_MS
-from insession.features.online import TileAgg, _tile_structs
+from insession.features.engine import partition_of
+from insession.features.online import Agg, TileAgg, _tile_structs, stable_id
 from insession.schema import ACTIONS, Event
 
 GAP = 30 * MINUTE_MS
@@ -258,18 +259,24 @@ def test_reads_are_safe_while_the_writer_applies() -> None:
     assert _all_reads(engine, engine.registry) == _all_reads(engine_with(evs), engine.registry)
 
 
+def _agg(engine: FeatureEngine, feature: str, user: str | None = None) -> Agg:
+    """The aggregation that holds `feature` (for a shopper's feature, in the shopper's partition)."""
+    if user is None:
+        return engine._items[feature].aggs[feature]
+    return engine._parts[partition_of(user, engine.partitions)].aggs[feature]
+
+
 def test_memory_per_key_is_bounded() -> None:
     day_events = [ev(n, "u", "a", T + n * 30 * MINUTE_MS, ACTIONS[n % 4]) for n in range(60 * 48)]  # 60 days
     e = engine_with(day_events)
-    aggs = e._stream.aggs
-    assert len(aggs["history_seq"].state[e._names.get("u")][1]) <= 100 * 17  # 17-byte records
-    item = e._names.get("a")
-    assert len(aggs["item_count_28d"].state[item]) <= (28 * 24 + 1) * len(ACTIONS) * 12  # 12-byte records
-    assert len(aggs["item_trending_2h"].state[item]) <= (2 * 60 + 1) * 12
-    assert len(aggs["user_item_count_28d"].state[e._names.get("u")]) <= (28 * 24 + 1) * len(ACTIONS) * 12
+    u, item = stable_id("u"), stable_id("a")
+    assert len(_agg(e, "history_seq", "u").state[u][1]) <= 100 * 25  # 25-byte records
+    assert len(_agg(e, "item_count_28d").state[item]) <= (28 * 24 + 1) * len(ACTIONS) * 9  # 9-byte records
+    assert len(_agg(e, "item_trending_2h").state[item]) <= (2 * 60 + 1) * 9
+    assert len(_agg(e, "user_item_count_28d", "u").state[u]) <= (28 * 24 + 1) * len(ACTIONS) * 16
     e.update_many([ev(len(day_events), "v", "b", T + 100 * DAY_MS)])
     e.sweep()  # what snapshot() runs first: keys with nothing left in their window go
-    assert item not in aggs["item_count_28d"].state and item not in aggs["item_trending_2h"].state
+    assert item not in _agg(e, "item_count_28d").state and item not in _agg(e, "item_trending_2h").state
 
 
 def test_online_reads_helper_covers_all_features() -> None:
@@ -295,7 +302,7 @@ def test_tile_records_stay_in_tile_order(events: list[Event]) -> None:
     """Expiry pops from the front and running totals subtract what it pops: late events must not break
     the order of a key's records."""
     engine = engine_with(events)
-    for agg in engine._stream.aggs.values():
+    for agg in [a for unit in engine._units() for a in unit.aggs.values()]:
         if isinstance(agg, TileAgg):
             for buf in agg.state.values():
                 tiles = [code >> 3 for _, code, _ in _tile_structs(*agg.layout)[0].iter_unpack(buf)]
@@ -329,6 +336,7 @@ def test_chunked_sweep_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     whole.sweep()  # the default chunk holds every key of this engine: one pass
     monkeypatch.setattr(engine_module, "SWEEP_CHUNK", 3)
     chunked.sweep()
-    for name, agg in whole._stream.aggs.items():
-        assert chunked._stream.aggs[name].swept_keys() == agg.swept_keys(), name
+    for mine, theirs in zip(chunked._units(), whole._units(), strict=True):
+        for name, agg in theirs.aggs.items():
+            assert mine.aggs[name].swept_keys() == agg.swept_keys(), name
     assert _all_reads(chunked, chunked.registry) == _all_reads(engine_with(evs), chunked.registry)
