@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import time
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import pyarrow as pa
@@ -19,14 +19,24 @@ Action = Literal["view", "add_to_cart", "remove_from_cart", "purchase", "favorit
 TABLES: tuple[str, ...] = ("events", "items")
 
 MAX_ID_LEN = 256
+MAX_NAME_LEN = 1024  # catalogue item names
+MAX_TEXT_LEN = 4096  # a text property value
 MAX_PROPERTIES = 64
 MAX_BATCH = 10_000
 MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_FUTURE_MS = 5 * 60 * 1000  # an event may be at most 5 minutes ahead of the server clock
-MIN_EPOCH_MS = 100_000_000_000  # 1973-03-03 in ms; smaller integers are almost surely epoch seconds
+MIN_EPOCH_MS = 100_000_000_000  # 1973-03-03 in ms; the earliest event time accepted, whatever its form
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 Id = str | int
-PropertyValue = str | int | float | bool | None
+Short = Annotated[str, msgspec.Meta(max_length=MAX_ID_LEN)]  # surfaces, categories, brands, property names
+PropertyValue = (
+    Annotated[str, msgspec.Meta(max_length=MAX_TEXT_LEN)]
+    | Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]  # what the log, Parquet and DuckDB hold
+    | float
+    | bool
+    | None
+)
 
 
 class EventIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -38,8 +48,8 @@ class EventIn(msgspec.Struct, forbid_unknown_fields=True):
     ts: str | int  # ISO-8601 (naive means UTC) or epoch milliseconds
     event_id: str | None = None  # idempotency key: a retried event with the same id is stored once
     session_id: Id | None = None  # absent: the features cut sessions at 30 minutes of inactivity
-    surface: str | None = None  # home, search, cart, pdp, ...
-    properties: dict[str, PropertyValue] | None = None
+    surface: Short | None = None  # home, search, cart, pdp, ...
+    properties: dict[Short, PropertyValue] | None = None
 
 
 class Event(msgspec.Struct, array_like=True):
@@ -63,12 +73,12 @@ class ItemIn(msgspec.Struct, forbid_unknown_fields=True):
     """A catalogue row as a client sends it. The hierarchy is category > subcategory > item."""
 
     item_id: Id
-    category: str
-    subcategory: str | None = None  # absent: the item sits directly under its category
+    category: Short  # copied into every event of the item: bounded, so a request cannot amplify into the log
+    subcategory: Short | None = None  # absent: the item sits directly under its category
     price: float | None = None
     available: bool = True
-    brand: str | None = None
-    name: str | None = None
+    brand: Short | None = None
+    name: Annotated[str, msgspec.Meta(max_length=MAX_NAME_LEN)] | None = None
 
 
 class Item(msgspec.Struct, array_like=True):
@@ -150,7 +160,8 @@ def _split_msgspec_error(err: msgspec.ValidationError) -> tuple[str, str]:
 
 
 def parse_ts(value: str | int, now_ms: int, field: str = "ts") -> int:
-    """Event time to epoch ms. Raises ValueError with a readable message."""
+    """Event time to epoch ms, in [MIN_EPOCH_MS, now + MAX_FUTURE_MS] whether sent as text or as an integer.
+    Raises ValueError with a readable message."""
     if isinstance(value, bool):
         raise ValueError(f"{field} must be ISO-8601 text or epoch milliseconds, got a boolean")
     if isinstance(value, int):
@@ -164,7 +175,12 @@ def parse_ts(value: str | int, now_ms: int, field: str = "ts") -> int:
             raise ValueError(f"{field}={value!r} is not ISO-8601 (e.g. 2026-11-22T13:05:00Z)") from None
         if dt.tzinfo is None:
             dt = dt.replace(tzinfo=UTC)
-        ms = int(dt.timestamp() * 1000)
+        try:
+            ms = int(dt.timestamp() * 1000)
+        except (OverflowError, OSError, ValueError):  # out of the platform's range (years 1 and 9999 with offsets)
+            ms = MIN_EPOCH_MS - 1 if dt.year < 1973 else now_ms + MAX_FUTURE_MS + 1
+        if ms < MIN_EPOCH_MS:
+            raise ValueError(f"{field}={value!r} is before 1973-03-03, the earliest event time accepted")
     if ms > now_ms + MAX_FUTURE_MS:
         raise ValueError(f"{field} is {(ms - now_ms) / 1000:.0f}s in the future (at most {MAX_FUTURE_MS // 1000}s)")
     return ms
@@ -271,23 +287,30 @@ def validate_items(records: list[Any], now_ms: int | None = None) -> list[Item]:
 
 
 def decode_body(body: bytes, content_type: str | None) -> list[Any]:
-    """A JSON object, a JSON array, or NDJSON (one object per line) to a list of records."""
-    if len(body) > MAX_BODY_BYTES:
-        raise BatchRejected([FieldError(-1, "", f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")], 413)
+    """A JSON object, a JSON array, or NDJSON (one object per line) to a list of records.
+
+    The body's size is bounded before it is read (the server's body limit); nesting deeper than the
+    decoder's recursion limit is refused with 400 like any malformed JSON, never a 500."""
     ndjson = content_type is not None and "ndjson" in content_type
     if ndjson:
         records = []
         for line_no, line in enumerate(body.splitlines()):
             if not line.strip():
                 continue
-            try:
-                records.append(msgspec.json.decode(line))
-            except msgspec.DecodeError as e:
-                raise BatchRejected([FieldError(len(records), "", f"line {line_no + 1}: malformed JSON: {e}")],
-                                    400) from None
+            records.append(_decode_json(line, len(records), f"line {line_no + 1}: "))
         return records
-    try:
-        doc = msgspec.json.decode(body)
-    except msgspec.DecodeError as e:
-        raise BatchRejected([FieldError(-1, "", f"malformed JSON: {e}")], 400) from None
+    doc = _decode_json(body, -1, "")
     return doc if isinstance(doc, list) else [doc]
+
+
+def _decode_json(text: bytes, index: int, where: str) -> Any:
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.DecodeError as e:
+        raise BatchRejected([FieldError(index, "", f"{where}malformed JSON: {e}")], 400) from None
+    except RecursionError:
+        raise BatchRejected(
+            [FieldError(index, "", f"{where}JSON nested too deeply: a record's values are single values, and "
+                        "`properties` an object of single values")],
+            400,
+        ) from None

@@ -4,6 +4,11 @@
 route: the serving lane answers inline, the analytics lane is awaited without blocking the loop) both
 parse once per distinct SQL text (cached), check the caller's roles, bind the parameters, and either
 read online feature state (cleaned by `Hygiene`) or run DuckDB on the analytics lane.
+
+Authorisation comes before any work: a plan is the parsed statement and its lane, decided from the
+sqlglot tree alone; nothing is prepared, planned or evaluated by DuckDB before the role check, and
+DuckDB only ever sees a query on the analytics lane, under that lane's deadline and memory limit (a
+query DuckDB cannot bind is answered 400 from there).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import threading
 import time
 from collections.abc import Collection, Mapping
 from concurrent.futures import Future
@@ -42,7 +48,9 @@ LANE_ROLES = {
     ANALYTICS: frozenset({"analytics", "admin"}),
 }
 _ALL_COLUMNS = {c: t for cols in TABLE_COLUMNS.values() for c, t in cols.items()}
-PLAN_CACHE = 1024
+# Plans are cached by the size of their SQL text, not their number: a sqlglot tree takes ~60 bytes per
+# character of SQL (a 96 KB query ~6 MB), so 1M characters of SQL keep the cache near 60 MB at most.
+PLAN_CACHE_CHARS = 1_000_000
 
 
 class Result(msgspec.Struct):
@@ -111,6 +119,8 @@ class QueryService:
         self.hygiene = Hygiene(catalog.get, lambda name: features.read(name, None), self._declared, self._dropped)
         self.listeners: list[QueryListener] = []
         self._plans: dict[tuple[str, int], Plan] = {}  # insertion-ordered: the oldest is evicted first
+        self._plan_chars = 0
+        self._plans_lock = threading.Lock()
 
     def _declared(self) -> list[Any]:
         return list(self.features.registry)
@@ -131,23 +141,33 @@ class QueryService:
     # -- planning -------------------------------------------------------------------------------
 
     def plan(self, sql: str) -> Plan:
-        """Parse, sandbox and route `sql` (cached; a newly declared feature invalidates the cache)."""
+        """Parse, sandbox and route `sql` (cached; a newly declared feature invalidates the cache).
+
+        Never runs DuckDB: what a query needs (its lane, hence the role) is known from the tree alone."""
         if not isinstance(sql, str):
             raise QueryError("sql must be a string", code="syntax_error")
         key = (sql, len(self.features.registry.features))
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = self._compile(sql)
-            while len(self._plans) > PLAN_CACHE:
-                try:
-                    del self._plans[next(iter(self._plans))]
-                except (KeyError, RuntimeError, StopIteration):  # another thread evicted it first
-                    break
+            plan = self._compile(sql)
+            with self._plans_lock:
+                if key not in self._plans:
+                    self._plans[key] = plan
+                    self._plan_chars += len(sql)
+                while self._plan_chars > PLAN_CACHE_CHARS and self._plans:
+                    oldest = next(iter(self._plans))
+                    del self._plans[oldest]
+                    self._plan_chars -= len(oldest[0])
         return plan
 
     def is_planned(self, sql: str) -> bool:
         """Whether `plan(sql)` is a cache hit (the HTTP route plans misses off the event loop)."""
         return (sql, len(self.features.registry.features)) in self._plans
+
+    @property
+    def cached_plan_chars(self) -> int:
+        """Characters of SQL whose plans are cached (what bounds the cache)."""
+        return self._plan_chars
 
     def _compile(self, sql: str) -> Plan:
         stmt = parse(sql, (*TABLE_COLUMNS, FEATURES_TABLE))
@@ -156,7 +176,6 @@ class QueryService:
             types: dict[str, str | None] = {k.param: "VARCHAR" for k in serving.keys if k.param is not None}
             return Plan(stmt, SERVING, serving, None, types)
         duck_sql = stmt.tree.sql(dialect=DIALECT)
-        self.analytics.validate(duck_sql, functools.partial(_column_position, stmt))
         return Plan(stmt, ANALYTICS, None, duck_sql, param_contexts(stmt.tree, _ALL_COLUMNS))
 
     def prepare(
@@ -259,7 +278,7 @@ class QueryService:
     ) -> Result:
         """The same, for an event loop: serving inline, analytics awaited on its own pool."""
         plan = None
-        if not self.is_planned(sql):  # parse and validate off the event loop
+        if not self.is_planned(sql):  # parse off the event loop
             start = time.perf_counter()
             try:
                 plan = await asyncio.to_thread(self.plan, sql)

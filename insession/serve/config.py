@@ -32,6 +32,7 @@ from insession.serve.auth import KeySpec
 KiB = 1024
 MiB = 1024 * KiB
 _LIMITS = Limits()
+_SIZE = r"^[0-9]+(\.[0-9]+)? *([KkMmGgTt][Ii]?)?[Bb]$"  # a memory size as DuckDB reads it: 512MB, 1.5GB, 2GiB
 
 
 class ConfigError(ValueError):
@@ -80,7 +81,7 @@ class QueryConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     timeout_s: Annotated[float, _text("per query, from the moment it starts running", gt=0)] = _LIMITS.timeout_s
     memory_limit: Annotated[
         str,
-        _text("per query (DuckDB memory_limit), e.g. 512MB or 2GB", pattern=r"^[0-9]+(\.[0-9]+)? ?[KMGT]i?B$"),
+        _text("per query (DuckDB memory_limit), e.g. 512MB or 2GB", pattern=_SIZE),
     ] = _LIMITS.memory_limit
     max_rows: Annotated[int, _text("rows returned at most (more: truncated)", ge=1)] = _LIMITS.max_rows
     max_bytes: Annotated[int, _text("Arrow bytes returned at most (more: truncated)", ge=1)] = _LIMITS.max_bytes
@@ -88,6 +89,14 @@ class QueryConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     items_ttl_s: Annotated[
         float, _text("the items table is re-read from the catalogue at most this often", ge=0)
     ] = _LIMITS.items_ttl_s
+    worker_memory: (
+        Annotated[
+            str,
+            _text("each analytics worker's address-space cap (default: memory_limit + 768MiB + 64MiB per thread)",
+                  pattern=_SIZE),
+        ]
+        | None
+    ) = None
 
     def limits(self) -> Limits:
         """The analytics lane's `Limits` (unset fields keep Limits' own defaults)."""

@@ -45,7 +45,8 @@ class QueryBody(msgspec.Struct, forbid_unknown_fields=True):
             ],
         ),
     ]
-    params: Annotated[dict[str, Any], msgspec.Meta(examples=[{"user": "u42"}])] = {}
+    # Single values only: a nested value is refused while decoding (400 naming it), never recursed into.
+    params: Annotated[dict[str, str | int | float | bool | None], msgspec.Meta(examples=[{"user": "u42"}])] = {}
 
 
 _decode_body = msgspec.json.Decoder(QueryBody).decode
@@ -115,7 +116,10 @@ async def post_query(request: Request) -> Response:
     try:
         try:
             body = _decode_body(await request.body())
-        except msgspec.DecodeError as e:  # ValidationError is a DecodeError
+        except msgspec.ValidationError as e:
+            code = "bad_parameter" if "`$.params" in str(e) else "bad_request"
+            raise QueryError(f"bad request body: {e}", code=code) from None
+        except msgspec.DecodeError as e:
             raise QueryError(f"bad request body: {e}", code="bad_request") from None
         result = await _service(request).execute_async(body.sql, body.params, roles_of(principal))
     except QueryError as e:

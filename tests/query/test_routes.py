@@ -133,12 +133,14 @@ def test_metrics_endpoint_has_the_product_metrics(world: World) -> None:
     client = TestClient(make_app(world.handle()))
     client.post("/v1/query", json={"sql": SERVING, "params": {"user": "u1"}})
     client.post("/v1/query", json={"sql": "SELECT count(*) FROM events"})
-    client.post("/v1/query", json={"sql": "SELECT nope FROM events"})
+    client.post("/v1/query", json={"sql": "SELECT nope FROM events"})  # bound (and refused) on its lane
+    client.post("/v1/query", json={"sql": "SELECT FROM nope WHERE"})  # refused before it has a lane
     text = client.get("/metrics").text
     for name in (
         'insession_query_seconds_bucket{lane="serving"',
         'insession_query_seconds_count{lane="analytics"}',
         'insession_query_errors_total{lane="invalid",status="400"}',
+        'insession_query_errors_total{lane="analytics",status="400"}',
         "insession_analytics_queue_depth",
         "insession_feature_watermark_ms",
         "insession_feature_lag",
