@@ -19,6 +19,7 @@ from insession.schema import BatchRejected, EventIn, ItemIn, decode_body
 from insession.serve import query_routes, rank_routes
 from insession.serve.auth import SECURITY, Auth, authorize
 from insession.serve.config import Config, exposure_warning, load_config
+from insession.serve.console import router as console_router
 from insession.serve.limits import BodyLimit
 from insession.serve.metrics import Metrics
 
@@ -97,6 +98,7 @@ def create_app(data_dir: str | Path | None = None, *, handle: Insession | None =
     app.add_exception_handler(Exception, _internal_error)
     app.include_router(query_routes.router)
     app.include_router(rank_routes.router)
+    app.include_router(console_router)
 
     async def _insert(request: Request, table: str) -> Response:
         authorize(request, "ingest")
