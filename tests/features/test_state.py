@@ -1,0 +1,259 @@
+"""The partitioned online state: partitioned = single stream, restart at any interleaving = never stopped,
+pure reads, damaged snapshots rebuilt, the shopper cap, and snapshots that leave other units serving."""
+
+from __future__ import annotations
+
+import pickle
+import random
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from features_helpers import ALL_KINDS, T0, ev, key_of, streams
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from insession.features import FeatureEngine, FeatureRegistry, default_registry
+from insession.features.declare import MINUTE_MS
+from insession.features.engine import CURRENT_FILE, OLD_PICKLE_FILE, _Unit, partition_of
+from insession.features.snapshot import HEADER_SIZE
+from insession.schema import Event
+
+USERS = [f"u{n}" for n in range(12)]
+ITEMS = ["i0", "i1", "i2", "i3", "i4", "i9"]
+REGISTRIES = {"default": default_registry(), "all_kinds": ALL_KINDS}
+
+
+@st.composite
+def many_user_streams(draw: st.DrawFn) -> list[Event]:
+    """`streams()` with its three users spread over twelve (so every partition count splits them)."""
+    events = draw(streams())
+    names = draw(st.lists(st.sampled_from(USERS), min_size=3, max_size=3))
+    rename = dict(zip(["u0", "u1", "u2"], names, strict=True))
+    for e in events:
+        e.user_id = rename[e.user_id]
+    return events
+
+
+def all_reads(engine: FeatureEngine) -> dict[tuple[str, str, str], Any]:
+    out = {}
+    for u in [*USERS, "nobody"]:
+        for i in ITEMS:
+            row = {"user_id": u, "item_id": i}
+            for f in engine.registry:
+                out[(f.name, u, i)] = engine.read(f.name, key_of(f.entity, row))
+    return out
+
+
+def replayed(registry: FeatureRegistry, events: list[Event], partitions: int = 16) -> FeatureEngine:
+    engine = FeatureEngine(registry, partitions=partitions)
+    engine.update_many(events)
+    return engine
+
+
+def captures(engine: FeatureEngine) -> list[dict[str, list[bytes]]]:
+    return [unit.capture() for unit in engine._units()]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=many_user_streams(), partitions=st.sampled_from([2, 3, 7, 16]),
+       registry=st.sampled_from(sorted(REGISTRIES)), cuts=st.lists(st.integers(1, 60), max_size=3))
+def test_partitioned_equals_single_stream(events: list[Event], partitions: int, registry: str,
+                                          cuts: list[int]) -> None:
+    reg = REGISTRIES[registry]
+    single, split = FeatureEngine(reg, partitions=1), FeatureEngine(reg, partitions=partitions)
+    start = 0
+    for cut in [*sorted({c % (len(events) + 1) for c in cuts}), len(events)]:
+        single.update_many(events[start:cut])
+        split.update_many(events[start:cut])
+        start = cut
+        assert all_reads(split) == all_reads(single)
+        assert (split.watermark, split.applied_offset, split.too_late) == (
+            single.watermark, single.applied_offset, single.too_late)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@example(  # one event before each unit's capture, on one shopper whose every event pairs with the last
+    events=[ev(n, "u1", f"i{n % 3}", T0 + n * 1000) for n in range(12)], registry="default", cut=3, progress=[1] * 25,
+)
+@given(events=many_user_streams(), registry=st.sampled_from(sorted(REGISTRIES)), cut=st.integers(0, 60),
+       progress=st.lists(st.integers(0, 4), min_size=25, max_size=25))
+def test_restart_at_any_interleaving_equals_never_stopping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events: list[Event], registry: str, cut: int,
+    progress: list[int],
+) -> None:
+    """The writer goes on between the captures of the units (`progress[k]` events before the k-th), so
+    the units of one snapshot hold different offsets; restarting from it and replaying the whole log
+    equals never having stopped."""
+    reg = REGISTRIES[registry]
+    state = Path(tempfile.mkdtemp(dir=tmp_path))
+    cut = cut % (len(events) + 1)
+    engine = FeatureEngine.open(state, FeatureRegistry.from_json(reg.to_json()), partitions=5)
+    engine.update_many(events[:cut])
+    pending = iter(events[cut:])
+    steps = iter(progress)
+    write_unit = FeatureEngine._write_unit
+
+    def interleaved(self: FeatureEngine, directory: Path, unit: _Unit) -> None:
+        self.update_many([e for _, e in zip(range(next(steps, 0)), pending, strict=False)])
+        write_unit(self, directory, unit)
+
+    monkeypatch.setattr(FeatureEngine, "_write_unit", interleaved)
+    engine.snapshot()
+    monkeypatch.undo()
+    restarted = FeatureEngine.open(state, partitions=5)
+    assert restarted.rejected_snapshots == 0
+    restarted.update_many([e for e in events if e.offset > restarted.applied_offset])
+    assert all_reads(restarted) == all_reads(replayed(reg, events))
+    assert restarted.too_late == replayed(reg, events).too_late
+
+
+@settings(max_examples=25, deadline=None)
+@given(events=many_user_streams(), registry=st.sampled_from(sorted(REGISTRIES)), seed=st.integers(0, 99))
+def test_reads_are_pure(events: list[Event], registry: str, seed: int) -> None:
+    """Reading changes no state, and reading in any order gives the same answers."""
+    engine = replayed(REGISTRIES[registry], events)
+    before = captures(engine)
+    first = all_reads(engine)
+    keys = list(first)
+    random.Random(seed).shuffle(keys)
+    for name, u, i in keys:
+        f = engine.registry[name]
+        assert engine.read(name, key_of(f.entity, {"user_id": u, "item_id": i})) == first[(name, u, i)]
+    assert captures(engine) == before
+
+
+def _snapshotted(tmp_path: Path) -> tuple[Path, list[Event]]:
+    events = [ev(n, USERS[n % 12], ITEMS[n % 5], T0 + n * 7 * MINUTE_MS, category=f"c{n % 3}") for n in range(300)]
+    engine = FeatureEngine.open(tmp_path / "state")
+    engine.update_many(events)
+    engine.snapshot()
+    return tmp_path / "state", events
+
+
+def _reopened_equals_never_stopping(state: Path, events: list[Event], rejected: int) -> FeatureEngine:
+    engine = FeatureEngine.open(state)
+    assert engine.rejected_snapshots == rejected
+    assert engine.applied_offset == (-1 if rejected else events[-1].offset)
+    engine.update_many([e for e in events if e.offset > engine.applied_offset])
+    assert all_reads(engine) == all_reads(replayed(default_registry(), events))
+    return engine
+
+
+def _unit_files(state: Path) -> list[Path]:
+    gen = state / (state / CURRENT_FILE).read_text().strip()
+    return sorted(gen.glob("*.state"))
+
+
+def test_an_intact_snapshot_is_loaded(tmp_path: Path) -> None:
+    state, events = _snapshotted(tmp_path)
+    assert len(_unit_files(state)) == 1 + 16 + 4  # the clock, the partitions, the item and global features
+    _reopened_equals_never_stopping(state, events, rejected=0)
+
+
+@pytest.mark.parametrize("unit", ["stream", "partition-003", "feature-covisit"])
+def test_a_truncated_unit_file_leads_to_a_rebuild(tmp_path: Path, unit: str) -> None:
+    state, events = _snapshotted(tmp_path)
+    path = next(p for p in _unit_files(state) if p.stem == unit)
+    data = path.read_bytes()
+    for size in (0, HEADER_SIZE - 1, len(data) - 1):
+        path.write_bytes(data[:size])
+        _reopened_equals_never_stopping(state, events, rejected=1)
+        _snapshotted(tmp_path)
+        path = next(p for p in _unit_files(state) if p.stem == unit)
+        data = path.read_bytes()
+    assert list(state.glob("rejected-snap-*")), "the damaged snapshot is set aside, not deleted"
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(unit=st.integers(0, 20), position=st.floats(0, 1, exclude_max=True), bit=st.integers(0, 7))
+def test_any_single_bit_flip_leads_to_a_rebuild(tmp_path: Path, unit: int, position: float, bit: int) -> None:
+    state, events = _snapshotted(Path(tempfile.mkdtemp(dir=tmp_path)))
+    path = _unit_files(state)[unit]
+    data = bytearray(path.read_bytes())
+    data[int(position * len(data))] ^= 1 << bit
+    path.write_bytes(bytes(data))
+    _reopened_equals_never_stopping(state, events, rejected=1)
+
+
+def test_an_old_pickle_snapshot_is_set_aside_never_unpickled(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+
+    class Boom:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (exec, ("raise SystemExit('unpickled')",))
+
+    (state / OLD_PICKLE_FILE).write_bytes(pickle.dumps({"version": 4, "stream": Boom()}))
+    events = [ev(n, USERS[n % 12], "i0", T0 + n) for n in range(20)]
+    _reopened_equals_never_stopping(state, events, rejected=1)
+    assert (state / f"rejected-{OLD_PICKLE_FILE}").exists() and not (state / OLD_PICKLE_FILE).exists()
+
+
+def test_a_snapshot_with_other_partitions_leads_to_a_rebuild(tmp_path: Path) -> None:
+    state, events = _snapshotted(tmp_path)
+    engine = FeatureEngine.open(state, partitions=4)
+    assert (engine.rejected_snapshots, engine.applied_offset) == (1, -1)
+
+
+def test_the_shopper_cap_evicts_the_least_recently_active_and_counts(tmp_path: Path) -> None:
+    engine = FeatureEngine(default_registry(), partitions=4, max_users=40)
+    events = [ev(n, f"new{n}", f"i{n % 7}", T0 + n * 1000) for n in range(1000)]  # a stream of new shoppers
+    engine.update_many(events)
+    assert engine.tracked_users <= 40
+    assert engine.evicted_users == 1000 - engine.tracked_users
+    assert engine.read("session_length", "new999") == 1  # the most recent shopper is kept
+    evicted = next(f"new{n}" for n in range(1000) if engine.read("session_seq", f"new{n}") == [])
+    assert evicted == "new0"
+    assert engine.read_all("user", evicted) == engine.read_all("user", "never-seen")  # empty, documented
+    assert engine.read("user_item_count_28d", (evicted, "i0")) == engine.read("user_item_count_28d", ("x", "i0"))
+    assert engine.read("item_count_28d", "i0")["view"] == len(range(0, 1000, 7))  # items keep every event
+    engine.update_many([ev(1000, evicted, "i1", T0 + 1_000_000)])  # a returning shopper starts afresh
+    assert engine.read("session_length", evicted) == 1
+
+
+def test_capturing_one_partition_blocks_neither_other_partitions_nor_item_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    engine = FeatureEngine.open(tmp_path / "state", partitions=4)
+    engine.update_many([ev(n, USERS[n % 12], ITEMS[n % 5], T0 + n * 1000) for n in range(200)])
+    held = engine._parts[0]
+    mine = next(u for u in USERS if partition_of(u, 4) == 0)
+    other = next(u for u in USERS if partition_of(u, 4) != 0)
+    capturing, release = threading.Event(), threading.Event()
+    capture = type(held).capture
+
+    def slow_capture(self: Any) -> dict[str, list[bytes]]:
+        if self is held:
+            capturing.set()
+            assert release.wait(30)
+        return capture(self)
+
+    monkeypatch.setattr(type(held), "capture", slow_capture)
+    snap = threading.Thread(target=engine.snapshot)
+    snap.start()
+    assert capturing.wait(30)
+    done: list[object] = []
+
+    def serve() -> None:
+        done.append(engine.read_all("user", other))
+        done.append(engine.read_many("item_count_28d", ITEMS))
+        engine.update_many([ev(200, other, "i1", T0 + 200_000)])  # a write to another partition
+        done.append(engine.read("session_length", other))
+
+    reader = threading.Thread(target=serve)
+    reader.start()
+    reader.join(30)
+    blocked_mine = threading.Thread(target=engine.read_all, args=("user", mine))
+    blocked_mine.start()
+    blocked_mine.join(0.2)
+    assert not reader.is_alive() and len(done) == 3, "other partitions and item reads waited for the capture"
+    assert blocked_mine.is_alive(), "the captured partition is consistent: its readers wait for the capture"
+    release.set()
+    snap.join(30)
+    blocked_mine.join(30)
+    assert not snap.is_alive() and not blocked_mine.is_alive()
+    assert engine.snapshot_offset == 199
