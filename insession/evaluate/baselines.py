@@ -16,8 +16,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from insession.evaluate.candidates import CandidateSets
 from insession.model.reranker import SIGNALS, signal_rows
+from insession.train.replay import CandidateSets
 
 Params = dict[str, Any]
 

@@ -12,7 +12,6 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from insession.evaluate.baselines import Params, Scorer, SessionKNN, Signals, baselines, signals
-from insession.evaluate.candidates import CandidateSets, build_candidates, stage_proposer
 from insession.evaluate.data import Dataset
 from insession.evaluate.metrics import PerRequest, score_requests, truncated_rank_metrics
 from insession.evaluate.neural import MODELS, fit_neural, score_examples
@@ -21,6 +20,7 @@ from insession.model.vocab import Vocab
 from insession.train.build import BuildConfig, TrainingData, assemble_examples, build, counter_matrix
 from insession.train.examples import Examples
 from insession.train.pipeline import pretrain_vectors, train_model
+from insession.train.replay import CandidateSets, build_candidates, stage_proposer
 from insession.train.trainer import TrainConfig, TrainResult, set_threads
 
 if TYPE_CHECKING:

@@ -6,7 +6,7 @@ from `insession.features.offline.compute` with the registry's own `history_seq`,
 counters, so the model trains on exactly what serving sees. Candidates: the carted item (positive); hard
 negatives, items viewed in the same session within `window_ms` of the add-to-cart but never carted in
 that session, found with a range join on (user, session, ts window); and, given a `Proposer` (the ranking
-service's candidate stage replayed point-in-time, `insession.evaluate.candidates.stage_proposer`), the
+service's candidate stage replayed point-in-time, `insession.train.replay.stage_proposer`), the
 stage's proposals at that request: the model then learns to rank what it is served. With a proposer,
 only requests whose positive the stage proposed are kept (a reranker never sees the others), and
 validation lists are the served lists. Without one, validation groups are topped up with

@@ -36,9 +36,9 @@ def train(
     ] = True,
 ) -> None:
     """Train the Dual Sequence ReRanker on point-in-time training data from the feature engine."""
-    from insession.evaluate.candidates import stage_proposer
     from insession.train.build import load_events
     from insession.train.pipeline import train_on_events
+    from insession.train.replay import stage_proposer
 
     events = load_events(data_dir)
     typer.echo(f"{events.num_rows:,} events from {data_dir}")
