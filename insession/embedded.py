@@ -53,14 +53,14 @@ class Insession:
 
     def __init__(self, data_dir: str | Path, *, maintenance_interval_s: float | None = 5.0,
                  limits: Limits | None = None, rank_config: RankConfig | None = None,
-                 snapshot_interval_s: float = SNAPSHOT_EVERY_S, max_users: int = 0) -> None:
+                 snapshot_interval_s: float = SNAPSHOT_EVERY_S, max_users: int = 0, partitions: int = 16) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.history_dir = self.data_dir / "history"
         self.catalog = Catalog(self.data_dir / "catalog.sqlite")
         # Called with each committed group after the features applied it (metrics hook in here).
         self.applied_listeners: list[Callable[[list[Event]], None]] = []
-        self.log = EventLog(self.data_dir / "log.sqlite", on_commit=self._on_commit)
+        self.log = EventLog(self.data_dir / "log.sqlite", partitions=partitions, on_commit=self._on_commit)
         # One state partition per log partition (the log's crc32(user_id) % P).
         self.features = FeatureEngine.open(self.data_dir / "features", partitions=self.log.partitions,
                                            max_users=max_users)

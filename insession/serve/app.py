@@ -79,6 +79,9 @@ def create_app(data_dir: str | Path | None = None, *, handle: Insession | None =
             maintenance_interval_s=cfg.server.maintenance_interval_s,
             limits=cfg.query.limits(),
             rank_config=cfg.rank.rank_config(),
+            snapshot_interval_s=cfg.features.snapshot_interval_s,
+            max_users=cfg.features.max_users,
+            partitions=cfg.features.partitions,
         )
         app.state.metrics.bind(db)
         if warning:

@@ -208,6 +208,25 @@ class _HandleCollector(Collector):
                 )
                 g.add_metric([], event_log.last_offset() - features.applied_offset)
                 yield g
+            g = GaugeMetricFamily("insession_feature_tracked_users", "Shoppers held in online feature state")
+            g.add_metric([], features.tracked_users)
+            yield g
+            for name, help_text, value in (
+                ("insession_feature_evicted_users", "Shoppers evicted by the [features] max_users cap",
+                 features.evicted_users),
+                ("insession_feature_snapshots_rejected",
+                 "Feature snapshots set aside at start (damaged, older format, other declarations)",
+                 features.rejected_snapshots),
+            ):
+                c = CounterMetricFamily(name, help_text)
+                c.add_metric([], value)
+                yield c
+        failures = getattr(h, "job_failures", None)
+        if failures is not None:
+            c = CounterMetricFamily("insession_background_failures", "Failed runs of a background job", labels=["job"])
+            for job, n in failures.items():
+                c.add_metric([job], n)
+            yield c
         if hasattr(h, "unknown_items"):
             c = CounterMetricFamily(
                 "insession_ingest_unknown_items", "Events stored for items not in the catalogue"

@@ -28,6 +28,11 @@ def test_pulled_gauges_follow_the_handle(world: World) -> None:
     assert _value(m, "insession_feature_watermark_ms") == world.features.watermark
     assert _value(m, "insession_analytics_queue_depth") == 0
     assert _value(m, "process_resident_memory_bytes") > 0
+    assert _value(m, "insession_feature_tracked_users") == world.features.tracked_users > 0
+    assert _value(m, "insession_feature_evicted_users_total") == 0
+    assert _value(m, "insession_feature_snapshots_rejected_total") == 0
+    handle.job_failures = {"export": 2, "snapshot": 1}
+    assert _value(m, "insession_background_failures_total", {"job": "export"}) == 2
 
 
 def test_pushed_observations(world: World) -> None:
