@@ -17,6 +17,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from insession.query.service import ANALYTICS, SERVING
+
 LabelKey = tuple[tuple[str, str], ...]
 QUANTILES = (0.5, 0.95, 0.99)
 
@@ -109,7 +111,8 @@ def _grouped(sample: Sample, name: str, labels: tuple[str, ...]) -> list[dict[st
 
 def overview(now: Sample, before: Sample) -> dict[str, Any]:
     """The overview figures from two samples of the app's registry (`before` taken earlier)."""
-    lanes = sorted({dict(k).get("lane", "") for k in now.values.get("insession_query_seconds_count", {})})
+    observed = {dict(k).get("lane", "") for k in now.values.get("insession_query_seconds_count", {})}
+    lanes = [SERVING, ANALYTICS, *sorted(observed - {SERVING, ANALYTICS})]
     latency = {lane: percentiles_ms(now, before, "insession_query_seconds", lane=lane) for lane in lanes}
     latency["rank"] = percentiles_ms(now, before, "insession_rank_seconds")
     return {
