@@ -1,31 +1,50 @@
-"""The analytics lane: DuckDB over the Parquet history plus the log's tail, off the serving path.
+"""The analytics lane: DuckDB over the Parquet history plus the log's tail, in worker processes.
 
-QoS: queries run on a small thread pool (DuckDB releases the GIL while it works, so the serving
-event loop keeps its core), at most `concurrency` at a time with `threads` DuckDB threads each; at
-most `queue` more wait, and a query beyond that is refused at once with 429 and Retry-After. Each
-query has a deadline (DuckDB `interrupt()`), a memory limit, and a cap on rows and bytes returned
-(the answer is truncated and flagged). Every query gets a fresh, locked-down in-memory DuckDB
-(`insession.query.tables.connect`), so nothing one query does can be seen by the next.
+QoS by isolation: every query runs in one of `concurrency` worker processes (`insession.query.workers`),
+each at a lower CPU priority, with its address space capped by the operating system (`RLIMIT_AS`) and
+`threads` DuckDB threads; at most `queue` more queries wait, and a query beyond that is refused at once
+with 429 and Retry-After. A query that runs past `timeout_s` has its worker SIGKILLed (not asked to
+stop: DuckDB checks for interrupts only between vectors, and one huge `levenshtein` call is one vector)
+and is answered with 408; a worker that dies, e.g. on its memory bound, is answered with 413; both are
+replaced at once. Answers are cut to `max_rows` and `max_bytes` in the worker and come back as Arrow
+IPC, so no query can grow the server's memory beyond that. Every query gets a fresh, locked-down
+in-memory DuckDB (`insession.query.tables.connect`), so nothing one query does can be seen by the next.
+
+Validation (binding against empty tables) runs in a worker of its own too: DuckDB folds constant
+expressions while it prepares, so a `PREPARE` of `SELECT lpad('x', 1100000000, 'y')` already builds
+the 1.1 GB string.
 """
 
 from __future__ import annotations
 
 import os
-import re
+import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import msgspec
 import pyarrow as pa
 
 from insession.query.errors import QueryError
-from insession.query.tables import connect, schema_connection
+from insession.query.workers import (
+    HEADROOM_BYTES,
+    THREAD_HEADROOM_BYTES,
+    Job,
+    Reply,
+    WorkerConfig,
+    WorkerDied,
+    WorkerProcess,
+    WorkerTimeout,
+    size_bytes,
+)
+
+VALIDATE_TIMEOUT_S = 2.0  # binding takes milliseconds; a validation past this is left to the query's worker
+Position = Callable[[str], dict[str, int]]
 
 
 def _quarter_of_cores() -> int:
@@ -42,38 +61,38 @@ class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     concurrency: int = msgspec.field(default_factory=_quarter_of_cores)  # analytics queries running at once
     queue: int = 8  # analytics queries waiting beyond those; one more gets 429
     threads: int = msgspec.field(default_factory=_quarter_of_cores)  # DuckDB threads per analytics query
-    nice: int = 10  # added to the analytics threads' OS niceness (Linux; 0 leaves it)
+    nice: int = 10  # added to the analytics worker processes' OS niceness (0 leaves it)
     timeout_s: float = 30.0  # per query, from the moment it starts running
-    memory_limit: str = "1GB"  # per query (DuckDB memory_limit)
+    memory_limit: str = "1GB"  # per query (DuckDB memory_limit; the worker's RLIMIT_AS adds headroom)
     max_rows: int = 10_000  # rows returned at most (more: truncated=true)
     max_bytes: int = 16 * 1024 * 1024  # Arrow bytes returned at most (more: truncated=true)
     retry_after_s: int = 1  # told to a client refused with 429
     items_ttl_s: float = 1.0  # the `items` table is re-read from the catalogue at most this often
-
-
-def _lower_priority(nice: int) -> None:
-    """Pool thread initializer: raise this thread's niceness (DuckDB's threads started from it inherit it)."""
-    if nice > 0 and hasattr(os, "setpriority"):
-        try:
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-        except OSError:  # not permitted here: run at normal priority
-            pass
+    # Each worker process's address-space cap (RLIMIT_AS); None: memory_limit + 768MiB + 64MiB per thread.
+    worker_memory: str | None = None
 
 
 @dataclass(frozen=True)
 class Sources:
-    """Where the analytics lane reads from (the event log, the catalogue and the history directory)."""
+    """Where the analytics lane reads from (the event log, the catalogue and the history directory).
+
+    With `log_path` and `catalog_path` (what `of` gives) each worker reads the log's tail and the
+    catalogue itself through read-only SQLite connections, so the server never materialises them for a
+    query. Without them the lane calls `tail_arrow(exported_offset() + 1)` and `items_arrow()` (cached
+    for `items_ttl_s`) in the server and ships the tables to the worker as Arrow IPC.
+    """
 
     history_dir: Path | None
     exported_offset: Callable[[], int]
     tail_arrow: Callable[[int], pa.Table]  # events with offset >= argument, EVENT_ARROW_SCHEMA
     items_arrow: Callable[[], pa.Table]  # the catalogue, ITEM_ARROW_SCHEMA
+    log_path: Path | None = None
+    catalog_path: Path | None = None
 
     @classmethod
     def of(cls, log: Any, catalog: Any, history_dir: Path | None) -> Sources:
-        """From an `EventLog` and a `Catalog` (`insession.log`)."""
-        return cls(history_dir, log.exported_offset, log.tail_arrow, catalog.to_arrow)
+        """From an `EventLog` and a `Catalog` (`insession.log`): workers read their files."""
+        return cls(history_dir, log.exported_offset, log.tail_arrow, catalog.to_arrow, log.path, catalog.path)
 
 
 @dataclass(frozen=True)
@@ -86,58 +105,87 @@ class Table:
     truncated: bool
 
 
-_COLUMN_NOT_FOUND = re.compile(r'Referenced column "([^"]+)" not found')
-_DUCKDB_NOISE = re.compile(r"\n\s*LINE \d+:.*", re.S)
-
-# Errors that mean the query's own fault (bad types, bad casts, bad input to a function).
-_INPUT_ERRORS = (
-    duckdb.ParserException,
-    duckdb.BinderException,
-    duckdb.CatalogException,
-    duckdb.ConversionException,
-    duckdb.InvalidInputException,
-    duckdb.OutOfRangeException,
-    duckdb.TypeMismatchException,
-    duckdb.NotImplementedException,
-    duckdb.PermissionException,
-    duckdb.SyntaxException,
-    duckdb.DataError,
-    duckdb.ProgrammingError,
-    duckdb.ConstraintException,
-)
+def _ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as out:
+        out.write_table(table)
+    return sink.getvalue().to_pybytes()
 
 
-def input_error(e: duckdb.Error, position: Callable[[str], dict[str, int]] | None = None) -> QueryError:
-    """A DuckDB error raised by a user's query as a 400 with DuckDB's message (minus its echo of the SQL)."""
-    text = _DUCKDB_NOISE.sub("", str(e)).strip()
-    pos: dict[str, int] = {}
-    m = _COLUMN_NOT_FOUND.search(text)
-    if m and position is not None:
-        pos = position(m.group(1))
-    code = "unknown_column" if m else "invalid_query"
-    return QueryError(text, 400, code=code, **pos)
+def _answer(reply: Reply, position: Position | None) -> Table:
+    """A worker's reply as a `Table`, or the QueryError it reports."""
+    if reply.kind == "error":
+        if reply.status >= 500 and reply.code == "internal":
+            raise RuntimeError(f"an analytics worker failed: {reply.message}")
+        pos = position(reply.column) if reply.column is not None and position is not None else {}
+        raise QueryError(reply.message, reply.status, code=reply.code, retry_after_s=reply.retry_after_s, **pos)
+    if reply.kind == "plan":
+        return Table(["plan"], ["VARCHAR"], [[reply.plan]], False)
+    if reply.kind != "table" or reply.ipc is None:
+        raise RuntimeError(f"an analytics worker answered {reply.kind!r} to a query")
+    table = pa.ipc.open_stream(reply.ipc).read_all()
+    table.validate(full=True)  # the bytes come from another process: check them before reading them
+    columns = [c.to_pylist() for c in table.columns]
+    return Table(
+        columns=table.schema.names,
+        types=[str(f.type) for f in table.schema],
+        rows=[list(r) for r in zip(*columns, strict=True)] if columns else [],
+        truncated=reply.truncated,
+    )
+
+
+@dataclass
+class _Request:
+    future: Future[Table]
+    sql: str
+    params: dict[str, Any]
+    explain: bool
+    position: Position | None
 
 
 class AnalyticsLane:
-    """Runs sandboxed SELECTs (already checked by `insession.query.sql`) under the limits above."""
+    """Runs sandboxed SELECTs (already checked by `insession.query.sql`) under the limits above.
+
+    Workers start on first use (a fresh one takes about a second) and are replaced after a kill or a
+    death; `close()` stops and reaps every one of them.
+    """
 
     def __init__(self, sources: Sources, limits: Limits | None = None) -> None:
         self.sources = sources
-        self.limits = limits or Limits()
-        self._pool = ThreadPoolExecutor(
-            max_workers=self.limits.concurrency,
-            thread_name_prefix="insession-analytics",
-            initializer=_lower_priority,
-            initargs=(self.limits.nice,),
+        self.limits = lim = limits or Limits()
+        files = sources.log_path is not None and sources.catalog_path is not None
+        self.config = WorkerConfig(
+            nice=max(lim.nice, 0),
+            address_space=size_bytes(lim.worker_memory, "worker_memory")
+            if lim.worker_memory is not None
+            else size_bytes(lim.memory_limit, "memory_limit") + HEADROOM_BYTES + lim.threads * THREAD_HEADROOM_BYTES,
+            threads=lim.threads,
+            memory_limit=lim.memory_limit,
+            max_rows=lim.max_rows,
+            max_bytes=lim.max_bytes,
+            items_ttl_s=lim.items_ttl_s,
+            retry_after_s=lim.retry_after_s,
+            history_dir=None if sources.history_dir is None else str(sources.history_dir),
+            log_path=str(sources.log_path) if files else None,
+            catalog_path=str(sources.catalog_path) if files else None,
         )
+        self._workers = [WorkerProcess(self.config, f"analytics worker {i}") for i in range(lim.concurrency)]
+        self._validator = WorkerProcess(self.config, "analytics validator")
+        self._validating = threading.Lock()
+        self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._admitted = 0  # running + waiting
         self._running = 0
         self.rejected = 0
         self.timeouts = 0
         self._items: tuple[float, pa.Table] | None = None
-        self._local = threading.local()
         self._closed = False
+        self._dispatchers = [
+            threading.Thread(target=self._dispatch, args=(w,), name=f"insession-analytics-{i}", daemon=True)
+            for i, w in enumerate(self._workers)
+        ]
+        for t in self._dispatchers:
+            t.start()
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -152,13 +200,18 @@ class AnalyticsLane:
         with self._lock:
             return self._running
 
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the workers alive now (query workers and the validator)."""
+        return [pid for w in (*self._workers, self._validator) if (pid := w.pid) is not None]
+
     def submit(
         self,
         sql: str,
         params: Mapping[str, Any],
         *,
         explain: bool = False,
-        position: Callable[[str], dict[str, int]] | None = None,
+        position: Position | None = None,
     ) -> Future[Table]:
         """Admit a query or refuse it with 429 at once; the future holds a `Table` or a QueryError."""
         lim = self.limits
@@ -175,33 +228,54 @@ class AnalyticsLane:
                     retry_after_s=lim.retry_after_s,
                 )
             self._admitted += 1
-        try:
-            fut = self._pool.submit(self._run, sql, dict(params), explain, position)
-        except RuntimeError:
-            with self._lock:
-                self._admitted -= 1
-            raise QueryError("the analytics lane is shut down", 503, code="unavailable") from None
-        fut.add_done_callback(self._done)
+            fut: Future[Table] = Future()
+            fut.add_done_callback(self._done)
+            self._requests.put(_Request(fut, sql, dict(params), explain, position))
         return fut
 
     def _done(self, _: Future[Table]) -> None:
         with self._lock:
             self._admitted -= 1
 
-    # -- validation (caller's thread, no data read) ---------------------------------------------
+    # -- validation (caller's thread waits; the binding happens in the validator process) ---------
 
-    def validate(self, sql: str, position: Callable[[str], dict[str, int]] | None = None) -> None:
-        """Bind the query against empty tables of the right schema: unknown columns, type errors -> 400."""
-        con = getattr(self._local, "schema", None)
-        if con is None:
-            con = self._local.schema = schema_connection()
+    def validate(self, sql: str, position: Position | None = None) -> None:
+        """Bind the query against empty tables of the right schema: unknown columns, type errors -> 400.
+
+        Decision: a validation that cannot start within VALIDATE_TIMEOUT_S (the validator is busy) or
+        does not finish within it (its worker is killed) is skipped rather than failed: the query's own
+        worker binds it again under the full limits and reports the same errors, only later.
+        """
+        if not self._validating.acquire(timeout=VALIDATE_TIMEOUT_S):
+            return
         try:
-            con.execute(f"PREPARE _q AS {sql}")
-            con.execute("DEALLOCATE _q")
-        except _INPUT_ERRORS as e:
-            raise input_error(e, position) from None
+            reply = self._validator.call(Job("validate", sql), VALIDATE_TIMEOUT_S)
+        except (WorkerTimeout, WorkerDied):
+            return
+        finally:
+            self._validating.release()
+        if reply.kind != "ok":
+            _answer(reply, position)
 
-    # -- execution (pool thread) ----------------------------------------------------------------
+    # -- execution (one dispatcher thread per worker) -------------------------------------------
+
+    def _dispatch(self, worker: WorkerProcess) -> None:
+        while (req := self._requests.get()) is not None:
+            if not req.future.set_running_or_notify_cancel():
+                continue
+            with self._lock:
+                self._running += 1
+            outcome: Table | BaseException
+            try:
+                outcome = self._execute(worker, req)
+            except BaseException as e:  # handed to the waiting caller
+                outcome = e
+            with self._lock:
+                self._running -= 1
+            if isinstance(outcome, BaseException):
+                req.future.set_exception(outcome)
+            else:
+                req.future.set_result(outcome)
 
     def _items_table(self) -> pa.Table:
         now = time.monotonic()
@@ -212,99 +286,55 @@ class AnalyticsLane:
         self._items = (now, items)
         return items
 
-    def _run(
-        self,
-        sql: str,
-        params: dict[str, Any],
-        explain: bool,
-        position: Callable[[str], dict[str, int]] | None,
-    ) -> Table:
-        with self._lock:
-            self._running += 1
-        try:
-            return self._execute(sql, params, explain, position)
-        finally:
-            with self._lock:
-                self._running -= 1
-
-    def _execute(
-        self,
-        sql: str,
-        params: dict[str, Any],
-        explain: bool,
-        position: Callable[[str], dict[str, int]] | None,
-    ) -> Table:
+    def _execute(self, worker: WorkerProcess, req: _Request) -> Table:
         lim = self.limits
-        src = self.sources
-        tail = src.tail_arrow(src.exported_offset() + 1)
-        con = connect(
-            history_dir=src.history_dir,
-            tail=tail,
-            items=self._items_table(),
-            threads=lim.threads,
-            memory_limit=lim.memory_limit,
-        )
-        timer = threading.Timer(lim.timeout_s, con.interrupt)
-        timer.daemon = True
-        timer.start()
+        job = Job("explain" if req.explain else "query", req.sql, req.params)
+        if self.config.log_path is None:  # sources given as callables: read here, ship to the worker
+            src = self.sources
+            job.tail = _ipc(src.tail_arrow(src.exported_offset() + 1))
+            job.items = _ipc(self._items_table())
         try:
-            if explain:
-                rows = con.sql(f"EXPLAIN {sql}", params=params or None).fetchall()
-                return Table(["plan"], ["VARCHAR"], [["\n".join(r[1] for r in rows)]], False)
-            return self._fetch(con.sql(sql, params=params or None).to_arrow_reader(2048))
-        except duckdb.InterruptException:
-            self.timeouts += 1
+            reply = worker.call(job, lim.timeout_s)
+        except WorkerTimeout:
+            with self._lock:
+                self.timeouts += 1
             raise QueryError(
                 f"the query ran past the analytics lane's limit of {lim.timeout_s:g}s", 408, code="timeout"
             ) from None
-        except duckdb.OutOfMemoryException:
+        except WorkerDied as e:
+            if self._closed:
+                raise QueryError("the analytics lane is shut down", 503, code="unavailable") from None
+            if not e.started:
+                raise QueryError(
+                    f"{e}; retry later", 503, code="unavailable", retry_after_s=lim.retry_after_s
+                ) from None
             raise QueryError(
-                f"the query needs more than the analytics lane's {lim.memory_limit} of memory",
+                f"the query's worker died ({e}); the likeliest cause is its operating-system memory bound "
+                f"of {self.config.address_space / 2**30:.1f} GiB: aggregate or filter more, or add a LIMIT",
                 413,
                 code="too_large",
             ) from None
-        except _INPUT_ERRORS as e:
-            raise input_error(e, position) from None
-        except duckdb.IOException:  # a history file replaced under the query (an export's clean-up)
-            raise QueryError(
-                "the history changed while the query ran; retry", 503, code="retry", retry_after_s=lim.retry_after_s
-            ) from None
-        except duckdb.InternalException as e:  # DuckDB's own limitation, reached by this query's SQL
-            raise QueryError(f"DuckDB could not run this query: {e}", 400, code="unsupported_query") from None
-        finally:
-            timer.cancel()
-            con.close()
-
-    def _fetch(self, reader: pa.RecordBatchReader) -> Table:
-        lim = self.limits
-        batches: list[pa.RecordBatch] = []
-        rows = nbytes = 0
-        truncated = False
-        for batch in reader:
-            room = lim.max_rows - rows
-            if batch.num_rows > room:
-                batch = batch.slice(0, room)
-                truncated = True
-            if nbytes + batch.nbytes > lim.max_bytes:
-                # Keep the share of this batch that still fits (rows are roughly equal in size).
-                keep = int(batch.num_rows * (lim.max_bytes - nbytes) / max(batch.nbytes, 1))
-                batch = batch.slice(0, max(keep, 0))
-                truncated = True
-            batches.append(batch)
-            rows += batch.num_rows
-            nbytes += batch.nbytes
-            if truncated:
-                break
-        table = pa.Table.from_batches(batches, schema=reader.schema)
-        columns = [c.to_pylist() for c in table.columns]
-        return Table(
-            columns=table.schema.names,
-            types=[str(f.type) for f in table.schema],
-            rows=[list(r) for r in zip(*columns, strict=True)] if columns else [],
-            truncated=truncated,
-        )
+        return _answer(reply, req.position)
 
     def close(self) -> None:
+        """Refuse new queries, cancel the waiting ones, kill running ones and reap every worker (idempotent)."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        pending: list[_Request] = []
+        while True:
+            try:
+                req = self._requests.get_nowait()
+            except queue.Empty:
+                break
+            if req is not None:
+                pending.append(req)
+        for req in pending:
+            req.future.cancel()
+        for _ in self._dispatchers:
+            self._requests.put(None)
+        for w in (*self._workers, self._validator):
+            w.close()
+        for t in self._dispatchers:
+            t.join()

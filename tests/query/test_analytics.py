@@ -1,9 +1,13 @@
-"""The analytics lane: history UNION tail, limits, deadline, and the bounded queue (429)."""
+"""The analytics lane: history UNION tail, limits, deadline, the bounded queue (429), and the worker
+processes that keep hostile queries' memory and CPU out of the server (real processes, no mocks)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -119,6 +123,7 @@ def test_full_queue_is_refused_with_429_and_recovers() -> None:
         lane.submit("SELECT count(*) FROM events", {})
     assert info.value.status == 429 and info.value.retry_after_s == 3
     assert lane.rejected == 1
+    _wait_for(lambda: lane.running == 1)  # a dispatcher thread has taken the first query
     assert lane.queue_depth == 2 and lane.running == 1
     gate.set()
     assert [f.result(timeout=20).rows for f in admitted] == [[[1000]]] * 3
@@ -134,10 +139,140 @@ def test_validation_binds_without_reading_data(world: World) -> None:
     assert info.value.code == "unknown_column"
 
 
-def test_analytics_threads_run_at_a_lower_os_priority() -> None:
-    lane = AnalyticsLane(_sources(), Limits(concurrency=1, nice=5))
-    lane.submit("SELECT 1", {}).result()
-    (worker,) = lane._pool._threads  # the pool's one thread, started by the first query
-    own = os.getpriority(os.PRIO_PROCESS, 0)
-    assert os.getpriority(os.PRIO_PROCESS, worker.native_id) == min(19, own + 5)
-    lane.close()
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def _children() -> set[int]:
+    """This process's live and zombie children (every thread's), from /proc."""
+    out: set[int] = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            out.update(int(p) for p in (task / "children").read_text().split())
+    return out
+
+
+def _status_mb(field: str) -> float:
+    """A field of /proc/self/status (VmRSS, VmHWM) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"{field} not in /proc/self/status")
+
+
+HOSTILE_MEMORY = "SELECT length(lpad('x', 1100000000, 'y'))"  # a 1.1 GB string DuckDB's memory_limit misses
+HOSTILE_CPU = "SELECT levenshtein(repeat('a', 200000), repeat('b', 200000))"  # minutes in one uninterruptible call
+# Small bounds keep the hostile queries short: the worker idles at ~0.5 GiB of address space.
+SMALL = {"memory_limit": "64MB", "worker_memory": "640MB", "threads": 1}
+
+
+def test_workers_run_at_a_lower_os_priority_under_an_address_space_limit() -> None:
+    lane = AnalyticsLane(_sources(), Limits(concurrency=1, nice=5, **SMALL))
+    try:
+        lane.submit("SELECT 1", {}).result(timeout=60)
+        (pid,) = lane.pids  # the one query worker, started by the first query
+        assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 5)
+        limits = Path(f"/proc/{pid}/limits").read_text()
+        (line,) = [x for x in limits.splitlines() if x.startswith("Max address space")]
+        assert line.split()[3:5] == [str(640 * 10**6)] * 2
+    finally:
+        lane.close()
+
+
+def test_hostile_memory_query_gets_413_and_the_server_does_not_grow(tmp_path: Path) -> None:
+    """Through the service (planning binds the query too, and DuckDB folds constants while binding)."""
+    w = make_world(tmp_path, n=100, limits=Limits(concurrency=2, timeout_s=120, **SMALL))
+    try:
+        w.query.execute("SELECT count(*) FROM events")  # workers and validator started, server warm
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak from here on
+        before = _status_mb("VmRSS")
+        errors: list[QueryError] = []
+
+        def hostile() -> None:
+            with pytest.raises(QueryError) as info:
+                w.query.execute(HOSTILE_MEMORY)
+            errors.append(info.value)
+
+        threads = [threading.Thread(target=hostile) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert [(e.status, e.code) for e in errors] == [(413, "too_large")] * 2, [str(e) for e in errors]
+        assert _status_mb("VmHWM") - before < 100  # the 1.1 GB strings were never in this process
+        assert w.query.execute("SELECT count(*) FROM events").rows == [[100]]
+    finally:
+        w.close()
+
+
+def test_a_cpu_bound_query_is_killed_at_its_limit_and_the_worker_replaced() -> None:
+    lane = AnalyticsLane(_sources(), Limits(concurrency=1, timeout_s=1.0, **SMALL))
+    try:
+        assert lane.submit("SELECT 1", {}).result(timeout=60).rows == [[1]]
+        (first,) = lane.pids
+        start = time.monotonic()
+        with pytest.raises(QueryError) as info:
+            lane.submit(HOSTILE_CPU, {}).result(timeout=60)
+        elapsed = time.monotonic() - start
+        assert info.value.status == 408 and info.value.code == "timeout"
+        assert elapsed < 1.0 + 3, elapsed
+        assert lane.timeouts == 1
+        assert first not in _children()  # killed and reaped
+        assert lane.submit("SELECT count(*) FROM events", {}).result(timeout=60).rows == [[1000]]
+        assert lane.pids and lane.pids[0] != first
+    finally:
+        lane.close()
+
+
+def test_hostile_queries_hold_workers_no_longer_than_their_limit() -> None:
+    """Both workers busy with hostile queries: a normal query waits in the queue only until they are
+    killed, one more is refused with 429, and the server's own threads stay responsive throughout."""
+    lane = AnalyticsLane(_sources(), Limits(concurrency=2, queue=1, timeout_s=2.0, **SMALL))
+    try:
+        warm = [lane.submit("SELECT 1", {}) for _ in range(2)]
+        assert [f.result(timeout=60).rows for f in warm] == [[[1]]] * 2
+        _wait_for(lambda: len(lane.pids) == 2)
+        hostile = [lane.submit(HOSTILE_CPU, {}), lane.submit(HOSTILE_MEMORY, {})]
+        _wait_for(lambda: lane.running == 2)
+        start = time.monotonic()
+        normal = lane.submit("SELECT count(*) FROM events", {})
+        with pytest.raises(QueryError) as refused:
+            lane.submit("SELECT 1", {})
+        assert refused.value.status == 429
+        tick = time.monotonic()
+        time.sleep(0.2)  # this process is not starved while the workers burn CPU
+        assert time.monotonic() - tick < 0.5
+        assert normal.result(timeout=60).rows == [[1000]]
+        assert time.monotonic() - start < 2.0 + 4
+        for f in hostile:
+            with pytest.raises(QueryError) as info:
+                f.result(timeout=60)
+            assert info.value.status in (408, 413)  # the lpad may hit the memory bound before the deadline
+    finally:
+        lane.close()
+
+
+def test_close_kills_running_queries_and_leaves_no_child_processes(tmp_path: Path) -> None:
+    w = make_world(tmp_path, n=50, limits=Limits(concurrency=2, timeout_s=60, **SMALL))
+    lane = w.query.analytics
+    try:
+        assert w.query.execute("SELECT count(*) FROM events").rows == [[50]]
+        running = lane.submit(HOSTILE_CPU, {})
+        _wait_for(lambda: lane.running == 1)
+        pids = set(lane.pids)
+        assert len(pids) >= 2 and pids <= _children()  # a query worker and the validator at least
+        start = time.monotonic()
+    finally:
+        w.close()
+    assert time.monotonic() - start < 5
+    assert not pids & _children()  # none left, not even a zombie
+    assert lane.pids == []
+    with pytest.raises(QueryError) as info:
+        running.result(timeout=5)
+    assert info.value.status == 503
+    with pytest.raises(QueryError) as info:
+        lane.submit("SELECT 1", {})
+    assert info.value.status == 503
