@@ -67,5 +67,11 @@ def test_the_hub_wakes_only_the_streams_of_the_users_in_an_applied_group() -> No
         await asyncio.sleep(0.05)
         return u1.is_set(), u2.is_set()
 
-    woken_after_unsubscribe, other_woken = asyncio.run(scenario())  # u1 woke first, or wait_for raised
+    # A loop of its own on a thread: Playwright's sync API may hold a running loop in this one.
+    results: list[tuple[bool, bool]] = []
+    runner = threading.Thread(target=lambda: results.append(asyncio.run(scenario())))
+    runner.start()
+    runner.join(10)
+    assert results, "u1's stream was not woken within a second"
+    woken_after_unsubscribe, other_woken = results[0]
     assert not woken_after_unsubscribe and not other_woken
