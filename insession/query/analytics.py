@@ -33,6 +33,7 @@ import pyarrow as pa
 from insession.query.errors import QueryError
 from insession.query.workers import (
     HEADROOM_BYTES,
+    MIN_WORKER_BYTES,
     THREAD_HEADROOM_BYTES,
     Job,
     Reply,
@@ -68,7 +69,8 @@ class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_bytes: int = 16 * 1024 * 1024  # Arrow bytes returned at most (more: truncated=true)
     retry_after_s: int = 1  # told to a client refused with 429
     items_ttl_s: float = 1.0  # the `items` table is re-read from the catalogue at most this often
-    # Each worker process's address-space cap (RLIMIT_AS); None: memory_limit + 768MiB + 64MiB per thread.
+    # Each worker process's address-space cap (RLIMIT_AS); None: memory_limit + 768MiB + 64MiB per DuckDB
+    # thread. At least 512MiB: an idle worker's interpreter and libraries take about 0.45GiB.
     worker_memory: str | None = None
 
 
@@ -154,11 +156,20 @@ class AnalyticsLane:
         self.sources = sources
         self.limits = lim = limits or Limits()
         files = sources.log_path is not None and sources.catalog_path is not None
+        address_space = (
+            size_bytes(lim.memory_limit, "memory_limit") + HEADROOM_BYTES + lim.threads * THREAD_HEADROOM_BYTES
+        )
+        if lim.worker_memory is not None:
+            address_space = size_bytes(lim.worker_memory, "worker_memory")
+            if address_space < MIN_WORKER_BYTES:
+                raise ValueError(
+                    f"[query] worker_memory = {lim.worker_memory!r} is below the {MIN_WORKER_BYTES >> 20}MiB a "
+                    "worker's interpreter and libraries take; raise it, or leave it out for "
+                    "memory_limit + 768MiB + 64MiB per thread"
+                )
         self.config = WorkerConfig(
             nice=max(lim.nice, 0),
-            address_space=size_bytes(lim.worker_memory, "worker_memory")
-            if lim.worker_memory is not None
-            else size_bytes(lim.memory_limit, "memory_limit") + HEADROOM_BYTES + lim.threads * THREAD_HEADROOM_BYTES,
+            address_space=address_space,
             threads=lim.threads,
             memory_limit=lim.memory_limit,
             max_rows=lim.max_rows,

@@ -50,6 +50,7 @@ from insession.query.tables import connect, schema_connection
 from insession.schema import ITEM_ARROW_SCHEMA, Event
 
 HEADROOM_BYTES = 768 * 2**20  # a worker's address space beyond DuckDB's memory_limit (measured: ~0.5 GiB idle)
+MIN_WORKER_BYTES = 512 * 2**20  # below this a worker cannot even run a small query (idle: ~0.45 GiB)
 THREAD_HEADROOM_BYTES = 64 * 2**20  # and per DuckDB thread (stack, allocator arena)
 START_TIMEOUT_S = 60.0  # a worker that is not ready by then is reported as failed to start
 CLOSE_GRACE_S = 2.0  # an idle worker told to exit (EOF) is SIGKILLed after this

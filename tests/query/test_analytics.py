@@ -276,3 +276,13 @@ def test_close_kills_running_queries_and_leaves_no_child_processes(tmp_path: Pat
     with pytest.raises(QueryError) as info:
         lane.submit("SELECT 1", {})
     assert info.value.status == 503
+
+
+def test_memory_settings_that_are_not_sizes_or_too_small_are_refused_at_start() -> None:
+    with pytest.raises(ValueError, match=r"memory_limit = 'lots' is not a size"):
+        AnalyticsLane(_sources(), Limits(memory_limit="lots"))
+    with pytest.raises(ValueError, match=r"worker_memory = '100MB' is below"):
+        AnalyticsLane(_sources(), Limits(worker_memory="100MB"))
+    lane = AnalyticsLane(_sources(), Limits(memory_limit="1GiB", threads=2))
+    assert lane.config.address_space == 2**30 + 768 * 2**20 + 2 * 64 * 2**20
+    lane.close()
