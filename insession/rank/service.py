@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import numpy as np
@@ -41,6 +41,7 @@ from insession.rank.fallback import fallback_ranking
 from insession.rank.hygiene import HygieneRules, apply_hygiene, eligible
 from insession.rank.inputs import ItemIndex, Shopper, counters, covisit_counts, item_counts, sequence, signals
 from insession.rank.onnx import OnnxScorer
+from insession.schema import MAX_ID_LEN
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,18 @@ class RankConfig:
     torch_threads: int | None = 1
 
 
-class RankRequest(msgspec.Struct, forbid_unknown_fields=True):
-    """`POST /v1/rank` body: rank `candidates` (or the candidate stage's proposals) for `user_id` now."""
+_Id = Annotated[str, msgspec.Meta(max_length=MAX_ID_LEN)] | int
 
-    user_id: str | int
-    session_id: str | int | None = None  # echoed; the session ranked on is the user's current one
-    surface: str | None = None  # echoed (home, search, cart, pdp, ...)
-    candidates: list[str | int] | None = None  # at most RankConfig.max_candidates; None: candidate stage
+
+class RankRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """`POST /v1/rank` body: rank `candidates` (or the candidate stage's proposals) for `user_id` now.
+
+    Ids are bounded like the schema's (at most MAX_ID_LEN characters) when decoded from JSON."""
+
+    user_id: _Id
+    session_id: _Id | None = None  # echoed; the session ranked on is the user's current one
+    surface: Annotated[str, msgspec.Meta(max_length=MAX_ID_LEN)] | None = None  # echoed (home, search, ...)
+    candidates: list[_Id] | None = None  # at most RankConfig.max_candidates; None: candidate stage
     k: int | None = None  # how many items to return (default RankConfig.default_k)
     budget_ms: float | None = None  # the deadline for this request (default RankConfig.budget_ms)
     explain: bool = False

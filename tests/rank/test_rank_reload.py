@@ -92,7 +92,7 @@ def test_a_broken_or_mismatched_newest_version_leaves_the_newest_valid_one_servi
     shop.artefact("v2", seed=2)
     shop.artefact("v8", seed=8, feature_hash="0123456789abcdef")
     (shop.artefact("v9", seed=9) / "model.pt").write_bytes(b"garbage, not weights")
-    r = Ranker(shop.features, shop.catalog, shop.model_dir, RankConfig(backend="torch"))
+    r = Ranker(shop.features, shop.catalog, shop.model_dir, RankConfig(budget_ms=5_000, backend="torch"))
     try:
         assert r.model is not None and r.model.version == "v2"
         assert set(r.model.skipped) == {"v8", "v9"}

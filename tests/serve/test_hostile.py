@@ -169,6 +169,12 @@ def test_huge_integers_are_refused_not_stored(api: TestClient) -> None:
     assert_client_error(r, 400)
 
 
+def test_long_ids_are_refused_before_ranking(api: TestClient) -> None:
+    serve = {"X-API-Key": KEYS["serve"]}
+    for body in ({"user_id": "u" * 100_000}, {"user_id": "u1", "candidates": ["i" * 100_000]}):
+        assert_client_error(api.post("/v1/rank", json=body, headers=serve), 422)
+
+
 def test_long_strings_cannot_amplify_into_the_log(api: TestClient) -> None:
     ingest = {"X-API-Key": KEYS["ingest"]}
     r = api.put("/v1/items", json={"item_id": "big", "category": "c" * 1_000_000}, headers=ingest)
