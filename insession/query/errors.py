@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+# An absolute filesystem path (two or more segments) inside a message: an engine's error about a file
+# it read. Clients are told what failed, never where the server keeps its files.
+_PATH = re.compile(r"""(?<![\w.])/(?:[^/\s'"]+/)+[^/\s'"]*""")
+
+
+def without_paths(text: str) -> str:
+    """`text` with absolute filesystem paths replaced by `<server file>`."""
+    return _PATH.sub("<server file>", text)
 
 
 class QueryError(Exception):
@@ -31,8 +41,8 @@ class QueryError(Exception):
         self.retry_after_s = retry_after_s
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON body of the error answer."""
-        doc: dict[str, Any] = {"error": self.message, "code": self.code}
+        """The JSON body of the error answer (without filesystem paths: `str(e)` keeps them for logs)."""
+        doc: dict[str, Any] = {"error": without_paths(self.message), "code": self.code}
         if self.line is not None:
             doc["position"] = {"line": self.line, "col": self.col}
         if self.retry_after_s is not None:

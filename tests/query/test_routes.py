@@ -151,3 +151,25 @@ def test_metrics_endpoint_has_the_product_metrics(world: World) -> None:
         "insession_feature_hygiene_drops_total",
     ):
         assert name in text, name
+
+
+def test_a_damaged_history_part_is_an_error_that_names_no_path(tmp_path: Path) -> None:
+    w = make_world(tmp_path / "w")
+    try:
+        parts = sorted(w.history_dir.rglob("*.parquet"))
+        assert parts
+        parts[0].write_bytes(parts[0].read_bytes()[:100])  # truncated
+        r = TestClient(make_app(w.handle())).post("/v1/query", json={"sql": "SELECT count(*) FROM events"})
+        assert r.status_code >= 400 and r.json()["error"]
+        assert str(tmp_path) not in r.text and ".parquet" not in r.text.replace("<server file>", "")
+    finally:
+        w.close()
+
+
+def test_error_bodies_keep_their_message_without_paths() -> None:
+    from insession.query import QueryError
+
+    e = QueryError('IO Error: No files found that match the pattern "/srv/data/history/day=*/part-*.parquet"')
+    assert e.to_dict()["error"] == 'IO Error: No files found that match the pattern "<server file>"'
+    assert "/srv/data/history" in str(e)  # the server's log keeps it
+    assert QueryError("1/2 and a/b/c are not paths").to_dict()["error"] == "1/2 and a/b/c are not paths"
