@@ -12,6 +12,7 @@ from insession.schema import (
     ACTIONS,
     MAX_BATCH,
     MAX_FUTURE_MS,
+    MIN_EPOCH_MS,
     BatchRejected,
     decode_body,
     validate_events,
@@ -102,6 +103,28 @@ def test_decode_body_forms() -> None:
     with pytest.raises(BatchRejected) as info:
         decode_body(b"[{", "application/json")
     assert info.value.status == 400
+
+
+def test_decode_body_refuses_any_depth_with_a_400() -> None:
+    for body, ctype in ((b"[" * 100_000, None), (b'{"a": 1}\n' + b"[" * 5_000 + b"]" * 5_000, "application/x-ndjson")):
+        with pytest.raises(BatchRejected) as info:
+            decode_body(body, ctype)
+        assert info.value.status == 400 and "nested too deeply" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "ts", ["0001-01-01T00:00:00+01:00", "0001-01-01T00:00:00", "1960-01-01T00:00:00Z", "1973-03-03T09:46:39.999Z",
+           "9999-12-31T23:59:59-01:00", MIN_EPOCH_MS - 1],
+)
+def test_event_time_is_bounded_the_same_way_in_every_form(ts: str | int) -> None:
+    with pytest.raises(BatchRejected) as info:
+        validate_events([ev(ts=ts)], now_ms=NOW)
+    assert [(e.index, e.field) for e in info.value.errors] == [(0, "ts")]
+
+
+def test_the_earliest_event_time_is_accepted_in_every_form() -> None:
+    for ts in (MIN_EPOCH_MS, "1973-03-03T09:46:40Z", "1973-03-03T10:46:40+01:00"):
+        assert validate_events([ev(ts=ts)], now_ms=NOW)[0].ts == MIN_EPOCH_MS
 
 
 # A mutation that makes a valid record invalid, and the field the error must name.

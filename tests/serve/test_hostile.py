@@ -339,3 +339,26 @@ def test_loopback_serves_without_keys_and_without_warnings(api: TestClient, tmp_
     with TestClient(create_app(tmp_path / "d")) as client:
         ready = client.get("/readyz").json()
         assert ready["ready"] is True and "warnings" not in ready
+
+
+ODD_BODIES = [
+    b"", b"null", b"[]", b'"text"', b"1e999", b"\xff\xfe\x00", b"\xef\xbb\xbf{}", b"[null]", b"[1, 2]",
+    b'{"user_id": null}', b'{"user_id": {"a": 1}}', b'{"sql": null}', b'{"sql": "SELECT 1", "params": []}',
+    b'{"sql": "SELECT ' + b"(" * 5000 + b"1" + b")" * 5000 + b' FROM events"}', b'{"user_id": "u", "k": -1}',
+    b'{"user_id": "u", "budget_ms": 1e308}', b'{"version": ""}', b'{"version": "."}',
+]
+
+
+@pytest.mark.parametrize(("method", "path", "_"), BODY_ENDPOINTS)
+@pytest.mark.parametrize("content_type", ["application/json", "application/x-ndjson"])
+def test_odd_bodies_are_never_a_5xx(api: TestClient, method: str, path: str, _: Any, content_type: str) -> None:
+    for body in ODD_BODIES:
+        r = api.request(method, path, content=body, headers={**ADMIN, "content-type": content_type})
+        if not (path == "/v1/admin/reload" and r.status_code == 404):  # an empty body means "the newest": none
+            assert_client_error(r)
+
+
+def test_odd_keys_are_never_a_5xx(api: TestClient) -> None:
+    for path in ("/v1/features/user/" + "u" * 300, "/v1/features/nope/x", "/v1/features/user_item/u1",
+                 "/v1/features/user_item/u1?item_id=" + "i" * 300):
+        assert_client_error(api.get(path, headers=ADMIN))
