@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -38,7 +39,10 @@ PAGES = ("overview", "shopper", "features", "query", "models", "cluster")
 READ_ROLES = ("serve", "analytics")  # admin implies both
 OVERVIEW_EVERY_S = 1.0  # one overview message a second
 OVERVIEW_WINDOW_S = 10.0  # rates and percentiles over the last 10 s
-KEEPALIVE_S = 15.0  # a comment line on an idle shopper stream, so a closed tab is noticed
+# Each event stream ends after this long and the page reconnects at once. uvicorn's graceful shutdown
+# waits for every open response, so this bounds how long an open console tab delays a server's stop
+# (and notices a closed tab within as long).
+STREAM_S = 5.0
 
 router = APIRouter(prefix="/console", include_in_schema=False)
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -107,18 +111,19 @@ async def whoami(request: Request) -> Response:
 
 @router.get("/api/overview/stream")
 async def overview_stream(request: Request) -> StreamingResponse:
-    """Server-sent events, one a second: the overview figures over the last 10 s (see `figures.overview`)."""
+    """Server-sent events, one a second: the overview figures over the last 10 s (see `figures.overview`);
+    the stream ends after STREAM_S and the page reconnects."""
     authorize(request, *READ_ROLES)
     registry = metrics_of(request).registry
+    window = _window(request)
 
     async def body() -> AsyncIterator[bytes]:
-        samples: deque[Sample] = deque()
+        deadline = time.monotonic() + STREAM_S
         while True:
             now = await run_in_threadpool(Sample.read, registry)  # the pulled gauges read SQLite
-            while samples and now.at - samples[0].at > OVERVIEW_WINDOW_S:
-                samples.popleft()
-            yield _event(overview(now, samples[0] if samples else Sample(now.at)))
-            samples.append(now)
+            yield _event(overview(now, window.base(now)))
+            if time.monotonic() + OVERVIEW_EVERY_S > deadline:
+                return
             await asyncio.sleep(OVERVIEW_EVERY_S)
 
     return _stream(body())
@@ -142,22 +147,23 @@ async def shopper(request: Request, user_id: str) -> Response:
 
 @router.get("/api/shopper/{user_id}/stream")
 async def shopper_stream(request: Request, user_id: str) -> StreamingResponse:
-    """Server-sent events: the shopper now, then again each time features applied an event of theirs."""
+    """Server-sent events: the shopper now, then again each time features applied an event of theirs;
+    the stream ends after STREAM_S and the page reconnects (reading the shopper anew)."""
     authorize(request, *READ_ROLES)
     db = request.app.state.insession
     hub = _hub(request)
 
     async def body() -> AsyncIterator[bytes]:
+        deadline = time.monotonic() + STREAM_S
         changed = hub.subscribe(user_id)
         try:
             while True:
                 changed.clear()
                 yield _event(await run_in_threadpool(shopper_view, db, user_id))
-                while not changed.is_set():
-                    try:
-                        await asyncio.wait_for(changed.wait(), KEEPALIVE_S)
-                    except TimeoutError:
-                        yield b": keep-alive\n\n"
+                try:
+                    await asyncio.wait_for(changed.wait(), deadline - time.monotonic())
+                except TimeoutError:
+                    return
         finally:
             hub.unsubscribe(user_id, changed)
 
@@ -179,6 +185,35 @@ async def model_curve(request: Request, version: str) -> FileResponse:
         if path.name == version and (path / CURVE).is_file():
             return FileResponse(path / CURVE, media_type="image/png")
     raise HTTPException(404, detail=f"no curve for model version {version!r}")
+
+
+# -- shared state of the streams --------------------------------------------------------------------
+
+
+class SampleWindow:
+    """The registry samples of the last OVERVIEW_WINDOW_S, shared by every overview stream of an app,
+    so a reconnecting page keeps its window."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._samples: deque[Sample] = deque()
+
+    def base(self, now: Sample) -> Sample:
+        """The oldest sample within the window before `now` (an empty one at first), then keeps `now`."""
+        with self._lock:
+            while self._samples and now.at - self._samples[0].at > OVERVIEW_WINDOW_S:
+                self._samples.popleft()
+            oldest = self._samples[0] if self._samples else Sample(now.at)
+            self._samples.append(now)
+            return oldest
+
+
+def _window(request: Request) -> SampleWindow:
+    state = request.app.state
+    window: SampleWindow | None = getattr(state, "console_window", None)
+    if window is None:
+        window = state.console_window = SampleWindow()
+    return window
 
 
 # -- shopper change notifications --------------------------------------------------------------------

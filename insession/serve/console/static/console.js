@@ -57,8 +57,9 @@ async function errorText(response) {
   }
 }
 
-// Reads a server-sent-event stream with fetch, calling onData with each JSON message, until aborted;
-// reconnects a second after the stream ends or fails. onError gets a message for a refused stream.
+// Reads a server-sent-event stream with fetch, calling onData with each JSON message, until aborted.
+// The server ends each stream after a few seconds: reconnect at once then, a second after a failure.
+// onState("open" | "retry" | "error", message) follows the connection; "error" (refused) is final.
 function stream(path, onData, onState) {
   const controller = new AbortController();
   const run = async () => {
@@ -71,7 +72,7 @@ function stream(path, onData, onState) {
         let buffer = "";
         for (;;) {
           const { value, done } = await reader.read();
-          if (done) break;
+          if (done) break;  // the server's normal end of a stream
           buffer += value;
           let end;
           while ((end = buffer.indexOf("\n\n")) >= 0) {
@@ -81,6 +82,7 @@ function stream(path, onData, onState) {
             if (data) onData(JSON.parse(data));
           }
         }
+        continue;
       } catch (e) {
         if (controller.signal.aborted) return;
       }
