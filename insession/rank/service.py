@@ -46,6 +46,7 @@ from insession.schema import MAX_ID_LEN
 log = logging.getLogger(__name__)
 
 REASONS: tuple[str, ...] = ("no_model", "feature_error", "model_error", "timeout")
+STARTUP_BACKEND_WAIT_S = 300.0  # at most this long for the ONNX export at start; eager PyTorch serves after
 
 
 @dataclass(frozen=True)
@@ -211,9 +212,10 @@ class Ranker:
     """The ranking service over one feature engine and catalogue; thread-safe; `rank` or `await arank`.
 
     `model_dir` is a directory of versioned artefacts (what `insession train` writes) or one version;
-    the newest is loaded at start when there is one. Without a model every request is answered by the
-    fallback ranking, flagged `no_model`. `fault` is a test hook called with the stage name
-    ("features", "model") inside each stage; raising or sleeping in it forces that stage to fail.
+    the newest valid one is loaded, warmed and (backend "onnx") exported before the constructor returns.
+    Without a model every request is answered by the fallback ranking, flagged `no_model`. `fault` is a
+    test hook called with the stage name ("features", "model") inside each stage; raising or sleeping in
+    it forces that stage to fail.
     """
 
     def __init__(
@@ -241,6 +243,10 @@ class Ranker:
                 self.reload()
             except (FileNotFoundError, ArtefactRefused) as e:
                 log.warning("ranking without a model: %s", e)
+            else:
+                # The first request must not share the cores with the ONNX export (it timed out doing so):
+                # a service is ready once its model scores on its final backend, warmed.
+                self.backend_ready(STARTUP_BACKEND_WAIT_S)
 
     # -- the model ------------------------------------------------------------------------------
 

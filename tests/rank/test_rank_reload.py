@@ -122,3 +122,15 @@ def test_an_artefact_this_code_cannot_load_is_refused_not_fatal(shop: Shop, rank
         assert r.rank(RankRequest("u0", k=3)).fallback_reason == "no_model"
     finally:
         r.close()
+
+
+def test_a_service_starts_with_its_model_warm_on_the_final_backend(shop: Shop) -> None:
+    """The first request after start used to share the cores with the ONNX export and time out."""
+    shop.artefact("v1", seed=1)
+    r = Ranker(shop.features, shop.catalog, shop.model_dir, RankConfig(budget_ms=5_000))
+    try:
+        assert r.model is not None and r.model.backend == "onnx"  # exported before the constructor returned
+        first = r.rank(RankRequest("u0", candidates=CANDS, k=3))
+        assert first.fallback is None and first.model_version == "v1"
+    finally:
+        r.close()
