@@ -25,6 +25,18 @@ PAGES = {  # page -> text its main content shows once its data arrived
 }
 
 
+def traffic(console: Console, seconds: float) -> None:
+    """Events and rank requests for `seconds` from shoppers t0..t8 (no other test looks at them)."""
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+        event = {"user_id": f"t{n % 9}", "item_id": f"i{n * 7 % 48}", "action": "view", "ts": int(time.time() * 1000)}
+        assert console.post("/v1/events", [event], key="loader").status_code == 200
+        assert console.post("/v1/rank", {"user_id": f"t{n % 9}", "k": 10}, key="viewer").status_code == 200
+        time.sleep(0.02)
+
+
 def login(page: Any, console: Console, path: str, key: str = "admin") -> None:
     page.goto(console.url + path)
     page.get_by_label("API key", exact=True).fill(console.keys[key])
@@ -47,7 +59,8 @@ def test_every_page_loads_from_the_server_alone_without_console_errors(
         page.get_by_text(text).first.wait_for(timeout=15_000)
         if name == "overview":
             page.wait_for_function("document.getElementById('t-mem').textContent !== '–'")
-            time.sleep(3)  # a few points on the charts
+            traffic(console, 4.0)  # a few points on the charts
+            time.sleep(1.5)
         if name == "models":
             page.wait_for_selector("#curve-card", state="visible")
         page.screenshot(path=str(screenshots / f"console_{name}.png"), full_page=True)
@@ -55,6 +68,20 @@ def test_every_page_loads_from_the_server_alone_without_console_errors(
     foreign = [u for u in requests if not u.startswith((console.url, "data:", "blob:"))]
     assert foreign == []
     assert any(u.endswith("/console/static/uPlot.iife.min.js") for u in requests)
+
+
+def test_the_overview_follows_the_server_live(console: Console, page: Any) -> None:
+    """Rank requests and events made through the API show on the open overview without a reload."""
+    login(page, console, "/console/overview", key="viewer")
+    page.wait_for_function("document.getElementById('t-mem').textContent !== '–'")
+    ranks = int(page.locator("#t-ranks").inner_text().replace(",", ""))
+    for _ in range(3):
+        assert console.post("/v1/rank", {"user_id": "t1", "k": 5}, key="viewer").status_code == 200
+    page.wait_for_function(f"document.getElementById('t-ranks').textContent.replace(',', '') === '{ranks + 3}'",
+                           timeout=5_000)
+    assert console.post("/v1/events", [{"user_id": "t1", "item_id": "i1", "action": "view",
+                                        "ts": int(time.time() * 1000)}], key="loader").status_code == 200
+    page.wait_for_function("Number(document.getElementById('t-ingest').textContent) > 0", timeout=5_000)
 
 
 def test_without_a_key_the_pages_ask_for_one(console: Console, page: Any) -> None:
