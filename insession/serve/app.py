@@ -97,7 +97,8 @@ def create_app(data_dir: str | Path | None = None, *, handle: Insession | None =
     app.state.auth = auth
     app.state.metrics = Metrics()
     app.state.warnings = [warning] if warning else []
-    app.add_middleware(BodyLimit, limit_for=cfg.http.limit_for)
+    app.add_middleware(BodyLimit, limit_for=cfg.http.limit_for, large_bytes=cfg.http.large_body_bytes,
+                       per_client=cfg.http.large_bodies_per_client)
     app.add_exception_handler(Exception, _internal_error)
     app.include_router(query_routes.router)
     app.include_router(rank_routes.router)

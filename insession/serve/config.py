@@ -175,6 +175,12 @@ class HttpConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     query_max_bytes: Annotated[int, _text("body of `POST /v1/query`", ge=1)] = 1 * MiB
     rank_max_bytes: Annotated[int, _text("body of `POST /v1/rank`", ge=1)] = 1 * MiB
     other_max_bytes: Annotated[int, _text("body of any other request (admin, health, docs)", ge=1)] = 64 * KiB
+    large_body_bytes: Annotated[
+        int, _text("a body announced above this (or chunked) is large: see large_bodies_per_client", ge=1)
+    ] = 1 * MiB
+    large_bodies_per_client: Annotated[
+        int, _text("large bodies one client address may send at once; one more gets 429", ge=1)
+    ] = 4
 
     def limit_for(self, path: str) -> int:
         """The body limit of a request path."""

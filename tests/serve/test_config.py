@@ -82,6 +82,8 @@ ingest_max_bytes = 1000
 query_max_bytes = 2000
 rank_max_bytes = 3000
 other_max_bytes = 4000
+large_body_bytes = 500
+large_bodies_per_client = 3
 
 [features]
 snapshot_interval_s = 30
@@ -110,6 +112,7 @@ def test_every_setting_is_read_from_the_file() -> None:
     )
     assert [cfg.http.limit_for(p) for p in ("/v1/events", "/v1/items", "/v1/query", "/v1/rank", "/v1/admin/reload",
                                             "/healthz")] == [1000, 1000, 2000, 3000, 4000, 4000]
+    assert (cfg.http.large_body_bytes, cfg.http.large_bodies_per_client) == (500, 3)
     assert cfg.features == FeaturesConfig(snapshot_interval_s=30.0, max_users=1000, partitions=8)
 
 

@@ -300,6 +300,47 @@ def test_the_body_limit_counts_chunks_as_they_are_read() -> None:
     assert len(read) == 11 and sent[0]["status"] == 413
 
 
+def test_large_bodies_are_admitted_a_few_at_a_time_per_client() -> None:
+    """Two large bodies in flight from one address: a third from it gets 429, another address gets in."""
+    release = asyncio.Event()
+    statuses: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    def request(client: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+        return {"type": "http", "path": "/v1/events", "client": (client, 1), "headers": headers}
+
+    big = [(b"content-length", b"5000")]
+    chunked = [(b"transfer-encoding", b"chunked")]
+
+    async def scenario() -> None:
+        limit = BodyLimit(app, lambda path: 10_000, large_bytes=1_000, per_client=2)
+        held = [asyncio.create_task(limit(request("10.0.0.1", h), receive, send)) for h in (big, chunked)]
+        await asyncio.sleep(0.01)
+        await limit(request("10.0.0.1", big), receive, send)  # a third large one from the same address
+        assert statuses == [429]
+        small = asyncio.create_task(limit(request("10.0.0.1", [(b"content-length", b"10")]), receive, send))
+        other = asyncio.create_task(limit(request("10.0.0.2", big), receive, send))
+        await asyncio.sleep(0.01)
+        release.set()
+        await asyncio.gather(*held, small, other)
+        assert statuses == [429, 200, 200, 200, 200]
+        await limit(request("10.0.0.1", big), receive, send)  # admitted again once the others are done
+        assert statuses[-1] == 200
+
+    asyncio.run(scenario())
+
+
 def test_a_non_numeric_content_length_is_a_400(server: ServerProcess) -> None:
     status, body = raw_request(server, "POST /v1/rank HTTP/1.1\r\nHost: x\r\nContent-Length: lots\r\n")
     assert 400 <= status < 500
