@@ -266,7 +266,7 @@ class WorkerProcess:
             if proc is not None:
                 proc.kill()  # the caller holding the lock sees EOF, reaps and does not restart
         try:
-            self._reap(kill=False)
+            self._reap(kill=not self._ready)  # one still starting has nothing to finish
         finally:
             self._lock.release()
 
@@ -463,10 +463,12 @@ def main(argv: list[str]) -> None:
     threading.Thread(target=_exit_with_parent, name="insession-worker-watchdog", daemon=True).start()
     conn = Connection(fd)
     executor = _Executor(config)
-    conn.send_bytes(msgspec.msgpack.encode(Reply("ready")))
-    while True:
-        try:
+    try:
+        conn.send_bytes(msgspec.msgpack.encode(Reply("ready")))
+        while True:
             data = conn.recv_bytes()
-        except EOFError:  # the lane closed: nothing to flush, and a full interpreter teardown takes seconds
-            os._exit(0)
-        conn.send_bytes(msgspec.msgpack.encode(executor.run(pickle.loads(data))))
+            conn.send_bytes(msgspec.msgpack.encode(executor.run(pickle.loads(data))))
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        # The lane closed (or gave up on this worker): nothing to flush, and a full interpreter
+        # teardown of DuckDB, Arrow and numpy takes seconds on a busy machine.
+        os._exit(0)
