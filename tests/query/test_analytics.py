@@ -291,3 +291,33 @@ def test_memory_settings_that_are_not_sizes_or_too_small_are_refused_at_start() 
     lane = AnalyticsLane(_sources(), Limits(memory_limit="1GiB", threads=2))
     assert lane.config.address_space == 2**30 + 768 * 2**20 + 2 * 64 * 2**20
     lane.close()
+
+
+def test_a_worker_that_dies_mid_query_answers_413_and_is_replaced() -> None:
+    """What the client sees when the OS ends a worker (the memory bound can end it outside DuckDB's
+    accounting); the death here is a SIGKILL from outside, the same thing seen from the lane."""
+    lane = AnalyticsLane(_sources(), Limits(concurrency=1, timeout_s=60, **SMALL))
+    try:
+        lane.submit("SELECT 1", {}).result(timeout=60)
+        (pid,) = lane.pids
+        fut = lane.submit(HOSTILE_CPU, {})
+        _wait_for(lambda: lane.running == 1)
+        time.sleep(0.2)  # the job is in the worker
+        os.kill(pid, 9)
+        with pytest.raises(QueryError) as info:
+            fut.result(timeout=10)
+        assert info.value.status == 413 and info.value.code == "too_large"
+        assert "SIGKILL" in info.value.message and "memory bound" in info.value.message
+        assert lane.timeouts == 0
+        assert lane.submit("SELECT count(*) FROM events", {}).result(timeout=60).rows == [[1000]]
+        assert lane.pids and lane.pids[0] != pid
+    finally:
+        lane.close()
+
+
+def test_workers_read_the_catalogue_themselves(world: World) -> None:
+    """Through read-only SQLite in the worker (the world's sources are files), with the stored types."""
+    r = world.query.execute(
+        "SELECT count(*), count(*) FILTER (WHERE available), typeof(any_value(available)) FROM items"
+    )
+    assert r.rows == [[55, 44, "BOOLEAN"]]
