@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ def test_every_page_loads_from_the_server_alone_without_console_errors(
             page.get_by_role("button", name="Run").click()
         page.get_by_text(text).first.wait_for(timeout=15_000)
         if name == "overview":
-            page.wait_for_function("document.getElementById('t-mem').textContent !== '–'")
+            expect(page.locator("#t-mem")).not_to_have_text("–")
             traffic(console, 4.0)  # a few points on the charts
             time.sleep(1.5)
         if name == "models":
@@ -73,15 +74,14 @@ def test_every_page_loads_from_the_server_alone_without_console_errors(
 def test_the_overview_follows_the_server_live(console: Console, page: Any) -> None:
     """Rank requests and events made through the API show on the open overview without a reload."""
     login(page, console, "/console/overview", key="viewer")
-    page.wait_for_function("document.getElementById('t-mem').textContent !== '–'")
+    expect(page.locator("#t-mem")).not_to_have_text("–")
     ranks = int(page.locator("#t-ranks").inner_text().replace(",", ""))
     for _ in range(3):
         assert console.post("/v1/rank", {"user_id": "t1", "k": 5}, key="viewer").status_code == 200
-    page.wait_for_function(f"document.getElementById('t-ranks').textContent.replace(',', '') === '{ranks + 3}'",
-                           timeout=5_000)
+    expect(page.locator("#t-ranks")).to_have_text(f"{ranks + 3:,}", timeout=5_000)
     assert console.post("/v1/events", [{"user_id": "t1", "item_id": "i1", "action": "view",
                                         "ts": int(time.time() * 1000)}], key="loader").status_code == 200
-    page.wait_for_function("Number(document.getElementById('t-ingest').textContent) > 0", timeout=5_000)
+    expect(page.locator("#t-ingest")).to_have_text(re.compile(r"^(?!0$)[\d.,]+$"), timeout=5_000)  # > 0 events/s
 
 
 def test_without_a_key_the_pages_ask_for_one(console: Console, page: Any) -> None:

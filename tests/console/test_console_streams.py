@@ -60,3 +60,16 @@ def test_an_open_console_does_not_hold_up_a_server_stop(tmp_path: Path) -> None:
         assert time.monotonic() - start < STREAM_S + 5
     finally:
         srv.kill()
+
+
+def test_pages_are_data_free_shells_under_a_strict_content_security_policy(console: Console) -> None:
+    """Without a key a page loads (to show the login form) but holds no data; it runs only its own files."""
+    response = httpx.get(console.url + "/console/shopper?user=u0", timeout=10)
+    assert response.status_code == 200
+    policy = response.headers["content-security-policy"]
+    assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    assert "bakery" not in response.text and "http://" not in response.text and "https://" not in response.text
+    assert httpx.get(console.url + "/console", timeout=10).headers["location"] == "/console/overview"
+    assert httpx.get(console.url + "/console/nope", timeout=10).status_code == 404
+    assert httpx.get(console.url + "/console/static/console.js", timeout=10).status_code == 200
+    assert httpx.get(console.url + "/console/static/..%2Froutes.py", timeout=10).status_code == 404

@@ -44,6 +44,14 @@ OVERVIEW_WINDOW_S = 10.0  # rates and percentiles over the last 10 s
 # (and notices a closed tab within as long).
 STREAM_S = 5.0
 
+# Pages run only the console's own files: no inline or foreign script, no framing by other sites.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; style-src 'self' 'unsafe-inline'; "
+                               "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
 router = APIRouter(prefix="/console", include_in_schema=False)
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 _json = msgspec.json.Encoder(enc_hook=str)  # feature values JSON has no type for travel as text
@@ -85,7 +93,8 @@ async def console_page(request: Request, page: str) -> Response:
     """A page shell; its script asks for a key when access control is on, then loads the page's data."""
     if page not in PAGES:
         raise HTTPException(404, detail=f"no console page {page!r}; pages: {', '.join(PAGES)}")
-    return templates.TemplateResponse(request, f"{page}.html", {"page": page, "pages": PAGES})
+    return templates.TemplateResponse(request, f"{page}.html", {"page": page, "pages": PAGES},
+                                      headers=PAGE_HEADERS)
 
 
 # -- data -----------------------------------------------------------------------------------------------
