@@ -38,6 +38,15 @@ def test_the_streams_check_the_key_and_send_json_events(console: Console) -> Non
     assert overview["ingest"]["events_total"] >= len(shopper["history"])
 
 
+def test_a_shopper_without_events_is_shown_with_an_empty_session(console: Console) -> None:
+    response = httpx.get(console.url + "/console/api/shopper/nobody", timeout=10,
+                         headers={"X-API-Key": console.keys["viewer"]})
+    assert response.status_code == 200
+    shopper = response.json()
+    assert shopper["session"] == [] and shopper["history"] == []
+    assert shopper["ranking"]["items"]  # the candidate stage's popular items, ranked
+
+
 def test_an_open_console_does_not_hold_up_a_server_stop(tmp_path: Path) -> None:
     """uvicorn waits for open responses when it stops; the streams end within STREAM_S, so it stops."""
     srv = ServerProcess(tmp_path / "db").start()
