@@ -13,10 +13,12 @@ One writer (`update_many`, the log's commit thread) decides lateness and the wat
 for all units, so the partitioned state equals the single-stream rule exactly (property-tested), then
 applies each partition's events under that partition's lock, then the item and global units.
 
-Snapshots never pause serving: each unit is captured (msgpack, a few ms per 10^5 keys) under its own lock
-only, while the others keep serving, and written with its own applied offset; a restart replays the log
-from the earliest offset and each unit skips what it already holds. Partitions are captured before the
-item units, so an item unit never holds a pair its shopper's partition would not find again.
+Snapshots never pause serving: each section of a unit (a partition's sessions, each of its features) is
+captured (msgpack of the dict, one C call: ~5 ms per 10^5 shoppers) under the unit's lock only, while the
+other units keep serving, and written with the offset it held; a restart replays the log from the
+earliest offset and each section skips what it already holds. Sessions are captured before the features
+of their partition and partitions before the item units, so no section ever holds an event whose
+session number or co-visited pairs the sections it depends on would not compute again.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import shutil
 import threading
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,7 @@ LOCK_EVERY = 512  # events applied per writer step, so readers never wait behind
 SWEEP_CHUNK = 5_000  # keys swept per lock hold
 REPLAY_CHUNK = 10_000  # events per batch when a new feature is backfilled from the log
 USER_ENTITIES = ("user", "user_item")
+OFFSETS = "offsets"  # the section of a unit file that holds each other section's applied offset
 
 
 def partition_of(user_id: str, partitions: int) -> int:
@@ -79,24 +82,44 @@ def _feed(aggs: Iterable[Agg], evs: list[Ev]) -> None:
 
 class _Unit:
     """A piece of state with its own lock; `applied`: every event of its up to this offset is in it;
-    `wm`: the watermark its reads use."""
+    `wm`: the watermark its reads use. After a restart its sections may hold different offsets
+    (`applied_of`, section -> offset; empty once the log has caught up with all of them): each section
+    then skips the events it already holds."""
 
     def __init__(self, name: str, aggs: dict[str, Agg]) -> None:
         self.name = name
         self.lock = threading.Lock()
         self.aggs = aggs
         self.applied = -1
+        self.applied_of: dict[str, int] = {}
         self.wm = -1
 
-    def capture(self) -> Sections:
-        return {f"f:{name}": agg.capture() for name, agg in self.aggs.items()}
+    def sections(self) -> list[tuple[str, Callable[[], list[bytes]]]]:
+        """(section, capture) in capture order."""
+        return [(f"f:{name}", agg.capture) for name, agg in self.aggs.items()]
 
     def restore(self, sections: Sections) -> None:
-        missing = {f"f:{n}" for n in self.aggs} - set(sections)
+        missing = {name for name, _ in self.sections()} - set(sections)
         if missing:
             raise SnapshotError(f"{self.name}: sections {sorted(missing)} are missing")
         for name, agg in self.aggs.items():
             agg.restore(sections[f"f:{name}"])
+
+    def since(self, section: str, evs: list[Ev]) -> list[Ev]:
+        """The events of `evs` that `section` does not hold yet."""
+        held = self.applied_of.get(section)
+        return evs if held is None else [ev for ev in evs if ev.off > held]
+
+    def caught_up(self, offset: int) -> None:
+        if self.applied_of and offset >= max(self.applied_of.values()):
+            self.applied_of = {}
+
+    def apply(self, evs: list[Ev]) -> None:
+        if not self.applied_of:
+            _feed(self.aggs.values(), evs)
+            return
+        for name, agg in self.aggs.items():
+            _feed([agg], self.since(f"f:{name}", evs))
 
 
 class _Partition(_Unit):
@@ -116,10 +139,10 @@ class _Partition(_Unit):
 
     def apply(self, evs: list[Ev]) -> None:
         sessions = self.sessions
-        for ev in evs:
+        for ev in self.since("sessions", evs):
             ev.sess = sessions.update(ev.u, ev.sid, ev.ts)
             ev.new = sessions.started
-        _feed(self.aggs.values(), evs)
+        super().apply(evs)
         if self.max_users and len(sessions.state) > self.max_users:
             self.evict()
 
@@ -129,20 +152,17 @@ class _Partition(_Unit):
         state = self.sessions.state
         keep = self.max_users - self.max_users // 50
         victims = set(heapq.nsmallest(len(state) - keep, state, key=self.sessions.last_ts))
-        for u in victims:
-            del state[u]
+        self.sessions.forget(victims)
         for agg in self.aggs.values():
             agg.forget(victims)
         self.evicted += len(victims)
 
-    def capture(self) -> Sections:
-        return {"sessions": self.sessions.capture(), **super().capture()}
+    def sections(self) -> list[tuple[str, Callable[[], list[bytes]]]]:
+        return [("sessions", self.sessions.capture), *super().sections()]
 
     def restore(self, sections: Sections) -> None:
-        if "sessions" not in sections:
-            raise SnapshotError(f"{self.name}: the sessions section is missing")
-        self.sessions.restore(sections["sessions"])
         super().restore(sections)
+        self.sessions.restore(sections["sessions"])
 
 
 class FeatureEngine:
@@ -237,10 +257,12 @@ class FeatureEngine:
                     self._names(name)
             for unit in self._units():
                 uh, body = read_unit(gen / f"{unit.name}.state", self._header(unit.name))
-                if uh.offset < head.offset:
-                    raise SnapshotError(f"{unit.name}: offset {uh.offset} is before the stream's {head.offset}")
+                offsets = msgspec.msgpack.decode(body.pop(OFFSETS, [b""])[0], type=dict[str, int])
+                if set(offsets) != {name for name, _ in unit.sections()} or min(offsets.values()) < head.offset:
+                    raise SnapshotError(f"{unit.name}: its sections or their offsets do not fit the stream's")
                 unit.restore(body)
-                unit.applied, unit.wm = uh.offset, uh.watermark
+                unit.applied, unit.applied_of, unit.wm = min(offsets.values()), offsets, uh.watermark
+                unit.caught_up(unit.applied)
         except (KeyError, IndexError, msgspec.DecodeError, msgspec.ValidationError) as e:
             raise SnapshotError(f"{gen.name}: undecodable section ({type(e).__name__}: {e})") from None
         self.applied_offset, self.watermark, self.too_late = head.offset, head.watermark, too_late
@@ -295,9 +317,17 @@ class FeatureEngine:
         self.snapshot_offset = offset
 
     def _write_unit(self, directory: Path, unit: _Unit) -> None:
-        with unit.lock:
-            sections, applied, wm = unit.capture(), unit.applied, unit.wm
-        write_unit(directory / f"{unit.name}.state", self._header(unit.name, applied, wm), sections)
+        """Capture a unit one section at a time, each under the unit's lock with the offset it holds
+        (sections in `unit.sections()` order: a partition's sessions before its features), then write it."""
+        sections: Sections = {}
+        offsets: dict[str, int] = {}
+        wm = -1
+        for name, capture in unit.sections():
+            with unit.lock:
+                sections[name], offsets[name] = capture(), unit.applied
+                wm = unit.wm if wm < 0 else wm
+        sections[OFFSETS] = [msgspec.msgpack.encode(offsets)]
+        write_unit(directory / f"{unit.name}.state", self._header(unit.name, min(offsets.values()), wm), sections)
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -342,14 +372,17 @@ class FeatureEngine:
                 if todo:
                     part.apply(todo)
                 part.applied, part.wm = applied, wm
+                part.caught_up(applied)
         for part in parts:  # untouched ones have nothing at or below `applied` to apply: no lock needed
             part.applied, part.wm = applied, wm
+            part.caught_up(applied)
         for unit in self._items.values():
             todo = [ev for ev in accepted if ev.off > unit.applied]
             with unit.lock:
                 if todo:
-                    _feed(unit.aggs.values(), todo)
+                    unit.apply(todo)
                 unit.applied, unit.wm = applied, wm
+                unit.caught_up(applied)
         self.watermark, self.applied_offset = wm, applied
 
     def add_feature(self, feature: Feature, log_events: Iterable[Event]) -> None:

@@ -43,7 +43,6 @@ _REC = struct.Struct("<qqqb")
 _SLOT_BITS = 3  # tile codes: tile << 3 | slot (slot = action index for counts_by_action, else 0)
 _CREC = struct.Struct("<iqq")  # covisit: one recent event of a user (session, item, ts)
 _DREC = struct.Struct("<qq")  # distinct_topk: (latest ts, value)
-CAPTURE_CHUNK = 20_000  # keys per msgpack chunk: one C call of a few ms, so other threads get the GIL between
 
 
 def stable_id(name: str) -> int:
@@ -89,22 +88,22 @@ class Ev:
         self.pairs: dict[str, list[int]] | None = None
 
 
-_TS_BITS, _SID_BITS = 48, 64  # Sessions packs (session number, session id + 1, max event time) in one int
-_TS_MASK, _SID_MASK = (1 << _TS_BITS) - 1, (1 << _SID_BITS) - 1
+_TS_BITS = 48  # Sessions packs (session number, max event time) in one int: below 2^64 up to 65,535 sessions
+_TS_MASK = (1 << _TS_BITS) - 1
 
 
-def _chunked(pairs: list[Any]) -> list[bytes]:
-    """msgpack of a list of (key, value) tuples, CAPTURE_CHUNK at a time."""
-    enc = msgspec.msgpack.encode
-    return [enc(pairs[a : a + CAPTURE_CHUNK]) for a in range(0, len(pairs), CAPTURE_CHUNK)]
+def _encode_map(state: dict[Any, Any], pair_keys: bool) -> list[bytes]:
+    """A state map as msgpack: one C call over the dict itself (no per-key Python objects, so neither a
+    Python loop nor the garbage collector runs while the owner's lock is held); (user, item) keys
+    (`pair_keys`) go as a list of (key, value) pairs (msgpack keys are scalars)."""
+    return [msgspec.msgpack.encode(list(state.items()) if pair_keys else state)]
 
 
-def _unchunked(chunks: list[bytes], pair: Any) -> list[Any]:
-    """The tuples of `_chunked` output, decoded as `pair` (a tuple type)."""
-    out: list[Any] = []
-    for chunk in chunks:
-        out += msgspec.msgpack.decode(chunk, type=list[pair])
-    return out
+def _decode_map(chunks: list[bytes], pair_keys: bool, value: Any) -> dict[Any, Any]:
+    """The map `_encode_map` wrote, values decoded as `value`."""
+    if pair_keys:
+        return dict(msgspec.msgpack.decode(chunks[0], type=list[tuple[tuple[int, int], value]]))
+    return msgspec.msgpack.decode(chunks[0], type=dict[int, value])
 
 
 class Sessions:
@@ -113,32 +112,34 @@ class Sessions:
     An accepted event starts a new session when it is the user's first, when its session_id differs from
     the one of the user's previous event (arrival order), or when it has no session_id and comes more
     than `gap_ms` after the user's latest event time. A session is open at t while the last event has a
-    session_id or t - latest event time <= gap_ms. The three are packed in one int per user (event times
-    are epoch ms >= 0 below 2^48, session ids stable ids below 2^63).
+    session_id or t - latest event time <= gap_ms. `state` packs (session number, max event time) in one
+    int per user (event times are epoch ms >= 0 below 2^48); `sids` holds the session id of the last event
+    for the users whose last event had one.
     """
 
     def __init__(self, gap_ms: int) -> None:
         self.gap_ms = gap_ms
         self.state: dict[int, int] = {}
+        self.sids: dict[int, int] = {}
         self.started = False
-
-    @staticmethod
-    def unpack(v: int) -> tuple[int, int, int]:
-        """(session number, session id, max event time)."""
-        return v >> (_TS_BITS + _SID_BITS), ((v >> _TS_BITS) & _SID_MASK) - 1, v & _TS_MASK
 
     def update(self, u: int, sid: int, ts: int) -> int:
         """Apply one accepted event; returns its session number (`started`: it is the session's first)."""
         v = self.state.get(u)
+        if sid == NONE_ID:
+            last_sid = self.sids.pop(u, NONE_ID)
+        else:
+            last_sid = self.sids.get(u, NONE_ID)
+            self.sids[u] = sid
         if v is None:
-            self.state[u] = (sid + 1) << _TS_BITS | ts
+            self.state[u] = ts
             self.started = True
             return 0
-        sess, last_sid, last_ts = self.unpack(v)
+        sess, last_ts = v >> _TS_BITS, v & _TS_MASK
         self.started = sid != last_sid or (sid == NONE_ID and ts - last_ts > self.gap_ms)
         if self.started:
             sess += 1
-        self.state[u] = (sess << _SID_BITS | (sid + 1)) << _TS_BITS | (ts if ts > last_ts else last_ts)
+        self.state[u] = sess << _TS_BITS | (ts if ts > last_ts else last_ts)
         return sess
 
     def open_session(self, u: int, t: int) -> int | None:
@@ -146,30 +147,37 @@ class Sessions:
         v = self.state.get(u)
         if v is None:
             return None
-        sess, sid, last_ts = self.unpack(v)
-        if sid == NONE_ID and t - last_ts > self.gap_ms:
+        if u not in self.sids and t - (v & _TS_MASK) > self.gap_ms:
             return None
-        return sess
+        return v >> _TS_BITS
 
     def last_ts(self, u: int) -> int:
         return self.state[u] & _TS_MASK
 
+    def forget(self, users: set[int]) -> None:
+        for u in users:
+            del self.state[u]
+            self.sids.pop(u, None)
+
     def capture(self) -> list[bytes]:
-        """(user, session number, session id, max event time) per user (the packed int is wider than 64
-        bits, msgpack's limit)."""
-        unpack = self.unpack
-        return _chunked([(u, *unpack(v)) for u, v in self.state.items()])
+        """[state, sids]; past 65,535 sessions of one user the packed int is too wide for msgpack, so the
+        state then goes as (session number, max event time) pairs: [b"", pairs, sids]."""
+        if self.state and max(self.state.values()) >= 1 << 64:
+            wide = {u: (v >> _TS_BITS, v & _TS_MASK) for u, v in self.state.items()}
+            return [b"", msgspec.msgpack.encode(wide), msgspec.msgpack.encode(self.sids)]
+        return [msgspec.msgpack.encode(self.state), msgspec.msgpack.encode(self.sids)]
 
     def restore(self, chunks: list[bytes]) -> None:
-        self.state = {
-            u: (sess << _SID_BITS | (sid + 1)) << _TS_BITS | ts
-            for u, sess, sid, ts in _unchunked(chunks, tuple[int, int, int, int])
-        }
+        if len(chunks) == 3:
+            wide = msgspec.msgpack.decode(chunks[1], type=dict[int, tuple[int, int]])
+            self.state = {u: sess << _TS_BITS | ts for u, (sess, ts) in wide.items()}
+        else:
+            self.state = msgspec.msgpack.decode(chunks[0], type=dict[int, int])
+        self.sids = msgspec.msgpack.decode(chunks[-1], type=dict[int, int])
 
 
 _KEY_ATTR = {"user": "u", "user_item": "ui", "item": "i", "global": "g"}
 _VALUE_ATTR = {"item_id": "i", "category": "c"}
-Key = int | tuple[int, int]  # a state key: a stable id, or (user, item) for user_item features
 
 
 class Agg:
@@ -192,6 +200,7 @@ class Agg:
         self.actions = None if f.actions is None else frozenset(ACTION_INDEX[a] for a in f.actions)
         self.tile_ms = self.window.tile_ms or 0
         self.tiles = self.window.tiles
+        self.pair_keys = f.entity == "user_item"  # state keyed by (user, item); TileAgg keeps it per user
 
     def min_tile(self, t: int) -> int:
         """The oldest tile inside the window at t (the one tile 0 for unbounded windows)."""
@@ -229,11 +238,13 @@ class Agg:
     # -- codec and memory cap -----------------------------------------------------------------------
 
     def capture(self) -> list[bytes]:
-        """The state as msgpack chunks of (key, value) pairs (called under the owner's lock)."""
-        return _chunked(list(self.state.items()))
+        """The state as msgpack (called under the owner's lock: a few ms per 10^5 keys)."""
+        return _encode_map(self.state, self.pair_keys)
 
     def restore(self, chunks: list[bytes]) -> None:
-        self.state = dict(_unchunked(chunks, tuple[Key, self.VALUE]))  # type: ignore[name-defined]
+        if len(chunks) != 1:
+            raise msgspec.ValidationError(f"{self.f.name}: expected one chunk, found {len(chunks)}")
+        self.state = _decode_map(chunks, self.pair_keys, self.VALUE)
         self.rebuilt()
 
     def rebuilt(self) -> None:
@@ -242,7 +253,7 @@ class Agg:
     def forget(self, users: set[int]) -> None:
         """Drop the state of these shoppers (user and user_item keys)."""
         state = self.state
-        if self.f.entity == "user_item" and not getattr(self, "per_user", False):
+        if self.pair_keys:
             for key in [k for k in state if k[0] in users]:
                 del state[key]
             return
@@ -297,6 +308,7 @@ class TileAgg(Expiring):
         self.per_user = f.entity == "user_item"
         if self.per_user:
             self.key = attrgetter("u")
+            self.pair_keys = False
         # A record: sub (the item's stable id for a (user, item) key, else one unused byte), tile << 3 | slot
         # (int32 for tiles of a minute or more: until the year 2480), value (uint32 counts, float64 sums,
         # int64 times): 9 bytes for item counts, 16 for a shopper's item counts.
@@ -736,10 +748,6 @@ class CovisitPairs(Agg):
                     ev.pairs = {}
                 ev.pairs[name] = co
 
-    def forget(self, users: set[int]) -> None:
-        for u in users:
-            self.state.pop(u, None)
-
 
 class Covisit(TopKCount):
     """covisit: per item the items most often co-visited with it (pairs found by `CovisitPairs` on the
@@ -885,7 +893,8 @@ class SessionScoped(Agg):
 
 
 class BeforeSession(LastN):
-    """last_n(k) over the user's events before the current session: per user [session, history, current].
+    """last_n(k) over the user's events before the current session: per user (session, history, current),
+    a tuple (the garbage collector stops tracking it: a million shoppers add no GC work).
 
     Like SessionScoped it sees every accepted event and filters by `actions` itself."""
 
@@ -897,21 +906,18 @@ class BeforeSession(LastN):
         self.filter = self.actions
         self.actions = None
 
-    def restore(self, chunks: list[bytes]) -> None:
-        self.state = {u: list(st) for u, st in _unchunked(chunks, tuple[int, self.VALUE])}
-
     def add_batch(self, evs: list[Ev]) -> None:
         state, k, acts = self.state, self.f.k, self.filter
         for ev in evs:
             st = state.get(ev.u)
             if st is None:
-                st = state[ev.u] = [ev.sess, bytearray(), bytearray()]
+                st = state[ev.u] = (ev.sess, bytearray(), bytearray())
             elif st[0] != ev.sess:
-                st[0] = ev.sess
-                if st[2]:
-                    st[1], st[2] = _merge(st[1], st[2], k), bytearray()
+                st = state[ev.u] = (ev.sess, _merge(st[1], st[2], k), bytearray()) if st[2] else (ev.sess, *st[1:])
             if acts is None or ev.a in acts:
-                st[2] = _insert(st[2], ev, k)
+                current = _insert(st[2], ev, k)
+                if current is not st[2]:
+                    state[ev.u] = (st[0], st[1], current)
 
     def read(self, key: int, t: int) -> Any:
         st = self.state.get(key)
@@ -926,7 +932,7 @@ class BeforeSession(LastN):
         for u in self.swept_keys() if keys is None else keys:  # a closed session joins the history
             st = state.get(u)
             if st is not None and st[2] and self.sessions.open_session(u, done) != st[0]:
-                st[1], st[2] = _merge(st[1], st[2], self.f.k), bytearray()
+                state[u] = (st[0], _merge(st[1], st[2], self.f.k), bytearray())
 
 
 _AGGS: dict[str, type[Agg]] = {

@@ -7,6 +7,7 @@ import pickle
 import random
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 from insession.features import FeatureEngine, FeatureRegistry, default_registry
 from insession.features.declare import MINUTE_MS
-from insession.features.engine import CURRENT_FILE, OLD_PICKLE_FILE, _Unit, partition_of
+from insession.features.engine import CURRENT_FILE, OLD_PICKLE_FILE, _Partition, _Unit, partition_of
 from insession.features.snapshot import HEADER_SIZE
 from insession.schema import Event
 
@@ -54,7 +55,7 @@ def replayed(registry: FeatureRegistry, events: list[Event], partitions: int = 1
 
 
 def captures(engine: FeatureEngine) -> list[dict[str, list[bytes]]]:
-    return [unit.capture() for unit in engine._units()]
+    return [{name: capture() for name, capture in unit.sections()} for unit in engine._units()]
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -85,9 +86,9 @@ def test_restart_at_any_interleaving_equals_never_stopping(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events: list[Event], registry: str, cut: int,
     progress: list[int],
 ) -> None:
-    """The writer goes on between the captures of the units (`progress[k]` events before the k-th), so
-    the units of one snapshot hold different offsets; restarting from it and replaying the whole log
-    equals never having stopped."""
+    """The writer goes on between the captures of the sections of every unit (`progress[k]` events before
+    the k-th), so the sections of one snapshot hold different offsets; restarting from it and replaying the
+    whole log equals never having stopped."""
     reg = REGISTRIES[registry]
     state = Path(tempfile.mkdtemp(dir=tmp_path))
     cut = cut % (len(events) + 1)
@@ -95,13 +96,16 @@ def test_restart_at_any_interleaving_equals_never_stopping(
     engine.update_many(events[:cut])
     pending = iter(events[cut:])
     steps = iter(progress)
-    write_unit = FeatureEngine._write_unit
 
-    def interleaved(self: FeatureEngine, directory: Path, unit: _Unit) -> None:
-        self.update_many([e for _, e in zip(range(next(steps, 0)), pending, strict=False)])
-        write_unit(self, directory, unit)
+    def interleaved(sections: Callable[[_Unit], list[Any]]) -> Callable[[_Unit], Iterator[Any]]:
+        def each(unit: _Unit) -> Iterator[Any]:
+            for section in sections(unit):  # runs outside the unit's lock, between two captures
+                engine.update_many([e for _, e in zip(range(next(steps, 0)), pending, strict=False)])
+                yield section
+        return each
 
-    monkeypatch.setattr(FeatureEngine, "_write_unit", interleaved)
+    for cls in (_Partition, _Unit):
+        monkeypatch.setattr(cls, "sections", interleaved(cls.sections))
     engine.snapshot()
     monkeypatch.undo()
     restarted = FeatureEngine.open(state, partitions=5)
@@ -224,15 +228,14 @@ def test_capturing_one_partition_blocks_neither_other_partitions_nor_item_reads(
     mine = next(u for u in USERS if partition_of(u, 4) == 0)
     other = next(u for u in USERS if partition_of(u, 4) != 0)
     capturing, release = threading.Event(), threading.Event()
-    capture = type(held).capture
+    capture_sessions = held.sessions.capture
 
-    def slow_capture(self: Any) -> dict[str, list[bytes]]:
-        if self is held:
-            capturing.set()
-            assert release.wait(30)
-        return capture(self)
+    def slow_capture() -> list[bytes]:  # runs under the partition's lock
+        capturing.set()
+        assert release.wait(30)
+        return capture_sessions()
 
-    monkeypatch.setattr(type(held), "capture", slow_capture)
+    monkeypatch.setattr(held.sessions, "capture", slow_capture)
     snap = threading.Thread(target=engine.snapshot)
     snap.start()
     assert capturing.wait(30)
