@@ -82,3 +82,9 @@ def test_pages_are_data_free_shells_under_a_strict_content_security_policy(conso
     assert httpx.get(console.url + "/console/nope", timeout=10).status_code == 404
     assert httpx.get(console.url + "/console/static/console.js", timeout=10).status_code == 200
     assert httpx.get(console.url + "/console/static/..%2Froutes.py", timeout=10).status_code == 404
+
+
+def test_an_overlong_user_id_is_refused(console: Console) -> None:
+    response = httpx.get(console.url + "/console/api/shopper/" + "u" * 10_000, timeout=10,
+                         headers={"X-API-Key": console.keys["viewer"]})
+    assert response.status_code == 422

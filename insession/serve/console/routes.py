@@ -23,11 +23,13 @@ from typing import Any
 
 import msgspec
 from fastapi import APIRouter, HTTPException, Request
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
 from insession.model.artefact import CURVE
+from insession.schema import MAX_ID_LEN
 from insession.serve.auth import ROLES, Principal, authorize
 from insession.serve.console.figures import Sample, overview
 from insession.serve.console.views import features_view, model_versions, models_view, shopper_view
@@ -51,6 +53,8 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+
+UserId = PathParam(max_length=MAX_ID_LEN, description="the shopper's user_id")
 
 router = APIRouter(prefix="/console", include_in_schema=False)
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -148,14 +152,14 @@ async def features(request: Request) -> Response:
 
 
 @router.get("/api/shopper/{user_id}")
-async def shopper(request: Request, user_id: str) -> Response:
+async def shopper(request: Request, user_id: str = UserId) -> Response:
     """One shopper right now (see `views.shopper_view`)."""
     authorize(request, *READ_ROLES)
     return _json_response(await run_in_threadpool(shopper_view, request.app.state.insession, user_id))
 
 
 @router.get("/api/shopper/{user_id}/stream")
-async def shopper_stream(request: Request, user_id: str) -> StreamingResponse:
+async def shopper_stream(request: Request, user_id: str = UserId) -> StreamingResponse:
     """Server-sent events: the shopper now, then again each time features applied an event of theirs;
     the stream ends after STREAM_S and the page reconnects (reading the shopper anew)."""
     authorize(request, *READ_ROLES)
