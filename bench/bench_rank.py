@@ -21,10 +21,10 @@ from bench.common import latency_histogram, paced, percentiles_ms, table
 from insession.datasets import generate_shop
 from insession.embedded import Insession
 from insession.model import Batch, DualSequenceReranker, Sequence, Vocab
+from insession.model.artefact import new_version, save_artefact
 from insession.model.reranker import SIGNALS
 from insession.rank.onnx import ONNX_FILE, OnnxScorer, export
 from insession.serve.process import ServerProcess
-from insession.train.artefact import new_version, save_artefact
 
 N_CANDIDATES, N_HISTORY, N_SESSION = 60, 100, 20
 ENCODE_ONCE, NAIVE = "encode once, eager PyTorch", "naive: one full eager forward per candidate"

@@ -8,9 +8,10 @@ import platform
 import re
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -95,42 +96,50 @@ def latency_histogram(name: str, title: str, series: dict[str, Sequence[float]])
 CONNECTIONS = 16  # a load client's keep-alive connections: a slow answer never delays the next send
 
 
-async def paced(port: int, path: str, bodies: list[bytes], rate: float, seconds: float,
-                answers: list[bytes] | None = None) -> tuple[list[float], int, int, float]:
-    """Open-loop load on 127.0.0.1:port: POST i (JSON body i mod len) is due at start + i / rate and sent on
-    a free keep-alive connection, whatever earlier answers do; its latency counts from when it was due.
-    A bare HTTP/1.1 client on asyncio streams, so the client's own cost stays small next to the server's.
-    Returns (latencies, non-200 answers, sends more than 1 ms late, elapsed); `answers` gets the bodies."""
-    requests = [
-        b"POST %b HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%b" % (path.encode(), len(b), b)
-        for b in bodies
-    ]
+class Sample(NamedTuple):
+    """One open-loop request: when it was due (s after the start), its latency from then (s), its status."""
+
+    due: float
+    latency: float
+    status: int
+
+
+def http_request(method: str, path: str, body: bytes = b"", content_type: str = "application/json") -> bytes:
+    """The bytes of one keep-alive HTTP/1.1 request to the loopback server."""
+    head = b"%b %b HTTP/1.1\r\nHost: 127.0.0.1\r\n" % (method.encode(), path.encode())
+    if method == "GET":
+        return head + b"\r\n"
+    return head + b"Content-Type: %b\r\nContent-Length: %d\r\n\r\n%b" % (content_type.encode(), len(body), body)
+
+
+async def open_loop(port: int, request: Callable[[int], bytes], rate: float, seconds: float, label: str,
+                    answers: list[bytes] | None = None) -> tuple[list[Sample], int]:
+    """Open-loop load on 127.0.0.1:port: request i (`request(i)`, raw HTTP bytes) is due at start + i / rate
+    and sent on a free keep-alive connection, whatever earlier answers do; its latency counts from when it
+    was due. A bare HTTP/1.1 client on asyncio streams, so the client's own cost stays small next to the
+    server's. Returns (samples in order of completion, sends more than 1 ms late); `answers` gets the bodies."""
     pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
     for _ in range(CONNECTIONS):
         pool.put_nowait(await asyncio.open_connection("127.0.0.1", port))
-    latencies: list[float] = []
-    errors = late = 0
+    samples: list[Sample] = []
+    late = 0
+    start = time.perf_counter()
 
     async def one(i: int, due: float) -> None:
-        nonlocal errors
         reader, writer = await pool.get()
         try:
-            writer.write(requests[i % len(requests)])
+            writer.write(request(i))
             head = await reader.readuntil(b"\r\n\r\n")
             length = re.search(rb"(?i)content-length:\s*(\d+)", head)
             body = await reader.readexactly(int(length.group(1)) if length else 0)
-            latencies.append(time.perf_counter() - due)
-            if head[9:12] != b"200":
-                errors += 1
+            samples.append(Sample(due - start, time.perf_counter() - due, int(head[9:12])))
             if answers is not None:
                 answers.append(body)
         finally:
             pool.put_nowait((reader, writer))
 
     tasks = []
-    start = time.perf_counter()
-    for i in tqdm(range(int(rate * seconds)), desc=f"POST {path} at {rate:.0f}/s", leave=False):
+    for i in tqdm(range(int(rate * seconds)), desc=f"{label} at {rate:.0f}/s", leave=False):
         due = start + i / rate
         delay = due - time.perf_counter()
         if delay > 0:
@@ -139,7 +148,18 @@ async def paced(port: int, path: str, bodies: list[bytes], rate: float, seconds:
             late += 1
         tasks.append(asyncio.create_task(one(i, due)))
     await asyncio.gather(*tasks)
-    elapsed = time.perf_counter() - start
     while not pool.empty():
         pool.get_nowait()[1].close()
-    return latencies, errors, late, elapsed
+    return samples, late
+
+
+async def paced(port: int, path: str, bodies: list[bytes], rate: float, seconds: float,
+                answers: list[bytes] | None = None) -> tuple[list[float], int, int, float]:
+    """`open_loop` of POSTs of `bodies` (body i mod len) to `path`. Returns (latencies, non-200 answers,
+    sends more than 1 ms late, elapsed)."""
+    requests = [http_request("POST", path, b) for b in bodies]
+    start = time.perf_counter()
+    samples, late = await open_loop(port, lambda i: requests[i % len(requests)], rate, seconds, f"POST {path}",
+                                    answers)
+    elapsed = time.perf_counter() - start
+    return [s.latency for s in samples], sum(s.status != 200 for s in samples), late, elapsed

@@ -1,0 +1,290 @@
+"""Benchmark of serving under everything at once: ingest, feature reads, ranking, snapshots and analytics.
+
+One `insession serve` holds a large shop (full size: 1,000,000 shoppers x 20 events over 50,000 items,
+loaded through the embedded API, with a seeded random ReRanker artefact). For the measured minutes a
+client in a second process sends, open loop (each request leaves when it is due and its latency counts
+from then): ingest batches of 50 events (5,000 events/s, event time moving with the wall clock, random
+shoppers), `GET /v1/features/user/{id}` (500/s) and `/v1/rank` (100/s). In the second half two threads of
+this process keep two heavy analytics scans running. The snapshot interval is lowered so several
+snapshots fall inside; their instants are taken from the state directory's CURRENT file. The server's
+memory (and its analytics workers') is sampled every second.
+
+The loaded data directory is kept in $INSESSION_BENCH_CACHE (default: the temp dir) and copied for each
+run, so a rerun skips the load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import threading
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bench.bench_features import N_CATEGORIES, N_ITEMS, synthetic_events
+from bench.bench_query import ANALYTICS_SQL, _Analytics
+from bench.common import Sample, http_request, open_loop, percentiles_ms, table
+from insession.embedded import Insession
+from insession.model import DualSequenceReranker, Vocab
+from insession.model.artefact import new_version, save_artefact
+from insession.rank.onnx import ONNX_FILE, export
+from insession.serve.process import ServerProcess
+
+INGEST_RATE, BATCH = 100, 50  # requests/s and events per request: 5,000 events/s
+FEATURE_RATE, RANK_RATE = 500, 100
+TARGETS = {  # (kind, percentile): the issue's target in ms
+    ("features", "p99"): 5.0, ("features", "p99.9"): 25.0, ("features", "max"): 100.0,
+    ("rank", "p99"): 10.0, ("rank", "p99.9"): 50.0, ("ingest", "p99"): 25.0,
+}
+IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
+
+
+def _cache(n_users: int, per_user: int) -> Path:
+    root = Path(os.environ.get("INSESSION_BENCH_CACHE", tempfile.gettempdir()))
+    return root / f"insession-bench-mixed-{n_users}x{per_user}"
+
+
+def cached_shop(n_users: int, per_user: int) -> Path:
+    """The loaded data directory of this size, loaded now when the cache has none."""
+    cache = _cache(n_users, per_user)
+    if not (cache / "READY").exists():
+        print(f"bench_mixed: loading {n_users:,} shoppers x {per_user} events into {cache}")
+        shutil.rmtree(cache, ignore_errors=True)
+        t = time.perf_counter()
+        _load(cache, n_users, per_user)
+        (cache / "READY").write_text(f"loaded in {time.perf_counter() - t:.0f} s\n")
+    return cache
+
+
+def _load(data_dir: Path, n_users: int, per_user: int) -> None:
+    """Catalogue, events (log, features, Parquet history, a snapshot at close) and a random model."""
+    with Insession(data_dir, maintenance_interval_s=None) as db:
+        items = [{"item_id": f"i{i}", "category": f"c{i % N_CATEGORIES}", "subcategory": f"s{i % 1000}"}
+                 for i in range(N_ITEMS)]
+        for start in range(0, len(items), 10_000):
+            db.insert("items", items[start : start + 10_000])
+        with tqdm(total=n_users * per_user, desc="load events", unit="ev") as bar:
+            for chunk in synthetic_events(n_users, per_user):
+                db.insert_events(chunk)
+                bar.update(len(chunk))
+        db.export()
+        cat = db.catalog.to_arrow()
+        vocab = Vocab.build(cat["item_id"], cat["category"], cat["subcategory"])
+        torch.manual_seed(0)
+        model = DualSequenceReranker(vocab.config()).eval()
+        version = save_artefact(new_version(data_dir / "models"), model, vocab, db.features.registry.hash(), {})
+        export(model, version / ONNX_FILE)  # what the server would do in the background at its first load
+        db.features.snapshot()
+
+
+def _client(port: int, n_users: int, start_ts: int, seconds: float, out: Connection) -> None:
+    """Second process: the three open-loop streams at once; sends back their samples."""
+    rng = np.random.default_rng(3)
+    users = rng.integers(0, n_users, int(seconds * (FEATURE_RATE + RANK_RATE + INGEST_RATE * BATCH)) + 1)
+    items = np.minimum(rng.zipf(1.3, len(users)), N_ITEMS) - 1
+
+    def ingest(i: int) -> bytes:
+        ts = start_ts + int(i * 1000 / INGEST_RATE)  # event time moves with the wall clock
+        base = i * BATCH
+        body = json.dumps([{"user_id": f"u{users[base + k]}", "item_id": f"i{items[base + k]}", "action": "view",
+                            "ts": ts + k} for k in range(BATCH)]).encode()
+        return http_request("POST", "/v1/events", body)
+
+    def feature(i: int) -> bytes:
+        return http_request("GET", f"/v1/features/user/u{users[-1 - i]}")
+
+    def rank(i: int) -> bytes:
+        body = json.dumps({"user_id": f"u{users[len(users) // 2 + i]}", "k": 20}).encode()
+        return http_request("POST", "/v1/rank", body)
+
+    async def together() -> list[tuple[list[Sample], int]]:
+        return list(await asyncio.gather(
+            open_loop(port, ingest, INGEST_RATE, seconds, "ingest"),
+            open_loop(port, feature, FEATURE_RATE, seconds, "features"),
+            open_loop(port, rank, RANK_RATE, seconds, "rank"),
+        ))
+
+    out.send(dict(zip(("ingest", "features", "rank"), asyncio.run(together()), strict=True)))
+    out.close()
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes started by any thread of `pid`."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+class _Watch(threading.Thread):
+    """Samples the server's memory (and its children's: the analytics workers) every second and notes
+    each new snapshot (the CURRENT file changing), in seconds after `t0`."""
+
+    def __init__(self, pid: int, state_dir: Path, t0: float) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.current, self.t0 = pid, state_dir / "CURRENT", t0
+        self.stop = threading.Event()
+        self.snapshots: list[float] = []
+        self.rss: list[tuple[float, float, float]] = []  # (t, server MB, workers MB)
+
+    def run(self) -> None:
+        seen = self.current.read_text() if self.current.exists() else ""
+        last_mem = 0.0
+        while not self.stop.wait(0.05):
+            now = time.perf_counter() - self.t0
+            text = self.current.read_text() if self.current.exists() else ""
+            if text and text != seen:
+                seen = text
+                self.snapshots.append(now)
+            if now - last_mem >= 1.0:
+                last_mem = now
+                self.rss.append((now, _rss_mb(self.pid), sum(_rss_mb(c) for c in _children(self.pid))))
+
+
+def _stats(samples: list[Sample]) -> dict[str, float]:
+    lat = [s.latency for s in samples]
+    p = percentiles_ms(lat)
+    return {**p, "max": max(lat) * 1000.0, "failed": sum(s.status != 200 for s in samples)}
+
+
+def _plot(results: dict[str, list[Sample]], watch: _Watch, half: float, seconds: float) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, mem) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, height_ratios=[3, 1])
+    for kind, marker in (("ingest", "^"), ("rank", "s"), ("features", ".")):
+        due = [s.due for s in results[kind]]
+        ax.scatter(due, [s.latency * 1000 for s in results[kind]], s=3, marker=marker, alpha=0.35, label=kind)
+    for n, t in enumerate(watch.snapshots):
+        ax.axvline(t, color="crimson", linewidth=1, linestyle="--", label="snapshot written" if n == 0 else None)
+    ax.axvspan(half, seconds, color="grey", alpha=0.12, label="two analytics scans running")
+    ax.set_yscale("log")
+    ax.set_ylabel("latency from due time, ms")
+    ax.legend(loc="upper left", fontsize=8, markerscale=4, ncol=3)
+    ax.set_title("Latency of every request over the run (open loop)")
+    mem.plot([t for t, _, _ in watch.rss], [m / 1024 for _, m, _ in watch.rss], label="server")
+    mem.plot([t for t, _, _ in watch.rss], [w / 1024 for _, _, w in watch.rss], label="analytics workers")
+    mem.set_ylabel("RSS, GiB")
+    mem.set_xlabel("seconds since the load started")
+    mem.legend(fontsize=8)
+    fig.tight_layout()
+    IMG.mkdir(parents=True, exist_ok=True)
+    fig.savefig(IMG / "bench_mixed_timeline.png", dpi=110)
+    plt.close(fig)
+    return "![latency over time, snapshots and analytics marked](img/bench_mixed_timeline.png)"
+
+
+def run(quick: bool) -> str:
+    n_users, per_user, seconds, snapshot_s = (20_000, 20, 40.0, 8.0) if quick else (1_000_000, 20, 300.0, 60.0)
+    cache = cached_shop(n_users, per_user)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp) / "data"
+        shutil.copytree(cache, data_dir)
+        config = Path(tmp) / "server.toml"
+        config.write_text(f"[features]\nsnapshot_interval_s = {snapshot_s}\n")
+        t_start = time.perf_counter()
+        server = ServerProcess(data_dir, ready_timeout_s=1800, extra_args=["--config", str(config)]).start()
+        ready_s = time.perf_counter() - t_start
+        assert server.proc is not None
+        try:
+            ready = json.loads(_get(server.port, "/readyz"))
+            start_ts = int(ready["watermark"]) + 60_000
+            for _ in range(50):  # warm-up: connections, model threads, popular lists
+                _get(server.port, f"/v1/features/user/u{_}")
+            ctx = mp.get_context("spawn")
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_client, args=(server.port, n_users, start_ts, seconds, send))
+            t0 = time.perf_counter()
+            watch = _Watch(server.proc.pid, data_dir / "features", t0)
+            watch.start()
+            proc.start()
+            send.close()
+            time.sleep(seconds / 2)
+            scans = [_Analytics(server.port, sql) for sql in ANALYTICS_SQL]
+            for s in scans:
+                s.start()
+            results: dict[str, tuple[list[Sample], int]] = recv.recv()
+            proc.join()
+            for s in scans:
+                s.stop.set()
+            for s in scans:
+                s.join(600)
+            watch.stop.set()
+            watch.join()
+        finally:
+            server.stop()
+    return _report(results, watch, scans, seconds, n_users, per_user, snapshot_s, ready_s)
+
+
+def _get(port: int, path: str) -> bytes:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    return body
+
+
+def _report(results: dict[str, tuple[list[Sample], int]], watch: _Watch, scans: list[_Analytics], seconds: float,
+            n_users: int, per_user: int, snapshot_s: float, ready_s: float) -> str:
+    half = seconds / 2
+    samples = {kind: s for kind, (s, _) in results.items()}
+    rows, checks = [], []
+    for kind in ("features", "rank", "ingest"):
+        for label, part in (("whole run", samples[kind]),
+                            ("1st half (no analytics)", [s for s in samples[kind] if s.due < half]),
+                            ("2nd half (analytics)", [s for s in samples[kind] if s.due >= half])):
+            st = _stats(part)
+            rows.append([kind, label, st["n"], st["p50"], st["p99"], st["p99.9"], st["max"], st["failed"]])
+            if label == "whole run":
+                checks += [[f"{kind} {q}", f"< {target:g} ms", st[q], "met" if st[q] < target else "NOT met"]
+                           for (k, q), target in TARGETS.items() if k == kind]
+    first = _stats([s for s in samples["features"] if s.due < half])
+    second = _stats([s for s in samples["features"] if s.due >= half])
+    ratio = second["p99"] / first["p99"]
+    checks.append(["feature reads p99, analytics / none", "< 1.5x", ratio, "met" if ratio < 1.5 else "NOT met"])
+    failed = sum(st[-1] for st in rows if st[1] == "whole run")
+    checks.append(["failed requests", "0", failed, "met" if failed == 0 else "NOT met"])
+    late = {kind: n for kind, (_, n) in results.items()}
+    server_mb = max(m for _, m, _ in watch.rss) if watch.rss else 0.0
+    workers_mb = max(w for _, _, w in watch.rss) if watch.rss else 0.0
+    scans_done = sum(len(s.done) for s in scans)
+    return "\n\n".join([
+        f"### Mixed load: {n_users:,} shoppers x {per_user} events, {seconds:.0f} s of ingest + reads + ranking, "
+        "analytics in the second half",
+        __doc__.split("\n\n")[1].replace("\n", " ") if __doc__ else "",
+        f"Snapshot interval {snapshot_s:g} s: {len(watch.snapshots)} snapshots written during the run (at "
+        + ", ".join(f"{t:.0f} s" for t in watch.snapshots) + f"). The server was ready {ready_s:.0f} s after "
+        f"start (snapshot load). Peak RSS: server {server_mb / 1024:.2f} GiB, analytics workers "
+        f"{workers_mb / 1024:.2f} GiB. Analytics scans completed in the second half: {scans_done} "
+        f"({sum(s.refused for s in scans)} answered 429, {sum(s.failed for s in scans)} failed). Sends the "
+        f"client could not make on time (> 1 ms late): " + ", ".join(f"{k} {v}" for k, v in late.items()) + ".",
+        table(["requests", "part", "n", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "failed"], rows),
+        table(["target (issue: serving that never stops)", "wanted", "measured", ""], checks),
+        _plot(samples, watch, half, seconds),
+    ])
