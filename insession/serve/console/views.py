@@ -95,6 +95,7 @@ def features_view(db: Any, now: Sample) -> dict[str, Any]:
         "session_gap_ms": engine.registry.session_gap_ms,
         # since the server started: the live window is on the overview
         "freshness_ms": percentiles_ms(now, Sample(now.at), "insession_event_to_feature_seconds"),
+        # drops counted under another name than a declaration (the ranking's list hygiene: "rank")
         "hygiene_drops_other": {k: v for k, v in drops.items() if k not in engine.registry},
     }
 

@@ -314,6 +314,8 @@ async function featuresPage() {
     ["allowed lateness", duration(d.lateness_ms)], ["session gap", duration(d.session_gap_ms)],
     ["late events dropped", num(d.late_events)],
     ["freshness since start (ms)", f.count ? `p50 ${num(f.p50, 2)} · p99 ${num(f.p99, 2)} over ${num(f.count)} groups` : "no events applied yet"],
+    ["other hygiene drops", Object.entries(d.hygiene_drops_other).map(([where, reasons]) =>
+      `${where}: ` + Object.entries(reasons).map(([r, n]) => `${r} ${num(n)}`).join(", ")).join("; ") || "none"],
   ]);
   fill($("declarations").tBodies[0], d.features.map((x) => el("tr", { id: "feature-" + x.name },
     el("th", { scope: "row" }, x.name), el("td", {}, x.entity), el("td", {}, x.agg), el("td", {}, windowText(x.window)),
