@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import msgspec
 
@@ -26,6 +28,10 @@ REPLAY_CHUNK = 10_000
 EXPORT_MIN_EVENTS = 50_000  # background export waits for this many events (fewer, larger Parquet files)
 SNAPSHOT_EVERY_S = 60.0  # default interval between feature snapshots (taken only when the state changed)
 RETRY_MAX_S = 60.0  # a failing background job retries after 1, 2, 4 ... s, at most this
+
+
+class DataDirError(RuntimeError):
+    """The data directory cannot be served as it is: held by another process, or its parts disagree."""
 
 
 class InsertResult(msgspec.Struct):
@@ -57,6 +63,15 @@ class Insession:
                  snapshot_interval_s: float = SNAPSHOT_EVERY_S, max_users: int = 0, partitions: int = 16) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = _lock(self.data_dir)
+        try:
+            self._open(maintenance_interval_s, limits, rank_config, snapshot_interval_s, max_users, partitions)
+        except BaseException:
+            self._lock_file.close()
+            raise
+
+    def _open(self, maintenance_interval_s: float | None, limits: Limits | None, rank_config: RankConfig | None,
+              snapshot_interval_s: float, max_users: int, partitions: int) -> None:
         self.history_dir = self.data_dir / "history"
         self.catalog = Catalog(self.data_dir / "catalog.sqlite")
         # Called with each committed group after the features applied it (metrics hook in here).
@@ -65,6 +80,7 @@ class Insession:
         # One state partition per log partition (the log's crc32(user_id) % P).
         self.features = FeatureEngine.open(self.data_dir / "features", partitions=self.log.partitions,
                                            max_users=max_users)
+        self._check_log_not_behind()
         self.snapshot_interval_s = snapshot_interval_s
         # Background jobs (export, snapshot): failures so far, and the last one's message (readyz, metrics).
         self.job_failures: dict[str, int] = {"export": 0, "snapshot": 0}
@@ -84,6 +100,22 @@ class Insession:
                 target=self._maintain, args=(maintenance_interval_s,), name="insession-maintenance", daemon=True
             )
             self._maintenance.start()
+
+    def _check_log_not_behind(self) -> None:
+        """Refuse a log that holds less than the state built from it: a lost, truncated or older copy of
+        `log.sqlite` would otherwise hand out offsets again and the next export would replace the history."""
+        last = self.log.last_offset()
+        behind = self.features.applied_offset > last
+        orphaned = last < 0 and any(self.history_dir.glob("day=*/*.parquet"))
+        if behind or orphaned:
+            held = f"the feature snapshot holds events up to offset {self.features.applied_offset}" if behind else (
+                "the Parquet history holds events")
+            self.log.close()
+            self.catalog.close()
+            raise DataDirError(
+                f"{self.data_dir}: log.sqlite ends at offset {last} but {held}: the log was lost or restored from "
+                "an older copy. Restore the log, or move features/ and history/ aside to start again from it."
+            )
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -135,7 +167,7 @@ class Insession:
         retry_at = {"export": 0.0, "snapshot": 0.0}
         streak = {"export": 0, "snapshot": 0}  # consecutive failures: the backoff doubles with each
         # restart = the last snapshot + the log after it
-        jobs = {"export": lambda: self.export(EXPORT_MIN_EVENTS), "snapshot": self.features.snapshot}
+        jobs = {"export": lambda: self.export(EXPORT_MIN_EVENTS), "snapshot": lambda: self.features.snapshot()}
         while not self._stop.wait(interval_s):
             for name in ("export", "snapshot"):
                 if time.monotonic() < retry_at[name]:
@@ -148,7 +180,9 @@ class Insession:
                     jobs[name]()
                 except Exception as e:  # noqa: BLE001 - a background job must survive anything one run raises
                     self.job_failures[name] += 1
-                    self.job_errors[name] = f"{type(e).__name__}: {e}"
+                    # what /readyz shows: the kind of failure, never a path (the log has the whole message)
+                    strerror = e.strerror if isinstance(e, OSError) else None
+                    self.job_errors[name] = type(e).__name__ + (f": {strerror}" if strerror else "")
                     streak[name] += 1
                     backoff = min(RETRY_MAX_S, 2.0 ** streak[name])
                     retry_at[name] = time.monotonic() + backoff
@@ -171,21 +205,46 @@ class Insession:
         }
 
     def close(self) -> None:
+        """Stop the background jobs, take a last snapshot and export, close everything. A failing snapshot
+        or export (a full disk) is logged and does not stop the rest: the log already holds every
+        acknowledged event, and the next start replays what the snapshot lacks."""
         self._stop.set()
         if self._maintenance is not None:
             self._maintenance.join()
         self.query.close()
         self.ranker.close()
-        self.features.snapshot()
-        self.export()
+        for name, job in (("snapshot", self.features.snapshot), ("export", self.export)):
+            try:
+                job()
+            except Exception:  # noqa: BLE001 - shutdown goes on; the log is the source of truth
+                self.job_failures[name] += 1
+                logger.exception("the final %s failed at close; the next start replays the log", name)
         self.log.close()
         self.catalog.close()
+        self._lock_file.close()
 
     def __enter__(self) -> Insession:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _lock(data_dir: Path) -> TextIO:
+    """Hold `data_dir/LOCK` exclusively (flock) for this handle's life: one process per data directory."""
+    f = (data_dir / "LOCK").open("a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise DataDirError(f"{data_dir} is in use by {holder}: one insession per data directory; stop it or "
+                           "choose another --data-dir") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def _freeze_heap() -> None:

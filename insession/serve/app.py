@@ -135,11 +135,16 @@ def create_app(data_dir: str | Path | None = None, *, handle: Insession | None =
 
     @app.get("/readyz", tags=["ops"])
     async def readyz(request: Request) -> Response:
-        """Readiness: the log is open and features have caught up with it."""
+        """Readiness: the log is open and features have caught up with it, and no background job (export,
+        snapshot) is failing; a failing one is named with the kind of its error (503)."""
         db: Insession | None = getattr(request.app.state, "insession", None)
         warnings = {"warnings": request.app.state.warnings} if request.app.state.warnings else {}
         if db is None:
             return JSONResponse({"ready": False, **warnings}, status_code=503)
-        return JSONResponse({"ready": True, **db.lag(), "watermark": db.features.watermark, **warnings})
+        failing = {job: error for job, error in db.job_errors.items() if error}
+        body = {"ready": not failing, **db.lag(), "watermark": db.features.watermark, **warnings}
+        if failing:
+            return JSONResponse({**body, "failing": failing}, status_code=503)
+        return JSONResponse(body)
 
     return app
