@@ -15,9 +15,9 @@ import torch
 
 from bench.common import percentiles_ms, table
 from insession.datasets import Imported, generate_shop
-from insession.evaluate.candidates import stage_proposer
 from insession.train import TrainConfig, train_on_events
 from insession.train.build import as_history
+from insession.train.replay import stage_proposer
 from insession.train.trainer import category_auc
 
 TAOBAO = Path(__file__).resolve().parents[2] / "shared" / "data" / "taobao_userbehavior_head84k.parquet"

@@ -122,11 +122,17 @@ def demo(
     days: int = typer.Option(10, "--days"),
     seed: int = typer.Option(7, "--seed"),
     epochs: int = typer.Option(3, "--epochs", help="Training epochs for the demo's small model."),
+    exit_at_end: bool = typer.Option(False, "--exit", help="Stop the server at the end even on a terminal "
+                                     "(without a terminal it always stops)."),
 ) -> None:
-    """The whole story: generate a shop, serve it, ingest through the API, train, replay a session with ranks."""
+    """The whole story: generate a shop, serve it, ingest through the API, train, replay a session with ranks;
+    on a terminal the server then stays up with its console until Ctrl-C."""
+    import sys
+
     from insession.demo import run_demo
 
-    run_demo(data_dir, users=users, items=items, days=days, seed=seed, epochs=epochs)
+    run_demo(data_dir, users=users, items=items, days=days, seed=seed, epochs=epochs,
+             keep_open=sys.stdin.isatty() and not exit_at_end)
 
 
 if __name__ == "__main__":

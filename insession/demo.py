@@ -74,8 +74,10 @@ def _wait_for_onnx(url: str, timeout_s: float = 120.0) -> dict:
         time.sleep(0.5)
 
 
-def run_demo(data_dir: Path | None, *, users: int, items: int, days: int, seed: int, epochs: int) -> None:
-    """Generate a shop, serve it, ingest it through the API, train the ReRanker, and replay a session."""
+def run_demo(data_dir: Path | None, *, users: int, items: int, days: int, seed: int, epochs: int,
+             keep_open: bool) -> None:
+    """Generate a shop, serve it, ingest it through the API, train the ReRanker, and replay a session;
+    `keep_open`: then leave the server (and its console) running until Ctrl-C."""
     data_dir = data_dir or Path(tempfile.mkdtemp(prefix="insession-demo-"))
     _say(f"generating a synthetic shop: {users} users, {items} items, {days} days (seed {seed})")
     shop = generate_shop(users, items, days, seed)
@@ -105,4 +107,11 @@ def run_demo(data_dir: Path | None, *, users: int, items: int, days: int, seed: 
               f"(validation NDCG@10 {model['metrics'].get('val_ndcg10', float('nan')):.3f})")
         start = int(httpx.get(server.url + "/readyz").json()["watermark"]) + 3_600_000  # an hour later
         replay_session(client, shop, user, start)
-        print(f"\nmetrics: {server.url}/metrics   OpenAPI: {server.url}/docs   data: {data_dir}")
+        print(f"\nconsole: {server.url}/console/shopper?user={user}\n"
+              f"metrics: {server.url}/metrics   OpenAPI: {server.url}/docs   data: {data_dir}")
+        if keep_open and server.proc is not None:
+            print("the server stays up for the console; Ctrl-C stops it", flush=True)
+            try:
+                server.proc.wait()
+            except KeyboardInterrupt:
+                print()

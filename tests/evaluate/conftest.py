@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from insession.evaluate.candidates import CandidateSets, build_candidates
 from insession.evaluate.data import Dataset, load_synthetic
 from insession.evaluate.split import TimeSplit, requests
+from insession.train.replay import CandidateSets, build_candidates
 
 
 @pytest.fixture(scope="session")

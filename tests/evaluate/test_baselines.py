@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from insession.evaluate.baselines import SessionKNN, baselines, signals
-from insession.evaluate.candidates import CandidateSets
+from insession.train.replay import CandidateSets
 
 MIN = 60_000
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.compute as pc
 
-from insession.evaluate.candidates import CandidateSets, build_candidates
 from insession.evaluate.data import Dataset
 from insession.evaluate.split import TimeSplit, requests
 from insession.rank.candidates import CandidateQuotas
+from insession.train.replay import CandidateSets, build_candidates
 
 
 def test_lists_follow_the_stage(shop: Dataset, sets: CandidateSets) -> None:

@@ -11,7 +11,6 @@ import typer
 from typer.testing import CliRunner
 
 from insession.evaluate.baselines import baselines
-from insession.evaluate.candidates import CandidateSets
 from insession.evaluate.cli import evaluate, write_section
 from insession.evaluate.data import Dataset
 from insession.evaluate.neural import score_examples
@@ -19,6 +18,7 @@ from insession.evaluate.report import render
 from insession.evaluate.runner import ENSEMBLE, EvalConfig, _examples_for, mean_scores, run
 from insession.evaluate.split import before
 from insession.train.build import BuildConfig, build
+from insession.train.replay import CandidateSets
 
 
 def test_run_and_report(shop: Dataset, tmp_path: Path) -> None:

@@ -8,11 +8,11 @@ import pyarrow.compute as pc
 import pytest
 
 from insession.evaluate.baselines import SessionKNN
-from insession.evaluate.candidates import build_candidates
 from insession.evaluate.data import Dataset
 from insession.evaluate.split import TimeSplit, before, earlier_window, requests
 from insession.schema import EVENT_ARROW_SCHEMA
 from insession.train.build import BuildConfig, build
+from insession.train.replay import build_candidates
 
 
 def test_periods_are_ordered_and_requests_are_later_add_to_carts(shop: Dataset, split: TimeSplit) -> None:

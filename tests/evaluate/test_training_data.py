@@ -7,11 +7,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from insession.evaluate.candidates import build_candidates, stage_proposer
 from insession.evaluate.data import Dataset
 from insession.evaluate.split import TimeSplit, before
 from insession.model import SIGNALS, signal_rows
 from insession.train.build import BuildConfig, TrainingData, build
+from insession.train.replay import build_candidates, stage_proposer
 
 SESSION_COUNT = SIGNALS.index("session_count")
 
