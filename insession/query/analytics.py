@@ -44,7 +44,6 @@ from insession.query.workers import (
     size_bytes,
 )
 
-VALIDATE_TIMEOUT_S = 2.0  # binding takes milliseconds; a validation past this is left to the query's worker
 Position = Callable[[str], dict[str, int]]
 
 
@@ -181,8 +180,6 @@ class AnalyticsLane:
             catalog_path=str(sources.catalog_path) if files else None,
         )
         self._workers = [WorkerProcess(self.config, f"analytics worker {i}") for i in range(lim.concurrency)]
-        self._validator = WorkerProcess(self.config, "analytics validator")
-        self._validating = threading.Lock()
         self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._admitted = 0  # running + waiting
@@ -213,8 +210,8 @@ class AnalyticsLane:
 
     @property
     def pids(self) -> list[int]:
-        """Process ids of the workers alive now (query workers and the validator)."""
-        return [pid for w in (*self._workers, self._validator) if (pid := w.pid) is not None]
+        """Process ids of the workers alive now."""
+        return [pid for w in self._workers if (pid := w.pid) is not None]
 
     def submit(
         self,
@@ -247,26 +244,6 @@ class AnalyticsLane:
     def _done(self, _: Future[Table]) -> None:
         with self._lock:
             self._admitted -= 1
-
-    # -- validation (caller's thread waits; the binding happens in the validator process) ---------
-
-    def validate(self, sql: str, position: Position | None = None) -> None:
-        """Bind the query against empty tables of the right schema: unknown columns, type errors -> 400.
-
-        Decision: a validation that cannot start within VALIDATE_TIMEOUT_S (the validator is busy) or
-        does not finish within it (its worker is killed) is skipped rather than failed: the query's own
-        worker binds it again under the full limits and reports the same errors, only later.
-        """
-        if not self._validating.acquire(timeout=VALIDATE_TIMEOUT_S):
-            return
-        try:
-            reply = self._validator.call(Job("validate", sql), VALIDATE_TIMEOUT_S)
-        except (WorkerTimeout, WorkerDied):
-            return
-        finally:
-            self._validating.release()
-        if reply.kind != "ok":
-            _answer(reply, position)
 
     # -- execution (one dispatcher thread per worker) -------------------------------------------
 
@@ -345,7 +322,7 @@ class AnalyticsLane:
             req.future.cancel()
         for _ in self._dispatchers:
             self._requests.put(None)
-        for w in (*self._workers, self._validator):
+        for w in self._workers:
             w.close()
         for t in self._dispatchers:
             t.join()

@@ -96,7 +96,3 @@ def connect(
         raise
     return con
 
-
-def schema_connection() -> duckdb.DuckDBPyConnection:
-    """The same views over empty tables: binds (validates) a query without reading any data."""
-    return connect(history_dir=None, tail=EVENT_ARROW_SCHEMA.empty_table(), items=ITEM_ARROW_SCHEMA.empty_table())

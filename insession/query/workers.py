@@ -46,7 +46,7 @@ import msgspec
 import pyarrow as pa
 
 from insession.log.export import events_to_arrow
-from insession.query.tables import connect, schema_connection
+from insession.query.tables import connect
 from insession.schema import ITEM_ARROW_SCHEMA, Event
 
 HEADROOM_BYTES = 768 * 2**20  # a worker's address space beyond DuckDB's memory_limit (measured: ~0.5 GiB idle)
@@ -98,7 +98,7 @@ class WorkerConfig(msgspec.Struct, frozen=True):
 
 
 class Job(msgspec.Struct):
-    """One request. kind: "query", "explain" (DuckDB's plan) or "validate" (bind against empty tables)."""
+    """One request. kind: "query" or "explain" (DuckDB's plan)."""
 
     kind: str
     sql: str
@@ -108,7 +108,7 @@ class Job(msgspec.Struct):
 
 
 class Reply(msgspec.Struct):
-    """One answer. kind: "ready", "table" (Arrow IPC in `ipc`), "plan", "ok" (validated) or "error"."""
+    """One answer. kind: "ready", "table" (Arrow IPC in `ipc`), "plan" or "error"."""
 
     kind: str
     ipc: bytes | None = None
@@ -370,7 +370,6 @@ class _Executor:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self._items: tuple[float, pa.Table] | None = None
-        self._schema: duckdb.DuckDBPyConnection | None = None
 
     def _items_table(self) -> pa.Table:
         assert self.config.catalog_path is not None
@@ -381,18 +380,9 @@ class _Executor:
 
     def run(self, job: Job) -> Reply:
         try:
-            if job.kind == "validate":
-                return self._validate(job.sql)
             return self._query(job)
         except Exception as e:  # every failure is an answer; the worker lives on
             return error_reply(e, self.config)
-
-    def _validate(self, sql: str) -> Reply:
-        if self._schema is None:
-            self._schema = schema_connection()
-        self._schema.execute(f"PREPARE _q AS {sql}")
-        self._schema.execute("DEALLOCATE _q")
-        return Reply("ok")
 
     def _query(self, job: Job) -> Reply:
         cfg = self.config

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from insession.query import QueryError
 from insession.query.sql import parse
-from insession.query.tables import connect, schema_connection
+from insession.query.tables import connect
+from insession.schema import EVENT_ARROW_SCHEMA, ITEM_ARROW_SCHEMA
 
 from .conftest import World
 
@@ -107,7 +108,7 @@ def test_there_are_at_least_twenty_escape_attempts() -> None:
 )
 def test_duckdb_itself_is_locked_down(sql: str) -> None:
     """Defence in depth: even SQL that got past the sandbox cannot reach files or change settings."""
-    con = schema_connection()
+    con = connect(history_dir=None, tail=EVENT_ARROW_SCHEMA.empty_table(), items=ITEM_ARROW_SCHEMA.empty_table())
     with pytest.raises(duckdb.Error):
         con.execute(sql)
 
