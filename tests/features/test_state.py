@@ -260,3 +260,37 @@ def test_capturing_one_partition_blocks_neither_other_partitions_nor_item_reads(
     blocked_mine.join(30)
     assert not snap.is_alive() and not blocked_mine.is_alive()
     assert engine.snapshot_offset == 199
+
+
+def test_a_large_batch_holds_one_partition_at_a_time_and_never_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the writer applies a 10,000-event batch, each partition's lock is held only for its own share
+    of one 512-event step: a read of another partition goes through while one partition is being written."""
+    engine = FeatureEngine(default_registry(), partitions=4)
+    held = engine._parts[0]
+    mine = next(u for u in USERS if partition_of(u, 4) == 0)
+    other = next(u for u in USERS if partition_of(u, 4) != 0)
+    engine.update_many([ev(0, other, "i0", T0)])
+    inside, release = threading.Event(), threading.Event()
+    apply = _Partition.apply
+
+    def slow_apply(self: _Partition, evs: list[Any]) -> None:  # runs under the partition's lock
+        if self is held and not inside.is_set():
+            inside.set()
+            assert release.wait(30)
+        apply(self, evs)
+
+    monkeypatch.setattr(_Partition, "apply", slow_apply)
+    batch = [ev(n, USERS[n % 12], ITEMS[n % 5], T0 + n) for n in range(1, 10_001)]
+    writer = threading.Thread(target=engine.update_many, args=(batch,))
+    writer.start()
+    assert inside.wait(30)
+    done: list[object] = []
+    reader = threading.Thread(target=lambda: done.append(engine.read("session_length", other)))
+    reader.start()
+    reader.join(30)
+    assert not reader.is_alive() and len(done) == 1, "a read of another partition waited for the writer"
+    release.set()
+    writer.join(60)
+    assert not writer.is_alive()
+    assert engine.read("session_length", mine) == sum(1 for e in batch if e.user_id == mine)
+    assert all_reads(engine) == all_reads(replayed(default_registry(), [ev(0, other, "i0", T0), *batch]))
