@@ -155,7 +155,9 @@ def run(quick: bool) -> str:
             f"delays the next send; latency from when the request was due to its full answer; late sends are "
             f"counted); {n_events:,} events "
             f"({n_users:,} users) in the Parquet history. Analytics: two full scans kept running continuously "
-            "(per-user and per-category aggregates over every event) on the analytics lane's default limits.",
+            "(per-user and per-category aggregates over every event) on the analytics lane's default limits. "
+            "No ingest and no snapshot run during the measurement (an idle server but for the analytics scans): "
+            "`bench_mixed` measures reads while ingest, snapshots and analytics run together.",
             "",
             table(
                 ["phase", "achieved req/s", "p50 ms", "p99 ms", "p99.9 ms", "mean ms", "errors", "sends > 1 ms late"],

@@ -193,7 +193,8 @@ def http_latency(quick: bool, rate: float = 200.0) -> str:
         "connections, open loop: each request leaves when it is due and its latency counts from then) against "
         "`insession serve` on loopback; no candidates given, so each "
         "request runs the candidate stage (~60 items), the model (random weights, default config, backend "
-        f"{backend}) and hygiene; budget 25 ms.",
+        f"{backend}) and hygiene; budget 25 ms. No ingest and no snapshot run during the measurement: "
+        "`bench_mixed` measures ranking while ingest, snapshots and analytics run.",
         table(["n", "p50 ms", "p99 ms", "p99.9 ms", "mean ms"],
               [[p["n"], p["p50"], p["p99"], p["p99.9"], p["mean"]]]),
         "Answered by: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())) + ". Inside the "
