@@ -1,6 +1,25 @@
-"""The crash-safe embedded event log, its Parquet history export, and the item catalogue."""
+"""The event log behind one contract (`Log`: the embedded SQLite log, or a replicated JetStream stream),
+its Parquet history export, and the item catalogue. `open_log` picks the log from a `LogConfig`."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
+from insession.log.base import AppendResult, Log, LogConfig, LogUnavailable, OnCommit, partition_of
 from insession.log.catalog import Catalog
-from insession.log.eventlog import AppendResult, EventLog
+from insession.log.eventlog import EventLog
 
-__all__ = ["AppendResult", "Catalog", "EventLog"]
+
+def open_log(data_dir: str | Path, config: LogConfig | None = None, *, partitions: int = 16,
+             on_commit: OnCommit | None = None) -> Log:
+    """The log a data directory's handle writes to: `DATA/log.sqlite` when `config.url` is empty (the
+    default), else the JetStream stream at `config.url` (this node's export mark kept in `DATA/`)."""
+    config = config or LogConfig()
+    if not config.url:
+        return EventLog(Path(data_dir) / "log.sqlite", partitions=partitions, on_commit=on_commit)
+    from insession.log.jetstream import JetStreamLog  # the NATS client is imported only when used
+
+    return JetStreamLog(config, Path(data_dir), partitions=partitions, on_commit=on_commit)
+
+
+__all__ = ["AppendResult", "Catalog", "EventLog", "Log", "LogConfig", "LogUnavailable", "open_log", "partition_of"]

@@ -40,13 +40,13 @@ import contextlib
 import logging
 import sqlite3
 import threading
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
 import pyarrow as pa
 
+from insession.log.base import AppendResult, partition_of
 from insession.log.export import events_to_arrow, remove_orphans, write_day_partitions
 from insession.schema import Event
 
@@ -75,13 +75,6 @@ _decoder = msgspec.msgpack.Decoder(Event)
 Row = tuple[str | None, int, bytes]  # event_id, partition, body
 
 
-class AppendResult(msgspec.Struct):
-    """Where one appended event is: its offset, and whether it was a retry of an already stored event."""
-
-    offset: int
-    duplicate: bool
-
-
 class _Batch:
     """One caller's batch waiting for a commit. `wake` is released once: when the batch is committed
     (or failed), or when its caller is handed the committer role."""
@@ -96,11 +89,6 @@ class _Batch:
         self.error: BaseException | None = None
         self.wake = threading.Lock()
         self.wake.acquire()
-
-
-def partition_of(user_id: str, partitions: int) -> int:
-    """Stable partition of a user (crc32, never Python's salted hash())."""
-    return zlib.crc32(user_id.encode()) % partitions
 
 
 def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
@@ -262,22 +250,27 @@ class EventLog:
             else:
                 self._readers.append(conn)
 
-    def _page(self, start: int, end: int | None, n: int) -> list[tuple[int, bytes]]:
+    def _page(self, start: int, end: int | None, n: int, partition: int | None) -> list[tuple[int, bytes]]:
         conn = self._reader()
         try:
-            sql = "SELECT offset, body FROM events WHERE offset >= ? AND offset <= ? ORDER BY offset LIMIT ?"
-            return conn.execute(sql, (start, _MAX_OFFSET if end is None else end, n)).fetchall()
+            sql = "SELECT offset, body FROM events WHERE offset >= ? AND offset <= ?"
+            args: tuple[int, ...] = (start, _MAX_OFFSET if end is None else end)
+            if partition is not None:  # a scan filtered on the unindexed column: fine for a catch-up read
+                sql += " AND partition = ?"
+                args += (partition,)
+            return conn.execute(sql + " ORDER BY offset LIMIT ?", (*args, n)).fetchall()
         finally:
             self._release(conn)
 
     def read(self, from_offset: int = 0, limit: int | None = None, *,
-             upto: int | None = None) -> Iterator[Event]:
-        """Stored events in offset order with from_offset <= offset (<= upto), at most `limit` of them."""
+             upto: int | None = None, partition: int | None = None) -> Iterator[Event]:
+        """Stored events in offset order with from_offset <= offset (<= upto), at most `limit` of them;
+        with `partition`, only that partition's (crc32(user_id) % partitions)."""
         start = max(from_offset, 0)
         left = limit
         while left is None or left > 0:
             n = READ_PAGE if left is None else min(READ_PAGE, left)
-            page = self._page(start, upto, n)
+            page = self._page(start, upto, n, partition)
             for off, body in page:
                 ev = _decoder.decode(body)
                 ev.offset = off

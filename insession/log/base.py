@@ -1,0 +1,108 @@
+"""The event log's contract (`Log`), its configuration (`LogConfig`) and the errors every log raises.
+
+Two implementations: `EventLog` (SQLite, one machine, the default) and `JetStreamLog` (a stream
+replicated over a quorum of NATS JetStream servers). `insession.log.open_log` picks one from a
+`LogConfig`; nothing outside `insession.log` knows which runs. The contract, checked for both by
+tests/log/test_log_contract.py:
+
+- `append(events)` stores a validated, enriched batch all-or-nothing and returns once it is durable
+  (fsynced; on JetStream: on a quorum of servers that each fsynced it). Each event gets `ev.offset`.
+  Offsets are dense, ascending from 0, in the order `read` returns them. A retried `event_id`
+  is not stored again: its result is the original offset with `duplicate=True` (also inside one
+  batch). The log calls `on_commit` with the newly stored events in offset order, after they are
+  durable and before `append` returns: read-your-writes for whoever applies them.
+- `read(from_offset, limit, upto=, partition=)` yields stored events in offset order; `partition`
+  keeps those with `crc32(user_id) % partitions == partition`.
+- `last_offset()` is the newest offset this handle knows to be acknowledged (-1: empty); it never waits
+  on the network (health checks and metrics call it).
+- `export(history_dir)` / `exported_offset()` / `tail_arrow(from_offset)`: the Parquet history and the
+  tail not yet in it, exactly as `insession.log.export` lays them out.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Protocol
+
+import msgspec
+import pyarrow as pa
+
+from insession.schema import BatchRejected, Event, FieldError
+
+OnCommit = Callable[[list[Event]], None]
+
+
+class AppendResult(msgspec.Struct):
+    """Where one appended event is: its offset, and whether it was a retry of an already stored event."""
+
+    offset: int
+    duplicate: bool
+
+
+class LogUnavailable(BatchRejected):
+    """The log could not acknowledge the batch in time (on JetStream: no quorum of servers answered).
+
+    Served as 503 by the ingest route (it is a `BatchRejected`). Unlike a validation error the outcome
+    is unknown: a batch sent to a stream leader that lost its quorum is stored, all of it, if that
+    leader regains it. Retrying with the same `event_id`s stores each event once either way.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__([FieldError(-1, "", message)], 503)
+
+
+class LogConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """`[log]`: which event log holds the events. Empty `url`: the embedded SQLite log (`DATA/log.sqlite`)."""
+
+    url: Annotated[
+        str,
+        msgspec.Meta(description="NATS servers of a JetStream cluster, comma-separated "
+                     "(`nats://h1:4222,nats://h2:4222,nats://h3:4222`; `--log` overrides); empty: the embedded log"),
+    ] = ""
+    monitor: Annotated[
+        str,
+        msgspec.Meta(description="each server's monitoring endpoint, comma-separated, checked for "
+                     "`sync_interval: always` (`/varz`); empty: the url's hosts with port + 4000 (4222 -> 8222)"),
+    ] = ""
+    allow_unsynced: Annotated[
+        bool,
+        msgspec.Meta(description="accept servers that do not fsync every write (acknowledged events can be lost "
+                     "on a power loss); refused otherwise"),
+    ] = False
+    stream: Annotated[str, msgspec.Meta(description="JetStream stream name", pattern=r"^[A-Za-z0-9_-]+$")] = (
+        "INSESSION")
+    replicas: Annotated[int, msgspec.Meta(description="replicas of a stream this server creates", ge=1, le=5)] = 3
+    ack_timeout_s: Annotated[
+        float,
+        msgspec.Meta(description="how long a write waits for a quorum (elections included) before it gets 503",
+                     gt=0),
+    ] = 10.0
+
+
+class Log(Protocol):
+    """What the embedded handle, the query lane and the exporter use of an event log (see the module doc)."""
+
+    partitions: int
+    path: Path | None  # a SQLite file the analytics workers may read themselves; None: ship `tail_arrow`
+
+    def append(self, events: list[Event]) -> list[AppendResult]: ...
+
+    def read(self, from_offset: int = 0, limit: int | None = None, *, upto: int | None = None,
+             partition: int | None = None) -> Iterator[Event]: ...
+
+    def last_offset(self) -> int: ...
+
+    def exported_offset(self) -> int: ...
+
+    def export(self, history_dir: Path, upto_offset: int | None = None, *, min_events: int = 1) -> int: ...
+
+    def tail_arrow(self, from_offset: int) -> pa.Table: ...
+
+    def close(self) -> None: ...
+
+
+def partition_of(user_id: str, partitions: int) -> int:
+    """Stable partition of a user (crc32, never Python's salted hash())."""
+    return zlib.crc32(user_id.encode()) % partitions

@@ -1,0 +1,550 @@
+"""The replicated event log: one NATS JetStream stream over a quorum of servers (see docs/cluster.md).
+
+Stream: `[log] stream` (INSESSION), subjects `<stream lower-cased>.events.<p>` with p = crc32(user_id) % P
+(the embedded log's rule; P is kept in the stream's metadata and checked on open), file storage,
+`[log] replicas` (3) copies, `allow_atomic` (all-or-nothing batches), `allow_direct` (any replica answers
+reads, so reads go on without a quorum), a duplicate window of `DUPLICATE_WINDOW_S` (10 minutes, longer
+than any client's retries). Created when missing; an existing stream is used as it is after its
+partition count and flags are checked.
+
+Durability (decision): a publish is acknowledged once the stream's Raft group has it on a quorum; that
+means fsynced only with `jetstream { sync_interval: always }` on the servers (the default fsyncs every 2
+minutes, and a simultaneous power loss then loses acknowledged writes). Opening checks every server's
+`/varz` (`jetstream.config.sync_always`) and refuses an unsynced server, or a majority it cannot check,
+unless `allow_unsynced` says durability is not wanted.
+
+Offsets (decision): `offset = stream sequence - 1`. Sequences start at 1 and are dense here (nothing is
+deleted; a duplicate or an abandoned batch takes no sequence), so offsets are dense from 0 like the
+embedded log's and every reader of the log is unchanged.
+
+Writes: each event is one message (msgpack `Event`, as enriched by the caller) with `Nats-Msg-Id` =
+its `event_id` (or a random id for one without: that retries of this call stay idempotent), so a retry
+is stored once whichever server it reaches, within the duplicate window. A batch of 2..1000 is one
+atomic batch publish (ADR-50, `Nats-Batch-Id/-Sequence/-Commit`): the stream stores all of it or none.
+The server refuses a whole atomic batch that contains a known message id (err 10201); the log then asks
+for each id with a publish that cannot be stored (`Nats-Expected-Last-Sequence` far beyond the end: a
+known id answers `duplicate` with its original sequence, an unknown one fails the expectation), drops
+the known ones and publishes the rest atomically. A timeout, a lost connection or an election is
+retried (same ids: idempotent) until `ack_timeout_s`; then `LogUnavailable` (503): the quorum is lost
+and the outcome unknown (a leader that regains its quorum stores the batch, all of it).
+
+Reads: batch direct gets (`$JS.API.DIRECT.GET`, 1,000 messages a request), per partition with
+`next_by_subj`. A follower thread reads the stream from the end it had at open and calls `on_commit`
+in sequence order with every new event, this node's and other writers'; `append` returns after the
+follower has delivered its batch (read-your-writes). `last_offset()` is the newest sequence this handle
+has seen acknowledged or delivered, kept locally: it never waits on the network.
+
+History: `export` writes the stream to the same day-partitioned Parquet as the embedded log; its mark
+is the file `<state_dir>/<stream>.exported` (fsynced), so each node keeps its own history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+import pyarrow as pa
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+from insession.log.base import AppendResult, LogConfig, LogUnavailable, OnCommit, partition_of
+from insession.log.export import events_to_arrow, remove_orphans, write_day_partitions
+from insession.schema import BatchRejected, Event, FieldError
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 1000  # JetStream's atomic batch limit (jetstream.limits.batch.max_msgs)
+DUPLICATE_WINDOW_S = 600.0
+READ_PAGE = 1000  # messages per batch direct get
+EXPORT_CHUNK = 200_000
+FOLLOW_IDLE_S = 0.05  # the follower's poll interval when the stream has nothing new
+ATTEMPT_TIMEOUT_S = 2.0  # one publish attempt; attempts repeat until ack_timeout_s
+PARTITIONS_KEY = "insession_partitions"
+_ERR_DUPLICATE_IN_BATCH = 10201
+_ERR_WRONG_LAST_SEQUENCE = 10071
+_IMPOSSIBLE_SEQ = str(2**62)
+
+T = TypeVar("T")
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Event)
+_acks = msgspec.json.Decoder(dict[str, Any])
+
+
+class JetStreamError(RuntimeError):
+    """The JetStream log cannot be opened as configured (unsynced servers, another stream layout, unreachable)."""
+
+
+class _Retry(Exception):
+    """One attempt failed in a way the next may not (timeout, election, lost connection)."""
+
+
+class _KnownIds(Exception):
+    """The server refused an atomic batch because it holds one of its message ids (err 10201)."""
+
+
+def monitor_urls(config: LogConfig) -> list[str]:
+    """The monitoring endpoints to check: `[log] monitor`, else each url's host with port + 4000."""
+    if config.monitor:
+        return [u.strip().rstrip("/") for u in config.monitor.split(",") if u.strip()]
+    out = []
+    for url in server_urls(config):
+        parts = urlsplit(url)
+        out.append(f"http://{parts.hostname}:{(parts.port or 4222) + 4000}")
+    return out
+
+
+def server_urls(config: LogConfig) -> list[str]:
+    """The `[log] url` list, each with a scheme."""
+    return [u if "://" in u else f"nats://{u}" for u in (x.strip() for x in config.url.split(",")) if u]
+
+
+def check_synced(monitors: list[str], timeout_s: float = 2.0) -> list[str]:
+    """Raise JetStreamError unless every server that answers fsyncs each write and a majority answer;
+    returns the endpoints that did not answer (a down server cannot be checked; it is named in the log)."""
+    unsynced, unreachable = [], []
+    for url in monitors:
+        try:
+            with urllib.request.urlopen(f"{url}/varz", timeout=timeout_s) as r:
+                varz = json.load(r)
+        except (OSError, ValueError):
+            unreachable.append(url)
+            continue
+        js = (varz.get("jetstream") or {}).get("config") or {}
+        if not js.get("sync_always"):
+            every = js.get("sync_interval")
+            unsynced.append(f"{varz.get('server_name', url)} at {url} (sync_interval "
+                            f"{every / 1e9 if isinstance(every, int | float) else '?'} s)")
+    if unsynced:
+        raise JetStreamError(
+            f"JetStream servers that do not fsync every write: {', '.join(unsynced)}; an acknowledged event could be "
+            "lost on a power loss. Set `jetstream { sync_interval: always }` on every server (docs/cluster.md), or "
+            "accept the risk with [log] allow_unsynced = true."
+        )
+    if len(unreachable) * 2 >= len(monitors):
+        raise JetStreamError(
+            f"cannot check that the JetStream servers fsync every write: no answer from {', '.join(unreachable)} "
+            "(/varz). Give each server's monitoring endpoint in [log] monitor (nats-server `http: host:port`), or "
+            "set [log] allow_unsynced = true."
+        )
+    return unreachable
+
+
+class JetStreamLog:
+    """The event log on a replicated JetStream stream; thread-safe; see the module doc for the contract."""
+
+    path: Path | None = None  # nothing local for the analytics workers to read: they get `tail_arrow`
+
+    def __init__(self, config: LogConfig, state_dir: Path, partitions: int = 16,
+                 on_commit: OnCommit | None = None) -> None:
+        self.config = config
+        self.partitions = partitions
+        self.stream = config.stream
+        self._prefix = f"{config.stream.lower()}.events"
+        self._urls = server_urls(config)
+        if not self._urls:
+            raise JetStreamError("[log] url names no NATS server")
+        if config.allow_unsynced:
+            log.warning("JetStream log with allow_unsynced: servers are not checked for an fsync before each ack")
+        else:
+            for url in check_synced(monitor_urls(config)):
+                log.warning("JetStream server monitor %s did not answer; its fsync setting is unchecked", url)
+        self._on_commit = on_commit
+        self._state_dir = Path(state_dir)
+        self._state_dir.mkdir(parents=True, exist_ok=True)
+        self._mark_path = self._state_dir / f"{self.stream}.exported"
+        self._exported = int(self._mark_path.read_text()) if self._mark_path.exists() else -1
+        self._export_lock = threading.Lock()
+        self._history_clean = False
+        self._cond = threading.Condition()  # guards _last, _delivered, _closed; notified on delivery
+        self._kick = threading.Event()
+        self._closed = False
+        self._loop = asyncio.new_event_loop()
+        self._io = threading.Thread(target=self._loop.run_forever, name="insession-nats", daemon=True)
+        self._io.start()
+        try:
+            self._nc = self._run(self._connect(), config.ack_timeout_s + 5)
+            last_seq = self._run(self._ensure_stream(), config.ack_timeout_s + 5)
+        except BaseException:
+            self._shutdown_loop()
+            raise
+        self._last = last_seq - 1
+        self._delivered = self._last  # on_commit gets what is stored after this handle opened
+        self._follower = threading.Thread(target=self._follow, name="insession-log-follower", daemon=True)
+        self._follower.start()
+
+    # -- the event loop thread ----------------------------------------------------------------------
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout_s: float) -> T:
+        """Run a coroutine on the client's loop from any thread and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    async def _connect(self) -> Any:
+        async def on_error(e: Exception) -> None:
+            log.warning("NATS connection: %s", e)
+
+        try:
+            return await asyncio.wait_for(
+                nats.connect(servers=self._urls, connect_timeout=2, reconnect_time_wait=0.25,
+                             max_reconnect_attempts=-1, error_cb=on_error, name="insession"),
+                self.config.ack_timeout_s,
+            )
+        except (TimeoutError, OSError, nats.errors.Error) as e:
+            raise JetStreamError(f"no NATS server of {', '.join(self._urls)} answered within "
+                                 f"{self.config.ack_timeout_s:.0f} s ({e!r}); start them (insession nats-cluster) "
+                                 "or fix [log] url / --log") from e
+
+    async def _ensure_stream(self) -> int:
+        """Create the stream if missing; check an existing one; return its last sequence."""
+        js = self._nc.jetstream()
+        try:
+            info = await js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            cfg = StreamConfig(
+                name=self.stream, subjects=[f"{self._prefix}.*"], num_replicas=self.config.replicas,
+                storage=StorageType.FILE, retention=RetentionPolicy.LIMITS, discard=DiscardPolicy.OLD,
+                duplicate_window=DUPLICATE_WINDOW_S, allow_atomic=True, allow_direct=True,
+                metadata={PARTITIONS_KEY: str(self.partitions)},
+            )
+            info = await js.add_stream(cfg)  # the same config from two nodes at once: both succeed
+        cfg = info.config
+        held = (cfg.metadata or {}).get(PARTITIONS_KEY)
+        if held != str(self.partitions):
+            raise JetStreamError(f"stream {self.stream} holds {held} partitions, not {self.partitions}: use "
+                                 f"[features] partitions = {held}, or another [log] stream")
+        if not (cfg.allow_atomic and cfg.allow_direct) or cfg.subjects != [f"{self._prefix}.*"]:
+            raise JetStreamError(f"stream {self.stream} exists with another layout (subjects {cfg.subjects}, "
+                                 f"allow_atomic {cfg.allow_atomic}, allow_direct {cfg.allow_direct}); it was not "
+                                 "created by insession: choose another [log] stream")
+        return int(info.state.last_seq)
+
+    # -- writes -------------------------------------------------------------------------------------
+
+    def subject(self, partition: int) -> str:
+        """The subject of one partition's events."""
+        return f"{self._prefix}.{partition}"
+
+    def append(self, events: list[Event]) -> list[AppendResult]:
+        """Store a batch on a quorum, all-or-nothing; returns once on_commit has seen it. Sets `ev.offset`.
+
+        Raises BatchRejected (413) for more than 1000 events (one atomic batch), LogUnavailable (503) when
+        no quorum acknowledged within `ack_timeout_s`.
+        """
+        if not events:
+            return []
+        if len(events) > MAX_BATCH:
+            raise BatchRejected([FieldError(-1, "", f"batch of {len(events)} events exceeds {MAX_BATCH}, the most "
+                                            "the replicated log stores all-or-nothing; split it")], 413)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the event log is closed")
+        first: dict[str, int] = {}  # event_id -> index of its first occurrence in this batch
+        unique: list[int] = []
+        msgs: list[tuple[str, bytes, str]] = []
+        for i, ev in enumerate(events):
+            eid = ev.event_id
+            if eid is not None:
+                if eid in first:
+                    continue
+                first[eid] = i
+            unique.append(i)
+            msgs.append((self.subject(partition_of(ev.user_id, self.partitions)), _encoder.encode(ev),
+                         eid if eid is not None else f"insession-{uuid.uuid4().hex}"))
+        stored = self._run(self._store(msgs), self.config.ack_timeout_s + 2 * ATTEMPT_TIMEOUT_S)
+        results: list[AppendResult | None] = [None] * len(events)
+        for i, res in zip(unique, stored, strict=True):
+            results[i] = res
+        for i, ev in enumerate(events):
+            res = results[i]
+            if res is None:  # a repeat inside this batch: the first occurrence's offset
+                res = results[i] = AppendResult(results[first[ev.event_id]].offset, True)  # type: ignore[index, union-attr]
+            ev.offset = res.offset
+        self._wait_delivered(max(r.offset for r in stored))
+        return results  # type: ignore[return-value]
+
+    async def _store(self, msgs: list[tuple[str, bytes, str]]) -> list[AppendResult]:
+        """Publish until every message is stored or known; retries are idempotent by message id."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.ack_timeout_s
+        out: list[AppendResult | None] = [None] * len(msgs)
+        maybe_ours: set[int] = set()  # sent in an attempt whose outcome is unknown
+        pending = list(range(len(msgs)))
+        last_error = "no attempt"
+        while pending:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise LogUnavailable(
+                    f"the replicated log lost its quorum: no majority of the JetStream servers acknowledged the batch "
+                    f"within {self.config.ack_timeout_s:.0f} s ({last_error}). Nothing of it is acknowledged; it may "
+                    "still be stored, all of it, when the quorum returns: retry with the same event_ids."
+                )
+            timeout = min(ATTEMPT_TIMEOUT_S, left)
+            batch = [msgs[k] for k in pending]
+            try:
+                if len(batch) == 1:
+                    seq, dup = await self._publish_one(batch[0], timeout)
+                    out[pending[0]] = AppendResult(seq - 1, dup and pending[0] not in maybe_ours)
+                else:
+                    last = await self._publish_atomic(batch, timeout)
+                    for j, k in enumerate(pending):
+                        out[k] = AppendResult(last - len(batch) + j, False)  # offsets = sequences - 1
+                pending = []
+            except _KnownIds:
+                known = await asyncio.gather(*(self._probe(msgs[k], timeout) for k in pending))
+                for k, seq in zip(pending, known, strict=True):
+                    if seq is not None:
+                        out[k] = AppendResult(seq - 1, k not in maybe_ours)
+                pending = [k for k in pending if out[k] is None]
+            except _Retry as e:
+                last_error = str(e)
+                maybe_ours.update(pending)
+                await asyncio.sleep(min(0.1, max(deadline - loop.time(), 0)))
+        return out  # type: ignore[return-value]
+
+    async def _request(self, subject: str, body: bytes, headers: dict[str, str], timeout: float) -> dict[str, Any]:
+        try:
+            reply = await self._nc.request(subject, body, headers=headers, timeout=timeout)
+        except nats.errors.NoRespondersError as e:
+            raise _Retry("no stream leader answered (an election?)") from e
+        except (TimeoutError, nats.errors.TimeoutError) as e:
+            raise _Retry(f"no acknowledgement within {timeout:.1f} s") from e
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError, OSError) as e:
+            raise _Retry(f"connection: {e!r}") from e
+        return _acks.decode(reply.data) if reply.data else {}
+
+    def _check(self, ack: dict[str, Any]) -> dict[str, Any]:
+        err = ack.get("error")
+        if err is None:
+            return ack
+        code, text = err.get("err_code"), err.get("description", "")
+        if code == _ERR_DUPLICATE_IN_BATCH:
+            raise _KnownIds()
+        if err.get("code") == 503 or "batch" in text:  # unavailable, or a batch cut by an election: resend it
+            raise _Retry(f"JetStream: {text} ({code})")
+        raise RuntimeError(f"JetStream stream {self.stream} refused the events: {text} (error {code})")
+
+    async def _publish_one(self, msg: tuple[str, bytes, str], timeout: float) -> tuple[int, bool]:
+        subject, body, mid = msg
+        ack = self._check(await self._request(subject, body, {"Nats-Msg-Id": mid}, timeout))
+        return int(ack["seq"]), bool(ack.get("duplicate"))
+
+    async def _publish_atomic(self, batch: list[tuple[str, bytes, str]], timeout: float) -> int:
+        """One atomic batch: all but the last message fire-and-forget, the last commits and is acknowledged
+        with the batch's last sequence (its messages have the sequences just before it, in order)."""
+        bid = uuid.uuid4().hex
+        n = len(batch)
+        try:
+            for i, (subject, body, mid) in enumerate(batch[:-1], 1):
+                await self._nc.publish(subject, body, headers={
+                    "Nats-Batch-Id": bid, "Nats-Batch-Sequence": str(i), "Nats-Msg-Id": mid})
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError, OSError) as e:
+            raise _Retry(f"connection: {e!r}") from e
+        subject, body, mid = batch[-1]
+        headers = {"Nats-Batch-Id": bid, "Nats-Batch-Sequence": str(n), "Nats-Batch-Commit": "1", "Nats-Msg-Id": mid}
+        ack = self._check(await self._request(subject, body, headers, timeout))
+        if ack.get("count") != n:
+            raise RuntimeError(f"JetStream committed {ack.get('count')} of a batch of {n}: {ack}")
+        return int(ack["seq"])
+
+    async def _probe(self, msg: tuple[str, bytes, str], timeout: float) -> int | None:
+        """The sequence of an already stored message id, or None; stores nothing (the expectation fails)."""
+        subject, _, mid = msg
+        ack = await self._request(subject, b"", {"Nats-Msg-Id": mid, "Nats-Expected-Last-Sequence": _IMPOSSIBLE_SEQ},
+                                  timeout)
+        if ack.get("duplicate"):
+            return int(ack["seq"])
+        if (ack.get("error") or {}).get("err_code") == _ERR_WRONG_LAST_SEQUENCE:
+            return None
+        self._check(ack)
+        raise RuntimeError(f"JetStream answered a message-id probe unexpectedly: {ack}")
+
+    def _wait_delivered(self, offset: int) -> None:
+        """Wait until the follower has passed `offset` to on_commit (read-your-writes)."""
+        self._kick.set()
+        with self._cond:
+            self._last = max(self._last, offset)
+            if not self._cond.wait_for(lambda: self._delivered >= offset or self._closed, self.config.ack_timeout_s):
+                raise LogUnavailable(f"the batch is stored (up to offset {offset}) but no replica served it back to "
+                                     f"this node within {self.config.ack_timeout_s:.0f} s; a retry with the same "
+                                     "event_ids returns its offsets")
+
+    # -- reads --------------------------------------------------------------------------------------
+
+    async def _get_batch(self, seq: int, n: int, subject: str | None) -> list[Event]:
+        """Up to n stored events from sequence `seq` (of one subject), from whichever replica answers."""
+        req: dict[str, Any] = {"seq": seq, "batch": n}
+        if subject is not None:
+            req["next_by_subj"] = subject
+        inbox = self._nc.new_inbox()
+        sub = await self._nc.subscribe(inbox)
+        out: list[Event] = []
+        try:
+            await self._nc.publish(f"$JS.API.DIRECT.GET.{self.stream}", json.dumps(req).encode(), reply=inbox)
+            while True:
+                msg = await sub.next_msg(timeout=ATTEMPT_TIMEOUT_S)
+                headers = msg.headers or {}
+                status = headers.get("Status")
+                if status in ("204", "404"):  # end of batch / nothing at or after seq
+                    return out
+                if status is not None:
+                    raise _Retry(f"direct get answered {status} {headers.get('Description', '')}")
+                ev = _decoder.decode(msg.data)
+                ev.offset = int(headers["Nats-Sequence"]) - 1
+                out.append(ev)
+        except nats.errors.TimeoutError as e:
+            raise _Retry("no replica answered a read") from e
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+    def read(self, from_offset: int = 0, limit: int | None = None, *, upto: int | None = None,
+             partition: int | None = None) -> Iterator[Event]:
+        """Stored events in offset order with from_offset <= offset (<= upto), at most `limit`; with
+        `partition`, that partition's only. Reads at least up to the last offset known when called: a
+        replica that has not caught up yet is asked again until `ack_timeout_s`."""
+        start = max(from_offset, 0)
+        end = self.last_offset() if upto is None else min(upto, self.last_offset())
+        subject = None if partition is None else self.subject(partition)
+        left = limit
+        give_up = time.monotonic() + self.config.ack_timeout_s
+        while left is None or left > 0:
+            n = READ_PAGE if left is None else min(READ_PAGE, left)
+            try:
+                page = self._run(self._get_batch(start + 1, n, subject), ATTEMPT_TIMEOUT_S * 2)
+            except _Retry as e:
+                page, reason = [], str(e)
+            else:
+                reason = "a replica has not caught up"
+            page = [ev for ev in page if upto is None or ev.offset <= upto]
+            yield from page
+            if page:
+                start = page[-1].offset + 1
+                if left is not None:
+                    left -= len(page)
+            if len(page) == n:
+                continue
+            if partition is not None or start > end:
+                return  # one partition's end cannot be told from the stream's: what the replica has
+            if time.monotonic() > give_up:
+                raise LogUnavailable(f"reading the replicated log stopped at offset {start - 1} of {end}: {reason}")
+            time.sleep(FOLLOW_IDLE_S)
+
+    def _follow(self) -> None:
+        """The follower: pass every new event to on_commit in sequence order; never dies."""
+        failures = 0
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                nxt = self._delivered + 1
+            try:
+                page = self._run(self._get_batch(nxt + 1, READ_PAGE, None), ATTEMPT_TIMEOUT_S * 2)
+                failures = 0
+            except Exception as e:  # noqa: BLE001 - lost connection, no replica: try again, slower
+                failures += 1
+                if failures in (1, 10) or failures % 100 == 0:
+                    log.warning("the log follower cannot read from offset %d (%d failures): %r", nxt, failures, e)
+                self._kick.wait(min(1.0, FOLLOW_IDLE_S * failures))
+                continue
+            if not page:
+                self._kick.wait(FOLLOW_IDLE_S)
+                self._kick.clear()
+                continue
+            if self._on_commit is not None:
+                try:
+                    self._on_commit(page)
+                except Exception:  # the events are durable; a failing subscriber must not stop the log
+                    log.exception("on_commit failed for offsets %d..%d", page[0].offset, page[-1].offset)
+            with self._cond:
+                self._delivered = page[-1].offset
+                self._last = max(self._last, self._delivered)
+                self._cond.notify_all()
+
+    def last_offset(self) -> int:
+        """Newest offset this handle knows acknowledged (its own writes, the follower's reads); -1: empty."""
+        with self._cond:
+            return self._last
+
+    # -- history ------------------------------------------------------------------------------------
+
+    def exported_offset(self) -> int:
+        """Last offset written to this node's Parquet history; -1 when nothing is exported."""
+        return self._exported
+
+    def export(self, history_dir: Path, upto_offset: int | None = None, *, min_events: int = 1) -> int:
+        """Export (exported_offset, upto_offset] to Parquet by event day, as the embedded log does; returns the mark."""
+        history_dir = Path(history_dir)
+        with self._export_lock:
+            last = self.last_offset()
+            upto = last if upto_offset is None else min(upto_offset, last)
+            if upto - self._exported < max(min_events, 1):
+                return self._exported
+            if not self._history_clean:
+                remove_orphans(history_dir, self._exported)
+                self._history_clean = True
+            try:
+                while self._exported < upto:
+                    end = min(upto, self._exported + EXPORT_CHUNK)
+                    write_day_partitions(list(self.read(self._exported + 1, upto=end)), history_dir)
+                    self._save_mark(end)
+                    self._exported = end
+            except BaseException:
+                self._history_clean = False
+                raise
+            return self._exported
+
+    def _save_mark(self, offset: int) -> None:
+        tmp = self._mark_path.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            f.write(str(offset))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._mark_path)
+        fd = os.open(self._state_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def tail_arrow(self, from_offset: int) -> pa.Table:
+        """Events with offset >= from_offset (call with exported_offset() + 1) as `EVENT_ARROW_SCHEMA`."""
+        return events_to_arrow(list(self.read(from_offset)))
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the follower, drain the connection, stop the client's loop (idempotent)."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        self._kick.set()
+        self._follower.join()
+        with contextlib.suppress(Exception):
+            self._run(self._nc.close(), 5)
+        self._shutdown_loop()
+
+    def _shutdown_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._io.join()
+        self._loop.close()
+
+    def __enter__(self) -> JetStreamLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
