@@ -76,6 +76,8 @@ ATTEMPT_TIMEOUT_S = 2.0  # one publish attempt; attempts repeat until ack_timeou
 PARTITIONS_KEY = "insession_partitions"
 _ERR_DUPLICATE_IN_BATCH = 10201
 _ERR_WRONG_LAST_SEQUENCE = 10071
+_ERR_BATCH_INCOMPLETE = 10176
+INCOMPLETE_TRIES = 3  # an atomic batch incomplete this often has a message the stream refuses: an error
 _IMPOSSIBLE_SEQ = str(2**62)
 
 T = TypeVar("T")
@@ -90,6 +92,11 @@ class JetStreamError(RuntimeError):
 
 class _Retry(Exception):
     """One attempt failed in a way the next may not (timeout, election, lost connection)."""
+
+
+class _Incomplete(_Retry):
+    """The server did not store every message of an atomic batch (err 10176): one was lost on the way
+    (an election, a reconnect) or refused on its own (e.g. over the stream's max_msg_size)."""
 
 
 class _KnownIds(Exception):
@@ -175,6 +182,7 @@ class JetStreamLog:
         self._loop = asyncio.new_event_loop()
         self._io = threading.Thread(target=self._loop.run_forever, name="insession-nats", daemon=True)
         self._io.start()
+        self._nc: Any = None
         try:
             self._nc = self._run(self._connect(), config.ack_timeout_s + 5)
             last_seq = self._run(self._ensure_stream(), config.ack_timeout_s + 5)
@@ -283,6 +291,7 @@ class JetStreamLog:
         maybe_ours: set[int] = set()  # sent in an attempt whose outcome is unknown
         pending = list(range(len(msgs)))
         last_error = "no attempt"
+        incomplete = 0
         while pending:
             left = deadline - loop.time()
             if left <= 0:
@@ -309,6 +318,12 @@ class JetStreamLog:
                         out[k] = AppendResult(seq - 1, k not in maybe_ours)
                 pending = [k for k in pending if out[k] is None]
             except _Retry as e:
+                if isinstance(e, _Incomplete):
+                    incomplete += 1
+                    if incomplete >= INCOMPLETE_TRIES:
+                        raise RuntimeError(f"JetStream stream {self.stream} stored none of a batch of {len(pending)}: "
+                                           f"{e} {incomplete} times; a message is refused on its own (over the "
+                                           "stream's max_msg_size?)") from e
                 last_error = str(e)
                 maybe_ours.update(pending)
                 await asyncio.sleep(min(0.1, max(deadline - loop.time(), 0)))
@@ -332,6 +347,8 @@ class JetStreamLog:
         code, text = err.get("err_code"), err.get("description", "")
         if code == _ERR_DUPLICATE_IN_BATCH:
             raise _KnownIds()
+        if code == _ERR_BATCH_INCOMPLETE:
+            raise _Incomplete(f"JetStream: {text} ({code})")
         if err.get("code") == 503 or "batch" in text:  # unavailable, or a batch cut by an election: resend it
             raise _Retry(f"JetStream: {text} ({code})")
         raise RuntimeError(f"JetStream stream {self.stream} refused the events: {text} (error {code})")
@@ -534,11 +551,22 @@ class JetStreamLog:
             self._cond.notify_all()
         self._kick.set()
         self._follower.join()
-        with contextlib.suppress(Exception):
-            self._run(self._nc.close(), 5)
         self._shutdown_loop()
 
     def _shutdown_loop(self) -> None:
+        """Close the connection, cancel what is left on the loop (the client's own tasks), stop the thread."""
+
+        async def finish() -> None:
+            if self._nc is not None:
+                with contextlib.suppress(Exception):
+                    await self._nc.close()
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in rest:
+                task.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            self._run(finish(), 10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._io.join()
         self._loop.close()

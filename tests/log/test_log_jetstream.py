@@ -1,0 +1,119 @@
+"""What only the JetStream log has: atomic batches on the server, a retry through another server, offsets as
+stream sequences, the stream's layout checked, and servers that do not fsync every write refused."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import pytest
+from conftest import make_event
+from nats_helpers import free_ports, log_config, start_cluster
+
+from insession.log import LogConfig
+from insession.log.cluster import LocalCluster, nats_server_binary
+from insession.log.jetstream import JetStreamError, JetStreamLog
+from insession.schema import BatchRejected
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    c = start_cluster(tmp_path_factory.mktemp("nats"))
+    yield c
+    c.stop()
+
+
+async def _stream(url: str, name: str, max_msg_size: int | None = None) -> tuple[int, int]:
+    """(first, last) sequence of a stream; optionally lowers its max_msg_size first."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(name)
+        if max_msg_size is not None:
+            cfg = info.config
+            cfg.max_msg_size = max_msg_size
+            info = await js.update_stream(cfg)
+        return info.state.first_seq, info.state.last_seq
+    finally:
+        await nc.close()
+
+
+def test_a_batch_the_server_cannot_store_whole_stores_nothing(cluster: LocalCluster, tmp_path: Path) -> None:
+    cfg = log_config(cluster)
+    with JetStreamLog(cfg, tmp_path, partitions=4) as log:
+        log.append([make_event(i, f"e{i}") for i in range(3)])
+        asyncio.run(_stream(cluster.urls[0], cfg.stream, max_msg_size=400))
+        batch = [make_event(i, f"x{i}") for i in range(10, 15)]
+        batch[3].properties = {"big": "x" * 600}  # this message alone is over the stream's limit
+        with pytest.raises(RuntimeError, match="stored none of a batch of 5"):
+            log.append(batch)
+        assert [e.event_id for e in log.read()] == ["e0", "e1", "e2"]  # the four others are not visible
+        assert asyncio.run(_stream(cluster.urls[0], cfg.stream)) == (1, 3)
+        del batch[3]
+        assert [r.offset for r in log.append(batch)] == [3, 4, 5, 6]  # dense: the refused batch took no sequence
+
+
+def test_a_retry_through_another_server_is_stored_once(cluster: LocalCluster, tmp_path: Path) -> None:
+    cfg = log_config(cluster, urls=cluster.urls[:1])
+    with JetStreamLog(cfg, tmp_path / "a", partitions=4) as a:
+        first = a.append([make_event(i, f"e{i}") for i in range(20)])
+        other = LogConfig(**{**{f: getattr(cfg, f) for f in cfg.__struct_fields__}, "url": cluster.urls[2]})
+        with JetStreamLog(other, tmp_path / "b", partitions=4) as b:
+            assert b.last_offset() == 19
+            retry = b.append([make_event(i, f"e{i}") for i in range(15, 25)])
+            assert [(r.offset, r.duplicate) for r in retry] == [(r.offset, True) for r in first[15:]] + [
+                (20 + i, False) for i in range(5)]
+            assert [e.event_id for e in b.read()] == [f"e{i}" for i in range(25)]
+        deadline_events = list(a.read())
+        assert len(deadline_events) == 25  # a sees b's writes too
+
+
+def test_offsets_are_stream_sequences_minus_one(cluster: LocalCluster, tmp_path: Path) -> None:
+    cfg = log_config(cluster)
+    with JetStreamLog(cfg, tmp_path, partitions=4) as log:
+        res = log.append([make_event(i, f"e{i}") for i in range(7)])
+        assert asyncio.run(_stream(cluster.urls[1], cfg.stream)) == (1, res[-1].offset + 1)
+
+
+def test_batches_over_the_atomic_limit_are_refused(cluster: LocalCluster, tmp_path: Path) -> None:
+    with JetStreamLog(log_config(cluster), tmp_path, partitions=4) as log:
+        with pytest.raises(BatchRejected, match="exceeds 1000") as e:
+            log.append([make_event(i) for i in range(1001)])
+        assert e.value.status == 413
+        assert list(log.read()) == []
+
+
+def test_another_partition_count_is_refused(cluster: LocalCluster, tmp_path: Path) -> None:
+    cfg = log_config(cluster)
+    JetStreamLog(cfg, tmp_path, partitions=4).close()
+    with pytest.raises(JetStreamError, match="holds 4 partitions, not 8"):
+        JetStreamLog(cfg, tmp_path, partitions=8)
+
+
+def test_servers_that_do_not_fsync_every_write_are_refused(tmp_path: Path) -> None:
+    port, http = free_ports(2)
+    conf = tmp_path / "nats.conf"  # JetStream with the default sync_interval (2 minutes)
+    conf.write_text(f'listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http}\njetstream {{ store_dir: "{tmp_path}/js" }}\n')
+    proc = subprocess.Popen([str(nats_server_binary()), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        cfg = LogConfig(url=f"nats://127.0.0.1:{port}", monitor=f"http://127.0.0.1:{http}", replicas=1)
+        for _ in range(50):  # until the monitoring endpoint answers
+            try:
+                JetStreamLog(cfg, tmp_path / "a")
+            except JetStreamError as e:
+                if "sync_interval" in str(e):
+                    assert "allow_unsynced" in str(e)
+                    break
+            asyncio.run(asyncio.sleep(0.1))
+        else:
+            pytest.fail("the unsynced server was not refused")
+        allowed = LogConfig(url=cfg.url, monitor=cfg.monitor, replicas=1, allow_unsynced=True)
+        with JetStreamLog(allowed, tmp_path / "b") as log:
+            assert [r.offset for r in log.append([make_event(1, "a")])] == [0]
+    finally:
+        proc.terminate()
+        proc.wait()
