@@ -29,6 +29,10 @@ def serve(
     insecure_no_auth: bool = typer.Option(
         False, "--insecure-no-auth", help="Serve a non-loopback address without API keys (refused otherwise)."
     ),
+    log: str | None = typer.Option(
+        None, "--log", help="NATS JetStream servers for a replicated log, nats://h1:4222,nats://h2:4222,... "
+        "(default: [log] url; none: the embedded log), see docs/cluster.md."
+    ),
 ) -> None:
     """Run the HTTP server on the embedded default (one process). A bad config stops it with the key at fault."""
     import msgspec
@@ -45,13 +49,62 @@ def serve(
             port=cfg.server.port if port is None else port,
             insecure_no_auth=cfg.server.insecure_no_auth or insecure_no_auth,
         )
-        cfg = msgspec.structs.replace(cfg, server=server)
+        cfg = msgspec.structs.replace(cfg, server=server,
+                                      log=cfg.log if log is None else msgspec.structs.replace(cfg.log, url=log))
         api = create_app(data_dir, config=cfg)
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     uvicorn.run(api, host=server.host, port=server.port, loop="uvloop", http="httptools",
                 access_log=False, log_level="warning")
+
+
+@app.command("nats-cluster")
+def nats_cluster(
+    directory: Path = typer.Option(Path("nats-cluster"), "--dir", help="Configs, stores and logs of the nodes."),
+    ports: str = typer.Option("4222,4223,4224", "--ports", help="Client ports, one per node (routes: + 2000, "
+                              "monitoring: + 4000)."),
+) -> None:
+    """Run three NATS JetStream servers on loopback (fsync before every ack) until Ctrl-C; prints the URLs for
+    `insession serve --log`. Their data stays in --dir: a second run resumes the same stream."""
+    import signal
+    import threading
+
+    from insession.log.cluster import ClusterError, LocalCluster
+
+    try:
+        port_list = [int(p) for p in ports.split(",")]
+    except ValueError:
+        typer.echo(f"error: --ports takes comma-separated port numbers (4222,4223,4224), not {ports!r}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        cluster = LocalCluster(directory, port_list)
+    except ClusterError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    try:
+        cluster.start()
+    except ClusterError as e:
+        cluster.stop()
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    urls = ",".join(cluster.urls)
+    typer.echo(f"JetStream cluster up (meta leader {cluster.wait_ready()}), fsync before every ack: {urls}")
+    typer.echo(f"monitoring: {' '.join(cluster.monitor_urls)}")
+    typer.echo(f"serve on it: insession serve --log {urls}")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            for i, proc in enumerate(cluster.procs):
+                if proc is not None and proc.poll() is not None:
+                    typer.echo(f"node n{i} exited with {proc.returncode}; see {directory}/n{i}/server.log", err=True)
+                    cluster.procs[i] = None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()
+        typer.echo("stopped")
 
 
 @app.command()

@@ -16,8 +16,8 @@ from typing import Any, TextIO
 import msgspec
 
 from insession.features import FeatureEngine
+from insession.log import LogConfig, open_log
 from insession.log.catalog import Catalog
-from insession.log.eventlog import EventLog
 from insession.query import Limits, QueryService, Result
 from insession.rank import RankConfig, Ranker, RankRequest, RankResponse
 from insession.schema import BatchRejected, Event, FieldError, validate_events, validate_items
@@ -60,8 +60,10 @@ class Insession:
 
     def __init__(self, data_dir: str | Path, *, maintenance_interval_s: float | None = 5.0,
                  limits: Limits | None = None, rank_config: RankConfig | None = None,
-                 snapshot_interval_s: float = SNAPSHOT_EVERY_S, max_users: int = 0, partitions: int = 16) -> None:
+                 snapshot_interval_s: float = SNAPSHOT_EVERY_S, max_users: int = 0, partitions: int = 16,
+                 log_config: LogConfig | None = None) -> None:
         self.data_dir = Path(data_dir)
+        self.log_config = log_config or LogConfig()  # [log]: the embedded log.sqlite, or a JetStream stream
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_file = _lock(self.data_dir)
         try:
@@ -76,7 +78,7 @@ class Insession:
         self.catalog = Catalog(self.data_dir / "catalog.sqlite")
         # Called with each committed group after the features applied it (metrics hook in here).
         self.applied_listeners: list[Callable[[list[Event]], None]] = []
-        self.log = EventLog(self.data_dir / "log.sqlite", partitions=partitions, on_commit=self._on_commit)
+        self.log = open_log(self.data_dir, self.log_config, partitions=partitions, on_commit=self._on_commit)
         # One state partition per log partition (the log's crc32(user_id) % P).
         self.features = FeatureEngine.open(self.data_dir / "features", partitions=self.log.partitions,
                                            max_users=max_users)

@@ -82,6 +82,7 @@ def create_app(data_dir: str | Path | None = None, *, handle: Insession | None =
             snapshot_interval_s=cfg.features.snapshot_interval_s,
             max_users=cfg.features.max_users,
             partitions=cfg.features.partitions,
+            log_config=cfg.log,
         )
         app.state.metrics.bind(db)
         if warning:

@@ -7,7 +7,8 @@ what is allowed, so a typo can never leave a setting (API keys above all) silent
 
 Sections: `[server]` (listening, exposure, maintenance), `[[auth.keys]]` (API keys with roles),
 `[query]` (analytics lane limits), `[rank]` with `[rank.hygiene]` and `[rank.quotas]` (ranking service),
-`[http]` (request body limits per endpoint), `[features]` (feature engine sizing).
+`[http]` (request body limits per endpoint), `[features]` (feature engine sizing), `[log]` (the embedded
+event log, or a replicated JetStream stream: `insession.log.LogConfig`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from insession.log.base import LogConfig
 from insession.query import Limits
 from insession.rank import RankConfig
 from insession.rank.candidates import CandidateQuotas
@@ -212,6 +214,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     rank: RankingConfig = msgspec.field(default_factory=RankingConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     features: FeaturesConfig = msgspec.field(default_factory=FeaturesConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
 
 
 # -- loading ------------------------------------------------------------------------------------
