@@ -150,11 +150,20 @@ class LocalCluster:
             proc.wait()
         self.procs[i] = None
 
-    def restart(self, i: int, timeout_s: float = 30.0) -> None:
-        """Start node i again (after kill/stop_node) and wait until the running nodes agree on a leader."""
+    def restart(self, i: int, timeout_s: float = 30.0, *, wait_leader: bool = True) -> None:
+        """Start node i again (after kill/stop_node) and wait until the running nodes agree on a leader, or
+        with `wait_leader=False` only until node i answers on its monitoring port (it may still be catching up)."""
         if self.procs[i] is None:
             self._spawn(i)
-        self.wait_ready(timeout_s)
+        if wait_leader:
+            self.wait_ready(timeout_s)
+            return
+        deadline = time.monotonic() + timeout_s
+        while self._jsz(i) is None:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"nats-server n{i} did not answer on {self.monitor_urls[i]} "
+                                   f"within {timeout_s:.0f} s")
+            time.sleep(0.05)
 
     def stop(self) -> None:
         """Stop every node (SIGTERM, then SIGKILL after 15 s); idempotent."""

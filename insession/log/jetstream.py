@@ -29,10 +29,12 @@ retried (same ids: idempotent) until `ack_timeout_s`; then `LogUnavailable` (503
 and the outcome unknown (a leader that regains its quorum stores the batch, all of it).
 
 Reads: batch direct gets (`$JS.API.DIRECT.GET`, 1,000 messages a request), per partition with
-`next_by_subj`. A follower thread reads the stream from the end it had at open and calls `on_commit`
-in sequence order with every new event, this node's and other writers'; `append` returns after the
-follower has delivered its batch (read-your-writes). `last_offset()` is the newest sequence this handle
-has seen acknowledged or delivered, kept locally: it never waits on the network.
+`next_by_subj`. `on_commit` gets every event stored after the handle opened, in sequence order, one
+call at a time, and an append returns after its events went through it (read-your-writes): an append
+whose events directly follow the last delivered ones hands them over from memory (one writer: nothing is
+read back); a follower thread reads the rest (other writers' events, and an append's own when others
+came between) from the stream. `last_offset()` is the newest offset this handle has seen acknowledged or
+delivered, kept locally: it never waits on the network.
 
 History: `export` writes the stream to the same day-partitioned Parquet as the embedded log; its mark
 is the file `<state_dir>/<stream>.exported` (fsynced), so each node keeps its own history.
@@ -72,11 +74,13 @@ DUPLICATE_WINDOW_S = 600.0
 READ_PAGE = 1000  # messages per batch direct get
 EXPORT_CHUNK = 200_000
 FOLLOW_IDLE_S = 0.05  # the follower's poll interval when the stream has nothing new
+FOLLOW_BEHIND_S = 0.001  # ... and when a write is acknowledged but the replica that answered has not applied it
 ATTEMPT_TIMEOUT_S = 2.0  # one publish attempt; attempts repeat until ack_timeout_s
 PARTITIONS_KEY = "insession_partitions"
 _ERR_DUPLICATE_IN_BATCH = 10201
 _ERR_WRONG_LAST_SEQUENCE = 10071
 _ERR_BATCH_INCOMPLETE = 10176
+_ERR_DUPLICATE_IN_PROCESS = 10158  # our earlier attempt with this id is still being proposed: outcome pending
 INCOMPLETE_TRIES = 3  # an atomic batch incomplete this often has a message the stream refuses: an error
 _IMPOSSIBLE_SEQ = str(2**62)
 
@@ -178,6 +182,7 @@ class JetStreamLog:
         self._history_clean = False
         self._cond = threading.Condition()  # guards _last, _delivered, _closed; notified on delivery
         self._kick = threading.Event()
+        self._delivering = False  # one on_commit call at a time: an append's own events, or the follower's page
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._io = threading.Thread(target=self._loop.run_forever, name="insession-nats", daemon=True)
@@ -206,8 +211,10 @@ class JetStreamLog:
 
         try:
             return await asyncio.wait_for(
+                # a server that stops answering (a partition, not a crash) is left after 3 missed 2 s pings
                 nats.connect(servers=self._urls, connect_timeout=2, reconnect_time_wait=0.25,
-                             max_reconnect_attempts=-1, error_cb=on_error, name="insession"),
+                             max_reconnect_attempts=-1, ping_interval=2, max_outstanding_pings=3,
+                             error_cb=on_error, name="insession"),
                 self.config.ack_timeout_s,
             )
         except (TimeoutError, OSError, nats.errors.Error) as e:
@@ -280,7 +287,8 @@ class JetStreamLog:
             if res is None:  # a repeat inside this batch: the first occurrence's offset
                 res = results[i] = AppendResult(results[first[ev.event_id]].offset, True)  # type: ignore[index, union-attr]
             ev.offset = res.offset
-        self._wait_delivered(max(r.offset for r in stored))
+        new = [(events[i], r.offset) for i, r in zip(unique, stored, strict=True) if not r.duplicate]
+        self._deliver_own([ev for ev, _ in new], [off for _, off in new], max(r.offset for r in stored))
         return results  # type: ignore[return-value]
 
     async def _store(self, msgs: list[tuple[str, bytes, str]]) -> list[AppendResult]:
@@ -349,7 +357,8 @@ class JetStreamLog:
             raise _KnownIds()
         if code == _ERR_BATCH_INCOMPLETE:
             raise _Incomplete(f"JetStream: {text} ({code})")
-        if err.get("code") == 503 or "batch" in text:  # unavailable, or a batch cut by an election: resend it
+        if code == _ERR_DUPLICATE_IN_PROCESS or err.get("code") == 503 or "batch" in text:
+            # pending, unavailable, or a batch cut by an election: resend it (idempotent) until the deadline
             raise _Retry(f"JetStream: {text} ({code})")
         raise RuntimeError(f"JetStream stream {self.stream} refused the events: {text} (error {code})")
 
@@ -388,15 +397,44 @@ class JetStreamLog:
         self._check(ack)
         raise RuntimeError(f"JetStream answered a message-id probe unexpectedly: {ack}")
 
-    def _wait_delivered(self, offset: int) -> None:
-        """Wait until the follower has passed `offset` to on_commit (read-your-writes)."""
-        self._kick.set()
+    def _deliver_own(self, new: list[Event], offsets: list[int], upto: int) -> None:
+        """Pass this append's stored events to on_commit in offset order, then return (read-your-writes).
+
+        When everything before them is delivered, they go to on_commit from memory (no read-back: the
+        common case of one writer); else the follower delivers the events of other writers in between,
+        and these with them if it reads them first. One delivery at a time (`_delivering`), in offset order.
+        """
+        own = bool(new) and offsets == list(range(offsets[0], upto + 1))  # contiguous, and the newest of the batch
+        deadline = time.monotonic() + self.config.ack_timeout_s
         with self._cond:
-            self._last = max(self._last, offset)
-            if not self._cond.wait_for(lambda: self._delivered >= offset or self._closed, self.config.ack_timeout_s):
-                raise LogUnavailable(f"the batch is stored (up to offset {offset}) but no replica served it back to "
-                                     f"this node within {self.config.ack_timeout_s:.0f} s; a retry with the same "
-                                     "event_ids returns its offsets")
+            self._last = max(self._last, upto)
+            while self._delivered < upto and not self._closed:
+                if own and not self._delivering and self._delivered == offsets[0] - 1:
+                    self._delivering = True
+                    break
+                self._kick.set()  # events of other writers come first: the follower reads them
+                if not self._cond.wait(deadline - time.monotonic()) and time.monotonic() >= deadline:
+                    raise LogUnavailable(
+                        f"the batch is stored (up to offset {upto}) but the events before it were not served back to "
+                        f"this node within {self.config.ack_timeout_s:.0f} s; a retry with the same event_ids "
+                        "returns its offsets")
+            else:
+                return
+        self._hand_over(new, offsets[-1])
+
+    def _hand_over(self, events: list[Event], upto: int) -> None:
+        """Call on_commit (this thread holds `_delivering`), then mark `upto` delivered and wake the waiters."""
+        try:
+            if self._on_commit is not None:
+                self._on_commit(events)
+        except Exception:  # the events are durable; a failing subscriber must not stop the log
+            log.exception("on_commit failed for offsets %d..%d", events[0].offset, upto)
+        finally:
+            with self._cond:
+                self._delivered = upto
+                self._last = max(self._last, upto)
+                self._delivering = False
+                self._cond.notify_all()
 
     # -- reads --------------------------------------------------------------------------------------
 
@@ -477,18 +515,21 @@ class JetStreamLog:
                 self._kick.wait(min(1.0, FOLLOW_IDLE_S * failures))
                 continue
             if not page:
-                self._kick.wait(FOLLOW_IDLE_S)
-                self._kick.clear()
+                with self._cond:
+                    behind = self._last >= nxt  # acknowledged but not served yet: the replica that answered lags
+                if behind:
+                    time.sleep(FOLLOW_BEHIND_S)
+                else:
+                    self._kick.wait(FOLLOW_IDLE_S)
+                    self._kick.clear()
                 continue
-            if self._on_commit is not None:
-                try:
-                    self._on_commit(page)
-                except Exception:  # the events are durable; a failing subscriber must not stop the log
-                    log.exception("on_commit failed for offsets %d..%d", page[0].offset, page[-1].offset)
             with self._cond:
-                self._delivered = page[-1].offset
-                self._last = max(self._last, self._delivered)
-                self._cond.notify_all()
+                self._cond.wait_for(lambda: not self._delivering)
+                page = [ev for ev in page if ev.offset > self._delivered]  # an append delivered its own meanwhile
+                if not page or page[0].offset != self._delivered + 1:
+                    continue
+                self._delivering = True
+            self._hand_over(page, page[-1].offset)
 
     def last_offset(self) -> int:
         """Newest offset this handle knows acknowledged (its own writes, the follower's reads); -1: empty."""
