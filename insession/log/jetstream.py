@@ -443,27 +443,33 @@ class JetStreamLog:
         req: dict[str, Any] = {"seq": seq, "batch": n}
         if subject is not None:
             req["next_by_subj"] = subject
-        inbox = self._nc.new_inbox()
-        sub = await self._nc.subscribe(inbox)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         out: list[Event] = []
-        try:
-            await self._nc.publish(f"$JS.API.DIRECT.GET.{self.stream}", json.dumps(req).encode(), reply=inbox)
-            while True:
-                msg = await sub.next_msg(timeout=ATTEMPT_TIMEOUT_S)
-                headers = msg.headers or {}
-                status = headers.get("Status")
-                if status in ("204", "404"):  # end of batch / nothing at or after seq
-                    return out
-                if status is not None:
-                    raise _Retry(f"direct get answered {status} {headers.get('Description', '')}")
+
+        async def on_msg(msg: Any) -> None:  # a callback, not next_msg(): no timer per message
+            if done.done():
+                return
+            headers = msg.headers or {}
+            status = headers.get("Status")
+            if status is None:
                 ev = _decoder.decode(msg.data)
                 ev.offset = int(headers["Nats-Sequence"]) - 1
                 out.append(ev)
-        except nats.errors.TimeoutError as e:
-            raise _Retry("no replica answered a read") from e
+            elif status in ("204", "404"):  # end of batch / nothing at or after seq
+                done.set_result(None)
+            else:
+                done.set_exception(_Retry(f"direct get answered {status} {headers.get('Description', '')}"))
+
+        sub = await self._nc.subscribe(self._nc.new_inbox(), cb=on_msg)
+        try:
+            await self._nc.publish(f"$JS.API.DIRECT.GET.{self.stream}", json.dumps(req).encode(), reply=sub.subject)
+            await asyncio.wait_for(done, ATTEMPT_TIMEOUT_S)
+        except TimeoutError as e:
+            raise _Retry("no replica answered a read in time") from e
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
+        return out
 
     def read(self, from_offset: int = 0, limit: int | None = None, *, upto: int | None = None,
              partition: int | None = None) -> Iterator[Event]:
