@@ -1,0 +1,185 @@
+"""Cluster benchmark: the replicated JetStream log next to the embedded SQLite log, in the same run.
+
+Both behind the real server (`insession serve`, a child process), driven over keep-alive HTTP by separate
+client processes (bench_ingest's clients): events/s and ack p50/p99/p99.9 for batches of 1, 100 and
+1,000. Then, on the cluster: the write pause when the stream's leader is SIGKILLed (the longest gap
+between two acknowledged single-event writes of one sequential client), and the catch-up rate (a node's
+replay: reading the whole stream from offset 0, as a restarted node does). The three NATS servers,
+the insession server and the clients all share this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import msgspec
+import nats
+from tqdm import tqdm
+
+from bench.bench_ingest import N_ITEMS, _wire, bench_http, make_events
+from bench.common import table
+from insession.log import LogConfig
+from insession.log.cluster import LocalCluster
+from insession.log.jetstream import JetStreamLog
+from insession.serve.process import ServerProcess, free_port
+
+STREAM = "INSESSION"
+
+
+def _free_ports(n: int) -> list[int]:
+    ports: set[int] = set()
+    while len(ports) < n:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+def _load_items(url: str) -> None:
+    items = [{"item_id": f"i{i}", "category": f"c{i % 20}", "subcategory": f"sc{i % 150}", "price": 1.0 + i}
+             for i in range(N_ITEMS)]
+    httpx.put(url + "/v1/items", json=items, timeout=60).raise_for_status()
+
+
+def _http_runs(port: int, plan: list[tuple[int, int, int]], label: str, progress: tqdm) -> list[dict]:
+    out = []
+    for batch, clients, reqs in plan:
+        r = bench_http(port, batch, clients, reqs, uuid.uuid4().hex)
+        r["name"] = label
+        out.append(r)
+        progress.update()
+    return out
+
+
+async def _stream_leader(url: str) -> str:
+    nc = await nats.connect(url)
+    try:
+        return (await nc.jetstream().stream_info(STREAM)).cluster.leader
+    finally:
+        await nc.close()
+
+
+def leader_pause(port: int, cluster: LocalCluster, seconds: float) -> dict:
+    """SIGKILL the stream leader while one client writes single events; the longest gap between acks."""
+    acks: list[float] = []
+    refused = 0
+    stop = threading.Event()
+    events = make_events(50_000, uuid.uuid4().hex)  # more than a sequential writer sends in the window
+    enc = msgspec.json.Encoder()
+
+    def writer() -> None:
+        nonlocal refused
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        for ev in events:
+            if stop.is_set():
+                break
+            conn.request("POST", "/v1/events", body=enc.encode(_wire([ev])),
+                         headers={"content-type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status == 200:
+                acks.append(time.monotonic())
+            else:
+                refused += 1
+        conn.close()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    time.sleep(1.0)
+    leader = asyncio.run(_stream_leader(cluster.urls[0]))
+    down = int(leader.removeprefix("n"))
+    killed_at = time.monotonic()
+    cluster.kill(down)
+    time.sleep(seconds)
+    stop.set()
+    t.join()
+    cluster.restart(down)
+    after = [a for a in acks if a >= killed_at - 1.0]
+    gaps = [b - a for a, b in zip(after, after[1:], strict=False)]
+    return {"leader": leader, "pause_s": max(gaps, default=float("nan")), "refused": refused,
+            "acked_after": sum(a > killed_at for a in acks)}
+
+
+def catch_up(cluster: LocalCluster, directory: Path) -> dict:
+    """Read the whole stream from offset 0 through a fresh handle: a restarted node's replay rate."""
+    cfg = LogConfig(url=",".join(cluster.urls), monitor=",".join(cluster.monitor_urls))
+    with JetStreamLog(cfg, directory) as log:
+        t0 = time.perf_counter()
+        n = sum(1 for _ in log.read(0))
+        wall = time.perf_counter() - t0
+    return {"events": n, "eps": n / wall}
+
+
+HEADERS = ["log", "batch", "clients", "events", "events/s", "ack p50 ms", "ack p99 ms", "ack p99.9 ms"]
+
+
+def run(quick: bool) -> str:
+    plan = [(1, 1, 500 if quick else 5_000), (1, 4, 250 if quick else 2_500), (100, 1, 50 if quick else 500),
+            (100, 4, 25 if quick else 250), (1000, 1, 10 if quick else 100), (1000, 2, 5 if quick else 50)]
+    progress = tqdm(total=2 * len(plan) + 2, desc="bench_cluster", unit="scenario")
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        with ServerProcess(root / "embedded") as srv:
+            _load_items(srv.url)
+            rows += _http_runs(srv.port, plan, "embedded (SQLite, 1 machine)", progress)
+        ports = _free_ports(9)
+        cluster = LocalCluster(root / "nats", ports[:3], cluster_ports=ports[3:6], http_ports=ports[6:])
+        cluster.start()
+        try:
+            config = root / "server.toml"
+            urls, monitors = ",".join(cluster.urls), ",".join(cluster.monitor_urls)
+            config.write_text(f'[log]\nurl = "{urls}"\nmonitor = "{monitors}"\n')
+            with ServerProcess(root / "clustered", extra_args=["--config", str(config)]) as srv:
+                _load_items(srv.url)
+                rows += _http_runs(srv.port, plan, "JetStream, 3 servers, R3", progress)
+                pause = leader_pause(srv.port, cluster, 4.0 if quick else 10.0)
+                progress.update()
+            rate = catch_up(cluster, root / "reader")
+            progress.update()
+        finally:
+            cluster.stop()
+    progress.close()
+
+    def cell(r: dict) -> list[object]:
+        return [r["name"], r["batch"], r["callers"], r["events"], r["eps"], r["p50"], r["p99"], r["p99.9"]]
+
+    js = [r for r in rows if r["name"].startswith("JetStream")]
+    best_1000 = max(r["eps"] for r in js if r["batch"] == 1000)
+    single = next(r for r in js if r["batch"] == 1 and r["callers"] == 1)
+    return "\n".join([
+        "## Cluster: the replicated log (NATS JetStream, 3 servers) next to the embedded log"
+        + (" (quick run)" if quick else ""),
+        "",
+        "`insession serve` over HTTP, separate client processes with one keep-alive connection each; the cluster "
+        "is three `nats-server` processes on this machine with `sync_interval: always` (an ack means on 2 of 3, "
+        "fsynced). Batches of 2..1,000 are one atomic batch publish.",
+        "",
+        table(HEADERS, [cell(r) for r in rows]),
+        "",
+        f"Stream leader ({pause['leader']}) SIGKILLed under a single-event writer: longest write pause "
+        f"{pause['pause_s']:.2f} s, {pause['refused']} writes refused, {pause['acked_after']} acknowledged after the "
+        f"kill. Catch-up (a node's replay from offset 0): {rate['eps']:,.0f} events/s over {rate['events']:,} events.",
+        "",
+        f"Targets: batch 1,000 into the replicated stream {best_1000:,.0f} events/s (target >= 50,000); single "
+        f"events p99 {single['p99']:.2f} ms (target < 5 ms); leader-loss pause {pause['pause_s']:.2f} s "
+        "(target < 5 s); "
+        f"catch-up {rate['eps']:,.0f} events/s (target >= 100,000).",
+        "",
+    ])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="small sizes (seconds, for smoke runs)")
+    print(run(ap.parse_args().quick))
+
+
+if __name__ == "__main__":
+    main()
