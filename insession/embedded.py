@@ -171,6 +171,7 @@ class Insession:
         # restart = the last snapshot + the log after it
         jobs = {"export": lambda: self.export(EXPORT_MIN_EVENTS), "snapshot": lambda: self.features.snapshot()}
         while not self._stop.wait(interval_s):
+            self.features.sweep_next()  # expired state leaves one unit at a time
             for name in ("export", "snapshot"):
                 if time.monotonic() < retry_at[name]:
                     continue

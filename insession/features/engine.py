@@ -194,6 +194,7 @@ class FeatureEngine:
         self.too_late = 0
         self.snapshot_offset = -1
         self.rejected_snapshots = 0  # snapshots set aside (damaged, older format, other declarations)
+        self._sweep_cursor = -1
 
     def _item_unit(self, f: Feature) -> _Unit:
         return _Unit(f"feature-{f.name}", {f.name: make_agg(f, self._names, Sessions(0))})
@@ -268,10 +269,10 @@ class FeatureEngine:
         self.applied_offset, self.watermark, self.too_late = head.offset, head.watermark, too_late
         self.snapshot_offset = head.offset
 
-    def sweep(self) -> None:
-        """Forget expired state (bounded memory for idle keys), `SWEEP_CHUNK` keys per lock hold, so
-        readers and the writer wait for one chunk at most, never for a pass over every key."""
-        for unit in self._units():
+    def sweep(self, units: list[_Unit] | None = None) -> None:
+        """Forget expired state of `units` (default: all) for bounded memory of idle keys, `SWEEP_CHUNK`
+        keys per lock hold, so readers and the writer wait for one chunk at most."""
+        for unit in self._units() if units is None else units:
             for agg in unit.aggs.values():
                 with unit.lock:
                     keys = agg.swept_keys()
@@ -279,15 +280,21 @@ class FeatureEngine:
                     with unit.lock:
                         agg.sweep(unit.wm, self.lateness_ms, keys[start : start + SWEEP_CHUNK])
 
+    def sweep_next(self) -> None:
+        """Sweep the next unit in turn (maintenance calls this every few seconds): a pass over every key of
+        every unit at once was seconds of Python at a million shoppers, CPU taken from serving."""
+        units = self._units()
+        self._sweep_cursor = (self._sweep_cursor + 1) % len(units)
+        self.sweep([units[self._sweep_cursor]])
+
     def snapshot(self) -> None:
-        """Sweep (in chunks), then write every unit into a new snapshot directory and make it CURRENT.
+        """Write every unit into a new snapshot directory and make it CURRENT.
 
         Each unit is captured under its own lock only (reads of the others go on; the writer waits for
         that one unit), then written outside it. A failure removes the new directory and raises; the
         previous snapshot stays CURRENT."""
         if self.state_dir is None:
             raise ValueError("this engine has no state_dir")
-        self.sweep()
         gen = self.state_dir / f"snap-{max(self.applied_offset, 0):012d}-{time.time_ns()}"
         tmp = gen.with_name(gen.name + ".tmp")
         try:

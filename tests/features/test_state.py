@@ -294,3 +294,13 @@ def test_a_large_batch_holds_one_partition_at_a_time_and_never_the_others(monkey
     assert not writer.is_alive()
     assert engine.read("session_length", mine) == sum(1 for e in batch if e.user_id == mine)
     assert all_reads(engine) == all_reads(replayed(default_registry(), [ev(0, other, "i0", T0), *batch]))
+
+
+def test_sweeping_unit_by_unit_equals_one_sweep() -> None:
+    events = [ev(n, USERS[n % 12], ITEMS[n % 5], T0 + n * 29 * MINUTE_MS) for n in range(400)]
+    whole, by_unit = replayed(default_registry(), events), replayed(default_registry(), events)
+    whole.sweep()
+    for _ in by_unit._units():
+        by_unit.sweep_next()
+    assert captures(by_unit) == captures(whole) != captures(replayed(default_registry(), events))
+    assert all_reads(by_unit) == all_reads(replayed(default_registry(), events))
