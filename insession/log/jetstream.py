@@ -439,9 +439,17 @@ class JetStreamLog:
     # -- reads --------------------------------------------------------------------------------------
 
     async def _get_batch(self, seq: int, n: int, subject: str | None) -> list[Event]:
-        """Up to n stored events from sequence `seq` (of one subject), from whichever replica answers."""
+        """Up to n stored events from sequence `seq` (of one subject), from whichever replica answers.
+
+        A whole-stream read asks for the bodies only (`no_hdr`: nats-py parses headers in Python, most of
+        a read's cost): the stream is dense, so the i-th message has sequence seq + i, which the batch's
+        end marker confirms (its Nats-Last-Sequence). One partition's messages are not adjacent: they
+        come with their headers and each one's Nats-Sequence.
+        """
         req: dict[str, Any] = {"seq": seq, "batch": n}
-        if subject is not None:
+        if subject is None:
+            req["no_hdr"] = True
+        else:
             req["next_by_subj"] = subject
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         out: list[Event] = []
@@ -449,13 +457,21 @@ class JetStreamLog:
         async def on_msg(msg: Any) -> None:  # a callback, not next_msg(): no timer per message
             if done.done():
                 return
-            headers = msg.headers or {}
-            status = headers.get("Status")
+            headers = msg.headers
+            status = headers.get("Status") if headers else None
             if status is None:
                 ev = _decoder.decode(msg.data)
-                ev.offset = int(headers["Nats-Sequence"]) - 1
+                ev.offset = seq + len(out) - 1 if subject is None else int(headers["Nats-Sequence"]) - 1
                 out.append(ev)
-            elif status in ("204", "404"):  # end of batch / nothing at or after seq
+            elif status == "204":  # end of batch
+                end = int(headers.get("Nats-Last-Sequence", -1))
+                if out and subject is None and end != out[-1].offset + 1:
+                    done.set_exception(RuntimeError(
+                        f"stream {self.stream} has a gap: {len(out)} messages from sequence {seq} end at {end}; "
+                        "something deleted messages from it (insession never does)"))
+                else:
+                    done.set_result(None)
+            elif status == "404":  # nothing at or after seq
                 done.set_result(None)
             else:
                 done.set_exception(_Retry(f"direct get answered {status} {headers.get('Description', '')}"))
