@@ -1,5 +1,6 @@
-"""`insession nats-cluster`: three servers up with a leader, URLs printed, a log opens on them with the
-default monitoring ports (client port + 4000, checked for fsync), and Ctrl-C stops every server."""
+"""`insession nats-cluster`: three servers up with a leader, URLs printed, `insession serve --log URLS`
+stores on them (default monitoring ports: client port + 4000, checked for fsync), and Ctrl-C stops every
+server."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 from conftest import make_event
 
 from insession.log import LogConfig
 from insession.log.jetstream import JetStreamLog
+from insession.serve.process import ServerProcess
 
 
 def _ports_with_neighbours(n: int) -> list[int]:
@@ -45,8 +48,13 @@ def test_nats_cluster_command_serves_until_interrupted(tmp_path: Path) -> None:
         assert lines[0].startswith("JetStream cluster up"), lines
         urls = lines[2].strip().removeprefix("serve on it: insession serve --log ")
         assert urls == ",".join(f"nats://127.0.0.1:{p}" for p in ports)
-        with JetStreamLog(LogConfig(url=urls), tmp_path / "node") as log:  # monitor: port + 4000, all synced
-            assert [r.offset for r in log.append([make_event(i, f"e{i}") for i in range(3)])] == [0, 1, 2]
+        event = {"user_id": "u1", "item_id": "sku1", "action": "view", "ts": "2026-11-22T10:00:00Z"}
+        with ServerProcess(tmp_path / "data", extra_args=["--log", urls]) as srv:
+            r = httpx.post(srv.url + "/v1/events", json=[{**event, "event_id": f"h{i}"} for i in range(3)])
+            assert (r.status_code, r.json()["offsets"]) == (200, [0, 1, 2])
+        with JetStreamLog(LogConfig(url=urls), tmp_path / "node") as log:  # the server's events are in the stream
+            assert [e.event_id for e in log.read()] == ["h0", "h1", "h2"]
+            assert [r.offset for r in log.append([make_event(i, f"e{i}") for i in range(3)])] == [3, 4, 5]
         assert all((tmp_path / f"n{i}" / "nats.conf").read_text().count("sync_interval: always") for i in range(3))
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
