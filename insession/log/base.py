@@ -52,6 +52,9 @@ class LogUnavailable(BatchRejected):
     def __init__(self, message: str) -> None:
         super().__init__([FieldError(-1, "", message)], 503)
 
+    def __str__(self) -> str:  # no record or field is at fault: the message alone
+        return self.errors[0].message
+
 
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """`[log]`: which event log holds the events. Empty `url`: the embedded SQLite log (`DATA/log.sqlite`)."""
