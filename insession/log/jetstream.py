@@ -18,7 +18,7 @@ deleted; a duplicate or an abandoned batch takes no sequence), so offsets are de
 embedded log's and every reader of the log is unchanged.
 
 Writes: each event is one message (msgpack `Event`, as enriched by the caller) with `Nats-Msg-Id` =
-its `event_id` (or a random id for one without: that retries of this call stay idempotent), so a retry
+its `event_id` (or a random id for one without, so that retries of this call stay idempotent), so a retry
 is stored once whichever server it reaches, within the duplicate window. A batch of 2..1000 is one
 atomic batch publish (ADR-50, `Nats-Batch-Id/-Sequence/-Commit`): the stream stores all of it or none.
 The server refuses a whole atomic batch that contains a known message id (err 10201); the log then asks
