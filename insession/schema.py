@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+import zlib
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -314,3 +315,9 @@ def _decode_json(text: bytes, index: int, where: str) -> Any:
                         "`properties` an object of single values")],
             400,
         ) from None
+
+
+def partition_of(user_id: str, partitions: int) -> int:
+    """The partition of a shopper's events, in the log and in the online feature state alike: crc32 of the
+    UTF-8 id modulo P (stable across processes, never Python's salted hash())."""
+    return zlib.crc32(user_id.encode()) % partitions

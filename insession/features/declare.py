@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from insession.durable import write_atomic
 from insession.schema import ACTIONS
 
 MINUTE_MS = 60_000
@@ -194,15 +194,8 @@ class FeatureRegistry:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def save(self, path: Path) -> None:
-        """Write atomically (temporary file, fsync, rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("w") as f:
-            json.dump(self.to_json(), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        """Write atomically and durably (temporary file, fsync, rename, directory fsync)."""
+        write_atomic(Path(path), json.dumps(self.to_json(), indent=1))
 
     @classmethod
     def load(cls, path: Path) -> FeatureRegistry:

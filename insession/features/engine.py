@@ -29,7 +29,6 @@ import os
 import shutil
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterable
 from itertools import islice
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any
 
 import msgspec
 
+from insession.durable import fsync_dir, write_atomic
 from insession.features.declare import Feature, FeatureRegistry, default_registry
 from insession.features.online import (
     ACTION_INDEX,
@@ -50,7 +50,7 @@ from insession.features.online import (
     stable_id,
 )
 from insession.features.snapshot import Sections, SnapshotError, UnitHeader, read_unit, write_unit
-from insession.schema import Event
+from insession.schema import Event, partition_of
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,6 @@ SWEEP_CHUNK = 5_000  # keys swept per lock hold
 REPLAY_CHUNK = 10_000  # events per batch when a new feature is backfilled from the log
 USER_ENTITIES = ("user", "user_item")
 OFFSETS = "offsets"  # the section of a unit file that holds each other section's applied offset
-
-
-def partition_of(user_id: str, partitions: int) -> int:
-    """The shopper's partition: crc32 of the UTF-8 id modulo P, the log's rule (never Python's hash())."""
-    return zlib.crc32(user_id.encode()) % partitions
 
 
 def _feed(aggs: Iterable[Agg], evs: list[Ev]) -> None:
@@ -311,10 +306,10 @@ class FeatureEngine:
                 pass
             for unit in self._items.values():
                 self._write_unit(tmp, unit)
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.replace(tmp, gen)
-            _fsync_dir(self.state_dir)
-            _write_atomic(self.state_dir / CURRENT_FILE, gen.name)
+            fsync_dir(self.state_dir)
+            write_atomic(self.state_dir / CURRENT_FILE, gen.name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -485,20 +480,3 @@ class FeatureEngine:
                 out[f.name] = unit.aggs[f.name].read(k, unit.wm)
         return out
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)

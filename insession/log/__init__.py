@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from insession.log.base import AppendResult, Log, LogConfig, LogUnavailable, OnCommit, partition_of
+from insession.log.base import AppendResult, Log, LogConfig, LogUnavailable, OnCommit
 from insession.log.catalog import Catalog
 from insession.log.eventlog import EventLog
 
@@ -22,4 +22,4 @@ def open_log(data_dir: str | Path, config: LogConfig | None = None, *, partition
     return JetStreamLog(config, Path(data_dir), partitions=partitions, on_commit=on_commit)
 
 
-__all__ = ["AppendResult", "Catalog", "EventLog", "Log", "LogConfig", "LogUnavailable", "open_log", "partition_of"]
+__all__ = ["AppendResult", "Catalog", "EventLog", "Log", "LogConfig", "LogUnavailable", "open_log"]

@@ -21,7 +21,6 @@ tests/log/test_log_contract.py:
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Protocol
@@ -105,7 +104,3 @@ class Log(Protocol):
 
     def close(self) -> None: ...
 
-
-def partition_of(user_id: str, partitions: int) -> int:
-    """Stable partition of a user (crc32, never Python's salted hash())."""
-    return zlib.crc32(user_id.encode()) % partitions

@@ -46,9 +46,9 @@ from pathlib import Path
 import msgspec
 import pyarrow as pa
 
-from insession.log.base import AppendResult, partition_of
+from insession.log.base import AppendResult
 from insession.log.export import events_to_arrow, remove_orphans, write_day_partitions
-from insession.schema import Event
+from insession.schema import Event, partition_of
 
 log = logging.getLogger(__name__)
 

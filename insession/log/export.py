@@ -10,7 +10,6 @@ ever in the history twice.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from insession.durable import replace_durably
 from insession.schema import EVENT_ARROW_SCHEMA, Event
 
 DAY_MS = 86_400_000
@@ -51,23 +51,12 @@ def day_of(ts_ms: int) -> str:
     return datetime.fromtimestamp(ts_ms // DAY_MS * 86_400, UTC).strftime("%Y-%m-%d")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     """Write `table` to `path` so that the file is either absent or complete and on disk."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    replace_durably(tmp, path)
 
 
 def write_day_partitions(events: Sequence[Event], history_dir: Path) -> list[Path]:

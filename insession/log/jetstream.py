@@ -63,9 +63,9 @@ import nats.js.errors
 import pyarrow as pa
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
-from insession.log.base import AppendResult, LogConfig, LogUnavailable, OnCommit, partition_of
+from insession.log.base import AppendResult, LogConfig, LogUnavailable, OnCommit
 from insession.log.export import events_to_arrow, remove_orphans, write_day_partitions
-from insession.schema import BatchRejected, Event, FieldError
+from insession.schema import BatchRejected, Event, FieldError, partition_of
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,8 @@ from hypothesis import strategies as st
 from insession.features import Feature, FeatureEngine, FeatureRegistry, default_registry, sliding
 from insession.features import engine as engine_module
 from insession.features.declare import DAY_MS, HOUR_MS, MINUTE_MS
-from insession.features.engine import partition_of
 from insession.features.online import Agg, TileAgg, _tile_structs, stable_id
-from insession.schema import ACTIONS, Event
+from insession.schema import ACTIONS, Event, partition_of
 
 GAP = 30 * MINUTE_MS
 T = T0 - T0 % HOUR_MS  # an hour boundary, so tile edges are easy to state

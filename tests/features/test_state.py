@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 
 from insession.features import FeatureEngine, FeatureRegistry, default_registry
 from insession.features.declare import MINUTE_MS
-from insession.features.engine import CURRENT_FILE, OLD_PICKLE_FILE, _Partition, _Unit, partition_of
+from insession.features.engine import CURRENT_FILE, OLD_PICKLE_FILE, _Partition, _Unit
 from insession.features.snapshot import HEADER_SIZE
-from insession.schema import Event
+from insession.schema import Event, partition_of
 
 USERS = [f"u{n}" for n in range(12)]
 ITEMS = ["i0", "i1", "i2", "i3", "i4", "i9"]

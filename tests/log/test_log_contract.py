@@ -13,10 +13,10 @@ import pytest
 from conftest import make_event
 from nats_helpers import log_config, start_cluster
 
-from insession.log import Log, LogConfig, open_log, partition_of
+from insession.log import Log, LogConfig, open_log
 from insession.log.cluster import LocalCluster
 from insession.log.export import events_to_arrow
-from insession.schema import Event
+from insession.schema import Event, partition_of
 
 P = 4
 MakeLog = Callable[..., Log]

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import make_event
 
-from insession.log.eventlog import EventLog, partition_of
-from insession.schema import Event
+from insession.log.eventlog import EventLog
+from insession.schema import Event, partition_of
 
 
 def test_append_assigns_dense_offsets_and_reads_back(tmp_path: Path) -> None:
