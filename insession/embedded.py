@@ -78,7 +78,8 @@ class Insession:
         self.catalog = Catalog(self.data_dir / "catalog.sqlite")
         # Called with each committed group after the features applied it (metrics hook in here).
         self.applied_listeners: list[Callable[[list[Event]], None]] = []
-        self.log = open_log(self.data_dir, self.log_config, partitions=partitions, on_commit=self._on_commit)
+        self.log = open_log(self.data_dir, self.log_config, partitions=partitions, on_commit=self._on_commit,
+                            follow=False)
         # One state partition per log partition (the log's crc32(user_id) % P).
         self.features = FeatureEngine.open(self.data_dir / "features", partitions=self.log.partitions,
                                            max_users=max_users)
@@ -91,6 +92,7 @@ class Insession:
         # Rebuild: last snapshot + everything the log acknowledged after it.
         for chunk in _chunks(self.log.read(self.features.applied_offset + 1), REPLAY_CHUNK):
             self.features.update_many(chunk)
+        self.log.follow(self.features.applied_offset + 1)  # other writers' events from here on
         _freeze_heap()
         self.query = QueryService(self.features, self.log, self.catalog, self.history_dir, limits)
         self.models_dir = self.data_dir / "models"  # `insession train --out` here; the newest version serves

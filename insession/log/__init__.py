@@ -11,15 +11,16 @@ from insession.log.eventlog import EventLog
 
 
 def open_log(data_dir: str | Path, config: LogConfig | None = None, *, partitions: int = 16,
-             on_commit: OnCommit | None = None) -> Log:
+             on_commit: OnCommit | None = None, follow: bool = True) -> Log:
     """The log a data directory's handle writes to: `DATA/log.sqlite` when `config.url` is empty (the
-    default), else the JetStream stream at `config.url` (this node's export mark kept in `DATA/`)."""
+    default), else the JetStream stream at `config.url` (this node's export mark kept in `DATA/`).
+    `follow=False`: other writers' events reach on_commit only after `Log.follow(offset)`."""
     config = config or LogConfig()
     if not config.url:
         return EventLog(Path(data_dir) / "log.sqlite", partitions=partitions, on_commit=on_commit)
     from insession.log.jetstream import JetStreamLog  # the NATS client is imported only when used
 
-    return JetStreamLog(config, Path(data_dir), partitions=partitions, on_commit=on_commit)
+    return JetStreamLog(config, Path(data_dir), partitions=partitions, on_commit=on_commit, follow=follow)
 
 
 __all__ = ["AppendResult", "Catalog", "EventLog", "Log", "LogConfig", "LogUnavailable", "open_log"]

@@ -102,5 +102,11 @@ class Log(Protocol):
 
     def tail_arrow(self, from_offset: int) -> pa.Table: ...
 
+    def follow(self, from_offset: int) -> None:
+        """Start passing other writers' events to on_commit from `from_offset` on (a log opened with
+        `follow=False`: the owner first replays up to `from_offset - 1` itself, so no event falls between
+        its replay and the follower). A no-op for a log with one writer."""
+        ...
+
     def close(self) -> None: ...
 

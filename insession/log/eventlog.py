@@ -329,6 +329,9 @@ class EventLog:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    def follow(self, from_offset: int) -> None:
+        """Nothing to follow: this process is the log's one writer (on_commit sees every append)."""
+
     def close(self) -> None:
         """Wait for the running commit and queued appends, then close the database (idempotent)."""
         with self._lock:

@@ -160,7 +160,7 @@ class JetStreamLog:
     path: Path | None = None  # nothing local for the analytics workers to read: they get `tail_arrow`
 
     def __init__(self, config: LogConfig, state_dir: Path, partitions: int = 16,
-                 on_commit: OnCommit | None = None) -> None:
+                 on_commit: OnCommit | None = None, follow: bool = True) -> None:
         self.config = config
         self.partitions = partitions
         self.stream = config.stream
@@ -197,6 +197,16 @@ class JetStreamLog:
         self._last = last_seq - 1
         self._delivered = self._last  # on_commit gets what is stored after this handle opened
         self._follower = threading.Thread(target=self._follow, name="insession-log-follower", daemon=True)
+        if follow:
+            self._follower.start()
+
+    def follow(self, from_offset: int) -> None:
+        """Start the follower at `from_offset` (the owner replayed everything before it): without this, an
+        event another node stored between this handle's open and the owner's replay could be delivered
+        first, and the replay would then skip the events before it."""
+        with self._cond:
+            self._delivered = from_offset - 1
+            self._last = max(self._last, from_offset - 1)
         self._follower.start()
 
     # -- the event loop thread ----------------------------------------------------------------------
@@ -613,7 +623,8 @@ class JetStreamLog:
             self._closed = True
             self._cond.notify_all()
         self._kick.set()
-        self._follower.join()
+        if self._follower.ident is not None:  # a handle opened with follow=False may never have started it
+            self._follower.join()
         self._shutdown_loop()
 
     def _shutdown_loop(self) -> None:

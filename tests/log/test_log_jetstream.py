@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,3 +118,26 @@ def test_servers_that_do_not_fsync_every_write_are_refused(tmp_path: Path) -> No
     finally:
         proc.terminate()
         proc.wait()
+
+
+def test_a_follower_started_at_the_owners_replay_point_delivers_exactly_what_follows(
+    cluster: LocalCluster, tmp_path: Path,
+) -> None:
+    """Opened with follow=False, a handle passes other writers' events to on_commit only from the offset its
+    owner gives `follow` (the owner replayed the rest itself): nothing between the open and the replay is
+    delivered first, so the replay cannot skip anything."""
+    cfg = log_config(cluster)
+    got: list[int] = []
+    with JetStreamLog(cfg, tmp_path / "w", partitions=4) as writer:
+        writer.append([make_event(i, f"e{i}") for i in range(5)])  # offsets 0..4
+        with JetStreamLog(cfg, tmp_path / "r", partitions=4, follow=False,
+                          on_commit=lambda evs: got.extend(e.offset for e in evs)) as reader:
+            writer.append([make_event(i, f"e{i}") for i in range(5, 10)])  # 5..9, after the reader opened
+            time.sleep(0.3)  # a follower started at the open would have delivered them by now
+            assert got == []
+            reader.follow(7)  # the owner replayed 0..6 itself
+            writer.append([make_event(i, f"e{i}") for i in range(10, 12)])
+            deadline = time.monotonic() + 10
+            while got[-1:] != [11] and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert got == [7, 8, 9, 10, 11]
