@@ -4,7 +4,9 @@ refused, and background jobs survive their failures."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import pytest
 import insession
 from insession import embedded
 from insession.embedded import DataDirError
+from insession.schema import BatchRejected
 
 T0 = 1_700_000_000_000
 
@@ -77,3 +80,45 @@ def test_background_jobs_survive_failures_and_report_them(tmp_path: Path, monkey
             time.sleep(0.02)
         assert db.job_errors["snapshot"] is None
         assert db._maintenance is not None and db._maintenance.is_alive()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs of its own: a disk that really fills up."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_refuses_writes_with_507_loses_nothing_and_recovers(small_disk: Path) -> None:
+    data = small_disk / "data"
+    acked: list[int] = []
+    db = insession.open(data, maintenance_interval_s=None)
+    try:
+        db.insert("events", _events(10))  # the log and its WAL exist
+        acked += list(range(10))
+        filler = small_disk / "filler"
+        filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 96 * 1024))
+        refused = None
+        for k in range(1, 500):
+            rows = [{**row, "event_id": f"e{k}-{n}"} for n, row in enumerate(_events(100, start=k * 100))]
+            try:
+                acked += db.insert("events", rows).offsets
+            except BatchRejected as e:
+                refused = e
+                break
+        assert refused is not None, "the disk never filled up"
+        assert refused.status == 507 and "disk is full" in str(refused)
+        filler.unlink()  # space is freed: writes go on, a retry of the refused batch included
+        acked += db.insert("events", rows).offsets
+    finally:
+        db.close()
+    with insession.open(data, maintenance_interval_s=None) as again:
+        stored = [e.offset for e in again.log.read()]
+    assert stored == sorted(acked) and len(set(stored)) == len(stored)  # every ack present once, nothing else

@@ -43,13 +43,14 @@ class AppendResult(msgspec.Struct):
 class LogUnavailable(BatchRejected):
     """The log could not acknowledge the batch in time (on JetStream: no quorum of servers answered).
 
-    Served as 503 by the ingest route (it is a `BatchRejected`). Unlike a validation error the outcome
-    is unknown: a batch sent to a stream leader that lost its quorum is stored, all of it, if that
-    leader regains it. Retrying with the same `event_id`s stores each event once either way.
+    Served as 503 by the ingest route (it is a `BatchRejected`); 507 when the log's disk is full (then
+    nothing of the batch was stored). Unlike a validation error the outcome of a 503 is unknown: a batch
+    sent to a stream leader that lost its quorum is stored, all of it, if that leader regains it.
+    Retrying with the same `event_id`s stores each event once either way.
     """
 
-    def __init__(self, message: str) -> None:
-        super().__init__([FieldError(-1, "", message)], 503)
+    def __init__(self, message: str, status: int = 503) -> None:
+        super().__init__([FieldError(-1, "", message)], status)
 
     def __str__(self) -> str:  # no record or field is at fault: the message alone
         return self.errors[0].message

@@ -46,7 +46,7 @@ from pathlib import Path
 import msgspec
 import pyarrow as pa
 
-from insession.log.base import AppendResult
+from insession.log.base import AppendResult, LogUnavailable
 from insession.log.export import events_to_arrow, remove_orphans, write_day_partitions
 from insession.schema import Event, partition_of
 
@@ -216,6 +216,10 @@ class EventLog:
             with contextlib.suppress(sqlite3.Error):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
+            if isinstance(e, sqlite3.Error) and getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                log.error("the log's disk is full: a batch of %d events was refused", sum(len(b.rows) for b in group))
+                e = LogUnavailable("the log's disk is full: nothing of this batch was stored; retry once space "
+                                   "is freed (the same event_ids store each event once)", 507)
             for batch in group:
                 batch.error = e
             if not isinstance(e, Exception):
