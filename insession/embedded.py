@@ -18,6 +18,7 @@ import msgspec
 from insession.features import FeatureEngine
 from insession.log import LogConfig, open_log
 from insession.log.catalog import Catalog
+from insession.log.export import verify_history
 from insession.query import Limits, QueryService, Result
 from insession.rank import RankConfig, Ranker, RankRequest, RankResponse
 from insession.schema import BatchRejected, Event, FieldError, validate_events, validate_items
@@ -84,6 +85,13 @@ class Insession:
         self.features = FeatureEngine.open(self.data_dir / "features", partitions=self.log.partitions,
                                            max_users=max_users)
         self._check_log_not_behind()
+        try:  # the Parquet history is what its manifest says, or rebuilt from the log (loudly)
+            self.history_check = verify_history(self.history_dir, self.log.exported_offset(),
+                                                lambda first, last: self.log.read(first, upto=last))
+        except ValueError as e:
+            self.log.close()
+            self.catalog.close()
+            raise DataDirError(f"{self.data_dir}: {e}") from None
         self.snapshot_interval_s = snapshot_interval_s
         # Background jobs (export, snapshot): failures so far, and the last one's message (readyz, metrics).
         self.job_failures: dict[str, int] = {"export": 0, "snapshot": 0}

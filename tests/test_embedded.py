@@ -122,3 +122,41 @@ def test_a_full_disk_refuses_writes_with_507_loses_nothing_and_recovers(small_di
     with insession.open(data, maintenance_interval_s=None) as again:
         stored = [e.offset for e in again.log.read()]
     assert stored == sorted(acked) and len(set(stored)) == len(stored)  # every ack present once, nothing else
+
+
+def _history_with_parts(data: Path) -> list[Path]:
+    with insession.open(data, maintenance_interval_s=None) as db:
+        for k in range(4):  # four exports: several parts per day
+            db.insert("events", [{**row, "ts": T0 + k * 86_400_000 + n} for n, row in enumerate(_events(25))])
+            db.export()
+    return sorted((data / "history").glob("day=*/*.parquet"))
+
+
+def _count(data: Path) -> tuple[int, object]:
+    with insession.open(data, maintenance_interval_s=None) as db:
+        return db.select("SELECT count(*) FROM events").rows[0][0], db.history_check
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "same size, one byte changed", "stray copy"])
+def test_a_damaged_history_is_rebuilt_or_set_aside_and_counts_stay_exact(tmp_path: Path, damage: str) -> None:
+    data = tmp_path / "data"
+    parts = _history_with_parts(data)
+    assert len(parts) >= 4
+    victim = parts[1]
+    body = victim.read_bytes()
+    if damage == "missing":
+        victim.unlink()
+    elif damage == "truncated":
+        victim.write_bytes(body[: len(body) // 2])
+    elif damage == "same size, one byte changed":
+        victim.write_bytes(body[:100] + bytes([body[100] ^ 0xFF]) + body[101:])
+    else:
+        shutil.copy(victim, victim.with_name("part-copy.parquet"))
+    count, check = _count(data)
+    assert count == 100  # every acknowledged event exactly once, as before the damage
+    assert (check.rebuilt, check.quarantined) == {
+        "missing": (1, 0), "truncated": (1, 1), "same size, one byte changed": (1, 1), "stray copy": (0, 1),
+    }[damage]
+    assert victim.read_bytes() == body or damage == "stray copy"
+    count, check = _count(data)  # nothing left to mend on the next start
+    assert (count, check.rebuilt, check.quarantined) == (100, 0, 0)

@@ -221,6 +221,17 @@ class _HandleCollector(Collector):
                 c = CounterMetricFamily(name, help_text)
                 c.add_metric([], value)
                 yield c
+        check = getattr(h, "history_check", None)
+        if check is not None:
+            for name, help_text, value in (
+                ("insession_history_parts_rebuilt", "History parts missing or damaged at start, rebuilt from the log",
+                 check.rebuilt),
+                ("insession_history_files_quarantined", "History files set aside at start (not in the manifest, "
+                 "or damaged)", check.quarantined),
+            ):
+                c = CounterMetricFamily(name, help_text)
+                c.add_metric([], value)
+                yield c
         failures = getattr(h, "job_failures", None)
         if failures is not None:
             c = CounterMetricFamily("insession_background_failures", "Failed runs of a background job", labels=["job"])

@@ -13,7 +13,7 @@ import pytest
 from conftest import T0, make_event
 
 from insession.log.eventlog import EventLog
-from insession.log.export import day_of, events_to_arrow, write_parquet_atomic
+from insession.log.export import day_of, events_to_arrow, load_manifest, write_parquet_atomic
 from insession.schema import EVENT_ARROW_SCHEMA
 
 
@@ -32,7 +32,7 @@ def test_export_by_day_readable_idempotent_and_complete_with_tail(tmp_path: Path
     assert log.export(history, upto_offset=24) == 24
     assert log.exported_offset() == 24
     days = sorted(p.name for p in history.iterdir())
-    assert days == [f"day={day_of(T0 + d * 86_400_000)}" for d in range(3)]
+    assert days == ["_manifest.json", *(f"day={day_of(T0 + d * 86_400_000)}" for d in range(3))]
     for f in history.glob("day=*/*.parquet"):  # every file holds only its own day, in offset order
         t = pq.read_table(f)
         assert t.schema.equals(EVENT_ARROW_SCHEMA)
@@ -77,8 +77,10 @@ def test_export_cleans_files_of_a_crashed_export(tmp_path: Path) -> None:
         (orphan.parent / ".part-4-9.parquet.tmp").write_bytes(b"half a file")
     with EventLog(tmp_path / "log.sqlite") as log:  # the restart after that crash
         assert log.export(history) == 9
-        assert sorted(p.name for p in history.rglob("*")) == [f"day={day_of(T0)}", "part-0-3.parquet",
-                                                              "part-4-9.parquet"]
+        assert sorted(p.name for p in history.rglob("*")) == ["_manifest.json", f"day={day_of(T0)}",
+                                                              "part-0-3.parquet", "part-4-9.parquet"]
+        assert sorted(load_manifest(history)) == [f"day={day_of(T0)}/part-0-3.parquet",
+                                                  f"day={day_of(T0)}/part-4-9.parquet"]
         offsets = ds.dataset(history, format="parquet").to_table().column("offset").to_pylist()
         assert sorted(offsets) == list(range(10))
 
