@@ -83,7 +83,8 @@ def model_latency(quick: bool) -> str:
 
     with tempfile.TemporaryDirectory() as tmp:
         print("bench_rank: exporting the model to ONNX")
-        onnx = OnnxScorer(model, Path(tmp), threads=1)
+        export(model, Path(tmp) / ONNX_FILE)
+        onnx = OnnxScorer(Path(tmp), threads=1)
 
     def encode_once_ort() -> np.ndarray:
         return onnx(history, session, now, cands, counters, signals)[0]

@@ -5,12 +5,19 @@ session are encoded once inside it and the C candidates scored in one batched pa
 lengths, are dynamic axes). ORT runs it with far less per-operator overhead than eager PyTorch, which
 dominates at this size (see docs/benchmarks.md). The export (torch.export -> ONNX, some seconds) is cached
 as `serve.onnx` in the artefact's directory, so a model is exported once, at its first load.
+
+The server exports in a child process (`python -m insession.rank.onnx ARTEFACT_DIR`): torch.export patches
+`nn.Module.__call__` for the whole process while it traces, so an eager forward in another thread (a
+request served while a new model exports, a reload's warm-up) was traced into the graph and failed with
+"Unexpected key ...". The child also keeps the export's seconds of Python off the server's GIL.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -26,6 +33,7 @@ from insession.model.reranker import SIGNALS
 log = logging.getLogger(__name__)
 
 ONNX_FILE = "serve.onnx"
+EXPORT_TIMEOUT_S = 900.0
 _INPUTS = (
     "h_items", "h_actions", "h_ts", "s_items", "s_actions", "s_ts", "request_ts", "candidates", "counters",
     "signals",
@@ -79,14 +87,17 @@ def export(model: DualSequenceReranker, path: Path) -> None:
 class OnnxScorer:
     """`scorer(history, session, request_ts, candidates, counters, signals)` -> (scores [C], Explanation) via ORT."""
 
-    def __init__(self, model: DualSequenceReranker, artefact_dir: Path, threads: int = 1) -> None:
+    def __init__(self, artefact_dir: Path, threads: int = 1) -> None:
         import onnxruntime as ort
 
         path = artefact_dir / ONNX_FILE
         weights = next(artefact_dir.glob("*.pt"), None)
         if not path.exists() or (weights is not None and path.stat().st_mtime < weights.stat().st_mtime):
-            log.info("exporting %s to ONNX (once per artefact)", artefact_dir)
-            export(model, path)
+            log.info("exporting %s to ONNX in a child process (once per artefact)", artefact_dir)
+            done = subprocess.run([sys.executable, "-m", "insession.rank.onnx", str(artefact_dir)],
+                                  capture_output=True, text=True, timeout=EXPORT_TIMEOUT_S)
+            if done.returncode != 0:
+                raise RuntimeError(f"the ONNX export of {artefact_dir.name} failed: {done.stderr.strip()[-2000:]}")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -102,3 +113,15 @@ class OnnxScorer:
         scores, wh, ws, gate = self.session.run(None, {k: v.numpy() for k, v in feed.items()})
         why = Explanation(torch.from_numpy(wh), torch.from_numpy(ws), torch.from_numpy(gate))
         return scores[0], why
+
+
+def main(argv: list[str]) -> None:
+    """`python -m insession.rank.onnx ARTEFACT_DIR`: export the artefact's serving graph to its serve.onnx."""
+    from insession.model.artefact import load_artefact
+
+    artefact_dir = Path(argv[1])
+    export(load_artefact(artefact_dir).model, artefact_dir / ONNX_FILE)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -315,7 +315,7 @@ class Ranker:
         Requests are served by eager PyTorch meanwhile; if the export fails, they stay on it.
         """
         try:
-            scorer = OnnxScorer(loaded.artefact.model, loaded.artefact.path, self.config.torch_threads or 1)
+            scorer = OnnxScorer(loaded.artefact.path, self.config.torch_threads or 1)
             self._warm(loaded, scorer)
             loaded.onnx = scorer
             log.info("model %s now scores with ONNX Runtime", loaded.version)
