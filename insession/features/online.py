@@ -67,9 +67,6 @@ class Names:
             self.names[i] = name
         return i
 
-    def get(self, name: str) -> int | None:
-        return self.ids.get(name)
-
 
 class Ev:
     """One accepted event as the aggregations see it: stable ids, session number, watermark after it.
