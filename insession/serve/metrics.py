@@ -208,30 +208,22 @@ class _HandleCollector(Collector):
                 )
                 g.add_metric([], event_log.last_offset() - features.applied_offset)
                 yield g
-            g = GaugeMetricFamily("insession_feature_tracked_users", "Shoppers held in online feature state")
-            g.add_metric([], features.tracked_users)
-            yield g
-            for name, help_text, value in (
-                ("insession_feature_evicted_users", "Shoppers evicted by the [features] max_users cap",
-                 features.evicted_users),
-                ("insession_feature_snapshots_rejected",
-                 "Feature snapshots set aside at start (damaged, older format, other declarations)",
-                 features.rejected_snapshots),
-            ):
-                c = CounterMetricFamily(name, help_text)
-                c.add_metric([], value)
-                yield c
+            yield GaugeMetricFamily("insession_feature_tracked_users", "Shoppers held in online feature state",
+                                    value=features.tracked_users)
+            yield CounterMetricFamily("insession_feature_evicted_users",
+                                      "Shoppers evicted by the [features] max_users cap", value=features.evicted_users)
+            yield CounterMetricFamily(
+                "insession_feature_snapshots_rejected",
+                "Feature snapshots set aside at start (damaged, older format, other declarations)",
+                value=features.rejected_snapshots)
         check = getattr(h, "history_check", None)
         if check is not None:
-            for name, help_text, value in (
-                ("insession_history_parts_rebuilt", "History parts missing or damaged at start, rebuilt from the log",
-                 check.rebuilt),
-                ("insession_history_files_quarantined", "History files set aside at start (not in the manifest, "
-                 "or damaged)", check.quarantined),
-            ):
-                c = CounterMetricFamily(name, help_text)
-                c.add_metric([], value)
-                yield c
+            yield CounterMetricFamily("insession_history_parts_rebuilt",
+                                      "History parts missing or damaged at start, rebuilt from the log",
+                                      value=check.rebuilt)
+            yield CounterMetricFamily("insession_history_files_quarantined",
+                                      "History files set aside at start (not in the manifest, or damaged)",
+                                      value=check.quarantined)
         failures = getattr(h, "job_failures", None)
         if failures is not None:
             c = CounterMetricFamily("insession_background_failures", "Failed runs of a background job", labels=["job"])
@@ -239,39 +231,17 @@ class _HandleCollector(Collector):
                 c.add_metric([job], n)
             yield c
         if hasattr(h, "unknown_items"):
-            c = CounterMetricFamily(
-                "insession_ingest_unknown_items", "Events stored for items not in the catalogue"
-            )
-            c.add_metric([], h.unknown_items)
-            yield c
+            yield CounterMetricFamily("insession_ingest_unknown_items", "Events stored for items not in the catalogue",
+                                      value=h.unknown_items)
         lane = getattr(getattr(h, "query", None), "analytics", None)
         if lane is not None:
-            for name, help_text, value in (
-                (
-                    "insession_analytics_queue_depth",
-                    "Analytics queries admitted and waiting",
-                    lane.queue_depth,
-                ),
-                ("insession_analytics_running", "Analytics queries running", lane.running),
-            ):
-                g = GaugeMetricFamily(name, help_text)
-                g.add_metric([], value)
-                yield g
-            for name, help_text, value in (
-                (
-                    "insession_analytics_rejected",
-                    "Analytics queries refused with 429 (queue full)",
-                    lane.rejected,
-                ),
-                (
-                    "insession_analytics_timeouts",
-                    "Analytics queries interrupted at their deadline",
-                    lane.timeouts,
-                ),
-            ):
-                c = CounterMetricFamily(name, help_text)
-                c.add_metric([], value)
-                yield c
+            yield GaugeMetricFamily("insession_analytics_queue_depth", "Analytics queries admitted and waiting",
+                                    value=lane.queue_depth)
+            yield GaugeMetricFamily("insession_analytics_running", "Analytics queries running", value=lane.running)
+            yield CounterMetricFamily("insession_analytics_rejected", "Analytics queries refused with 429 (queue full)",
+                                      value=lane.rejected)
+            yield CounterMetricFamily("insession_analytics_timeouts", "Analytics queries interrupted at their deadline",
+                                      value=lane.timeouts)
 
 
 def metrics_of(request: Request) -> Metrics:
