@@ -6,6 +6,7 @@ import fcntl
 import gc
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -18,7 +19,8 @@ import msgspec
 from insession.features import FeatureEngine
 from insession.log import LogConfig, open_log
 from insession.log.catalog import Catalog
-from insession.log.export import verify_history
+from insession.log.eventlog import LogBehindError
+from insession.log.export import load_manifest, verify_history
 from insession.query import Limits, QueryService, Result
 from insession.rank import RankConfig, Ranker, RankRequest, RankResponse
 from insession.schema import BatchRejected, Event, FieldError, validate_events, validate_items
@@ -29,6 +31,7 @@ REPLAY_CHUNK = 10_000
 EXPORT_MIN_EVENTS = 50_000  # background export waits for this many events (fewer, larger Parquet files)
 SNAPSHOT_EVERY_S = 60.0  # default interval between feature snapshots (taken only when the state changed)
 RETRY_MAX_S = 60.0  # a failing background job retries after 1, 2, 4 ... s, at most this
+_PART_END = re.compile(r"^part-\d+-(\d+)\.parquet$")  # a history part's last offset, from its name
 
 
 class DataDirError(RuntimeError):
@@ -79,8 +82,12 @@ class Insession:
         self.catalog = Catalog(self.data_dir / "catalog.sqlite")
         # Called with each committed group after the features applied it (metrics hook in here).
         self.applied_listeners: list[Callable[[list[Event]], None]] = []
-        self.log = open_log(self.data_dir, self.log_config, partitions=partitions, on_commit=self._on_commit,
-                            follow=False)
+        try:
+            self.log = open_log(self.data_dir, self.log_config, partitions=partitions, on_commit=self._on_commit,
+                                follow=False)
+        except LogBehindError as e:  # it acknowledged more than it holds: refused before any offset is reused
+            self.catalog.close()
+            raise DataDirError(f"{self.data_dir}: {e}") from None
         # One state partition per log partition (the log's crc32(user_id) % P).
         self.features = FeatureEngine.open(self.data_dir / "features", partitions=self.log.partitions,
                                            max_users=max_users)
@@ -115,13 +122,14 @@ class Insession:
 
     def _check_log_not_behind(self) -> None:
         """Refuse a log that holds less than the state built from it: a lost, truncated or older copy of
-        `log.sqlite` would otherwise hand out offsets again and the next export would replace the history."""
+        `log.sqlite` (or one whose -wal file was truncated) would otherwise hand out offsets again, and the
+        history's parts beyond the log's export mark would be deleted as a crashed export's leftovers."""
         last = self.log.last_offset()
+        history_end = _history_end(self.history_dir)
         behind = self.features.applied_offset > last
-        orphaned = last < 0 and any(self.history_dir.glob("day=*/*.parquet"))
-        if behind or orphaned:
-            held = f"the feature snapshot holds events up to offset {self.features.applied_offset}" if behind else (
-                "the Parquet history holds events")
+        if behind or history_end > last:
+            held = (f"the feature snapshot holds events up to offset {self.features.applied_offset}" if behind
+                    else f"the Parquet history holds events up to offset {history_end}")
             self.log.close()
             self.catalog.close()
             raise DataDirError(
@@ -241,6 +249,13 @@ class Insession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _history_end(history_dir: Path) -> int:
+    """The last offset the Parquet history holds, by its manifest and its part files' names; -1: none."""
+    ends = [part.last for part in load_manifest(history_dir).values()]
+    ends += [int(m.group(1)) for path in history_dir.glob("day=*/part-*.parquet") if (m := _PART_END.match(path.name))]
+    return max(ends, default=-1)
 
 
 def _lock(data_dir: Path) -> TextIO:

@@ -30,6 +30,15 @@ Idempotency keys: time-ordered event ids (UUIDv7, ULID) land at the right edge o
 random ones (UUIDv4) touch a random index page per event, which costs throughput once the index
 outgrows the page cache (the benchmark measures both).
 
+The acknowledged mark (`log.sqlite-acked`): after each commit's fsync, and before its callers are
+acknowledged, the newest offset is written into this small file (one `pwrite` of 21 bytes, no fsync:
+1.3 µs measured on ext4, beside a commit's fsync of milliseconds). It survives a crash of the process
+(the page cache holds it) and can lag after a power loss, but is never ahead of what was fsynced. A log that opens
+below its mark lost acknowledged events (deleted, restored from an older copy, or its `-wal` file
+truncated after a crash: SQLite then recovers the transactions before the cut, silently) and is
+refused with `LogBehindError` before it could hand out their offsets again; nothing is changed on
+disk, so restoring the files is still possible (tests/log/test_log_wal_truncated.py).
+
 Export: closed ranges of the log go to day-partitioned Parquet (see `insession.log.export`); rows stay
 in SQLite (retention is out of scope), so `tail_arrow` and `read` never race with an export.
 """
@@ -38,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -57,6 +67,8 @@ EXPORT_CHUNK = 200_000  # events per export round (one Parquet file per day per 
 _LOOKUP_CHUNK = 500  # event_ids per IN (...) lookup, under SQLite's variable limit
 _SYNCHRONOUS = ("FULL", "OFF")
 _MAX_OFFSET = 2**63 - 1
+ACKED_SUFFIX = "-acked"  # the acknowledged mark beside the database: log.sqlite-acked
+_MARK_WIDTH = 20  # digits of the mark, so every write overwrites the whole previous one
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -73,6 +85,10 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Event)
 
 Row = tuple[str | None, int, bytes]  # event_id, partition, body
+
+
+class LogBehindError(RuntimeError):
+    """The log holds fewer events than it acknowledged (its acknowledged mark is further): refused at open."""
 
 
 class _Batch:
@@ -126,6 +142,7 @@ class EventLog:
         self._exported = int(meta["exported_offset"])
         (last,) = self._conn.execute("SELECT COALESCE(MAX(offset), -1) FROM events").fetchone()
         self._last = int(last)
+        self._mark_fd = self._open_mark() if synchronous == "FULL" else None  # only fsynced acks are marked
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._export_lock = threading.Lock()
@@ -135,6 +152,31 @@ class EventLog:
         self._pending: list[_Batch] = []
         self._committing = False
         self._closed = False
+
+    def _open_mark(self) -> int:
+        """Open the acknowledged mark; refuse a log that ends below it, bring a missing or lagging one up."""
+        path = self.path.with_name(self.path.name + ACKED_SUFFIX)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        text = os.pread(fd, _MARK_WIDTH + 1, 0).strip()
+        mark = int(text) if text.lstrip(b"-").isdigit() else -1
+        if mark > self._last:
+            os.close(fd)
+            self._conn.close()
+            raise LogBehindError(
+                f"{self.path.name} ends at offset {self._last} but events up to offset {mark} were acknowledged "
+                f"({path.name}): the log was lost or restored from an older copy, or its -wal file was truncated. "
+                f"Restore {self.path.name} with its -wal file; or, to serve what it holds now and lose the "
+                f"acknowledged events after offset {self._last}, delete {path.name}"
+            )
+        if mark < self._last:  # a log from before the mark, or a mark the power loss kept from disk
+            self._write_mark(fd, self._last)
+        return fd
+
+    def _write_mark(self, fd: int, offset: int) -> None:
+        try:
+            os.pwrite(fd, f"{offset:>{_MARK_WIDTH}}\n".encode(), 0)
+        except OSError:  # the events are durable already: a guard that cannot be written fails nothing
+            log.warning("the acknowledged mark of %s could not be written", self.path.name, exc_info=True)
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -226,6 +268,8 @@ class EventLog:
                 raise
             return
         self._last = offset
+        if self._mark_fd is not None and stored:  # after the fsync, before anyone is acknowledged
+            self._write_mark(self._mark_fd, offset)
         for batch, out in zip(group, results, strict=True):
             for ev, res in zip(batch.events, out, strict=True):
                 ev.offset = res.offset
@@ -345,6 +389,8 @@ class EventLog:
             while self._committing:
                 self._idle.wait()
         self._conn.close()
+        if self._mark_fd is not None:
+            os.close(self._mark_fd)
         with self._readers_lock:
             for conn in self._readers:
                 conn.close()
