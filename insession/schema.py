@@ -68,6 +68,12 @@ class Event(msgspec.Struct, array_like=True):
     subcategory: str | None = None
     ingest_ts: int = 0  # server wall clock when validated, epoch ms (freshness is measured from it)
     offset: int = -1  # position in the log, assigned on append; monotonically increasing
+    # Catalogue attributes joined at ingest, like `category` (after `offset` so older log records, which
+    # lack them, still decode): what the catalogue said when the event arrived, so a feature over them is
+    # the same online and offline. Bounded (Short), so no request can amplify into the log.
+    brand: str | None = None
+    price: float | None = None
+    price_band: str | None = None  # price_band(price)
 
 
 class ItemIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -109,8 +115,42 @@ EVENT_ARROW_SCHEMA = pa.schema(
         ("category", pa.string()),
         ("subcategory", pa.string()),
         ("ingest_ts", pa.int64()),
+        ("brand", pa.string()),
+        ("price", pa.float64()),
+        ("price_band", pa.string()),
     ]
 )
+# The columns an older history part may lack (written before they existed): read as NULL.
+LATER_EVENT_COLUMNS = ("brand", "price", "price_band")
+_SQL_TYPE = {pa.int64(): "BIGINT", pa.string(): "VARCHAR", pa.float64(): "DOUBLE"}
+
+
+def event_columns_sql(present: set[str] | list[str]) -> str:
+    """The select list of the stored-event columns from a source holding `present`: a column the source
+    lacks (a history part written before it existed) is NULL of its type, so every reader sees one schema."""
+    out = []
+    for f in EVENT_ARROW_SCHEMA:
+        quoted = '"' + f.name + '"'
+        out.append(quoted if f.name in present else f"NULL::{_SQL_TYPE[f.type]} AS {quoted}")
+    return ", ".join(out)
+
+
+# Price bands (decision: fixed, roughly log-spaced edges in the catalogue's currency) so that a feature
+# can count "price levels" a shopper browses; computed once, at ingest, and stored with the event.
+PRICE_BAND_EDGES: tuple[float, ...] = (10, 25, 50, 100, 250, 500, 1000)
+
+
+def price_band(price: float | None) -> str | None:
+    """'<10', '10-25', ..., '500-1000', '1000+' (lower edge inclusive); None for an item without a price."""
+    if price is None:
+        return None
+    edges = PRICE_BAND_EDGES
+    if price < edges[0]:
+        return f"<{edges[0]:g}"
+    for lo, hi in zip(edges, edges[1:], strict=False):
+        if price < hi:
+            return f"{lo:g}-{hi:g}"
+    return f"{edges[-1]:g}+"
 
 ITEM_ARROW_SCHEMA = pa.schema(
     [

@@ -54,7 +54,8 @@ def stored_events(core: pa.Table, items: pa.Table) -> pa.Table:
         SELECT (row_number() OVER (ORDER BY e.ts, e.rn) - 1)::BIGINT AS "offset", e.user_id, e.item_id,
                e.action,
                e.ts, NULL::VARCHAR AS event_id, e.session_id, e.surface, NULL::VARCHAR AS properties,
-               i.category, i.subcategory, e.ts AS ingest_ts
+               i.category, i.subcategory, e.ts AS ingest_ts, NULL::VARCHAR AS brand, NULL::DOUBLE AS price,
+               NULL::VARCHAR AS price_band
         FROM (SELECT *, row_number() OVER () AS rn FROM core) e LEFT JOIN items i USING (item_id)
         ORDER BY "offset" """).to_arrow_table()
     return table.cast(EVENT_ARROW_SCHEMA)

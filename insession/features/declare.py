@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from insession.durable import write_atomic
-from insession.schema import ACTIONS
+from insession.schema import ACTIONS, Event
 
 MINUTE_MS = 60_000
 HOUR_MS = 60 * MINUTE_MS
@@ -26,8 +27,13 @@ ENTITY_KEYS: dict[str, tuple[str, ...]] = {
     "item": ("item_id",),
     "global": (),
 }
-# Event columns an aggregation may read; `properties.<name>` reads a numeric property (sum only).
-VALUE_FIELDS = ("item_id", "category", "subcategory", "action", "surface", "session_id")
+# Text columns of a stored event an aggregation may read (brand and price_band are catalogue attributes
+# joined at ingest); `properties.<name>` reads a property of the event: its text values for last /
+# distinct_topk / topk_count, its numbers for sum. NUMBER_FIELDS: numeric columns sum may read.
+VALUE_FIELDS = ("item_id", "category", "subcategory", "action", "surface", "session_id", "brand", "price_band")
+NUMBER_FIELDS = ("price",)
+PROPERTY_PREFIX = "properties."
+_PROPERTY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 SEQUENCE_FIELDS = ("item_id", "action", "ts", "category")  # what one element of a last_n sequence holds
 _NEEDS_FIELD = {"sum", "last", "distinct_topk", "topk_count"}
 _NEEDS_K = {"last_n", "distinct_topk", "topk_count", "covisit"}
@@ -80,7 +86,7 @@ BEFORE_SESSION = Window("before_session")
 class Feature:
     """One declared feature (Chronon GroupBy / Feast FeatureView in spirit).
 
-    `agg` and its parameters: count; sum(field: `properties.<name>`); last(field); last_n(k): the k
+    `agg` and its parameters: count; sum(field: `properties.<name>` or price); last(field); last_n(k): the k
     latest events as {item_id, action, ts, category}, oldest first; distinct_topk(field, k): distinct
     values, most recent first; topk_count(field, k): [{field: value, count: n}] by count; counts_by_action:
     {action: n} for every action; age: ms from the earliest event in the window to t; covisit(k, span,
@@ -104,9 +110,14 @@ class Feature:
         if self.entity not in ENTITY_KEYS:
             raise ValueError(f"{self.name}: unknown entity {self.entity!r}")
         if self.agg in _NEEDS_FIELD:
-            ok = self.field in VALUE_FIELDS if self.agg != "sum" else str(self.field).startswith("properties.")
-            if not ok:
-                raise ValueError(f"{self.name}: {self.agg} cannot read field {self.field!r}")
+            prop = self.property_name
+            if prop is not None and not _PROPERTY_NAME.fullmatch(prop):
+                raise ValueError(f"{self.name}: property name {prop!r} must be an identifier of at most 64 "
+                                 "characters (letters, digits, _)")
+            if prop is None and self.field not in (NUMBER_FIELDS if self.reads_number else VALUE_FIELDS):
+                allowed = NUMBER_FIELDS if self.reads_number else VALUE_FIELDS
+                raise ValueError(f"{self.name}: {self.agg} cannot read field {self.field!r}; it reads "
+                                 f"{', '.join(allowed)} or {PROPERTY_PREFIX}<name>")
         elif self.field is not None:
             raise ValueError(f"{self.name}: {self.agg} takes no field")
         if (self.agg in _NEEDS_K) != (self.k > 0):
@@ -128,6 +139,34 @@ class Feature:
     @property
     def keys(self) -> tuple[str, ...]:
         return ENTITY_KEYS[self.entity]
+
+    @property
+    def reads_number(self) -> bool:
+        """sum reads numbers; every other aggregation with a field reads text."""
+        return self.agg == "sum"
+
+    @property
+    def property_name(self) -> str | None:
+        """`<name>` for a field `properties.<name>`, else None."""
+        f = self.field
+        return f[len(PROPERTY_PREFIX):] if f is not None and f.startswith(PROPERTY_PREFIX) else None
+
+    def value(self, ev: Event) -> str | None:
+        """The text this feature reads from an event (None: the event has none and is skipped). A property
+        counts only when its value is text (decision: numbers and booleans have no one text form that
+        Python and SQL engines agree on); `offline._value_sql` is the SQL twin."""
+        prop = self.property_name
+        if prop is None:
+            return getattr(ev, self.field or "")
+        v = (ev.properties or {}).get(prop)
+        return v if isinstance(v, str) else None
+
+    def number(self, ev: Event) -> float | None:
+        """The number a sum reads from an event (None: skipped): a numeric property (not a boolean) or
+        the item's price."""
+        prop = self.property_name
+        v = getattr(ev, self.field or "") if prop is None else (ev.properties or {}).get(prop)
+        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
     def to_json(self) -> dict[str, object]:
         d = asdict(self)

@@ -28,7 +28,7 @@ import duckdb
 import pyarrow as pa
 
 from insession.features.declare import ENTITY_KEYS, MINUTE_MS, Feature, FeatureRegistry, Window
-from insession.schema import ACTIONS
+from insession.schema import ACTIONS, event_columns_sql
 
 EventsLike = duckdb.DuckDBPyRelation | pa.Table | str | Path
 _SEQ_TYPE = "STRUCT(item_id VARCHAR, action VARCHAR, ts BIGINT, category VARCHAR)[]"
@@ -58,13 +58,14 @@ def _events_sql(con: duckdb.DuckDBPyConnection, events: EventsLike) -> str:
 
 def _prepare(con: duckdb.DuckDBPyConnection, source: str, reg: FeatureRegistry) -> None:
     """ev: every event's offset and watermark after arrival; acc: accepted events with session numbers."""
+    present = con.sql(f"SELECT * FROM {source} LIMIT 0").columns
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE ev AS
         SELECT "offset" AS off, user_id, item_id, action, ts, session_id, surface, properties, category,
-               subcategory,
+               subcategory, brand, price, price_band,
                max(ts) OVER (ORDER BY "offset" ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS wm_prev,
                max(ts) OVER (ORDER BY "offset" ROWS UNBOUNDED PRECEDING) AS wm_after
-        FROM {source}""")
+        FROM (SELECT {event_columns_sql(present)} FROM {source})""")
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE acc AS
         WITH a AS (
@@ -116,15 +117,19 @@ def _prepare_spine(con: duckdb.DuckDBPyConnection, spine: pa.Table, reg: Feature
 
 
 def _value_sql(f: Feature) -> str:
+    """The SQL twin of `Feature.value` / `Feature.number` (the parity tests hold them equal)."""
     if f.field is None:
         return "NULL::VARCHAR"
-    if f.agg == "sum":
-        path = _lit("$." + f.field.split(".", 1)[1])
+    prop = f.property_name
+    if prop is None:
+        return _q(f.field)
+    path = _lit("$." + prop)
+    if f.reads_number:
         return (
             f"CASE WHEN json_type(properties, {path}) IN ('BIGINT', 'UBIGINT', 'DOUBLE') "
             f"THEN CAST(json_extract(properties, {path}) AS DOUBLE) END"
         )
-    return _q(f.field)
+    return f"CASE WHEN json_type(properties, {path}) = 'VARCHAR' THEN json_extract_string(properties, {path}) END"
 
 
 def _source(con: duckdb.DuckDBPyConnection, f: Feature, table: str) -> None:
@@ -455,7 +460,8 @@ def sessions(
 ) -> duckdb.DuckDBPyRelation:
     """The events the engines accept under `registry`'s lateness rule, in offset order, each with its
     session number under the session rule: columns `offset, user_id, item_id, action, ts, session_id,
-    surface, properties, category, subcategory, sess` (sess: 0, 1, ... per user, in arrival order).
+    surface, properties, category, subcategory, brand, price, price_band, sess` (sess: 0, 1, ... per user,
+    in arrival order).
     Materialised on `con` as the temp table `accepted_sessions` (replaced by the next call on `con`)."""
     con = con or connect()
     _prepare(con, _events_sql(con, events), registry)

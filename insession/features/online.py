@@ -208,7 +208,7 @@ class Agg:
 
     def raw_value(self, ev: Ev) -> int:
         """The stable id of a declared field the engine does not look up up front."""
-        return self.names(getattr(ev.raw, self.f.field or ""))
+        return self.names(self.f.value(ev.raw))
 
     def add_batch(self, evs: list[Ev]) -> None:
         raise NotImplementedError
@@ -301,7 +301,6 @@ class TileAgg(Expiring):
 
     def __init__(self, f: Feature, names: Names, window: Window | None = None) -> None:
         super().__init__(f, names, window)
-        self.prop = f.field.split(".", 1)[1] if f.agg == "sum" and f.field else ""
         self.per_user = f.entity == "user_item"
         if self.per_user:
             self.key = attrgetter("u")
@@ -319,7 +318,7 @@ class TileAgg(Expiring):
         state, totals, key_of, agg = self.state, self.totals, self.key, self.f.agg
         tile_ms, tiles = self.tile_ms, self.tiles
         by_action, is_sum, is_age = agg == "counts_by_action", agg == "sum", agg == "age"
-        per_user, prop = self.per_user, self.prop
+        per_user, number = self.per_user, self.f.number
         rec, rec_key, rec_val = _tile_structs(*self.layout)
         size, back, vpos = rec.size, self.LOOKBACK * rec.size, rec_key.size
         pack_key, pack_rec, unpack_key = rec_key.pack, rec.pack, rec_key.unpack_from
@@ -333,8 +332,8 @@ class TileAgg(Expiring):
             else:
                 tile = low = 0
             if is_sum:
-                v = (ev.raw.properties or {}).get(prop)
-                if not isinstance(v, int | float) or isinstance(v, bool):
+                v = number(ev.raw)
+                if v is None:
                     continue
             else:
                 v = ev.ts if is_age else 1
@@ -464,14 +463,10 @@ class Scalar(Agg):
     number, where TileAgg would keep a one-record buffer (a fifth of the memory for a user's session
     length and age)."""
 
-    def __init__(self, f: Feature, names: Names, window: Window | None = None) -> None:
-        super().__init__(f, names, window)
-        self.prop = f.field.split(".", 1)[1] if f.agg == "sum" and f.field else ""
-
     VALUE = int | float
 
     def add_batch(self, evs: list[Ev]) -> None:
-        state, key_of, agg, prop = self.state, self.key, self.f.agg, self.prop
+        state, key_of, agg, number = self.state, self.key, self.f.agg, self.f.number
         for ev in evs:
             key = key_of(ev)
             old = state.get(key)
@@ -481,9 +476,9 @@ class Scalar(Agg):
                 if old is None or ev.ts < old:
                     state[key] = ev.ts
             else:
-                v = (ev.raw.properties or {}).get(prop)
-                if isinstance(v, int | float) and not isinstance(v, bool):
-                    state[key] = 0.0 + v if old is None else old + v
+                v = number(ev.raw)
+                if v is not None:
+                    state[key] = v if old is None else old + v
 
     def read(self, key: int, t: int) -> Any:
         old = self.state.get(key)

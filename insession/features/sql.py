@@ -6,7 +6,7 @@
     GROUP BY user_id, time_bucket(INTERVAL '1' HOUR, ts)
 
 - entity: the GROUP BY keys: user_id | user_id, item_id | item_id | none (global);
-- aggregation: count(*), sum(properties.<name>), last(field), last_n(k), distinct_topk(field, k),
+- aggregation: count(*), sum(properties.<name> | price), last(field), last_n(k), distinct_topk(field, k),
   topk_count(field, k), counts_by_action(), age(), covisit(k, span, INTERVAL gap);
 - window: `ts > now() - INTERVAL ...` with `time_bucket(INTERVAL <tile>, ts)` in GROUP BY (sliding),
   `session = current_session()` (session), `session < current_session()` (before_session), else unbounded;

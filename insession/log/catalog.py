@@ -1,8 +1,9 @@
 """The item catalogue (`items` table): durable in SQLite, cached in a dict for enrichment on the hot path.
 
-The hierarchy is category > subcategory > item. Enrichment copies an item's category and subcategory
-onto each event at ingest time. Decision: an event for an unknown item is accepted and stored with
-category=None (`enrich` returns how many there were, the caller counts them); a later upsert of that
+The hierarchy is category > subcategory > item. Enrichment copies an item's category, subcategory, brand,
+price and price band onto each event at ingest time (all bounded; a copy, not a reference, so the log and
+history say what the catalogue said then and a feature over them is point-in-time correct offline too).
+Decision: an event for an unknown item is accepted and stored with category=None (`enrich` returns how many there were, the caller counts them); a later upsert of that
 item does not rewrite history, so the log always says what the catalogue knew when the event arrived.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from insession.schema import ITEM_ARROW_SCHEMA, Event, Item
+from insession.schema import ITEM_ARROW_SCHEMA, Event, Item, price_band
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -71,7 +72,8 @@ class Catalog:
         return self._items.get(item_id)
 
     def enrich(self, events: list[Event]) -> int:
-        """Set category/subcategory on each event in place; returns how many events had an unknown item."""
+        """Set the item's catalogue attributes (category, subcategory, brand, price, price band) on each
+        event in place; returns how many events had an unknown item."""
         items = self._items
         unknown = 0
         for ev in events:
@@ -81,6 +83,9 @@ class Catalog:
             else:
                 ev.category = item.category
                 ev.subcategory = item.subcategory
+                ev.brand = item.brand
+                ev.price = item.price
+                ev.price_band = price_band(item.price)
         return unknown
 
     def to_arrow(self) -> pa.Table:

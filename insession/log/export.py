@@ -98,6 +98,9 @@ def events_to_arrow(events: Sequence[Event]) -> pa.Table:
         columns["category"].append(ev.category)
         columns["subcategory"].append(ev.subcategory)
         columns["ingest_ts"].append(ev.ingest_ts)
+        columns["brand"].append(ev.brand)
+        columns["price"].append(ev.price)
+        columns["price_band"].append(ev.price_band)
     return pa.table(columns, schema=EVENT_ARROW_SCHEMA)
 
 

@@ -18,7 +18,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from insession.schema import EVENT_ARROW_SCHEMA, ITEM_ARROW_SCHEMA
+from insession.schema import EVENT_ARROW_SCHEMA, ITEM_ARROW_SCHEMA, event_columns_sql
 
 TIME_COLUMNS = frozenset({"ts", "ingest_ts", "updated_ts"})  # epoch ms in storage, TIMESTAMP in SQL
 HISTORY_GLOB = "day=*/part-*.parquet"
@@ -83,7 +83,8 @@ def connect(
         con.register("_items", items)
         sources = ["_tail"]
         if files:
-            hist = con.read_parquet(files, hive_partitioning=False)
+            hist = con.read_parquet(files, hive_partitioning=False, union_by_name=True)
+            hist = hist.project(event_columns_sql(hist.columns))  # parts older than a column: NULL
             if tail.num_rows:
                 first = int(pc.min(tail.column("offset")).as_py())
                 hist = hist.filter(f'"offset" < {first}')

@@ -36,7 +36,7 @@ from insession.features import offline
 from insession.features.declare import MINUTE_MS, FeatureRegistry, default_registry
 from insession.model.reranker import COUNTERS, SIGNALS, signal_rows
 from insession.model.vocab import Vocab
-from insession.schema import ACTIONS, EVENT_ARROW_SCHEMA
+from insession.schema import ACTIONS, EVENT_ARROW_SCHEMA, price_band
 from insession.train.examples import Examples
 
 SEQUENCES = ("history_seq", "session_seq")
@@ -82,26 +82,34 @@ class TrainingData:
 
 def as_history(events: pa.Table, items: pa.Table) -> pa.Table:
     """A dataset (events with the `EventIn` columns in time order, and a catalogue) as a stored event
-    history: offsets in file order, category and subcategory from the catalogue (as ingest enriches)."""
+    history: offsets in file order, category, subcategory, brand, price and price band from the catalogue
+    (as ingest enriches)."""
     con = duckdb.connect()
     ev = events.append_column("__row", pa.array(np.arange(events.num_rows), pa.int64()))
     con.register("ev_in", ev)
-    con.register("items_in", items.select(["item_id", "category", "subcategory"]))
+    icols = set(items.column_names)
+    extra = [c for c in ("brand", "price") if c in icols]
+    con.register("items_in", items.select(["item_id", "category", "subcategory", *extra]))
     cols = set(events.column_names)
 
     def col(name: str) -> str:
         return f"CAST(e.{name} AS VARCHAR)" if name in cols else "NULL::VARCHAR"
 
+    brand = "CAST(any_value(brand) AS VARCHAR)" if "brand" in icols else "NULL::VARCHAR"
+    price = "CAST(any_value(price) AS DOUBLE)" if "price" in icols else "NULL::DOUBLE"
     table = con.sql(f"""
         SELECT e.__row AS "offset", CAST(e.user_id AS VARCHAR) AS user_id, CAST(e.item_id AS VARCHAR) AS item_id,
                e.action, e.ts, {col("event_id")} AS event_id, {col("session_id")} AS session_id,
                {col("surface")} AS surface, NULL::VARCHAR AS properties, i.category,
-               coalesce(i.subcategory, i.category) AS subcategory, e.ts AS ingest_ts
+               coalesce(i.subcategory, i.category) AS subcategory, e.ts AS ingest_ts, i.brand, i.price,
+               NULL::VARCHAR AS price_band
         FROM ev_in e LEFT JOIN (SELECT CAST(item_id AS VARCHAR) AS item_id, any_value(category) AS category,
-                                       any_value(subcategory) AS subcategory FROM items_in GROUP BY 1) i
+                                       any_value(subcategory) AS subcategory, {brand} AS brand, {price} AS price
+                                FROM items_in GROUP BY 1) i
           ON i.item_id = CAST(e.item_id AS VARCHAR)
         ORDER BY e.__row""").to_arrow_table()
-    return table.cast(EVENT_ARROW_SCHEMA)
+    bands = pa.array([price_band(p) for p in table.column("price").to_pylist()], pa.string())
+    return table.set_column(table.schema.get_field_index("price_band"), "price_band", bands).cast(EVENT_ARROW_SCHEMA)
 
 
 def load_events(path: Path) -> pa.Table:

@@ -19,7 +19,7 @@ from insession.features import (
 from insession.features.declare import DAY_MS, HOUR_MS, MINUTE_MS
 from insession.features.offline import compute
 from insession.log.export import events_to_arrow
-from insession.schema import ACTIONS, Event
+from insession.schema import ACTIONS, Event, price_band
 
 T0 = 1_500_000_000_000  # 2017-07-14: event time, not the wall clock, drives everything
 
@@ -34,7 +34,13 @@ def ev(
     category: str | None = "c0",
     session: str | None = None,
     price: float | None = None,
+    color: object = None,
+    brand: str | None = None,
+    item_price: float | None = None,
 ) -> Event:
+    """An event; `price`/`color` are properties (color may be text or not), `brand`/`item_price` the
+    catalogue's attributes joined at ingest (price_band derived as ingest derives it)."""
+    props = {k: v for k, v in (("price", price), ("color", color)) if v is not None}
     return Event(
         user_id=user,
         item_id=item,
@@ -43,8 +49,11 @@ def ev(
         event_id=f"e{offset}",
         session_id=session,
         category=category,
-        properties=None if price is None else {"price": price},
+        properties=props or None,
         offset=offset,
+        brand=brand,
+        price=item_price,
+        price_band=price_band(item_price),
     )
 
 
@@ -100,7 +109,10 @@ def streams(draw: st.DrawFn, max_events: int = 60) -> list[Event]:
                     src.action,
                     category=src.category,
                     session=src.session_id,
-                    price=None if src.properties is None else src.properties["price"],
+                    price=(src.properties or {}).get("price"),
+                    color=(src.properties or {}).get("color"),
+                    brand=src.brand,
+                    item_price=src.price,
                 )
             )
             continue
@@ -115,6 +127,9 @@ def streams(draw: st.DrawFn, max_events: int = 60) -> list[Event]:
                 category=draw(st.sampled_from(["c0", "c1", "c2", None])),
                 session=draw(st.sampled_from([None, None, None, "s1", "s2"])),
                 price=draw(st.sampled_from([None, 1.5, 2.0, 10.25])),
+                color=draw(st.sampled_from([None, "red", "blue", 3, True])),
+                brand=draw(st.sampled_from([None, "b0", "b1"])),
+                item_price=draw(st.sampled_from([None, 5.0, 30.0, 700.0])),
             )
         )
     return out

@@ -7,7 +7,7 @@ from pathlib import Path
 from conftest import make_event
 
 from insession.log.catalog import Catalog
-from insession.schema import ITEM_ARROW_SCHEMA, Item
+from insession.schema import ITEM_ARROW_SCHEMA, Item, price_band
 
 
 def test_upsert_get_enrich_and_restart(tmp_path: Path) -> None:
@@ -26,6 +26,8 @@ def test_upsert_get_enrich_and_restart(tmp_path: Path) -> None:
         e.category = e.subcategory = None
     assert cat.enrich(events) == 1
     assert [(e.category, e.subcategory) for e in events] == [("c9", "sc9"), ("c2", "sc5"), (None, None)]
+    assert [(e.brand, e.price, e.price_band) for e in events] == [
+        (None, None, None), ("acme", 7.5, "<10"), (None, None, None)]
     table = cat.to_arrow()
     assert table.schema.equals(ITEM_ARROW_SCHEMA)
     assert table.num_rows == 10
@@ -36,3 +38,8 @@ def test_upsert_get_enrich_and_restart(tmp_path: Path) -> None:
     assert again.get("i3") == items[3]
     assert again.to_arrow().sort_by("item_id").equals(table.sort_by("item_id"))
     again.close()
+
+
+def test_price_bands_cover_every_price_once() -> None:
+    assert [price_band(p) for p in (None, 0.0, 9.99, 10, 24.5, 99, 100, 999.99, 1000, 1e9)] == [
+        None, "<10", "<10", "10-25", "10-25", "50-100", "100-250", "500-1000", "1000+", "1000+"]

@@ -89,6 +89,7 @@ def make_world(
                     "category": f"c{i % 7}",
                     "subcategory": f"s{i % 11}",
                     "price": 1.0 + i,
+                    "brand": f"b{i % 3}",
                     "available": i % 5 != 0,
                 }
                 for i in range(CATALOGUED)

@@ -73,6 +73,9 @@ def _sources(n: int = 1000, gate: threading.Event | None = None) -> Sources:
             "category": ["c"] * n,
             "subcategory": ["s"] * n,
             "ingest_ts": [1_700_000_000_000] * n,
+            "brand": [None] * n,
+            "price": [None] * n,
+            "price_band": [None] * n,
         },
         schema=EVENT_ARROW_SCHEMA,
     )
@@ -309,3 +312,19 @@ def test_workers_read_the_catalogue_themselves(world: World) -> None:
         "SELECT count(*), count(*) FILTER (WHERE available), typeof(any_value(available)) FROM items"
     )
     assert r.rows == [[55, 44, "BOOLEAN"]]
+
+
+def test_history_parts_written_before_the_catalogue_columns_read_them_as_null(tmp_path: Path) -> None:
+    """Parts exported before brand/price/price_band existed lack those columns; SQL still sees one schema."""
+    import pyarrow.parquet as pq
+
+    w = make_world(tmp_path, n=200, exported=120)
+    try:
+        for part in w.history_dir.rglob("*.parquet"):
+            pq.write_table(pq.read_table(part).drop_columns(["brand", "price", "price_band"]), part)
+        r = w.query.execute("SELECT count(*), count(brand), count(price_band) FROM events")
+        tail = w.log.tail_arrow(w.log.exported_offset() + 1).to_pylist()
+        assert r.rows == [[200, sum(e["brand"] is not None for e in tail),
+                           sum(e["price_band"] is not None for e in tail)]]
+    finally:
+        w.close()

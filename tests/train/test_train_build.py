@@ -180,6 +180,9 @@ def test_a_planted_future_event_never_reaches_an_earlier_example(shop: pa.Table)
             "category": ["c0", "c0"],
             "subcategory": ["s0", "s0"],
             "ingest_ts": [0, 0],
+            "brand": [None, None],
+            "price": [None, None],
+            "price_band": [None, None],
         },
         schema=shop.schema,
     )

@@ -74,6 +74,9 @@ def make_shop(
             "category": pa.array(cols[5], pa.string()),
             "subcategory": pa.array(cols[6], pa.string()),
             "ingest_ts": pa.array(cols[3], pa.int64()),
+            "brand": pa.nulls(n, pa.string()),
+            "price": pa.nulls(n, pa.float64()),
+            "price_band": pa.nulls(n, pa.string()),
         },
         schema=EVENT_ARROW_SCHEMA,
     )
