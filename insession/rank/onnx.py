@@ -10,6 +10,9 @@ The server exports in a child process (`python -m insession.rank.onnx ARTEFACT_D
 `nn.Module.__call__` for the whole process while it traces, so an eager forward in another thread (a
 request served while a new model exports, a reload's warm-up) was traced into the graph and failed with
 "Unexpected key ...". The child also keeps the export's seconds of Python off the server's GIL.
+A ranker that closes meanwhile stops the child (`stop`) and removes its temporary file, so no exporter
+outlives the server and nothing half-written stays in the artefact's directory. The graph and its
+weights are one file (no external data file: the exporter named that after the temporary file).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -34,6 +38,7 @@ log = logging.getLogger(__name__)
 
 ONNX_FILE = "serve.onnx"
 EXPORT_TIMEOUT_S = 900.0
+STOP_POLL_S = 0.1  # how often a waiting export looks at its stop event
 _INPUTS = (
     "h_items", "h_actions", "h_ts", "s_items", "s_actions", "s_ts", "request_ts", "candidates", "counters",
     "signals",
@@ -52,8 +57,17 @@ class _EncodeAndScore(nn.Module):
         return scores, why.history_attention, why.session_attention, why.gate
 
 
+class ExportStopped(RuntimeError):
+    """The export was stopped before it ended (the ranker is closing); nothing of it is left on disk."""
+
+
+def _temporary(path: Path, pid: int) -> Path:
+    """Where process `pid` writes the export of `path` before renaming it into place."""
+    return path.with_name(f".{path.stem}.{pid}.tmp.onnx")
+
+
 def export(model: DualSequenceReranker, path: Path) -> None:
-    """Write the serving graph of `model` (eval mode) to `path` atomically."""
+    """Write the serving graph of `model` (eval mode) to `path` atomically, as one file."""
     g = torch.Generator().manual_seed(0)
     n = model.cfg.n_items
 
@@ -66,8 +80,7 @@ def export(model: DualSequenceReranker, path: Path) -> None:
                torch.rand(1, 7, len(SIGNALS), generator=g))
     lh, ls, c = (torch.export.Dim(name, min=1, max=4096) for name in ("history", "session", "candidates"))
     dims = ({1: lh}, {1: lh}, {1: lh}, {1: ls}, {1: ls}, {1: ls}, None, {1: c}, {1: c}, {1: c})
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
-    os.close(fd)
+    tmp = _temporary(path, os.getpid())
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
     try:
@@ -76,7 +89,7 @@ def export(model: DualSequenceReranker, path: Path) -> None:
             warnings.simplefilter("ignore")
             torch.onnx.export(_EncodeAndScore(model).eval(), example, tmp, dynamo=True, dynamic_shapes=dims,
                               input_names=list(_INPUTS), output_names=["scores", "wh", "ws", "gate"],
-                              optimize=True, verbose=False)
+                              optimize=True, verbose=False, external_data=False)
         os.replace(tmp, path)
     finally:
         exporter_log.setLevel(level)
@@ -87,17 +100,14 @@ def export(model: DualSequenceReranker, path: Path) -> None:
 class OnnxScorer:
     """`scorer(history, session, request_ts, candidates, counters, signals)` -> (scores [C], Explanation) via ORT."""
 
-    def __init__(self, artefact_dir: Path, threads: int = 1) -> None:
+    def __init__(self, artefact_dir: Path, threads: int = 1, stop: threading.Event | None = None) -> None:
         import onnxruntime as ort
 
         path = artefact_dir / ONNX_FILE
         weights = next(artefact_dir.glob("*.pt"), None)
         if not path.exists() or (weights is not None and path.stat().st_mtime < weights.stat().st_mtime):
             log.info("exporting %s to ONNX in a child process (once per artefact)", artefact_dir)
-            done = subprocess.run([sys.executable, "-m", "insession.rank.onnx", str(artefact_dir)],
-                                  capture_output=True, text=True, timeout=EXPORT_TIMEOUT_S)
-            if done.returncode != 0:
-                raise RuntimeError(f"the ONNX export of {artefact_dir.name} failed: {done.stderr.strip()[-2000:]}")
+            _export_in_child(artefact_dir, stop or threading.Event())
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -113,6 +123,33 @@ class OnnxScorer:
         scores, wh, ws, gate = self.session.run(None, {k: v.numpy() for k, v in feed.items()})
         why = Explanation(torch.from_numpy(wh), torch.from_numpy(ws), torch.from_numpy(gate))
         return scores[0], why
+
+
+def _export_in_child(artefact_dir: Path, stop: threading.Event) -> None:
+    """`python -m insession.rank.onnx ARTEFACT_DIR`, waited for; killed (its temporary file removed) when
+    `stop` is set (ExportStopped) or past EXPORT_TIMEOUT_S (RuntimeError)."""
+    proc = subprocess.Popen([sys.executable, "-m", "insession.rank.onnx", str(artefact_dir)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + EXPORT_TIMEOUT_S
+    try:
+        while True:
+            try:
+                _, err = proc.communicate(timeout=STOP_POLL_S)
+                break
+            except subprocess.TimeoutExpired:
+                if stop.is_set():
+                    raise ExportStopped(f"the ONNX export of {artefact_dir.name} was stopped") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the ONNX export of {artefact_dir.name} ran past {EXPORT_TIMEOUT_S:g}s") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        if proc.returncode != 0:  # a stopped, killed or failed child leaves no temporary file behind
+            _temporary(artefact_dir / ONNX_FILE, proc.pid).unlink(missing_ok=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the ONNX export of {artefact_dir.name} failed: {err.strip()[-2000:]}")
 
 
 def main(argv: list[str]) -> None:

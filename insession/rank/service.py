@@ -40,7 +40,7 @@ from insession.rank.candidates import CandidateQuotas, PopularItems, propose, so
 from insession.rank.fallback import fallback_ranking
 from insession.rank.hygiene import HygieneRules, apply_hygiene, eligible
 from insession.rank.inputs import ItemIndex, Shopper, counters, covisit_counts, item_counts, sequence, signals
-from insession.rank.onnx import OnnxScorer
+from insession.rank.onnx import ExportStopped, OnnxScorer
 from insession.schema import MAX_ID_LEN
 
 log = logging.getLogger(__name__)
@@ -236,6 +236,8 @@ class Ranker:
         self._model: _Loaded | None = None
         self._reload_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(self.config.model_threads, thread_name_prefix="insession-rank")
+        self._closing = threading.Event()  # set by close(): an export in progress stops
+        self._exporters: list[threading.Thread] = []  # ONNX exports started by reload(), joined by close()
         if self.config.torch_threads is not None:
             torch.set_num_threads(self.config.torch_threads)
         if self.model_dir is not None and self.model_dir.exists():  # no directory: nothing trained yet
@@ -276,7 +278,9 @@ class Ranker:
             self.last_reload_error = None
         log.info("serving model %s", loaded.version)
         if self.config.backend == "onnx":
-            threading.Thread(target=self._to_onnx, args=(loaded,), name="insession-onnx", daemon=True).start()
+            exporter = threading.Thread(target=self._to_onnx, args=(loaded,), name="insession-onnx", daemon=True)
+            self._exporters = [t for t in self._exporters if t.is_alive()] + [exporter]
+            exporter.start()
         else:
             loaded.onnx_ready.set()
         return loaded.info
@@ -315,10 +319,12 @@ class Ranker:
         Requests are served by eager PyTorch meanwhile; if the export fails, they stay on it.
         """
         try:
-            scorer = OnnxScorer(loaded.artefact.path, self.config.torch_threads or 1)
+            scorer = OnnxScorer(loaded.artefact.path, self.config.torch_threads or 1, stop=self._closing)
             self._warm(loaded, scorer)
             loaded.onnx = scorer
             log.info("model %s now scores with ONNX Runtime", loaded.version)
+        except ExportStopped:
+            log.info("model %s: the ONNX export was stopped (the ranker is closing)", loaded.version)
         except Exception as e:
             log.warning("model %s stays on eager PyTorch: ONNX export failed: %s", loaded.version, e)
         finally:
@@ -551,4 +557,14 @@ class Ranker:
         return out
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop what the ranker runs and wait for it: an ONNX export in progress is stopped (its child
+        process killed, its temporary file removed), queued passes are cancelled, running ones finish, the
+        model and export threads are joined and the ONNX Runtime session is released. Nothing native of the
+        ranker is left running for the interpreter's exit (tests/test_shutdown.py)."""
+        self._closing.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for exporter in self._exporters:
+            exporter.join()
+        loaded = self._model
+        if loaded is not None:
+            loaded.onnx = None  # ORT joins the session's threads as it frees it, here rather than at exit
