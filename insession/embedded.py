@@ -253,7 +253,10 @@ class Insession:
 
 def _history_end(history_dir: Path) -> int:
     """The last offset the Parquet history holds, by its manifest and its part files' names; -1: none."""
-    ends = [part.last for part in load_manifest(history_dir).values()]
+    try:
+        ends = [part.last for part in load_manifest(history_dir).values()]
+    except ValueError:  # an unreadable manifest: verify_history refuses it with its own message
+        ends = []
     ends += [int(m.group(1)) for path in history_dir.glob("day=*/part-*.parquet") if (m := _PART_END.match(path.name))]
     return max(ends, default=-1)
 
