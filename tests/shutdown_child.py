@@ -3,15 +3,16 @@
 Usage: shutdown_child.py DATA_DIR MODE. Opens the handle (its newest model scores with ONNX Runtime),
 ingests a catalogue and events, ranks with the model, runs an analytics query (a DuckDB worker
 process), then closes and returns from main. MODE `exporting` also starts the ONNX export of a newer
-version (`reload`) right before the close, so the close meets an export in progress. Prints
-`closed SECONDS` (how long close() took); whatever the exit itself does shows in the exit status and
-on stderr.
+version (`reload`) right before the close, so the close meets an export in progress. Asserts that
+the close left no thread but the main one, prints `closed SECONDS` (how long close() took); whatever
+the exit itself does shows in the exit status and on stderr.
 """
 
 from __future__ import annotations
 
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +36,8 @@ def main() -> None:
         db.ranker.reload()  # v2 serves eagerly; its export runs in a child process
     started = time.perf_counter()
     db.close()
+    left = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    assert not left, f"threads still running after close: {left}"
     print(f"closed {time.perf_counter() - started:.2f}", flush=True)
 
 
