@@ -56,6 +56,11 @@ class Client:
         """Run a SQL-friendly query; the server routes it to the serving or the analytics lane."""
         return msgspec.convert(self._call("POST", "/v1/query", {"sql": sql, "params": params}), Result)
 
+    def execute(self, sql: str, **params: Any) -> Result:
+        """`select` under the name statements read better with: `CREATE FEATURE name AS SELECT ...`, `DROP
+        FEATURE name`, `SHOW FEATURES`, `DESCRIBE FEATURE name` (see docs/features.md)."""
+        return self.select(sql, **params)
+
     def rank(self, user_id: str, **request: Any) -> RankResponse:
         """Rank candidates (or the built-in candidate stage's ~60) for a shopper right now; see RankRequest."""
         return msgspec.convert(self._call("POST", "/v1/rank", {"user_id": user_id, **request}), RankResponse)

@@ -9,14 +9,15 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from itertools import islice
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 import msgspec
 
 from insession.features import FeatureEngine
+from insession.features.engine import chunked
+from insession.features.manage import FeatureManager
 from insession.log import LogConfig, open_log
 from insession.log.catalog import Catalog
 from insession.log.eventlog import LogBehindError
@@ -46,12 +47,6 @@ class InsertResult(msgspec.Struct):
     duplicates: int = 0
     unknown_items: int = 0
     offsets: list[int] = []
-
-
-def _chunks(it: Iterable[Event], n: int) -> Iterator[list[Event]]:
-    iterator = iter(it)
-    while chunk := list(islice(iterator, n)):
-        yield chunk
 
 
 class Insession:
@@ -105,13 +100,19 @@ class Insession:
         self.job_errors: dict[str, str | None] = {"export": None, "snapshot": None}
         self.unknown_items = 0
         # Rebuild: last snapshot + everything the log acknowledged after it.
-        for chunk in _chunks(self.log.read(self.features.applied_offset + 1), REPLAY_CHUNK):
+        for chunk in chunked(self.log.read(self.features.applied_offset + 1), REPLAY_CHUNK):
             self.features.update_many(chunk)
         self.log.follow(self.features.applied_offset + 1)  # other writers' events from here on
         _freeze_heap()
-        self.query = QueryService(self.features, self.log, self.catalog, self.history_dir, limits)
         self.models_dir = self.data_dir / "models"  # `insession train --out` here; the newest version serves
         self.ranker = Ranker(self.features, self.catalog, self.models_dir, rank_config)
+        # Feature statements (CREATE / DROP / SHOW / DESCRIBE FEATURE); declared features the snapshot does
+        # not hold are backfilled again in the background from here.
+        self.feature_manager = FeatureManager(
+            self.features, self.history_dir, lambda first, upto: self.log.read(first, upto=upto),
+            lambda: (m.version if (m := self.ranker.model) is not None else None))
+        self.query = QueryService(self.features, self.log, self.catalog, self.history_dir, limits,
+                                  manager=self.feature_manager)
         self._stop = threading.Event()
         self._maintenance: threading.Thread | None = None
         if maintenance_interval_s:
@@ -166,6 +167,11 @@ class Insession:
     def select(self, sql: str, **params: Any) -> Result:
         """A SQL-friendly query: answered from online features when it matches one, else by analytics."""
         return self.query.execute(sql, params)
+
+    def execute(self, sql: str, **params: Any) -> Result:
+        """`select` under the name statements read better with: `CREATE FEATURE name AS SELECT ...`, `DROP
+        FEATURE name`, `SHOW FEATURES`, `DESCRIBE FEATURE name` (see docs/features.md)."""
+        return self.select(sql, **params)
 
     def rank(self, user_id: str, **request: Any) -> RankResponse:
         """Rank candidates (or the candidate stage's ~60) for a shopper right now; see RankRequest."""
@@ -232,6 +238,7 @@ class Insession:
         self._stop.set()
         if self._maintenance is not None:
             self._maintenance.join()
+        self.feature_manager.close()  # backfills stop; the next start runs them again
         self.query.close()
         self.ranker.close()
         for name, job in (("snapshot", self.features.snapshot), ("export", self.export)):

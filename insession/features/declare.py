@@ -173,6 +173,12 @@ class Feature:
         d["actions"] = list(self.actions) if self.actions is not None else None
         return d
 
+    def hash(self) -> str:
+        """Stable across processes: names a feature's state in snapshots, so a feature dropped and declared
+        again differently never restores the old one's state."""
+        text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     @classmethod
     def from_json(cls, d: dict[str, object]) -> Feature:
         d = dict(d)
@@ -226,11 +232,35 @@ class FeatureRegistry:
         feats = [Feature.from_json(f) for f in d["features"]]  # type: ignore[union-attr]
         return cls({f.name: f for f in feats}, int(d["lateness_ms"]), int(d["session_gap_ms"]))  # type: ignore[arg-type]
 
-    def hash(self) -> str:
+    def hash(self, names: Iterable[str] | None = None) -> str:
+        """Of the stream rules and the features `names` (default: all). A model pins the hash of the
+        features it reads (`MODEL_FEATURES`), so declaring or dropping another feature never makes the
+        ranker refuse it. Raises KeyError naming a feature in `names` that is not declared."""
         body = self.to_json()
+        if names is not None:
+            wanted = set(names)
+            for name in wanted:
+                self[name]  # noqa: B018 - raises the readable KeyError
+            body["features"] = [f for f in body["features"] if f["name"] in wanted]  # type: ignore[union-attr, index]
         body["features"] = sorted(body["features"], key=lambda f: f["name"])  # type: ignore[arg-type, index]
         text = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def rules_hash(self) -> str:
+        """Of the rules every feature's state depends on (lateness, session gap): what a snapshot must share."""
+        return hashlib.sha256(f"{self.lateness_ms}:{self.session_gap_ms}".encode()).hexdigest()[:16]
+
+    def plus(self, feature: Feature) -> FeatureRegistry:
+        """A copy with `feature` declared too (copy-on-write: readers keep the registry they hold)."""
+        out = FeatureRegistry(dict(self.features), self.lateness_ms, self.session_gap_ms)
+        out.add(feature)
+        return out
+
+    def minus(self, name: str) -> FeatureRegistry:
+        """A copy without the feature `name`."""
+        self[name]  # noqa: B018 - raises the readable KeyError
+        return FeatureRegistry({n: f for n, f in self.features.items() if n != name}, self.lateness_ms,
+                               self.session_gap_ms)
 
     def save(self, path: Path) -> None:
         """Write atomically and durably (temporary file, fsync, rename, directory fsync)."""
@@ -274,3 +304,17 @@ def default_features() -> list[Feature]:
 
 def default_registry() -> FeatureRegistry:
     return FeatureRegistry.of(default_features())
+
+
+# The features the reranker and the candidate stage read: a model artefact pins their declarations (the
+# hash of this subset), not the whole registry; dropping one of them is refused while a model serves.
+MODEL_FEATURES: tuple[str, ...] = tuple(f.name for f in default_features())
+
+
+def pinned_hash(registry: FeatureRegistry) -> str | None:
+    """The hash a model artefact pins: of the stream rules and the declarations of `MODEL_FEATURES` (the
+    whole registry's hash when it holds just those), so declaring or dropping any other feature never
+    takes a model out of service. None when one of them is not declared."""
+    if any(name not in registry for name in MODEL_FEATURES):
+        return None
+    return registry.hash(MODEL_FEATURES)

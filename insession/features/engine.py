@@ -29,7 +29,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,19 @@ LOCK_EVERY = 512  # events applied per writer step, so readers never wait behind
 SWEEP_CHUNK = 5_000  # keys swept per lock hold
 REPLAY_CHUNK = 10_000  # events per batch when a new feature is backfilled from the log
 USER_ENTITIES = ("user", "user_item")
+ITEM_UNIT = "feature-"  # the name prefix of an item or global feature's unit
 OFFSETS = "offsets"  # the section of a unit file that holds each other section's applied offset
+
+
+def _section(f: Feature) -> str:
+    return f"f:{f.name}@{f.hash()}"
+
+
+def chunked(events: Iterable[Event], n: int) -> Iterator[list[Event]]:
+    """`events` in lists of at most n (a replay applies a chunk per call, never the whole log at once)."""
+    it = iter(events)
+    while chunk := list(islice(it, n)):
+        yield chunk
 
 
 def _feed(aggs: Iterable[Agg], evs: list[Ev]) -> None:
@@ -90,15 +102,20 @@ class _Unit:
         self.wm = -1
 
     def sections(self) -> list[tuple[str, Callable[[], list[bytes]]]]:
-        """(section, capture) in capture order."""
-        return [(f"f:{name}", agg.capture) for name, agg in self.aggs.items()]
+        """(section, capture) in capture order; a feature's section is named by its name and declaration
+        hash, so a feature dropped and declared again differently never restores the old state."""
+        return [(_section(agg.f), agg.capture) for agg in self.aggs.values()]
 
-    def restore(self, sections: Sections) -> None:
-        missing = {name for name, _ in self.sections()} - set(sections)
-        if missing:
-            raise SnapshotError(f"{self.name}: sections {sorted(missing)} are missing")
+    def restore(self, sections: Sections) -> set[str]:
+        """Restore the features `sections` hold; returns the names of those it does not hold."""
+        missing = set()
         for name, agg in self.aggs.items():
-            agg.restore(sections[f"f:{name}"])
+            body = sections.get(_section(agg.f))
+            if body is None:
+                missing.add(name)
+            else:
+                agg.restore(body)
+        return missing
 
     def since(self, section: str, evs: list[Ev]) -> list[Ev]:
         """The events of `evs` that `section` does not hold yet."""
@@ -113,8 +130,8 @@ class _Unit:
         if not self.applied_of:
             _feed(self.aggs.values(), evs)
             return
-        for name, agg in self.aggs.items():
-            _feed([agg], self.since(f"f:{name}", evs))
+        for agg in self.aggs.values():
+            _feed([agg], self.since(_section(agg.f), evs))
 
 
 class _Partition(_Unit):
@@ -155,9 +172,11 @@ class _Partition(_Unit):
     def sections(self) -> list[tuple[str, Callable[[], list[bytes]]]]:
         return [("sessions", self.sessions.capture), *super().sections()]
 
-    def restore(self, sections: Sections) -> None:
-        super().restore(sections)
+    def restore(self, sections: Sections) -> set[str]:
+        if "sessions" not in sections:
+            raise SnapshotError(f"{self.name}: the sessions section is missing")
         self.sessions.restore(sections["sessions"])
+        return super().restore(sections)
 
 
 class FeatureEngine:
@@ -188,11 +207,14 @@ class FeatureEngine:
         self.applied_offset = -1
         self.too_late = 0
         self.snapshot_offset = -1
-        self.rejected_snapshots = 0  # snapshots set aside (damaged, older format, other declarations)
+        self.rejected_snapshots = 0  # snapshots set aside (damaged, older format, other stream rules)
         self._sweep_cursor = -1
+        self._snapshotting = threading.Lock()
+        self.version = 0  # +1 per feature installed or dropped (the query planner's cache key)
+        self.unbuilt: list[Feature] = []  # declared, but not in the snapshot restored: to backfill, not served
 
     def _item_unit(self, f: Feature) -> _Unit:
-        return _Unit(f"feature-{f.name}", {f.name: make_agg(f, self._names, Sessions(0))})
+        return _Unit(f"{ITEM_UNIT}{f.name}", {f.name: make_agg(f, self._names, Sessions(0))})
 
     def _units(self) -> list[_Unit]:
         """Partitions first, then item units: the order of snapshot captures (see the module docstring)."""
@@ -212,14 +234,20 @@ class FeatureEngine:
     def open(cls, state_dir: Path, registry: FeatureRegistry | None = None, *,
              partitions: int = 16, max_users: int = 0) -> FeatureEngine:
         """Open the state in `state_dir`: the last snapshot when it is intact and was taken with the same
-        declarations and partitions, else empty (applied_offset -1: replay the log from the start). A
-        snapshot that cannot be used is set aside (renamed `rejected-*`) with a warning, never loaded."""
+        stream rules and partitions, else empty (applied_offset -1: replay the log from the start). A
+        snapshot that cannot be used is set aside (renamed `rejected-*`) with a warning, never loaded.
+
+        `registry` (default: `registry.json` there, else the default features) is what is declared. A
+        declared feature the snapshot does not hold (declared after it was taken, or declared again
+        differently) is not served: it is left out of `registry` and listed in `unbuilt`, for a backfill
+        (`insession.features.manage`); a feature the snapshot holds but no longer declared is ignored."""
         state_dir = Path(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         reg_path = state_dir / REGISTRY_FILE
         if registry is None:
             registry = FeatureRegistry.load(reg_path) if reg_path.exists() else default_registry()
-        registry.save(reg_path)
+        if not reg_path.exists() or FeatureRegistry.load(reg_path).to_json() != registry.to_json():
+            registry.save(reg_path)
         engine = cls(registry, state_dir, partitions=partitions, max_users=max_users)
         old = state_dir / OLD_PICKLE_FILE
         if old.exists():
@@ -242,27 +270,36 @@ class FeatureEngine:
         return engine
 
     def _header(self, unit: str, offset: int = -1, watermark: int = -1) -> UnitHeader:
-        return UnitHeader(self.partitions, self.registry.hash(), unit, offset, watermark)
+        return UnitHeader(self.partitions, self.registry.rules_hash(), unit, offset, watermark)
 
     def _restore(self, gen: Path) -> None:
+        """Load snapshot `gen`; the declared features it does not hold go to `unbuilt`."""
         head, sections = read_unit(gen / "stream.state", self._header("stream"))
+        missing: set[str] = set()
         try:
             too_late = msgspec.msgpack.decode(sections["clock"][0], type=int)
             for chunk in sections["names"]:
                 for name in msgspec.msgpack.decode(chunk, type=list[str]):
                     self._names(name)
             for unit in self._units():
+                if unit.name.startswith(ITEM_UNIT) and not (gen / f"{unit.name}.state").exists():
+                    missing.update(unit.aggs)
+                    continue
                 uh, body = read_unit(gen / f"{unit.name}.state", self._header(unit.name))
                 offsets = msgspec.msgpack.decode(body.pop(OFFSETS, [b""])[0], type=dict[str, int])
-                if set(offsets) != {name for name, _ in unit.sections()} or min(offsets.values()) < head.offset:
+                if set(offsets) != set(body) or min(offsets.values()) < head.offset:
                     raise SnapshotError(f"{unit.name}: its sections or their offsets do not fit the stream's")
-                unit.restore(body)
-                unit.applied, unit.applied_of, unit.wm = min(offsets.values()), offsets, uh.watermark
+                missing.update(unit.restore(body))
+                held = {name: offsets[name] for name, _ in unit.sections() if name in offsets}
+                unit.applied, unit.applied_of, unit.wm = min(held.values(), default=head.offset), held, uh.watermark
                 unit.caught_up(unit.applied)
-        except (KeyError, IndexError, msgspec.DecodeError, msgspec.ValidationError) as e:
+        except (KeyError, IndexError, ValueError, msgspec.DecodeError, msgspec.ValidationError) as e:
             raise SnapshotError(f"{gen.name}: undecodable section ({type(e).__name__}: {e})") from None
         self.applied_offset, self.watermark, self.too_late = head.offset, head.watermark, too_late
         self.snapshot_offset = head.offset
+        for name in sorted(missing):
+            self.unbuilt.append(self.registry[name])
+            self._remove(name)
 
     def sweep(self, units: list[_Unit] | None = None) -> None:
         """Forget expired state of `units` (default: all) for bounded memory of idle keys, `SWEEP_CHUNK`
@@ -290,30 +327,35 @@ class FeatureEngine:
         previous snapshot stays CURRENT."""
         if self.state_dir is None:
             raise ValueError("this engine has no state_dir")
-        gen = self.state_dir / f"snap-{max(self.applied_offset, 0):012d}-{time.time_ns()}"
+        with self._snapshotting:  # maintenance and a finished backfill may both ask for one
+            self._snapshot(self.state_dir)
+
+    def _snapshot(self, state_dir: Path) -> None:
+        gen = state_dir / f"snap-{max(self.applied_offset, 0):012d}-{time.time_ns()}"
         tmp = gen.with_name(gen.name + ".tmp")
         try:
             tmp.mkdir()
-            with self._writer:  # between writer steps: the stream's clock and names at one offset
+            with self._writer:  # between writer steps: the stream's clock at one offset
                 offset, wm, too_late = self.applied_offset, self.watermark, self.too_late
-                names = list(self._names.ids)
-            stream = {"clock": [msgspec.msgpack.encode(too_late)],
-                      "names": [msgspec.msgpack.encode(names[a : a + 50_000]) for a in range(0, len(names), 50_000)]}
-            write_unit(tmp / "stream.state", self._header("stream", offset, wm), stream)
             for unit in self._parts:
                 self._write_unit(tmp, unit)
             with self._writer:  # a writer step whose partitions were captured has reached the item units
                 pass
             for unit in self._items.values():
                 self._write_unit(tmp, unit)
+            with self._writer:  # names last: every id a section captured above is named (names only grow)
+                names = list(self._names.ids)
+            stream = {"clock": [msgspec.msgpack.encode(too_late)],
+                      "names": [msgspec.msgpack.encode(names[a : a + 50_000]) for a in range(0, len(names), 50_000)]}
+            write_unit(tmp / "stream.state", self._header("stream", offset, wm), stream)
             fsync_dir(tmp)
             os.replace(tmp, gen)
-            fsync_dir(self.state_dir)
-            write_atomic(self.state_dir / CURRENT_FILE, gen.name)
+            fsync_dir(state_dir)
+            write_atomic(state_dir / CURRENT_FILE, gen.name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        for old in self.state_dir.glob("snap-*"):
+        for old in state_dir.glob("snap-*"):
             if old != gen:
                 shutil.rmtree(old, ignore_errors=True)
         self.snapshot_offset = offset
@@ -324,7 +366,9 @@ class FeatureEngine:
         sections: Sections = {}
         offsets: dict[str, int] = {}
         wm = -1
-        for name, capture in unit.sections():
+        with unit.lock:  # a feature installed or dropped meanwhile changes the unit's aggregations
+            captures = unit.sections()
+        for name, capture in captures:
             with unit.lock:
                 sections[name], offsets[name] = capture(), unit.applied
                 wm = unit.wm if wm < 0 else wm
@@ -387,39 +431,88 @@ class FeatureEngine:
                 unit.caught_up(applied)
         self.watermark, self.applied_offset = wm, applied
 
-    def add_feature(self, feature: Feature, log_events: Iterable[Event]) -> None:
-        """Declare a new feature and backfill it: `log_events` is the log from offset 0 (EventLog.read(0))."""
+    def staged(self, feature: Feature) -> FeatureEngine:
+        """An empty engine for `feature` alone, with this one's stream rules and partitions: a backfill
+        replays the stream into it from offset 0 (`update_many`), then `install` moves it in."""
         if feature.name in self.registry:
             raise ValueError(f"feature {feature.name!r} is already declared")
-        reg = FeatureRegistry.of(
-            [feature], lateness_ms=self.registry.lateness_ms, session_gap_ms=self.registry.session_gap_ms
-        )
-        with self._writer:  # the writer waits while the new feature catches up with the log
-            backfill = FeatureEngine(reg, partitions=self.partitions, max_users=self.max_users)
-            backfill._names = self._names
-            for part in backfill._parts:
-                for agg in part.aggs.values():
-                    agg.names = self._names
-            for unit in backfill._items.values():
+        reg = FeatureRegistry.of([feature], lateness_ms=self.registry.lateness_ms,
+                                 session_gap_ms=self.registry.session_gap_ms)
+        return FeatureEngine(reg, partitions=self.partitions, max_users=self.max_users)
+
+    def install(self, staged: FeatureEngine, tail: Callable[[int, int], Iterable[Event]]) -> None:
+        """Serve the feature a backfill built in `staged` (see `staged`): under the writer lock, `staged`
+        applies `tail(from, upto)` (the log from its applied offset + 1 up to this engine's) and its state
+        moves in; readers see the feature from the next read on, whole. Keep the tail short (catch up
+        first, outside the lock): ingest waits for it. Shoppers this engine has evicted are dropped."""
+        (feature,) = staged.registry
+        with self._writer:
+            if feature.name in self.registry:
+                raise ValueError(f"feature {feature.name!r} is already declared")
+            if staged.applied_offset < self.applied_offset:
+                for chunk in chunked(tail(staged.applied_offset + 1, self.applied_offset), REPLAY_CHUNK):
+                    staged.update_many(chunk)
+            if staged.applied_offset != self.applied_offset:
+                raise ValueError(f"the backfill of {feature.name!r} reached offset {staged.applied_offset}, "
+                                 f"not the engine's {self.applied_offset}: the log tail given was incomplete")
+            for name, i in staged._names.ids.items():
+                if name not in self._names.ids:
+                    self._names.ids[name], self._names.names[i] = i, name
+            for mine, theirs in zip(self._parts, staged._parts, strict=True):
+                agg = theirs.aggs.get(feature.name)
+                if agg is None:
+                    continue
+                agg.names = self._names
+                if hasattr(agg, "sessions"):
+                    agg.sessions = mine.sessions  # the same rule over the same log: the same sessions
+                with mine.lock:
+                    gone = set(theirs.sessions.state) - set(mine.sessions.state)  # evicted by the cap here
+                    if gone:
+                        agg.forget(gone)
+                    mine.aggs[feature.name] = agg
+            unit = staged._items.get(feature.name)
+            if unit is not None:
                 for agg in unit.aggs.values():
                     agg.names = self._names
-            events = iter(log_events)
-            while chunk := [e for e in islice(events, REPLAY_CHUNK) if e.offset <= self.applied_offset]:
-                backfill._apply(chunk)
-            for mine, theirs in zip(self._parts, backfill._parts, strict=True):
-                if feature.name in theirs.aggs:
-                    agg = theirs.aggs[feature.name]
-                    if hasattr(agg, "sessions"):
-                        agg.sessions = mine.sessions  # the same rule over the same log: the same sessions
-                    with mine.lock:
-                        mine.aggs[feature.name] = agg
-            if feature.name in backfill._items:
-                unit = backfill._items[feature.name]
                 unit.applied, unit.wm = self.applied_offset, self.watermark
-                self._items[feature.name] = unit
-            self.registry.add(feature)
-        if self.state_dir is not None:
-            self.registry.save(self.state_dir / REGISTRY_FILE)
+                self._items = {**self._items, feature.name: unit}  # copy-on-write: readers hold a whole dict
+            self.registry = self.registry.plus(feature)
+            self.version += 1
+
+    def drop(self, name: str) -> Feature:
+        """Stop serving feature `name` and free its state; returns its declaration. KeyError if unknown."""
+        with self._writer:
+            feature = self.registry[name]
+            self._remove(name)
+            self.version += 1
+        return feature
+
+    def _remove(self, name: str) -> None:
+        self.registry = self.registry.minus(name)  # first: no new read asks for it
+        for part in self._parts:
+            with part.lock:
+                part.aggs.pop(name, None)
+        self._items = {n: u for n, u in self._items.items() if n != name}
+
+    def add_feature(self, feature: Feature, log_events: Iterable[Event]) -> None:
+        """Declare and build a feature in one call (tests, scripts): `log_events` is the log from offset 0
+        (`EventLog.read(0)`). Ingest waits for the whole replay; a server uses the background backfill."""
+        staged = self.staged(feature)
+        for chunk in chunked(log_events, REPLAY_CHUNK):
+            staged.update_many([e for e in chunk if e.offset <= self.applied_offset])
+        self.install(staged, lambda a, b: ())
+
+    def state_keys(self, feature: str) -> int:
+        """How many keys `feature` holds state for (shoppers, items, pairs...), over all its units."""
+        f = self.registry[feature]
+        units = self._parts if f.entity in USER_ENTITIES or f.agg == "covisit" else []
+        item = self._items.get(feature)
+        total = 0
+        for unit in [*units, *([item] if item is not None else [])]:
+            with unit.lock:
+                agg = unit.aggs.get(feature)
+                total += len(agg.state) if agg is not None else 0
+        return total
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -439,7 +532,10 @@ class FeatureEngine:
         return stable_id(first), part
 
     def _unit(self, f: Feature, part: int) -> _Unit:
-        return self._parts[part] if f.entity in USER_ENTITIES else self._items[f.name]
+        unit = self._parts[part] if f.entity in USER_ENTITIES else self._items.get(f.name)
+        if unit is None or f.name not in unit.aggs:  # dropped since the caller looked it up
+            raise KeyError(f"feature {f.name!r} was dropped")
+        return unit
 
     def read(self, feature: str, key: str | tuple[str, ...] | None) -> Any:
         """The JSON-able value of `feature` for `key` (None for global features) at the watermark."""
@@ -447,7 +543,10 @@ class FeatureEngine:
         k, part = self._key(f.entity, key)
         unit = self._unit(f, part)
         with unit.lock:
-            return unit.aggs[feature].read(k, unit.wm)
+            agg = unit.aggs.get(feature)
+            if agg is None:
+                raise KeyError(f"feature {feature!r} was dropped")
+            return agg.read(k, unit.wm)
 
     def read_many(self, feature: str, keys: list[str | tuple[str, ...] | None]) -> list[Any]:
         """`read` of `feature` for each of `keys`; one lock hold per partition (item features: one)."""
@@ -460,7 +559,10 @@ class FeatureEngine:
         for part, where in by_part.items():
             unit = self._unit(f, part)
             with unit.lock:
-                values = unit.aggs[feature].read_many([located[n][0] for n in where], unit.wm)
+                agg = unit.aggs.get(feature)
+                if agg is None:
+                    raise KeyError(f"feature {feature!r} was dropped")
+                values = agg.read_many([located[n][0] for n in where], unit.wm)
             for n, value in zip(where, values, strict=True):
                 out[n] = value
         return out
@@ -472,11 +574,14 @@ class FeatureEngine:
         if entity in USER_ENTITIES:
             unit = self._parts[part]
             with unit.lock:
-                return {f.name: unit.aggs[f.name].read(k, unit.wm) for f in feats}
+                aggs = unit.aggs
+                return {f.name: aggs[f.name].read(k, unit.wm) for f in feats if f.name in aggs}
         out = {}
+        items = self._items
         for f in feats:
-            unit = self._items[f.name]
-            with unit.lock:
-                out[f.name] = unit.aggs[f.name].read(k, unit.wm)
+            item_unit = items.get(f.name)
+            if item_unit is not None:
+                with item_unit.lock:
+                    out[f.name] = item_unit.aggs[f.name].read(k, item_unit.wm)
         return out
 

@@ -3,8 +3,9 @@
 The hierarchy is category > subcategory > item. Enrichment copies an item's category, subcategory, brand,
 price and price band onto each event at ingest time (all bounded; a copy, not a reference, so the log and
 history say what the catalogue said then and a feature over them is point-in-time correct offline too).
-Decision: an event for an unknown item is accepted and stored with category=None (`enrich` returns how many there were, the caller counts them); a later upsert of that
-item does not rewrite history, so the log always says what the catalogue knew when the event arrived.
+Decision: an event for an unknown item is accepted and stored with category=None (`enrich` returns how
+many there were, the caller counts them); a later upsert of that item does not rewrite history, so the
+log always says what the catalogue knew when the event arrived.
 """
 
 from __future__ import annotations

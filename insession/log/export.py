@@ -104,6 +104,19 @@ def events_to_arrow(events: Sequence[Event]) -> pa.Table:
     return pa.table(columns, schema=EVENT_ARROW_SCHEMA)
 
 
+def events_from_arrow(table: pa.Table | pa.RecordBatch) -> list[Event]:
+    """The inverse of `events_to_arrow` (columns a part written before they existed read as None)."""
+    decode = msgspec.json.decode
+    out = []
+    for r in table.to_pylist():
+        props = r.get("properties")
+        out.append(Event(r["user_id"], r["item_id"], r["action"], r["ts"], r.get("event_id"), r.get("session_id"),
+                         r.get("surface"), None if props is None else decode(props), r.get("category"),
+                         r.get("subcategory"), r.get("ingest_ts") or 0, r["offset"], r.get("brand"), r.get("price"),
+                         r.get("price_band")))
+    return out
+
+
 def day_of(ts_ms: int) -> str:
     """The UTC calendar day of an epoch-ms timestamp, as YYYY-MM-DD."""
     return datetime.fromtimestamp(ts_ms // DAY_MS * 86_400, UTC).strftime("%Y-%m-%d")

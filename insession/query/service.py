@@ -28,6 +28,8 @@ import msgspec
 from sqlglot import exp
 
 from insession.features.declare import ENTITY_KEYS
+from insession.features.manage import FeatureManager, FeatureStatementError
+from insession.features.sql import FeatureSQLError, FeatureStatement, parse_statement
 from insession.query.analytics import AnalyticsLane, Limits, Sources, Table
 from insession.query.errors import QueryError
 from insession.query.hygiene import Hygiene
@@ -40,13 +42,16 @@ if TYPE_CHECKING:
     from insession.features import FeatureEngine
 
 SERVING, ANALYTICS = "serving", "analytics"
+FEATURES = "features"  # CREATE / DROP / SHOW / DESCRIBE FEATURE (insession.features.manage)
 INVALID = "invalid"  # the metrics label of queries refused before they could be routed
 ENTITIES = tuple(ENTITY_KEYS)
 # Which roles may use which lane (admin may use everything; see insession.serve.auth).
 LANE_ROLES = {
     SERVING: frozenset({"serve", "analytics", "admin"}),
     ANALYTICS: frozenset({"analytics", "admin"}),
+    FEATURES: frozenset({"serve", "analytics", "admin"}),  # SHOW and DESCRIBE; CREATE and DROP: CHANGE_ROLES
 }
+CHANGE_ROLES = frozenset({"admin"})
 _ALL_COLUMNS = {c: t for cols in TABLE_COLUMNS.values() for c, t in cols.items()}
 # Plans are cached by the size of their SQL text, not their number: a sqlglot tree takes ~60 bytes per
 # character of SQL (a 96 KB query ~6 MB), so 1M characters of SQL keep the cache near 60 MB at most.
@@ -86,11 +91,17 @@ class QueryListener(Protocol):
 class Plan:
     """A parsed, routed query (cached per SQL text)."""
 
-    stmt: Statement
+    stmt: Statement | None  # None for a feature statement
     lane: str
     serving: FeaturePlan | None
     duck_sql: str | None
     param_types: dict[str, str | None] = field(default_factory=dict)
+    feature_stmt: FeatureStatement | None = None
+
+    @property
+    def roles(self) -> frozenset[str]:
+        """The roles that may run it (any one of them)."""
+        return CHANGE_ROLES if self.feature_stmt is not None and self.feature_stmt.changes else LANE_ROLES[self.lane]
 
 
 @dataclass(frozen=True)
@@ -112,8 +123,10 @@ class QueryService:
         limits: Limits | None = None,
         *,
         sources: Sources | None = None,
+        manager: FeatureManager | None = None,
     ) -> None:
         self.features = features
+        self.manager = manager
         self.analytics = AnalyticsLane(sources or Sources.of(log, catalog, history_dir), limits)
         self.matcher = Matcher(self._declared, ACTIONS)
         self.hygiene = Hygiene(catalog.get, lambda name: features.read(name, None), self._declared, self._dropped)
@@ -146,7 +159,7 @@ class QueryService:
         Never runs DuckDB: what a query needs (its lane, hence the role) is known from the tree alone."""
         if not isinstance(sql, str):
             raise QueryError("sql must be a string", code="syntax_error")
-        key = (sql, len(self.features.registry.features))
+        key = (sql, self.features.version)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._compile(sql)
@@ -162,7 +175,7 @@ class QueryService:
 
     def is_planned(self, sql: str) -> bool:
         """Whether `plan(sql)` is a cache hit (the HTTP route plans misses off the event loop)."""
-        return (sql, len(self.features.registry.features)) in self._plans
+        return (sql, self.features.version) in self._plans
 
     @property
     def cached_plan_chars(self) -> int:
@@ -170,6 +183,12 @@ class QueryService:
         return self._plan_chars
 
     def _compile(self, sql: str) -> Plan:
+        try:
+            feature_stmt = parse_statement(sql)
+        except FeatureSQLError as e:
+            raise QueryError(str(e), line=e.line, col=e.col, code="invalid_feature") from None
+        if feature_stmt is not None:
+            return Plan(None, FEATURES, None, None, feature_stmt=feature_stmt)
         stmt = parse(sql, (*TABLE_COLUMNS, FEATURES_TABLE))
         serving = self.matcher.match(stmt)
         if serving is not None:
@@ -192,13 +211,13 @@ class QueryService:
         try:
             plan = plan or self.plan(sql)
             lane = plan.lane
-            if roles is not None and not LANE_ROLES[plan.lane] & set(roles):
-                need = " or ".join(sorted(LANE_ROLES[plan.lane] - {"admin"}))
-                raise QueryError(
-                    f"this query runs on the {plan.lane} lane, which needs the role {need}",
-                    403,
-                    code="forbidden",
-                )
+            if roles is not None and not plan.roles & set(roles):
+                need = " or ".join(sorted(plan.roles - {"admin"} or {"admin"}))
+                what = ("changing features" if plan.roles == CHANGE_ROLES
+                        else f"this query runs on the {plan.lane} lane, which")
+                raise QueryError(f"{what} needs the role {need}", 403, code="forbidden")
+            if plan.stmt is None:
+                return Prepared(plan, {}, start)
             return Prepared(plan, bind_params(plan.stmt, params or {}, plan.param_types), start)
         except QueryError as e:
             self._done(lane, start, e.status)
@@ -263,18 +282,40 @@ class QueryService:
         ms = self._done(ex.lane, p.start, 200)
         return Result(ex.lane, ["lane", "feature", "plan"], [[ex.lane, ex.feature, ex.plan]], ex.feature, elapsed_ms=ms)
 
+    def run_features(self, p: Prepared, sql: str, who: str) -> Result:
+        """Carry out a feature statement (CREATE / DROP / SHOW / DESCRIBE FEATURE) through the manager."""
+        fs = p.plan.feature_stmt
+        assert fs is not None
+        try:
+            if self.manager is None:
+                raise QueryError("feature statements need an insession with a data directory", code="unsupported")
+            try:
+                columns, rows = self.manager.execute(fs, sql, who)
+            except FeatureStatementError as e:
+                raise QueryError(str(e), e.status, line=e.line, col=e.col, code=e.code) from None
+        except QueryError as e:
+            self._done(FEATURES, p.start, e.status)
+            raise
+        ms = self._done(FEATURES, p.start, 200)
+        return Result(FEATURES, columns, rows, fs.name, elapsed_ms=ms)
+
     def execute(
-        self, sql: str, params: Mapping[str, Any] | None = None, roles: Collection[str] | None = None
+        self, sql: str, params: Mapping[str, Any] | None = None, roles: Collection[str] | None = None,
+        who: str = "local",
     ) -> Result:
-        """Run a query to completion in the calling thread (the SDK's `select(sql, **params)`)."""
+        """Run a query to completion in the calling thread (the SDK's `select(sql, **params)`); `who`
+        names the caller in the record of feature changes."""
         p = self.prepare(sql, params, roles)
+        if p.plan.lane == FEATURES:
+            return self.run_features(p, sql, who)
         if p.plan.lane == SERVING:
             return self.run_serving(p)
         fut = self.submit(p)
         return self._analytics_result(p, fut)
 
     async def execute_async(
-        self, sql: str, params: Mapping[str, Any] | None = None, roles: Collection[str] | None = None
+        self, sql: str, params: Mapping[str, Any] | None = None, roles: Collection[str] | None = None,
+        who: str = "local",
     ) -> Result:
         """The same, for an event loop: serving inline, analytics awaited on its own pool."""
         plan = None
@@ -287,6 +328,8 @@ class QueryService:
                 raise
         p = self.prepare(sql, params, roles, plan)
         plan = p.plan
+        if plan.lane == FEATURES:
+            return await asyncio.to_thread(self.run_features, p, sql, who)
         if plan.lane == SERVING:
             return self.run_serving(p)
         fut = self.submit(p)
@@ -297,6 +340,8 @@ class QueryService:
     def explain(self, sql: str, params: Mapping[str, Any] | None = None) -> Explanation:
         """Which lane `sql` takes and which feature or plan answers it (DuckDB plans with the parameters)."""
         p = self.prepare(sql, params, None)
+        if p.plan.stmt is None:
+            raise QueryError("EXPLAIN explains queries, not feature statements", code="unsupported")
         if p.plan.serving is not None:
             return Explanation(SERVING, ",".join(p.plan.serving.features), p.plan.serving.note)
         assert p.plan.duck_sql is not None

@@ -26,6 +26,7 @@ from sqlglot import exp
 from sqlglot.errors import ParseError, TokenError
 from sqlglot.tokens import Token, TokenType
 
+from insession.features.sql import position_of
 from insession.query.errors import QueryError
 
 DIALECT = sqlglot.Dialect.get_or_raise("duckdb")
@@ -256,15 +257,6 @@ class Statement:
     def position(self, name: str) -> dict[str, int]:
         line, col = self.param_positions.get(name, (None, None))
         return {} if line is None else {"line": line, "col": col}
-
-
-def position_of(node: exp.Expression) -> dict[str, int]:
-    """Line and column of a node where the parser recorded them (identifiers carry them)."""
-    for n in (node, *(node.find_all(exp.Identifier))):
-        meta = n.meta if hasattr(n, "meta") else {}
-        if "line" in meta:  # sqlglot records the column where the identifier ends; report where it starts
-            return {"line": meta["line"], "col": meta["col"] - (meta.get("end", 0) - meta.get("start", 0))}
-    return {}
 
 
 def _tokenize(sql: str) -> list[Token]:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from insession.features import FeatureEngine
+from insession.features.declare import pinned_hash
 from insession.log.catalog import Catalog
 from insession.model import COUNTERS, Explanation
 from insession.model.artefact import Artefact, load_artefact, versions
@@ -292,7 +293,7 @@ class Ranker:
         for version_dir in candidates:
             try:
                 art = _load(version_dir)
-                running = self.features.registry.hash()
+                running = pinned_hash(self.features.registry)
                 if art.feature_hash != running:
                     raise ArtefactRefused(
                         f"model artefact {version_dir.name} was trained on feature declarations {art.feature_hash}, "

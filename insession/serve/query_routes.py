@@ -108,6 +108,8 @@ def error_response(e: QueryError) -> JSONResponse:
 async def post_query(request: Request) -> Response:
     """Run a query: a declared feature's shape is answered from online state (serving lane); any other
     SELECT over `events` and `items` runs on the analytics lane. `EXPLAIN <query>` says which and how.
+    `CREATE FEATURE name AS SELECT ...` and `DROP FEATURE name` (admin role) declare and retire served
+    features while the server runs; `SHOW FEATURES` and `DESCRIBE FEATURE name` list and describe them.
 
     The hot path of the serving lane: the body is decoded with msgspec and the key checked by
     `authorize`, without FastAPI's per-request model and dependency machinery."""
@@ -121,7 +123,8 @@ async def post_query(request: Request) -> Response:
             raise QueryError(f"bad request body: {e}", code=code) from None
         except msgspec.DecodeError as e:
             raise QueryError(f"bad request body: {e}", code="bad_request") from None
-        result = await _service(request).execute_async(body.sql, body.params, roles_of(principal))
+        who = principal.name if principal is not None else "anonymous"
+        result = await _service(request).execute_async(body.sql, body.params, roles_of(principal), who)
     except QueryError as e:
         return error_response(e)
     return Response(_json.encode(result), media_type="application/json")

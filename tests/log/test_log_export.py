@@ -13,7 +13,7 @@ import pytest
 from conftest import T0, make_event
 
 from insession.log.eventlog import EventLog
-from insession.log.export import day_of, events_to_arrow, load_manifest, write_parquet_atomic
+from insession.log.export import day_of, events_from_arrow, events_to_arrow, load_manifest, write_parquet_atomic
 from insession.schema import EVENT_ARROW_SCHEMA
 
 
@@ -128,3 +128,11 @@ def test_export_waits_for_a_segment_of_min_events(tmp_path: Path) -> None:
         log.append([make_event(i) for i in range(5, 10)])
         assert log.export(history, min_events=10) == 9
         assert _history(history).num_rows == 10
+
+
+def test_events_from_arrow_inverts_events_to_arrow() -> None:
+    evs = [make_event(n) for n in range(5)]
+    for n, e in enumerate(evs):
+        e.offset, e.properties, e.brand, e.price, e.price_band = n, {"q": "milk", "n": n}, "acme", 12.5, "10-25"
+    evs[2].properties = evs[2].brand = evs[2].price = evs[2].price_band = None
+    assert events_from_arrow(events_to_arrow(evs)) == evs

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from insession.features.declare import pinned_hash
 from insession.features.sql import to_sql
 from insession.model import COUNTERS
 from insession.model.artefact import CURVE, FEATURES, METRICS, versions
@@ -88,7 +89,7 @@ def features_view(db: Any, now: Sample) -> dict[str, Any]:
         })
     return {
         "features": rows,
-        "feature_hash": engine.registry.hash(),
+        "feature_hash": pinned_hash(engine.registry),
         "watermark_ms": engine.watermark,
         "late_events": engine.too_late,
         "lateness_ms": engine.registry.lateness_ms,
@@ -122,7 +123,7 @@ def models_view(db: Any) -> dict[str, Any]:
     """Artefact versions (metrics, feature hash, curve), the serving one, and whether each fits the features."""
     ranker = db.ranker
     active = ranker.model
-    running_hash = db.features.registry.hash()
+    running_hash = pinned_hash(db.features.registry)
     versions = []
     for path in model_versions(ranker.model_dir):
         feature_hash = _read_json(path / FEATURES).get("feature_hash")

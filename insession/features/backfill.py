@@ -1,0 +1,110 @@
+"""The history half of a backfill, run in a child process: a new feature's state from the Parquet history.
+
+`python -m insession.features.backfill OUT_DIR` reads `OUT_DIR/job.json` (the feature, the stream rules,
+the partitions and shopper cap, the history directory), replays every history event in offset order into
+an engine holding that one feature, writes its snapshot into OUT_DIR (the usual per-unit files and CURRENT)
+and exits 0. The server then restores it, catches up from the log and installs it (`manage.py`).
+
+Decisions:
+- A child process, not a thread: replaying millions of events is seconds to minutes of Python, which in
+  the server's process would take the GIL from serving for as long; the child has its own.
+- The history is used only when it is complete: offsets 0..N, each once (the manifest's parts, checked
+  with one DuckDB aggregate). Otherwise the child replays nothing and the server replays the log from
+  offset 0 instead (slower, still exact). The snapshot's offset says which.
+- DuckDB sorts the parts by offset (a part is one export batch's events of one day, so parts overlap in
+  offsets), streaming record batches; memory stays at a batch plus the feature's state.
+- Progress (`progress.json`: done, total) is rewritten atomically every batch; `DESCRIBE FEATURE` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import duckdb
+import msgspec
+
+from insession.durable import write_atomic
+from insession.features.declare import Feature, FeatureRegistry
+from insession.features.engine import FeatureEngine
+from insession.log.export import events_from_arrow, load_manifest
+from insession.schema import event_columns_sql
+
+JOB_FILE = "job.json"
+PROGRESS_FILE = "progress.json"
+BATCH = 50_000  # events per record batch read from the history
+
+
+class Job(msgspec.Struct):
+    """What the server asks the child to build."""
+
+    feature: dict[str, object]
+    lateness_ms: int
+    session_gap_ms: int
+    partitions: int
+    max_users: int
+    history_dir: str
+
+
+class Progress(msgspec.Struct):
+    """How far the child is: `done` of `total` history events replayed (total 0: no usable history)."""
+
+    done: int = 0
+    total: int = 0
+    note: str = ""
+
+
+def _complete_parts(history_dir: Path) -> tuple[list[str], int]:
+    """The history part files and their event count when they hold offsets 0..count-1 once each, else
+    ([], 0) (a gap, a duplicate or no history: the log is replayed instead)."""
+    parts = sorted(str(history_dir / p) for p in load_manifest(history_dir))
+    if not parts:
+        return [], 0
+    with duckdb.connect() as con:
+        lo, hi, n, distinct = con.execute(
+            'SELECT min("offset"), max("offset"), count(*), count(DISTINCT "offset") '
+            "FROM read_parquet($files, union_by_name = true)", {"files": parts}).fetchone()
+    if n == 0 or lo != 0 or hi != n - 1 or distinct != n:
+        return [], 0
+    return parts, int(n)
+
+
+def build(out_dir: Path) -> FeatureEngine:
+    """Run the job in `out_dir` (see the module docstring); returns the engine after its snapshot."""
+    job = msgspec.json.decode((out_dir / JOB_FILE).read_bytes(), type=Job)
+    reg = FeatureRegistry.of([Feature.from_json(job.feature)], lateness_ms=job.lateness_ms,
+                             session_gap_ms=job.session_gap_ms)
+    engine = FeatureEngine.open(out_dir / "state", reg, partitions=job.partitions, max_users=job.max_users)
+    parts, total = _complete_parts(Path(job.history_dir))
+    progress = Progress(0, total, "" if total else "no complete history: the server replays the log")
+    write_atomic(out_dir / PROGRESS_FILE, msgspec.json.encode(progress))
+    if parts:
+        with duckdb.connect(config={"threads": 1, "memory_limit": "1GB"}) as con:
+            rel = con.sql(f'SELECT {event_columns_sql(con.read_parquet(parts, union_by_name=True).columns)} '
+                          f'FROM read_parquet($files, union_by_name = true) ORDER BY "offset"',
+                          params={"files": parts})
+            reader = rel.fetch_arrow_reader(BATCH)
+            for batch in reader:
+                engine.update_many(events_from_arrow(batch))
+                progress.done += batch.num_rows
+                write_atomic(out_dir / PROGRESS_FILE, msgspec.json.encode(progress))
+    engine.snapshot()
+    return engine
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m insession.features.backfill OUT_DIR", file=sys.stderr)
+        return 2
+    try:
+        build(Path(args[0]))
+    except Exception as e:  # the server reads the reason from stderr and shows it in DESCRIBE
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"}), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
