@@ -41,7 +41,33 @@ def evaluate(
     lr: Annotated[float, typer.Option(help="Reranker learning rate (--no-tune).")] = 2e-3,
     dropout: Annotated[float, typer.Option(help="Reranker dropout (--no-tune).")] = 0.1,
     ablations: Annotated[bool, typer.Option(help="Train every ablation (else the full reranker only).")] = True,
-    neural: Annotated[bool, typer.Option(help="Train SASRec, DIN and BST.")] = True,
+    neural: Annotated[
+        bool, typer.Option(help="Train SASRec, DIN and BST on the reranker's add-to-cart groups (the *_groups rows).")
+    ] = True,
+    sequential: Annotated[
+        str, typer.Option(help="Sequential models trained on every interaction (comma list; '' for none).")
+    ] = "sasrec,gru4rec",
+    seq_tune: Annotated[
+        bool, typer.Option(help="Tune the sequential models' dropout and learning rate on validation (else these).")
+    ] = True,
+    seq_dropout: Annotated[float, typer.Option(help="Sequential models' dropout (--no-seq-tune).")] = 0.5,
+    seq_lr: Annotated[float, typer.Option(help="Sequential models' learning rate (--no-seq-tune).")] = 3e-3,
+    seq_epochs: Annotated[int, typer.Option(help="Sequential models' epochs at most (early stopping).")] = 40,
+    seq_seeds: Annotated[int, typer.Option(help="Seeds of the sequential models' test fits (0: --seeds).")] = 0,
+    seq_refit: Annotated[
+        bool,
+        typer.Option(
+            help="Refit the sequential models on events before the test period (else the fit before the "
+            "validation period ranks the test requests too, at half the cost)."
+        ),
+    ] = True,
+    ctr: Annotated[
+        str, typer.Option(help="CTR models trained on impressions built from the views (comma list; '' for none).")
+    ] = "din,bst",
+    ctr_seeds: Annotated[int, typer.Option(help="Seeds of the CTR models (0: --seeds).")] = 0,
+    section: Annotated[
+        str, typer.Option(help="Name of the report section to write (default: the dataset's own).")
+    ] = "",
     users: Annotated[int, typer.Option(help="Synthetic shop: shoppers.")] = 400,
     items: Annotated[int, typer.Option(help="Synthetic shop: items.")] = 1200,
     days: Annotated[int, typer.Option(help="Synthetic shop: days.")] = 14,
@@ -60,6 +86,7 @@ def evaluate(
     from insession.evaluate.neural import MODELS
     from insession.evaluate.report import render
     from insession.evaluate.runner import ABLATIONS, RERANKER_GRID, EvalConfig, run
+    from insession.evaluate.sequential import SEQ_GRID, SeqConfig
     from insession.evaluate.split import earlier_window
 
     ds = (
@@ -74,11 +101,19 @@ def evaluate(
         grid=RERANKER_GRID if tune else ({"dim": dim, "lr": lr, "dropout": dropout},),
         ablations=tuple(ABLATIONS) if ablations else ("reranker",),
         neural=tuple(MODELS) if neural else (),
+        sequential=tuple(s for s in sequential.split(",") if s),
+        seq=SeqConfig(max_epochs=seq_epochs),
+        seq_grid=SEQ_GRID if seq_tune else ({"dropout": seq_dropout, "lr": seq_lr},),
+        seq_seeds=seq_seeds,
+        seq_refit=seq_refit,
+        ctr=tuple(c for c in ctr.split(",") if c),
+        ctr_seeds=ctr_seeds,
         n_boot=boot,
     )
-    section = dataset
+    name = section or dataset
+    section = name
     if backtest > 0:  # the earlier window is cut with the run's own shares, so its test period ends where ours starts
-        section = f"{dataset}_backtest{backtest}"
+        section = f"{name}_backtest{backtest}"
         earlier = earlier_window(ds.events, backtest, cfg.val_share, cfg.test_share)
         ds = Dataset(f"{ds.name}, backtest {backtest}", earlier, ds.items)
     res = run(ds, cfg)
@@ -86,7 +121,11 @@ def evaluate(
         f"insession evaluate {dataset} --seeds {seeds} --epochs {epochs} --neural-epochs {neural_epochs} "
         + ("--tune " if tune else f"--no-tune --dim {dim} --lr {lr} --dropout {dropout} ")
         + f"{'--ablations' if ablations else '--no-ablations'} "
-        f"{'--neural' if neural else '--no-neural'} --boot {boot}"
+        f"{'--neural' if neural else '--no-neural'} --sequential '{sequential}' "
+        + ("--seq-tune " if seq_tune else f"--no-seq-tune --seq-dropout {seq_dropout} --seq-lr {seq_lr} ")
+        + f"--seq-epochs {seq_epochs} --seq-seeds {seq_seeds} {'--seq-refit' if seq_refit else '--no-seq-refit'} "
+        + f"--ctr '{ctr}' --ctr-seeds {ctr_seeds} --boot {boot}"
+        + (f" --section {name}" if name != dataset else "")
         + (f" --users {users} --items {items} --days {days} --seed {seed}" if dataset == "synthetic" else "")
         + (f" --backtest {backtest}" if backtest else "")
     )

@@ -88,11 +88,37 @@ def render(res: Results, img_dir: Path, img_prefix: str) -> str:
         if kind == "reranker":
             return f"{len(rs)} seeds; best epochs {[r.params.get('best_epoch') for r in rs]}"
         if kind == "neural":
-            return f"{len(rs)} seeds"
+            return f"{len(rs)} seeds; trained on the reranker's add-to-cart groups"
+        if kind == "sequential":
+            setting = {k: v for k, v in rs[0].params.items() if k != "best_epoch"}
+            epochs = [r.params.get("best_epoch") for r in rs]
+            return f"{len(rs)} seeds; every interaction, next item; {_setting(setting)}; best epochs {epochs}"
+        if kind == "ctr":
+            p = rs[0].params
+            return (
+                f"{len(rs)} seeds; CTR on views + {p['negatives']} popularity-sampled negatives each, "
+                f"{p['max_len']} behaviours; best epochs {[r.params.get('best_epoch') for r in rs]}"
+            )
+        if kind == "hybrid":
+            return f"{len(rs)} seeds; " + ", ".join(f"{k}={v}" for k, v in rs[0].params.items())
         if kind == "ensemble":
             return f"mean score of the {rs[0].params['seeds']} seeds' rerankers"
         return ", ".join(f"{k}={v}" for k, v in rs[0].params.items())
 
+    if res.seq_grid:
+        L += [
+            "### Sequential models (every interaction, next item), tuned on validation (first seed)",
+            "",
+            "Fitted on events before the validation period, stopped early on that period's held-out tail "
+            "(next-item NDCG@10 over the whole catalogue); the setting with the best validation NDCG@10 "
+            "(proposed requests) is refitted per seed on events before the test period.",
+            "",
+            "| model | setting | validation NDCG@10 | best epoch | held-out next-item NDCG@10 (catalogue) |",
+            "|---|---|---|---|---|",
+        ]
+        for kind, tried in res.seq_grid.items():
+            L += [f"| {kind} | {_setting(p)} | {v:.4f} | {e} | {h:.4f} |" for p, v, e, h in tried]
+        L.append("")
     for view, title in (
         ("proposed", "requests whose positive was proposed"),
         ("forced", "every request, the positive put in place of the last proposal when missed"),
@@ -116,6 +142,8 @@ def render(res: Results, img_dir: Path, img_prefix: str) -> str:
                 f"the same test requests (paired session bootstrap) {d}. It **{verdict}** {best}.",
                 "",
             ]
+    if res.known:
+        L += _known_section(res, pooled, others)
     if "reranker" in pooled:
         abl = [n for n, (k, _, _) in pooled.items() if k == "reranker" and n != "reranker"]
         if abl:
@@ -159,6 +187,62 @@ def render(res: Results, img_dir: Path, img_prefix: str) -> str:
     return "\n".join(L)
 
 
+def _known_section(res: Results, pooled: dict, others: list[str]) -> list[str]:
+    """Every method on the test requests whose positive the sequential models know (it occurs as a training
+    target before the test period) and on the rest, with the reranker's paired comparisons on each."""
+    cfg = res.config
+    L = [
+        "### Positives the sequential models know, and the rest (test; NDCG@10 and HR@10 with 95% CI)",
+        "",
+        "Known: the carted item occurs as a next-item training target of the sequential models fitted before "
+        "the test period. The sequential models alone score 0 on the rest by construction.",
+        "",
+    ]
+    for view in ("proposed", "forced"):
+        mask = res.known[view]
+        parts = {"known": mask, "unknown": ~mask}
+        est = {
+            n: {k: bootstrap(p[view].subset(m), cfg.n_boot, seed=0) if m.any() else None for k, m in parts.items()}
+            for n, (_, p, _) in pooled.items()
+        }
+        n_k, n_u = int(mask.sum()), int((~mask).sum())
+        L += [
+            f"**{view} view** (known n={n_k}, unknown n={n_u})",
+            "",
+            "| method | NDCG@10 known | HR@10 known | NDCG@10 unknown | HR@10 unknown |",
+            "|---|---|---|---|---|",
+        ]
+
+        def cell(e: dict | None, m: str) -> str:
+            return str(e[m]) if e else "-"
+
+        order = sorted(est, key=lambda n: -(est[n]["known"]["ndcg10"].value if est[n]["known"] else 0.0))
+        for n in order:
+            e = est[n]
+            L.append(
+                f"| {n} | {cell(e['known'], 'ndcg10')} | {cell(e['known'], 'hr10')} | "
+                f"{cell(e['unknown'], 'ndcg10')} | {cell(e['unknown'], 'hr10')} |"
+            )
+        L.append("")
+        for ours in ("reranker", ENSEMBLE):
+            if ours not in pooled or not others:
+                continue
+            for part, m in parts.items():
+                if not m.any():
+                    continue
+                best = max(others, key=lambda n, p=part: est[n][p]["ndcg10"].value if est[n][p] else -1.0)
+                d = paired_difference(
+                    pooled[ours][1][view].subset(m), pooled[best][1][view].subset(m), n_boot=cfg.n_boot
+                )
+                verdict = "beats" if d.low > 0 else "loses to" if d.high < 0 else "is not distinguishable from"
+                L.append(
+                    f"- {view} view, {part} positives: {ours} minus the strongest other method ({best}) "
+                    f"{d}: it **{verdict}** {best}."
+                )
+        L.append("")
+    return L
+
+
 def _plots(res: Results, est: dict, pooled: dict, img_dir: Path, prefix: str) -> list[str]:
     import matplotlib
 
@@ -173,7 +257,15 @@ def _plots(res: Results, est: dict, pooled: dict, img_dir: Path, prefix: str) ->
         v = np.array([est[n][view]["ndcg10"].value for n in names])
         lo = v - np.array([est[n][view]["ndcg10"].low for n in names])
         hi = np.array([est[n][view]["ndcg10"].high for n in names]) - v
-        palette = {"baseline": "tab:gray", "neural": "tab:blue", "reranker": "tab:red", "ensemble": "tab:orange"}
+        palette = {
+            "baseline": "tab:gray",
+            "neural": "tab:blue",
+            "sequential": "tab:green",
+            "hybrid": "tab:olive",
+            "ctr": "tab:purple",
+            "reranker": "tab:red",
+            "ensemble": "tab:orange",
+        }
         colors = [palette[pooled[n][0]] for n in names]
         ax.barh(names, v, xerr=[lo, hi], color=colors)
         ax.set_title(f"NDCG@10, test, {view} view")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -12,9 +13,21 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from insession.evaluate.baselines import Params, Scorer, SessionKNN, Signals, baselines, signals
+from insession.evaluate.ctr import MAX_LEN, CtrConfig, Impressions, fit_ctr, score_ctr
 from insession.evaluate.data import Dataset
 from insession.evaluate.metrics import PerRequest, score_requests, truncated_rank_metrics
 from insession.evaluate.neural import MODELS, fit_neural, score_examples
+from insession.evaluate.sequential import (
+    HYBRID_GRID,
+    SEQ_GRID,
+    Interactions,
+    SeqConfig,
+    SeqFit,
+    fit_sequential,
+    hybrid_scores,
+    known_mask,
+    score_lists,
+)
 from insession.evaluate.split import TimeSplit, before, requests
 from insession.model.vocab import Vocab
 from insession.train.build import BuildConfig, TrainingData, assemble_examples, build, counter_matrix
@@ -39,6 +52,9 @@ ABLATIONS: dict[str, dict[str, object]] = {
 }
 
 
+GROUPS_SUFFIX = "_groups"  # the neural baselines trained on the reranker's add-to-cart groups (issue 5's)
+HYBRID = "seq_hybrid"  # the best sequential model for items it knows, shopper recency for the rest
+
 ENSEMBLE = "reranker_ensemble"  # the full reranker of every seed, scores averaged (one more method)
 
 # The reranker's settings tried on validation (as the baselines' grids are): width, learning rate, dropout.
@@ -57,6 +73,20 @@ class EvalConfig:
     epochs: int = 8  # reranker epochs (early stopping on its validation may end sooner)
     batch_size: int = 32  # groups per reranker batch: with served lists there are few groups, so more steps
     neural_epochs: int = 3
+    # sequential recommenders trained on every interaction (issue 20), their grid tuned on validation, and
+    # the hybrid of the best of them with shopper recency
+    sequential: tuple[str, ...] = ("sasrec", "gru4rec")
+    seq: SeqConfig = field(default_factory=SeqConfig)
+    seq_grid: tuple[dict[str, float], ...] = SEQ_GRID
+    seq_seeds: int = 0  # seeds of the sequential models' test fits: the first n of `seeds` (0 = all)
+    # refit the chosen setting on events before the test period (True), or let the fit before the validation
+    # period also rank the test requests, as the reranker's single fit does (False: half the cost)
+    seq_refit: bool = True
+    hybrid: bool = True
+    # DIN / BST as CTR models on impressions built from the views (issue 20; `insession.evaluate.ctr`)
+    ctr: tuple[str, ...] = ("din", "bst")
+    ctr_cfg: CtrConfig = field(default_factory=CtrConfig)
+    ctr_seeds: int = 0  # the first n of `seeds` (0 = all)
     # reranker settings: the one with the best validation NDCG@10 (first seed) is used for every seed and
     # ablation; a single setting skips the tuning
     grid: tuple[dict[str, float], ...] = RERANKER_GRID
@@ -88,6 +118,12 @@ class Results:
     reranker_setting: dict[str, float] = field(default_factory=dict)  # the chosen one
     methods: list[MethodResult] = field(default_factory=list)
     segments: dict[str, np.ndarray] = field(default_factory=dict)  # segment name -> label per test request
+    # per sequential model: (setting, validation NDCG@10 of the proposed requests, best epoch, held-out NDCG@10)
+    seq_grid: dict[str, list[tuple[dict[str, float], float, int, float]]] = field(default_factory=dict)
+    hybrid_setting: dict[str, object] = field(default_factory=dict)
+    # per view ("proposed", "forced"): whether each test request's positive is known to the sequential models
+    # (it occurs as a training target before the test period's held-out tail)
+    known: dict[str, np.ndarray] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     train_curves: dict[str, list] = field(default_factory=dict)
 
@@ -182,6 +218,74 @@ def _fit_reranker(
     return train_model(data, tc, vectors[dim], dim=dim, dropout=setting["dropout"], **switches)
 
 
+def _sequential(
+    ds: Dataset,
+    cfg: EvalConfig,
+    res: Results,
+    sets: CandidateSets,
+    sig: Signals,
+    split: TimeSplit,
+    val_rows: np.ndarray,
+    test_rows: np.ndarray,
+    test_all: np.ndarray,
+    add: Callable[..., None],
+    say: Callable[[str], None],
+) -> None:
+    """SASRec / GRU4Rec on every interaction (issue 20), then the hybrid with shopper recency.
+
+    Validation requests are ranked by models fitted on events before the validation period, one per grid
+    setting (first seed); the setting with the best validation NDCG@10 (proposed requests, as every
+    baseline) is refitted per seed on events before the test period and scores the test requests (with
+    `seq_refit=False` the first seed's fit before the validation period scores them too, as the reranker's
+    single fit does). Each fit stops early on its own held-out tail (`SeqConfig.holdout`)."""
+    before_val = Interactions.of(ds.events, split.val_start, cfg.seq.holdout)
+    before_test = Interactions.of(ds.events, split.test_start, cfg.seq.holdout) if cfg.seq_refit else before_val
+    res.known = {
+        "proposed": known_mask(before_test.vocab, sets, test_rows),
+        "forced": known_mask(before_test.vocab, sets, test_all),
+    }
+    val_scores: dict[str, list[np.ndarray]] = {}
+    kept: dict[tuple[str, int], SeqFit | None] = {}  # (kind, grid position) -> the first seed's fit (no refit)
+    test_scores: dict[str, list[list[np.ndarray]]] = {}
+    best_val: dict[str, float] = {}
+    for kind in cfg.sequential:
+        t = time.perf_counter()
+        tried = []
+        for j, setting in enumerate(cfg.seq_grid):
+            fit = fit_sequential(kind, before_val, replace(cfg.seq, **setting), cfg.seeds[0], cfg.progress)
+            kept[(kind, j)] = fit if not cfg.seq_refit else None
+            scores = score_lists(fit, sets, val_rows)
+            v = float(np.mean(_per_request(sets, val_rows, scores).ndcg10)) if len(val_rows) else 0.0
+            held = max((c["val_ndcg10"] for c in fit.curve), default=float("nan"))
+            tried.append((setting, v, fit.best_epoch, held))
+            say(f"{kind} {setting}: validation NDCG@10 {v:.4f} (best epoch {fit.best_epoch}, held-out {held:.4f})")
+            if v >= best_val.get(kind, -1.0):
+                best_val[kind], val_scores[kind] = v, scores
+        res.seq_grid[kind] = tried
+        j_best = max(range(len(tried)), key=lambda j: tried[j][1])
+        chosen = tried[j_best][0]
+        test_scores[kind] = []
+        for seed in cfg.seeds[: cfg.seq_seeds or None]:
+            reuse = kept.get((kind, j_best)) if seed == cfg.seeds[0] else None
+            fit = reuse or fit_sequential(kind, before_test, replace(cfg.seq, **chosen), seed, cfg.progress)
+            scores = score_lists(fit, sets, test_all)
+            test_scores[kind].append(scores)
+            add(kind, "sequential", {**chosen, "best_epoch": fit.best_epoch}, test_all, scores, seed)
+        res.seconds[kind] = time.perf_counter() - t
+    if cfg.hybrid:
+        kind = max(best_val, key=lambda k: best_val[k])
+        rec, pop = sig.split(sig.touch_recency, val_rows), sig.split(sig.pop, val_rows)
+        best, best_p = -1.0, HYBRID_GRID[0]
+        for p in HYBRID_GRID:
+            v = float(np.mean(_per_request(sets, val_rows, hybrid_scores(val_scores[kind], rec, pop, p)).ndcg10))
+            if v > best:
+                best, best_p = v, p
+        res.hybrid_setting = {"model": kind, **best_p}
+        rec, pop = sig.split(sig.touch_recency, test_all), sig.split(sig.pop, test_all)
+        for seed, scores in zip(cfg.seeds, test_scores[kind], strict=False):
+            add(HYBRID, "hybrid", res.hybrid_setting, test_all, hybrid_scores(scores, rec, pop, best_p), seed)
+
+
 def run(ds: Dataset, cfg: EvalConfig) -> Results:
     """Every number of the evaluation report for one dataset."""
     set_threads(cfg.threads)
@@ -250,6 +354,18 @@ def run(ds: Dataset, cfg: EvalConfig) -> Results:
         add(name, "baseline", p, test_all, scorer(sets, sig, test_all, p))
     res.seconds["baselines"] = time.perf_counter() - t
 
+    if cfg.sequential:
+        _sequential(ds, cfg, res, sets, sig, split, val_rows, test_rows, test_all, add, say)
+    categories = dict(zip(ds.items["item_id"].to_pylist(), ds.items["category"].to_pylist(), strict=True))
+    for kind in cfg.ctr:  # fitted on the views before the test period, stopped on its held-out tail
+        t = time.perf_counter()
+        for seed in cfg.seeds[: cfg.ctr_seeds or None]:
+            imp = Impressions.of(ds.events, split.test_start, MAX_LEN[kind], cfg.ctr_cfg, seed)
+            fit = fit_ctr(kind, imp, cfg.ctr_cfg, seed, cfg.progress)
+            params = {"negatives": cfg.ctr_cfg.negatives, "max_len": MAX_LEN[kind], "best_epoch": fit.best_epoch}
+            add(f"{kind}_ctr", "ctr", params, test_all, score_ctr(fit, sets, test_all, categories), seed)
+        res.seconds[f"{kind}_ctr"] = time.perf_counter() - t
+
     # the reranker's training data: the training + validation periods only (its own early stopping uses the
     # add-to-carts of the validation period), negatives from the same candidate stage; then neural baselines
     # and the reranker on the same examples
@@ -285,7 +401,7 @@ def run(ds: Dataset, cfg: EvalConfig) -> Results:
             t = time.perf_counter()
             model = fit_neural(name, data.train, n_rows, base_cfg, cfg.neural_epochs, seed=seed, progress=cfg.progress)
             add(
-                name,
+                name + GROUPS_SUFFIX,
                 "neural",
                 {"epochs": cfg.neural_epochs, "dim": 32},
                 test_all,

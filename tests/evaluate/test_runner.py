@@ -12,10 +12,12 @@ from typer.testing import CliRunner
 
 from insession.evaluate.baselines import baselines
 from insession.evaluate.cli import evaluate, write_section
+from insession.evaluate.ctr import CtrConfig
 from insession.evaluate.data import Dataset
 from insession.evaluate.neural import score_examples
 from insession.evaluate.report import render
-from insession.evaluate.runner import ENSEMBLE, EvalConfig, _examples_for, mean_scores, run
+from insession.evaluate.runner import ENSEMBLE, HYBRID, EvalConfig, _examples_for, mean_scores, run
+from insession.evaluate.sequential import SeqConfig
 from insession.evaluate.split import before
 from insession.train.build import BuildConfig, build
 from insession.train.replay import CandidateSets
@@ -28,6 +30,11 @@ def test_run_and_report(shop: Dataset, tmp_path: Path) -> None:
         seeds=(0,),
         ablations=("reranker", "no_counters"),
         neural=("sasrec",),
+        sequential=("sasrec", "gru4rec"),
+        seq=SeqConfig(dim=8, max_len=10, max_epochs=2, patience=1),
+        seq_grid=({"dropout": 0.2, "lr": 3e-3}, {"dropout": 0.5, "lr": 3e-3}),
+        ctr=("din", "bst"),
+        ctr_cfg=CtrConfig(dim=8, max_epochs=1),
         epochs=1,
         neural_epochs=1,
         grid=({"dim": 16, "lr": 2e-3, "dropout": 0.0}, {"dim": 8, "lr": 3e-3, "dropout": 0.1}),
@@ -40,7 +47,31 @@ def test_run_and_report(shop: Dataset, tmp_path: Path) -> None:
     assert [p for p, _ in res.reranker_grid] == list(cfg.grid)  # every setting tried on validation,
     assert res.reranker_setting == max(res.reranker_grid, key=lambda r: r[1])[0]  # the best one used
     names = {m.name for m in res.methods}
-    assert set(baselines({})) | {"sasrec", "reranker", "no_counters"} == names
+    assert (
+        set(baselines({}))
+        | {
+            "sasrec_groups",
+            "sasrec",
+            "gru4rec",
+            HYBRID,
+            "din_ctr",
+            "bst_ctr",
+            "reranker",
+            "no_counters",
+        }
+        == names
+    )
+    # the sequential models: each grid setting tried on validation, the best one refitted for test
+    assert [p for p, *_ in res.seq_grid["sasrec"]] == list(cfg.seq_grid)
+    chosen = max(res.seq_grid["gru4rec"], key=lambda r: r[1])[0]
+    gru = next(m for m in res.methods if m.name == "gru4rec")
+    assert {k: gru.params[k] for k in chosen} == chosen and gru.kind == "sequential"
+    assert res.hybrid_setting["model"] in ("sasrec", "gru4rec")
+    n_test = res.n_requests["test"]
+    assert len(res.known["proposed"]) == res.n_requests["test_proposed"] and len(res.known["forced"]) == n_test
+    # a sequential model gives no credit for a positive it never saw: NDCG@10 is 0 on unknown positives
+    unknown = ~res.known["forced"]
+    assert not np.any(gru.forced.ndcg10[unknown])
     n_test = res.n_requests["test"]
     for m in res.methods:
         assert len(m.forced) == n_test and len(m.proposed) == res.n_requests["test_proposed"]
@@ -56,6 +87,8 @@ def test_run_and_report(shop: Dataset, tmp_path: Path) -> None:
     body = render(res, tmp_path / "img", "eval_tiny")
     assert "### Candidate stage" in body and "| reranker |" in body and "| no_counters |" in body
     assert "| dim 8, lr 0.003, dropout 0.1 |" in body  # the tuning grid, with each setting's validation score
+    assert "### Sequential models" in body and "| gru4rec | dropout 0.5, lr 0.003 |" in body
+    assert "### Positives the sequential models know, and the rest" in body and f"| {HYBRID} |" in body
     assert (tmp_path / "img" / "eval_tiny_ndcg.png").stat().st_size > 0
     doc = tmp_path / "evaluation.md"
     doc.write_text("# Evaluation\n\nhand-written protocol\n")
@@ -102,6 +135,8 @@ def test_two_seeds_report_the_ensemble(shop: Dataset, tmp_path: Path) -> None:
         seeds=(0, 1),
         ablations=("reranker",),
         neural=(),
+        sequential=(),
+        ctr=(),
         epochs=1,
         grid=({"dim": 8, "lr": 2e-3, "dropout": 0.0},),
         item2vec_epochs=0,
@@ -125,7 +160,7 @@ def test_cli_backtest_writes_its_own_section(tmp_path: Path) -> None:
     doc = tmp_path / "evaluation.md"
     write_section(doc, "synthetic", "the latest window")
     small = ["--users", "40", "--items", "120", "--days", "8", "--seeds", "1", "--epochs", "1", "--no-tune"]
-    fast = ["--no-ablations", "--no-neural", "--boot", "50", "--out", str(doc)]
+    fast = ["--no-ablations", "--no-neural", "--sequential", "", "--ctr", "", "--boot", "50", "--out", str(doc)]
     result = CliRunner().invoke(app, ["synthetic", *small, *fast, "--backtest", "1"])
     assert result.exit_code == 0, result.output
     text = doc.read_text()
