@@ -569,19 +569,42 @@ class FeatureEngine:
 
     def read_all(self, entity: str, key: str | tuple[str, ...] | None) -> dict[str, Any]:
         """Every feature of `entity` for `key`: a shopper's at one watermark under its partition's lock."""
-        k, part = self._key(entity, key)
+        return self.read_all_many(entity, [key])[0]
+
+    def read_all_many(self, entity: str, keys: list[str | tuple[str, ...] | None],
+                      names: list[str] | None = None) -> list[dict[str, Any]]:
+        """`read_all` of each key (only the features `names`, when given): one lock hold per partition for
+        all its shoppers, one per item feature for all the items. KeyError names an unknown feature."""
         feats = self.registry.of_entity(entity)
+        if names is not None:
+            wanted = set(names)
+            for name in wanted:
+                if self.registry[name].entity != entity:
+                    raise KeyError(f"feature {name!r} is a {self.registry[name].entity} feature, not a {entity} one")
+            feats = [f for f in feats if f.name in wanted]
+        located = [self._key(entity, key) for key in keys]
+        out: list[dict[str, Any]] = [{} for _ in keys]
         if entity in USER_ENTITIES:
-            unit = self._parts[part]
-            with unit.lock:
-                aggs = unit.aggs
-                return {f.name: aggs[f.name].read(k, unit.wm) for f in feats if f.name in aggs}
-        out = {}
+            by_part: dict[int, list[int]] = {}
+            for n, (_, part) in enumerate(located):
+                by_part.setdefault(part, []).append(n)
+            for part, where in by_part.items():
+                unit = self._parts[part]
+                with unit.lock:
+                    aggs, wm = unit.aggs, unit.wm
+                    present = [(f.name, aggs[f.name]) for f in feats if f.name in aggs]
+                    for n in where:
+                        k = located[n][0]
+                        out[n] = {name: agg.read(k, wm) for name, agg in present}
+            return out
         items = self._items
         for f in feats:
             item_unit = items.get(f.name)
-            if item_unit is not None:
-                with item_unit.lock:
-                    out[f.name] = item_unit.aggs[f.name].read(k, item_unit.wm)
+            if item_unit is None:
+                continue
+            with item_unit.lock:
+                agg, wm = item_unit.aggs[f.name], item_unit.wm
+                for n, (k, _) in enumerate(located):
+                    out[n][f.name] = agg.read(k, wm)
         return out
 

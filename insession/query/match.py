@@ -23,7 +23,8 @@ Two forms are answered from online state:
 
 2. The virtual table `features`: `SELECT * | f1, f2 FROM features WHERE user_id = :user [AND item_id =
    :item]` reads every (or the named) declared features of that entity for one key; no WHERE reads the
-   global features. Nothing else may read `features`.
+   global features; `WHERE user_id IN (:a, :b, ...)` (or item_id) reads up to MAX_KEYS keys at once, one
+   row per key, under one lock hold per partition. Nothing else may read `features`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from insession.query.errors import QueryError
 from insession.query.sql import DIALECT, Statement, position_of
 
 FEATURES_TABLE = "features"
+MAX_KEYS = 1_000  # keys one read of the features table (IN list) or one POST /v1/features may ask for
 KEY_COLUMNS = ENTITY_KEYS["user_item"]
 _ENTITIES = {keys: entity for entity, keys in ENTITY_KEYS.items()}
 _UNIT_MS = {"SECOND": 1000, "MINUTE": 60_000, "HOUR": 3_600_000, "DAY": 86_400_000, "WEEK": 7 * 86_400_000}
@@ -70,12 +72,17 @@ class FeaturePlan:
     limit: int | None = None
     projection: tuple[str, ...] = ()  # per output column: a value field, "count", or "value"
     note: str = ""
+    many: tuple[KeyRef, ...] = ()  # `features` read for many keys (`<key> IN (...)`): one row per key
 
     def key(self, params: Mapping[str, Any]) -> str | tuple[str, ...] | None:
         values = tuple(k.value(params) for k in self.keys)
         if not values:
             return None
         return values[0] if len(values) == 1 else values
+
+    def many_keys(self, params: Mapping[str, Any]) -> list[str]:
+        """The keys of an IN list, each once, in the order given."""
+        return list(dict.fromkeys(k.value(params) for k in self.many))
 
     def rows(self, values: Mapping[str, Any], params: Mapping[str, Any]) -> list[list[Any]]:
         """The answer rows from the features' (already cleaned) values."""
@@ -164,6 +171,7 @@ class _Where:
     keys: dict[str, KeyRef]
     actions: frozenset[str] | None
     window_ms: int | None
+    many: tuple[KeyRef, ...] = ()  # the keys of `<key column> IN (...)` (the features table only)
 
 
 def _conjuncts(where: exp.Where | None) -> list[exp.Expression]:
@@ -174,10 +182,21 @@ def _conjuncts(where: exp.Where | None) -> list[exp.Expression]:
 
 
 def _read_where(select: exp.Select, table: str, key_columns: tuple[str, ...], allow_filters: bool) -> _Where | None:
+    """Key equalities, plus (allow_filters) an action filter and a window; or (not allow_filters, the
+    features table) one `<key column> IN (:a, :b, ...)` over many keys. None: another condition."""
     keys: dict[str, KeyRef] = {}
     actions: frozenset[str] | None = None
     window: int | None = None
+    many: tuple[KeyRef, ...] = ()
     for cond in _conjuncts(select.args.get("where")):
+        if not allow_filters and isinstance(cond, exp.In) and not many and not cond.args.get("query"):
+            col = _column(cond.this, table)
+            vals = [_value(v) for v in cond.expressions]
+            if col not in key_columns or col in keys or not vals or any(v is None for v in vals):
+                return None
+            keys[col] = KeyRef(col)  # a placeholder: the key's values are `many`
+            many = tuple(KeyRef(col, *v) for v in vals if v is not None)
+            continue
         if isinstance(cond, exp.EQ):
             for col_side, val_side in ((cond.this, cond.expression), (cond.expression, cond.this)):
                 col, val = _column(col_side, table), _value(val_side)
@@ -200,7 +219,7 @@ def _read_where(select: exp.Select, table: str, key_columns: tuple[str, ...], al
             window = w
         else:
             return None
-    return _Where(keys, actions, window)
+    return _Where(keys, actions, window, many)
 
 
 def _plain_select(tree: exp.Expression) -> exp.Select | None:
@@ -413,11 +432,17 @@ class Matcher:
                 )
             names.append(col)  # type: ignore[arg-type]
         keys = tuple(where.keys[c] for c in key_cols)
+        if where.many and (entity not in ("user", "item") or len(where.many) > MAX_KEYS):
+            raise QueryError(f"an IN list reads up to {MAX_KEYS} user or item keys; a user_item read takes one "
+                             "user_id and one item_id", code="bad_features_query",
+                             **position_of(select.args.get("where") or select))
         return FeaturePlan(
             entity,
             keys,
             tuple(names),
             key_cols + tuple(names),
             None,
-            note=f"every selected {entity} feature read at one watermark",
+            note=f"every selected {entity} feature read at one watermark"
+            + (f", {len(where.many)} keys under one lock hold per partition" if where.many else ""),
+            many=where.many,
         )

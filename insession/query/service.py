@@ -33,7 +33,7 @@ from insession.features.sql import FeatureSQLError, FeatureStatement, parse_stat
 from insession.query.analytics import AnalyticsLane, Limits, Sources, Table
 from insession.query.errors import QueryError
 from insession.query.hygiene import Hygiene
-from insession.query.match import FEATURES_TABLE, FeaturePlan, Matcher
+from insession.query.match import FEATURES_TABLE, MAX_KEYS, FeaturePlan, Matcher
 from insession.query.sql import DIALECT, Statement, bind_params, param_contexts, parse, position_of
 from insession.query.tables import TABLE_COLUMNS
 from insession.schema import ACTIONS
@@ -192,7 +192,8 @@ class QueryService:
         stmt = parse(sql, (*TABLE_COLUMNS, FEATURES_TABLE))
         serving = self.matcher.match(stmt)
         if serving is not None:
-            types: dict[str, str | None] = {k.param: "VARCHAR" for k in serving.keys if k.param is not None}
+            types: dict[str, str | None] = {k.param: "VARCHAR" for k in (*serving.keys, *serving.many)
+                                            if k.param is not None}
             return Plan(stmt, SERVING, serving, None, types)
         duck_sql = stmt.tree.sql(dialect=DIALECT)
         return Plan(stmt, ANALYTICS, None, duck_sql, param_contexts(stmt.tree, _ALL_COLUMNS))
@@ -231,6 +232,17 @@ class QueryService:
         assert fp is not None
         if p.plan.stmt.explain:
             return self._explained(p, Explanation(SERVING, ",".join(fp.features), fp.note))
+        if fp.many:
+            keys = fp.many_keys(p.params)
+            raws = self.features.read_all_many(fp.entity, keys, list(fp.features))  # type: ignore[arg-type]
+            rows = []
+            fallbacks = {}
+            for k, raw in zip(keys, raws, strict=True):
+                values, fb = self._clean(fp.features, raw)
+                rows.append([k, *(values[f] for f in fp.features)])
+                fallbacks |= fb
+            ms = self._done(SERVING, p.start, 200)
+            return Result(SERVING, list(fp.columns), rows, None, fallbacks, elapsed_ms=ms)
         key = fp.key(p.params)
         if fp.agg is None:
             raw = self.features.read_all(fp.entity, key)
@@ -358,6 +370,25 @@ class QueryService:
         except ValueError as e:
             raise QueryError(str(e), code="bad_key") from None
         out = self._clean(raw.keys(), raw)
+        self._done(SERVING, start, 200)
+        return out
+
+    def read_features_many(self, entity: str, keys: list[str | tuple[str, ...] | None],
+                           names: list[str] | None = None) -> list[tuple[dict[str, Any], dict[str, str]]]:
+        """`read_features` of many keys (only the features `names`, when given) under one lock hold per
+        partition: what POST /v1/features answers."""
+        if entity not in ENTITIES:
+            raise QueryError(f"unknown entity {entity!r}; entities: {', '.join(ENTITIES)}", 404, code="unknown_entity")
+        if len(keys) > MAX_KEYS:
+            raise QueryError(f"at most {MAX_KEYS} keys per read, not {len(keys)}", 413, code="too_many_keys")
+        start = time.perf_counter()
+        try:
+            raws = self.features.read_all_many(entity, keys, names)
+        except KeyError as e:
+            raise QueryError(str(e.args[0]), code="unknown_feature") from None
+        except ValueError as e:
+            raise QueryError(str(e), code="bad_key") from None
+        out = [self._clean(raw.keys(), raw) for raw in raws]
         self._done(SERVING, start, 200)
         return out
 

@@ -188,7 +188,7 @@ class HttpConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         """The body limit of a request path."""
         if path in ("/v1/events", "/v1/items"):
             return self.ingest_max_bytes
-        if path == "/v1/query":
+        if path in ("/v1/query", "/v1/features"):
             return self.query_max_bytes
         if path == "/v1/rank":
             return self.rank_max_bytes

@@ -8,7 +8,7 @@ off) and `app.state.metrics` (a `Metrics`, created on first use). Every query er
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from insession.query import QueryError, QueryService
+from insession.query.match import MAX_KEYS
 from insession.query.sql import MAX_SQL_CHARS
 from insession.schema import MAX_ID_LEN
 from insession.serve.auth import SECURITY, authorize, require, roles_of
@@ -128,6 +129,55 @@ async def post_query(request: Request) -> Response:
     except QueryError as e:
         return error_response(e)
     return Response(_json.encode(result), media_type="application/json")
+
+
+KeyId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LEN)]
+KeyPair = Annotated[list[KeyId], msgspec.Meta(min_length=2, max_length=2)]  # (a tuple crashes msgspec's schema)
+
+
+class FeaturesBody(msgspec.Struct, forbid_unknown_fields=True):
+    """Many keys' features in one read: user or item ids, or [user_id, item_id] pairs for user_item."""
+
+    entity: Literal["user", "item", "user_item"]
+    keys: Annotated[list[KeyId | KeyPair], msgspec.Meta(min_length=1, max_length=MAX_KEYS, examples=[["u1", "u2"]])]
+    features: list[Annotated[str, msgspec.Meta(max_length=MAX_ID_LEN)]] | None = None  # None: all of them
+
+
+_decode_features = msgspec.json.Decoder(FeaturesBody).decode
+_FEATURES_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": msgspec.json.schema(FeaturesBody)["$defs"]["FeaturesBody"]}},
+    }
+}
+
+
+@router.post(
+    "/v1/features",
+    tags=["query"],
+    responses={200: {"model": dict[str, Any]}, **_ERRORS},
+    openapi_extra={**_FEATURES_BODY, **SECURITY},
+)
+async def post_features(request: Request) -> Response:
+    """Every declared feature (or the named ones) of up to 1,000 keys, cleaned by the hygiene rules, read
+    under one lock hold per partition: what a ranking service asks for a page of candidates."""
+    authorize(request, "serve", "analytics")
+    metrics_of(request)
+    try:
+        try:
+            body = _decode_features(await request.body())
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            raise QueryError(f"bad request body: {e}", code="bad_request") from None
+        pairs = [isinstance(k, list) for k in body.keys]
+        if any(pairs) != (body.entity == "user_item") or (any(pairs) and not all(pairs)):
+            raise QueryError("keys are ids for user and item, [user_id, item_id] pairs for user_item",
+                             code="bad_key")
+        keys: list[str | tuple[str, ...] | None] = [tuple(k) if isinstance(k, list) else k for k in body.keys]
+        answers = _service(request).read_features_many(body.entity, keys, body.features)
+    except QueryError as e:
+        return error_response(e)
+    rows = [{"key": k, "features": values, "fallbacks": fb} for k, (values, fb) in zip(body.keys, answers, strict=True)]
+    return Response(_json.encode({"entity": body.entity, "rows": rows}), media_type="application/json")
 
 
 @router.get(
