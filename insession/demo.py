@@ -64,6 +64,35 @@ def replay_session(client: Client, shop: Shop, user: str, start_ms: int, clicks_
     print(f"  /v1/rank round trips: median {latencies[len(latencies) // 2]:.1f} ms, max {latencies[-1]:.1f} ms")
 
 
+BRANDS_SQL = ("CREATE FEATURE brands_7d AS SELECT user_id, distinct_topk(brand, 3) FROM events "
+              "WHERE action = 'view' AND ts > now() - INTERVAL '7' DAY "
+              "GROUP BY user_id, time_bucket(INTERVAL '1' HOUR, ts)")
+BRANDS_QUERY = ("SELECT DISTINCT brand FROM events WHERE user_id = :user AND action = 'view' "
+                "AND ts > now() - INTERVAL 7 DAY ORDER BY ts DESC LIMIT 3")
+
+
+def declare_a_feature(client: Client, user: str, timeout_s: float = 120.0) -> None:
+    """Zero code: declare a feature in SQL while the server runs, watch it backfill, query it."""
+    _say("declaring a feature in SQL while the server runs (no code, no restart)")
+    before = client.select(BRANDS_QUERY, user=user)
+    print(f"  {BRANDS_QUERY}\n    -> before: lane {before.lane} (DuckDB over the history; there now() is the wall "
+          f"clock, and this shop's events may be older), {before.rows}")
+    print(f"  {BRANDS_SQL}")
+    client.execute(BRANDS_SQL)
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        info = dict(client.execute("DESCRIBE FEATURE brands_7d").rows)
+        seen = (info["status"], info.get("progress"))
+        if seen != last:
+            print(f"    DESCRIBE FEATURE brands_7d: {info['status']} {info.get('progress') or ''}".rstrip())
+            last = seen
+        if info["status"] != "backfilling":
+            break
+        time.sleep(0.2)
+    after = client.select(BRANDS_QUERY, user=user)
+    print(f"    -> after: lane {after.lane} (feature {after.feature}; now() is the newest event time), {after.rows}")
+
+
 def _wait_for_onnx(url: str, timeout_s: float = 120.0) -> dict:
     """The server exports a new model to ONNX in the background (eager PyTorch serves meanwhile); wait."""
     deadline = time.monotonic() + timeout_s
@@ -96,6 +125,7 @@ def run_demo(data_dir: Path | None, *, users: int, items: int, days: int, seed: 
         print(f"  {sql}\n    -> lane {client.select('EXPLAIN ' + sql, user=user).rows}")
         top = client.select("SELECT category, count(*) AS n FROM events GROUP BY category ORDER BY n DESC LIMIT 3")
         print(f"  analytics lane, busiest categories: {top.rows}")
+        declare_a_feature(client, user)
     # The server exported the history on its graceful stop; train on exactly what the features saw.
     _say(f"training the Dual Sequence ReRanker on {data_dir / 'history'} ({epochs} epochs)")
     subprocess.run([sys.executable, "-m", "insession.cli", "train", str(data_dir), "--out", str(data_dir / "models"),
