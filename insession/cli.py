@@ -158,6 +158,9 @@ def query(
         else:
             with insession.open(data_dir, maintenance_interval_s=None) as db:
                 result = db.select(sql, **params)
+                for name in db.feature_manager.pending():  # embedded: finish the backfills before closing
+                    typer.echo(f"-- backfilling feature {name} (the server would serve meanwhile) ...", err=True)
+                    db.feature_manager.wait(name, timeout=24 * 3600)
     except (QueryError, BatchRejected, RemoteError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

@@ -114,6 +114,9 @@ class Feature:
             if prop is not None and not _PROPERTY_NAME.fullmatch(prop):
                 raise ValueError(f"{self.name}: property name {prop!r} must be an identifier of at most 64 "
                                  "characters (letters, digits, _)")
+            if prop is None and self.field in NUMBER_FIELDS and not self.reads_number:
+                raise ValueError(f"{self.name}: {self.agg} reads text, and {self.field} is a number, which has no "
+                                 "one text form the online and offline engines agree on; use price_band")
             if prop is None and self.field not in (NUMBER_FIELDS if self.reads_number else VALUE_FIELDS):
                 allowed = NUMBER_FIELDS if self.reads_number else VALUE_FIELDS
                 raise ValueError(f"{self.name}: {self.agg} cannot read field {self.field!r}; it reads "

@@ -171,6 +171,8 @@ def test_bad_statements_are_refused_naming_the_problem_and_its_position(tmp_path
         cases = {
             "CREATE FEATURE x AS SELECT user_id, distinct_topk(colour, 5) FROM events GROUP BY user_id":
                 (400, "cannot read field 'colour'", 1, 51),
+            "CREATE FEATURE x AS SELECT user_id, distinct_topk(price, 3) FROM events GROUP BY user_id":
+                (400, "price is a number, which has no one text form the online and offline engines", 1, 51),
             "CREATE FEATURE x AS SELECT user_id, median(ts) FROM events GROUP BY user_id":
                 (400, "unknown aggregation", 1, 37),
             "CREATE FEATURE x AS\n  SELECT user_id, count(*) FROM events WHERE brand = 'b1' GROUP BY user_id":
