@@ -14,11 +14,15 @@ Decisions:
 - DuckDB sorts the parts by offset (a part is one export batch's events of one day, so parts overlap in
   offsets), streaming record batches; memory stays at a batch plus the feature's state.
 - Progress (`progress.json`: done, total) is rewritten atomically every batch; `DESCRIBE FEATURE` reads it.
+- The child runs at a lower CPU priority (nice 10): on a busy machine serving keeps its share and the
+  backfill takes longer, never the other way round.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +38,7 @@ from insession.schema import event_columns_sql
 JOB_FILE = "job.json"
 PROGRESS_FILE = "progress.json"
 BATCH = 50_000  # events per record batch read from the history
+NICE = 10  # the child's CPU priority below the server's
 
 
 class Job(msgspec.Struct):
@@ -98,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m insession.features.backfill OUT_DIR", file=sys.stderr)
         return 2
+    with contextlib.suppress(OSError):  # serving first: the backfill gets the CPU serving leaves
+        os.nice(NICE)
     try:
         build(Path(args[0]))
     except Exception as e:  # the server reads the reason from stderr and shows it in DESCRIBE
