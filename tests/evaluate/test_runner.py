@@ -167,3 +167,31 @@ def test_cli_backtest_writes_its_own_section(tmp_path: Path) -> None:
     assert "the latest window" in text and "<!-- evaluate:synthetic_backtest1:begin -->" in text
     section = text.split("<!-- evaluate:synthetic_backtest1:begin -->")[1]
     assert "--backtest 1" in section and "## synthetic_u40_i120_d8_s7, backtest 1" in section
+
+
+def test_sequential_without_refit_ranks_test_with_the_validation_fit(shop: Dataset) -> None:
+    """--no-seq-refit: the fit before the validation period scores the test requests too (no second fit), so
+    the known positives are those of that fit's vocabulary; the hybrid follows the seeds that were fitted."""
+    cfg = EvalConfig(
+        val_share=0.2,
+        test_share=0.2,
+        seeds=(0, 1),
+        ablations=(),
+        neural=(),
+        sequential=("sasrec",),
+        seq=SeqConfig(dim=8, max_len=10, max_epochs=1, patience=1),
+        seq_grid=({"dropout": 0.2, "lr": 3e-3},),
+        seq_seeds=1,
+        seq_refit=False,
+        ctr=(),
+        grid=({"dim": 8, "lr": 2e-3, "dropout": 0.0},),
+        item2vec_epochs=0,
+        n_boot=30,
+        threads=1,
+        progress=False,
+    )
+    res = run(shop, cfg)
+    sasrec = [m for m in res.methods if m.name == "sasrec"]
+    hybrid = [m for m in res.methods if m.name == HYBRID]
+    assert len(sasrec) == 1 and len(hybrid) == 1 and sasrec[0].params["best_epoch"] == res.seq_grid["sasrec"][0][2]
+    assert not np.any(sasrec[0].forced.ndcg10[~res.known["forced"]])
