@@ -217,6 +217,11 @@ class FeatureManager:
         with self._lock:
             return sorted(self._jobs)
 
+    def backfilling(self) -> dict[str, tuple[Feature, str]]:
+        """Name -> (declaration, progress) of the features still backfilling (EXPLAIN names them)."""
+        with self._lock:
+            return {name: (job.feature, self._percent(job)) for name, job in self._jobs.items()}
+
     def wait(self, name: str, timeout: float = 60.0) -> str:
         """Block until `name` is no longer backfilling; returns "serving", "failed" or "dropped"."""
         deadline = time.monotonic() + timeout

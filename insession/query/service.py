@@ -286,9 +286,24 @@ class QueryService:
             self._done(ANALYTICS, p.start, e.status)
             raise
         if p.plan.stmt.explain:
-            return self._explained(p, Explanation(ANALYTICS, None, table.rows[0][0]))
+            return self._explained(p, Explanation(ANALYTICS, None, self._backfill_note(p.plan) + table.rows[0][0]))
         ms = self._done(ANALYTICS, p.start, 200)
         return Result(ANALYTICS, table.columns, table.rows, truncated=table.truncated, elapsed_ms=ms)
+
+    def _backfill_note(self, plan: Plan) -> str:
+        """For EXPLAIN of an analytics query: the declared feature still backfilling that will answer it."""
+        pending = self.manager.backfilling() if self.manager is not None else {}
+        if not pending or plan.stmt is None:
+            return ""
+        try:
+            fp = Matcher(lambda: [f for f, _ in pending.values()], ACTIONS).match(plan.stmt)
+        except QueryError:
+            return ""
+        if fp is None or fp.agg is None:
+            return ""
+        name = fp.features[0]
+        return (f"feature {name} is backfilling ({pending[name][1]}): this query runs on the analytics lane until "
+                "it serves\n")
 
     def _explained(self, p: Prepared, ex: Explanation) -> Result:
         ms = self._done(ex.lane, p.start, 200)

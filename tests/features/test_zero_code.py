@@ -132,6 +132,8 @@ def test_routing_switches_only_when_the_feature_is_whole(tmp_path: Path) -> None
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
             assert db.select(BRANDS_QUERY, u="u1").lane == "analytics"
+            explained = db.select("EXPLAIN " + BRANDS_QUERY, u="u1").rows[0]
+            assert explained[0] == "analytics" and explained[2].startswith("feature brands_7d is backfilling")
             assert "brands_7d" not in db.features.registry
             with pytest.raises(QueryError, match="unknown column|brands_7d"):
                 db.select("SELECT brands_7d FROM features WHERE user_id = :u", u="u1")
