@@ -4,5 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test
 scripts/setup_browser.sh
+scripts/setup_java.sh
 .venv/bin/ruff check insession tests bench
 .venv/bin/python -m pytest "$@"

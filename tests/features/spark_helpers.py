@@ -1,0 +1,32 @@
+"""One local Spark engine for every Spark test of the session (the JVM starts once: ~10 s)."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+
+import pytest
+
+from insession.offline.spark_engine import SparkEngine, spark_session
+
+# Small on purpose: 2 local cores at most, one shuffle partition per stage (the test data is tiny; every
+# extra partition is a task's overhead), a modest driver heap.
+TEST_CONF = {
+    "spark.sql.shuffle.partitions": "1",
+    "spark.default.parallelism": "1",
+    "spark.sql.adaptive.enabled": "false",
+    "spark.driver.memory": "1g",
+}
+
+
+@functools.cache
+def _engine() -> SparkEngine:
+    return SparkEngine(session=spark_session("local[2]", ui=False, conf=TEST_CONF))
+
+
+def shared_spark_engine() -> SparkEngine:
+    """The session's Spark engine; skips only when no Java runtime is installed (scripts/test.sh installs
+    one through scripts/setup_java.sh, so CI runs these tests)."""
+    if shutil.which("java") is None:
+        pytest.skip("no Java runtime on PATH: Spark needs Java 17+ (scripts/setup_java.sh installs it)")
+    return _engine()
