@@ -10,13 +10,17 @@ log always says what the catalogue knew when the event arrived.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from pathlib import Path
 
 import pyarrow as pa
 
+from insession.log.base import LogUnavailable
 from insession.schema import ITEM_ARROW_SCHEMA, Event, Item, price_band
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -55,16 +59,28 @@ class Catalog:
         }
 
     def upsert(self, items: list[Item]) -> int:
-        """Insert or replace items (all-or-nothing, durable before return); returns how many."""
+        """Insert or replace items (all-or-nothing, durable before return); returns how many.
+
+        On a full disk nothing of the batch is stored, neither in SQLite nor in the dict events are
+        enriched from, and `LogUnavailable` with status 507 says so (as the event log does); the next
+        upsert once space is freed goes through on the same connection, no restart needed. SQLite may
+        have rolled the transaction back itself (a full disk at COMMIT): then there is nothing to roll
+        back (ROLLBACK would fail and hide the cause; it made this a bare 500 before).
+        """
         rows = [(it.item_id, it.category, it.subcategory, it.price, int(it.available), it.brand, it.name,
                  it.updated_ts) for it in items]
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
             try:
+                self._conn.execute("BEGIN IMMEDIATE")
                 self._conn.executemany(_UPSERT, rows)
                 self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
+            except BaseException as e:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                if isinstance(e, sqlite3.Error) and getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                    log.error("the catalogue's disk is full: an upsert of %d items was refused", len(items))
+                    raise LogUnavailable("the catalogue's disk is full: nothing of this batch was stored; retry "
+                                         "once space is freed", 507) from None
                 raise
             self._items.update((it.item_id, it) for it in items)
         return len(items)
