@@ -8,13 +8,14 @@ import typer
 
 from insession.datasets.cli import generate, import_
 from insession.evaluate.cli import evaluate
-from insession.train.cli import train
+from insession.train.cli import train, training_data
 
 app = typer.Typer(help="insession: real-time in-session personalisation.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 app.command("generate")(generate)
 app.command("import")(import_)
 app.command("train")(train)
+app.command("training-data")(training_data)
 app.command("evaluate")(evaluate)
 
 

@@ -1,26 +1,26 @@
 """Point-in-time training data from the event history, through the offline feature engine's declarations.
 
-One example group per add-to-cart (the request): the state just before it is what the online engine
-would have served after applying the log up to the event before it (spine: user, ts, offset - 1), read
-from `insession.features.offline.compute` with the registry's own `history_seq`, `session_seq` and
-counters, so the model trains on exactly what serving sees. Candidates: the carted item (positive); hard
-negatives, items viewed in the same session within `window_ms` of the add-to-cart but never carted in
-that session, found with a range join on (user, session, ts window); and, given a `Proposer` (the ranking
-service's candidate stage replayed point-in-time, `insession.train.replay.stage_proposer`), the
-stage's proposals at that request: the model then learns to rank what it is served. With a proposer,
-only requests whose positive the stage proposed are kept (a reranker never sees the others), and
-validation lists are the served lists. Without one, validation groups are topped up with
-popularity-sampled items. In-batch negatives from other users come later, in the loss. Counters for
-every (request, candidate) pair come from the same engine at the same spine instant; the SIGNALS (the
-candidate's repeat/recency in the session and history, its co-visitation with the session's items) come
-from the same state through the model's `signal_rows`.
+One example group per add-to-cart (the request): the state just before it is what the online engine would have
+served after applying the log up to the event before it (spine: user, ts, offset - 1), read from the offline
+engine (`insession.offline`: DuckDB by default, or Spark) with the registry's own `history_seq`, `session_seq`
+and counters, so the model trains on exactly what serving sees. Candidates: the carted item (positive); hard
+negatives, items viewed in the same session within `window_ms` of the add-to-cart but never carted in that
+session, found with a range join on (user, session, ts window); and, given a `Proposer` (the ranking service's
+candidate stage replayed point-in-time, `insession.train.replay.stage_proposer`), the stage's proposals at
+that request: the model then learns to rank what it is served. With a proposer, only requests whose positive
+the stage proposed are kept (a reranker never sees the others), and validation lists are the served lists.
+Without one, validation groups are topped up with popularity-sampled items. In-batch negatives from other
+users come later, in the loss. Counters for every (request, candidate) pair come from the same engine at the
+same spine instant; the SIGNALS (the candidate's repeat/recency in the session and history, its co-visitation
+with the session's items) come from the same state through the model's `signal_rows`.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from insession.features import offline
 from insession.features.declare import MINUTE_MS, FeatureRegistry, default_registry
 from insession.model.reranker import COUNTERS, SIGNALS, signal_rows
 from insession.model.vocab import Vocab
+from insession.offline import OfflineEngine, open_engine
 from insession.schema import ACTIONS, EVENT_ARROW_SCHEMA, price_band
 from insession.train.examples import Examples
 
@@ -136,13 +137,16 @@ def load_events(path: Path) -> pa.Table:
     return table.select(EVENT_ARROW_SCHEMA.names).cast(EVENT_ARROW_SCHEMA).sort_by("offset")
 
 
-def _engine_sessions(con: duckdb.DuckDBPyConnection, registry: FeatureRegistry, events: Any) -> None:
-    """The table `sess_events(off, user_id, item_id, action, ts, session_id, sess, category, subcategory)`:
-    the events the offline engine accepts, numbered into sessions by its own rule (`offline.sessions`)."""
-    offline.sessions(registry, events, con=con)
-    con.execute("""CREATE OR REPLACE TEMP TABLE sess_events AS
+def _sess_events(
+    con: duckdb.DuckDBPyConnection, registry: FeatureRegistry, events: Any, engine: OfflineEngine
+) -> None:
+    """The view `sess_events(off, user_id, item_id, action, ts, session_id, sess, category, subcategory)` on
+    the build's own connection: the events the offline engine accepts, numbered into sessions by its own
+    rule (`OfflineEngine.accepted`, as Arrow: nothing of the engine's is read by name)."""
+    con.register("accepted", engine.accepted(registry, events))
+    con.execute("""CREATE OR REPLACE TEMP VIEW sess_events AS
         SELECT "offset" AS off, user_id, item_id, action, ts, session_id, sess, category, subcategory
-        FROM accepted_sessions""")
+        FROM accepted""")
 
 
 def _pair_spine(requests: pa.Table, g: np.ndarray, items: pa.Array | pa.ChunkedArray) -> pa.Table:
@@ -163,17 +167,24 @@ def pair_counters(
     items: pa.Array | pa.ChunkedArray,
     events: Any,
     registry: FeatureRegistry,
+    engine: OfflineEngine | None = None,
 ) -> pa.Table:
     """The COUNTERS features, point-in-time, for (request g[i], candidate items[i]) pairs."""
-    return offline.compute([registry[n] for n in COUNTERS], events, _pair_spine(requests, g, items))
+    engine = engine or open_engine()
+    return engine.compute([registry[n] for n in COUNTERS], events, _pair_spine(requests, g, items))
 
 
 def _counter_matrix(
-    requests: pa.Table, g: np.ndarray, items: pa.ChunkedArray, events: Any, registry: FeatureRegistry
+    requests: pa.Table,
+    g: np.ndarray,
+    items: pa.ChunkedArray,
+    events: Any,
+    registry: FeatureRegistry,
+    engine: OfflineEngine,
 ) -> np.ndarray:
     """`counter_matrix(pair_counters(...))`, one chunk of feature values at a time (the trainer's pairs are
     ~28M rows at 5M events)."""
-    counted = offline.compute_chunks([registry[n] for n in COUNTERS], events, _pair_spine(requests, g, items))
+    counted = engine.compute_chunks([registry[n] for n in COUNTERS], events, _pair_spine(requests, g, items))
     return np.concatenate([counter_matrix(chunk) for chunk in counted])
 
 
@@ -184,6 +195,7 @@ def session_covisit(
     offset: np.ndarray,
     n_items: int,
     registry: FeatureRegistry,
+    engine: OfflineEngine | None = None,
 ) -> list[dict[str, dict[str, int]]]:
     """Per request: the `covisit` feature ({neighbour: count}) of its session's `n_items` most recent
     distinct items, keyed in that order (most recent first), read point-in-time at (ts, offset)."""
@@ -198,7 +210,8 @@ def session_covisit(
     )
     out: list[dict[str, dict[str, int]]] = [{} for _ in distinct]
     rows = zip(g_rep.tolist(), spine["item_id"].to_pylist(), strict=True)
-    for chunk in offline.compute_chunks([registry["covisit"]], events, spine):  # a chunk's lists at a time
+    engine = engine or open_engine()
+    for chunk in engine.compute_chunks([registry["covisit"]], events, spine):  # a chunk's lists at a time
         offsets, flat = ragged(chunk["covisit"])
         codes = flat.field("item_id").dictionary_encode()  # one str object per distinct neighbour
         vocab = codes.dictionary.to_pylist()
@@ -417,20 +430,24 @@ def build(
     registry: FeatureRegistry | None = None,
     progress: bool = True,
     proposer: Proposer | None = None,
+    engine: OfflineEngine | None = None,
 ) -> TrainingData:
     """Training and validation examples (time split), vocabulary and item2vec inputs from an event history.
 
     With a `proposer` the candidate stage's proposals are negatives too, and only requests whose positive
-    the stage proposed are kept (see the module docstring)."""
+    the stage proposed are kept (see the module docstring). `engine` computes the point-in-time features and
+    the accepted events (default: DuckDB); what the build joins itself runs on its own DuckDB connection
+    over the Arrow tables the engine returns."""
     cfg = cfg or BuildConfig()
     registry = registry or default_registry()
+    engine = engine or open_engine()
     steps = _Steps(progress)
     con = offline.connect()
     requests = _requests(events)
     if requests.num_rows == 0:
         raise ValueError("the history holds no add_to_cart event: nothing to learn from")
     steps.start("sessions", f"sessions and time split of {requests.num_rows:,} add-to-carts ...")
-    _engine_sessions(con, registry, events)
+    _sess_events(con, registry, events, engine)
     requests = requests.append_column("g", pa.array(np.arange(requests.num_rows), pa.int64()))
     con.register("requests", requests)
     accepted = con.sql("SELECT r.g FROM requests r SEMI JOIN sess_events e ON e.off = r.atc_offset ORDER BY g")
@@ -466,7 +483,7 @@ def build(
         del served
     else:
         steps.start("sequences", f"point-in-time sequences for {len(asked):,} add-to-carts ...")
-        state = offline.compute(
+        state = engine.compute(
             [registry[n] for n in SEQUENCES], events, requests.take(asked).select(["user_id", "ts", "offset"])
         )
         steps.start("co-visitation", "co-visitation of the session items ...")
@@ -477,6 +494,7 @@ def build(
             requests["offset"].to_numpy()[asked],
             cfg.session_items,
             registry,
+            engine,
         )
     cand = cand.filter(pa.array(np.isin(cand["g"].to_numpy(), np.concatenate([train_groups, val_groups]))))
     if proposer is not None:
@@ -493,7 +511,7 @@ def build(
 
     steps.start("counters", f"point-in-time counters for {cand.num_rows:,} (request, candidate) pairs ...")
     g = cand["g"].to_numpy()
-    counters = _counter_matrix(requests, g, cand["item_id"], events, registry)
+    counters = _counter_matrix(requests, g, cand["item_id"], events, registry, engine)
 
     seq = con.sql(f"""SELECT item_id, category, subcategory, dense_rank() OVER (ORDER BY user_id, sess) AS s
                       FROM sess_events WHERE ts < {split_ts} ORDER BY user_id, sess, off""").to_arrow_table()
@@ -533,3 +551,49 @@ def build(
         ),
         seconds=steps.seconds,
     )
+
+
+def examples_table(examples: Examples) -> pa.Table:
+    """Examples as one row per group: `request_ts` and a list column per ragged array of `Examples` (the
+    same names; counters and signals as lists of fixed-size lists), the form `training-data` writes."""
+    cols: dict[str, pa.Array] = {"request_ts": pa.array(examples.request_ts, pa.int64())}
+    for f in fields(Examples):
+        prefix, _, _ = f.name.partition("_")
+        if f.name == "request_ts" or f.name.endswith("_offsets"):
+            continue
+        values = getattr(examples, f.name)
+        flat = (
+            pa.array(values)
+            if values.ndim == 1
+            else pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), values.shape[1])
+        )
+        offsets = pa.array(getattr(examples, f"{prefix}_offsets").astype(np.int64), pa.int64())
+        cols[f.name] = pa.LargeListArray.from_arrays(offsets, flat)
+    return pa.table(cols)
+
+
+def write_training_data(data: TrainingData, out: Path) -> list[Path]:
+    """`train.parquet` and `val.parquet` (`examples_table`), the requests of each group
+    (`train_requests.parquet`, `val_requests.parquet`) and `meta.json` (feature hash, split, item count,
+    seconds per step) under `out`. Returns the paths written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, table in (
+        ("train", examples_table(data.train)),
+        ("val", examples_table(data.val)),
+        ("train_requests", data.train_requests),
+        ("val_requests", data.val_requests),
+    ):
+        pq.write_table(table, out / f"{name}.parquet")
+        written.append(out / f"{name}.parquet")
+    meta = {
+        "feature_hash": data.feature_hash,
+        "split_ts": data.split_ts,
+        "items": data.vocab.n_items - 1,
+        "train_groups": len(data.train),
+        "val_groups": len(data.val),
+        "seconds": data.seconds,
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    return [*written, out / "meta.json"]

@@ -1,4 +1,5 @@
-"""`insession train`: train the Dual Sequence ReRanker on an event history into a versioned artefact."""
+"""`insession train`: train the Dual Sequence ReRanker on an event history into a versioned artefact;
+`insession training-data`: the point-in-time training examples alone, as Parquet, from either offline engine."""
 
 from __future__ import annotations
 
@@ -7,8 +8,25 @@ from typing import Annotated
 
 import typer
 
+from insession.offline import ENGINES, OfflineEngine, open_engine
 from insession.train.build import BuildConfig
 from insession.train.trainer import TrainConfig
+
+EngineOption = Annotated[
+    str, typer.Option("--engine", help=f"The offline feature engine: {' or '.join(ENGINES)} (DuckDB: this process).")
+]
+MasterOption = Annotated[
+    str | None,
+    typer.Option("--master", help="Spark's master URL (default local[*]; e.g. spark://host:7077, yarn, k8s://...)."),
+]
+
+
+def _engine(name: str, master: str | None) -> OfflineEngine:
+    if name not in ENGINES:
+        raise typer.BadParameter(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}", param_hint="--engine")
+    engine = open_engine(name, master=master)
+    typer.echo(f"offline engine: {engine.describe()}")  # Spark's UI address, to watch the build's jobs
+    return engine
 
 
 def train(
@@ -34,6 +52,8 @@ def train(
         bool,
         typer.Option(help="Negatives from the ranking service's candidate stage, replayed at each add-to-cart."),
     ] = True,
+    engine: EngineOption = "duckdb",
+    master: MasterOption = None,
 ) -> None:
     """Train the Dual Sequence ReRanker on point-in-time training data from the feature engine."""
     from insession.train.build import load_events
@@ -42,19 +62,61 @@ def train(
 
     events = load_events(data_dir)
     typer.echo(f"{events.num_rows:,} events from {data_dir}")
-    done = train_on_events(
-        events,
-        out,
-        train_config=TrainConfig(
-            epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, threads=threads
-        ),
-        build_config=BuildConfig(val_fraction=val_fraction, seed=seed),
-        proposer=stage_proposer(events) if served_negatives else None,
-        item2vec_epochs=item2vec_epochs,
-        dim=dim,
-        n_layers=layers,
-        n_heads=heads,
-    )
+    offline = _engine(engine, master)
+    try:
+        done = train_on_events(
+            events,
+            out,
+            train_config=TrainConfig(
+                epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, threads=threads
+            ),
+            build_config=BuildConfig(val_fraction=val_fraction, seed=seed),
+            proposer=stage_proposer(events, engine=offline) if served_negatives else None,
+            item2vec_epochs=item2vec_epochs,
+            engine=offline,
+            dim=dim,
+            n_layers=layers,
+            n_heads=heads,
+        )
+    finally:
+        offline.close()
     m = done.result.metrics()
     typer.echo(f"best epoch {m['best_epoch']}: validation NDCG@10 {m['val_ndcg10']:.4f}, hit@10 {m['val_hit10']:.4f}")
     typer.echo(f"artefact: {done.path}")
+
+
+def training_data(
+    data_dir: Annotated[
+        Path,
+        typer.Argument(help="A data dir holding history/day=*/ Parquet, an events Parquet file, or a dataset dir."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Writes train/val examples and requests as Parquet here.")],
+    engine: EngineOption = "duckdb",
+    master: MasterOption = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of the latest add-to-carts that validate.")] = 0.15,
+    seed: Annotated[int, typer.Option(help="Random seed (validation sample, popularity negatives).")] = 0,
+    served_negatives: Annotated[
+        bool,
+        typer.Option(help="Negatives from the ranking service's candidate stage, replayed at each add-to-cart."),
+    ] = True,
+) -> None:
+    """Build the point-in-time training examples (the columns the trainer reads) and write them as Parquet."""
+    from insession.train.build import build, load_events, write_training_data
+    from insession.train.replay import stage_proposer
+
+    events = load_events(data_dir)
+    typer.echo(f"{events.num_rows:,} events from {data_dir}")
+    offline = _engine(engine, master)
+    try:
+        data = build(
+            events,
+            BuildConfig(val_fraction=val_fraction, seed=seed),
+            proposer=stage_proposer(events, engine=offline) if served_negatives else None,
+            engine=offline,
+        )
+    finally:
+        offline.close()
+    for path in write_training_data(data, out):
+        typer.echo(f"wrote {path}")
+    steps = ", ".join(f"{k} {v:.1f} s" for k, v in data.seconds.items())
+    typer.echo(f"{len(data.train):,} training and {len(data.val):,} validation groups; {steps}")

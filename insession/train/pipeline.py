@@ -12,6 +12,7 @@ import torch
 from insession.features.declare import FeatureRegistry
 from insession.model.artefact import CURVE, new_version, save_artefact
 from insession.model.reranker import DualSequenceReranker
+from insession.offline import OfflineEngine
 from insession.train.build import BuildConfig, Proposer, TrainingData, build
 from insession.train.item2vec import item2vec
 from insession.train.plots import plot_curve
@@ -57,14 +58,23 @@ def train_on_events(
     registry: FeatureRegistry | None = None,
     proposer: Proposer | None = None,
     item2vec_epochs: int = 2,
+    engine: OfflineEngine | None = None,
     **model_overrides: object,
 ) -> Trained:
-    """The whole of `insession train`: the data step (`build`), item2vec, the training step, artefact + curve."""
+    """The whole of `insession train`: the data step (`build`, its features from `engine`: DuckDB by
+    default), item2vec, the training step, artefact + curve."""
     tc = train_config or TrainConfig()
     set_threads(tc.threads)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    data = build(events, build_config or BuildConfig(seed=tc.seed), registry, progress=tc.progress, proposer=proposer)
+    data = build(
+        events,
+        build_config or BuildConfig(seed=tc.seed),
+        registry,
+        progress=tc.progress,
+        proposer=proposer,
+        engine=engine,
+    )
     seconds["build"] = time.perf_counter() - t0
     cfg = data.vocab.config(**model_overrides)
     vectors = None

@@ -19,10 +19,11 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from insession.features import default_registry, offline
+from insession.features import default_registry
 from insession.features.declare import HOUR_MS, FeatureRegistry
 from insession.log.catalog import Catalog
 from insession.model.reranker import COUNTERS
+from insession.offline import OfflineEngine, open_engine
 from insession.rank.candidates import CandidateQuotas, propose, sources_for
 from insession.rank.hygiene import HygieneRules, eligible
 from insession.schema import Item
@@ -125,15 +126,18 @@ def build_candidates(
     registry: FeatureRegistry | None = None,
     progress: bool = True,
     with_counters: bool = True,
+    engine: OfflineEngine | None = None,
 ) -> CandidateSets:
     """Replay the candidate stage for every request (see the module docstring); one list per request.
 
-    with_counters=False leaves `counters` empty (training reads them itself)."""
+    with_counters=False leaves `counters` empty (training reads them itself). `engine`: the offline engine
+    of the point-in-time state (default: DuckDB)."""
     reg = registry or default_registry()
+    engine = engine or open_engine()
     say = tqdm.write if progress else (lambda *_: None)
     say(f"point-in-time state for {requests.num_rows:,} requests ...")
     spine = requests.select(["user_id", "ts", "offset"])
-    state = offline.compute([reg[n] for n in USER_FEATURES], events, spine)
+    state = engine.compute([reg[n] for n in USER_FEATURES], events, spine)
     sessions = state["session_seq"].to_pylist()
     # a session is keyed by its user and first event (the request itself when the session starts with it)
     ts = requests["ts"].to_numpy()
@@ -142,7 +146,7 @@ def build_candidates(
     requests = requests.append_column("session_key", pa.array(key, pa.string()))
 
     say("co-visitation neighbours of the session items ...")
-    covisit = session_covisit(events, sessions, ts, requests["offset"].to_numpy(), quotas.session, reg)
+    covisit = session_covisit(events, sessions, ts, requests["offset"].to_numpy(), quotas.session, reg, engine)
 
     say("popular items per category (hourly snapshots) ...")
     hours = ts // HOUR_MS * HOUR_MS
@@ -206,7 +210,7 @@ def build_candidates(
         return sets
     flat = sets.flat()
     say(f"point-in-time counters for {flat.num_rows:,} (request, candidate) pairs ...")
-    counted = pair_counters(requests, flat["g"].to_numpy(), flat["item_id"], events, reg)
+    counted = pair_counters(requests, flat["g"].to_numpy(), flat["item_id"], events, reg, engine)
     sets.counters = counted.select(list(COUNTERS))
     return sets
 
@@ -220,16 +224,21 @@ def catalogue_of(events: pa.Table) -> pa.Table:
                              true AS available FROM ev GROUP BY item_id ORDER BY item_id""").to_arrow_table()
 
 
-def stage_proposer(events: pa.Table, items: pa.Table | None = None, progress: bool = True) -> Proposer:
+def stage_proposer(
+    events: pa.Table, items: pa.Table | None = None, progress: bool = True, engine: OfflineEngine | None = None
+) -> Proposer:
     """The training data's `Proposer`: this replay of the serving candidate stage over `events` (and the
-    catalogue `items`, derived from the events when None), point-in-time at each request."""
+    catalogue `items`, derived from the events when None), point-in-time at each request, its state from
+    `engine` (default: DuckDB)."""
     catalogue = items if items is not None else catalogue_of(events)
     replayed: dict[tuple[int, ...], Proposed] = {}  # the same requests (e.g. one build per seed) replay once
 
     def propose_at(requests: pa.Table) -> Proposed:
         key = tuple(requests["offset"].to_pylist())
         if key not in replayed:
-            sets = build_candidates(events, catalogue, requests, progress=progress, with_counters=False)
+            sets = build_candidates(
+                events, catalogue, requests, progress=progress, with_counters=False, engine=engine
+            )
             replayed[key] = Proposed(sets.proposals(), sets.state.select(list(SEQUENCES)), sets.covisit)
         return replayed[key]
 
