@@ -1,13 +1,15 @@
-"""schemathesis against the whole server's OpenAPI: no input makes any endpoint answer 5xx, and input the
-schema forbids is refused with a 4xx.
+"""schemathesis against the whole server's OpenAPI: no input makes any endpoint answer 5xx, input the
+schema forbids is refused with a 4xx, and no endpoint declared as keyed answers without the key.
 
-A real `insession serve` process on a loopback port with API keys on (the fuzzer holds a key with every
-role, so every endpoint is reached; the cases it generates without the key must get 401), fuzzed by the
-schemathesis CLI in every phase: examples, coverage (boundary and schema-violating values), fuzzing
-(positive and negative data) and stateful sequences. Checks: `not_a_server_error` and
-`negative_data_rejection` (a 413 for a body over its endpoint's limit counts as a refusal). The server's
-schema declares no links, so the stateful phase gets two here, what a client does: write an event or an
-item, then read that shopper's or item's features.
+A real `insession serve` process on a loopback port with API keys on, fuzzed by the schemathesis CLI in
+every phase: examples, coverage (boundary and schema-violating values), fuzzing (positive and negative
+data) and stateful sequences. The fuzzer holds a key with every role as the schema's API-key scheme, so
+every endpoint is reached and the cases it sends without a valid key are its own. Checks:
+`not_a_server_error`, `negative_data_rejection` (a 413 for a body over its endpoint's limit counts as a
+refusal) and `ignored_auth` (a request without the key must get 401). Run against the same server without
+keys, the last two fail (ST201, ST401: the schema declares the key even when none is configured). The
+server's schema declares no links, so the stateful phase gets two here, what a client does: write an
+event or an item, then read that shopper's or item's features.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def test_no_input_gives_a_server_error_and_invalid_input_is_refused(tmp_path: Pa
     (tmp_path / "server.toml").write_text(
         f'[[auth.keys]]\nname = "fuzzer"\nkey = "{KEY}"\nroles = ["ingest", "serve", "analytics", "admin"]\n')
     (tmp_path / "schemathesis.toml").write_text(
+        f'[auth.openapi.APIKeyHeader]\napi_key = "{KEY}"\n\n'
         f"[checks.negative_data_rejection]\nexpected-statuses = {json.dumps(REFUSALS)}\n")
     with ServerProcess(tmp_path / "data", extra_args=["--config", str(tmp_path / "server.toml")]) as server:
         auth = {"X-API-Key": KEY}
@@ -60,8 +63,7 @@ def test_no_input_gives_a_server_error_and_invalid_input_is_refused(tmp_path: Pa
         (tmp_path / "openapi.json").write_text(json.dumps(_with_links(schema)))
         run = subprocess.run(
             [st, "--config-file", str(tmp_path / "schemathesis.toml"), "run", str(tmp_path / "openapi.json"),
-             "--url", server.url, "-H", f"X-API-Key: {KEY}",
-             "--checks", "not_a_server_error,negative_data_rejection",
+             "--url", server.url, "--checks", "not_a_server_error,negative_data_rejection,ignored_auth",
              "--phases", "examples,coverage,fuzzing,stateful", "--mode", "all",
              "--max-examples", str(MAX_EXAMPLES), "--seed", "7", "--workers", "1", "--output-truncate", "true"],
             capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path,
