@@ -1,0 +1,131 @@
+"""Benchmark of the offline engines: the training-data build (what `insession training-data` runs, with the
+candidate stage's proposals as negatives) on DuckDB and on Spark (1 and 2 local cores), side by side.
+
+Each engine runs in its own process on the same synthetic history (a Parquet file written once), so peak
+memory is that build's alone: the Python driver's peak RSS and, for Spark, the JVM's (VmHWM read before it
+stops). Run `python -m bench.bench_offline [--events N ...]` under `flock /tmp/insession-bench.lock` so that
+it never overlaps another benchmark; it writes docs/bench/bench_offline.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from bench.common import machine, stamp, table
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+CONFIGS = (("duckdb", None), ("spark", "local[1]"), ("spark", "local[2]"))
+
+
+def _vm_hwm_gib(pid: int) -> float:
+    """A process's peak resident memory (VmHWM) in GiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def child(history: Path, engine_name: str, master: str | None) -> None:
+    """One build; prints a JSON line with its seconds, steps, groups and peak memory."""
+    from insession.offline import open_engine
+    from insession.train.build import BuildConfig, build
+    from insession.train.replay import stage_proposer
+
+    events = pq.read_table(history)
+    t0 = time.perf_counter()
+    engine = open_engine(engine_name, master=master)
+    started = time.perf_counter() - t0
+    print(f"[bench_offline] {engine.describe()}", file=sys.stderr, flush=True)
+    data = build(
+        events, BuildConfig(), progress=True, proposer=stage_proposer(events, progress=False, engine=engine),
+        engine=engine,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    jvm = float("nan")
+    if engine_name == "spark":
+        jvm = _vm_hwm_gib(engine.spark.sparkContext._gateway.proc.pid)  # noqa: SLF001
+    engine.close()
+    out = {
+        "seconds": seconds,
+        "start_s": started,
+        "steps": data.seconds,
+        "groups": len(data.train) + len(data.val),
+        "driver_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "jvm_gib": jvm,
+    }
+    print(json.dumps(out), flush=True)
+
+
+def run(quick: bool, sizes: list[int] | None = None) -> str:
+    from bench.bench_train import synthetic_history
+
+    sizes = sizes or ([20_000] if quick else [100_000])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            events, _ = synthetic_history(n)
+            path = Path(tmp) / f"history_{n}.parquet"
+            pq.write_table(events, path)
+            for engine_name, master in CONFIGS:
+                label = engine_name if master is None else f"spark {master}"
+                print(f"[bench_offline] {events.num_rows:,} events on {label} ...", flush=True)
+                cmd = [sys.executable, "-m", "bench.bench_offline", "--child", str(path), engine_name]
+                if master:
+                    cmd.append(master)
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=os.environ)
+                if proc.returncode:
+                    raise RuntimeError(f"{label} at {n:,} events failed:\n{proc.stderr[-4000:]}")
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                steps = ", ".join(f"{k} {v:.0f}" for k, v in r["steps"].items())
+                rows.append([
+                    f"{events.num_rows:,}", label, r["seconds"], r["start_s"],
+                    1e6 * r["seconds"] / events.num_rows, r["driver_gib"], r["jvm_gib"], r["groups"], steps,
+                ])  # fmt: skip
+                print(f"[bench_offline]   {r['seconds']:.0f} s; {steps}", flush=True)
+    headers = [
+        "events", "engine", "build s", "engine start s", "µs per event", "driver peak GiB", "JVM peak GiB",
+        "groups", "steps (s)",
+    ]  # fmt: skip
+    return (
+        "## bench_offline: the training-data build on DuckDB and on Spark\n\n"
+        "`build` with the candidate stage's proposals (what `insession training-data` and `insession train` "
+        "run), each engine in its own process on the same synthetic history; Spark local, its UI off. "
+        "Peak memory: the Python driver's max RSS and the JVM's VmHWM.\n\n" + table(headers, rows)
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--events", type=int, nargs="*", help="synthetic history sizes (default 100,000)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        history, engine_name, *master = args.child
+        return child(Path(history), engine_name, master[0] if master else None)
+    t0 = time.perf_counter()
+    section = run(args.quick, args.events)
+    load = " / ".join(Path("/proc/loadavg").read_text().split()[:3])
+    footer = (
+        f"\n\n_Measured {stamp()} on {machine()}; `python -m bench.bench_offline"
+        f"{' --quick' if args.quick else ''}{' --events ' + ' '.join(map(str, args.events)) if args.events else ''}`"
+        f"; took {time.perf_counter() - t0:.0f} s; load average (1 / 5 / 15 min) at the end: {load} (above ~1-2, "
+        "other work shared the 2 cores)._\n"
+    )
+    print(section + footer)
+    (DOCS / "bench").mkdir(parents=True, exist_ok=True)
+    (DOCS / "bench" / "bench_offline.md").write_text(section.rstrip() + footer)
+
+
+if __name__ == "__main__":
+    main()
