@@ -52,9 +52,11 @@ class InsertResult(msgspec.Struct):
 class Insession:
     """One process's insession: `insert`, `select`, `rank`, `close`; safe to share across threads.
 
-    Data layout under `data_dir`: `log.sqlite` (the event log, the source of truth), `catalog.sqlite`
-    (the items table), `features/` (snapshots of online feature state), `history/` (Parquet by day,
-    exported from closed log segments), `models/` (versioned ReRanker artefacts; the newest serves).
+    Data layout under `data_dir`: `log.sqlite` (the event log, the source of truth), `log.sqlite-acked`
+    (the newest acknowledged offset: a log found below it, lost or with its -wal file cut, is refused),
+    `catalog.sqlite` (the items table), `features/` (snapshots of online feature state), `history/`
+    (Parquet by day, exported from closed log segments), `models/` (versioned ReRanker artefacts; the
+    newest serves), `LOCK` (held by the one process serving the directory).
     """
 
     def __init__(self, data_dir: str | Path, *, maintenance_interval_s: float | None = 5.0,
