@@ -109,9 +109,15 @@ def render(res: Results, img_dir: Path, img_prefix: str) -> str:
         L += [
             "### Sequential models (every interaction, next item), tuned on validation (first seed)",
             "",
-            "Fitted on events before the validation period, stopped early on that period's held-out tail "
+            "Fitted on events before the validation period, stopped early on the held-out tail of that span "
             "(next-item NDCG@10 over the whole catalogue); the setting with the best validation NDCG@10 "
-            "(proposed requests) is refitted per seed on events before the test period.",
+            "(proposed requests) "
+            + (
+                "is refitted per seed on events before the test period."
+                if cfg.seq_refit
+                else "ranks the test requests too (no refit: items first seen in the validation period are "
+                "unknown to it)."
+            ),
             "",
             "| model | setting | validation NDCG@10 | best epoch | held-out next-item NDCG@10 (catalogue) |",
             "|---|---|---|---|---|",
@@ -195,7 +201,8 @@ def _known_section(res: Results, pooled: dict, others: list[str]) -> list[str]:
         "### Positives the sequential models know, and the rest (test; NDCG@10 and HR@10 with 95% CI)",
         "",
         "Known: the carted item occurs as a next-item training target of the sequential models fitted before "
-        "the test period. The sequential models alone score 0 on the rest by construction.",
+        + ("the test period" if cfg.seq_refit else "the validation period (no refit)")
+        + ". The sequential models alone score 0 on the rest by construction.",
         "",
     ]
     for view in ("proposed", "forced"):
