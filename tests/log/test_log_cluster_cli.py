@@ -4,6 +4,8 @@ server."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -41,7 +43,7 @@ def test_nats_cluster_command_serves_until_interrupted(tmp_path: Path) -> None:
     ports = _ports_with_neighbours(3)
     proc = subprocess.Popen([sys.executable, "-m", "insession.cli", "nats-cluster", "--dir", str(tmp_path),
                              "--ports", ",".join(map(str, ports))], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, start_new_session=True)  # its own group: a failure kills its servers too
     try:
         assert proc.stdout is not None
         lines = [proc.stdout.readline() for _ in range(3)]
@@ -62,7 +64,8 @@ def test_nats_cluster_command_serves_until_interrupted(tmp_path: Path) -> None:
         assert out.strip().endswith("stopped")
     finally:
         if proc.poll() is None:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     for port in ports:  # every server is gone: its client port can be listened on again
         with socket.socket() as s:
