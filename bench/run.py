@@ -13,8 +13,8 @@ from pathlib import Path
 
 from bench.common import machine, stamp
 
-MODULES = ("bench_ingest", "bench_features", "bench_freshness", "bench_query", "bench_train", "bench_rank",
-           "bench_mixed", "bench_cluster", "bench_zero_code")
+MODULES = ("bench_ingest", "bench_features", "bench_freshness", "bench_query", "bench_train", "bench_offline",
+           "bench_rank", "bench_mixed", "bench_cluster", "bench_zero_code")
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
