@@ -97,7 +97,7 @@ def run(quick: bool, sizes: list[int] | None = None) -> str:
         "groups", "steps (s)",
     ]  # fmt: skip
     return (
-        "## bench_offline: the training-data build on DuckDB and on Spark\n\n"
+        "## Offline engines: the training-data build on DuckDB and on Spark (bench_offline)\n\n"
         "`build` with the candidate stage's proposals (what `insession training-data` and `insession train` "
         "run), each engine in its own process on the same synthetic history; Spark local, its UI off. "
         "Peak memory: the Python driver's max RSS and the JVM's VmHWM.\n\n" + table(headers, rows)
