@@ -60,10 +60,10 @@ def train(
     from insession.train.pipeline import train_on_events
     from insession.train.replay import stage_proposer
 
-    events = load_events(data_dir)
-    typer.echo(f"{events.num_rows:,} events from {data_dir}")
     offline = _engine(engine, master)
     try:
+        events = load_events(data_dir)
+        typer.echo(f"{events.num_rows:,} events from {data_dir}")
         done = train_on_events(
             events,
             out,
@@ -104,10 +104,10 @@ def training_data(
     from insession.train.build import build, load_events, write_training_data
     from insession.train.replay import stage_proposer
 
-    events = load_events(data_dir)
-    typer.echo(f"{events.num_rows:,} events from {data_dir}")
     offline = _engine(engine, master)
     try:
+        events = load_events(data_dir)
+        typer.echo(f"{events.num_rows:,} events from {data_dir}")
         data = build(
             events,
             BuildConfig(val_fraction=val_fraction, seed=seed),

@@ -45,3 +45,24 @@ def test_spark_and_duckdb_build_the_same_examples(tmp_path: Path) -> None:
     np.testing.assert_array_equal(first, got.train.cand_counters[: got.train.cand_offsets[1]])
     assert json.loads((tmp_path / "meta.json").read_text())["train_groups"] == len(got.train)
     assert {p.name for p in paths} >= {"train.parquet", "val.parquet", "meta.json"}
+
+
+def test_the_training_data_command_writes_the_examples_and_refuses_an_unknown_engine(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from insession.cli import app
+
+    shop, _ = make_shop(n_users=8, sessions_per_user=3)
+    pq.write_table(shop, tmp_path / "events.parquet")
+    runner = CliRunner()
+    done = runner.invoke(
+        app, ["training-data", str(tmp_path / "events.parquet"), "--out", str(tmp_path / "ex"), "--engine", "duckdb"]
+    )
+    assert done.exit_code == 0, done.output
+    assert "offline engine: duckdb" in done.output
+    meta = json.loads((tmp_path / "ex" / "meta.json").read_text())
+    assert pq.read_table(tmp_path / "ex" / "train.parquet").num_rows == meta["train_groups"] > 0
+    bad = runner.invoke(app, ["training-data", str(tmp_path / "events.parquet"), "--out", str(tmp_path / "x"),
+                              "--engine", "flink"])  # fmt: skip
+    assert bad.exit_code != 0
+    assert "unknown engine 'flink'; choose one of duckdb, spark" in " ".join(bad.output.replace("│", " ").split())
