@@ -9,11 +9,11 @@ SELECT ...`, `DROP FEATURE`, `SHOW FEATURES`, `DESCRIBE FEATURE`) against a runn
   the statement answers.
 - **Backfill while serving.** A new feature is not served until it is whole. A child process replays the
   Parquet history into a one-feature engine (`backfill.py`: its own GIL, so serving keeps its CPU); the
-  server restores that state, catches up from the log outside any lock until fewer than `INSTALL_GAP`
-  events remain, then `FeatureEngine.install` applies those under the writer lock and the feature is
-  served from the next read on. Until then its queries go to the analytics lane (the matcher sees only
-  served features) and DESCRIBE shows the phase and progress. Then a snapshot is taken, so a restart
-  serves it at once.
+  server restores that state, catches up from the log outside any lock (at most a quarter of a core,
+  `CATCH_UP_DUTY`) until fewer than `INSTALL_GAP` events remain, then `FeatureEngine.install` applies
+  those under the writer lock and the feature is served from the next read on. Until then its queries go
+  to the analytics lane (the matcher sees only served features) and DESCRIBE shows the phase and
+  progress. Then a snapshot is taken, so a restart serves it at once.
 - **Restart in the middle restarts the backfill.** A declared feature the snapshot does not hold is left
   out of the engine at open (`FeatureEngine.unbuilt`); the manager backfills it again from the start.
   Nothing half-built is ever served.
@@ -51,7 +51,11 @@ log = logging.getLogger(__name__)
 CHANGES_FILE = "registry-changes.jsonl"
 BACKFILL_DIR = "backfill"
 INSTALL_GAP = 2_000  # events left to apply under the writer lock when a backfill is installed
-CATCH_UP_CHUNK = 10_000
+CATCH_UP_CHUNK = 2_000
+# The catch-up from the log runs in the server's process: after each chunk it sleeps three times as long as
+# the chunk took, so it takes at most a quarter of a core from serving (one feature replays at tens of
+# thousands of events/s, so a quarter still outruns any ingest rate the server itself sustains).
+CATCH_UP_DUTY = 0.25
 # Windows longer than this are refused: insession keeps the whole log and history (no retention), but a
 # window of years makes every read of the feature cover years of tiles; a year is the longest served.
 MAX_WINDOW_MS = 366 * DAY_MS
@@ -304,8 +308,10 @@ class FeatureManager:
                 for chunk in chunked(self.read_log(staged.applied_offset + 1, upto), CATCH_UP_CHUNK):
                     if job.cancelled:
                         return
+                    began = time.perf_counter()
                     staged.update_many(chunk)
                     job.done += len(chunk)
+                    time.sleep((time.perf_counter() - began) * (1 / CATCH_UP_DUTY - 1))
             with self._lock:
                 if job.cancelled:
                     return
