@@ -39,8 +39,9 @@ def serve(
     import msgspec
     import uvicorn
 
-    from insession.serve.app import create_app
-    from insession.serve.config import ConfigError, load_config
+    from insession.embedded import DataDirError
+    from insession.serve.app import create_app, open_handle
+    from insession.serve.config import ConfigError, exposure_warning, load_config
 
     try:
         cfg = load_config(config)
@@ -52,12 +53,20 @@ def serve(
         )
         cfg = msgspec.structs.replace(cfg, server=server,
                                       log=cfg.log if log is None else msgspec.structs.replace(cfg.log, url=log))
-        api = create_app(data_dir, config=cfg)
+        exposure_warning(cfg)  # a refused exposure stops before the data directory is touched
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    uvicorn.run(api, host=server.host, port=server.port, loop="uvloop", http="httptools",
-                access_log=False, log_level="warning")
+    try:  # opened here, not in the app's startup: a refused data directory is one line, not a traceback
+        handle = open_handle(data_dir, cfg)
+    except DataDirError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(3) from None
+    try:
+        uvicorn.run(create_app(handle=handle, config=cfg), host=server.host, port=server.port, loop="uvloop",
+                    http="httptools", access_log=False, log_level="warning")
+    finally:
+        handle.close()
 
 
 @app.command("nats-cluster")

@@ -56,6 +56,21 @@ def _body_schema(struct: type[msgspec.Struct]) -> dict[str, Any]:
     }
 
 
+def open_handle(data_dir: str | Path, cfg: Config) -> Insession:
+    """The embedded handle a server runs on, built from its config. Raises DataDirError for a data
+    directory in use or one whose log holds less than what was built from it."""
+    return Insession(
+        data_dir,
+        maintenance_interval_s=cfg.server.maintenance_interval_s,
+        limits=cfg.query.limits(),
+        rank_config=cfg.rank.rank_config(),
+        snapshot_interval_s=cfg.features.snapshot_interval_s,
+        max_users=cfg.features.max_users,
+        partitions=cfg.features.partitions,
+        log_config=cfg.log,
+    )
+
+
 def create_app(data_dir: str | Path | None = None, *, handle: Insession | None = None,
                config: Config | str | Path | None = None) -> FastAPI:
     """Build the app over an embedded handle (opened from `data_dir` if not given, closed on shutdown).
@@ -74,16 +89,7 @@ def create_app(data_dir: str | Path | None = None, *, handle: Insession | None =
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = handle is None
-        db = app.state.insession = handle or Insession(
-            data_dir,  # type: ignore[arg-type]
-            maintenance_interval_s=cfg.server.maintenance_interval_s,
-            limits=cfg.query.limits(),
-            rank_config=cfg.rank.rank_config(),
-            snapshot_interval_s=cfg.features.snapshot_interval_s,
-            max_users=cfg.features.max_users,
-            partitions=cfg.features.partitions,
-            log_config=cfg.log,
-        )
+        db = app.state.insession = handle or open_handle(data_dir, cfg)  # type: ignore[arg-type]
         app.state.metrics.bind(db)
         if warning:
             log.warning("%s", warning)

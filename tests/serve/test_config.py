@@ -210,3 +210,14 @@ def test_serve_refuses_a_non_loopback_host_without_keys(tmp_path: Path) -> None:
     path.write_text('[server]\nhost = "0.0.0.0"\n')
     result = CliRunner().invoke(cli, ["serve", "--data-dir", str(tmp_path / "d"), "--config", str(path)])
     assert result.exit_code == 2 and "refusing to serve 0.0.0.0" in result.output
+
+
+def test_serve_refuses_a_data_directory_in_use_with_one_line(tmp_path: Path) -> None:
+    """Opened before the app starts: the refusal is the message and exit code 3, not a startup traceback."""
+    import insession
+
+    with insession.open(tmp_path / "d", maintenance_interval_s=None):
+        result = CliRunner().invoke(cli, ["serve", "--data-dir", str(tmp_path / "d")])
+    assert result.exit_code == 3, result.output
+    assert result.output.startswith("error: ") and "one insession per data directory" in result.output
+    assert "Traceback" not in result.output
