@@ -233,14 +233,16 @@ class SparkEngine(OfflineEngine):
         lside, rside = (0, 1) if strict else (1, 0)
         kc = "".join(f"{k}, " for k in keys)
         part = f"PARTITION BY {', '.join(keys)} " if keys else ""
+        # The right row travels as one struct (NULL only on left rows), so `last(.., true)` takes every column
+        # from the same row; per column it would skip a NULL value of the latest row for an older one's.
+        packed = "named_struct(" + ", ".join(f"'{c}', {c}" for c in cols) + ")"
         return self._view(
             self._sql(f"""
-            SELECT rid, {", ".join(cols)} FROM (
-                SELECT rid, side, {", ".join(f"last({c}, true) OVER w AS {c}" for c in cols)} FROM (
-                    SELECT rid, {kc}{pos} AS pos, {lside} AS side, {", ".join(f"NULL AS {c}" for c in cols)}
-                    FROM {left}
+            SELECT rid, {", ".join(f"r.{c} AS {c}" for c in cols)} FROM (
+                SELECT rid, side, last(r, true) OVER w AS r FROM (
+                    SELECT rid, {kc}{pos} AS pos, {lside} AS side, NULL AS r FROM {left}
                     UNION ALL
-                    SELECT NULL, {kc}{rpos}, {rside}, {", ".join(cols)} FROM {right})
+                    SELECT NULL, {kc}{rpos}, {rside}, {packed} FROM {right})
                 WINDOW w AS ({part}ORDER BY pos, side ROWS UNBOUNDED PRECEDING))
             WHERE side = {lside}"""),
             "asof",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 from features_helpers import ALL_KINDS, T0, assert_parity, ev, online_reads, streams
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from spark_helpers import shared_spark_engine
 from test_parity import DECLARED_FIELDS
@@ -57,6 +57,11 @@ def _assert_same(reg: FeatureRegistry, want: pa.Table, got: pa.Table) -> None:
     deadline=None,
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@example(  # the shopper's latest event has no session id after one that had: the session closes by inactivity
+    events=[ev(0, "u0", "i0", T0, category="c1", session="s2"), ev(1, "u0", "i1", T0 + MINUTE_MS, category="c0"),
+            ev(2, "u1", "i2", T0 + 120 * MINUTE_MS)],
+    cuts=[3, 3],
 )
 @given(events=streams(max_events=120), cuts=st.lists(st.integers(1, 120), min_size=2, max_size=6))
 def test_spark_equals_duckdb_equals_online_for_every_kind(events: list[Event], cuts: list[int]) -> None:
