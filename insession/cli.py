@@ -62,11 +62,9 @@ def serve(
     except DataDirError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(3) from None
-    try:
-        uvicorn.run(create_app(handle=handle, config=cfg), host=server.host, port=server.port, loop="uvloop",
-                    http="httptools", access_log=False, log_level="warning")
-    finally:
-        handle.close()
+    # The app's shutdown closes the handle (final snapshot and export): uvicorn re-raises SIGTERM after it.
+    uvicorn.run(create_app(handle=handle, config=cfg, close_handle=True), host=server.host, port=server.port,
+                loop="uvloop", http="httptools", access_log=False, log_level="warning")
 
 
 @app.command("nats-cluster")

@@ -72,8 +72,10 @@ def open_handle(data_dir: str | Path, cfg: Config) -> Insession:
 
 
 def create_app(data_dir: str | Path | None = None, *, handle: Insession | None = None,
-               config: Config | str | Path | None = None) -> FastAPI:
-    """Build the app over an embedded handle (opened from `data_dir` if not given, closed on shutdown).
+               config: Config | str | Path | None = None, close_handle: bool = False) -> FastAPI:
+    """Build the app over an embedded handle (opened from `data_dir` if not given, closed on shutdown; a
+    given handle is closed on shutdown too with `close_handle`: uvicorn re-raises SIGTERM once it has shut
+    down, so nothing after `uvicorn.run` would run).
 
     `config`: a `Config` or a server config file (`insession.serve.config`); none means the defaults
     (auth off, loopback). Raises ConfigError for a bad file, and when `config.server.host` is not a
@@ -88,7 +90,7 @@ def create_app(data_dir: str | Path | None = None, *, handle: Insession | None =
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        owned = handle is None
+        owned = handle is None or close_handle
         db = app.state.insession = handle or open_handle(data_dir, cfg)  # type: ignore[arg-type]
         app.state.metrics.bind(db)
         if warning:

@@ -116,3 +116,15 @@ def test_sdk_embedded_and_remote_agree_and_survive_kill9(tmp_path: Path) -> None
         assert [e.offset for e in db.log.read(0)] == acked
         assert [e.event_id for e in db.log.read(0)] == [r["event_id"] for r in rows]
         assert db.insert("events", rows).duplicates == 50
+
+
+def test_a_graceful_stop_exports_the_history_and_snapshots_the_features(tmp_path: Path) -> None:
+    """SIGTERM: uvicorn shuts the app down (the handle's close: final snapshot and export), then re-raises
+    the signal, so the close must run in the app's shutdown, not after `uvicorn.run`."""
+    rows = [ev(i, event_id=f"g{i}") for i in range(20)]
+    with ServerProcess(tmp_path / "d") as server:
+        client = insession.Client(server.url)
+        client.insert("events", rows)
+        client.close()
+    assert list((tmp_path / "d" / "history").rglob("*.parquet")), "no history exported at the stop"
+    assert (tmp_path / "d" / "features" / "CURRENT").exists(), "no feature snapshot at the stop"
