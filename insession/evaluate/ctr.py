@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from insession.evaluate.sequential import request_sequence
+from insession.evaluate.sequential import left_pad, request_sequence
 from insession.train.replay import CandidateSets
 
 
@@ -138,7 +138,7 @@ class Impressions:
                 if k == 0:
                     continue
                 prev = s[:k]
-                seqs.append(_left_pad(prev[prev > 0], max_len))
+                seqs.append(left_pad(prev[prev > 0], max_len))
                 targets.append(s[k])
                 held.append(ts[rows[k]] >= tail_start)
         n, K = len(targets), cfg.negatives
@@ -152,14 +152,6 @@ class Impressions:
         labels = np.tile(np.array([1.0] + [0.0] * K, np.float32), n)
         held = np.repeat(np.array(held, bool), K + 1)
         return cls(vocab, cat_vocab, item_cat, seqs, targets, labels, held)
-
-
-def _left_pad(items: np.ndarray, max_len: int) -> np.ndarray:
-    out = np.zeros(max_len, np.int64)
-    items = items[-max_len:]
-    if len(items):
-        out[max_len - len(items) :] = items
-    return out
 
 
 def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -245,7 +237,7 @@ def score_ctr(fit: CtrFit, sets: CandidateSets, rows: np.ndarray, categories: di
     out = []
     for r in rows.tolist():
         seq = np.array([j for j in (d.items.get(it, 0) for it in request_sequence(hist[r], sess[r])) if j], np.int64)
-        x = np.repeat(_left_pad(seq, fit.max_len)[None], len(sets.lists[r]), 0)
+        x = np.repeat(left_pad(seq, fit.max_len)[None], len(sets.lists[r]), 0)
         cand = np.array([d.items.get(it, 0) for it in sets.lists[r]], np.int64)
         cats = np.array([d.cats.get(categories.get(it) or "", 0) for it in sets.lists[r]], np.int64)
         out.append(_forward(fit.model, d, x, cand, cats).double().numpy())

@@ -111,7 +111,7 @@ class Interactions:
         for s, t in zip(self.seqs, self.times, strict=True):
             for j in np.flatnonzero((t >= self.tail_start) & (s > 0)).tolist():
                 prev = s[:j]
-                xs.append(_left_pad(prev[prev > 0][-max_len:], max_len))
+                xs.append(left_pad(prev[prev > 0][-max_len:], max_len))
                 ys.append(s[j])
         if not xs:
             return np.zeros((0, max_len), np.int64), np.zeros(0, np.int64)
@@ -120,7 +120,8 @@ class Interactions:
         return x[np.sort(keep)], y[np.sort(keep)]
 
 
-def _left_pad(items: np.ndarray, max_len: int) -> np.ndarray:
+def left_pad(items: np.ndarray, max_len: int) -> np.ndarray:
+    """The last max_len items, right-aligned after zero padding (0 = no item)."""
     out = np.zeros(max_len, np.int64)
     items = items[-max_len:]
     if len(items):
@@ -227,7 +228,7 @@ def score_lists(fit: SeqFit, sets: CandidateSets, rows: np.ndarray, batch: int =
         chunk = rows_l[i : i + batch]
         x = np.stack(
             [
-                _left_pad(
+                left_pad(
                     np.array(
                         [j for j in (fit.vocab.get(it, 0) for it in request_sequence(hist[r], sess[r])) if j], np.int64
                     ),

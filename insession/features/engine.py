@@ -244,9 +244,10 @@ class FeatureEngine:
         state_dir = Path(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         reg_path = state_dir / REGISTRY_FILE
-        if registry is None:
-            registry = FeatureRegistry.load(reg_path) if reg_path.exists() else default_registry()
-        if not reg_path.exists() or FeatureRegistry.load(reg_path).to_json() != registry.to_json():
+        if registry is None and reg_path.exists():
+            registry = FeatureRegistry.load(reg_path)
+        else:
+            registry = registry or default_registry()
             registry.save(reg_path)
         engine = cls(registry, state_dir, partitions=partitions, max_users=max_users)
         old = state_dir / OLD_PICKLE_FILE
@@ -466,9 +467,10 @@ class FeatureEngine:
                 if hasattr(agg, "sessions"):
                     agg.sessions = mine.sessions  # the same rule over the same log: the same sessions
                 with mine.lock:
-                    gone = set(theirs.sessions.state) - set(mine.sessions.state)  # evicted by the cap here
-                    if gone:
-                        agg.forget(gone)
+                    if self.max_users:  # shoppers the cap evicted here since: not kept by the new feature
+                        gone = set(theirs.sessions.state) - set(mine.sessions.state)
+                        if gone:
+                            agg.forget(gone)
                     mine.aggs[feature.name] = agg
             unit = staged._items.get(feature.name)
             if unit is not None:
