@@ -17,6 +17,11 @@ tests/log/test_log_contract.py:
   on the network (health checks and metrics call it).
 - `export(history_dir)` / `exported_offset()` / `tail_arrow(from_offset)`: the Parquet history and the
   tail not yet in it, exactly as `insession.log.export` lays them out.
+
+A replicated log also answers `cluster_state()` (`ClusterState`: its servers, the stream's leader, whether
+a quorum can acknowledge writes, the newest offset of each partition), from a check it repeats in the
+background, so that it never waits on the network either; `cluster_state(log)` is None for a log on one
+machine.
 """
 
 from __future__ import annotations
@@ -82,6 +87,45 @@ class LogConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         msgspec.Meta(description="how long a write waits for a quorum (elections included) before it gets 503",
                      gt=0),
     ] = 10.0
+
+
+class ServerState(msgspec.Struct, frozen=True):
+    """One server of a replicated log as the last check saw it."""
+
+    name: str  # its server name (the URL of its monitoring endpoint while it has never answered)
+    monitor: str | None  # its monitoring endpoint (`[log] monitor`); None: known only as a peer of the stream
+    up: bool | None  # it answered its monitoring endpoint on the last check; None: no endpoint to ask
+    role: str  # "leader" or "replica" of the stream's Raft group; "" when the last check could not tell
+    current: bool | None  # the stream's leader counts it caught up (the leader itself: True); None: unknown
+    lag: int | None  # Raft operations it is behind the stream's leader (None: not reported)
+    seen_s_ago: float | None  # since the stream's leader last heard from it (None: the leader, or unknown)
+
+
+class ClusterState(msgspec.Struct, frozen=True):
+    """A replicated log's last cluster check (`JetStreamLog.cluster_state()`).
+
+    `quorum`: the stream's leader answered and counts a majority of the stream's replicas (itself
+    included) current, so a write can be acknowledged now; otherwise `reason` says what is missing.
+    `last_offset`: the stream's newest offset as the check saw it (on the leader, or on any replica
+    that answered when no leader did); `partition_last_offsets[p]`: the newest offset of partition p
+    (-1: none yet). `checked_at_ms`: wall clock of the check (0: none finished yet).
+    """
+
+    stream: str
+    replicas: int
+    checked_at_ms: int
+    quorum: bool
+    reason: str
+    leader: str | None
+    servers: list[ServerState]
+    last_offset: int
+    partition_last_offsets: list[int]
+
+
+def cluster_state(log: Log) -> ClusterState | None:
+    """The replicated log's last cluster check; None for a log on one machine (nothing to replicate)."""
+    check = getattr(log, "cluster_state", None)
+    return check() if check is not None else None
 
 
 class Log(Protocol):

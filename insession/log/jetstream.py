@@ -36,6 +36,15 @@ read back); a follower thread reads the rest (other writers' events, and an appe
 came between) from the stream. `last_offset()` is the newest offset this handle has seen acknowledged or
 delivered, kept locally: it never waits on the network.
 
+Cluster state (decision): a watcher thread checks the cluster every `CHECK_EVERY_S` and keeps the
+result for `cluster_state()`, which metrics, /readyz and the console read without waiting on the
+network. A check asks the stream's leader for the stream info (its Raft peers: current, lag, last
+seen), any replica for the newest message of each partition subject (a batch direct get with
+`multi_last`, answered without a leader), and each server's monitoring endpoint (`/varz`) whether it is
+up. The quorum holds when the leader answered within `CHECK_TIMEOUT_S` and counts a majority of the
+replicas (itself included) current. A leader is not enough: one whose peers are all down stays leader
+with every peer `current: false`, and any write it proposes waits for a majority that is not there.
+
 History: `export` writes the stream to the same day-partitioned Parquet as the embedded log; its mark
 is the file `<state_dir>/<stream>.exported` (fsynced), so each node keeps its own history.
 """
@@ -51,7 +60,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -63,7 +72,7 @@ import nats.js.errors
 import pyarrow as pa
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
-from insession.log.base import AppendResult, LogConfig, LogUnavailable, OnCommit
+from insession.log.base import AppendResult, ClusterState, LogConfig, LogUnavailable, OnCommit, ServerState
 from insession.log.export import events_to_arrow, remove_orphans, write_day_partitions
 from insession.schema import BatchRejected, Event, FieldError, partition_of
 
@@ -83,6 +92,8 @@ _ERR_BATCH_INCOMPLETE = 10176
 _ERR_DUPLICATE_IN_PROCESS = 10158  # our earlier attempt with this id is still being proposed: outcome pending
 INCOMPLETE_TRIES = 3  # an atomic batch incomplete this often has a message the stream refuses: an error
 _IMPOSSIBLE_SEQ = str(2**62)
+CHECK_EVERY_S = 1.0  # the cluster watcher's period
+CHECK_TIMEOUT_S = 1.0  # how long one check waits for the stream's leader, a replica, a monitoring endpoint
 
 T = TypeVar("T")
 _encoder = msgspec.msgpack.Encoder()
@@ -168,10 +179,12 @@ class JetStreamLog:
         self._urls = server_urls(config)
         if not self._urls:
             raise JetStreamError("[log] url names no NATS server")
+        self._monitors = monitor_urls(config)
+        self._server_names: dict[str, str] = {}  # monitoring endpoint -> server_name, once it answered
         if config.allow_unsynced:
             log.warning("JetStream log with allow_unsynced: servers are not checked for an fsync before each ack")
         else:
-            for url in check_synced(monitor_urls(config)):
+            for url in check_synced(self._monitors):
                 log.warning("JetStream server monitor %s did not answer; its fsync setting is unchecked", url)
         self._on_commit = on_commit
         self._state_dir = Path(state_dir)
@@ -196,6 +209,11 @@ class JetStreamLog:
             raise
         self._last = last_seq - 1
         self._delivered = self._last  # on_commit gets what is stored after this handle opened
+        self._cluster = ClusterState(self.stream, config.replicas, 0, False, "not checked yet", None, [],
+                                     self._last, [-1] * partitions)
+        self._stopping = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="insession-log-watcher", daemon=True)
+        self._watcher.start()
         self._follower = threading.Thread(target=self._follow, name="insession-log-follower", daemon=True)
         if follow:
             self._follower.start()
@@ -233,7 +251,22 @@ class JetStreamLog:
                                  "or fix [log] url / --log") from e
 
     async def _ensure_stream(self) -> int:
-        """Create the stream if missing; check an existing one; return its last sequence."""
+        """Create the stream if missing; check an existing one; return its last sequence. A cluster still
+        electing its leaders (JetStream answers 503 "temporarily unavailable") is asked again until
+        `ack_timeout_s`, so a node can start together with its servers."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.ack_timeout_s
+        while True:
+            try:
+                return await self._open_stream()
+            except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError) as e:
+                if loop.time() >= deadline:
+                    raise JetStreamError(f"JetStream did not serve stream {self.stream} within "
+                                         f"{self.config.ack_timeout_s:.0f} s ({e}): is a majority of its servers "
+                                         "up? (insession nats-cluster, or the servers of [log] url)") from e
+                await asyncio.sleep(0.25)
+
+    async def _open_stream(self) -> int:
         js = self._nc.jetstream()
         try:
             info = await js.stream_info(self.stream)
@@ -448,6 +481,39 @@ class JetStreamLog:
 
     # -- reads --------------------------------------------------------------------------------------
 
+    async def _direct_get(self, req: dict[str, Any], on_msg: Callable[[Any], None]) -> dict[str, str]:
+        """One batch direct get (`$JS.API.DIRECT.GET`, answered by any replica): `on_msg` gets each message,
+        in order; returns the end marker's headers (status 204: `Nats-Last-Sequence`, `Nats-UpTo-Sequence`),
+        or {} when nothing matched (404). A callback, not next_msg(): no timer per message."""
+        done: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+
+        async def collect(msg: Any) -> None:
+            if done.done():
+                return
+            headers = msg.headers
+            status = headers.get("Status") if headers else None
+            if status is None:
+                try:
+                    on_msg(msg)
+                except Exception as e:  # noqa: BLE001 - handed to the caller
+                    done.set_exception(e)
+            elif status == "204":  # end of batch
+                done.set_result(headers)
+            elif status == "404":  # nothing matched
+                done.set_result({})
+            else:
+                done.set_exception(_Retry(f"direct get answered {status} {headers.get('Description', '')}"))
+
+        sub = await self._nc.subscribe(self._nc.new_inbox(), cb=collect)
+        try:
+            await self._nc.publish(f"$JS.API.DIRECT.GET.{self.stream}", json.dumps(req).encode(), reply=sub.subject)
+            return await asyncio.wait_for(done, ATTEMPT_TIMEOUT_S)
+        except TimeoutError as e:
+            raise _Retry("no replica answered a read in time") from e
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
     async def _get_batch(self, seq: int, n: int, subject: str | None) -> list[Event]:
         """Up to n stored events from sequence `seq` (of one subject), from whichever replica answers.
 
@@ -461,41 +527,31 @@ class JetStreamLog:
             req["no_hdr"] = True
         else:
             req["next_by_subj"] = subject
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         out: list[Event] = []
 
-        async def on_msg(msg: Any) -> None:  # a callback, not next_msg(): no timer per message
-            if done.done():
-                return
-            headers = msg.headers
-            status = headers.get("Status") if headers else None
-            if status is None:
-                ev = _decoder.decode(msg.data)
-                ev.offset = seq + len(out) - 1 if subject is None else int(headers["Nats-Sequence"]) - 1
-                out.append(ev)
-            elif status == "204":  # end of batch
-                end = int(headers.get("Nats-Last-Sequence", -1))
-                if out and subject is None and end != out[-1].offset + 1:
-                    done.set_exception(RuntimeError(
-                        f"stream {self.stream} has a gap: {len(out)} messages from sequence {seq} end at {end}; "
-                        "something deleted messages from it (insession never does)"))
-                else:
-                    done.set_result(None)
-            elif status == "404":  # nothing at or after seq
-                done.set_result(None)
-            else:
-                done.set_exception(_Retry(f"direct get answered {status} {headers.get('Description', '')}"))
+        def on_msg(msg: Any) -> None:
+            ev = _decoder.decode(msg.data)
+            ev.offset = seq + len(out) - 1 if subject is None else int(msg.headers["Nats-Sequence"]) - 1
+            out.append(ev)
 
-        sub = await self._nc.subscribe(self._nc.new_inbox(), cb=on_msg)
-        try:
-            await self._nc.publish(f"$JS.API.DIRECT.GET.{self.stream}", json.dumps(req).encode(), reply=sub.subject)
-            await asyncio.wait_for(done, ATTEMPT_TIMEOUT_S)
-        except TimeoutError as e:
-            raise _Retry("no replica answered a read in time") from e
-        finally:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+        end = int((await self._direct_get(req, on_msg)).get("Nats-Last-Sequence", -1))
+        if out and subject is None and end != out[-1].offset + 1:
+            raise RuntimeError(f"stream {self.stream} has a gap: {len(out)} messages from sequence {seq} end at {end}; "
+                               "something deleted messages from it (insession never does)")
         return out
+
+    async def _partition_ends(self) -> tuple[list[int], int]:
+        """The newest sequence of each partition (0: none) and the stream's, as the replica that answers has them."""
+        ends = [0] * self.partitions
+        first = len(self._prefix) + 1
+
+        def on_msg(msg: Any) -> None:
+            p = int(msg.headers["Nats-Subject"][first:])
+            if 0 <= p < self.partitions:
+                ends[p] = int(msg.headers["Nats-Sequence"])
+
+        end = await self._direct_get({"multi_last": [f"{self._prefix}.*"], "batch": self.partitions}, on_msg)
+        return ends, int(end.get("Nats-UpTo-Sequence", max(ends)))
 
     def read(self, from_offset: int = 0, limit: int | None = None, *, upto: int | None = None,
              partition: int | None = None) -> Iterator[Event]:
@@ -568,6 +624,96 @@ class JetStreamLog:
         with self._cond:
             return self._last
 
+    # -- cluster state ------------------------------------------------------------------------------
+
+    def cluster_state(self) -> ClusterState:
+        """The last cluster check (servers, the stream's leader, quorum, partition ends); never waits."""
+        with self._cond:
+            return self._cluster
+
+    def _watch(self) -> None:
+        """The watcher: check the cluster every CHECK_EVERY_S until close; never dies."""
+        while not self._stopping.is_set():
+            try:
+                state = self._check_cluster()
+            except Exception as e:  # noqa: BLE001 - a check that fails says so and the next one runs
+                log.exception("the cluster check failed")
+                with self._cond:
+                    state = msgspec.structs.replace(self._cluster, checked_at_ms=int(time.time() * 1000),
+                                                    quorum=False, reason=f"the cluster check failed: {e!r}")
+            with self._cond:
+                self._cluster = state
+            self._stopping.wait(CHECK_EVERY_S)
+
+    def _check_cluster(self) -> ClusterState:
+        """One check: the stream's leader and peers, the partitions' newest offsets, each server's endpoint."""
+        servers: dict[str, dict[str, Any]] = {}
+        for url in self._monitors:
+            up = self._server_up(url)
+            name = self._server_names.get(url, url)
+            servers[name] = {"name": name, "monitor": url, "up": up, "role": "", "current": None, "lag": None,
+                             "seen_s_ago": None}
+        leader: str | None = None
+        last_seq = 0
+        try:
+            info = self._run(self._stream_info(), CHECK_TIMEOUT_S + 1)
+        except Exception as e:  # noqa: BLE001 - no leader answered: that is the finding
+            quorum, reason = False, (f"no leader of stream {self.stream} answered within {CHECK_TIMEOUT_S:.0f} s "
+                                     f"({type(e).__name__}): writes cannot be acknowledged")
+        else:
+            last_seq = int(info.state.last_seq)
+            cluster = info.cluster
+            leader = (cluster.leader if cluster is not None else None) or None
+            peers = list(cluster.replicas or []) if cluster is not None else []
+            replicas = int(info.config.num_replicas or 1)
+            current = (1 if leader else 0) + sum(1 for p in peers if p.current and not p.offline)
+            needed = replicas // 2 + 1
+            quorum = cluster is None or (leader is not None and current >= needed)  # None: one server, no Raft
+            if quorum:
+                reason = ""
+            elif leader is None:
+                reason = f"stream {self.stream} has no leader (an election is running): writes wait for it"
+            elif not quorum:
+                reason = (f"the leader {leader} of stream {self.stream} counts {current} of {replicas} servers "
+                          f"current, {needed} are needed: writes cannot be acknowledged")
+            if leader is not None:
+                entry = servers.setdefault(leader, {"name": leader, "monitor": None, "up": None, "lag": None,
+                                                    "seen_s_ago": None})
+                entry.update(role="leader", current=True)
+            for p in peers:
+                entry = servers.setdefault(p.name, {"name": p.name, "monitor": None, "up": None})
+                entry.update(role="replica", current=bool(p.current and not p.offline), lag=p.lag,
+                             seen_s_ago=round(p.active / 1e9, 3) if p.active is not None else None)
+        ends = [0] * self.partitions
+        try:
+            ends, replica_seq = self._run(self._partition_ends(), ATTEMPT_TIMEOUT_S + 1)
+            last_seq = max(last_seq, replica_seq)
+        except Exception as e:  # noqa: BLE001 - no replica answered either: keep the last known ends
+            log.debug("no replica answered the partition ends: %r", e)
+            with self._cond:
+                ends = [off + 1 for off in self._cluster.partition_last_offsets]
+                last_seq = max(last_seq, self._cluster.last_offset + 1)
+        return ClusterState(
+            stream=self.stream, replicas=self.config.replicas, checked_at_ms=int(time.time() * 1000),
+            quorum=quorum, reason=reason, leader=leader,
+            servers=[ServerState(**entry) for _, entry in sorted(servers.items())],
+            last_offset=last_seq - 1, partition_last_offsets=[seq - 1 for seq in ends],
+        )
+
+    async def _stream_info(self) -> Any:
+        return await self._nc.jetstream(timeout=CHECK_TIMEOUT_S).stream_info(self.stream)
+
+    def _server_up(self, monitor: str) -> bool:
+        """Whether the server answers its monitoring endpoint (`/varz`, which also names it)."""
+        try:
+            with urllib.request.urlopen(f"{monitor}/varz", timeout=CHECK_TIMEOUT_S) as r:
+                name = json.load(r).get("server_name")
+        except (OSError, ValueError):
+            return False
+        if name:
+            self._server_names[monitor] = name
+        return True
+
     # -- history ------------------------------------------------------------------------------------
 
     def exported_offset(self) -> int:
@@ -623,6 +769,8 @@ class JetStreamLog:
             self._closed = True
             self._cond.notify_all()
         self._kick.set()
+        self._stopping.set()
+        self._watcher.join()
         if self._follower.ident is not None:  # a handle opened with follow=False may never have started it
             self._follower.join()
         self._shutdown_loop()

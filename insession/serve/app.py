@@ -21,7 +21,7 @@ from insession.serve.auth import SECURITY, Auth, authorize
 from insession.serve.config import Config, exposure_warning, load_config
 from insession.serve.console import router as console_router
 from insession.serve.limits import BodyLimit
-from insession.serve.metrics import Metrics
+from insession.serve.metrics import Metrics, cluster_status
 
 log = logging.getLogger(__name__)
 _json = msgspec.json.Encoder()
@@ -145,13 +145,17 @@ def create_app(data_dir: str | Path | None = None, *, handle: Insession | None =
     @app.get("/readyz", tags=["ops"])
     async def readyz(request: Request) -> Response:
         """Readiness: the log is open and features have caught up with it, and no background job (export,
-        snapshot) is failing; a failing one is named with the kind of its error (503)."""
+        snapshot) is failing; a failing one is named with the kind of its error (503). On a replicated log,
+        `cluster` details the quorum, lag and `stale` (still ready: reads serve from state without a quorum)."""
         db: Insession | None = getattr(request.app.state, "insession", None)
         warnings = {"warnings": request.app.state.warnings} if request.app.state.warnings else {}
         if db is None:
             return JSONResponse({"ready": False, **warnings}, status_code=503)
         failing = {job: error for job, error in db.job_errors.items() if error}
         body = {"ready": not failing, **db.lag(), "watermark": db.features.watermark, **warnings}
+        cluster = cluster_status(db)  # a replicated log: quorum, lag, stale (reads serve on without a quorum)
+        if cluster is not None:
+            body["cluster"] = msgspec.to_builtins(cluster)
         if failing:
             return JSONResponse({**body, "failing": failing}, status_code=503)
         return JSONResponse(body)

@@ -6,6 +6,10 @@ QueryService); feature hygiene drops; rank latency and fallbacks. Pulled from th
 scrape time (`bind(handle)`): log offset, export (history) lag, snapshot lag, feature apply lag, the
 feature engine's watermark and late events, and the analytics lane's queue depth, running queries,
 rejections and timeouts. Process memory and CPU come from prometheus-client's process collector.
+
+On a replicated log, `cluster_status(handle)` is the one definition of this node's view of the cluster
+(quorum, servers, leader, per-partition and consumer lag, stale), read by the `insession_log_*` gauges,
+the `cluster` detail of /readyz and the console's cluster page alike.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import msgspec
 from fastapi import Request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -28,6 +33,8 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+
+from insession.log.base import ServerState, cluster_state
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +65,62 @@ _LAG_HELP = {
     "export_lag": "Events acknowledged but not yet exported to the Parquet history",
     "snapshot_lag": "Events applied since the last feature-state snapshot",
 }
+
+
+STALE_AFTER_S = 5.0  # a cluster check older than this (the watcher is stuck) cannot vouch for the state
+
+
+class PartitionLag(msgspec.Struct, frozen=True):
+    """One partition on this node: the stream's newest offset in it, and how far this node's state trails it."""
+
+    partition: int
+    last_offset: int  # -1: no event in this partition yet
+    lag: int  # offsets between the partition's newest event and the newest one this node applied (0: current)
+
+
+class ClusterStatus(msgspec.Struct, frozen=True):
+    """This node's view of the replicated log (see `cluster_status`)."""
+
+    stream: str
+    quorum: bool  # a write can be acknowledged now
+    stale: bool  # reads serve from state that cannot be confirmed current (quorum lost, or no recent check)
+    reason: str  # why not quorum / why stale; "" when neither
+    leader: str | None
+    servers: list[ServerState]
+    checked_s_ago: float | None  # None: no check has finished yet
+    stream_last_offset: int  # the stream's newest offset, as far as this node knows
+    applied_offset: int  # the newest offset this node's feature state applied
+    consumer_lag: int  # stream_last_offset - applied_offset: events stored but not yet in this node's state
+    partitions: list[PartitionLag]
+
+
+def cluster_status(handle: Any) -> ClusterStatus | None:
+    """This node's view of its replicated log, from the log's last cluster check and the feature state;
+    None for the embedded log (one machine: no quorum, nothing to trail).
+
+    Decision: lag is counted in offsets against the state's applied offset. The state applies the stream in
+    offset order, so every partition is current up to `applied_offset`; partition p's lag is how far its
+    newest stored event lies beyond that (0: this node serves p's latest event), and the consumer lag is
+    the same for the whole stream. `stale` is set when the quorum is lost or the last check is older than
+    STALE_AFTER_S: reads keep answering from state, but writes acknowledged elsewhere cannot be ruled out.
+    """
+    log_ = getattr(handle, "log", None)
+    state = cluster_state(log_) if log_ is not None else None
+    if state is None:
+        return None
+    applied = handle.features.applied_offset
+    last = max(state.last_offset, log_.last_offset())
+    age = time.time() - state.checked_at_ms / 1000 if state.checked_at_ms else None
+    stale = not state.quorum or age is None or age > STALE_AFTER_S
+    reason = state.reason if not state.quorum else (
+        f"no cluster check finished in the last {STALE_AFTER_S:.0f} s" if stale else "")
+    return ClusterStatus(
+        stream=state.stream, quorum=state.quorum, stale=stale, reason=reason, leader=state.leader,
+        servers=state.servers, checked_s_ago=round(age, 3) if age is not None else None,
+        stream_last_offset=last, applied_offset=applied, consumer_lag=max(last - applied, 0),
+        partitions=[PartitionLag(p, off, max(off - applied, 0))
+                    for p, off in enumerate(state.partition_last_offsets)],
+    )
 
 
 class Metrics:
@@ -233,6 +296,7 @@ class _HandleCollector(Collector):
         if hasattr(h, "unknown_items"):
             yield CounterMetricFamily("insession_ingest_unknown_items", "Events stored for items not in the catalogue",
                                       value=h.unknown_items)
+        yield from _cluster_metrics(h)
         lane = getattr(getattr(h, "query", None), "analytics", None)
         if lane is not None:
             yield GaugeMetricFamily("insession_analytics_queue_depth", "Analytics queries admitted and waiting",
@@ -242,6 +306,40 @@ class _HandleCollector(Collector):
                                       value=lane.rejected)
             yield CounterMetricFamily("insession_analytics_timeouts", "Analytics queries interrupted at their deadline",
                                       value=lane.timeouts)
+
+
+def _cluster_metrics(h: Any) -> Iterator[Metric]:
+    """The `insession_log_*` gauges of a node on a replicated log (nothing for the embedded log)."""
+    status = cluster_status(h)
+    if status is None:
+        return
+    yield GaugeMetricFamily("insession_log_quorum", "1: a quorum of the log's servers can acknowledge writes now",
+                            value=int(status.quorum))
+    yield GaugeMetricFamily("insession_log_stale", "1: reads serve from state while the quorum is lost (or unchecked)",
+                            value=int(status.stale))
+    yield GaugeMetricFamily("insession_log_stream_last_offset", "Newest offset of the replicated stream",
+                            value=status.stream_last_offset)
+    yield GaugeMetricFamily("insession_log_consumer_lag", "Events in the stream not yet applied by this node",
+                            value=status.consumer_lag)
+    if status.checked_s_ago is not None:
+        yield GaugeMetricFamily("insession_log_check_age_seconds", "Age of the last cluster check",
+                                value=status.checked_s_ago)
+    lag = GaugeMetricFamily("insession_log_partition_lag", "Offsets by which a partition's newest event is beyond "
+                            "what this node applied", labels=["partition"])
+    for p in status.partitions:
+        lag.add_metric([str(p.partition)], p.lag)
+    yield lag
+    up = GaugeMetricFamily("insession_log_server_up", "1: the server answers its monitoring endpoint",
+                           labels=["server"])
+    current = GaugeMetricFamily("insession_log_server_current", "1: the stream's leader, or a replica it counts "
+                                "caught up", labels=["server"])
+    leader = GaugeMetricFamily("insession_log_leader", "1 for the server leading the stream", labels=["server"])
+    for s in status.servers:
+        if s.up is not None:
+            up.add_metric([s.name], int(s.up))
+        current.add_metric([s.name], int(bool(s.current)))
+        leader.add_metric([s.name], int(s.role == "leader"))
+    yield from (up, current, leader)
 
 
 def metrics_of(request: Request) -> Metrics:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import uuid
 from pathlib import Path
+
+import nats
 
 from insession.log import LogConfig
 from insession.log.cluster import LocalCluster
@@ -37,3 +40,16 @@ def log_config(cluster: LocalCluster, *, urls: list[str] | None = None, ack_time
     """A `[log]` section for the cluster: a fresh stream unless `stream` is given."""
     return LogConfig(url=",".join(urls or cluster.urls), monitor=",".join(cluster.monitor_urls),
                      stream=stream or f"T{uuid.uuid4().hex[:12]}", ack_timeout_s=ack_timeout_s)
+
+
+def stream_leader(cluster: LocalCluster, stream: str) -> str:
+    """The name of the server leading `stream` now (asked over NATS, any server of the cluster)."""
+
+    async def ask() -> str:
+        nc = await nats.connect(servers=cluster.urls)
+        try:
+            return (await nc.jetstream().stream_info(stream)).cluster.leader
+        finally:
+            await nc.close()
+
+    return asyncio.run(ask())

@@ -3,16 +3,14 @@ nothing acknowledged is lost), two of three down (writes 503 "quorum lost", read
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import nats
 import pytest
 from conftest import make_event
 from fastapi.testclient import TestClient
-from nats_helpers import log_config, start_cluster
+from nats_helpers import log_config, start_cluster, stream_leader
 
 import insession
 from insession.log.cluster import LocalCluster
@@ -25,14 +23,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     c = start_cluster(tmp_path_factory.mktemp("nats"))
     yield c
     c.stop()
-
-
-async def _leader(url: str, stream: str) -> str:
-    nc = await nats.connect(url)
-    try:
-        return (await nc.jetstream().stream_info(stream)).cluster.leader
-    finally:
-        await nc.close()
 
 
 def test_one_server_down_writes_go_on_and_nothing_acknowledged_is_lost(cluster: LocalCluster, tmp_path: Path) -> None:
@@ -49,7 +39,7 @@ def test_one_server_down_writes_go_on_and_nothing_acknowledged_is_lost(cluster: 
     with JetStreamLog(cfg, tmp_path, partitions=4) as log:
         for i in range(20):
             write(log, [f"a{i}"])
-        leader = asyncio.run(_leader(cluster.urls[0], cfg.stream))
+        leader = stream_leader(cluster, cfg.stream)
         down = int(leader.removeprefix("n"))
         cluster.kill(down)  # the stream's leader: the worst single fault (an election before the next write)
         try:

@@ -76,6 +76,9 @@ def test_acknowledged_events_survive_server_kills_exactly_once(tmp_path: Path) -
         stop.set()
         for t in threads:
             t.join(timeout=30)
+        assert acked, (f"no write was acknowledged in {time.monotonic() - t0:.0f} s of faults ({len(refused)} batches "
+                       "refused): the cluster never had a quorum the clients reached; see the servers' logs under "
+                       f"{tmp_path / 'nats'}")
         # quiet now: wait until both followers have applied the same end and it holds still
         deadline = time.monotonic() + 20
         ends = (-2, -2)
