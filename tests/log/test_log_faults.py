@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import make_event
 from fastapi.testclient import TestClient
-from nats_helpers import log_config, start_cluster, stream_leader
+from nats_helpers import log_config, start_cluster
 
 import insession
 from insession.log.cluster import LocalCluster
@@ -39,7 +39,7 @@ def test_one_server_down_writes_go_on_and_nothing_acknowledged_is_lost(cluster: 
     with JetStreamLog(cfg, tmp_path, partitions=4) as log:
         for i in range(20):
             write(log, [f"a{i}"])
-        leader = stream_leader(cluster, cfg.stream)
+        leader = cluster.stream_leader(cfg.stream)
         down = int(leader.removeprefix("n"))
         cluster.kill(down)  # the stream's leader: the worst single fault (an election before the next write)
         try:

@@ -12,10 +12,10 @@ from pathlib import Path
 import nats
 import pytest
 from conftest import make_event
-from nats_helpers import free_ports, log_config, start_cluster
+from nats_helpers import log_config, start_cluster
 
 from insession.log import LogConfig
-from insession.log.cluster import LocalCluster, nats_server_binary
+from insession.log.cluster import LocalCluster, free_ports, nats_server_binary
 from insession.log.jetstream import JetStreamError, JetStreamLog
 from insession.schema import BatchRejected
 
