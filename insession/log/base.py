@@ -97,7 +97,7 @@ class ServerState(msgspec.Struct, frozen=True):
     up: bool | None  # it answered its monitoring endpoint on the last check; None: no endpoint to ask
     role: str  # "leader" or "replica" of the stream's Raft group; "" when the last check could not tell
     current: bool | None  # the stream's leader counts it caught up (the leader itself: True); None: unknown
-    lag: int | None  # Raft operations it is behind the stream's leader (None: not reported)
+    lag: int | None  # Raft operations it is behind the stream's leader (None: unknown)
     seen_s_ago: float | None  # since the stream's leader last heard from it (None: the leader, or unknown)
 
 

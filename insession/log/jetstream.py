@@ -679,10 +679,10 @@ class JetStreamLog:
             if leader is not None:
                 entry = servers.setdefault(leader, {"name": leader, "monitor": None, "up": None, "lag": None,
                                                     "seen_s_ago": None})
-                entry.update(role="leader", current=True)
+                entry.update(role="leader", current=True, lag=0)
             for p in peers:
                 entry = servers.setdefault(p.name, {"name": p.name, "monitor": None, "up": None})
-                entry.update(role="replica", current=bool(p.current and not p.offline), lag=p.lag,
+                entry.update(role="replica", current=bool(p.current and not p.offline), lag=p.lag or 0,  # 0 omitted
                              seen_s_ago=round(p.active / 1e9, 3) if p.active is not None else None)
         ends = [0] * self.partitions
         try:

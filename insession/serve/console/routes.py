@@ -32,7 +32,7 @@ from insession.model.artefact import CURVE
 from insession.schema import MAX_ID_LEN
 from insession.serve.auth import ROLES, Principal, authorize
 from insession.serve.console.figures import Sample, overview
-from insession.serve.console.views import features_view, model_versions, models_view, shopper_view
+from insession.serve.console.views import cluster_view, features_view, model_versions, models_view, shopper_view
 from insession.serve.metrics import metrics_of
 
 HERE = Path(__file__).parent
@@ -198,6 +198,13 @@ async def model_curve(request: Request, version: str) -> FileResponse:
         if path.name == version and (path / CURVE).is_file():
             return FileResponse(path / CURVE, media_type="image/png")
     raise HTTPException(404, detail=f"no curve for model version {version!r}")
+
+
+@router.get("/api/cluster")
+async def cluster(request: Request) -> Response:
+    """This node's view of the replicated log (see `views.cluster_view`); `{replicated: false}` on the embedded log."""
+    authorize(request, *READ_ROLES)
+    return _json_response(cluster_view(request.app.state.insession))
 
 
 # -- shared state of the streams --------------------------------------------------------------------

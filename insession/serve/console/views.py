@@ -23,6 +23,7 @@ from insession.model.reranker import SIGNALS
 from insession.rank import RankRequest
 from insession.rank.inputs import Shopper, counters, covisit_counts, signals
 from insession.serve.console.figures import Sample, percentiles_ms
+from insession.serve.metrics import cluster_status
 
 # The console asks for a ranking with this budget: long enough that a loaded machine still shows the
 # model's answer; a fallback (and its reason) still shows when the model cannot answer at all.
@@ -99,6 +100,15 @@ def features_view(db: Any, now: Sample) -> dict[str, Any]:
         # drops counted under another name than a declaration (the ranking's list hygiene: "rank")
         "hygiene_drops_other": {k: v for k, v in drops.items() if k not in engine.registry},
     }
+
+
+def cluster_view(db: Any) -> dict[str, Any]:
+    """The cluster page: `{replicated: false}` on the embedded log, else this node's `cluster_status` (the
+    figures /metrics and /readyz show: servers, leader, quorum, stale, per-partition and consumer lag)."""
+    status = cluster_status(db)
+    if status is None:
+        return {"replicated": False}
+    return {"replicated": True, **msgspec.to_builtins(status)}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -438,11 +438,61 @@ const modelsPage = {
   },
 };
 
+// -- cluster -----------------------------------------------------------------------------------------
+
+const CLUSTER_EVERY_MS = 1000;
+
+function yesNo(v) { return v === null || v === undefined ? "–" : (v ? "yes" : "no"); }
+
+function renderCluster(c) {
+  $("cluster-embedded").hidden = c.replicated;
+  $("cluster").hidden = !c.replicated;
+  if (!c.replicated) return;
+  $("t-quorum").textContent = c.quorum ? "held" : "lost";
+  $("t-quorum").className = "value " + (c.quorum ? "ok" : "bad");
+  $("t-leader").textContent = `leader ${c.leader || "none"}`;
+  $("t-stale").textContent = c.stale ? "stale" : "current";
+  $("t-stale").className = "value " + (c.stale ? "bad" : "ok");
+  $("t-lag").textContent = num(c.consumer_lag);
+  $("t-up").textContent = num(c.servers.filter((s) => s.up).length);
+  $("t-servers").textContent = `of ${c.servers.length}`;
+  $("cluster-reason").hidden = !c.reason;
+  $("cluster-reason").textContent = c.reason;
+  fill($("servers").tBodies[0], c.servers.map((s) => el("tr", { "data-server": s.name, class: s.role === "leader" ? "active" : null },
+    el("th", { scope: "row" }, s.name), el("td", { class: s.up === false ? "bad" : null }, yesNo(s.up)), el("td", {}, s.role || "–"),
+    el("td", { class: s.current === false ? "bad" : null }, yesNo(s.current)), el("td", { class: "num" }, num(s.lag)),
+    el("td", { class: "num" }, num(s.seen_s_ago, 1)), el("td", {}, s.monitor ? el("code", {}, s.monitor) : "–"))), "no server answered yet");
+  kv($("stream-meta"), [
+    ["stream", el("code", {}, c.stream)], ["newest offset", num(c.stream_last_offset)],
+    ["applied here", num(c.applied_offset)], ["consumer lag (events)", num(c.consumer_lag)],
+    ["checked", c.checked_s_ago === null ? "not yet" : `${num(c.checked_s_ago, 1)} s ago`],
+  ]);
+  fill($("partitions").tBodies[0], c.partitions.map((p) => el("tr", { "data-partition": p.partition },
+    el("th", { scope: "row" }, p.partition), el("td", { class: "num" }, p.last_offset < 0 ? "–" : num(p.last_offset)),
+    el("td", { class: "num" + (p.lag > 0 ? " warn" : "") }, num(p.lag)))));
+}
+
+function clusterPage() {
+  const tick = async () => {
+    try {
+      const response = await api("/console/api/cluster");
+      if (!response.ok) { liveState("error", `${response.status}: ${await errorText(response)}`); return; }
+      renderCluster(await response.json());
+      liveState("open");
+      $("live").textContent = `live · updated ${new Date().toLocaleTimeString()}`;
+    } catch (e) {
+      liveState("retry");
+    }
+    setTimeout(tick, CLUSTER_EVERY_MS);
+  };
+  tick();
+}
+
 const PAGES = {
   overview: overviewPage,
   shopper: shopperPage,
   features: featuresPage,
   query: queryPage,
   models: (who) => { modelsPage.who = who; modelsPage.load(); },
-  cluster: () => {},
+  cluster: clusterPage,
 };
