@@ -82,8 +82,9 @@ def leader_pause(port: int, cluster: LocalCluster, seconds: float) -> dict:
     time.sleep(seconds)
     stop.set()
     t.join()
+    ended = time.monotonic()  # writes that never resumed count as paused until the window's end
     cluster.restart(down)
-    after = [a for a in acks if a >= killed_at - 1.0]
+    after = [a for a in acks if a >= killed_at - 1.0] + [ended]
     gaps = [b - a for a, b in zip(after, after[1:], strict=False)]
     return {"leader": leader, "pause_s": max(gaps, default=float("nan")), "refused": refused,
             "acked_after": sum(a > killed_at for a in acks)}
