@@ -194,8 +194,9 @@ class Insession:
         last_snapshot = time.monotonic()
         retry_at = {"export": 0.0, "snapshot": 0.0}
         streak = {"export": 0, "snapshot": 0}  # consecutive failures: the backoff doubles with each
-        # restart = the last snapshot + the log after it
-        jobs = {"export": lambda: self.export(EXPORT_MIN_EVENTS), "snapshot": lambda: self.features.snapshot()}
+        # restart = the last snapshot + the log after it; the snapshot is written by a forked child, off the GIL
+        jobs = {"export": lambda: self.export(EXPORT_MIN_EVENTS),
+                "snapshot": lambda: self.features.snapshot(forked=True)}
         while not self._stop.wait(interval_s):
             self.features.sweep_next()  # expired state leaves one unit at a time
             for name in ("export", "snapshot"):

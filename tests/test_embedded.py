@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 import insession
 from insession import embedded
 from insession.embedded import DataDirError
+from insession.features import engine as feature_engine
 from insession.schema import BatchRejected
 from insession.serve.app import create_app
 
@@ -63,19 +64,19 @@ def test_a_log_behind_its_feature_state_is_refused_and_nothing_is_deleted(tmp_pa
 def test_background_jobs_survive_failures_and_report_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(embedded, "RETRY_MAX_S", 0.05)
     with insession.open(tmp_path, maintenance_interval_s=0.02, snapshot_interval_s=0.0) as db:
-        real = db.features.snapshot
+        real = feature_engine.write_unit
 
-        def full_disk() -> None:
+        def full_disk(*_: object) -> None:  # raised in the forked snapshot writer, reported by the parent
             raise OSError(28, "No space left on device", str(tmp_path / "features" / "secret"))
 
-        monkeypatch.setattr(db.features, "snapshot", full_disk)
+        monkeypatch.setattr(feature_engine, "write_unit", full_disk)
         db.insert("events", _events(5))
         deadline = time.monotonic() + 30
         while db.job_failures["snapshot"] < 3 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert db.job_failures["snapshot"] >= 3, "the snapshot job stopped retrying"
         assert db.job_errors["snapshot"] == "OSError: No space left on device"  # no path
-        monkeypatch.setattr(db.features, "snapshot", real)  # space is freed
+        monkeypatch.setattr(feature_engine, "write_unit", real)  # space is freed
         while db.features.snapshot_offset != 4 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert db.features.snapshot_offset == 4
