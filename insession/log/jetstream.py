@@ -647,14 +647,19 @@ class JetStreamLog:
 
     def _check_cluster(self) -> ClusterState:
         """One check: the stream's leader and peers, the partitions' newest offsets, each server's endpoint."""
+
+        def server(name: str, monitor: str | None = None, up: bool | None = None) -> dict[str, Any]:
+            return {"name": name, "monitor": monitor, "up": up, "role": "", "current": None, "lag": None,
+                    "seen_s_ago": None}
+
         servers: dict[str, dict[str, Any]] = {}
         for url in self._monitors:
             up = self._server_up(url)
             name = self._server_names.get(url, url)
-            servers[name] = {"name": name, "monitor": url, "up": up, "role": "", "current": None, "lag": None,
-                             "seen_s_ago": None}
+            servers[name] = server(name, url, up)
         leader: str | None = None
         last_seq = 0
+        replicas = self.config.replicas
         try:
             info = self._run(self._stream_info(), CHECK_TIMEOUT_S + 1)
         except Exception as e:  # noqa: BLE001 - no leader answered: that is the finding
@@ -673,18 +678,15 @@ class JetStreamLog:
                 reason = ""
             elif leader is None:
                 reason = f"stream {self.stream} has no leader (an election is running): writes wait for it"
-            elif not quorum:
+            else:
                 reason = (f"the leader {leader} of stream {self.stream} counts {current} of {replicas} servers "
                           f"current, {needed} are needed: writes cannot be acknowledged")
             if leader is not None:
-                entry = servers.setdefault(leader, {"name": leader, "monitor": None, "up": None, "lag": None,
-                                                    "seen_s_ago": None})
-                entry.update(role="leader", current=True, lag=0)
+                servers.setdefault(leader, server(leader)).update(role="leader", current=True, lag=0)
             for p in peers:
-                entry = servers.setdefault(p.name, {"name": p.name, "monitor": None, "up": None})
-                entry.update(role="replica", current=bool(p.current and not p.offline), lag=p.lag or 0,  # 0 omitted
-                             seen_s_ago=round(p.active / 1e9, 3) if p.active is not None else None)
-        ends = [0] * self.partitions
+                servers.setdefault(p.name, server(p.name)).update(
+                    role="replica", current=bool(p.current and not p.offline), lag=p.lag or 0,  # NATS omits a 0
+                    seen_s_ago=round(p.active / 1e9, 3) if p.active is not None else None)
         try:
             ends, replica_seq = self._run(self._partition_ends(), ATTEMPT_TIMEOUT_S + 1)
             last_seq = max(last_seq, replica_seq)
@@ -694,7 +696,7 @@ class JetStreamLog:
                 ends = [off + 1 for off in self._cluster.partition_last_offsets]
                 last_seq = max(last_seq, self._cluster.last_offset + 1)
         return ClusterState(
-            stream=self.stream, replicas=self.config.replicas, checked_at_ms=int(time.time() * 1000),
+            stream=self.stream, replicas=replicas, checked_at_ms=int(time.time() * 1000),
             quorum=quorum, reason=reason, leader=leader,
             servers=[ServerState(**entry) for _, entry in sorted(servers.items())],
             last_offset=last_seq - 1, partition_last_offsets=[seq - 1 for seq in ends],
