@@ -76,9 +76,23 @@ def test_cluster_data_is_the_readyz_detail(node: Node) -> None:
 
 
 def test_embedded_server_has_no_cluster(console: Console) -> None:
+    """The embedded log has no cluster to report: the page's data says so, /readyz and /metrics have none."""
     r = httpx.get(console.url + "/console/api/cluster", headers={"X-API-Key": console.keys["viewer"]}, timeout=10)
     assert r.status_code == 200 and r.json() == {"replicated": False}
     assert httpx.get(console.url + "/console/api/cluster", timeout=10).status_code == 401  # keys are checked
+    assert "cluster" not in httpx.get(console.url + "/readyz", timeout=10).json()
+    metrics = httpx.get(console.url + "/metrics", headers={"X-API-Key": console.keys["admin"]}, timeout=10)
+    assert metrics.status_code == 200 and "insession_log_offset" in metrics.text
+    assert "insession_log_quorum" not in metrics.text
+
+
+def test_cluster_metrics_on_a_replicated_log(node: Node) -> None:
+    """The node's /metrics carries the insession_log_* gauges, one partition-lag series per partition."""
+    text = httpx.get(node.url + "/metrics", timeout=10).text
+    for name in ("insession_log_quorum", "insession_log_stale", "insession_log_consumer_lag",
+                 "insession_log_stream_last_offset", "insession_log_server_up"):
+        assert f"\n{name}" in text, name
+    assert sum(line.startswith("insession_log_partition_lag{") for line in text.splitlines()) == PARTITIONS
 
 
 def test_cluster_page_follows_two_servers_down_and_back(node: Node, page: Any, screenshots: Path) -> None:
