@@ -21,7 +21,7 @@ from insession.features.manage import FeatureManager
 from insession.log import LogConfig, open_log
 from insession.log.catalog import Catalog
 from insession.log.eventlog import LogBehindError
-from insession.log.export import load_manifest, verify_history
+from insession.log.export import HistoryCheck, load_manifest, verify_history
 from insession.query import Limits, QueryService, Result
 from insession.rank import RankConfig, Ranker, RankRequest, RankResponse
 from insession.schema import BatchRejected, Event, FieldError, validate_events, validate_items
@@ -55,7 +55,8 @@ class Insession:
     Data layout under `data_dir`: `log.sqlite` (the event log, the source of truth), `log.sqlite-acked`
     (the newest acknowledged offset: a log found below it, lost or with its -wal file cut, is refused),
     `catalog.sqlite` (the items table), `features/` (snapshots of online feature state), `history/`
-    (Parquet by day, exported from closed log segments), `models/` (versioned ReRanker artefacts; the
+    (Parquet by day, exported from closed log segments; `[log] history` puts it elsewhere, shared by the
+    nodes of a replicated log, one of which exports at a time), `models/` (versioned ReRanker artefacts; the
     newest serves), `LOCK` (held by the one process serving the directory).
     """
 
@@ -75,7 +76,7 @@ class Insession:
 
     def _open(self, maintenance_interval_s: float | None, limits: Limits | None, rank_config: RankConfig | None,
               snapshot_interval_s: float, max_users: int, partitions: int) -> None:
-        self.history_dir = self.data_dir / "history"
+        self.history_dir = Path(self.log_config.history) if self.log_config.history else self.data_dir / "history"
         self.catalog = Catalog(self.data_dir / "catalog.sqlite")
         # Called with each committed group after the features applied it (metrics hook in here).
         self.applied_listeners: list[Callable[[list[Event]], None]] = []
@@ -89,9 +90,10 @@ class Insession:
         self.features = FeatureEngine.open(self.data_dir / "features", partitions=self.log.partitions,
                                            max_users=max_users)
         self._check_log_not_behind()
+        shared = bool(self.log_config.url and self.log_config.history)  # the export lease's holder checks it
         try:  # the Parquet history is what its manifest says, or rebuilt from the log (loudly)
-            self.history_check = verify_history(self.history_dir, self.log.exported_offset(),
-                                                lambda first, last: self.log.read(first, upto=last))
+            self.history_check = HistoryCheck() if shared else verify_history(
+                self.history_dir, self.log.exported_offset(), lambda first, last: self.log.read(first, upto=last))
         except ValueError as e:
             self.log.close()
             self.catalog.close()

@@ -16,7 +16,9 @@ tests/log/test_log_contract.py:
 - `last_offset()` is the newest offset this handle knows to be acknowledged (-1: empty); it never waits
   on the network (health checks and metrics call it).
 - `export(history_dir)` / `exported_offset()` / `tail_arrow(from_offset)`: the Parquet history and the
-  tail not yet in it, exactly as `insession.log.export` lays them out.
+  tail not yet in it, exactly as `insession.log.export` lays them out. A replicated log with a shared
+  `[log] history` exports only on the one node that holds the export lease (`insession.log.lease`);
+  `export` elsewhere writes nothing and returns the shared mark.
 
 A replicated log also answers `cluster_state()` (`ClusterState`: its servers, the stream's leader, whether
 a quorum can acknowledge writes, the newest offset of each partition), from a check it repeats in the
@@ -82,6 +84,16 @@ class LogConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     stream: Annotated[str, msgspec.Meta(description="JetStream stream name", pattern=r"^[A-Za-z0-9_-]+$")] = (
         "INSESSION")
     replicas: Annotated[int, msgspec.Meta(description="replicas of a stream this server creates", ge=1, le=5)] = 3
+    history: Annotated[
+        str,
+        msgspec.Meta(description="the Parquet history's directory; with a JetStream `url`, shared by every node "
+                     "(one exports at a time, under a lease: docs/cluster.md); empty: `DATA/history`, this node's own"),
+    ] = ""
+    export_lease_s: Annotated[
+        int,
+        msgspec.Meta(description="with a shared `history`: the export lease's TTL in seconds, how long a dead "
+                     "exporter holds up the export before another node takes over", ge=1),
+    ] = 10
     ack_timeout_s: Annotated[
         float,
         msgspec.Meta(description="how long a write waits for a quorum (elections included) before it gets 503",

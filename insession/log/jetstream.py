@@ -45,8 +45,13 @@ up. The quorum holds when the leader answered within `CHECK_TIMEOUT_S` and count
 replicas (itself included) current. A leader is not enough: one whose peers are all down stays leader
 with every peer `current: false`, and any write it proposes waits for a majority that is not there.
 
-History: `export` writes the stream to the same day-partitioned Parquet as the embedded log; its mark
-is the file `<state_dir>/<stream>.exported` (fsynced), so each node keeps its own history.
+History: `export` writes the stream to the same day-partitioned Parquet as the embedded log. Without
+`[log] history` each node keeps its own (`DATA/history`), with its mark in the file
+`<state_dir>/<stream>.exported` (fsynced). With it (decision), the nodes share one history directory and
+one exports at a time: the holder of the export lease (`insession.log.lease`, a JetStream key-value
+bucket with a TTL), whose mark lives beside the lease, where every node reads it; a node that takes the
+lease first makes the history what its manifest and the mark say (`verify_history`: removes a dead
+holder's parts beyond the mark), then continues from the mark, so no event is written twice or skipped.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import urllib.request
@@ -73,7 +79,8 @@ import pyarrow as pa
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from insession.log.base import AppendResult, ClusterState, LogConfig, LogUnavailable, OnCommit, ServerState
-from insession.log.export import events_to_arrow, remove_orphans, write_day_partitions
+from insession.log.export import events_to_arrow, remove_orphans, verify_history, write_day_partitions
+from insession.log.lease import ExportLease
 from insession.schema import BatchRejected, Event, FieldError, partition_of
 
 log = logging.getLogger(__name__)
@@ -192,7 +199,9 @@ class JetStreamLog:
         self._mark_path = self._state_dir / f"{self.stream}.exported"
         self._exported = int(self._mark_path.read_text()) if self._mark_path.exists() else -1
         self._export_lock = threading.Lock()
-        self._history_clean = False
+        self._lease: ExportLease | None = None  # with a shared [log] history: who exports, and the mark
+        self._checked: int | None = None  # the holding (lease takeover count; own history: 0) whose history
+        #                                   was last checked for a failed export's leftovers
         self._cond = threading.Condition()  # guards _last, _delivered, _closed; notified on delivery
         self._kick = threading.Event()
         self._delivering = False  # one on_commit call at a time: an append's own events, or the follower's page
@@ -207,6 +216,14 @@ class JetStreamLog:
         except BaseException:
             self._shutdown_loop()
             raise
+        if config.history:
+            try:
+                self._lease = ExportLease(self._nc, self._run, stream=self.stream, replicas=config.replicas,
+                                          ttl_s=config.export_lease_s, timeout_s=config.ack_timeout_s,
+                                          node=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
+            except BaseException:
+                self._shutdown_loop()
+                raise
         self._last = last_seq - 1
         self._delivered = self._last  # on_commit gets what is stored after this handle opened
         self._cluster = ClusterState(self.stream, config.replicas, 0, False, "not checked yet", None, [],
@@ -719,30 +736,51 @@ class JetStreamLog:
     # -- history ------------------------------------------------------------------------------------
 
     def exported_offset(self) -> int:
-        """Last offset written to this node's Parquet history; -1 when nothing is exported."""
-        return self._exported
+        """Last offset in the Parquet history (this node's own, or the shared one's mark as last read: it
+        trails the exporter's by up to a lease renewal period); -1 when nothing is exported."""
+        return self._exported if self._lease is None else self._lease.mark()
+
+    def exporting(self) -> bool:
+        """Whether this node writes the history now: its own always; a shared one while it holds the lease."""
+        return self._lease is None or self._lease.held()
 
     def export(self, history_dir: Path, upto_offset: int | None = None, *, min_events: int = 1) -> int:
-        """Export (exported_offset, upto_offset] to Parquet by event day, as the embedded log does; returns the mark."""
+        """Export (exported_offset, upto_offset] to Parquet by event day, as the embedded log does; returns the
+        mark. With a shared history only the lease holder writes (elsewhere: the mark, nothing written);
+        each chunk is committed by moving the mark, and a holder that lost the lease stops at once."""
         history_dir = Path(history_dir)
+        lease = self._lease
         with self._export_lock:
+            if lease is not None and not lease.held():
+                return lease.mark()
+            exported = self.exported_offset()
             last = self.last_offset()
             upto = last if upto_offset is None else min(upto_offset, last)
-            if upto - self._exported < max(min_events, 1):
-                return self._exported
-            if not self._history_clean:
-                remove_orphans(history_dir, self._exported)
-                self._history_clean = True
+            if upto - exported < max(min_events, 1):
+                return exported
+            holding = 0 if lease is None else lease.takeovers()
+            if self._checked != holding:  # first export, after a failed one, or a new holding of the lease
+                if lease is None:
+                    remove_orphans(history_dir, exported)
+                else:  # the shared history as the previous holder left it: its parts beyond the mark go
+                    verify_history(history_dir, exported, lambda first, end: self.read(first, upto=end))
+                self._checked = holding
             try:
-                while self._exported < upto:
-                    end = min(upto, self._exported + EXPORT_CHUNK)
-                    write_day_partitions(list(self.read(self._exported + 1, upto=end)), history_dir)
-                    self._save_mark(end)
-                    self._exported = end
+                while exported < upto:
+                    end = min(upto, exported + EXPORT_CHUNK)
+                    if lease is not None and not lease.held():
+                        break  # its renewal failed: the lease may be another node's before the next chunk lands
+                    write_day_partitions(list(self.read(exported + 1, upto=end)), history_dir)
+                    if lease is None:
+                        self._save_mark(end)
+                        self._exported = end
+                    else:
+                        lease.commit(end)
+                    exported = end
             except BaseException:
-                self._history_clean = False
+                self._checked = None
                 raise
-            return self._exported
+            return exported
 
     def _save_mark(self, offset: int) -> None:
         tmp = self._mark_path.with_suffix(".tmp")
@@ -772,6 +810,8 @@ class JetStreamLog:
             self._cond.notify_all()
         self._kick.set()
         self._stopping.set()
+        if self._lease is not None:
+            self._lease.close()
         self._watcher.join()
         if self._follower.ident is not None:  # a handle opened with follow=False may never have started it
             self._follower.join()

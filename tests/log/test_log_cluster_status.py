@@ -5,15 +5,14 @@ Two of three servers down: quorum lost and stale while feature reads answer 200;
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import make_event
 from fastapi.testclient import TestClient
-from nats_helpers import log_config, start_cluster
+from nats_helpers import log_config, start_cluster, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 import insession
@@ -30,15 +29,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     c = start_cluster(tmp_path_factory.mktemp("nats"))
     yield c
     c.stop()
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 45.0) -> Any:
-    """Poll `check` until it returns something truthy; fail naming `what` and the last value seen."""
-    deadline = time.monotonic() + timeout_s
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"{what} not seen within {timeout_s:.0f} s; last: {value!r}"
-        time.sleep(0.2)
-    return value
 
 
 def gauges(api: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
