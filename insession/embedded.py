@@ -6,7 +6,6 @@ import fcntl
 import gc
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from insession.features.manage import FeatureManager
 from insession.log import LogConfig, open_log
 from insession.log.catalog import Catalog
 from insession.log.eventlog import LogBehindError
-from insession.log.export import HistoryCheck, load_manifest, verify_history
+from insession.log.export import HistoryCheck, history_end, verify_history
 from insession.query import Limits, QueryService, Result
 from insession.rank import RankConfig, Ranker, RankRequest, RankResponse
 from insession.schema import BatchRejected, Event, FieldError, validate_events, validate_items
@@ -32,7 +31,6 @@ REPLAY_CHUNK = 10_000
 EXPORT_MIN_EVENTS = 50_000  # background export waits for this many events (fewer, larger Parquet files)
 SNAPSHOT_EVERY_S = 60.0  # default interval between feature snapshots (taken only when the state changed)
 RETRY_MAX_S = 60.0  # a failing background job retries after 1, 2, 4 ... s, at most this
-_PART_END = re.compile(r"^part-\d+-(\d+)\.parquet$")  # a history part's last offset, from its name
 
 
 class DataDirError(RuntimeError):
@@ -77,6 +75,8 @@ class Insession:
     def _open(self, maintenance_interval_s: float | None, limits: Limits | None, rank_config: RankConfig | None,
               snapshot_interval_s: float, max_users: int, partitions: int) -> None:
         self.history_dir = Path(self.log_config.history) if self.log_config.history else self.data_dir / "history"
+        # shared by the nodes of a replicated log: only the export lease's holder checks and writes it
+        self.shared_history = bool(self.log_config.url and self.log_config.history)
         self.catalog = Catalog(self.data_dir / "catalog.sqlite")
         # Called with each committed group after the features applied it (metrics hook in here).
         self.applied_listeners: list[Callable[[list[Event]], None]] = []
@@ -90,9 +90,8 @@ class Insession:
         self.features = FeatureEngine.open(self.data_dir / "features", partitions=self.log.partitions,
                                            max_users=max_users)
         self._check_log_not_behind()
-        shared = bool(self.log_config.url and self.log_config.history)  # the export lease's holder checks it
         try:  # the Parquet history is what its manifest says, or rebuilt from the log (loudly)
-            self.history_check = HistoryCheck() if shared else verify_history(
+            self.history_check = HistoryCheck() if self.shared_history else verify_history(
                 self.history_dir, self.log.exported_offset(), lambda first, last: self.log.read(first, upto=last))
         except ValueError as e:
             self.log.close()
@@ -128,13 +127,15 @@ class Insession:
     def _check_log_not_behind(self) -> None:
         """Refuse a log that holds less than the state built from it: a lost, truncated or older copy of
         `log.sqlite` (or one whose -wal file was truncated) would otherwise hand out offsets again, and the
-        history's parts beyond the log's export mark would be deleted as a crashed export's leftovers."""
+        history's parts beyond the log's export mark would be deleted as a crashed export's leftovers. A
+        history shared by the nodes of a replicated log is checked by the exporter when it takes the lease
+        (another node may export beyond the stream end this node has seen so far)."""
         last = self.log.last_offset()
-        history_end = _history_end(self.history_dir)
+        end = -1 if self.shared_history else history_end(self.history_dir)
         behind = self.features.applied_offset > last
-        if behind or history_end > last:
+        if behind or end > last:
             held = (f"the feature snapshot holds events up to offset {self.features.applied_offset}" if behind
-                    else f"the Parquet history holds events up to offset {history_end}")
+                    else f"the Parquet history holds events up to offset {end}")
             self.log.close()
             self.catalog.close()
             raise DataDirError(
@@ -261,16 +262,6 @@ class Insession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _history_end(history_dir: Path) -> int:
-    """The last offset the Parquet history holds, by its manifest and its part files' names; -1: none."""
-    try:
-        ends = [part.last for part in load_manifest(history_dir).values()]
-    except ValueError:  # an unreadable manifest: verify_history refuses it with its own message
-        ends = []
-    ends += [int(m.group(1)) for path in history_dir.glob("day=*/part-*.parquet") if (m := _PART_END.match(path.name))]
-    return max(ends, default=-1)
 
 
 def _lock(data_dir: Path) -> TextIO:

@@ -149,6 +149,16 @@ def write_day_partitions(events: Sequence[Event], history_dir: Path) -> list[Pat
     return written
 
 
+def history_end(history_dir: Path) -> int:
+    """The last offset the Parquet history holds, by its manifest and its part files' names; -1: none."""
+    try:
+        ends = [part.last for part in load_manifest(history_dir).values()]
+    except ValueError:  # an unreadable manifest: verify_history refuses it with its own message
+        ends = []
+    ends += [int(m.group(2)) for path in history_dir.glob("day=*/part-*.parquet") if (m := _PART.match(path.name))]
+    return max(ends, default=-1)
+
+
 def remove_orphans(history_dir: Path, exported_offset: int) -> int:
     """Delete part files (and temporaries) left by an export that crashed before it was recorded, and
     their manifest entries."""

@@ -79,7 +79,7 @@ import pyarrow as pa
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from insession.log.base import AppendResult, ClusterState, LogConfig, LogUnavailable, OnCommit, ServerState
-from insession.log.export import events_to_arrow, remove_orphans, verify_history, write_day_partitions
+from insession.log.export import events_to_arrow, history_end, remove_orphans, verify_history, write_day_partitions
 from insession.log.lease import ExportLease
 from insession.schema import BatchRejected, Event, FieldError, partition_of
 
@@ -763,6 +763,7 @@ class JetStreamLog:
                 if lease is None:
                     remove_orphans(history_dir, exported)
                 else:  # the shared history as the previous holder left it: its parts beyond the mark go
+                    self._check_history_of_stream(history_dir)
                     verify_history(history_dir, exported, lambda first, end: self.read(first, upto=end))
                 self._checked = holding
             try:
@@ -781,6 +782,17 @@ class JetStreamLog:
                 self._checked = None
                 raise
             return exported
+
+    def _check_history_of_stream(self, history_dir: Path) -> None:
+        """Refuse a shared history that holds offsets beyond the stream's end: another stream's (or a
+        deleted and recreated stream's), whose parts `verify_history` would otherwise delete as leftovers."""
+        timeout_s = self.config.ack_timeout_s
+        info = self._run(self._nc.jetstream(timeout=timeout_s).stream_info(self.stream), timeout_s + 1)
+        stream_end, end = int(info.state.last_seq) - 1, history_end(history_dir)
+        if end > stream_end:
+            raise JetStreamError(f"the shared history {history_dir} holds events up to offset {end} but stream "
+                                 f"{self.stream} ends at offset {stream_end}: it is another stream's history. Point "
+                                 "[log] history at this stream's own directory, or move that one aside.")
 
     def _save_mark(self, offset: int) -> None:
         tmp = self._mark_path.with_suffix(".tmp")

@@ -24,8 +24,8 @@ import insession
 from insession.embedded import Insession
 from insession.log import LogConfig
 from insession.log.cluster import LocalCluster
-from insession.log.export import load_manifest
-from insession.log.jetstream import JetStreamLog
+from insession.log.export import load_manifest, write_day_partitions
+from insession.log.jetstream import JetStreamError, JetStreamLog
 from insession.log.lease import ExportLease, LeaseLost
 
 TTL_S = 2
@@ -193,3 +193,17 @@ def test_sigkilled_exporter_is_replaced_and_every_event_counted_once(cluster: Lo
             child.wait(10)
         for db in nodes:
             db.close()
+
+
+def test_a_shared_history_of_another_stream_is_refused_not_deleted(cluster: LocalCluster, tmp_path: Path) -> None:
+    history = tmp_path / "history"
+    foreign = [make_event(k, f"o{k}") for k in range(50)]
+    for k, event in enumerate(foreign):
+        event.offset = k
+    write_day_partitions(foreign, history)  # another stream's history, up to offset 49
+    with JetStreamLog(shared(cluster, history), tmp_path / "a", partitions=PARTITIONS) as log:
+        log.append([make_event(k, f"e{k}") for k in range(10)])
+        wait_for("the node holding the export lease", log.exporting)
+        with pytest.raises(JetStreamError, match="another stream's history"):
+            log.export(history)
+    assert history_offsets(history) == list(range(50))  # none of its parts taken for a dead exporter's leftovers
