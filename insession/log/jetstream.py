@@ -80,7 +80,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 
 from insession.log.base import AppendResult, ClusterState, LogConfig, LogUnavailable, OnCommit, ServerState
 from insession.log.export import events_to_arrow, history_end, remove_orphans, verify_history, write_day_partitions
-from insession.log.lease import ExportLease
+from insession.log.lease import ExportLease, LeaseLost
 from insession.schema import BatchRejected, Event, FieldError, partition_of
 
 log = logging.getLogger(__name__)
@@ -778,6 +778,9 @@ class JetStreamLog:
                     else:
                         lease.commit(end)
                     exported = end
+            except LeaseLost as e:  # another node exports now; its takeover removes this chunk's parts
+                log.warning("%s", e)
+                self._checked = None
             except BaseException:
                 self._checked = None
                 raise

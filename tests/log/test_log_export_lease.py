@@ -26,7 +26,6 @@ from insession.log import LogConfig
 from insession.log.cluster import LocalCluster
 from insession.log.export import load_manifest, write_day_partitions
 from insession.log.jetstream import JetStreamError, JetStreamLog
-from insession.log.lease import ExportLease, LeaseLost
 
 TTL_S = 2
 PARTITIONS = 4
@@ -111,28 +110,31 @@ def test_two_nodes_one_exporter_every_event_once(cluster: LocalCluster, tmp_path
 
 
 def test_a_holder_whose_lease_expired_is_fenced_off(cluster: LocalCluster, tmp_path: Path) -> None:
-    cfg = log_config(cluster)
-    with JetStreamLog(cfg, tmp_path, partitions=PARTITIONS, follow=False) as log:  # its connection, its loop
-        first = ExportLease(log._nc, log._run, stream=cfg.stream, replicas=3, ttl_s=TTL_S, node="first",
-                            timeout_s=10)
-        wait_for("the first node holding the lease", first.held)
-        first.commit(7)
-        first._stop.set()  # its renewals stop (a paused process): the lease expires on the server
-        first._thread.join()
-        second = ExportLease(log._nc, log._run, stream=cfg.stream, replicas=3, ttl_s=TTL_S, node="second",
-                             timeout_s=10)
-        try:
-            wait_for("the second node taking the expired lease", second.held, timeout_s=TTL_S + 30)
-            assert second.mark() == 7  # it continues from the mark the first committed
-            first._deadline = time.monotonic() + 60  # as if its clock still believed it held the lease
-            with pytest.raises(LeaseLost, match="taken by another node"):
-                first.commit(9)
-            assert not first.held()
-            second.commit(9)
-            assert second.mark() == 9
-        finally:
-            second.close()
-            first.close()
+    history = tmp_path / "history"
+    cfg = shared(cluster, history)
+    a = JetStreamLog(cfg, tmp_path / "a", partitions=PARTITIONS)
+    wait_for("node a holding the export lease", a.exporting)
+    b = JetStreamLog(cfg, tmp_path / "b", partitions=PARTITIONS)
+    try:
+        a.append([make_event(k, f"e{k}") for k in range(100)])
+        assert a.export(history) == 99
+        assert a._lease is not None
+        a._lease._stop.set()  # its renewals stop (a paused process): its lease expires on the server
+        a._lease._thread.join()
+        wait_for("node b taking the expired lease", b.exporting, timeout_s=TTL_S + 30)
+        assert b.exported_offset() == 99  # it continues from the mark a committed
+        b.append([make_event(k, f"e{k}") for k in range(100, 200)])
+        wait_for("node a seeing b's events", lambda: a.last_offset() == 199)
+        a._lease._deadline = time.monotonic() + 60  # as if a's clock still believed it held the lease
+        assert a.export(history) == 99  # it writes a part, and its commit is refused: fenced off
+        assert not a.exporting()
+        assert history_offsets(history)[-1] == 199  # a's part, beyond the mark
+        b.append([make_event(k, f"e{k}") for k in range(200, 250)])
+        assert b.export(history) == 249  # b's takeover check removed a's part first
+        assert_exactly_once(history, 249)
+    finally:
+        a.close()
+        b.close()
 
 
 def test_sigkilled_exporter_is_replaced_and_every_event_counted_once(cluster: LocalCluster, tmp_path: Path) -> None:
