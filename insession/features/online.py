@@ -247,6 +247,14 @@ class Agg:
     def rebuilt(self) -> None:
         """Derive what `capture` does not store (running totals) after `restore`."""
 
+    def merge(self, other: Agg) -> None:
+        """Fold `other` into this state: the same feature's partial state over other events (another
+        partition's shoppers), as Chronon's `merge` of two intermediate results. Keys are stable ids, so
+        partials from other processes name the same values (their `Names` are a union). Afterwards every
+        read equals that of one state fed both partials' events; in any merge order (property-tested for
+        each kind an item or global feature can be). Aggregations that cannot merge exactly say why."""
+        raise NotImplementedError(f"{self.f.name}: partial states of {type(self).__name__} do not merge")
+
     def forget(self, users: set[int]) -> None:
         """Drop the state of these shoppers (user and user_item keys)."""
         state = self.state
@@ -382,13 +390,33 @@ class TileAgg(Expiring):
             del buf[:end]
 
     def rebuilt(self) -> None:
+        if self.totals is not None:
+            self.totals = {}
+            self._total(self.state)
+
+    def _total(self, keys: Iterable[Any]) -> None:
+        """Recompute the running totals of `keys` from their records."""
         if self.totals is None:
             return
-        self.totals = {}
-        for key, buf in self.state.items():
+        rec = _tile_structs(*self.layout)[0]
+        for key in keys:
             total = self.totals[key] = [0.0] * len(ACTIONS)
-            for _, code, v in _tile_structs(*self.layout)[0].iter_unpack(buf):
+            for _, code, v in rec.iter_unpack(self.state[key]):
                 total[code & 7] += v
+
+    def merge(self, other: Agg) -> None:
+        """Records of one (sub, tile, slot) add up (ages: the earliest), kept in tile order."""
+        rec = _tile_structs(*self.layout)[0]
+        is_age = self.f.agg == "age"
+        for key, theirs in other.state.items():
+            mine = self.state.get(key)
+            acc: dict[tuple[int, int], Any] = {}
+            for sub, code, v in (*rec.iter_unpack(mine or b""), *rec.iter_unpack(theirs)):
+                old = acc.get((sub, code))
+                acc[(sub, code)] = v if old is None else (min(old, v) if is_age else old + v)
+            ordered = sorted(acc.items(), key=lambda r: r[0][1] >> _SLOT_BITS)  # stable: tile order
+            self.state[key] = bytearray(b"".join(rec.pack(sub, code, v) for (sub, code), v in ordered))
+        self._total(other.state)
 
     def _accumulate(self, buf: bytes, low: int) -> dict[int, list[float]]:
         """sub -> per-slot sums (for age: [earliest ts]) over the records of tiles >= low."""
@@ -489,6 +517,13 @@ class Scalar(Agg):
     def empty(self) -> Any:
         return {"count": 0, "sum": 0.0, "age": None}[self.f.agg]
 
+    def merge(self, other: Agg) -> None:
+        """Counts and sums add, ages take the earliest first event."""
+        state, is_age = self.state, self.f.agg == "age"
+        for key, v in other.state.items():
+            old = state.get(key)
+            state[key] = v if old is None else (min(old, v) if is_age else old + v)
+
 
 class LastValue(Agg):
     """last(field): per key (ts, offset, value) of the latest event (by ts, then offset)."""
@@ -514,6 +549,14 @@ class LastValue(Agg):
 
     def empty(self) -> Any:
         return None
+
+    def merge(self, other: Agg) -> None:
+        """The later of the two latest events, by (ts, offset)."""
+        state = self.state
+        for key, v in other.state.items():
+            old = state.get(key)
+            if old is None or (v[0], v[1]) > (old[0], old[1]):
+                state[key] = v
 
     def sweep(self, wm: int, lateness_ms: int, keys: Iterable[int] | None = None) -> None:
         low, state = self.min_tile(wm), self.state
@@ -580,6 +623,17 @@ class DistinctTopK(Agg):
         low = self.min_tile(t)
         names = self.names.names
         return [names[v] for ts, v in _DREC.iter_unpack(self.state.get(key, b"")) if self.tile(ts) >= low]
+
+    def merge(self, other: Agg) -> None:
+        """Each value's latest time over both, the k most recent kept. Exact: a value among the k most
+        recent overall has fewer than k values more recent than it in its own partial too, so each partial
+        kept it."""
+        for key, theirs in other.state.items():
+            latest: dict[int, int] = {}
+            for ts, v in (*_DREC.iter_unpack(self.state.get(key, b"")), *_DREC.iter_unpack(theirs)):
+                latest[v] = max(ts, latest.get(v, ts))
+            entries = sorted(([ts, v] for v, ts in latest.items()), key=self.order)[: self.f.k]
+            self.state[key] = bytearray(b"".join(_DREC.pack(*e) for e in entries))
 
     def empty(self) -> Any:
         return []
@@ -665,14 +719,32 @@ class TopKCount(Expiring):
                         total[v] -= n
 
     def rebuilt(self) -> None:
+        self.tops = {}
+        if self.totals is not None:
+            self.totals = {}
+            self._total(self.state)
+
+    def _total(self, keys: Iterable[int]) -> None:
+        """Recompute the running totals of `keys` from their tiles."""
         if self.totals is None:
             return
-        self.totals, self.tops = {}, {}
-        for key, tiles in self.state.items():
+        for key in keys:
             total = self.totals[key] = {}
-            for per in tiles.values():
+            for per in self.state[key].values():
                 for v, n in per.items():
                     total[v] = total.get(v, 0) + n
+
+    def merge(self, other: Agg) -> None:
+        """Counts of one (tile, value) add up; tiles kept in tile order."""
+        for key, theirs in other.state.items():
+            tiles = self.state.get(key, {})
+            for tile, per in theirs.items():
+                mine = tiles.setdefault(tile, {})
+                for v, n in per.items():
+                    mine[v] = mine.get(v, 0) + n
+            self.state[key] = dict(sorted(tiles.items()))
+            self.tops.pop(key, None)
+        self._total(other.state)
 
     def add_batch(self, evs: list[Ev]) -> None:
         key_of, value_of, tile_ms, tiles = self.key, self.value, self.tile_ms, self.tiles

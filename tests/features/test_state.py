@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from insession.features import FeatureEngine, FeatureRegistry, default_registry
-from insession.features.declare import MINUTE_MS
-from insession.features.engine import CURRENT_FILE, OLD_PICKLE_FILE, _Partition, _Unit
+from insession.features.declare import DAY_MS, HOUR_MS, MINUTE_MS, UNBOUNDED, Feature, sliding
+from insession.features.engine import CURRENT_FILE, OLD_PICKLE_FILE, _feed, _Partition, _Unit
+from insession.features.online import Ev, Names, Sessions, make_agg
 from insession.features.snapshot import HEADER_SIZE
 from insession.schema import Event, partition_of
 
@@ -141,6 +142,61 @@ def test_a_forked_snapshot_taken_while_the_writer_runs_restarts_like_never_stopp
     restarted.update_many([e for e in events if e.offset > restarted.applied_offset])
     assert all_reads(restarted) == all_reads(replayed(reg, events))
     assert restarted.too_late == replayed(reg, events).too_late
+
+
+ITEM_KINDS = FeatureRegistry.of([
+    *(f for f in [*ALL_KINDS, *default_registry()] if f.entity not in ("user", "user_item")),
+    Feature("item_last_user_cat", "item", "last", sliding(HOUR_MS, 30 * MINUTE_MS), "category"),
+    Feature("item_recent_cats", "item", "distinct_topk", sliding(3 * HOUR_MS, HOUR_MS), "category", 2),
+    Feature("item_spend_3h", "item", "sum", sliding(3 * HOUR_MS, 10 * MINUTE_MS), "properties.price"),
+    Feature("item_age_3h", "item", "age", sliding(3 * HOUR_MS, HOUR_MS)),
+    Feature("item_spend_all", "item", "sum", UNBOUNDED, "properties.price"),
+    Feature("item_first_seen", "item", "age", UNBOUNDED),
+])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=many_user_streams(), partitions=st.sampled_from([2, 3, 7]), order=st.randoms(use_true_random=False),
+       later=st.lists(st.integers(0, 30 * DAY_MS), max_size=3))
+def test_merging_per_partition_partials_in_any_order_equals_one_state(
+    events: list[Event], partitions: int, order: random.Random, later: list[int],
+) -> None:
+    """Chronon's merge: each item or global feature computed per shopper partition (the events each
+    partition's shoppers sent, lateness and watermark decided once for the stream), merged in a random
+    order, reads like the one unit fed every event, at the watermark and later."""
+    engine = FeatureEngine(ITEM_KINDS, partitions=partitions)
+    fed: dict[str, list[Ev]] = {}
+    apply = _Unit.apply
+
+    def recording(unit: _Unit, evs: list[Ev]) -> None:
+        fed.setdefault(unit.name, []).extend(evs)
+        apply(unit, evs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_Unit, "apply", recording)
+        engine.update_many(events)
+    for f in ITEM_KINDS:
+        unit = engine._items[f.name]
+        whole = unit.aggs[f.name]
+        evs = fed.get(unit.name, [])
+        partials = [make_agg(f, engine._names, Sessions(0)) for _ in range(partitions)]
+        for p, partial in enumerate(partials):
+            _feed([partial], [ev for ev in evs if partition_of(ev.raw.user_id, partitions) == p])
+        order.shuffle(partials)
+        merged = make_agg(f, engine._names, Sessions(0))
+        for partial in partials:
+            merged.merge(partial)
+        keys = [None] if f.entity == "global" else [*ITEMS, "nobody"]
+        for key in keys:
+            k = engine._key(f.entity, key)[0]
+            for t in [unit.wm, *(unit.wm + d for d in later)]:
+                assert merged.read(k, t) == whole.read(k, t), (f.name, key, t)
+
+
+def test_aggregations_that_cannot_merge_exactly_say_so() -> None:
+    seq = Feature("item_seq", "item", "last_n", UNBOUNDED, k=3)
+    with pytest.raises(NotImplementedError, match="item_seq: partial states of LastN do not merge"):
+        make_agg(seq, Names(), Sessions(0)).merge(make_agg(seq, Names(), Sessions(0)))
 
 
 @settings(max_examples=25, deadline=None)
