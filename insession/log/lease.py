@@ -18,8 +18,11 @@ bucket (a refused create stores nothing), so its writes pass; once its lease exp
 created one, each of its writes is refused (err 10071), whatever its own clock believes. Its clock is
 used only to stop early: it writes a part only while `ttl_s / 3` of its lease is certainly left (the
 deadline runs from when it sent the renewal, before the server started the TTL). A holder paused for
-longer than that between its check and its write (a stopped process, not a killed one) could still
-leave a part beyond the mark; the next holder's `verify_history` removes it before it exports.
+longer than that between its check and its write (a stopped process, not a killed one) can still write
+one part after another node took over. Its commit is refused and it stops; the new holder's
+`verify_history` removes that part if it lands before the new holder's first export, else the part stays
+until the next takeover and its events are in the history twice. Not fenced further: that needs a pause
+of more than a third of the TTL (3.3 s by default) inside one export chunk.
 
 A SIGKILLed holder's lease lasts until the TTL after its last renewal, i.e. between 2/3 of the TTL and
 the TTL after its death; the other nodes try every TTL / 3. Measured in tests/log/test_log_export_lease.py
@@ -34,7 +37,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -46,7 +49,6 @@ LEASE_KEY = "lease"
 MARK_KEY = "exported"
 _ERR_WRONG_LAST_SEQUENCE = 10071
 
-T = TypeVar("T")
 Run = Callable[[Coroutine[Any, Any, Any], float], Any]
 
 
