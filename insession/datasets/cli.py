@@ -7,29 +7,42 @@ from pathlib import Path
 
 import typer
 
-from insession.datasets.files import write_dataset
+from insession.datasets.compare import comparison
+from insession.datasets.files import SHARED_SAMPLES, write_dataset
 from insession.datasets.imports import SOURCES, Imported
 from insession.datasets.synthetic import generate_shop
 
 
 def generate(
-    out: Path = typer.Option(..., "--out", help="Directory for items.jsonl, events.parquet and "
-                             "sessions.parquet."),
+    out: Path | None = typer.Option(None, "--out", help="Directory for items.jsonl, events.parquet and "
+                                    "sessions.parquet."),
     users: int = typer.Option(500, "--users"),
     items: int = typer.Option(2000, "--items"),
     days: int = typer.Option(14, "--days"),
     events: int | None = typer.Option(None, "--events", help="About this many events (default: ~0.6 "
-                                      "sessions per user and day)."),
+                                      "sessions per user and day, 1.7 with --realistic)."),
     seed: int = typer.Option(7, "--seed"),
     start: str | None = typer.Option(None, "--start", help="First day, ISO-8601 (naive = UTC); default "
                                      "2026-09-01, fixed so a seed always gives the same shop."),
+    realistic: bool = typer.Option(False, "--realistic", help="Sessions calibrated against the real Taobao "
+                                   "sample, with surfaces, queries and trends (docs/synthetic.md)."),
+    compare: list[str] = typer.Option([], "--compare", help="Instead of writing a shop: print real vs "
+                                      "synthetic statistics for these samples under --data (the first sizes "
+                                      "the shops), e.g. taobao_userbehavior_head84k."),
+    data: Path = typer.Option(SHARED_SAMPLES, "--data", help="Directory of the normalised real samples."),
 ) -> None:
     """Generate a seeded synthetic shop: catalogue, events in time order, and sessions with their intent."""
+    if compare:
+        typer.echo(comparison(compare, data, seed))
+        return
+    if out is None:
+        raise typer.BadParameter("say where to write the shop (--out DIR), or pass --compare SAMPLE",
+                                 param_hint="--out")
     start_ms = None
     if start is not None:
         first = datetime.fromisoformat(start)
         start_ms = int((first if first.tzinfo else first.replace(tzinfo=UTC)).timestamp() * 1000)
-    shop = generate_shop(users, items, days, seed, start_ms=start_ms, target_events=events)
+    shop = generate_shop(users, items, days, seed, start_ms=start_ms, target_events=events, realistic=realistic)
     n = write_dataset(out, shop.items, shop.iter_event_tables(), sessions=shop.sessions,
                       total_events=shop.expected_events)
     typer.echo(f"wrote {len(shop.items)} items, {n} events, {shop.sessions.num_rows} sessions to {out}")

@@ -18,6 +18,7 @@ ITEMS_FILE = "items.jsonl"
 EVENTS_FILE = "events.parquet"
 SESSIONS_FILE = "sessions.parquet"
 LOAD_BATCH = 1000
+SHARED_SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "data"  # the real samples beside the checkout
 
 # The EventIn fields that are columns; every other column is a property.
 EVENT_FIELDS: tuple[str, ...] = ("event_id", "user_id", "session_id", "item_id", "action", "ts", "surface")

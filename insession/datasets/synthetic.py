@@ -183,6 +183,11 @@ def _categorical(weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 class Shop:
     """A generated shop: `items` (ItemIn wire form), events in time order, and sessions with their intent."""
 
+    zipf_exponent: float = ZIPF_EXPONENT
+    sessions_per_user_day: float = SESSIONS_PER_USER_DAY
+    dow_activity: np.ndarray = DOW_ACTIVITY
+    staples_mean: float = STAPLES_MEAN
+
     def __init__(self, n_users: int, n_items: int, days: int, seed: int, start_ms: int,
                  target_events: int | None) -> None:
         n_cat = min(max(n_items // ITEMS_PER_CATEGORY, MIN_CATEGORIES), len(TAXONOMY))
@@ -212,7 +217,7 @@ class Shop:
         counts = 2 + rng.multinomial(n - 2 * n_subs, self.sub_weight / n_subs)
         self.item_sub = rng.permutation(np.repeat(np.arange(n_subs), counts))
         self.item_cat = self.sub_cat[self.item_sub]
-        self.item_pop = (rng.permutation(n) + 1.0) ** -ZIPF_EXPONENT
+        self.item_pop = (rng.permutation(n) + 1.0) ** -self.zipf_exponent
         # Every subcategory keeps its most popular item from day 0 (and in stock), so it can always be shown.
         order = np.lexsort((-self.item_pop, self.item_sub))  # by subcategory, most popular first
         best = order[np.searchsorted(self.item_sub[order], np.arange(n_subs))]
@@ -245,7 +250,7 @@ class Shop:
         self.rate = rate / rate.mean()
         # Staples: a few items of replenishable subcategories the shopper favours, each with a cadence.
         repl = np.flatnonzero(self.sub_replenishable)
-        n_st = np.minimum(rng.poisson(STAPLES_MEAN, u), min(MAX_STAPLES, len(repl)))
+        n_st = np.minimum(rng.poisson(self.staples_mean, u), min(MAX_STAPLES, len(repl)))
         keys = np.log(self.habit[:, repl]) + rng.gumbel(size=(u, len(repl)))
         top = np.argsort(-keys, axis=1)
         mask = np.arange(len(repl)) < n_st[:, None]
@@ -286,9 +291,9 @@ class Shop:
             per_replenish = len(self._session_events(0, rep, rng).ts) / PILOT_SESSIONS
         else:
             per_replenish = 0.0
-        activity = self.n_users * DOW_ACTIVITY[[self._dow(d) for d in range(self.days)]].sum()
+        activity = self.n_users * self.dow_activity[[self._dow(d) for d in range(self.days)]].sum()
         if target_events is None:
-            self.scale = SESSIONS_PER_USER_DAY
+            self.scale = self.sessions_per_user_day
         else:
             self.scale = max(target_events - n_replenish * per_replenish, 0.0) / (per_browse * activity)
             if self.scale > MAX_MEAN_SESSIONS:
@@ -370,7 +375,7 @@ class Shop:
         due = np.flatnonzero(((d - self.st_phase) % self.st_cadence == 0)
                              & (rng.random(len(self.st_item)) < P_REPLENISH_DUE))  # sorted by user
         n_rep = np.bincount(self.st_user[due], minlength=self.n_users)
-        n_browse = rng.poisson(self.rate * self.scale * DOW_ACTIVITY[dow])
+        n_browse = rng.poisson(self.rate * self.scale * self.dow_activity[dow])
         k = np.minimum(n_browse + n_rep, MAX_SESSIONS_PER_DAY)  # n_rep <= MAX_STAPLES < the cap
         active = np.flatnonzero(k)
         # Distinct hour slots per shopper-day (Gumbel top-k on the diurnal curve), so sessions never overlap.
@@ -472,8 +477,6 @@ class Shop:
         ev = self._session_events(d, s, np.random.default_rng([self.seed, d, 2]))
         sessions = self._session_ids(d, len(s.user)).take(ev.sess)
         intent_sub = s.sub[ev.sess]
-        query = pa.array(self.subcategories, pa.string()).take(intent_sub)
-        query = pc.if_else(pa.array(ev.action == SEARCH), pc.replace_substring(query, "_", " "), None)
         return pa.table({
             "event_id": pc.binary_join_element_wise(sessions, pa.array(ev.seq).cast(pa.string()), "-"),
             "user_id": self._user_id_array.take(s.user[ev.sess]),
@@ -484,8 +487,13 @@ class Shop:
             "surface": pa.array(SURFACES, pa.string()).take(ev.surface),
             "intent": pa.array(self.categories, pa.string()).take(self.sub_cat[intent_sub]),
             "intent_subcategory": pa.array(self.subcategories, pa.string()).take(intent_sub),
-            "query": query,
+            "query": self._queries(d, ev, intent_sub),
         }, schema=EVENT_SCHEMA)
+
+    def _queries(self, d: int, ev: _Events, intent_sub: np.ndarray) -> pa.Array:
+        """The query text of each search event (null for other actions): the session's intent subcategory."""
+        query = pa.array(self.subcategories, pa.string()).take(intent_sub)
+        return pc.if_else(pa.array(ev.action == SEARCH), pc.replace_substring(query, "_", " "), None)
 
     def _session_table(self, d: int, s: _Sessions) -> pa.Table:
         replenish = s.staple >= 0
@@ -504,7 +512,14 @@ class Shop:
 
 
 def generate_shop(n_users: int, n_items: int, days: int, seed: int, start_ms: int | None = None,
-                  target_events: int | None = None) -> Shop:
-    """A seeded synthetic shop. `target_events`: about that many events (else ~0.6 sessions per user-day)."""
+                  target_events: int | None = None, realistic: bool = False) -> Shop:
+    """A seeded synthetic shop. `target_events`: about that many events (else ~0.6 sessions per user-day,
+    1.7 when realistic). `realistic`: sessions calibrated against the real Taobao sample
+    (`insession.datasets.realistic`, docs/synthetic.md); else the easy intent-driven shop, whose carted
+    item is always the latest view (the demo and the tests that check intents rely on it)."""
     start = DEFAULT_START_MS if start_ms is None else start_ms
+    if realistic:
+        from insession.datasets.realistic import RealisticShop  # it subclasses Shop
+
+        return RealisticShop(n_users, n_items, days, seed, start, target_events)
     return Shop(n_users, n_items, days, seed, start, target_events)
