@@ -20,9 +20,10 @@ used only to stop early: it writes a part only while `ttl_s / 3` of its lease is
 deadline runs from when it sent the renewal, before the server started the TTL). A holder paused for
 longer than that between its check and its write (a stopped process, not a killed one) can still write
 one part after another node took over. Its commit is refused and it stops; the new holder's
-`verify_history` removes that part if it lands before the new holder's first export, else the part stays
-until the next takeover and its events are in the history twice. Not fenced further: that needs a pause
-of more than a third of the TTL (3.3 s by default) inside one export chunk.
+`verify_history` removes that part if it lands before the new holder's first export; later, its events
+would be in the history twice until the next takeover, and its manifest write (read, add, replace) could
+drop the new holder's newest parts from the manifest. Not fenced further: that needs a pause of more than
+a third of the TTL (3.3 s by default) inside one export chunk.
 
 A SIGKILLed holder's lease lasts until the TTL after its last renewal, i.e. between 2/3 of the TTL and
 the TTL after its death; the other nodes try every TTL / 3. Measured in tests/log/test_log_export_lease.py
