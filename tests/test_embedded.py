@@ -16,7 +16,6 @@ from fastapi.testclient import TestClient
 import insession
 from insession import embedded
 from insession.embedded import DataDirError
-from insession.features import engine as feature_engine
 from insession.schema import BatchRejected
 from insession.serve.app import create_app
 
@@ -61,31 +60,6 @@ def test_a_log_behind_its_feature_state_is_refused_and_nothing_is_deleted(tmp_pa
         insession.open(data, maintenance_interval_s=None)
 
 
-def test_background_jobs_survive_failures_and_report_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(embedded, "RETRY_MAX_S", 0.05)
-    with insession.open(tmp_path, maintenance_interval_s=0.02, snapshot_interval_s=0.0) as db:
-        real = feature_engine.write_unit
-
-        def full_disk(*_: object) -> None:  # raised in the forked snapshot writer, reported by the parent
-            raise OSError(28, "No space left on device", str(tmp_path / "features" / "secret"))
-
-        monkeypatch.setattr(feature_engine, "write_unit", full_disk)
-        db.insert("events", _events(5))
-        deadline = time.monotonic() + 30
-        while db.job_failures["snapshot"] < 3 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert db.job_failures["snapshot"] >= 3, "the snapshot job stopped retrying"
-        assert db.job_errors["snapshot"] == "OSError: No space left on device"  # no path
-        monkeypatch.setattr(feature_engine, "write_unit", real)  # space is freed
-        while db.features.snapshot_offset != 4 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert db.features.snapshot_offset == 4
-        while db.job_errors["snapshot"] is not None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert db.job_errors["snapshot"] is None
-        assert db._maintenance is not None and db._maintenance.is_alive()
-
-
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs of its own: a disk that really fills up."""
@@ -98,6 +72,31 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield disk
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_background_jobs_survive_a_full_disk_and_report_it(small_disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forked snapshot writer meets a really full disk: counted, reported without a path, retried with
+    backoff, and written once space is freed; the maintenance thread never dies."""
+    monkeypatch.setattr(embedded, "RETRY_MAX_S", 0.05)
+    with insession.open(small_disk / "data", maintenance_interval_s=0.02, snapshot_interval_s=3600.0) as db:
+        db.insert("events", _events(5))
+        filler = small_disk / "filler"
+        filler.write_bytes(b"\0" * shutil.disk_usage(small_disk).free)
+        db.snapshot_interval_s = 0.0  # due now
+        deadline = time.monotonic() + 60
+        while db.job_failures["snapshot"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert db.job_failures["snapshot"] >= 3, "the snapshot job stopped retrying"
+        assert db.job_errors["snapshot"] == "OSError: No space left on device"  # no path
+        assert db.features.snapshot_offset == -1
+        filler.unlink()  # space is freed
+        while db.features.snapshot_offset != 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert db.features.snapshot_offset == 4
+        while db.job_errors["snapshot"] is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert db.job_errors["snapshot"] is None
+        assert db._maintenance is not None and db._maintenance.is_alive()
 
 
 def test_a_full_disk_refuses_writes_with_507_loses_nothing_and_recovers(small_disk: Path) -> None:
