@@ -147,10 +147,19 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 class _Watch(threading.Thread):
-    """Samples the server's memory (and its children's private memory: the analytics workers and the
-    forked snapshot writer) every second and notes
-    each new snapshot (the CURRENT file changing), in seconds after `t0`."""
+    """Samples every second the server's memory and CPU (share of one core; its GIL lets Python use about
+    one) and its children's private memory (the analytics workers and the forked snapshot writer), and
+    notes each new snapshot (the CURRENT file changing), in seconds after `t0`."""
 
     def __init__(self, pid: int, state_dir: Path, t0: float) -> None:
         super().__init__(daemon=True)
@@ -158,10 +167,11 @@ class _Watch(threading.Thread):
         self.stop = threading.Event()
         self.snapshots: list[float] = []
         self.rss: list[tuple[float, float, float]] = []  # (t, server MB, workers MB)
+        self.cpu: list[tuple[float, float]] = []  # (t, server CPU over the last second, in cores)
 
     def run(self) -> None:
         seen = self.current.read_text() if self.current.exists() else ""
-        last_mem = 0.0
+        last_mem, last_cpu = 0.0, _cpu_s(self.pid)
         while not self.stop.wait(0.05):
             now = time.perf_counter() - self.t0
             text = self.current.read_text() if self.current.exists() else ""
@@ -171,6 +181,9 @@ class _Watch(threading.Thread):
             if now - last_mem >= 1.0:
                 last_mem = now
                 self.rss.append((now, _rss_mb(self.pid), sum(_private_mb(c) for c in _children(self.pid))))
+                cpu = _cpu_s(self.pid)
+                self.cpu.append((now, cpu - last_cpu))
+                last_cpu = cpu
 
 
 def _stats(samples: list[Sample]) -> dict[str, float]:
@@ -185,7 +198,7 @@ def _plot(results: dict[str, list[Sample]], watch: _Watch, half: float, seconds:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, mem) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, height_ratios=[3, 1])
+    fig, (ax, cpu, mem) = plt.subplots(3, 1, figsize=(11, 8), sharex=True, height_ratios=[3, 1, 1])
     for kind, marker in (("ingest", "^"), ("rank", "s"), ("features", ".")):
         due = [s.due for s in results[kind]]
         ax.scatter(due, [s.latency * 1000 for s in results[kind]], s=3, marker=marker, alpha=0.35, label=kind)
@@ -196,6 +209,11 @@ def _plot(results: dict[str, list[Sample]], watch: _Watch, half: float, seconds:
     ax.set_ylabel("latency from due time, ms")
     ax.legend(loc="upper left", fontsize=8, markerscale=4, ncol=3)
     ax.set_title("Latency of every request over the run (open loop)")
+    cpu.plot([t for t, _ in watch.cpu], [c for _, c in watch.cpu], label="server process")
+    for t in watch.snapshots:
+        cpu.axvline(t, color="crimson", linewidth=1, linestyle="--")
+    cpu.set_ylabel("CPU, cores")
+    cpu.legend(fontsize=8)
     mem.plot([t for t, _, _ in watch.rss], [m / 1024 for _, m, _ in watch.rss], label="server")
     mem.plot([t for t, _, _ in watch.rss], [w / 1024 for _, _, w in watch.rss],
              label="children (analytics workers, snapshot writer), private")
@@ -286,6 +304,8 @@ def _report(results: dict[str, tuple[list[Sample], int]], watch: _Watch, scans: 
     server_mb = max(m for _, m, _ in watch.rss) if watch.rss else 0.0
     workers_mb = max(w for _, _, w in watch.rss) if watch.rss else 0.0
     scans_done = sum(len(s.done) for s in scans)
+    cpu_first = [c for t, c in watch.cpu if t < half]
+    cpu_second = [c for t, c in watch.cpu if t >= half]
     return "\n\n".join([
         f"### Mixed load: {n_users:,} shoppers x {per_user} events, {seconds:.0f} s of ingest + reads + ranking, "
         "analytics in the second half",
@@ -296,7 +316,9 @@ def _report(results: dict[str, tuple[list[Sample], int]], watch: _Watch, scans: 
         f"(analytics workers, the forked snapshot writer) {workers_mb / 1024:.2f} GiB. Analytics scans "
         f"completed in the second half: {scans_done} "
         f"({sum(s.refused for s in scans)} answered 429, {sum(s.failed for s in scans)} failed). Sends the "
-        f"client could not make on time (> 1 ms late): " + ", ".join(f"{k} {v}" for k, v in late.items()) + ".",
+        f"client could not make on time (> 1 ms late): " + ", ".join(f"{k} {v}" for k, v in late.items()) + ". "
+        f"Server process CPU, mean over each half: {np.mean(cpu_first or [0]):.2f} / "
+        f"{np.mean(cpu_second or [0]):.2f} cores (its Python work is bound to about one by the GIL).",
         table(["requests", "part", "n", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "failed"], rows),
         table(["target (issue: serving that never stops)", "wanted", "measured", ""], checks),
         _plot(samples, watch, half, seconds),
