@@ -21,6 +21,9 @@ What each number means (the names are the keys of `ShopStats.values`):
 - `session_recency_ndcg10`: NDCG@10 over add-to-carts of ranking the session's distinct earlier views
   latest first (one relevant item, 0 when it is not among them): a ceiling check, not the evaluation's
   protocol (which ranks a candidate set).
+- `leaf_popularity_ndcg10`: the same for ranking the items of the leaf category of the session's latest
+  event before the cart by their events so far: a context baseline, to check the shop is neither noise nor
+  easier than the real sample.
 - `repeat_purchase_item`: share of purchases of an item the shopper bought before (an earlier day);
   `repeat_purchase_category`: of a category the shopper bought before (an earlier day);
   `repeat_cart_item`: share of add-to-carts of an item the shopper carted in an earlier session.
@@ -152,6 +155,25 @@ def measure(events: pa.Table, name: str = "") -> ShopStats:
         ),
         ranked AS (SELECT rn, item_id = target AS hit,
                           row_number() OVER (PARTITION BY rn ORDER BY last DESC) AS r FROM seen)
+        SELECT coalesce(sum(CASE WHEN hit AND r <= 10 THEN 1 / log2(r + 1) END), 0)
+               / (SELECT count(*) FROM c) FROM ranked""")
+    # Popularity in context as a ranker: the items of the leaf category of the session's latest event before
+    # the cart, by their events so far (ties by item id).
+    (v["leaf_popularity_ndcg10"],) = one("""
+        WITH c AS (SELECT * FROM s WHERE action = 'add_to_cart'),
+        ctx AS (
+            SELECT c.rn, any_value(c.item_id) AS target, any_value(c.ts) AS ts,
+                   arg_max(v.category, (v.ts, v.rn)) AS leaf
+            FROM c JOIN s v ON v.user_id = c.user_id AND v.sess = c.sess
+                           AND (v.ts < c.ts OR (v.ts = c.ts AND v.rn < c.rn))
+            GROUP BY c.rn
+        ),
+        counts AS (
+            SELECT ctx.rn, e.item_id, count(*) AS n, any_value(ctx.target) AS target
+            FROM ctx JOIN s e ON e.category = ctx.leaf AND e.ts < ctx.ts GROUP BY ctx.rn, e.item_id
+        ),
+        ranked AS (SELECT rn, item_id = target AS hit,
+                          row_number() OVER (PARTITION BY rn ORDER BY n DESC, item_id) AS r FROM counts)
         SELECT coalesce(sum(CASE WHEN hit AND r <= 10 THEN 1 / log2(r + 1) END), 0)
                / (SELECT count(*) FROM c) FROM ranked""")
     # Repeats: purchases on an earlier day, carts in an earlier session.

@@ -65,6 +65,16 @@ def test_measure_on_hand_made_events():
     assert v["share_add_to_cart"] == pytest.approx(3 / 8)
 
 
+def test_leaf_popularity_ranks_the_context_leaf_by_events_so_far():
+    ev = _events([
+        ("u0", "B", "view", T0, "x"), ("u0", "B", "view", T0 + MIN, "x"),  # B: two events in leaf x
+        ("u1", "A", "view", T0 + 2 * MIN, "x"), ("u1", "Z", "view", T0 + 3 * MIN, "y"),
+        ("u1", "C", "view", T0 + 4 * MIN, "x"),  # the latest event before the cart: leaf x
+        ("u1", "A", "add_to_cart", T0 + 5 * MIN, "x"),  # leaf x so far: B 2, A 1, C 1 -> A 2nd (id order)
+    ])
+    assert measure(ev).values["leaf_popularity_ndcg10"] == pytest.approx(1 / np.log2(3))
+
+
 def test_measure_ties_keep_input_order_and_names_missing_columns():
     # A view and a cart of the same second: the view was logged first, so the cart counts as seen.
     v = measure(_events([("u", "A", "view", T0, "x"), ("u", "A", "add_to_cart", T0, "x")])).values
