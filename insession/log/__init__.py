@@ -13,7 +13,8 @@ from insession.log.eventlog import EventLog
 def open_log(data_dir: str | Path, config: LogConfig | None = None, *, partitions: int = 16,
              on_commit: OnCommit | None = None, follow: bool = True) -> Log:
     """The log a data directory's handle writes to: `DATA/log.sqlite` when `config.url` is empty (the
-    default), else the JetStream stream at `config.url` (this node's export mark kept in `DATA/`).
+    default), else the JetStream stream at `config.url` (the export mark kept in `DATA/` for this node's own
+    history, or beside the export lease in JetStream for a shared `config.history`).
     `follow=False`: other writers' events reach on_commit only after `Log.follow(offset)`."""
     config = config or LogConfig()
     if not config.url:

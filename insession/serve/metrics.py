@@ -92,6 +92,7 @@ class ClusterStatus(msgspec.Struct, frozen=True):
     applied_offset: int  # the newest offset this node's feature state applied
     consumer_lag: int  # stream_last_offset - applied_offset: events stored but not yet in this node's state
     partitions: list[PartitionLag]
+    exporting: bool  # this node writes the Parquet history now (its own, or a shared one under the lease)
 
 
 def cluster_status(handle: Any) -> ClusterStatus | None:
@@ -120,6 +121,7 @@ def cluster_status(handle: Any) -> ClusterStatus | None:
         stream_last_offset=last, applied_offset=applied, consumer_lag=max(last - applied, 0),
         partitions=[PartitionLag(p, off, max(off - applied, 0))
                     for p, off in enumerate(state.partition_last_offsets)],
+        exporting=log_.exporting(),
     )
 
 
@@ -321,6 +323,8 @@ def _cluster_metrics(h: Any) -> Iterator[Metric]:
                             value=status.stream_last_offset)
     yield GaugeMetricFamily("insession_log_consumer_lag", "Events in the stream not yet applied by this node",
                             value=status.consumer_lag)
+    yield GaugeMetricFamily("insession_log_exporting", "1: this node writes the Parquet history now (a shared one: "
+                            "it holds the export lease)", value=int(status.exporting))
     if status.checked_s_ago is not None:
         yield GaugeMetricFamily("insession_log_check_age_seconds", "Age of the last cluster check",
                                 value=status.checked_s_ago)

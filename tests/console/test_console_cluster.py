@@ -93,6 +93,7 @@ def test_cluster_metrics_on_a_replicated_log(node: Node) -> None:
                  "insession_log_stream_last_offset", "insession_log_server_up"):
         assert f"\n{name}" in text, name
     assert sum(line.startswith("insession_log_partition_lag{") for line in text.splitlines()) == PARTITIONS
+    assert "\ninsession_log_exporting 1.0" in text  # its own history: it always exports
 
 
 def test_cluster_page_follows_two_servers_down_and_back(node: Node, page: Any, screenshots: Path) -> None:

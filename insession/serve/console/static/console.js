@@ -465,6 +465,7 @@ function renderCluster(c) {
   kv($("stream-meta"), [
     ["stream", el("code", {}, c.stream)], ["newest offset", num(c.stream_last_offset)],
     ["applied here", num(c.applied_offset)], ["consumer lag (events)", num(c.consumer_lag)],
+    ["exports the history", yesNo(c.exporting)],
     ["checked", c.checked_s_ago === null ? "not yet" : `${num(c.checked_s_ago, 1)} s ago`],
   ]);
   fill($("partitions").tBodies[0], c.partitions.map((p) => el("tr", { "data-partition": p.partition },
