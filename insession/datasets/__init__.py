@@ -1,4 +1,5 @@
-"""Data to run on: a seeded synthetic shop, importers for public datasets, and the dataset directory layout.
+"""Data to run on: seeded synthetic shops (the easy default; `realistic=True`, calibrated against the real Taobao
+sample by `stats.measure`, docs/synthetic.md), importers for public datasets, and the dataset directory layout.
 
 A dataset directory holds `items.jsonl` (ItemIn wire form), `events.parquet` (EventIn columns, ts in epoch
 ms, extra columns become properties, time order) and, for synthetic shops, `sessions.parquet` (intents).

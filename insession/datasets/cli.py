@@ -5,11 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import typer
 
 from insession.datasets.compare import comparison
-from insession.datasets.files import SHARED_SAMPLES, write_dataset
+from insession.datasets.files import SHARED_SAMPLES, TRENDS_FILE, write_dataset
 from insession.datasets.imports import SOURCES, Imported
+from insession.datasets.realistic import RealisticShop
 from insession.datasets.synthetic import generate_shop
 
 
@@ -45,7 +47,11 @@ def generate(
     shop = generate_shop(users, items, days, seed, start_ms=start_ms, target_events=events, realistic=realistic)
     n = write_dataset(out, shop.items, shop.iter_event_tables(), sessions=shop.sessions,
                       total_events=shop.expected_events)
-    typer.echo(f"wrote {len(shop.items)} items, {n} events, {shop.sessions.num_rows} sessions to {out}")
+    trends = ""
+    if isinstance(shop, RealisticShop):  # where popularity shifts, so an evaluation can mark them
+        pq.write_table(shop.trends, out / TRENDS_FILE)
+        trends = f", {shop.trends.num_rows} trends"
+    typer.echo(f"wrote {len(shop.items)} items, {n} events, {shop.sessions.num_rows} sessions{trends} to {out}")
 
 
 def import_(

@@ -1,4 +1,5 @@
-"""The dataset directory layout (items.jsonl, events.parquet, sessions.parquet): write it, read it back.
+"""The dataset directory layout (items.jsonl, events.parquet, sessions.parquet, and trends.parquet for a
+realistic shop): write it, read it back.
 
 Events are kept columnar: one column per `EventIn` field (`ts` in epoch ms) plus extra columns (e.g.
 `intent`), which become the event's `properties` when rows are turned into wire-form dicts.
@@ -17,6 +18,7 @@ from tqdm import tqdm
 ITEMS_FILE = "items.jsonl"
 EVENTS_FILE = "events.parquet"
 SESSIONS_FILE = "sessions.parquet"
+TRENDS_FILE = "trends.parquet"  # realistic shops: every trend (kind, id, start, peak, boost)
 LOAD_BATCH = 1000
 SHARED_SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "data"  # the real samples beside the checkout
 

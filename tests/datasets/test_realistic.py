@@ -172,6 +172,17 @@ def test_any_small_realistic_shop_is_valid(users, items, days, seed):
     assert {e["item_id"] for e in events} <= {i["item_id"] for i in shop.items}
 
 
+def test_generate_realistic_writes_its_trends(tmp_path):
+    app = Typer()
+    app.command()(generate)
+    result = CliRunner().invoke(app, ["--realistic", "--out", str(tmp_path), "--users", "30", "--items", "400",
+                                      "--days", "3"])
+    assert result.exit_code == 0, result.output
+    trends = pq.read_table(tmp_path / "trends.parquet")
+    assert trends.equals(generate_shop(30, 400, 3, 7, realistic=True).trends) and trends.num_rows >= 90
+    assert pq.read_table(tmp_path / "events.parquet").num_rows > 0
+
+
 def test_compare_command_prints_the_table(tmp_path):
     """`insession generate --compare` on a small normalised sample: every statistic, real beside synthetic."""
     rng = np.random.default_rng(0)
