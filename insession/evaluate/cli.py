@@ -61,6 +61,15 @@ def evaluate(
             "validation period ranks the test requests too, at half the cost)."
         ),
     ] = True,
+    pretraining: Annotated[
+        bool,
+        typer.Option(
+            help="Train the pre-training variants (masked items on every interaction; with and without item2vec) "
+            "and item2vec off, each with every seed."
+        ),
+    ] = True,
+    pretrain_epochs: Annotated[int, typer.Option(help="Masked-item pre-training epochs of those variants.")] = 10,
+    pretrain_lr: Annotated[float, typer.Option(help="Pre-training learning rate.")] = 1e-3,
     ctr: Annotated[
         str, typer.Option(help="CTR models trained on impressions built from the views (comma list; '' for none).")
     ] = "din,bst",
@@ -85,9 +94,10 @@ def evaluate(
     from insession.evaluate.data import Dataset, load_real, load_synthetic
     from insession.evaluate.neural import MODELS
     from insession.evaluate.report import render
-    from insession.evaluate.runner import ABLATIONS, RERANKER_GRID, EvalConfig, run
+    from insession.evaluate.runner import ABLATIONS, PRETRAIN_VARIANTS, RERANKER_GRID, EvalConfig, run
     from insession.evaluate.sequential import SEQ_GRID, SeqConfig
     from insession.evaluate.split import earlier_window
+    from insession.train.pretrain import PretrainConfig
 
     ds = (
         load_synthetic(users, items, days, seed)
@@ -106,6 +116,8 @@ def evaluate(
         seq_grid=SEQ_GRID if seq_tune else ({"dropout": seq_dropout, "lr": seq_lr},),
         seq_seeds=seq_seeds,
         seq_refit=seq_refit,
+        pretraining=tuple(PRETRAIN_VARIANTS) if pretraining else (),
+        pretrain=PretrainConfig(epochs=pretrain_epochs, lr=pretrain_lr),
         ctr=tuple(c for c in ctr.split(",") if c),
         ctr_seeds=ctr_seeds,
         n_boot=boot,
@@ -124,6 +136,8 @@ def evaluate(
         f"{'--neural' if neural else '--no-neural'} --sequential '{sequential}' "
         + ("--seq-tune " if seq_tune else f"--no-seq-tune --seq-dropout {seq_dropout} --seq-lr {seq_lr} ")
         + f"--seq-epochs {seq_epochs} --seq-seeds {seq_seeds} {'--seq-refit' if seq_refit else '--no-seq-refit'} "
+        + (f"--pretraining --pretrain-epochs {pretrain_epochs} --pretrain-lr {pretrain_lr} " if pretraining else "")
+        + ("" if pretraining else "--no-pretraining ")
         + f"--ctr '{ctr}' --ctr-seeds {ctr_seeds} --boot {boot}"
         + (f" --section {name}" if name != dataset else "")
         + (f" --users {users} --items {items} --days {days} --seed {seed}" if dataset == "synthetic" else "")

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from insession.evaluate.metrics import METRICS, Estimate, PerRequest, average, bootstrap, paired_difference
-from insession.evaluate.runner import ENSEMBLE, MethodResult, Results
+from insession.evaluate.runner import ENSEMBLE, PRETRAINED, MethodResult, Results
+
+OURS = ("reranker", "ensemble", "pretraining")  # the reranker's own rows: never the "strongest other method"
 
 HEADERS = ("NDCG@10", "HR@10", "MRR", "AUC", "GAUC")
 
@@ -87,6 +89,13 @@ def render(res: Results, img_dir: Path, img_prefix: str) -> str:
     def note(name: str, kind: str, rs: list[MethodResult]) -> str:
         if kind == "reranker":
             return f"{len(rs)} seeds; best epochs {[r.params.get('best_epoch') for r in rs]}"
+        if kind == "pretraining":
+            p = rs[0].params
+            losses = [r.params.get("pretrain_loss") for r in rs]
+            return (
+                f"{len(rs)} seeds; pre-training {p['pretrain_epochs']} epochs (final masked-item loss {losses}), "
+                f"item2vec {'on' if p['item2vec'] else 'off'}; best epochs {[r.params.get('best_epoch') for r in rs]}"
+            )
         if kind == "neural":
             return f"{len(rs)} seeds; trained on the reranker's add-to-cart groups"
         if kind == "sequential":
@@ -136,8 +145,12 @@ def render(res: Results, img_dir: Path, img_prefix: str) -> str:
         L += [f"### Reranking, {title}", ""] + _table(rows) + [""]
     # the headline comparison: the reranker against the strongest baseline (by validation-free test NDCG@10
     # of the proposed view is what the reader sees; the paired interval says whether the gap is real)
-    others = [n for n, (k, _, _) in pooled.items() if k not in ("reranker", "ensemble")]
-    for ours, title in (("reranker", "Reranker"), (ENSEMBLE, "Reranker ensemble (seeds' scores averaged)")):
+    others = [n for n, (k, _, _) in pooled.items() if k not in OURS]
+    for ours, title in (
+        ("reranker", "Reranker"),
+        (PRETRAINED, "Reranker with pre-training"),
+        (ENSEMBLE, "Reranker ensemble (seeds' scores averaged)"),
+    ):
         for view in ("proposed", "forced") if others and ours in pooled else ():
             # the strongest other method is picked on test itself, which favours it: a conservative comparison
             best = max(others, key=lambda n, v=view: est[n][v]["ndcg10"].value)
@@ -150,6 +163,7 @@ def render(res: Results, img_dir: Path, img_prefix: str) -> str:
             ]
     if res.known:
         L += _known_section(res, pooled, others)
+    L += _pretraining_section(res, pooled)
     if "reranker" in pooled:
         abl = [n for n, (k, _, _) in pooled.items() if k == "reranker" and n != "reranker"]
         if abl:
@@ -172,7 +186,7 @@ def render(res: Results, img_dir: Path, img_prefix: str) -> str:
     if res.segments:
         L += ["### Segments (test, positive proposed; NDCG@10 with 95% CI, n = requests)", ""]
         ranked = sorted(pooled, key=lambda n: -est[n]["proposed"]["ndcg10"].value)
-        ours = [n for n in ranked if pooled[n][0] in ("reranker", "ensemble")]
+        ours = [n for n in ranked if pooled[n][0] in OURS]
         names = ours + [n for n in ranked if n not in ours][:6]
         for seg, labels in res.segments.items():
             values = sorted(set(labels.tolist()))
@@ -191,6 +205,45 @@ def render(res: Results, img_dir: Path, img_prefix: str) -> str:
             L.append("")
     L += _plots(res, est, pooled, img_dir, img_prefix)
     return "\n".join(L)
+
+
+def _pretraining_section(res: Results, pooled: dict) -> list[str]:
+    """Each pre-training variant minus the reranker without it (issue 20), paired, on every proposed request
+    and (where the run knows which) on the requests whose positive a next-item model knows and the rest."""
+    names = [n for n, (k, _, _) in pooled.items() if k == "pretraining"]
+    if not names or "reranker" not in pooled:
+        return []
+    cfg = res.config
+    pc = cfg.pretrain
+    parts: dict[str, np.ndarray | None] = {"all": None}
+    if res.known:
+        parts |= {"known": res.known["proposed"], "unknown": ~res.known["proposed"]}
+    L = [
+        "### Pre-training on every interaction (issue 20): variant minus the reranker (NDCG@10, paired, seeds "
+        "averaged)",
+        "",
+        f"The reranker row is item2vec on, pre-training off. Pre-training: {pc.epochs} epochs of masked items "
+        f"(rate {pc.mask_rate:g}, lr {pc.lr:g}, item rows rescaled to std {pc.item_scale:g}, at most "
+        f"{pc.max_windows} windows an epoch) over the history and session windows of every event before the "
+        "reranker's own training split; then the same fine-tuning. Known / unknown: proposed requests whose "
+        "positive a next-item model fitted before the "
+        + ("test" if cfg.seq_refit else "validation")
+        + " period knows.",
+        "",
+        "| variant | " + " | ".join(f"proposed, {p}" for p in parts) + " | forced |",
+        "|---" * (len(parts) + 2) + "|",
+    ]
+    for n in names:
+        cells = []
+        for m in parts.values():
+            a, b = pooled[n][1]["proposed"], pooled["reranker"][1]["proposed"]
+            if m is not None:
+                a, b = a.subset(m), b.subset(m)
+            cells.append(str(paired_difference(a, b, n_boot=cfg.n_boot)) if len(a) else "-")
+        forced = paired_difference(pooled[n][1]["forced"], pooled["reranker"][1]["forced"], n_boot=cfg.n_boot)
+        L.append(f"| {n} | " + " | ".join(cells) + f" | {forced} |")
+    L.append("")
+    return L
 
 
 def _known_section(res: Results, pooled: dict, others: list[str]) -> list[str]:
@@ -231,7 +284,7 @@ def _known_section(res: Results, pooled: dict, others: list[str]) -> list[str]:
                 f"{cell(e['unknown'], 'ndcg10')} | {cell(e['unknown'], 'hr10')} |"
             )
         L.append("")
-        for ours in ("reranker", ENSEMBLE):
+        for ours in ("reranker", PRETRAINED, ENSEMBLE):
             if ours not in pooled or not others:
                 continue
             for part, m in parts.items():
@@ -271,6 +324,7 @@ def _plots(res: Results, est: dict, pooled: dict, img_dir: Path, prefix: str) ->
             "hybrid": "tab:olive",
             "ctr": "tab:purple",
             "reranker": "tab:red",
+            "pretraining": "tab:pink",
             "ensemble": "tab:orange",
         }
         colors = [palette[pooled[n][0]] for n in names]

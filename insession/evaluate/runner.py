@@ -33,6 +33,7 @@ from insession.model.vocab import Vocab
 from insession.train.build import BuildConfig, TrainingData, assemble_examples, build, counter_matrix
 from insession.train.examples import Examples
 from insession.train.pipeline import pretrain_vectors, train_model
+from insession.train.pretrain import PretrainConfig
 from insession.train.replay import CandidateSets, build_candidates, stage_proposer
 from insession.train.trainer import TrainConfig, TrainResult, set_threads
 
@@ -51,6 +52,17 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "zero_cold_start": {"cold_start": False},
 }
 
+
+# Pre-training (issue 20): the reranker with its sequence side pre-trained on every training-period
+# interaction (masked items, `insession.train.pretrain`) and/or without item2vec's initial item vectors:
+# name -> (pre-training on, item2vec on). The "reranker" row is (off, on). Kind "pretraining": compared with
+# the "reranker" row in their own table, and the first one also against the strongest other method.
+PRETRAIN_VARIANTS: dict[str, tuple[bool, bool]] = {
+    "pretrained": (True, True),
+    "pretrained_no_item2vec": (True, False),
+    "no_item2vec": (False, False),
+}
+PRETRAINED = "pretrained"
 
 GROUPS_SUFFIX = "_groups"  # the neural baselines trained on the reranker's add-to-cart groups (issue 5's)
 HYBRID = "seq_hybrid"  # the best sequential model for items it knows, shopper recency for the rest
@@ -91,6 +103,9 @@ class EvalConfig:
     # ablation; a single setting skips the tuning
     grid: tuple[dict[str, float], ...] = RERANKER_GRID
     item2vec_epochs: int = 1
+    # the pre-training variants trained (each with every seed, at the chosen setting) and their settings
+    pretraining: tuple[str, ...] = tuple(PRETRAIN_VARIANTS)
+    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(epochs=10))
     n_boot: int = 1000
     threads: int = 0  # torch intra-op threads, 0 = every core (see TrainConfig.threads)
     progress: bool = True
@@ -200,10 +215,13 @@ def _fit_reranker(
     setting: dict[str, float],
     switches: dict[str, object],
     vectors: dict[int, torch.Tensor | None],
+    pretrained: bool = False,
+    item2vec: bool = True,
 ) -> TrainResult:
-    """One reranker (a grid `setting`, ablation `switches`) on `data`; `vectors` caches item2vec by width."""
+    """One reranker (a grid `setting`, ablation `switches`) on `data`; `vectors` caches item2vec by width.
+    `pretrained`: masked-item pre-training (`cfg.pretrain`) before fitting; `item2vec`: its initial vectors."""
     dim = int(setting["dim"])
-    if dim not in vectors:
+    if item2vec and dim not in vectors:
         vectors[dim] = (
             pretrain_vectors(data, dim, cfg.item2vec_epochs, seed, cfg.progress) if cfg.item2vec_epochs > 0 else None
         )
@@ -214,8 +232,10 @@ def _fit_reranker(
         seed=seed,
         threads=cfg.threads,
         progress=cfg.progress,
+        pretrain=cfg.pretrain if pretrained else replace(cfg.pretrain, epochs=0),
     )
-    return train_model(data, tc, vectors[dim], dim=dim, dropout=setting["dropout"], **switches)
+    init = vectors[dim] if item2vec else None
+    return train_model(data, tc, init, dim=dim, dropout=setting["dropout"], **switches)
 
 
 def _sequential(
@@ -240,10 +260,6 @@ def _sequential(
     single fit does). Each fit stops early on its own held-out tail (`SeqConfig.holdout`)."""
     before_val = Interactions.of(ds.events, split.val_start, cfg.seq.holdout)
     before_test = Interactions.of(ds.events, split.test_start, cfg.seq.holdout) if cfg.seq_refit else before_val
-    res.known = {
-        "proposed": known_mask(before_test.vocab, sets, test_rows),
-        "forced": known_mask(before_test.vocab, sets, test_all),
-    }
     val_scores: dict[str, list[np.ndarray]] = {}
     kept: dict[tuple[str, int], SeqFit | None] = {}  # (kind, grid position) -> the first seed's fit (no refit)
     test_scores: dict[str, list[list[np.ndarray]]] = {}
@@ -354,6 +370,15 @@ def run(ds: Dataset, cfg: EvalConfig) -> Results:
         add(name, "baseline", p, test_all, scorer(sets, sig, test_all, p))
     res.seconds["baselines"] = time.perf_counter() - t
 
+    # which test positives a next-item model fitted before the test period (or, with no refit, before the
+    # validation period) knows: computed even when no sequential model runs, so every method is split by it
+    known_vocab = Interactions.of(
+        ds.events, split.test_start if cfg.seq_refit else split.val_start, cfg.seq.holdout
+    ).vocab
+    res.known = {
+        "proposed": known_mask(known_vocab, sets, test_rows),
+        "forced": known_mask(known_vocab, sets, test_all),
+    }
     if cfg.sequential:
         _sequential(ds, cfg, res, sets, sig, split, val_rows, test_rows, test_all, add, say)
     categories = dict(zip(ds.items["item_id"].to_pylist(), ds.items["category"].to_pylist(), strict=True))
@@ -433,6 +458,18 @@ def run(ds: Dataset, cfg: EvalConfig) -> Results:
             )
             if name == "reranker":
                 seed_scores.append(scores)
+            res.seconds[f"{name}_seed{seed}"] = time.perf_counter() - t
+        for name in cfg.pretraining:
+            t = time.perf_counter()
+            on, i2v = PRETRAIN_VARIANTS[name]
+            fitted = _fit_reranker(data, cfg, seed, res.reranker_setting, {}, vectors, pretrained=on, item2vec=i2v)
+            res.train_curves[f"{name}_seed{seed}"] = [e.__dict__ for e in fitted.epochs]
+            params = {"pretrain_epochs": cfg.pretrain.epochs if on else 0, "item2vec": i2v}
+            if fitted.pretrain:
+                params["pretrain_loss"] = round(fitted.pretrain[-1].loss, 3)
+            params["best_epoch"] = fitted.best_epoch
+            scores = score_examples(fitted.model, sub, fitted.model.cfg)
+            add(name, "pretraining", params, test_all, scores, seed)
             res.seconds[f"{name}_seed{seed}"] = time.perf_counter() - t
     if len(seed_scores) > 1:  # the seeds' rerankers served together: each candidate's mean score
         add(ENSEMBLE, "ensemble", {"seeds": len(seed_scores)}, test_all, mean_scores(seed_scores))

@@ -434,13 +434,21 @@ class DualSequenceReranker(nn.Module):
         pos = n - 1 - torch.arange(seq.items.shape[1]).unsqueeze(0)
         return (pos.clamp(min=0) * seq.mask).float()
 
+    def encoder_states(self, side: str, seq: Sequence, request_ts: Tensor) -> Tensor:
+        """One side's encoder output [B, L, D] ("history" or "session"), as `encode` computes it; the
+        pre-training objective (`insession.train.pretrain`) reads it too."""
+        if side not in ("history", "session"):
+            raise ValueError(f"encoder side {side!r}: use 'history' or 'session'")
+        encoder = self.history_encoder if side == "history" else self.session_encoder
+        return encoder(seq.items, seq.actions, self._hours(seq, request_ts))
+
     def encode(self, history: Sequence, session: Sequence, request_ts: Tensor) -> Encoded:
         """Run both encoders once per request. request_ts [B] epoch ms."""
         h_hours, s_hours = self._hours(history, request_ts), self._hours(session, request_ts)
         cal = calendar_fields(request_ts)
         return Encoded(
-            history=self.history_encoder(history.items, history.actions, h_hours),
-            session=self.session_encoder(session.items, session.actions, s_hours),
+            history=self.encoder_states("history", history, request_ts),
+            session=self.encoder_states("session", session, request_ts),
             history_items=history.items,
             session_items=session.items,
             history_hours=h_hours,

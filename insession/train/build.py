@@ -39,6 +39,7 @@ from insession.model.vocab import Vocab
 from insession.offline import OfflineEngine, open_engine
 from insession.schema import ACTIONS, EVENT_ARROW_SCHEMA, price_band
 from insession.train.examples import Examples
+from insession.train.pretrain import Stream
 
 SEQUENCES = ("history_seq", "session_seq")
 
@@ -77,7 +78,7 @@ class TrainingData:
     split_ts: int  # requests at or after this instant validate; the vocabulary is built before it
     train_requests: pa.Table  # per training group, in Examples order: user_id, session_id, ts, offset, item_id
     val_requests: pa.Table  # the same per validation group
-    item_sequences: tuple[np.ndarray, np.ndarray]  # (item index, session number) of training-period events
+    stream: Stream  # every training-period event (ts < split_ts): item2vec's sessions, pre-training's windows
     seconds: dict[str, float]  # wall time of each step of the build, in order
 
 
@@ -137,9 +138,7 @@ def load_events(path: Path) -> pa.Table:
     return table.select(EVENT_ARROW_SCHEMA.names).cast(EVENT_ARROW_SCHEMA).sort_by("offset")
 
 
-def _sess_events(
-    con: duckdb.DuckDBPyConnection, registry: FeatureRegistry, events: Any, engine: OfflineEngine
-) -> None:
+def _sess_events(con: duckdb.DuckDBPyConnection, registry: FeatureRegistry, events: Any, engine: OfflineEngine) -> None:
     """The view `sess_events(off, user_id, item_id, action, ts, session_id, sess, category, subcategory)` on
     the build's own connection: the events the offline engine accepts, numbered into sessions by its own
     rule (`OfflineEngine.accepted`, as Arrow: nothing of the engine's is read by name)."""
@@ -513,7 +512,8 @@ def build(
     g = cand["g"].to_numpy()
     counters = _counter_matrix(requests, g, cand["item_id"], events, registry, engine)
 
-    seq = con.sql(f"""SELECT item_id, category, subcategory, dense_rank() OVER (ORDER BY user_id, sess) AS s
+    seq = con.sql(f"""SELECT item_id, category, subcategory, action, ts,
+                             dense_rank() OVER (ORDER BY user_id) AS u, dense_rank() OVER (ORDER BY user_id, sess) AS s
                       FROM sess_events WHERE ts < {split_ts} ORDER BY user_id, sess, off""").to_arrow_table()
     meta = con.sql("""
         SELECT e.user_id, e.session_id, e.ts, e.off AS "offset", e.item_id
@@ -545,9 +545,13 @@ def build(
         split_ts=split_ts,
         train_requests=meta.filter(pa.array(np.isin(keep, train_groups))),
         val_requests=meta.filter(pa.array(np.isin(keep, val_groups))),
-        item_sequences=(
-            vocab.lookup(seq["item_id"], seq["category"], seq["subcategory"]),
-            seq["s"].to_numpy(),
+        stream=Stream(
+            items=vocab.lookup(seq["item_id"], seq["category"], seq["subcategory"]),
+            actions=_action_index(seq["action"]),
+            ts=seq["ts"].to_numpy().astype(np.int64),
+            shopper=seq["u"].to_numpy().astype(np.int64),
+            session=seq["s"].to_numpy().astype(np.int64),
+            cutoff=split_ts,
         ),
         seconds=steps.seconds,
     )

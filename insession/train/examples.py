@@ -68,9 +68,13 @@ class Examples:
 
     def collate(self, idx: np.ndarray, cfg: RerankerConfig) -> Batch:
         """Padded tensors for the groups `idx`; sequences keep their most recent max_history/max_session."""
-        hi, ha, ht = _pad(self.hist_offsets, (self.hist_items, self.hist_actions, self.hist_ts), idx, cfg.max_history)
-        si, sa, st = _pad(self.sess_offsets, (self.sess_items, self.sess_actions, self.sess_ts), idx, cfg.max_session)
-        ci, cl, cc, cs = _pad(
+        hi, ha, ht = pad_ragged(
+            self.hist_offsets, (self.hist_items, self.hist_actions, self.hist_ts), idx, cfg.max_history
+        )
+        si, sa, st = pad_ragged(
+            self.sess_offsets, (self.sess_items, self.sess_actions, self.sess_ts), idx, cfg.max_session
+        )
+        ci, cl, cc, cs = pad_ragged(
             self.cand_offsets, (self.cand_items, self.cand_labels, self.cand_counters, self.cand_signals), idx, None
         )
         return Batch(
@@ -93,7 +97,7 @@ def _ranges(start: np.ndarray, end: np.ndarray) -> np.ndarray:
     return first + np.arange(lens.sum())
 
 
-def _pad(
+def pad_ragged(
     offsets: np.ndarray, columns: tuple[np.ndarray, ...], idx: np.ndarray, max_len: int | None
 ) -> list[np.ndarray]:
     """Right-padded [B, L] arrays (L = longest kept row, >= 1) of the ragged rows idx; keeps the tail."""

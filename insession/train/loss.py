@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from insession.model.reranker import COUNTERS, Batch, DualSequenceReranker, Encoded
 
@@ -91,3 +91,12 @@ def hybrid_loss(model: DualSequenceReranker, batch: Batch, weights: LossWeights)
     total = weights.listwise * listwise + weights.inbatch * inbatch + weights.bce * bce
     parts = {"listwise": listwise, "inbatch": inbatch, "bce": bce}
     return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def descend(opt: torch.optim.Optimizer, loss: Tensor, model: nn.Module, clip: float = 1.0) -> None:
+    """One optimiser step on `loss`: gradients zeroed, back-propagated, the model's clipped to norm `clip`
+    (fine-tuning and pre-training alike)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()

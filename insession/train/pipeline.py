@@ -16,7 +16,8 @@ from insession.offline import OfflineEngine
 from insession.train.build import BuildConfig, Proposer, TrainingData, build
 from insession.train.item2vec import item2vec
 from insession.train.plots import plot_curve
-from insession.train.trainer import TrainConfig, TrainResult, fit, seed_everything, set_threads
+from insession.train.pretrain import pretrain
+from insession.train.trainer import TrainConfig, TrainResult, fit, seed_everything, set_threads, use_bf16
 
 
 @dataclass
@@ -29,8 +30,8 @@ class Trained:
 
 def pretrain_vectors(data: TrainingData, dim: int, epochs: int, seed: int, progress: bool = True) -> torch.Tensor:
     """Item2vec vectors [n_items, dim] learnt on the training period's sessions (the item table's init)."""
-    items, sequence = data.item_sequences
-    return item2vec(items, sequence, data.vocab.n_items, dim, epochs=epochs, seed=seed, progress=progress)
+    s = data.stream
+    return item2vec(s.items, s.session, data.vocab.n_items, dim, epochs=epochs, seed=seed, progress=progress)
 
 
 def train_model(
@@ -40,13 +41,20 @@ def train_model(
     **model_overrides: object,
 ) -> TrainResult:
     """The training step: a reranker sized by the data's vocabulary (+ overrides), initialised from
-    `vectors` when given, fitted with early stopping on the data's validation groups."""
+    `vectors` when given, pre-trained on every training-period interaction when `tc.pretrain.epochs` > 0
+    (masked items, `insession.train.pretrain`), then fitted with early stopping on the data's validation
+    groups."""
     set_threads(tc.threads)
     seed_everything(tc.seed)
     model = DualSequenceReranker(data.vocab.config(**model_overrides))
     if vectors is not None:
         model.init_item_vectors(vectors)
-    return fit(model, data.train, data.val, tc)
+    logs = pretrain(
+        model, data.stream, data.vocab.unknown, tc.pretrain, seed=tc.seed, bf16=use_bf16(tc.bf16), progress=tc.progress
+    )
+    result = fit(model, data.train, data.val, tc)
+    result.pretrain = logs
+    return result
 
 
 def train_on_events(
@@ -84,7 +92,8 @@ def train_on_events(
         seconds["item2vec"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = train_model(data, tc, vectors, **model_overrides)
-    seconds["fit"] = time.perf_counter() - t0
+    seconds["pretrain"] = sum(p.seconds for p in result.pretrain)
+    seconds["fit"] = time.perf_counter() - t0 - seconds["pretrain"]
     version = new_version(Path(out))
     metrics = {
         **result.metrics(),

@@ -16,7 +16,8 @@ from tqdm import tqdm
 from insession.model.reranker import DualSequenceReranker
 from insession.model.vocab import Vocab
 from insession.train.examples import Examples, bucketed_batches, prefetch
-from insession.train.loss import LossWeights, hybrid_loss
+from insession.train.loss import LossWeights, descend, hybrid_loss
+from insession.train.pretrain import PretrainConfig, PretrainLog
 
 
 @dataclass
@@ -37,6 +38,9 @@ class TrainConfig:
     # seen once before any is seen twice): validation, early stopping and the curve stay frequent on big shops
     epoch_groups: int | None = 100_000
     loss: LossWeights = field(default_factory=LossWeights)
+    # masked-item pre-training of the item table and both encoders on every training-period interaction,
+    # before fitting (`insession.train.pretrain`); epochs 0 (the default) is off
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     progress: bool = True
 
 
@@ -56,11 +60,13 @@ class TrainResult:
     model: DualSequenceReranker  # the best epoch's weights, in eval mode
     epochs: list[EpochLog]
     best_epoch: int
+    pretrain: list[PretrainLog] = field(default_factory=list)  # the pre-training epochs before fitting, if any
 
     def metrics(self) -> dict:
         best = self.epochs[self.best_epoch - 1] if self.epochs else None
         return {
             "best_epoch": self.best_epoch,
+            "pretrain": [asdict(p) for p in self.pretrain],
             "val_ndcg10": best.val_ndcg10 if best else float("nan"),
             "val_hit10": best.val_hit10 if best else float("nan"),
             "epochs": [asdict(e) for e in self.epochs],
@@ -170,10 +176,7 @@ def fit(model: DualSequenceReranker, train: Examples, val: Examples, tc: TrainCo
         for batch in bar:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss, _ = hybrid_loss(model, batch, tc.loss)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            descend(opt, loss, model)
             total += float(loss.detach()) * len(batch)
             n += len(batch)
             bar.set_postfix(loss=f"{total / n:.4f}")

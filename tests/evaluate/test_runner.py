@@ -20,6 +20,7 @@ from insession.evaluate.runner import ENSEMBLE, HYBRID, EvalConfig, _examples_fo
 from insession.evaluate.sequential import SeqConfig
 from insession.evaluate.split import before
 from insession.train.build import BuildConfig, build
+from insession.train.pretrain import PretrainConfig
 from insession.train.replay import CandidateSets
 
 
@@ -39,6 +40,8 @@ def test_run_and_report(shop: Dataset, tmp_path: Path) -> None:
         neural_epochs=1,
         grid=({"dim": 16, "lr": 2e-3, "dropout": 0.0}, {"dim": 8, "lr": 3e-3, "dropout": 0.1}),
         item2vec_epochs=0,
+        pretraining=("pretrained", "pretrained_no_item2vec"),
+        pretrain=PretrainConfig(epochs=1, max_windows=200),
         n_boot=30,
         threads=1,
         progress=False,
@@ -58,6 +61,8 @@ def test_run_and_report(shop: Dataset, tmp_path: Path) -> None:
             "bst_ctr",
             "reranker",
             "no_counters",
+            "pretrained",
+            "pretrained_no_item2vec",
         }
         == names
     )
@@ -89,6 +94,11 @@ def test_run_and_report(shop: Dataset, tmp_path: Path) -> None:
     assert "| dim 8, lr 0.003, dropout 0.1 |" in body  # the tuning grid, with each setting's validation score
     assert "### Sequential models" in body and "| gru4rec | dropout 0.5, lr 0.003 |" in body
     assert "### Positives the sequential models know, and the rest" in body and f"| {HYBRID} |" in body
+    # the pre-training rows: pre-trained (a masked-item loss logged) and compared with the reranker without it
+    pre = next(m for m in res.methods if m.name == "pretrained")
+    assert pre.kind == "pretraining" and pre.params["pretrain_epochs"] == 1 and pre.params["pretrain_loss"] > 0
+    assert "### Pre-training on every interaction (issue 20)" in body and "| pretrained_no_item2vec |" in body
+    assert "**Reranker with pre-training vs the strongest other method, proposed view" in body
     assert (tmp_path / "img" / "eval_tiny_ndcg.png").stat().st_size > 0
     doc = tmp_path / "evaluation.md"
     doc.write_text("# Evaluation\n\nhand-written protocol\n")
@@ -136,6 +146,7 @@ def test_two_seeds_report_the_ensemble(shop: Dataset, tmp_path: Path) -> None:
         ablations=("reranker",),
         neural=(),
         sequential=(),
+        pretraining=(),
         ctr=(),
         epochs=1,
         grid=({"dim": 8, "lr": 2e-3, "dropout": 0.0},),
@@ -160,7 +171,19 @@ def test_cli_backtest_writes_its_own_section(tmp_path: Path) -> None:
     doc = tmp_path / "evaluation.md"
     write_section(doc, "synthetic", "the latest window")
     small = ["--users", "40", "--items", "120", "--days", "8", "--seeds", "1", "--epochs", "1", "--no-tune"]
-    fast = ["--no-ablations", "--no-neural", "--sequential", "", "--ctr", "", "--boot", "50", "--out", str(doc)]
+    fast = [
+        "--no-ablations",
+        "--no-neural",
+        "--sequential",
+        "",
+        "--ctr",
+        "",
+        "--no-pretraining",
+        "--boot",
+        "50",
+        "--out",
+        str(doc),
+    ]
     result = CliRunner().invoke(app, ["synthetic", *small, *fast, "--backtest", "1"])
     assert result.exit_code == 0, result.output
     text = doc.read_text()
@@ -183,6 +206,7 @@ def test_sequential_without_refit_ranks_test_with_the_validation_fit(shop: Datas
         seq_grid=({"dropout": 0.2, "lr": 3e-3},),
         seq_seeds=1,
         seq_refit=False,
+        pretraining=(),
         ctr=(),
         grid=({"dim": 8, "lr": 2e-3, "dropout": 0.0},),
         item2vec_epochs=0,

@@ -1,0 +1,222 @@
+"""Self-supervised pre-training of the reranker's sequence side on every interaction (issue 20).
+
+The reranker's fine-tuning data is one example group per add-to-cart (458 groups on Taobao's training
+split), while the same period holds tens of thousands of views, carts, purchases and favourites. Before
+fine-tuning with the hybrid loss, `pretrain` fits the item table and both encoders (history and session)
+on that whole stream with a masked-item (Cloze) objective, as BERT4Rec does for a bidirectional encoder
+(the reranker's encoders attend both ways, so a causal next-item objective would not train what they
+compute):
+
+- windows: the history encoder reads each shopper's stream cut into windows of at most `max_history`
+  events (all sessions, oldest first), the session encoder each session cut into windows of at most
+  `max_session`; both exactly as `Examples.collate` pads a request's sequences (`pad_ragged`);
+- masking: a `mask_rate` share of each window's events whose item has a trained row (at least one per
+  window) is replaced by the "unknown item" row (`Vocab.unknown`, the global-average cold-start row:
+  what serving feeds for an item it cannot place), keeping the event's action and time, as BERT4Rec keeps
+  the position of a masked item;
+- prediction: the encoder's output at a masked event, through a small head (a linear map and a bias per
+  item, discarded after pre-training), scores every trained item row by the dot product with the item
+  table (tied weights); the loss is the full-softmax cross-entropy of the masked item;
+- time: each window is encoded as if requested at its newest event (hours to that instant), as the
+  fine-tuned model encodes a request's sequences.
+
+Point in time: the stream is `TrainingData.stream`, the events before the build's `split_ts` (the
+instant the vocabulary is built before and the fine-tuning's validation groups start after); `pretrain`
+refuses a stream holding any event at or after its `cutoff`, so no validation or test interaction can
+reach the weights.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from insession.model.reranker import DualSequenceReranker, Sequence
+from insession.train.examples import pad_ragged
+from insession.train.loss import descend
+
+
+@dataclass
+class PretrainConfig:
+    """Pre-training switch and settings. `epochs` 0 is off (the ablation's "no pre-training")."""
+
+    epochs: int = 0
+    lr: float = 1e-3
+    batch_size: int = 128  # windows per step
+    mask_rate: float = 0.2  # share of a window's trained-item events masked (BERT4Rec: 0.2 on sparse data)
+    # the item rows are rescaled to this standard deviation before pre-training: at the reranker's initial
+    # 0.1 an item is a faint part of its token beside the action and time terms (std ~1), and the masked
+    # item of the hand-made case (tests/train/test_train_pretrain.py) stayed at chance for 10 epochs
+    item_scale: float = 1.0
+    max_windows: int | None = 20_000  # windows per epoch at most (a seeded sample; bounds big shops)
+
+
+@dataclass
+class Stream:
+    """Every accepted interaction before `cutoff`, per shopper in log order (sessions contiguous)."""
+
+    items: np.ndarray  # [N] int64 reranker item index (cold-start rows for items outside the vocabulary)
+    actions: np.ndarray  # [N] int64 1 + ACTIONS.index(action)
+    ts: np.ndarray  # [N] int64 epoch ms
+    shopper: np.ndarray  # [N] int64 dense shopper number, non-decreasing
+    session: np.ndarray  # [N] int64 dense session number over all shoppers, non-decreasing
+    cutoff: int  # every event is strictly before this instant
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def check(self) -> None:
+        """Refuse a stream that holds an event at or after its cutoff (a point-in-time leak)."""
+        if len(self.ts) and int(self.ts.max()) >= self.cutoff:
+            raise ValueError(
+                f"pre-training stream holds events at or after its cutoff {self.cutoff} (latest "
+                f"{int(self.ts.max())}): build it from the events before the training split only "
+                "(TrainingData.stream does)"
+            )
+
+
+def window_offsets(group: np.ndarray, max_len: int) -> np.ndarray:
+    """Offsets [W + 1] of consecutive windows of at most `max_len` rows that never cross a change of `group`
+    (a non-decreasing array); each group's last window ends at its newest row, its first may be shorter."""
+    n = len(group)
+    if n == 0:
+        return np.zeros(1, np.int64)
+    change = np.r_[True, group[1:] != group[:-1]]
+    ends = np.r_[np.flatnonzero(change)[1:], n]  # per group, one past its newest row
+    end = np.repeat(ends, np.diff(np.r_[np.flatnonzero(change), n]))
+    window = (end - 1 - np.arange(n)) // max_len  # 0: the newest window of the row's group
+    cut = change | np.r_[True, window[1:] != window[:-1]]
+    return np.r_[np.flatnonzero(cut), n].astype(np.int64)
+
+
+class MaskedItemHead(nn.Module):
+    """The objective's own head: encoder state -> a score for every trained item row (tied to the item table)."""
+
+    def __init__(self, dim: int, n_items: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        self.bias = nn.Parameter(torch.zeros(n_items))
+
+    def forward(self, states: Tensor, table: Tensor) -> Tensor:
+        """states [M, D], table [n_items, D] (row 0 padding) -> logits [M, n_items], padding column -inf."""
+        logits = self.proj(states) @ table.T + self.bias
+        return logits.masked_fill(torch.arange(logits.shape[-1]) == 0, float("-inf"))
+
+
+def mask_window(items: Tensor, n_items: int, unknown: int, rate: float, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """(masked inputs, targets) of a padded batch [B, L]: each event whose item has a trained row (1 <= item <
+    n_items) is masked with probability `rate`, and one such event at least per row that has one; a masked
+    item becomes `unknown`; targets hold the original item where masked, 0 elsewhere."""
+    maskable = (items > 0) & (items < n_items)
+    pick = (torch.rand(items.shape, generator=gen) < rate) & maskable
+    # rows with nothing picked: mask one maskable event at random (the largest random key among them)
+    key = torch.rand(items.shape, generator=gen).masked_fill(~maskable, -1.0)
+    one = F.one_hot(key.argmax(-1), items.shape[1]).bool() & maskable
+    pick = pick | (one & ~pick.any(-1, keepdim=True))
+    return torch.where(pick, torch.full_like(items, unknown), items), torch.where(pick, items, torch.zeros_like(items))
+
+
+def masked_item_loss(
+    model: DualSequenceReranker,
+    head: MaskedItemHead,
+    side: str,
+    seq: Sequence,
+    unknown: int,
+    rate: float,
+    gen: torch.Generator,
+) -> Tensor | None:
+    """Cross-entropy of the masked items of one side's windows (None: nothing maskable in the batch)."""
+    n_items = model.cfg.n_items
+    masked, targets = mask_window(seq.items, n_items, unknown, rate, gen)
+    keep = targets > 0
+    if not keep.any():
+        return None
+    request_ts = seq.ts.masked_fill(~seq.mask, torch.iinfo(seq.ts.dtype).min).amax(-1)  # the newest event
+    states = model.encoder_states(side, Sequence(masked, seq.actions, seq.ts), request_ts)
+    logits = head(states[keep], model.item_embed.weight.weight)
+    return F.cross_entropy(logits.float(), targets[keep])
+
+
+@dataclass
+class PretrainLog:
+    epoch: int
+    windows: int
+    loss: float
+    seconds: float
+
+
+def pretrain(
+    model: DualSequenceReranker,
+    stream: Stream,
+    unknown: int,
+    cfg: PretrainConfig,
+    *,
+    seed: int = 0,
+    bf16: bool = False,
+    progress: bool = True,
+    head: MaskedItemHead | None = None,
+) -> list[PretrainLog]:
+    """Fit `model`'s item table and both encoders on `stream` with the masked-item objective, in place.
+
+    `unknown`: the vocabulary's global-average row (`Vocab.unknown`), the mask token. Each epoch draws at
+    most `cfg.max_windows` windows (history and session windows together, shuffled). The cold-start rows
+    are re-derived from the item table at every epoch start (the mask token follows the table). Returns one
+    log per epoch; the model is left in eval mode."""
+    stream.check()
+    if cfg.epochs <= 0 or len(stream) == 0:
+        return []
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    mc = model.cfg
+    sides = {
+        "history": (window_offsets(stream.shopper, mc.max_history), mc.max_history),
+        "session": (window_offsets(stream.session, mc.max_session), mc.max_session),
+    }
+    # a window with one event has no context to predict from: dropped
+    windows = [(side, w) for side, (off, _) in sides.items() for w in np.flatnonzero(np.diff(off) >= 2).tolist()]
+    if not windows:
+        return []
+    with torch.no_grad():
+        rows = model.item_embed.weight.weight[1:]
+        rows.mul_(cfg.item_scale / rows.std().clamp(min=1e-12))
+    head = head or MaskedItemHead(mc.dim, mc.n_items)  # the objective's own (a caller may pass one to read it)
+    opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=cfg.lr, weight_decay=0.0)
+    logs: list[PretrainLog] = []
+    columns = (stream.items, stream.actions, stream.ts)
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        model.item_embed.refresh_cold_start()  # the mask token: the mean of the current item rows
+        model.train()
+        order = rng.permutation(len(windows))[: cfg.max_windows]
+        chosen = [windows[i] for i in order.tolist()]
+        batches = []
+        for side in sides:  # one side per batch (each side has its own encoder and length)
+            idx = np.array([w for s, w in chosen if s == side], np.int64)
+            batches += [(side, idx[i : i + cfg.batch_size]) for i in range(0, len(idx), cfg.batch_size)]
+        rng.shuffle(batches)  # type: ignore[arg-type]
+        total, n = 0.0, 0
+        bar = tqdm(batches, desc=f"pre-train {epoch}", disable=not progress, leave=False)
+        for side, idx in bar:
+            off, max_len = sides[side]
+            it, ac, ts = (torch.from_numpy(a) for a in pad_ragged(off, columns, idx, max_len))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = masked_item_loss(model, head, side, Sequence(it, ac, ts), unknown, cfg.mask_rate, gen)
+            if loss is None:
+                continue
+            descend(opt, loss, model)
+            total += float(loss.detach()) * len(idx)
+            n += len(idx)
+            bar.set_postfix(loss=f"{total / max(n, 1):.3f}")
+        logs.append(PretrainLog(epoch, n, total / max(n, 1), time.perf_counter() - t0))
+        if progress:
+            tqdm.write(f"pre-train epoch {epoch}: masked-item loss {logs[-1].loss:.3f} over {n:,} windows")
+    with torch.no_grad():
+        model.item_embed.weight.weight[0].zero_()
+    model.eval()
+    return logs
