@@ -68,8 +68,8 @@ def evaluate(
             "and item2vec off, each with every seed."
         ),
     ] = True,
-    pretrain_epochs: Annotated[int, typer.Option(help="Masked-item pre-training epochs of those variants.")] = 10,
-    pretrain_lr: Annotated[float, typer.Option(help="Pre-training learning rate.")] = 1e-3,
+    pretrain_epochs: Annotated[int, typer.Option(help="Masked-item pre-training epochs of those variants.")] = 5,
+    pretrain_lr: Annotated[float, typer.Option(help="Pre-training learning rate.")] = 1e-2,
     ctr: Annotated[
         str, typer.Option(help="CTR models trained on impressions built from the views (comma list; '' for none).")
     ] = "din,bst",

@@ -105,7 +105,7 @@ class EvalConfig:
     item2vec_epochs: int = 1
     # the pre-training variants trained (each with every seed, at the chosen setting) and their settings
     pretraining: tuple[str, ...] = tuple(PRETRAIN_VARIANTS)
-    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(epochs=10))
+    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(epochs=5))
     n_boot: int = 1000
     threads: int = 0  # torch intra-op threads, 0 = every core (see TrainConfig.threads)
     progress: bool = True

@@ -10,6 +10,7 @@ import typer
 
 from insession.offline import ENGINES, OfflineEngine, open_engine
 from insession.train.build import BuildConfig
+from insession.train.pretrain import PretrainConfig
 from insession.train.trainer import TrainConfig
 
 EngineOption = Annotated[
@@ -45,6 +46,13 @@ def train(
     layers: Annotated[int, typer.Option(help="Transformer layers per encoder.")] = 1,
     heads: Annotated[int, typer.Option(help="Attention heads.")] = 2,
     item2vec_epochs: Annotated[int, typer.Option(help="Item2vec pre-training epochs (0: random init).")] = 2,
+    pretrain_epochs: Annotated[
+        int,
+        typer.Option(
+            help="Masked-item pre-training epochs of the item table and both encoders on every training-period "
+            "interaction, before fitting (0: off; docs/evaluation.md measures it)."
+        ),
+    ] = 0,
     val_fraction: Annotated[float, typer.Option(help="Share of the latest add-to-carts that validate.")] = 0.15,
     threads: Annotated[int, typer.Option(help="torch intra-op threads (0: every core).")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -68,7 +76,13 @@ def train(
             events,
             out,
             train_config=TrainConfig(
-                epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, threads=threads
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                patience=patience,
+                seed=seed,
+                threads=threads,
+                pretrain=PretrainConfig(epochs=pretrain_epochs),
             ),
             build_config=BuildConfig(val_fraction=val_fraction, seed=seed),
             proposer=stage_proposer(events, engine=offline) if served_negatives else None,

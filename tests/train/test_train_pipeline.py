@@ -167,8 +167,11 @@ def test_cli_trains_from_a_history_dir(tmp_path: Path) -> None:
             "16",
             "--item2vec-epochs",
             "0",
+            "--pretrain-epochs",
+            "1",
         ],
     )
     assert result.exit_code == 0, result.output
     art = load_artefact(tmp_path / "models")
     assert art.model.cfg.dim == 16 and "NDCG@10" in result.output
+    assert [p["epoch"] for p in art.metrics["pretrain"]] == [1]  # pre-trained before fitting, and recorded

@@ -68,7 +68,12 @@ def test_masked_item_is_predicted_after_a_few_epochs() -> None:
     head = MaskedItemHead(32, N_ITEMS)
     assert middle_accuracy(model, head) <= 0.5
     logs = pretrain(
-        model, runs_stream(), UNKNOWN, PretrainConfig(epochs=25, lr=3e-3, batch_size=32), progress=False, head=head
+        model,
+        runs_stream(),
+        UNKNOWN,
+        PretrainConfig(epochs=25, lr=3e-3, batch_size=32, item_scale=1.0),
+        progress=False,
+        head=head,
     )
     assert len(logs) == 25 and logs[-1].loss < logs[0].loss / 2
     assert middle_accuracy(model, head) >= 0.85
