@@ -129,8 +129,7 @@ def _rss_mb(pid: int) -> float:
 
 
 def _private_mb(pid: int) -> float:
-    """Memory only this process holds (a forked snapshot writer's RSS also counts every page it still
-    shares with the server; its private pages are what the fork costs)."""
+    """Memory only this process holds (RSS less the pages it shares)."""
     try:
         fields = (line.split() for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines())
         return sum(int(f[1]) for f in fields if f[0] in ("Private_Clean:", "Private_Dirty:")) / 1024
@@ -158,8 +157,8 @@ def _cpu_s(pid: int) -> float:
 
 class _Watch(threading.Thread):
     """Samples every second the server's memory and CPU (share of one core; its GIL lets Python use about
-    one) and its children's private memory (the analytics workers and the forked snapshot writer), and
-    notes each new snapshot (the CURRENT file changing), in seconds after `t0`."""
+    one) and its children's private memory (the analytics workers), and notes each new snapshot (the
+    CURRENT file changing), in seconds after `t0`."""
 
     def __init__(self, pid: int, state_dir: Path, t0: float) -> None:
         super().__init__(daemon=True)
@@ -216,7 +215,7 @@ def _plot(results: dict[str, list[Sample]], watch: _Watch, half: float, seconds:
     cpu.legend(fontsize=8)
     mem.plot([t for t, _, _ in watch.rss], [m / 1024 for _, m, _ in watch.rss], label="server")
     mem.plot([t for t, _, _ in watch.rss], [w / 1024 for _, _, w in watch.rss],
-             label="children (analytics workers, snapshot writer), private")
+             label="analytics workers, private")
     mem.set_ylabel("RSS, GiB")
     mem.set_xlabel("seconds since the load started")
     mem.legend(fontsize=8)
@@ -312,8 +311,8 @@ def _report(results: dict[str, tuple[list[Sample], int]], watch: _Watch, scans: 
         __doc__.split("\n\n")[1].replace("\n", " ") if __doc__ else "",
         f"Snapshot interval {snapshot_s:g} s: {len(watch.snapshots)} snapshots written during the run (at "
         + ", ".join(f"{t:.0f} s" for t in watch.snapshots) + f"). The server was ready {ready_s:.0f} s after "
-        f"start (snapshot load). Peak RSS: server {server_mb / 1024:.2f} GiB; children's private memory "
-        f"(analytics workers, the forked snapshot writer) {workers_mb / 1024:.2f} GiB. Analytics scans "
+        f"start (snapshot load). Peak RSS: server {server_mb / 1024:.2f} GiB; analytics workers' private "
+        f"memory {workers_mb / 1024:.2f} GiB. Analytics scans "
         f"completed in the second half: {scans_done} "
         f"({sum(s.refused for s in scans)} answered 429, {sum(s.failed for s in scans)} failed). Sends the "
         f"client could not make on time (> 1 ms late): " + ", ".join(f"{k} {v}" for k, v in late.items()) + ". "

@@ -61,9 +61,8 @@ class Insession:
     def __init__(self, data_dir: str | Path, *, maintenance_interval_s: float | None = 5.0,
                  limits: Limits | None = None, rank_config: RankConfig | None = None,
                  snapshot_interval_s: float = SNAPSHOT_EVERY_S, max_users: int = 0, partitions: int = 16,
-                 log_config: LogConfig | None = None, snapshot_fork: bool = True) -> None:
+                 log_config: LogConfig | None = None) -> None:
         self.data_dir = Path(data_dir)
-        self.snapshot_fork = snapshot_fork  # periodic snapshots by a forked child (FeatureEngine.snapshot)
         self.log_config = log_config or LogConfig()  # [log]: the embedded log.sqlite, or a JetStream stream
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_file = _lock(self.data_dir)
@@ -198,10 +197,8 @@ class Insession:
         last_snapshot = time.monotonic()
         retry_at = {"export": 0.0, "snapshot": 0.0}
         streak = {"export": 0, "snapshot": 0}  # consecutive failures: the backoff doubles with each
-        # restart = the last snapshot + the log after it; the snapshot is written by a forked child, off the GIL
-        # (or in this process: `snapshot_fork=False`)
-        jobs = {"export": lambda: self.export(EXPORT_MIN_EVENTS),
-                "snapshot": lambda: self.features.snapshot(forked=self.snapshot_fork)}
+        # restart = the last snapshot + the log after it
+        jobs = {"export": lambda: self.export(EXPORT_MIN_EVENTS), "snapshot": lambda: self.features.snapshot()}
         while not self._stop.wait(interval_s):
             self.features.sweep_next()  # expired state leaves one unit at a time
             for name in ("export", "snapshot"):

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import insession
-from insession import embedded, forked
+from insession import embedded
 from insession.embedded import DataDirError
 from insession.schema import BatchRejected
 from insession.serve.app import create_app
@@ -75,8 +75,8 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_background_jobs_survive_a_full_disk_and_report_it(small_disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The forked snapshot writer meets a really full disk: counted, reported without a path, retried with
-    backoff, and written once space is freed; the maintenance thread never dies."""
+    """The snapshot meets a really full disk: counted, reported without a path, retried with backoff, and
+    written once space is freed; the maintenance thread never dies."""
     monkeypatch.setattr(embedded, "RETRY_MAX_S", 0.05)
     with insession.open(small_disk / "data", maintenance_interval_s=0.02, snapshot_interval_s=3600.0) as db:
         db.insert("events", _events(5))
@@ -211,26 +211,3 @@ def test_a_full_disk_refuses_item_upserts_with_507_stores_nothing_and_recovers(s
     finally:
         db.close()
     assert _stored(data) == acked  # every acknowledged item on disk, nothing of a refused attempt
-
-
-@pytest.mark.parametrize("fork", [True, False])
-def test_the_periodic_snapshot_forks_only_when_configured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          fork: bool) -> None:
-    """`snapshot_fork` ([features] snapshot_fork): a forked writer, or the server process itself."""
-    forks: list[int] = []
-    real_fork = forked.os.fork
-
-    def counted() -> int:
-        pid = real_fork()
-        if pid:
-            forks.append(pid)
-        return pid
-
-    monkeypatch.setattr(forked.os, "fork", counted)
-    with insession.open(tmp_path, maintenance_interval_s=0.02, snapshot_interval_s=0.0, snapshot_fork=fork) as db:
-        db.insert("events", _events(5))
-        deadline = time.monotonic() + 30
-        while db.features.snapshot_offset != 4 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert db.features.snapshot_offset == 4 and db.job_failures["snapshot"] == 0
-        assert bool(forks) == fork

@@ -21,7 +21,9 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,7 +33,6 @@ import msgspec
 from insession.durable import write_atomic
 from insession.features.declare import Feature, FeatureRegistry
 from insession.features.engine import FeatureEngine
-from insession.forked import yield_cpu
 from insession.log.export import events_from_arrow, load_manifest
 from insession.schema import event_columns_sql
 
@@ -97,12 +98,21 @@ def build(out_dir: Path) -> FeatureEngine:
     return engine
 
 
+def _yield_cpu() -> None:
+    """Serving first: SCHED_IDLE (run only on a CPU nothing else wants), else the lowest nice."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        with contextlib.suppress(OSError):
+            os.nice(19)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m insession.features.backfill OUT_DIR", file=sys.stderr)
         return 2
-    yield_cpu()
+    _yield_cpu()
     try:
         build(Path(args[0]))
     except Exception as e:  # the server reads the reason from stderr and shows it in DESCRIBE

@@ -13,21 +13,16 @@ One writer (`update_many`, the log's commit thread) decides lateness and the wat
 for all units, so the partitioned state equals the single-stream rule exactly (property-tested), then
 applies each partition's events under that partition's lock, then the item and global units.
 
-Snapshots never pause serving. The server's periodic snapshot is written by a forked child
-(`snapshot(forked=True)`, `insession.forked`): the writer and every unit are held for the fork only, so
-every unit is written at one offset from the child's copy-on-write picture while the parent serves on; the
-child runs under SCHED_IDLE, so its encoding takes CPU serving leaves, never the server's GIL. In place
-(tests, close, a backfill child), each section of a unit (a partition's sessions, each of its features) is
+Snapshots never pause serving: each section of a unit (a partition's sessions, each of its features) is
 captured (msgpack of the dict, one C call: ~5 ms per 10^5 shoppers) under the unit's lock only, while the
-other units keep serving, and written with the offset it held; a restart replays the log from the
-earliest offset and each section skips what it already holds. Sessions are captured before the features
-of their partition and partitions before the item units, so no section ever holds an event whose
-session number or co-visited pairs the sections it depends on would not compute again.
+other units keep serving, and written with the offset it held. A restart replays the log from the earliest
+offset and each section skips what it already holds. Sessions are captured before the features of their partition
+and partitions before the item units, so no section ever holds an event whose session number or
+co-visited pairs the sections it depends on would not compute again.
 """
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import logging
 import os
@@ -35,7 +30,6 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -56,7 +50,6 @@ from insession.features.online import (
     stable_id,
 )
 from insession.features.snapshot import Sections, SnapshotError, UnitHeader, read_unit, write_unit
-from insession.forked import run_forked
 from insession.schema import Event, partition_of
 
 log = logging.getLogger(__name__)
@@ -327,29 +320,37 @@ class FeatureEngine:
         self._sweep_cursor = (self._sweep_cursor + 1) % len(units)
         self.sweep([units[self._sweep_cursor]])
 
-    def snapshot(self, *, forked: bool = False) -> None:
+    def snapshot(self) -> None:
         """Write every unit into a new snapshot directory and make it CURRENT.
 
-        In place (`forked=False`; tests, close, a backfill child): each unit is captured under its own
-        lock only (reads of the others go on; the writer waits for that one unit), then written outside
-        it. Forked (the server's periodic snapshot): the writer and every unit are held for a fork
-        (`insession.forked`) and the child encodes and writes the copy-on-write picture, every unit at
-        one offset, while the parent serves on. In place, a million shoppers' snapshot is seconds of the
-        server's GIL: measured in bench_mixed at 500,000 shoppers, each one held serving back for ~20 s
-        (requests queued behind ~15 s of capture and encoding); forked, the parent stops only for the
-        fork (~20 ms per GiB of heap). A failure removes the new directory and raises; the previous
-        snapshot stays CURRENT."""
+        Each unit is captured under its own lock only (reads of the others go on; the writer waits for
+        that one unit), then written outside it. A failure removes the new directory and raises; the
+        previous snapshot stays CURRENT. Two other ways were measured under bench_mixed's load at a
+        million shoppers and lost (docs/features.md): a forked child writing a copy-on-write picture, and
+        captures paced to a quarter of the time."""
         if self.state_dir is None:
             raise ValueError("this engine has no state_dir")
         with self._snapshotting:  # maintenance and a finished backfill may both ask for one
-            self._snapshot(self.state_dir, forked)
+            self._snapshot(self.state_dir)
 
-    def _snapshot(self, state_dir: Path, forked: bool) -> None:
+    def _snapshot(self, state_dir: Path) -> None:
         gen = state_dir / f"snap-{max(self.applied_offset, 0):012d}-{time.time_ns()}"
         tmp = gen.with_name(gen.name + ".tmp")
         try:
             tmp.mkdir()
-            offset = self._write_forked(tmp) if forked else self._write_in_place(tmp)
+            with self._writer:  # between writer steps: the stream's clock at one offset
+                offset, wm, too_late = self.applied_offset, self.watermark, self.too_late
+            for unit in self._parts:
+                self._write_unit(tmp, unit)
+            with self._writer:  # a writer step whose partitions were captured has reached the item units
+                pass
+            for unit in self._items.values():
+                self._write_unit(tmp, unit)
+            with self._writer:  # names last: every id a section captured above is named (names only grow)
+                names = list(self._names.ids)
+            stream = {"clock": [msgspec.msgpack.encode(too_late)],
+                      "names": [msgspec.msgpack.encode(names[a : a + 50_000]) for a in range(0, len(names), 50_000)]}
+            write_unit(tmp / "stream.state", self._header("stream", offset, wm), stream)
             fsync_dir(tmp)
             os.replace(tmp, gen)
             fsync_dir(state_dir)
@@ -362,57 +363,16 @@ class FeatureEngine:
                 shutil.rmtree(old, ignore_errors=True)
         self.snapshot_offset = offset
 
-    def _write_in_place(self, tmp: Path) -> int:
-        """Each unit captured under its own lock (see `snapshot`); returns the stream's offset."""
-        with self._writer:  # between writer steps: the stream's clock at one offset
-            offset, wm, too_late = self.applied_offset, self.watermark, self.too_late
-        for unit in self._parts:
-            self._write_unit(tmp, unit, unit.lock)
-        with self._writer:  # a writer step whose partitions were captured has reached the item units
-            pass
-        for unit in self._items.values():
-            self._write_unit(tmp, unit, unit.lock)
-        with self._writer:  # names last: every id a section captured above is named (names only grow)
-            names = list(self._names.ids)
-        self._write_stream(tmp, offset, wm, too_late, names)
-        return offset
-
-    def _write_forked(self, tmp: Path) -> int:
-        """Every unit written by a child forked between writer steps with no unit locked; returns the offset."""
-        held: list[int] = []
-
-        @contextlib.contextmanager
-        def quiet() -> Iterator[None]:
-            with contextlib.ExitStack() as stack:
-                stack.enter_context(self._writer)
-                for unit in self._units():
-                    stack.enter_context(unit.lock)
-                held.append(self.applied_offset)
-                yield
-
-        def job() -> None:  # in the child: its copy is frozen, so no lock is taken (they were held at fork)
-            for unit in self._units():
-                self._write_unit(tmp, unit, contextlib.nullcontext())
-            self._write_stream(tmp, self.applied_offset, self.watermark, self.too_late, list(self._names.ids))
-
-        run_forked(job, quiet())
-        return held[0]
-
-    def _write_stream(self, tmp: Path, offset: int, wm: int, too_late: int, names: list[str]) -> None:
-        stream = {"clock": [msgspec.msgpack.encode(too_late)],
-                  "names": [msgspec.msgpack.encode(names[a : a + 50_000]) for a in range(0, len(names), 50_000)]}
-        write_unit(tmp / "stream.state", self._header("stream", offset, wm), stream)
-
-    def _write_unit(self, directory: Path, unit: _Unit, lock: AbstractContextManager[object]) -> None:
-        """Capture a unit one section at a time, each under `lock` with the offset it holds (sections in
-        `unit.sections()` order: a partition's sessions before its features), then write it."""
+    def _write_unit(self, directory: Path, unit: _Unit) -> None:
+        """Capture a unit one section at a time, each under the unit's lock with the offset it holds
+        (sections in `unit.sections()` order: a partition's sessions before its features), then write it."""
         sections: Sections = {}
         offsets: dict[str, int] = {}
         wm = -1
-        with lock:  # a feature installed or dropped meanwhile changes the unit's aggregations
+        with unit.lock:  # a feature installed or dropped meanwhile changes the unit's aggregations
             captures = unit.sections()
         for name, capture in captures:
-            with lock:
+            with unit.lock:
                 sections[name], offsets[name] = capture(), unit.applied
                 wm = unit.wm if wm < 0 else wm
         sections[OFFSETS] = [msgspec.msgpack.encode(offsets)]

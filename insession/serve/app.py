@@ -68,7 +68,6 @@ def open_handle(data_dir: str | Path, cfg: Config) -> Insession:
         max_users=cfg.features.max_users,
         partitions=cfg.features.partitions,
         log_config=cfg.log,
-        snapshot_fork=cfg.features.snapshot_fork,
     )
 
 

@@ -203,10 +203,6 @@ class FeaturesConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ] = 60.0
     max_users: Annotated[int, _text("shoppers kept in online state at most (0: no cap)", ge=0)] = 0
     partitions: Annotated[int, _text("partitions of the online state", ge=1)] = 16
-    snapshot_fork: Annotated[bool, _text(
-        "write the periodic snapshot from a forked child: off the server's GIL (half its CPU cost there, "
-        "measured), but pages either side writes meanwhile are copied, up to the state's size again in "
-        "memory; false: in the server process (no extra memory, seconds of its CPU per million shoppers)")] = True
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -116,34 +116,6 @@ def test_restart_at_any_interleaving_equals_never_stopping(
     assert restarted.too_late == replayed(reg, events).too_late
 
 
-@settings(max_examples=20, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(events=many_user_streams(), registry=st.sampled_from(sorted(REGISTRIES)), cut=st.integers(0, 60))
-def test_a_forked_snapshot_taken_while_the_writer_runs_restarts_like_never_stopping(
-    tmp_path: Path, events: list[Event], registry: str, cut: int,
-) -> None:
-    """The server's snapshot (`forked=True`): a child forked between two writer steps writes every unit at
-    the one offset of the fork while the writer goes on; restart from it + the log = never stopped."""
-    reg = REGISTRIES[registry]
-    state = Path(tempfile.mkdtemp(dir=tmp_path))
-    cut = cut % (len(events) + 1)
-    engine = FeatureEngine.open(state, FeatureRegistry.from_json(reg.to_json()), partitions=5)
-    engine.update_many(events[:cut])
-    writer = threading.Thread(target=lambda: [engine.update_many([e]) for e in events[cut:]])
-    writer.start()
-    engine.snapshot(forked=True)
-    writer.join()
-    before = events[cut - 1].offset if cut else -1
-    assert before <= engine.snapshot_offset <= engine.applied_offset
-    restarted = FeatureEngine.open(state, partitions=5)
-    assert restarted.rejected_snapshots == 0
-    assert restarted.applied_offset == engine.snapshot_offset
-    assert {unit.applied for unit in restarted._units()} <= {engine.snapshot_offset}, "one offset for all"
-    restarted.update_many([e for e in events if e.offset > restarted.applied_offset])
-    assert all_reads(restarted) == all_reads(replayed(reg, events))
-    assert restarted.too_late == replayed(reg, events).too_late
-
-
 ITEM_KINDS = FeatureRegistry.of([
     *(f for f in [*ALL_KINDS, *default_registry()] if f.entity not in ("user", "user_item")),
     Feature("item_last_user_cat", "item", "last", sliding(HOUR_MS, 30 * MINUTE_MS), "category"),
