@@ -18,6 +18,7 @@ from insession import embedded
 from insession.embedded import DataDirError
 from insession.schema import BatchRejected
 from insession.serve.app import create_app
+from insession.train.build import load_events
 
 T0 = 1_700_000_000_000
 
@@ -163,6 +164,15 @@ def test_a_damaged_history_is_rebuilt_or_set_aside_and_counts_stay_exact(tmp_pat
     assert victim.read_bytes() == body or damage == "stray copy"
     count, check = _count(data)  # nothing left to mend on the next start
     assert (count, check.rebuilt, check.quarantined) == (100, 0, 0)
+
+
+def test_training_reads_the_history_as_analytics_does_never_a_quarantined_file(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    parts = _history_with_parts(data)
+    shutil.copy(parts[1], parts[1].with_name("part-copy.parquet"))  # a stray copy: set aside at the next start
+    count, check = _count(data)
+    assert check.quarantined == 1 and list((data / "history" / "_quarantine").rglob("*.parquet"))
+    assert load_events(data).num_rows == count == 100
 
 
 # Catalogue upserts on a full disk: refused with 507 (the handle and `PUT /v1/items`), nothing of the refused

@@ -117,6 +117,15 @@ def events_from_arrow(table: pa.Table | pa.RecordBatch) -> list[Event]:
     return out
 
 
+HISTORY_GLOB = "day=*/part-*.parquet"  # a history's part files: not temporaries, not `_quarantine/`
+
+
+def history_files(history_dir: Path) -> list[str]:
+    """The complete Parquet part files of the history: what analytics and training read (temporaries of a
+    running export and files set aside in `_quarantine/` are not matched)."""
+    return sorted(str(p) for p in Path(history_dir).glob(HISTORY_GLOB))
+
+
 def day_of(ts_ms: int) -> str:
     """The UTC calendar day of an epoch-ms timestamp, as YYYY-MM-DD."""
     return datetime.fromtimestamp(ts_ms // DAY_MS * 86_400, UTC).strftime("%Y-%m-%d")

@@ -18,10 +18,10 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from insession.log.export import history_files
 from insession.schema import EVENT_ARROW_SCHEMA, ITEM_ARROW_SCHEMA, event_columns_sql
 
 TIME_COLUMNS = frozenset({"ts", "ingest_ts", "updated_ts"})  # epoch ms in storage, TIMESTAMP in SQL
-HISTORY_GLOB = "day=*/part-*.parquet"
 
 _SQL_TYPES = {pa.int64(): "BIGINT", pa.string(): "VARCHAR", pa.float64(): "DOUBLE", pa.bool_(): "BOOLEAN"}
 
@@ -46,11 +46,6 @@ def _view_sql(table: str, schema: pa.Schema, sources: list[str]) -> str:
     union = " UNION ALL ".join(f"SELECT {cols} FROM {src}" for src in sources)
     times = ", ".join(f"epoch_ms({_quote(c)}) AS {_quote(c)}" for c in schema.names if c in TIME_COLUMNS)
     return f"CREATE VIEW {table} AS SELECT * REPLACE ({times}) FROM ({union})"
-
-
-def history_files(history_dir: Path) -> list[str]:
-    """The complete Parquet part files of the history (temporaries of a running export are not matched)."""
-    return sorted(str(p) for p in Path(history_dir).glob(HISTORY_GLOB))
 
 
 def connect(

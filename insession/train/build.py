@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from insession.datasets.files import EVENTS_FILE, ITEMS_FILE
 from insession.features import offline
 from insession.features.declare import MINUTE_MS, FeatureRegistry, default_registry
+from insession.log.export import history_files
 from insession.model.reranker import COUNTERS, SIGNALS, signal_rows
 from insession.model.vocab import Vocab
 from insession.offline import OfflineEngine, open_engine
@@ -126,9 +127,9 @@ def load_events(path: Path) -> pa.Table:
         return as_history(pq.read_table(path / EVENTS_FILE), items)
     if path.is_dir():
         path = path / "history" if (path / "history").is_dir() else path
-        files = sorted(path.rglob("*.parquet"))
+        files = history_files(path)  # as analytics reads it: never a temporary or a `_quarantine/` file
         if not files:
-            raise FileNotFoundError(f"no Parquet files under {path}")
+            raise FileNotFoundError(f"no history part files (day=*/part-*.parquet) under {path}")
         table = pa.concat_tables(pq.read_table(f, schema=EVENT_ARROW_SCHEMA) for f in files)
     else:
         table = pq.read_table(path)
