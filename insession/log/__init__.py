@@ -7,7 +7,7 @@ from pathlib import Path
 
 from insession.log.base import AppendResult, Log, LogConfig, LogUnavailable, OnCommit
 from insession.log.catalog import Catalog
-from insession.log.eventlog import EventLog
+from insession.log.eventlog import LOG_FILE, EventLog
 
 
 def open_log(data_dir: str | Path, config: LogConfig | None = None, *, partitions: int = 16,
@@ -18,7 +18,7 @@ def open_log(data_dir: str | Path, config: LogConfig | None = None, *, partition
     `follow=False`: other writers' events reach on_commit only after `Log.follow(offset)`."""
     config = config or LogConfig()
     if not config.url:
-        return EventLog(Path(data_dir) / "log.sqlite", partitions=partitions, on_commit=on_commit)
+        return EventLog(Path(data_dir) / LOG_FILE, partitions=partitions, on_commit=on_commit)
     from insession.log.jetstream import JetStreamLog  # the NATS client is imported only when used
 
     return JetStreamLog(config, Path(data_dir), partitions=partitions, on_commit=on_commit, follow=follow)

@@ -87,6 +87,8 @@ _decoder = msgspec.msgpack.Decoder(Event)
 Row = tuple[str | None, int, bytes]  # event_id, partition, body
 
 
+LOG_FILE = "log.sqlite"  # the embedded log in a data directory
+
 class LogBehindError(RuntimeError):
     """The log holds fewer events than it acknowledged (its acknowledged mark is further): refused at open."""
 

@@ -34,10 +34,12 @@ import pyarrow.parquet as pq
 from insession.datasets.files import EVENTS_FILE, ITEMS_FILE
 from insession.features import offline
 from insession.features.declare import MINUTE_MS, FeatureRegistry, default_registry
+from insession.log.eventlog import LOG_FILE
 from insession.log.export import history_files
 from insession.model.reranker import COUNTERS, SIGNALS, signal_rows
 from insession.model.vocab import Vocab
 from insession.offline import OfflineEngine, open_engine
+from insession.query.workers import read_tail
 from insession.schema import ACTIONS, EVENT_ARROW_SCHEMA, price_band
 from insession.train.examples import Examples
 from insession.train.pretrain import Stream
@@ -117,8 +119,10 @@ def as_history(events: pa.Table, items: pa.Table) -> pa.Table:
 
 def load_events(path: Path) -> pa.Table:
     """An event history (`EVENT_ARROW_SCHEMA`) from: a Parquet file with that schema; a data dir holding
-    `history/day=*/` Parquet (the EventLog export); or a dataset dir (`items.jsonl` + `events.parquet`,
-    as `insession generate` / `insession import` write it)."""
+    `history/day=*/` Parquet (the EventLog export), plus, beside an embedded `log.sqlite`, the events after
+    its export mark, read as the analytics lane reads them (every acknowledged event once, also while a
+    server runs on the directory); or a dataset dir (`items.jsonl` + `events.parquet`, as `insession
+    generate` / `insession import` write it)."""
     path = Path(path)
     if path.is_dir() and (path / ITEMS_FILE).exists() and (path / EVENTS_FILE).exists():
         items = pj.read_json(path / ITEMS_FILE)
@@ -128,9 +132,15 @@ def load_events(path: Path) -> pa.Table:
     if path.is_dir():
         path = path / "history" if (path / "history").is_dir() else path
         files = history_files(path)  # as analytics reads it: never a temporary or a `_quarantine/` file
-        if not files:
+        log_file = path.parent / LOG_FILE
+        tail = read_tail(str(log_file)) if path.name == "history" and log_file.exists() else None
+        if not files and not (tail is not None and tail.num_rows):
             raise FileNotFoundError(f"no history part files (day=*/part-*.parquet) under {path}")
-        table = pa.concat_tables(pq.read_table(f, schema=EVENT_ARROW_SCHEMA) for f in files)
+        table = pa.concat_tables([pq.read_table(f, schema=EVENT_ARROW_SCHEMA) for f in files]
+                                 or [EVENT_ARROW_SCHEMA.empty_table()])
+        if tail is not None and tail.num_rows:  # history rows from the tail's first offset on: a crashed export's
+            first = pc.min(tail["offset"]).as_py()
+            table = pa.concat_tables([table.filter(pc.less(table["offset"], first)), tail])
     else:
         table = pq.read_table(path)
     missing = set(EVENT_ARROW_SCHEMA.names) - set(table.column_names)
