@@ -7,7 +7,7 @@ from then): ingest batches of 50 events (5,000 events/s, event time moving with 
 shoppers), `GET /v1/features/user/{id}` (500/s) and `/v1/rank` (100/s). In the second half two threads of
 this process keep two heavy analytics scans running. The snapshot interval is lowered so several
 snapshots fall inside; their instants are taken from the state directory's CURRENT file. The server's
-memory (and its analytics workers') is sampled every second.
+memory and CPU (and its analytics workers' private memory) are sampled every second.
 
 The loaded data directory is kept in $INSESSION_BENCH_CACHE (default: the temp dir) and copied for each
 run, so a rerun skips the load.

@@ -164,7 +164,7 @@ def history_end(history_dir: Path) -> int:
         ends = [part.last for part in load_manifest(history_dir).values()]
     except ValueError:  # an unreadable manifest: verify_history refuses it with its own message
         ends = []
-    ends += [int(m.group(2)) for path in history_dir.glob("day=*/part-*.parquet") if (m := _PART.match(path.name))]
+    ends += [int(m.group(2)) for path in history_dir.glob(HISTORY_GLOB) if (m := _PART.match(path.name))]
     return max(ends, default=-1)
 
 

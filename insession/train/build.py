@@ -35,7 +35,7 @@ from insession.datasets.files import EVENTS_FILE, ITEMS_FILE
 from insession.features import offline
 from insession.features.declare import MINUTE_MS, FeatureRegistry, default_registry
 from insession.log.eventlog import LOG_FILE
-from insession.log.export import history_files
+from insession.log.export import HISTORY_GLOB, history_files
 from insession.model.reranker import COUNTERS, SIGNALS, signal_rows
 from insession.model.vocab import Vocab
 from insession.offline import OfflineEngine, open_engine
@@ -133,12 +133,13 @@ def load_events(path: Path) -> pa.Table:
         path = path / "history" if (path / "history").is_dir() else path
         files = history_files(path)  # as analytics reads it: never a temporary or a `_quarantine/` file
         log_file = path.parent / LOG_FILE
-        tail = read_tail(str(log_file)) if path.name == "history" and log_file.exists() else None
-        if not files and not (tail is not None and tail.num_rows):
-            raise FileNotFoundError(f"no history part files (day=*/part-*.parquet) under {path}")
-        table = pa.concat_tables([pq.read_table(f, schema=EVENT_ARROW_SCHEMA) for f in files]
-                                 or [EVENT_ARROW_SCHEMA.empty_table()])
-        if tail is not None and tail.num_rows:  # history rows from the tail's first offset on: a crashed export's
+        has_log = path.name == "history" and log_file.exists()
+        tail = read_tail(str(log_file)) if has_log else EVENT_ARROW_SCHEMA.empty_table()
+        if not files and not tail.num_rows:
+            raise FileNotFoundError(f"no history part files ({HISTORY_GLOB}) under {path}")
+        table = pa.concat_tables([EVENT_ARROW_SCHEMA.empty_table(),
+                                  *(pq.read_table(f, schema=EVENT_ARROW_SCHEMA) for f in files)])
+        if tail.num_rows:  # as the analytics lane: history rows from the tail's first offset on are hidden
             first = pc.min(tail["offset"]).as_py()
             table = pa.concat_tables([table.filter(pc.less(table["offset"], first)), tail])
     else:
