@@ -55,6 +55,9 @@ def test_acknowledged_events_survive_server_kills_exactly_once(tmp_path: Path) -
     try:
         for t in threads:
             t.start()
+        serving = time.monotonic() + 30  # the faults start once the cluster serves: a first write acknowledged
+        while not acked and time.monotonic() < serving:
+            time.sleep(0.05)
         nemesis = random.Random(14)
         t0 = time.monotonic()
         for _ in range(FAULTS):  # a killed server is back (answering, maybe still catching up) before the next kill
