@@ -7,6 +7,9 @@ scrape time (`bind(handle)`): log offset, export (history) lag, snapshot lag, fe
 feature engine's watermark and late events, and the analytics lane's queue depth, running queries,
 rejections and timeouts. Process memory and CPU come from prometheus-client's process collector.
 
+The serving model's age and the continuous updates' counters (`insession train --follow`, which writes them
+to the model directory's `follow.json`) are read at scrape time too (`_model_metrics`).
+
 On a replicated log, `cluster_status(handle)` is the one definition of this node's view of the cluster
 (quorum, servers, leader, per-partition and consumer lag, stale), read by the `insession_log_*` gauges,
 the `cluster` detail of /readyz and the console's cluster page alike.
@@ -14,9 +17,11 @@ the `cluster` detail of /readyz and the console's cluster page alike.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -35,6 +40,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from insession.log.base import ServerState, cluster_state
+from insession.model.artefact import WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +72,16 @@ _LAG_HELP = {
     "snapshot_lag": "Events applied since the last feature-state snapshot",
 }
 
+
+# Written beside the model versions by `insession train --follow` (`insession.train.follow.STATUS`; the server
+# does not import the trainer, so the name is repeated here and a test holds the two equal).
+FOLLOW_STATUS = "follow.json"
+_FOLLOW_COUNTERS = {
+    "updates": "Continuous updates that trained and validated a candidate model",
+    "promotions": "Candidate models promoted (validated no worse than the serving one)",
+    "refusals": "Candidate models refused (validated worse than the serving one)",
+    "skips": "Continuous updates skipped (too few new add-to-carts)",
+}
 
 STALE_AFTER_S = 5.0  # a cluster check older than this (the watcher is stuck) cannot vouch for the state
 
@@ -299,6 +315,7 @@ class _HandleCollector(Collector):
             yield CounterMetricFamily("insession_ingest_unknown_items", "Events stored for items not in the catalogue",
                                       value=h.unknown_items)
         yield from _cluster_metrics(h)
+        yield from _model_metrics(h)
         lane = getattr(getattr(h, "query", None), "analytics", None)
         if lane is not None:
             yield GaugeMetricFamily("insession_analytics_queue_depth", "Analytics queries admitted and waiting",
@@ -308,6 +325,24 @@ class _HandleCollector(Collector):
                                       value=lane.rejected)
             yield CounterMetricFamily("insession_analytics_timeouts", "Analytics queries interrupted at their deadline",
                                       value=lane.timeouts)
+
+
+def _model_metrics(h: Any) -> Iterator[Metric]:
+    """`insession_model_age_seconds`: seconds since the serving model's weights were written (nothing while
+    no model serves); the counters of `insession train --follow` from the model directory's status file, when
+    a follower has written one."""
+    ranker = getattr(h, "ranker", None)
+    info = getattr(ranker, "model", None)
+    if info is not None:
+        written = (Path(info.path) / WEIGHTS).stat().st_mtime
+        yield GaugeMetricFamily("insession_model_age_seconds", "Seconds since the serving model's weights were written",
+                                value=max(time.time() - written, 0.0))
+    model_dir = getattr(ranker, "model_dir", None)
+    status = Path(model_dir) / FOLLOW_STATUS if model_dir is not None else None
+    if status is not None and status.exists():
+        doc = json.loads(status.read_text())
+        for key, text in _FOLLOW_COUNTERS.items():
+            yield CounterMetricFamily(f"insession_model_{key}", text, value=doc.get(key, 0))
 
 
 def _cluster_metrics(h: Any) -> Iterator[Metric]:

@@ -1,4 +1,5 @@
-"""`insession train`: train the Dual Sequence ReRanker on an event history into a versioned artefact;
+"""`insession train`: train the Dual Sequence ReRanker on an event history into a versioned artefact (with
+`--follow`: keep fine-tuning the serving one, `insession.train.follow`);
 `insession training-data`: the point-in-time training examples alone, as Parquet, from either offline engine."""
 
 from __future__ import annotations
@@ -62,12 +63,69 @@ def train(
     ] = True,
     engine: EngineOption = "duckdb",
     master: MasterOption = None,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow",
+            help="Continuous updates (docs/continuous.md): every --every, fine-tune the serving model in OUT on the "
+            "add-to-carts since its last update, promote it only if it validates no worse on the newest window.",
+        ),
+    ] = False,
+    every: Annotated[str, typer.Option(help="With --follow: the period between updates (90s, 10m, 1h).")] = "10m",
+    server: Annotated[
+        str | None,
+        typer.Option(
+            help="With --follow / --rollback: the server to hot-reload (POST /v1/admin/reload; API key from "
+            "$INSESSION_API_KEY). Without it the server takes a promoted model at its next reload."
+        ),
+    ] = None,
+    updates: Annotated[int, typer.Option(help="With --follow: stop after this many updates (0: never).")] = 0,
+    update_epochs: Annotated[int, typer.Option(help="With --follow: fine-tuning epochs per update.")] = 2,
+    update_lr: Annotated[float, typer.Option(help="With --follow: the fine-tuning learning rate.")] = 5e-4,
+    min_new: Annotated[int, typer.Option(help="With --follow: fewer new add-to-carts than this skip an update.")] = 20,
+    rollback: Annotated[
+        bool,
+        typer.Option("--rollback", help="Retire the newest version in OUT (to OUT/_retired/), serve the one before."),
+    ] = False,
 ) -> None:
     """Train the Dual Sequence ReRanker on point-in-time training data from the feature engine."""
     from insession.train.build import load_events
     from insession.train.pipeline import train_on_events
     from insession.train.replay import stage_proposer
 
+    if follow or rollback:
+        from insession.train import follow as following
+
+        try:
+            if rollback:
+                typer.echo(f"serving {following.rollback(out, server)}")
+                return
+            period = following.parse_every(every)
+            following.serving_version(out, server)  # a model to start from, before any work
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--every") from None
+        except FileNotFoundError as e:
+            typer.echo(f"{e}: train a first model into {out} with `insession train`", err=True)
+            raise typer.Exit(1) from None
+        cfg = following.FollowConfig(
+            epochs=update_epochs,
+            lr=update_lr,
+            batch_size=batch_size,
+            min_new=min_new,
+            served_negatives=served_negatives,
+            seed=seed,
+            threads=threads,
+        )
+        offline = _engine(engine, master)
+        try:
+            following.follow(
+                data_dir, out, period, cfg, server=server, updates=updates or None, engine=offline, echo=typer.echo
+            )
+        except KeyboardInterrupt:
+            typer.echo("stopped")
+        finally:
+            offline.close()
+        return
     offline = _engine(engine, master)
     try:
         events = load_events(data_dir)
