@@ -44,14 +44,16 @@ takes every core for minutes, and the server's latency targets cannot share them
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,7 @@ from insession.train.examples import Examples
 from insession.train.trainer import TrainConfig, evaluate, fit
 
 STATUS = "follow.json"  # MODELS/follow.json: the follower's counters and last result
+LOCK = ".follow.lock"  # MODELS/.follow.lock: held by the update in progress (one per model directory)
 STAGING, REFUSED, RETIRED = "_staging", "_refused", "_retired"  # under MODELS; no reload reads them
 NOISE = 1e-6  # NDCG@10 differences below this are float noise: "not worse" tolerates them
 API_KEY_ENV = "INSESSION_API_KEY"
@@ -316,8 +319,33 @@ def update_once(
     themselves. `tamper` is a test seam called on the fine-tuned candidate before validation (e.g. to
     sabotage it); production passes None. Raises FileNotFoundError when MODELS holds no model to start from.
     """
-    cfg = cfg or FollowConfig()
-    models = Path(models)
+    with _exclusive(Path(models)):
+        return _update(data, Path(models), cfg or FollowConfig(), server, registry, engine, tamper)
+
+
+@contextlib.contextmanager
+def _exclusive(models: Path) -> Iterator[None]:
+    """Hold MODELS/.follow.lock: a second follower on the same directory would clean up the first one's
+    staged artefact; it is refused instead."""
+    with (models / LOCK).open("a") as f:  # no directory: FileNotFoundError, as for no model
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"another update is running on {models.name}: one follower per model directory"
+            ) from None
+        yield
+
+
+def _update(
+    data: Path | pa.Table,
+    models: Path,
+    cfg: FollowConfig,
+    server: str | None,
+    registry: FeatureRegistry | None,
+    engine: OfflineEngine | None,
+    tamper: Callable[[DualSequenceReranker], None] | None,
+) -> UpdateResult:
     t0 = time.time()
     base_dir = serving_version(models, server)
     base = load_artefact(base_dir)
@@ -368,6 +396,9 @@ def update_once(
 
     _clean_staging(models)
     reserved = new_version(models)  # empty: no reload reads it; its name sorts after every version so far
+    if reserved.name < versions(models)[0].name:  # a version named after the current UTC time (clock skew)
+        reserved.rmdir()
+        raise RuntimeError(f"version {versions(models)[0].name} is dated after now: a promotion would not be newest")
     staged = models / STAGING / reserved.name
     result.candidate = reserved.name
     metrics = {
@@ -403,6 +434,8 @@ def update_once(
         _prune(models / REFUSED, cfg.keep_refused)
         result.outcome = "refused"
         result.reason = "validates worse than the serving model"
+    with contextlib.suppress(OSError):
+        (models / STAGING).rmdir()  # empty again
     return _finish(models, result, t0)
 
 

@@ -8,6 +8,7 @@ pipeline, then updates read all of them. In the second period four items of subc
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -44,6 +45,7 @@ from insession.train import TrainConfig, train_on_events
 from insession.train.cli import train
 from insession.train.follow import (
     API_KEY_ENV,
+    LOCK,
     REFUSED,
     RETIRED,
     STATUS,
@@ -125,7 +127,7 @@ def test_a_candidate_that_validates_worse_is_refused_and_the_serving_model_untou
     assert result.serving == result.base == serving.name and result.previous is None
     assert latest_version(models) == serving  # the version a reload serves
     assert files(models) == before  # no version gained, lost or changed a byte
-    assert sorted(p.name for p in models.iterdir() if p.is_dir()) == sorted([serving.name, REFUSED, "_staging"])
+    assert sorted(p.name for p in models.iterdir() if p.is_dir()) == sorted([serving.name, REFUSED])
     refused = models / REFUSED / result.candidate
     assert json.loads((refused / "metrics.json").read_text())["val_ndcg10"] == pytest.approx(result.candidate_ndcg10)
     # the refused window is trained on again next time: the data mark did not move
@@ -198,6 +200,15 @@ def test_the_status_counts_updates_promotions_refusals_skips_and_the_model_age(
     assert rollback(models) == promoted.base
     assert latest_version(models).name == promoted.base and (models / RETIRED / promoted.candidate).is_dir()
     assert read_status(models)["rollbacks"] == 1 and read_status(models)["serving"] == promoted.base
+
+
+def test_one_follower_per_model_directory(shop: tuple[pa.Table, int], models: Path) -> None:
+    with (models / LOCK).open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another follower's update in progress
+        with pytest.raises(RuntimeError, match="one follower per model directory"):
+            update_once(shop[0], models, config())
+    with pytest.raises(FileNotFoundError):
+        update_once(shop[0], models.parent / "nothing", config())
 
 
 def test_the_loop_reports_each_update_and_survives_a_failing_one(
