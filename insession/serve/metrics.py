@@ -17,6 +17,7 @@ the `cluster` detail of /readyz and the console's cluster page alike.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -333,14 +334,18 @@ def _model_metrics(h: Any) -> Iterator[Metric]:
     a follower has written one."""
     ranker = getattr(h, "ranker", None)
     info = getattr(ranker, "model", None)
-    if info is not None:
-        written = (Path(info.path) / WEIGHTS).stat().st_mtime
-        yield GaugeMetricFamily("insession_model_age_seconds", "Seconds since the serving model's weights were written",
-                                value=max(time.time() - written, 0.0))
     model_dir = getattr(ranker, "model_dir", None)
     status = Path(model_dir) / FOLLOW_STATUS if model_dir is not None else None
-    if status is not None and status.exists():
-        doc = json.loads(status.read_text())
+    written: float | None = None
+    doc: dict[str, Any] | None = None
+    with contextlib.suppress(OSError):  # a rolled-back version is moved away while it may still serve
+        written = (Path(info.path) / WEIGHTS).stat().st_mtime if info is not None else None
+    with contextlib.suppress(OSError, ValueError):  # no follower yet (or an unreadable file): no counters
+        doc = json.loads(status.read_text()) if status is not None else None
+    if written is not None:
+        yield GaugeMetricFamily("insession_model_age_seconds", "Seconds since the serving model's weights were written",
+                                value=max(time.time() - written, 0.0))
+    if doc is not None:
         for key, text in _FOLLOW_COUNTERS.items():
             yield CounterMetricFamily(f"insession_model_{key}", text, value=doc.get(key, 0))
 
