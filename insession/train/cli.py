@@ -107,15 +107,8 @@ def train(
         except FileNotFoundError as e:
             typer.echo(f"{e}: train a first model into {out} with `insession train`", err=True)
             raise typer.Exit(1) from None
-        cfg = following.FollowConfig(
-            epochs=update_epochs,
-            lr=update_lr,
-            batch_size=batch_size,
-            min_new=min_new,
-            served_negatives=served_negatives,
-            seed=seed,
-            threads=threads,
-        )
+        cfg = following.FollowConfig(epochs=update_epochs, lr=update_lr, min_new=min_new, seed=seed, threads=threads)
+        cfg.batch_size, cfg.served_negatives = batch_size, served_negatives
         offline = _engine(engine, master)
         try:
             following.follow(
