@@ -25,7 +25,10 @@ def write_section(doc: Path, name: str, body: str) -> None:
 def evaluate(
     dataset: Annotated[
         str,
-        typer.Argument(help="`synthetic`, or a sample name under --data (e.g. taobao_userbehavior_head84k)."),
+        typer.Argument(
+            help="`synthetic` (the easy shop), `realistic` (the shop calibrated on Taobao, with surfaces, queries "
+            "and trends), or a sample name under --data (e.g. taobao_userbehavior_head84k)."
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", help="The report to write (its section for this dataset).")] = Path(
         "docs/evaluation.md"
@@ -99,9 +102,10 @@ def evaluate(
     from insession.evaluate.split import earlier_window
     from insession.train.pretrain import PretrainConfig
 
+    shop = dataset in ("synthetic", "realistic")
     ds = (
-        load_synthetic(users, items, days, seed)
-        if dataset == "synthetic"
+        load_synthetic(users, items, days, seed, realistic=dataset == "realistic")
+        if shop
         else load_real(data / f"{dataset}.parquet", dataset)
     )
     cfg = EvalConfig(
@@ -140,7 +144,7 @@ def evaluate(
         + ("" if pretraining else "--no-pretraining ")
         + f"--ctr '{ctr}' --ctr-seeds {ctr_seeds} --boot {boot}"
         + (f" --section {name}" if name != dataset else "")
-        + (f" --users {users} --items {items} --days {days} --seed {seed}" if dataset == "synthetic" else "")
+        + (f" --users {users} --items {items} --days {days} --seed {seed}" if shop else "")
         + (f" --backtest {backtest}" if backtest else "")
     )
     body = render(res, out.parent / "img", f"eval_{section}")

@@ -46,14 +46,18 @@ def _items_table(rows: Iterable[dict]) -> pa.Table:
 
 
 def stored_events(core: pa.Table, items: pa.Table) -> pa.Table:
-    """`EventIn` columns (ts in ms, time order) -> stored events: offsets in time order, catalogue facts."""
+    """`EventIn` columns (ts in ms, time order; a `query` column, where the data has one, becomes the
+    search events' `properties.query`) -> stored events: offsets in time order, catalogue facts."""
     con = duckdb.connect()
-    con.register("core", core.select(["user_id", "item_id", "action", "ts", "session_id", "surface"]))
+    query = core["query"] if "query" in core.column_names else pa.nulls(core.num_rows, pa.string())
+    con.register("core", core.select(["user_id", "item_id", "action", "ts", "session_id", "surface"])
+                 .append_column("query", query))
     con.register("items", items)
     table = con.sql("""
         SELECT (row_number() OVER (ORDER BY e.ts, e.rn) - 1)::BIGINT AS "offset", e.user_id, e.item_id,
                e.action,
-               e.ts, NULL::VARCHAR AS event_id, e.session_id, e.surface, NULL::VARCHAR AS properties,
+               e.ts, NULL::VARCHAR AS event_id, e.session_id, e.surface,
+               CASE WHEN e.query IS NOT NULL THEN json_object('query', e.query)::VARCHAR END AS properties,
                i.category, i.subcategory, e.ts AS ingest_ts, NULL::VARCHAR AS brand, NULL::DOUBLE AS price,
                NULL::VARCHAR AS price_band
         FROM (SELECT *, row_number() OVER () AS rn FROM core) e LEFT JOIN items i USING (item_id)
@@ -69,11 +73,14 @@ def load_real(path: Path, name: str | None = None) -> Dataset:
     return Dataset(name or Path(path).name.split(".")[0], stored_events(core, items), items)
 
 
-def load_synthetic(users: int, items: int, days: int, seed: int) -> Dataset:
-    """A seeded synthetic shop from the dataset generator."""
-    shop = generate_shop(users, items, days, seed)
+def load_synthetic(users: int, items: int, days: int, seed: int, realistic: bool = False) -> Dataset:
+    """A seeded synthetic shop from the dataset generator (`realistic`: the shop calibrated on Taobao, with
+    surfaces, search queries and trends; docs/synthetic.md)."""
+    shop = generate_shop(users, items, days, seed, realistic=realistic)
     core = pa.concat_tables(
-        t.select(["user_id", "item_id", "action", "ts", "session_id", "surface"]) for t in shop.iter_event_tables()
+        t.select(["user_id", "item_id", "action", "ts", "session_id", "surface", "query"])
+        for t in shop.iter_event_tables()
     )
     catalogue = _items_table(shop.items)
-    return Dataset(f"synthetic_u{users}_i{items}_d{days}_s{seed}", stored_events(core, catalogue), catalogue)
+    kind = "realistic" if realistic else "synthetic"
+    return Dataset(f"{kind}_u{users}_i{items}_d{days}_s{seed}", stored_events(core, catalogue), catalogue)

@@ -182,6 +182,7 @@ def render(res: Results, img_dir: Path, img_prefix: str) -> str:
                 word = "helps" if p.low > 0 else "hurts" if p.high < 0 else "no measurable effect"
                 L.append(f"| {n} | {p} | {d['forced']} | {word} |")
             L.append("")
+            L += _ablations_by_surface(res, pooled, abl)
     # segments (proposed view)
     if res.segments:
         L += ["### Segments (test, positive proposed; NDCG@10 with 95% CI, n = requests)", ""]
@@ -205,6 +206,32 @@ def render(res: Results, img_dir: Path, img_prefix: str) -> str:
             L.append("")
     L += _plots(res, est, pooled, img_dir, img_prefix)
     return "\n".join(L)
+
+
+def _ablations_by_surface(res: Results, pooled: dict, abl: list[str]) -> list[str]:
+    """Each ablation's paired difference on each surface's requests (issue 17: aggregate numbers hide a
+    surface's regression), where the data has surfaces."""
+    labels = res.segments.get("surface")
+    if labels is None:
+        return []
+    values = sorted(set(labels.tolist()))
+    L = [
+        "### Ablations by surface: full reranker minus the ablated one (NDCG@10, paired, proposed view)",
+        "",
+        "A positive difference whose interval excludes 0 means the component helps on that surface.",
+        "",
+        "| ablation | " + " | ".join(f"{v} (n={int((labels == v).sum())})" for v in values) + " |",
+        "|---" * (len(values) + 1) + "|",
+    ]
+    full = pooled["reranker"][1]["proposed"]
+    for n in abl:
+        cells = []
+        for v in values:
+            at = labels == v
+            d = paired_difference(full.subset(at), pooled[n][1]["proposed"].subset(at), n_boot=res.config.n_boot)
+            cells.append(f"{d}{' ✓' if d.low > 0 else ' ✗' if d.high < 0 else ''}")
+        L.append(f"| {n} | " + " | ".join(cells) + " |")
+    return [*L, ""]
 
 
 def _pretraining_section(res: Results, pooled: dict) -> list[str]:

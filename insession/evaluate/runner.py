@@ -50,6 +50,10 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "bce_only": {"loss": "bce"},
     "position_not_dhours": {"use_time": False},
     "zero_cold_start": {"cold_start": False},
+    # issue 17: the request's surface (embedding + per-surface adapter), the adapter alone, the query tokens
+    "no_surface": {"use_surface": False},
+    "no_surface_adapter": {"surface_adapter": False},
+    "no_query_tokens": {"use_queries": False},
 }
 
 
@@ -182,7 +186,8 @@ def _examples_for(sets: CandidateSets, items: pa.Table, vocab: Vocab) -> Example
         "subcategory", cat["subcategory"].take(idx)
     )
     counters = counter_matrix(sets.counters)
-    return assemble_examples(sets.requests.select(["g", "ts"]), sets.state, cand, counters, vocab, sets.covisit)
+    requests = sets.requests.select(["g", "ts", "surface"])
+    return assemble_examples(requests, sets.state, cand, counters, vocab, sets.covisit)
 
 
 def _tune(

@@ -295,6 +295,7 @@ def default_features() -> list[Feature]:
         ),
         Feature("history_seq", "user", "last_n", BEFORE_SESSION, k=100),
         Feature("session_seq", "user", "last_n", SESSION, k=50),
+        Feature("session_queries", "user", "distinct_topk", SESSION, "properties.query", 5, actions=("search",)),
         Feature("session_length", "user", "count", SESSION),
         Feature("session_age", "user", "age", SESSION),
         Feature("user_item_count_28d", "user_item", "counts_by_action", sliding(28 * DAY_MS, HOUR_MS)),

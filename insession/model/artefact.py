@@ -93,7 +93,13 @@ def load_artefact(path: Path) -> Artefact:
         )
     cfg = RerankerConfig(**json.loads((path / CONFIG).read_text()))
     model = DualSequenceReranker(cfg)
-    model.load_state_dict(torch.load(path / WEIGHTS, weights_only=True))
+    try:
+        model.load_state_dict(torch.load(path / WEIGHTS, weights_only=True))
+    except RuntimeError as e:  # weights of another network (e.g. before surfaces and queries were inputs)
+        raise ValueError(
+            f"model artefact {path.name} holds weights of another version of the network ({str(e)[:200]}); "
+            "retrain it with `insession train`"
+        ) from e
     model.eval()
     return Artefact(
         path=path,

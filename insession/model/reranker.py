@@ -14,6 +14,17 @@ Item index space (built by `insession.model.vocab.Vocab`), one table shared by e
 The cold-start rows are means of the trained item embeddings over the subcategory / category / all
 items (the chain SKU -> subcategory -> category -> global average); they are recomputed from the
 current item embeddings whenever the model enters eval mode (`refresh_cold_start`).
+
+Past the write-up (issue 17), two request-level inputs:
+
+- the request's **surface** (home, search, pdp, cart, ...; `Vocab.surfaces`, 0 = unknown): an embedding the
+  head reads beside the calendar, and a per-surface adapter (a surface's own offsets to the wide path's
+  weights and a vector on the deep head's last hidden layer, both zero at start, so a surface departs
+  from the shared head only as far as its data asks);
+- the session's **search queries** (`session_queries`, the most recent distinct ones): each a token
+  appended to the session sequence, embedded as the mean of its hashed word and character-trigram rows
+  (`Vocab.query_grams`; no downloaded model), plus the search action and "now" as its time, so the
+  session encoder and target-aware pooling see what the shopper typed.
 """
 
 from __future__ import annotations
@@ -31,6 +42,9 @@ from torch import Tensor, nn
 from insession.schema import ACTIONS
 
 ADD_TO_CART = ACTIONS.index("add_to_cart") + 1  # action index 0 is padding
+SEARCH = ACTIONS.index("search") + 1
+QUERIES = "session_queries"  # the feature of the session's search queries, tokens of the session sequence
+QUERY_BUCKETS = 1 << 14  # rows of the hashed query n-gram table (`Vocab.query_grams`); row 0 is padding
 COUNTERS: tuple[str, ...] = ("user_item_count_28d", "item_count_28d", "item_trending_2h")
 # Per-(request, candidate) signals of the shopper's own sequences, by item id (so cold items, which share a
 # cold-start row, are still told apart), computed by `signal_rows` from the served state.
@@ -145,6 +159,7 @@ class RerankerConfig:
     max_history: int = 50  # longest history sequence fed to the encoder (most recent kept)
     max_session: int = 20
     calendar_dim: int = 8
+    n_surfaces: int = 0  # surfaces known to the model (`Vocab.surfaces`); index 0 is "unknown or none"
     # ablation switches (issue 6): each False/True below departs from the full model
     shared_encoder: bool = False  # one encoder for history and session instead of two
     target_pooling: bool = True  # False: masked mean pooling, the same profile for every candidate
@@ -152,6 +167,9 @@ class RerankerConfig:
     use_counters: bool = True  # False: the head sees no real-time counters
     use_time: bool = True  # False: position index instead of the MLP on hours-to-request
     cold_start: bool = True  # False: unknown items embed as the zero vector
+    use_surface: bool = True  # False: the head sees no surface (neither the embedding nor the adapter)
+    surface_adapter: bool = True  # False: the surface is only a head input; every surface shares the head
+    use_queries: bool = True  # False: the session's search queries are not tokens of the session sequence
     loss: str = "hybrid"  # "hybrid" or "bce" (read by insession.train.loss)
     item_subcat: list[int] = field(default_factory=list)  # subcategory of each trained item row (-1: pad)
     subcat_cat: list[int] = field(default_factory=list)  # category of each subcategory
@@ -184,6 +202,8 @@ class Batch:
     counters: Tensor  # [B, C, len(COUNTERS)] float, as of just before the request
     labels: Tensor  # [B, C] float, 1 = added to cart
     signals: Tensor | None = None  # [B, C, len(SIGNALS)] float (`signal_rows`); None reads as zeros
+    surface: Tensor | None = None  # [B] long, 1 + Vocab.surfaces index, 0 = unknown; None reads as zeros
+    queries: Tensor | None = None  # [B, Q, G] long hashed query n-grams (`Vocab.query_grams`), 0 = padding
 
     def __len__(self) -> int:
         return self.candidates.shape[0]
@@ -194,14 +214,16 @@ class Encoded:
     """What `encode` computes once per request and `score` reuses for every candidate."""
 
     history: Tensor  # [B, Lh, D] encoder output
-    session: Tensor  # [B, Ls, D]
+    session: Tensor  # [B, Ls + Q, D]: the session's events, then its query tokens
     history_items: Tensor  # [B, Lh] item index (masks and repeat counts)
-    session_items: Tensor
+    session_items: Tensor  # [B, Ls + Q], 0 on the query tokens
+    session_mask: Tensor  # [B, Ls + Q] bool: the session's events and its queries
     history_hours: Tensor  # [B, Lh] hours between event and request (or position from the end)
     session_hours: Tensor
     history_atc: Tensor  # [B, Lh] float, 1 where the event is an add-to-cart
     session_atc: Tensor
     calendar: Tensor  # [B, 3 * calendar_dim]
+    surface: Tensor  # [B] long
 
 
 @dataclass
@@ -209,7 +231,7 @@ class Explanation:
     """Why each candidate scored as it did: pooling attention over both sequences and the gate."""
 
     history_attention: Tensor  # [B, C, Lh], rows sum to 1 (0 where the history is empty)
-    session_attention: Tensor  # [B, C, Ls]
+    session_attention: Tensor  # [B, C, Ls + Q]: the session's events, then its query tokens
     gate: Tensor  # [B, C] weight of the session side in the fused profile
 
 
@@ -245,8 +267,15 @@ class TokenEmbedding(nn.Module):
 
     def forward(self, items: Tensor, actions: Tensor, hours: Tensor) -> Tensor:
         # with use_time=False, `hours` holds the position from the newest event instead
-        when = self.time(torch.log1p(hours).unsqueeze(-1)) if self.cfg.use_time else self.position(hours.long())
-        return self.drop(self.items(items) + self.action(actions) + when)
+        return self.drop(self.items(items) + self.action(actions) + self._when(hours))
+
+    def _when(self, hours: Tensor) -> Tensor:
+        return self.time(torch.log1p(hours).unsqueeze(-1)) if self.cfg.use_time else self.position(hours.long())
+
+    def searches(self, queries: Tensor) -> Tensor:
+        """Query vectors [B, Q, D] as tokens: + the search action, at "now" (hours 0, position 0)."""
+        now = queries.new_zeros(queries.shape[:-1])
+        return self.drop(queries + self.action(torch.full_like(now, SEARCH, dtype=torch.long)) + self._when(now))
 
 
 class SelfAttention(nn.Module):
@@ -295,12 +324,36 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln = nn.LayerNorm(cfg.dim)
 
-    def forward(self, items: Tensor, actions: Tensor, hours: Tensor) -> Tensor:
+    def forward(
+        self, items: Tensor, actions: Tensor, hours: Tensor, queries: Tensor | None = None,
+        query_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Events [B, L] (and query vectors [B, Q, D] with their mask, appended as tokens) -> [B, L(+Q), D]."""
         mask = items != 0
         x = self.tokens(items, actions, hours)
+        if queries is not None and query_mask is not None:
+            x = torch.cat([x, self.tokens.searches(queries)], 1)
+            mask = torch.cat([mask, query_mask], 1)
         for block in self.blocks:
             x = block(x, mask)
         return self.ln(x) * mask.unsqueeze(-1)
+
+
+class QueryEmbedding(nn.Module):
+    """A query's vector: the mean of its hashed word and character-trigram rows (`Vocab.query_grams`)."""
+
+    def __init__(self, cfg: RerankerConfig) -> None:
+        super().__init__()
+        self.grams = nn.Embedding(QUERY_BUCKETS, cfg.dim, padding_idx=0)
+        nn.init.normal_(self.grams.weight, std=0.1)
+        with torch.no_grad():
+            self.grams.weight[0].zero_()
+
+    def forward(self, grams: Tensor) -> tuple[Tensor, Tensor]:
+        """[B, Q, G] n-gram rows (0 = padding) -> vectors [B, Q, D] and the mask [B, Q] of real queries."""
+        present = grams != 0
+        n = present.sum(-1, keepdim=True)
+        return self.grams(grams).sum(-2) / n.clamp(min=1), n.squeeze(-1) > 0
 
 
 class ItemEmbedding(nn.Module):
@@ -392,21 +445,33 @@ class DualSequenceReranker(nn.Module):
         self.hour = nn.Embedding(24, cfg.calendar_dim)
         self.weekday = nn.Embedding(7, cfg.calendar_dim)
         self.week_of_month = nn.Embedding(5, cfg.calendar_dim)
+        self.queries = QueryEmbedding(cfg) if cfg.use_queries else None
         n_meta = 4 + len(SIGNALS)  # lengths (2), similarities (2), the candidate's repeat signals
         self.gate = nn.Sequential(nn.Linear(3 * d + n_meta, d), nn.GELU(), nn.Linear(d, 1))
         self.cand_proj = nn.Linear(d, d)
-        head_in = 3 * d + len(COUNTERS) + len(SIGNALS) + 3 * cfg.calendar_dim
+        n_wide = len(COUNTERS) + len(SIGNALS)
+        surface_dim = cfg.calendar_dim if cfg.use_surface else 0
+        self.surface = nn.Embedding(cfg.n_surfaces + 1, surface_dim) if cfg.use_surface else None
+        head_in = 3 * d + n_wide + 3 * cfg.calendar_dim + surface_dim
         self.head = nn.Sequential(
             nn.Linear(head_in, 2 * d),
             nn.GELU(),
             nn.Dropout(cfg.dropout),
             nn.Linear(2 * d, d),
             nn.GELU(),
-            nn.Linear(d, 1),
         )
+        self.head_out = nn.Linear(d, 1)
         # a linear ("wide") path from the real-time counters and signals straight to the logit: the deep head
         # above learns interactions, this learns the strong monotone effects (recency, repeats) in few steps
-        self.wide = nn.Linear(len(COUNTERS) + len(SIGNALS), 1)
+        self.wide = nn.Linear(n_wide, 1)
+        # the per-surface adapter: each surface's offsets to the wide weights (+ a bias) and its own output
+        # vector on the head's last hidden layer; zero at start, i.e. the shared head
+        self.adapter_wide = self.adapter_out = None
+        if cfg.use_surface and cfg.surface_adapter:
+            self.adapter_wide = nn.Embedding(cfg.n_surfaces + 1, n_wide + 1)
+            self.adapter_out = nn.Embedding(cfg.n_surfaces + 1, d)
+            nn.init.zeros_(self.adapter_wide.weight)
+            nn.init.zeros_(self.adapter_out.weight)
 
     # --- the item table --------------------------------------------------------------------------
     def init_item_vectors(self, vectors: Tensor) -> None:
@@ -442,20 +507,36 @@ class DualSequenceReranker(nn.Module):
         encoder = self.history_encoder if side == "history" else self.session_encoder
         return encoder(seq.items, seq.actions, self._hours(seq, request_ts))
 
-    def encode(self, history: Sequence, session: Sequence, request_ts: Tensor) -> Encoded:
-        """Run both encoders once per request. request_ts [B] epoch ms."""
+    def encode(
+        self, history: Sequence, session: Sequence, request_ts: Tensor, surface: Tensor | None = None,
+        queries: Tensor | None = None,
+    ) -> Encoded:
+        """Run both encoders once per request. request_ts [B] epoch ms; surface [B] (None: unknown);
+        queries [B, Q, G] hashed n-grams of the session's search queries (None: none)."""
         h_hours, s_hours = self._hours(history, request_ts), self._hours(session, request_ts)
+        s_items, s_mask = session.items, session.mask
+        s_atc = (session.actions == ADD_TO_CART).float()
+        if self.queries is not None and queries is not None:
+            q, q_mask = self.queries(queries)
+            s_state = self.session_encoder(session.items, session.actions, s_hours, q, q_mask)
+            pad = q_mask.new_zeros(q_mask.shape, dtype=torch.long)
+            s_items, s_mask = torch.cat([s_items, pad], 1), torch.cat([s_mask, q_mask], 1)
+            s_hours, s_atc = torch.cat([s_hours, pad.float()], 1), torch.cat([s_atc, pad.float()], 1)
+        else:
+            s_state = self.encoder_states("session", session, request_ts)
         cal = calendar_fields(request_ts)
         return Encoded(
             history=self.encoder_states("history", history, request_ts),
-            session=self.encoder_states("session", session, request_ts),
+            session=s_state,
             history_items=history.items,
-            session_items=session.items,
+            session_items=s_items,
+            session_mask=s_mask,
             history_hours=h_hours,
             session_hours=s_hours,
             history_atc=(history.actions == ADD_TO_CART).float(),
-            session_atc=(session.actions == ADD_TO_CART).float(),
+            session_atc=s_atc,
             calendar=torch.cat([self.hour(cal[:, 0]), self.weekday(cal[:, 1]), self.week_of_month(cal[:, 2])], -1),
+            surface=request_ts.new_zeros(request_ts.shape) if surface is None else surface,
         )
 
     def score(
@@ -482,7 +563,7 @@ class DualSequenceReranker(nn.Module):
         if not self.cfg.use_counters:  # the "no real-time counters" ablation drops every real-time signal
             counters, signals = torch.zeros_like(counters), torch.zeros_like(signals)
         cand = self.item_embed(candidates)  # [B, C, D]
-        h_mask, s_mask = enc.history_items != 0, enc.session_items != 0
+        h_mask, s_mask = enc.history_items != 0, enc.session_mask
         ph, wh = self.history_pool(cand, enc.history, h_mask, enc.history_hours, enc.history_atc)
         ps, ws = self.session_pool(cand, enc.session, s_mask, enc.session_hours, enc.session_atc)
 
@@ -492,7 +573,7 @@ class DualSequenceReranker(nn.Module):
             meta = torch.stack(
                 [
                     torch.log1p(h_mask.sum(-1).float()).view(b, 1).expand(b, c),
-                    torch.log1p(s_mask.sum(-1).float()).view(b, 1).expand(b, c),
+                    torch.log1p((enc.session_items != 0).sum(-1).float()).view(b, 1).expand(b, c),
                     F.cosine_similarity(cand, ph, dim=-1),
                     F.cosine_similarity(cand, ps, dim=-1),
                 ],
@@ -505,10 +586,19 @@ class DualSequenceReranker(nn.Module):
         g = torch.where(s_empty, 0.0, torch.where(h_empty, 1.0, g))  # a fully masked side gets no weight
         fused = g * ps + (1 - g) * ph
 
-        counts = torch.log1p(counters.float())
-        calendar = enc.calendar.unsqueeze(1).expand(b, c, -1)  # request-level context, a view per candidate
-        x = torch.cat([fused, self.cand_proj(cand), fused * cand, counts, signals.float(), calendar], dim=-1)
-        scores = (self.head(x) + self.wide(torch.cat([counts, signals.float()], -1))).squeeze(-1)
+        wide = torch.cat([torch.log1p(counters.float()), signals.float()], -1)
+        context = [enc.calendar]  # request-level context, a view per candidate
+        if self.surface is not None:
+            context.append(self.surface(enc.surface))
+        request = torch.cat(context, -1).unsqueeze(1).expand(b, c, -1)
+        x = torch.cat([fused, self.cand_proj(cand), fused * cand, wide, request], dim=-1)
+        hidden = self.head(x)
+        scores = self.head_out(hidden) + self.wide(wide)
+        if self.adapter_wide is not None and self.adapter_out is not None:
+            own = self.adapter_wide(enc.surface).unsqueeze(1)  # [B, 1, n_wide + 1]
+            scores = scores + (wide * own[..., :-1]).sum(-1, keepdim=True) + own[..., -1:]
+            scores = scores + (hidden * self.adapter_out(enc.surface).unsqueeze(1)).sum(-1, keepdim=True)
+        scores = scores.squeeze(-1)
         if single:
             scores = scores.squeeze(0)
         if not explain:
@@ -517,5 +607,9 @@ class DualSequenceReranker(nn.Module):
 
     def forward(self, batch: Batch) -> Tensor:
         """Training path: exactly encode + score. Returns logits [B, C]."""
-        enc = self.encode(batch.history, batch.session, batch.request_ts)
+        enc = self.encode_batch(batch)
         return self.score(enc, batch.candidates, batch.counters, signals=batch.signals)  # type: ignore[return-value]
+
+    def encode_batch(self, batch: Batch) -> Encoded:
+        """`encode` of a training batch's request-level inputs (the loss scores extra candidates with it)."""
+        return self.encode(batch.history, batch.session, batch.request_ts, batch.surface, batch.queries)

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from insession.model.reranker import RerankerConfig
+from insession.model.reranker import QUERY_BUCKETS, RerankerConfig
 
 _SEP = "\x1f"
+QUERY_GRAMS = 32  # hashed n-grams kept per query (words first, then character trigrams)
+_WORD = re.compile(r"[^\W_]+")
 SMALL_LOOKUP = 4096  # up to this many ids, items are looked up in a dict: a 30-id lookup in a 50k-item vocab
 # took 1.3 ms through Arrow (a hash table of every item per call), 82 us in all this way (measured)
 
@@ -42,8 +47,10 @@ class Vocab:
     subcats: list[str]  # "category<US>subcategory"
     subcat_cat: list[int]  # per subcategory, index into cats
     cats: list[str]
+    surfaces: list[str] = field(default_factory=list)  # the surfaces of the training requests, sorted
 
     def __post_init__(self) -> None:
+        self._surface_pos = {s: i + 1 for i, s in enumerate(self.surfaces)}
         self._items = pa.array(self.items, pa.string())
         self._item_pos = {item: i for i, item in enumerate(self.items)}
         self._subcats = pa.array(self.subcats, pa.string())
@@ -59,9 +66,36 @@ class Vocab:
         """The index of the global-average row."""
         return self.n_items + len(self.subcats) + len(self.cats)
 
+    def surface_index(self, surfaces: Iterable[str | None]) -> np.ndarray:
+        """Surface names -> int64 model indices: 1 + position in `surfaces`; 0 for a surface the training
+        data never had, or none."""
+        pos = self._surface_pos
+        return np.array([pos.get(s, 0) if s is not None else 0 for s in surfaces], np.int64)
+
+    @staticmethod
+    def query_grams(query: str) -> list[int]:
+        """A query's hashed n-gram rows in [1, QUERY_BUCKETS): its lower-cased words, then the character trigrams
+        of each word padded with '#', at most QUERY_GRAMS (crc32: the same rows in every process). A query
+        without a word has none."""
+        words = _WORD.findall(query.lower())
+        grams = [*words, *(f"#{w}#"[i : i + 3] for w in words for i in range(len(w)))]
+        return [1 + zlib.crc32(g.encode()) % (QUERY_BUCKETS - 1) for g in grams[:QUERY_GRAMS]]
+
     @classmethod
-    def build(cls, item_id: pa.Array, category: pa.Array, subcategory: pa.Array) -> Vocab:
-        """From parallel arrays (e.g. the training period's events); an item's last seen category wins."""
+    def query_rows(cls, queries: Iterable[str]) -> np.ndarray:
+        """[Q, QUERY_GRAMS] int64: each query's `query_grams`, right-padded with 0 (the model's query input)."""
+        rows = [cls.query_grams(q) for q in queries]
+        out = np.zeros((len(rows), QUERY_GRAMS), np.int64)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = r
+        return out
+
+    @classmethod
+    def build(
+        cls, item_id: pa.Array, category: pa.Array, subcategory: pa.Array, surfaces: Iterable[str | None] = ()
+    ) -> Vocab:
+        """From parallel arrays (e.g. the training period's events; `surfaces`: the training requests'
+        surfaces); an item's last seen category wins."""
         t = pa.table({"item": item_id, "cat": category, "sub": subcategory}).filter(pc.is_valid(item_id))
         t = t.append_column("key", _subcat_key(t["cat"], t["sub"]))
         last = {i: (c, k) for i, c, k in zip(*(t[n].to_pylist() for n in ("item", "cat", "key")), strict=True)}
@@ -76,6 +110,7 @@ class Vocab:
             subcats=subcats,
             subcat_cat=[cat_pos[k.split(_SEP, 1)[0]] for k in subcats],
             cats=cats,
+            surfaces=sorted({s for s in surfaces if s is not None}),
         )
 
     def lookup(
@@ -131,6 +166,7 @@ class Vocab:
             n_cats=len(self.cats),
             item_subcat=[-1, *self.item_subcat],
             subcat_cat=list(self.subcat_cat),
+            n_surfaces=len(self.surfaces),
             **overrides,  # type: ignore[arg-type]
         )
 
@@ -141,6 +177,7 @@ class Vocab:
             "subcats": self.subcats,
             "subcat_cat": self.subcat_cat,
             "cats": self.cats,
+            "surfaces": self.surfaces,
         }
         path.write_text(json.dumps(doc))
 

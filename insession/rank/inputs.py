@@ -8,7 +8,7 @@ index 1 + ACTIONS.index(action), counters in COUNTERS order through the model's 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,8 @@ from insession.features import FeatureEngine
 from insession.log.catalog import Catalog
 from insession.model import COUNTERS, Vocab
 from insession.model import Sequence as SeqTensors
-from insession.model.reranker import SIGNALS, counter_row, signal_rows
+from insession.model.reranker import QUERIES, SIGNALS, counter_row, signal_rows
+from insession.model.vocab import QUERY_GRAMS
 from insession.rank.hygiene import purchased_in
 from insession.schema import ACTIONS
 
@@ -35,6 +36,7 @@ class Shopper:
     session: list[dict[str, Any]]  # session_seq: the current session's events, oldest first
     top_categories: list[str]  # top_categories_15d, most recent first
     at_ms: int  # the instant the features were read at (the engine's watermark)
+    queries: list[str] = field(default_factory=list)  # session_queries: the session's searches, latest first
 
     @property
     def purchased(self) -> set[str]:
@@ -44,7 +46,8 @@ class Shopper:
     @classmethod
     def read(cls, features: FeatureEngine, user_id: str) -> Shopper:
         f = features.read_all("user", user_id)
-        return cls(user_id, f["history_seq"], f["session_seq"], f["top_categories_15d"], features.watermark)
+        return cls(user_id, f["history_seq"], f["session_seq"], f["top_categories_15d"], features.watermark,
+                   f.get(QUERIES) or [])  # a state declared before `session_queries` existed has none
 
 
 def item_counts(features: FeatureEngine, feature: str, items: Sequence[str]) -> list[float]:
@@ -109,6 +112,13 @@ class ItemIndex:
             trained = self.vocab.n_items
             memo.update((i, int(x)) for i, x in zip(ids, found, strict=True) if 0 < x < trained)
         return out
+
+
+def query_tensor(queries: Sequence[str]) -> torch.Tensor:
+    """[1, Q, QUERY_GRAMS] hashed n-grams of the session's queries (Q >= 1: none is one padding row), as
+    training's `assemble_examples` builds them."""
+    rows = Vocab.query_rows(queries)
+    return torch.from_numpy(rows if len(rows) else np.zeros((1, QUERY_GRAMS), np.int64)).unsqueeze(0)
 
 
 def sequence(index: ItemIndex, events: list[dict[str, Any]], max_len: int) -> SeqTensors:

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from insession.model import DualSequenceReranker, Explanation
 from insession.model import Sequence as SeqTensors
-from insession.model.reranker import SIGNALS
+from insession.model.reranker import QUERY_BUCKETS, SIGNALS
+from insession.model.vocab import QUERY_GRAMS
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,8 @@ ONNX_FILE = "serve.onnx"
 EXPORT_TIMEOUT_S = 900.0
 STOP_POLL_S = 0.1  # how often a waiting export looks at its stop event
 _INPUTS = (
-    "h_items", "h_actions", "h_ts", "s_items", "s_actions", "s_ts", "request_ts", "candidates", "counters",
-    "signals",
+    "h_items", "h_actions", "h_ts", "s_items", "s_actions", "s_ts", "request_ts", "surface", "queries",
+    "candidates", "counters", "signals",
 )
 
 
@@ -51,8 +52,9 @@ class _EncodeAndScore(nn.Module):
         self.model = model
 
     def forward(self, hi: Tensor, ha: Tensor, ht: Tensor, si: Tensor, sa: Tensor, st: Tensor, now: Tensor,
-                cands: Tensor, counters: Tensor, signals: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        enc = self.model.encode(SeqTensors(hi, ha, ht), SeqTensors(si, sa, st), now)
+                surface: Tensor, queries: Tensor, cands: Tensor, counters: Tensor,
+                signals: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        enc = self.model.encode(SeqTensors(hi, ha, ht), SeqTensors(si, sa, st), now, surface, queries)
         scores, why = self.model.score(enc, cands, counters, explain=True, signals=signals)  # type: ignore[misc]
         return scores, why.history_attention, why.session_attention, why.gate
 
@@ -76,10 +78,11 @@ def export(model: DualSequenceReranker, path: Path) -> None:
                 torch.arange(length).view(1, -1) * 60_000 + 1_700_000_000_000]
 
     cands = torch.randint(1, n, (1, 7), generator=g)
-    example = (*side(5), *side(3), torch.tensor([1_700_000_600_000]), cands, torch.rand(1, 7, 3, generator=g),
-               torch.rand(1, 7, len(SIGNALS), generator=g))
-    lh, ls, c = (torch.export.Dim(name, min=1, max=4096) for name in ("history", "session", "candidates"))
-    dims = ({1: lh}, {1: lh}, {1: lh}, {1: ls}, {1: ls}, {1: ls}, None, {1: c}, {1: c}, {1: c})
+    queries = torch.randint(0, QUERY_BUCKETS, (1, 2, QUERY_GRAMS), generator=g)
+    example = (*side(5), *side(3), torch.tensor([1_700_000_600_000]), torch.tensor([1]), queries, cands,
+               torch.rand(1, 7, 3, generator=g), torch.rand(1, 7, len(SIGNALS), generator=g))
+    lh, ls, q, c = (torch.export.Dim(name, min=1, max=4096) for name in ("history", "session", "queries", "candidates"))
+    dims = ({1: lh}, {1: lh}, {1: lh}, {1: ls}, {1: ls}, {1: ls}, None, None, {1: q}, {1: c}, {1: c}, {1: c})
     tmp = _temporary(path, os.getpid())
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
@@ -98,7 +101,8 @@ def export(model: DualSequenceReranker, path: Path) -> None:
 
 
 class OnnxScorer:
-    """`scorer(history, session, request_ts, candidates, counters, signals)` -> (scores [C], Explanation) via ORT."""
+    """`scorer(history, session, request_ts, surface, queries, candidates, counters, signals)` -> (scores [C],
+    Explanation) via ORT."""
 
     def __init__(self, artefact_dir: Path, threads: int = 1, stop: threading.Event | None = None) -> None:
         import onnxruntime as ort
@@ -114,10 +118,11 @@ class OnnxScorer:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
-    def __call__(self, history: SeqTensors, session: SeqTensors, request_ts: Tensor, candidates: Tensor,
-                 counters: Tensor, signals: Tensor) -> tuple[np.ndarray, Explanation]:
+    def __call__(self, history: SeqTensors, session: SeqTensors, request_ts: Tensor, surface: Tensor,
+                 queries: Tensor, candidates: Tensor, counters: Tensor,
+                 signals: Tensor) -> tuple[np.ndarray, Explanation]:
         values = (history.items, history.actions, history.ts, session.items, session.actions, session.ts,
-                  request_ts, candidates.view(1, -1), counters.view(1, -1, counters.shape[-1]),
+                  request_ts, surface, queries, candidates.view(1, -1), counters.view(1, -1, counters.shape[-1]),
                   signals.view(1, -1, signals.shape[-1]))
         feed = dict(zip(_INPUTS, values, strict=True))
         scores, wh, ws, gate = self.session.run(None, {k: v.numpy() for k, v in feed.items()})

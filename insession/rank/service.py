@@ -40,7 +40,16 @@ from insession.model.reranker import SIGNALS
 from insession.rank.candidates import CandidateQuotas, PopularItems, propose, sources_for
 from insession.rank.fallback import fallback_ranking
 from insession.rank.hygiene import HygieneRules, apply_hygiene, eligible
-from insession.rank.inputs import ItemIndex, Shopper, counters, covisit_counts, item_counts, sequence, signals
+from insession.rank.inputs import (
+    ItemIndex,
+    Shopper,
+    counters,
+    covisit_counts,
+    item_counts,
+    query_tensor,
+    sequence,
+    signals,
+)
 from insession.rank.onnx import ExportStopped, OnnxScorer
 from insession.schema import MAX_ID_LEN
 
@@ -342,15 +351,16 @@ class Ranker:
     def _warm(self, loaded: _Loaded, onnx: OnnxScorer | None = None) -> None:
         """One pass on a dummy request, so the first real request after a swap pays no warm-up."""
         now_ms = int(time.time() * 1000)
-        shopper = Shopper("", [], [{"item_id": "warm-up", "action": "view", "ts": now_ms}], [], now_ms)
-        self._score(loaded, shopper, ["warm-up"], np.zeros((1, len(COUNTERS)), np.float32),
+        shopper = Shopper("", [], [{"item_id": "warm-up", "action": "view", "ts": now_ms}], [], now_ms, ["warm up"])
+        self._score(loaded, shopper, None, ["warm-up"], np.zeros((1, len(COUNTERS)), np.float32),
                     np.zeros((1, len(SIGNALS)), np.float32), explain=True, onnx=onnx)
 
     def _score(
-        self, loaded: _Loaded, shopper: Shopper, items: list[str], counts: np.ndarray, sigs: np.ndarray,
-        explain: bool, onnx: OnnxScorer | None = None,
+        self, loaded: _Loaded, shopper: Shopper, surface: str | None, items: list[str], counts: np.ndarray,
+        sigs: np.ndarray, explain: bool, onnx: OnnxScorer | None = None,
     ) -> _Scored:
-        """Encode history and session once, score all candidates in one batched pass (ORT when ready)."""
+        """Encode history, session (with its queries) and the request's surface once, score all candidates in
+        one batched pass (ORT when ready)."""
         if self.fault is not None:
             self.fault("model")
         model, index = loaded.artefact.model, loaded.index
@@ -359,11 +369,14 @@ class Ranker:
             history = sequence(index, shopper.history, model.cfg.max_history)
             session = sequence(index, shopper.session, model.cfg.max_session)
             now = torch.tensor([shopper.at_ms])
+            where = torch.from_numpy(loaded.artefact.vocab.surface_index([surface]))
+            queries = query_tensor(shopper.queries)
             cand = torch.from_numpy(index(items))
             if onnx is not None:
-                scores, why = onnx(history, session, now, cand, torch.from_numpy(counts), torch.from_numpy(sigs))
+                scores, why = onnx(history, session, now, where, queries, cand, torch.from_numpy(counts),
+                                   torch.from_numpy(sigs))
                 return scores, why if explain else None
-            enc = model.encode(history, session, now)
+            enc = model.encode(history, session, now, where, queries)
             out = model.score(enc, cand, torch.from_numpy(counts), explain=explain, signals=torch.from_numpy(sigs))
         if explain:
             scores_t, why_t = out  # type: ignore[misc]
@@ -415,7 +428,8 @@ class Ranker:
             raise TimeoutError("deadline passed in the model queue")
         assert job.model is not None and job.shopper is not None
         assert job.counters is not None and job.signals is not None
-        return self._score(job.model, job.shopper, job.items, job.counters, job.signals, job.req.explain)
+        return self._score(job.model, job.shopper, job.req.surface, job.items, job.counters, job.signals,
+                           job.req.explain)
 
     def _validate(self, req: RankRequest) -> tuple[str, int, float]:
         cfg = self.config

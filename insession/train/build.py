@@ -36,8 +36,8 @@ from insession.features import offline
 from insession.features.declare import MINUTE_MS, FeatureRegistry, default_registry
 from insession.log.eventlog import LOG_FILE
 from insession.log.export import HISTORY_GLOB, history_files
-from insession.model.reranker import COUNTERS, SIGNALS, signal_rows
-from insession.model.vocab import Vocab
+from insession.model.reranker import COUNTERS, QUERIES, SIGNALS, signal_rows
+from insession.model.vocab import QUERY_GRAMS, Vocab
 from insession.offline import OfflineEngine, open_engine
 from insession.query.workers import read_tail
 from insession.schema import ACTIONS, EVENT_ARROW_SCHEMA, price_band
@@ -45,6 +45,7 @@ from insession.train.examples import Examples
 from insession.train.pretrain import Stream
 
 SEQUENCES = ("history_seq", "session_seq")
+MODEL_STATE = (*SEQUENCES, QUERIES)  # the user features the model reads at each request
 
 
 @dataclass
@@ -52,7 +53,7 @@ class Proposed:
     """What a `Proposer` answers for requests (one row of `state` and `covisit` per request, in order)."""
 
     proposals: pa.Table  # (g, item_id): the candidate stage's proposals at each request, in proposal order
-    state: pa.Table  # the SEQUENCES features at each request (the stage reads them too)
+    state: pa.Table  # the MODEL_STATE features at each request (the stage reads the sequences too)
     covisit: list[dict[str, dict[str, int]]]  # `session_covisit` at each request
 
 
@@ -244,6 +245,7 @@ def _requests(events: pa.Table) -> pa.Table:
             "ts": atc["ts"],
             "offset": pc.subtract(atc["offset"], 1),  # the state just before the add-to-cart
             "atc_offset": atc["offset"],
+            "surface": atc["surface"],
         }
     )
 
@@ -372,12 +374,20 @@ def assemble_examples(
 ) -> Examples:
     """The columnar examples of the groups in `requests` (columns g ascending, ts).
 
-    state: per request, the `history_seq` and `session_seq` features; cand: (g, item_id, category,
-    subcategory, label) sorted by g; counters: per cand row, in COUNTERS order; covisit: per request, the
-    `session_covisit` lists. Training, evaluation and (row by row) serving build the model's inputs this way.
-    The per-candidate SIGNALS go through `signal_rows` `chunk` requests at a time (bounded memory).
+    requests: g, ts and surface; state: per request, the MODEL_STATE features (a registry without
+    `session_queries` reads as no queries); cand: (g, item_id, category, subcategory, label) sorted by g;
+    counters: per cand row, in COUNTERS order; covisit: per request, the `session_covisit` lists. Training,
+    evaluation and (row by row) serving build the model's inputs this way. The per-candidate SIGNALS go
+    through `signal_rows` `chunk` requests at a time (bounded memory).
     """
-    parts: dict[str, np.ndarray] = {"request_ts": requests["ts"].to_numpy()}
+    parts: dict[str, np.ndarray] = {
+        "request_ts": requests["ts"].to_numpy(),
+        "surface": vocab.surface_index(requests["surface"].to_pylist()),
+    }
+    queries = state[QUERIES].to_pylist() if QUERIES in state.column_names else [None] * requests.num_rows
+    grams = [Vocab.query_rows(q or []) for q in queries]
+    parts["qry_offsets"] = np.concatenate([[0], np.cumsum([len(q) for q in grams])]).astype(np.int64)
+    parts["qry_grams"] = np.concatenate([np.zeros((0, QUERY_GRAMS), np.int64), *grams])
     for name, prefix in zip(SEQUENCES, ("hist", "sess"), strict=True):
         offsets, flat = ragged(state[name])
         parts[f"{prefix}_offsets"] = offsets
@@ -468,7 +478,8 @@ def build(
 
     train_events = con.sql(f"""SELECT item_id, category, subcategory FROM sess_events
                                WHERE ts < {split_ts} ORDER BY off""").to_arrow_table()
-    vocab = Vocab.build(train_events["item_id"], train_events["category"], train_events["subcategory"])
+    vocab = Vocab.build(train_events["item_id"], train_events["category"], train_events["subcategory"],
+                        requests.filter(pc.less(requests["ts"], split_ts))["surface"].to_pylist())
     del train_events
 
     steps.start("hard negatives", "candidates: positives and in-session hard negatives ...")
@@ -495,7 +506,8 @@ def build(
     else:
         steps.start("sequences", f"point-in-time sequences for {len(asked):,} add-to-carts ...")
         state = engine.compute(
-            [registry[n] for n in SEQUENCES], events, requests.take(asked).select(["user_id", "ts", "offset"])
+            [registry[n] for n in MODEL_STATE if n in registry], events,
+            requests.take(asked).select(["user_id", "ts", "offset"]),
         )
         steps.start("co-visitation", "co-visitation of the session items ...")
         covisit = session_covisit(
@@ -570,12 +582,16 @@ def build(
 
 
 def examples_table(examples: Examples) -> pa.Table:
-    """Examples as one row per group: `request_ts` and a list column per ragged array of `Examples` (the
-    same names; counters and signals as lists of fixed-size lists), the form `training-data` writes."""
-    cols: dict[str, pa.Array] = {"request_ts": pa.array(examples.request_ts, pa.int64())}
+    """Examples as one row per group: its per-group values (`request_ts`, `surface`) and a list column per
+    ragged array of `Examples` (the same names; counters, signals and query grams as lists of fixed-size
+    lists), the form `training-data` writes."""
+    cols: dict[str, pa.Array] = {}
     for f in fields(Examples):
         prefix, _, _ = f.name.partition("_")
-        if f.name == "request_ts" or f.name.endswith("_offsets"):
+        if f.name.endswith("_offsets"):
+            continue
+        if not hasattr(examples, f"{prefix}_offsets"):  # one value per group
+            cols[f.name] = pa.array(getattr(examples, f.name), pa.int64())
             continue
         values = getattr(examples, f.name)
         flat = (

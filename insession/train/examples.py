@@ -35,6 +35,9 @@ class Examples:
     cand_labels: np.ndarray  # float32, 1 = carted
     cand_counters: np.ndarray  # [Nc, len(COUNTERS)] float32
     cand_signals: np.ndarray  # [Nc, len(SIGNALS)] float32 (`signal_rows`)
+    surface: np.ndarray  # [G] int64, `Vocab.surface_index` of the request's surface (0: unknown)
+    qry_offsets: np.ndarray  # [G+1] int64: the session's search queries (`session_queries`)
+    qry_grams: np.ndarray  # [Nq, QUERY_GRAMS] int64, `Vocab.query_rows`
 
     def __len__(self) -> int:
         return len(self.request_ts)
@@ -44,11 +47,12 @@ class Examples:
 
     def subset(self, idx: np.ndarray) -> Examples:
         """The groups `idx` (in that order) as a new Examples."""
-        parts: dict[str, np.ndarray] = {"request_ts": self.request_ts[idx]}
+        parts: dict[str, np.ndarray] = {"request_ts": self.request_ts[idx], "surface": self.surface[idx]}
         for prefix, columns in (
             ("hist", ("items", "actions", "ts")),
             ("sess", ("items", "actions", "ts")),
             ("cand", ("items", "labels", "counters", "signals")),
+            ("qry", ("grams",)),
         ):
             off = getattr(self, f"{prefix}_offsets")
             start, end = off[idx], off[idx + 1]
@@ -77,6 +81,7 @@ class Examples:
         ci, cl, cc, cs = pad_ragged(
             self.cand_offsets, (self.cand_items, self.cand_labels, self.cand_counters, self.cand_signals), idx, None
         )
+        (qg,) = pad_ragged(self.qry_offsets, (self.qry_grams,), idx, None)
         return Batch(
             history=Sequence(torch.from_numpy(hi), torch.from_numpy(ha), torch.from_numpy(ht)),
             session=Sequence(torch.from_numpy(si), torch.from_numpy(sa), torch.from_numpy(st)),
@@ -85,6 +90,8 @@ class Examples:
             counters=torch.from_numpy(cc.astype(np.float32)),
             labels=torch.from_numpy(cl.astype(np.float32)),
             signals=torch.from_numpy(cs.astype(np.float32)),
+            surface=torch.from_numpy(self.surface[idx]),
+            queries=torch.from_numpy(qg),
         )
 
 

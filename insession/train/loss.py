@@ -79,7 +79,7 @@ def inbatch_logits(model: DualSequenceReranker, enc: Encoded, batch: Batch, k: i
 
 def hybrid_loss(model: DualSequenceReranker, batch: Batch, weights: LossWeights) -> tuple[Tensor, dict[str, float]]:
     """The training objective for one batch (BCE alone when model.cfg.loss == "bce"); (loss, its parts)."""
-    enc = model.encode(batch.history, batch.session, batch.request_ts)
+    enc = model.encode_batch(batch)
     scores = model.score(enc, batch.candidates, batch.counters, signals=batch.signals).float()  # bf16 under autocast
     mask = batch.candidates != 0
     bce = weighted_bce(scores, batch.labels, mask, batch.counters[..., USER_ITEM], weights.repeat_alpha)

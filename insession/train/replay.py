@@ -27,9 +27,9 @@ from insession.offline import OfflineEngine, open_engine
 from insession.rank.candidates import CandidateQuotas, propose, sources_for
 from insession.rank.hygiene import HygieneRules, eligible
 from insession.schema import Item
-from insession.train.build import SEQUENCES, Proposed, Proposer, pair_counters, ragged, session_covisit
+from insession.train.build import MODEL_STATE, Proposed, Proposer, pair_counters, ragged, session_covisit
 
-USER_FEATURES = ("history_seq", "session_seq", "top_categories_15d", "trending_items_2h")
+USER_FEATURES = (*MODEL_STATE, "top_categories_15d", "trending_items_2h")
 PER_CATEGORY, TOP = 30, 200  # the PopularItems list sizes of the ranking service
 
 
@@ -43,7 +43,7 @@ class CandidateSets:
     """
 
     requests: pa.Table  # split.requests() columns + session_key
-    state: pa.Table  # per request: USER_FEATURES (point-in-time)
+    state: pa.Table  # per request: USER_FEATURES the registry declares (point-in-time)
     lists: list[list[str]]
     positive: np.ndarray
     proposed: np.ndarray  # bool
@@ -137,7 +137,7 @@ def build_candidates(
     say = tqdm.write if progress else (lambda *_: None)
     say(f"point-in-time state for {requests.num_rows:,} requests ...")
     spine = requests.select(["user_id", "ts", "offset"])
-    state = engine.compute([reg[n] for n in USER_FEATURES], events, spine)
+    state = engine.compute([reg[n] for n in USER_FEATURES if n in reg], events, spine)
     sessions = state["session_seq"].to_pylist()
     # a session is keyed by its user and first event (the request itself when the session starts with it)
     ts = requests["ts"].to_numpy()
@@ -239,7 +239,8 @@ def stage_proposer(
             sets = build_candidates(
                 events, catalogue, requests, progress=progress, with_counters=False, engine=engine
             )
-            replayed[key] = Proposed(sets.proposals(), sets.state.select(list(SEQUENCES)), sets.covisit)
+            model_state = [n for n in MODEL_STATE if n in sets.state.column_names]
+            replayed[key] = Proposed(sets.proposals(), sets.state.select(model_state), sets.covisit)
         return replayed[key]
 
     return propose_at

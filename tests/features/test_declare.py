@@ -34,6 +34,7 @@ def test_default_feature_names_are_the_contract() -> None:
         "top_categories_15d",
         "history_seq",
         "session_seq",
+        "session_queries",
         "session_length",
         "session_age",
         "user_item_count_28d",

@@ -163,6 +163,7 @@ def test_unknown_keys_read_empty_and_keys_are_checked() -> None:
         "top_categories_15d": [],
         "history_seq": [],
         "session_seq": [],
+        "session_queries": [],
         "session_length": 0,
         "session_age": None,
     }
@@ -340,3 +341,19 @@ def test_chunked_sweep_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
         for name, agg in theirs.aggs.items():
             assert mine.aggs[name].swept_keys() == agg.swept_keys(), name
     assert _all_reads(chunked, chunked.registry) == _all_reads(engine_with(evs), chunked.registry)
+
+
+def test_session_queries_are_the_session_searches_latest_first() -> None:
+    """The model's query tokens (issue 17): the current session's distinct search queries, latest first;
+    other actions' properties are not queries, and a new session starts empty."""
+
+    def search(off: int, ts: int, query: str, action: str = "search") -> Event:
+        e = ev(off, "u", "a", ts, action)
+        e.properties = {"query": query}
+        return e
+
+    e = engine_with([search(0, T, "red shoes"), search(1, T + 1000, "socks"), search(2, T + 2000, "red shoes"),
+                     search(3, T + 3000, "not a search", action="view")])
+    assert e.read("session_queries", "u") == ["red shoes", "socks"]
+    e.update_many([ev(4, "u", "b", T + 3 * 3_600_000)])  # hours later: a new session
+    assert e.read("session_queries", "u") == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -22,7 +23,8 @@ from insession.model import (
     Vocab,
     signal_rows,
 )
-from insession.model.reranker import COVISIT_DECAY, calendar_fields
+from insession.model.reranker import COVISIT_DECAY, QUERY_BUCKETS, calendar_fields
+from insession.model.vocab import QUERY_GRAMS
 
 T0 = 1_700_000_000_000
 HOUR = 3_600_000
@@ -41,8 +43,19 @@ def tiny_config(**kw: object) -> RerankerConfig:
         max_session=6,
         item_subcat=[-1] + [i % 6 for i in range(30)],
         subcat_cat=[s % 3 for s in range(6)],
+        n_surfaces=4,
     )
     return replace(base, **kw)
+
+
+def random_queries(g: torch.Generator, b: int, counts: list[int], width: int = 3) -> torch.Tensor:
+    """[B, Q, G] hashed n-gram rows: counts[i] real queries in row i (the rest all-padding), each with
+    1..G grams."""
+    q = max(max(counts), 1)
+    grams = torch.randint(1, QUERY_BUCKETS, (b, q, width), generator=g)
+    used = torch.arange(width).view(1, 1, -1) < torch.randint(1, width + 1, (b, q, 1), generator=g)
+    real = (torch.arange(q).view(1, -1) < torch.tensor(counts).view(-1, 1)).unsqueeze(-1)
+    return grams * used * real
 
 
 def random_sequence(g: torch.Generator, b: int, length: int, lengths: list[int], n_items: int) -> Sequence:
@@ -67,6 +80,8 @@ def random_batch(cfg: RerankerConfig, lengths_h: list[int], lengths_s: list[int]
         counters=torch.randint(0, 20, (b, c, len(COUNTERS)), generator=g).float(),
         labels=labels,
         signals=torch.rand(b, c, len(SIGNALS), generator=g),
+        surface=torch.randint(0, cfg.n_surfaces + 1, (b,), generator=g),
+        queries=random_queries(g, b, [i % 3 for i in range(b)]),
     )
 
 
@@ -82,8 +97,9 @@ def test_shapes_and_forward_equals_encode_then_score() -> None:
     scores = m(batch)
     assert scores.shape == (4, 7)
     assert torch.isfinite(scores).all()
-    enc = m.encode(batch.history, batch.session, batch.request_ts)
-    assert enc.history.shape == (4, 12, 16) and enc.session.shape == (4, 6, 16)
+    enc = m.encode(batch.history, batch.session, batch.request_ts, batch.surface, batch.queries)
+    assert batch.queries is not None and batch.queries.shape[1] == 2
+    assert enc.history.shape == (4, 12, 16) and enc.session.shape == (4, 6 + 2, 16)  # events, then queries
     torch.testing.assert_close(m.score(enc, batch.candidates, batch.counters, signals=batch.signals), scores)
 
 
@@ -97,15 +113,24 @@ def test_shapes_and_forward_equals_encode_then_score() -> None:
         {"use_counters": False},
         {"use_time": False},
         {"cold_start": False},
+        {"use_surface": False},
+        {"surface_adapter": False},
+        {"use_queries": False},
     ],
 )
 def test_encode_once_equals_per_candidate_forward(ablation: dict) -> None:
-    """Serving shape: one encode, all candidates scored at once == one full forward pass per candidate."""
+    """Serving shape: one encode, all candidates scored at once == one full forward pass per candidate
+    (with a surface and two search queries among the request's inputs)."""
     cfg = tiny_config(**ablation)
     m = model_for(cfg)
+    with torch.no_grad():  # adapters start at zero: give them weights, so the test can see them
+        for p in m.parameters():
+            if not p.abs().sum():
+                p.normal_(0, 0.1)
     batch = random_batch(cfg, [9], [4], c=20, seed=3)
+    batch = replace(batch, surface=torch.tensor([2]), queries=random_queries(torch.Generator().manual_seed(1), 1, [2]))
     batch.candidates[0, 5] = 40  # a cold item (subcategory row) among them
-    enc = m.encode(batch.history, batch.session, batch.request_ts)
+    enc = m.encode_batch(batch)
     once = m.score(enc, batch.candidates[0], batch.counters[0], signals=batch.signals[0])  # [C] for one request
     assert once.shape == (20,)
     for c in range(20):
@@ -232,7 +257,11 @@ def test_cold_rows_follow_training() -> None:
 
 
 @pytest.mark.parametrize(
-    "ablation", ["shared_encoder", "target_pooling", "learned_gate", "use_counters", "use_time", "cold_start"]
+    "ablation",
+    [
+        "shared_encoder", "target_pooling", "learned_gate", "use_counters", "use_time", "cold_start", "use_surface",
+        "surface_adapter", "use_queries",
+    ],
 )
 def test_every_ablation_trains(ablation: str) -> None:
     cfg = tiny_config(**{ablation: not getattr(RerankerConfig(), ablation)})
@@ -299,3 +328,78 @@ def test_signals_reach_the_head_unless_ablated(use_counters: bool) -> None:
     with_signals = m.score(enc, batch.candidates, batch.counters, signals=batch.signals)
     without = m.score(enc, batch.candidates, batch.counters)
     assert torch.allclose(with_signals, without) != use_counters  # type: ignore[arg-type]
+
+
+def _scores_with(m: DualSequenceReranker, batch: Batch, **inputs: object) -> torch.Tensor:
+    return m(replace(batch, **inputs)).detach()
+
+
+@pytest.mark.parametrize("use_surface", [True, False])
+def test_the_surface_reaches_the_head_unless_ablated(use_surface: bool) -> None:
+    m = model_for(tiny_config(use_surface=use_surface))
+    batch = random_batch(m.cfg, [5, 2], [3, 1])
+    home, cart = (_scores_with(m, batch, surface=torch.tensor([s, s])) for s in (1, 3))
+    assert not torch.allclose(home, cart) if use_surface else torch.equal(home, cart)
+    assert torch.equal(_scores_with(m, batch, surface=None), _scores_with(m, batch, surface=torch.tensor([0, 0])))
+
+
+def test_surface_adapters_start_shared_and_learn_only_their_surface() -> None:
+    """Zero at start (the adapter model scores like the one without), and a batch of surface 2 trains
+    surface 2's adapter rows only."""
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    m = DualSequenceReranker(cfg).train()
+    torch.manual_seed(0)
+    shared = DualSequenceReranker(replace(cfg, surface_adapter=False))
+    shared.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("adapter_")})
+    batch = replace(random_batch(cfg, [5, 3], [2, 4]), surface=torch.tensor([2, 2]))
+    m.eval()
+    shared.eval()
+    torch.testing.assert_close(m(batch), shared(batch))
+    m.train()
+    torch.nn.functional.binary_cross_entropy_with_logits(m(batch), batch.labels).backward()
+    for table in (m.adapter_wide, m.adapter_out):
+        assert table is not None and table.weight.grad is not None
+        grads = table.weight.grad.abs().sum(-1)
+        assert grads[2] > 0 and grads[[0, 1, 3, 4]].sum() == 0
+
+
+@pytest.mark.parametrize("use_queries", [True, False])
+def test_queries_are_tokens_of_the_session_unless_ablated(use_queries: bool) -> None:
+    m = model_for(tiny_config(use_queries=use_queries))
+    batch = random_batch(m.cfg, [5, 2], [3, 0])
+    g = torch.Generator().manual_seed(5)
+    one, other = random_queries(g, 2, [2, 1]), random_queries(g, 2, [2, 1])
+    a, b = _scores_with(m, batch, queries=one), _scores_with(m, batch, queries=other)
+    assert not torch.allclose(a, b) if use_queries else torch.equal(a, b)
+    # no query at all, all-padding queries and an absent input are the same request
+    none = _scores_with(m, batch, queries=None)
+    torch.testing.assert_close(_scores_with(m, batch, queries=torch.zeros(2, 3, QUERY_GRAMS, dtype=torch.long)), none)
+    # padding grams inside a query do not change it
+    padded = torch.cat([one, torch.zeros(2, 2, 4, dtype=torch.long)], -1)
+    torch.testing.assert_close(_scores_with(m, batch, queries=padded), a)
+    if use_queries:  # the queries follow the session's events in the attention; padding ones get none
+        enc = m.encode(batch.history, batch.session, batch.request_ts, batch.surface, one)
+        _, why = m.score(enc, batch.candidates, batch.counters, explain=True)
+        assert why.session_attention.shape == (2, 7, 3 + 2)
+        assert (why.session_attention[1, :, 3 + 1] == 0).all()  # request 1 has one query
+        assert (why.session_attention[1, :, 3] > 0).all()  # an empty session still attends to its query
+        torch.testing.assert_close(why.session_attention.sum(-1), torch.ones(2, 7))
+
+
+def test_query_grams_are_stable_words_and_trigrams() -> None:
+    grams = Vocab.query_grams("Cereals 24")
+    assert grams == Vocab.query_grams("cereals  24!")  # lower-cased, split on non-word characters
+    assert len(grams) == 2 + 7 + 2  # 2 words, then the trigrams of #cereals# (7) and #24# (2)
+    assert all(0 < g < QUERY_BUCKETS for g in grams)
+    assert len(Vocab.query_grams("word " * 40)) == QUERY_GRAMS and Vocab.query_grams(" !? ") == []
+    rows = Vocab.query_rows(["milk", "urban diapers 45"])
+    assert rows.shape == (2, QUERY_GRAMS) and (rows[0, 5:] == 0).all() and (rows[1] > 0).sum() == 3 + 5 + 7 + 2
+
+
+def test_surfaces_index_from_one_and_unknown_is_zero(tmp_path: Path) -> None:
+    vocab = Vocab.build(pa.array(["a"]), pa.array(["X"]), pa.array(["x"]), ["pdp", "home", None, "pdp"])
+    assert vocab.surfaces == ["home", "pdp"] and vocab.config().n_surfaces == 2
+    assert vocab.surface_index(["home", "pdp", "cart", None]).tolist() == [1, 2, 0, 0]
+    vocab.save(tmp_path / "v.json")
+    assert Vocab.load(tmp_path / "v.json").surface_index(["pdp"]).tolist() == [2]

@@ -6,6 +6,7 @@ import asyncio
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,12 +14,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from insession.model import Batch
+from insession.model import Batch, Vocab
 from insession.rank import HygieneRules, RankConfig, Ranker, RankRequest, RankRequestError, fallback_ranking
 from insession.rank.inputs import ItemIndex, Shopper, counters, covisit_counts, item_counts, sequence, signals
 from insession.rank.onnx import ONNX_FILE
 
-from .shop import MINUTE, Shop
+from .shop import MINUTE, SURFACES, Shop
 
 
 def scores_of(resp: object) -> dict[str, float]:
@@ -104,7 +105,7 @@ def test_encode_once_equals_one_full_forward_per_candidate(shop: Shop, ranker: R
     assert served_by.backend_ready(timeout_s=300) == backend
     assert (shop.model_dir / "v1" / ONNX_FILE).exists() == (backend == "onnx")  # exported once, kept
     cands = ["i1", "i3", "i17", "i20", "i33", "i40", "i48", "i60", "i62"]
-    resp = served_by.rank(RankRequest("u0", candidates=cands, k=len(cands), explain=True))
+    resp = served_by.rank(RankRequest("u0", candidates=cands, k=len(cands), explain=True, surface="cart"))
     served_by.close()
     served = scores_of(resp)
     assert ranker._model is not None and resp.fallback is None and set(served) == set(cands)
@@ -116,15 +117,22 @@ def test_encode_once_equals_one_full_forward_per_candidate(shop: Shop, ranker: R
     covisit = covisit_counts(shop.features, shopper.session, served_by.config.quotas.session)
     sigs = torch.from_numpy(signals(shop.catalog, shopper, covisit, cands))
     assert sigs.abs().sum() > 0  # the session's repeat and co-visitation signals reach the model
+    # the surface and the session's query reach the model, as training's examples build them
+    assert shopper.queries == ["s2 sneakers"]
+    surface = torch.from_numpy(ranker._model.artefact.vocab.surface_index(["cart"]))
+    queries = torch.from_numpy(Vocab.query_rows(shopper.queries)).unsqueeze(0)
+    assert int(surface) == 1 + sorted(SURFACES).index("cart")
     with torch.inference_mode():
         for c, item in enumerate(cands):
             batch = Batch(history, session, torch.tensor([shopper.at_ms]),
                           torch.from_numpy(index([item])).view(1, 1), counts[c].view(1, 1, -1),
-                          torch.zeros(1, 1), sigs[c].view(1, 1, -1))
+                          torch.zeros(1, 1), sigs[c].view(1, 1, -1), surface, queries)
             naive = float(model(batch)[0, 0])
             assert served[item] == pytest.approx(naive, abs=1e-5)
+            home = float(model(replace(batch, surface=surface - 1))[0, 0])
+            assert home != pytest.approx(naive, abs=1e-4)  # another surface scores otherwise
     # the explanations (attention weights, gate) agree between the backends too
-    eager = ranker.rank(RankRequest("u0", candidates=cands, k=len(cands), explain=True)).explanations
+    eager = ranker.rank(RankRequest("u0", candidates=cands, k=len(cands), explain=True, surface="cart")).explanations
     assert resp.explanations is not None and eager is not None
     for a, b in zip(resp.explanations, eager, strict=True):
         assert a.item_id == b.item_id and a.session_weight == pytest.approx(b.session_weight, abs=1e-5)

@@ -18,10 +18,11 @@ def ragged(lengths: list[int], start: int) -> tuple[np.ndarray, np.ndarray]:
     return offsets, np.arange(start, start + offsets[-1], dtype=np.int64)
 
 
-def make_examples(hist: list[int], sess: list[int], cands: list[int]) -> Examples:
+def make_examples(hist: list[int], sess: list[int], cands: list[int], queries: list[int] | None = None) -> Examples:
     ho, hv = ragged(hist, 1)
     so, sv = ragged(sess, 1000)
     co, cv = ragged(cands, 5000)
+    qo, qv = ragged(queries or [0] * len(hist), 1)
     labels = np.zeros(len(cv), np.float32)
     labels[co[:-1][np.array(cands) > 0]] = 1
     return Examples(
@@ -39,12 +40,19 @@ def make_examples(hist: list[int], sess: list[int], cands: list[int]) -> Example
         cand_labels=labels,
         cand_counters=np.stack([cv, cv * 2, cv * 3], 1).astype(np.float32),
         cand_signals=np.stack([cv * k for k in range(1, len(SIGNALS) + 1)], 1).astype(np.float32),
+        surface=np.arange(len(hist), dtype=np.int64) % 3,
+        qry_offsets=qo,
+        qry_grams=np.stack([qv, qv + 100, np.zeros_like(qv)], 1) if len(qv) else np.zeros((0, 3), np.int64),
     )
 
 
 def test_collate_pads_right_and_keeps_the_most_recent() -> None:
-    ex = make_examples([3, 0, 7], [1, 2, 0], [2, 3, 1])
+    ex = make_examples([3, 0, 7], [1, 2, 0], [2, 3, 1], queries=[2, 0, 1])
     b = ex.collate(np.array([2, 0, 1]), RerankerConfig(max_history=5, max_session=4))
+    assert b.surface is not None and b.surface.tolist() == [2, 0, 1]
+    # queries: [B, Q, G], every query of a group (no truncation), padded with empty (all-zero) queries
+    assert b.queries is not None and b.queries.tolist() == [
+        [[3, 103, 0], [0, 0, 0]], [[1, 101, 0], [2, 102, 0]], [[0, 0, 0], [0, 0, 0]]]
     assert b.history.items.tolist() == [[6, 7, 8, 9, 10], [1, 2, 3, 0, 0], [0, 0, 0, 0, 0]]  # last 5 of 7
     assert b.session.items.tolist() == [[0, 0], [1000, 0], [1001, 1002]]
     assert b.history.ts[0].tolist() == [42, 49, 56, 63, 70]
@@ -58,7 +66,7 @@ def test_collate_pads_right_and_keeps_the_most_recent() -> None:
 
 
 def test_subset_and_roundtrip(tmp_path: Path) -> None:
-    ex = make_examples([3, 0, 7, 2], [1, 2, 0, 1], [2, 3, 1, 2])
+    ex = make_examples([3, 0, 7, 2], [1, 2, 0, 1], [2, 3, 1, 2], queries=[1, 0, 2, 3])
     sub = ex.subset(np.array([3, 1]))
     cfg = RerankerConfig()
     whole = ex.collate(np.array([3, 1]), cfg)
@@ -69,6 +77,8 @@ def test_subset_and_roundtrip(tmp_path: Path) -> None:
         (whole.counters, part.counters),
         (whole.signals, part.signals),
         (whole.session.ts, part.session.ts),
+        (whole.surface, part.surface),
+        (whole.queries, part.queries),
     ):
         assert a.tolist() == b.tolist()
     ex.save(tmp_path / "ex.npz")
