@@ -236,3 +236,13 @@ def test_a_full_disk_refuses_item_upserts_with_507_stores_nothing_and_recovers(s
     finally:
         db.close()
     assert _stored(data) == acked  # every acknowledged item on disk, nothing of a refused attempt
+
+
+def test_training_reads_a_data_dir_before_its_first_export(tmp_path: Path) -> None:
+    """No history/ yet (nothing exported): every acknowledged event is in the log, and training reads it."""
+    data = tmp_path / "data"
+    with insession.open(data, maintenance_interval_s=None) as db:
+        db.insert("events", _events(12))
+        assert not (data / "history").exists()
+        events = load_events(data)
+    assert sorted(events["offset"].to_pylist()) == list(range(12))

@@ -131,11 +131,11 @@ def load_events(path: Path) -> pa.Table:
             items = items.append_column("subcategory", pa.nulls(items.num_rows, pa.string()))
         return as_history(pq.read_table(path / EVENTS_FILE), items)
     if path.is_dir():
+        # the data dir's log sits beside its history/, which is absent until the first export
+        log_file = (path.parent if path.name == "history" else path) / LOG_FILE
         path = path / "history" if (path / "history").is_dir() else path
         files = history_files(path)  # as analytics reads it: never a temporary or a `_quarantine/` file
-        log_file = path.parent / LOG_FILE
-        has_log = path.name == "history" and log_file.exists()
-        tail = read_tail(str(log_file)) if has_log else EVENT_ARROW_SCHEMA.empty_table()
+        tail = read_tail(str(log_file)) if log_file.exists() else EVENT_ARROW_SCHEMA.empty_table()
         if not files and not tail.num_rows:
             raise FileNotFoundError(f"no history part files ({HISTORY_GLOB}) under {path}")
         table = pa.concat_tables([EVENT_ARROW_SCHEMA.empty_table(),
