@@ -23,10 +23,13 @@ from insession.embedded import Insession
 from insession.model import Batch, DualSequenceReranker, Sequence, Vocab
 from insession.model.artefact import new_version, save_artefact
 from insession.model.reranker import SIGNALS
+from insession.rank.inputs import query_tensor
 from insession.rank.onnx import ONNX_FILE, OnnxScorer, export
 from insession.serve.process import ServerProcess
 
 N_CANDIDATES, N_HISTORY, N_SESSION = 60, 100, 20
+SURFACES = ("home", "search", "pdp", "cart", "checkout")
+QUERIES = ("urban running shoes", "running shoes 42", "socks")  # the session's searches, latest first
 ENCODE_ONCE, NAIVE = "encode once, eager PyTorch", "naive: one full eager forward per candidate"
 ENCODE_ONCE_ORT = "encode once, ONNX Runtime"
 HOUR_MS = 3_600_000
@@ -36,7 +39,7 @@ def _model(n_items: int, seed: int = 0) -> tuple[DualSequenceReranker, Vocab]:
     """The default model (randomly initialised, seeded) over a vocabulary of n_items in 40 subcategories."""
     ids = [f"i{n}" for n in range(n_items)]
     cats = pa.array([f"c{n % 8}" for n in range(n_items)])
-    vocab = Vocab.build(pa.array(ids), cats, pa.array([f"s{n % 40}" for n in range(n_items)]))
+    vocab = Vocab.build(pa.array(ids), cats, pa.array([f"s{n % 40}" for n in range(n_items)]), SURFACES)
     torch.manual_seed(seed)
     # max_history covers the whole 100-event history (the default config keeps the last 50)
     return DualSequenceReranker(vocab.config(max_history=N_HISTORY, max_session=N_SESSION)).eval(), vocab
@@ -57,6 +60,11 @@ def _request(vocab: Vocab, rng: np.random.Generator) -> tuple[Sequence, Sequence
     return side(N_HISTORY, 24 * 30), side(N_SESSION, 0.5), torch.tensor([now]), cands, counters
 
 
+def _request_context(vocab: Vocab) -> tuple[torch.Tensor, torch.Tensor]:
+    """The request's surface and its session's search queries, as the service builds them."""
+    return torch.from_numpy(vocab.surface_index(["search"])), query_tensor(QUERIES)
+
+
 def _time(fn: object, n: int, desc: str) -> list[float]:
     out = []
     for _ in tqdm(range(n), desc=desc, leave=False):
@@ -70,16 +78,18 @@ def model_latency(quick: bool) -> str:
     model, vocab = _model(20_000)
     rng = np.random.default_rng(0)
     history, session, now, cands, counters = _request(vocab, rng)
+    surface, queries = _request_context(vocab)
     signals = torch.rand(N_CANDIDATES, len(SIGNALS), generator=torch.Generator().manual_seed(0))
     n_fast, n_naive = (200, 10) if quick else (3_000, 100)
 
     def encode_once() -> torch.Tensor:
-        enc = model.encode(history, session, now)
+        enc = model.encode(history, session, now, surface, queries)
         return model.score(enc, cands, counters, signals=signals)  # type: ignore[return-value]
 
     def naive() -> list[torch.Tensor]:  # one full forward (both encoders + scoring) per candidate
         return [model(Batch(history, session, now, cands[c].view(1, 1), counters[c].view(1, 1, -1),
-                            torch.zeros(1, 1), signals[c].view(1, 1, -1))) for c in range(N_CANDIDATES)]
+                            torch.zeros(1, 1), signals[c].view(1, 1, -1), surface, queries))
+                for c in range(N_CANDIDATES)]
 
     with tempfile.TemporaryDirectory() as tmp:
         print("bench_rank: exporting the model to ONNX")
@@ -87,7 +97,7 @@ def model_latency(quick: bool) -> str:
         onnx = OnnxScorer(Path(tmp), threads=1)
 
     def encode_once_ort() -> np.ndarray:
-        return onnx(history, session, now, cands, counters, signals)[0]
+        return onnx(history, session, now, surface, queries, cands, counters, signals)[0]
 
     rows = []
     results: dict[str, dict[str, float]] = {}
@@ -111,7 +121,8 @@ def model_latency(quick: bool) -> str:
     ratio = [[name, slow_p["p50"] / results[f"{name}/1"]["p50"], slow_p["p99"] / results[f"{name}/1"]["p99"]]
              for name in (ENCODE_ONCE_ORT, ENCODE_ONCE)]
     return "\n\n".join([
-        f"### Model only: {N_CANDIDATES} candidates, {N_HISTORY}-event history, {N_SESSION}-event session",
+        f"### Model only: {N_CANDIDATES} candidates, {N_HISTORY}-event history, {N_SESSION}-event session, "
+        f"{len(QUERIES)} search queries, a surface",
         f"Default model (dim {model.cfg.dim}, {model.cfg.n_layers} layer(s) per encoder, "
         f"{model.cfg.n_heads} heads, {vocab.n_items - 1:,} items), CPU. Eager PyTorch runs under "
         "torch.inference_mode; ONNX Runtime runs the same encode-once graph exported with torch.export (the "
