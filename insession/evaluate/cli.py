@@ -22,6 +22,20 @@ def write_section(doc: Path, name: str, body: str) -> None:
     doc.write_text(text)
 
 
+def _ablations(on: bool, only: str) -> tuple[str, ...]:
+    """The reranker rows to train: the full model, then every ablation or the named ones (in ABLATIONS)."""
+    from insession.evaluate.runner import ABLATIONS
+
+    names = [n for n in only.split(",") if n]
+    unknown = sorted(set(names) - set(ABLATIONS))
+    if unknown:
+        raise typer.BadParameter(f"unknown ablation(s) {unknown}; choose from {', '.join(ABLATIONS)}",
+                                 param_hint="--only-ablations")
+    if not on:
+        return ("reranker",)
+    return tuple(n for n in ABLATIONS if n == "reranker" or not names or n in names)
+
+
 def evaluate(
     dataset: Annotated[
         str,
@@ -44,6 +58,9 @@ def evaluate(
     lr: Annotated[float, typer.Option(help="Reranker learning rate (--no-tune).")] = 2e-3,
     dropout: Annotated[float, typer.Option(help="Reranker dropout (--no-tune).")] = 0.1,
     ablations: Annotated[bool, typer.Option(help="Train every ablation (else the full reranker only).")] = True,
+    only_ablations: Annotated[
+        str, typer.Option(help="With --ablations: train these ablations only (comma list of names; '' for all).")
+    ] = "",
     neural: Annotated[
         bool, typer.Option(help="Train SASRec, DIN and BST on the reranker's add-to-cart groups (the *_groups rows).")
     ] = True,
@@ -97,7 +114,7 @@ def evaluate(
     from insession.evaluate.data import Dataset, load_real, load_synthetic
     from insession.evaluate.neural import MODELS
     from insession.evaluate.report import render
-    from insession.evaluate.runner import ABLATIONS, PRETRAIN_VARIANTS, RERANKER_GRID, EvalConfig, run
+    from insession.evaluate.runner import PRETRAIN_VARIANTS, RERANKER_GRID, EvalConfig, run
     from insession.evaluate.sequential import SEQ_GRID, SeqConfig
     from insession.evaluate.split import earlier_window
     from insession.train.pretrain import PretrainConfig
@@ -113,7 +130,7 @@ def evaluate(
         epochs=epochs,
         neural_epochs=neural_epochs,
         grid=RERANKER_GRID if tune else ({"dim": dim, "lr": lr, "dropout": dropout},),
-        ablations=tuple(ABLATIONS) if ablations else ("reranker",),
+        ablations=_ablations(ablations, only_ablations),
         neural=tuple(MODELS) if neural else (),
         sequential=tuple(s for s in sequential.split(",") if s),
         seq=SeqConfig(max_epochs=seq_epochs),
@@ -137,7 +154,8 @@ def evaluate(
         f"insession evaluate {dataset} --seeds {seeds} --epochs {epochs} --neural-epochs {neural_epochs} "
         + ("--tune " if tune else f"--no-tune --dim {dim} --lr {lr} --dropout {dropout} ")
         + f"{'--ablations' if ablations else '--no-ablations'} "
-        f"{'--neural' if neural else '--no-neural'} --sequential '{sequential}' "
+        + (f"--only-ablations '{only_ablations}' " if ablations and only_ablations else "")
+        + f"{'--neural' if neural else '--no-neural'} --sequential '{sequential}' "
         + ("--seq-tune " if seq_tune else f"--no-seq-tune --seq-dropout {seq_dropout} --seq-lr {seq_lr} ")
         + f"--seq-epochs {seq_epochs} --seq-seeds {seq_seeds} {'--seq-refit' if seq_refit else '--no-seq-refit'} "
         + (f"--pretraining --pretrain-epochs {pretrain_epochs} --pretrain-lr {pretrain_lr} " if pretraining else "")
