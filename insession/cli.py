@@ -8,6 +8,7 @@ import typer
 
 from insession.datasets.cli import generate, import_
 from insession.evaluate.cli import evaluate
+from insession.evaluate.prequential import prequential
 from insession.train.cli import train, training_data
 
 app = typer.Typer(help="insession: real-time in-session personalisation.", no_args_is_help=True,
@@ -17,6 +18,7 @@ app.command("import")(import_)
 app.command("train")(train)
 app.command("training-data")(training_data)
 app.command("evaluate")(evaluate)
+app.command("prequential")(prequential)
 
 
 @app.command()

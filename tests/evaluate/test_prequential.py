@@ -1,0 +1,120 @@
+"""The prequential replay (`insession.evaluate.prequential`) on a tiny realistic shop: the windows partition
+the test period, the three arms score the same requests with the same candidate lists, the frozen arm's
+model is never updated while the continuous one is, and the report and plot are written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from insession.evaluate.prequential import (
+    ARMS,
+    DAY_MS,
+    HOUR_MS,
+    PrequentialConfig,
+    PrequentialResult,
+    make_windows,
+    mark_shifts,
+    plot,
+    report,
+    run,
+    window_index,
+)
+from insession.model.artefact import versions
+
+TINY = PrequentialConfig(
+    users=40,
+    items=1500,
+    days=4,
+    seed=3,
+    test_days=2,
+    window_hours=12,
+    epochs=1,
+    dim=16,
+    item2vec_epochs=1,
+    update_epochs=1,
+    min_new=2,
+    n_boot=50,
+    threads=1,
+)
+
+
+@pytest.fixture(scope="module")
+def replay(tmp_path_factory: pytest.TempPathFactory) -> tuple[PrequentialResult, Path]:
+    work = tmp_path_factory.mktemp("prequential")
+    return run(TINY, workdir=work, say=lambda _: None), work
+
+
+def test_windows_partition_the_test_period() -> None:
+    end = 1_788_220_800_000 + 4 * DAY_MS
+    ws = make_windows(end, 2, 12)
+    assert len(ws) == 4 and ws[0].start == end - 2 * DAY_MS and ws[-1].end == end
+    assert all(a.end == b.start for a, b in zip(ws, ws[1:], strict=False))
+    assert [w.day for w in ws] == [0, 0, 1, 1]
+    ts = np.array([ws[0].start - 1, ws[0].start, ws[1].start - 1, ws[1].start, end - 1, end])
+    assert window_index(ts, ws).tolist() == [-1, 0, 0, 1, 3, -1]
+    with pytest.raises(ValueError):
+        make_windows(end, 2, 7)  # 7 h windows would straddle days
+    trends = pa.table(
+        {
+            "kind": ["subcategory", "item"],
+            "id": ["milk_01", "i1"],
+            "start_ms": [ws[2].start + HOUR_MS, ws[0].start],
+            "peak_ms": [ws[2].start + 23 * HOUR_MS, ws[0].start + DAY_MS],
+            "boost": [3.0, 40.0],
+        }
+    )
+    marked = mark_shifts(ws, trends)  # item trends mark no window
+    # started after day 2's cut, before window 4 starts: the update at window 4 saw it, day 2's model did not
+    assert [w.shifts for w in marked] == [(), (), (), ("milk_01",)]
+    assert [bool(w.rising) for w in marked] == [False, False, True, True]  # its rise overlaps windows 3 and 4
+
+
+def test_the_arms_score_the_same_requests_and_the_frozen_model_is_never_updated(
+    replay: tuple[PrequentialResult, Path],
+) -> None:
+    res, work = replay
+    n = res.requests.num_rows
+    assert n > 0
+    # every test add-to-cart lies in exactly one window, inside it
+    ts = res.requests["ts"].to_numpy()
+    starts = np.array([w.start for w in res.windows])[res.window]
+    ends = np.array([w.end for w in res.windows])[res.window]
+    assert ((ts >= starts) & (ts < ends)).all()
+    assert ts.min() >= res.windows[0].start and ts.max() < res.windows[-1].end
+    # the three arms scored the same requests, window by window, on the same candidate lists
+    for arm in ARMS:
+        assert res.scored[arm].tolist() == res.scored["frozen"].tolist()
+        assert sorted(res.scored[arm].tolist()) == list(range(n))
+        assert len(res.scores[arm]) == n
+        assert res.scores[arm].n_candidates.tolist() == res.scores["frozen"].n_candidates.tolist()
+        assert len(res.served[arm]) == len(res.windows)
+    # frozen: one version for every window, its directory byte-identical before and after
+    assert len(set(res.served["frozen"])) == 1
+    assert res.frozen_versions[0] == res.frozen_versions[1] == [res.served["frozen"][0]]
+    assert res.frozen_files[0] == res.frozen_files[1]
+    assert [v.name for v in versions(work / "frozen")] == res.frozen_versions[0]
+    # daily: the frozen model on day 1, a model retrained from scratch on day 2
+    assert res.served["daily"][:2] == res.served["frozen"][:2]
+    assert res.served["daily"][2] == res.served["daily"][3] != res.served["frozen"][0]
+    # continuous: one update per window from the frozen copy; its first window already had new data
+    assert len(res.updates) == len(res.windows)
+    assert res.updates[0]["base"] == res.served["frozen"][0]
+    assert any(u["outcome"] != "skipped" for u in res.updates)
+    promoted = [u["candidate"] for u in res.updates if u["outcome"] == "promoted"]
+    assert set(promoted) <= set(res.served["continuous"])
+    # day 1: frozen and daily are the same model, so they score alike
+    day1 = res.window < 2
+    assert np.allclose(res.scores["frozen"].ndcg10[day1], res.scores["daily"].ndcg10[day1])
+
+
+def test_report_and_plot(replay: tuple[PrequentialResult, Path], tmp_path: Path) -> None:
+    res, _ = replay
+    text = report(res, "insession prequential --users 40", "img/prequential.png")
+    assert text.count("\n| ") >= len(res.windows) + 7
+    assert "continuous - daily" in text and "unchanged" in text
+    plot(res, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 10_000
