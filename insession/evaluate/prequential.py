@@ -33,7 +33,9 @@ Protocol (`run`; docs/continuous.md, "Prequential replay"):
   start. Differences are reported on both splits.
 
 The CLI (`insession prequential`) runs it on a seeded realistic shop, prints progress, writes the plot
-(`--plot`) and, with `--doc`, its results section into a Markdown file.
+(`--plot`) and, with `--doc`, its results section into a Markdown file; with `--workdir` it keeps the model
+directories and the result (`result.pkl`), and `--pool DIR --pool DIR ...` pools saved runs' paired
+differences (`pooled_difference`: several shops or seeds, sessions kept distinct) without running anything.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ import pyarrow.compute as pc
 import typer
 
 from insession.evaluate.data import Dataset, load_synthetic
-from insession.evaluate.metrics import Estimate, PerRequest, bootstrap, paired_difference, score_requests
+from insession.evaluate.metrics import Estimate, Pairs, PerRequest, bootstrap, paired_difference, score_requests
 from insession.evaluate.neural import score_examples
 from insession.evaluate.split import TimeSplit, before, requests
 from insession.model.artefact import Artefact, load_artefact, versions
@@ -538,6 +540,51 @@ def report(res: PrequentialResult, command: str, plot_path: str | None = None) -
     return "\n".join(lines)
 
 
+def pooled_difference(
+    results: list[PrequentialResult],
+    a: str,
+    b: str,
+    mask: Callable[[PrequentialResult], np.ndarray],
+    n_boot: int = 1000,
+) -> tuple[int, Estimate]:
+    """Arm a - arm b over the masked requests of several runs (different shops or seeds) pooled: (requests,
+    mean difference with a paired session-bootstrap 95% interval; sessions stay distinct across runs)."""
+    deltas, sessions = [], []
+    for k, res in enumerate(results):
+        m = mask(res)
+        deltas.append(res.scores[a].ndcg10[m] - res.scores[b].ndcg10[m])
+        sessions.append(np.char.add(f"{k}:", res.scores[a].session[m].astype(str)))
+    delta, session = np.concatenate(deltas), np.concatenate(sessions)
+    zero = np.zeros(len(delta))
+    empty = Pairs(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+    per_a = PerRequest(delta, zero, zero, zero, session, session, zero, empty)
+    per_b = PerRequest(zero, zero, zero, zero, session, session, zero, empty)
+    return len(delta), paired_difference(per_a, per_b, "ndcg10", n_boot, 0)
+
+
+def pooled_report(results: list[PrequentialResult], n_boot: int = 1000) -> str:
+    """The paired differences of `summary_rows`' first subsets over several runs pooled (`pooled_difference`),
+    as a Markdown table."""
+    names = [r.dataset for r in results]
+    lines = [
+        f"Pooled over {', '.join(f'`{n}`' for n in names)}:",
+        "",
+        "| requests | n | continuous - daily | continuous - frozen | daily - frozen |",
+        "|---|---|---|---|---|",
+    ]
+    subsets: list[tuple[str, Callable[[PrequentialResult], np.ndarray]]] = [
+        ("all test add-to-carts", lambda r: np.ones(len(r.window), bool)),
+        ("windows after a trend shift", lambda r: r.post_shift_mask()),
+        ("the other windows", lambda r: ~r.post_shift_mask()),
+        ("after the first day (daily retrained)", lambda r: r.window >= 24 // r.config.window_hours),
+        ("proposed view", lambda r: r.proposed),
+    ]
+    for name, mask in subsets:
+        cells = [pooled_difference(results, a, b, mask, n_boot) for a, b in PAIRS]
+        lines.append(f"| {name} | {cells[0][0]:,} | " + " | ".join(_f(e) for _, e in cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(res: PrequentialResult, path: Path) -> None:
     """NDCG@10 per window and arm (session-bootstrap 95% intervals) above the paired differences per window;
     subcategory trends' starts (solid) and peaks (dotted) as vertical lines, windows after a shift shaded,
@@ -661,12 +708,23 @@ def prequential(
     ] = None,
     workdir: Annotated[Path | None, typer.Option(help="Keep the model directories here (default: temporary).")] = None,
     bars: Annotated[bool, typer.Option(help="Show the inner steps' progress bars.")] = False,
+    pool: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Run nothing: pool the saved results of these --workdir runs (repeatable) and print the "
+            "paired differences over them."
+        ),
+    ] = None,
 ) -> None:
     """Prequential replay on the realistic shop: a frozen model, a daily retrain and continuous updates
     (`insession train --follow`'s update), NDCG@10 per window with paired session-bootstrap intervals, and a
     plot with the trend shifts marked (docs/continuous.md)."""
+    import pickle
     import sys
 
+    if pool:
+        typer.echo(pooled_report([pickle.loads((p / "result.pkl").read_bytes()) for p in pool], n_boot))
+        return
     cfg = PrequentialConfig(
         users=users,
         items=items,

@@ -19,6 +19,8 @@ from insession.evaluate.prequential import (
     make_windows,
     mark_shifts,
     plot,
+    pooled_difference,
+    pooled_report,
     report,
     run,
     window_index,
@@ -118,3 +120,8 @@ def test_report_and_plot(replay: tuple[PrequentialResult, Path], tmp_path: Path)
     assert "continuous - daily" in text and "unchanged" in text
     plot(res, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 10_000
+    # two runs pooled: the requests of both, the same mean difference as each
+    n, pooled = pooled_difference([res, res], "continuous", "daily", lambda r: np.ones(len(r.window), bool), 50)
+    assert n == 2 * res.requests.num_rows
+    assert pooled.value == pytest.approx(res.difference("continuous", "daily").value)
+    assert "windows after a trend shift" in pooled_report([res, res], 50)
