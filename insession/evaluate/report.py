@@ -204,8 +204,27 @@ def render(res: Results, img_dir: Path, img_prefix: str) -> str:
                     cells.append(str(bootstrap(sub, min(cfg.n_boot, 300), seed=0)["ndcg10"]) if len(sub) else "-")
                 L.append(f"| {n} | " + " | ".join(cells) + " |")
             L.append("")
+            if seg == "surface":
+                L += _every_metric_by_surface(res, pooled, names[:4], labels)
     L += _plots(res, est, pooled, img_dir, img_prefix)
     return "\n".join(L)
+
+
+def _every_metric_by_surface(res: Results, pooled: dict, names: list[str], labels: np.ndarray) -> list[str]:
+    """Every metric on each surface's requests for the leading methods (issue 17: aggregates hide a
+    surface's regression)."""
+    L = [
+        "**every metric by surface** (proposed view, 95% CI)",
+        "",
+        "| method | surface | n | " + " | ".join(METRICS) + " |",
+        "|---" * (len(METRICS) + 3) + "|",
+    ]
+    for n in names:
+        for v in sorted(set(labels.tolist())):
+            sub = pooled[n][1]["proposed"].subset(labels == v)
+            b = bootstrap(sub, min(res.config.n_boot, 300), seed=0)
+            L.append(f"| {n} | {v} | {len(sub)} | " + " | ".join(str(b[m]) for m in METRICS) + " |")
+    return [*L, ""]
 
 
 def _ablations_by_surface(res: Results, pooled: dict, abl: list[str]) -> list[str]:

@@ -98,6 +98,12 @@ def test_run_and_report(shop: Dataset, tmp_path: Path) -> None:
     pre = next(m for m in res.methods if m.name == "pretrained")
     assert pre.kind == "pretraining" and pre.params["pretrain_epochs"] == 1 and pre.params["pretrain_loss"] > 0
     assert "### Pre-training on every interaction (issue 20)" in body and "| pretrained_no_item2vec |" in body
+    # issue 17: each ablation's paired difference, and every metric, on each surface's requests
+    surfaces = sorted(set(res.segments["surface"].tolist()))
+    assert "### Ablations by surface" in body and "| no_counters | " in body.split("### Ablations by surface")[1]
+    by_surface = body.split("**every metric by surface**")[1].split("\n\n")[1]
+    assert "| ndcg10 | hr10 | mrr | auc | gauc |" in by_surface
+    assert all(f"| reranker | {v} |" in by_surface for v in surfaces)
     assert "**Reranker with pre-training vs the strongest other method, proposed view" in body
     assert (tmp_path / "img" / "eval_tiny_ndcg.png").stat().st_size > 0
     doc = tmp_path / "evaluation.md"
