@@ -125,3 +125,21 @@ def test_report_and_plot(replay: tuple[PrequentialResult, Path], tmp_path: Path)
     assert n == 2 * res.requests.num_rows
     assert pooled.value == pytest.approx(res.difference("continuous", "daily").value)
     assert "windows after a trend shift" in pooled_report([res, res], 50)
+
+
+def test_the_command_is_registered_pools_saved_runs_and_refuses_bad_windows(
+    replay: tuple[PrequentialResult, Path], tmp_path: Path
+) -> None:
+    import pickle
+
+    from typer.testing import CliRunner
+
+    from insession.cli import app
+
+    res, _ = replay
+    (tmp_path / "result.pkl").write_bytes(pickle.dumps(res))
+    out = CliRunner().invoke(app, ["prequential", "--pool", str(tmp_path), "--n-boot", "50"])
+    assert out.exit_code == 0, out.output
+    assert "windows after a trend shift" in out.output and res.dataset in out.output
+    bad = CliRunner().invoke(app, ["prequential", "--window-hours", "7"])
+    assert bad.exit_code == 2 and "window_hours" in bad.output
