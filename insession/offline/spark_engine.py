@@ -16,17 +16,16 @@ The rules are the DuckDB engine's (`insession.features.offline`), restated with 
 - last / last_n over sliding, unbounded and before-session windows: the k latest visible events are among
   the events of that short tail and the k latest with ts < cut, whose ranks (per key, by ts then offset)
   end at the rank an as-of join finds; they are joined on (key, bucket of k ranks).
-- A global sliding topk_count (the 2-hour trending list: every key's events share one window) counts a
-  shortlist of values per row from running counts per value (`_top`, DuckDB's `_top_sliding` restated)
-  once a chunk's range join would read more than `SparkEngine.top_above` (row, event) pairs; below that
-  the range join is cheaper (measured: see `top_above`). Both are exact.
+- Sliding topk_count and covisit (the 2-hour trending list, where every key's events share one window;
+  co-visitation per item) count a shortlist of values per row from running counts per value (`_top`,
+  DuckDB's `_top_sliding` restated) once a chunk's range join would read more than
+  `SparkEngine.top_above` (row, event) pairs; below that the range join is cheaper: sparse counts (most 1
+  or 2) keep nearly every value in the shortlist, whose as-of lookups then cost more than the join
+  (measured: see `top_above`). Both are exact.
 - Everything else (distinct_topk, topk_count, age, covisit, session windows) joins each row with its
   key's events inside its window: sliding windows on (key, bucket of the window's length, at most two
   per row), session windows on (user, session). Unbounded distinct_topk / topk_count / age read the key's
-  whole history (no default feature uses one; the DuckDB engine does the same). Keyed top-k lists
-  (co-visitation per item) stay range joins: their counts are sparse (most 1 or 2), so a shortlist keeps
-  nearly every value and its as-of lookups cost more than the join (measured at 100k synthetic events:
-  81 s of JVM CPU with the shortlist against 59 s with the join).
+  whole history (no default feature uses one; the DuckDB engine does the same).
 - The prepared history (watermarks, accepted events, sessions) stays cached between calls on the same
   Arrow table (`_prepared`): the training-data build asks one engine four times about one history.
 
@@ -119,8 +118,8 @@ def _keys(f: Feature) -> list[str]:
 def _method(f: Feature) -> str:
     if f.agg in ("count", "counts_by_action", "sum") and f.window.kind in ("unbounded", "sliding"):
         return "running"
-    if f.agg == "topk_count" and f.window.kind == "sliding" and not _keys(f):
-        return "top"  # a global list: its window holds every key's events (see `SparkEngine._top`)
+    if f.agg in ("topk_count", "covisit") and f.window.kind == "sliding":
+        return "top"  # or the range join of `_window`, chunk by chunk: see `SparkEngine.top_above`
     if f.agg in ("last", "last_n") and f.window.kind in ("unbounded", "sliding", "before_session"):
         return "latest"
     return "window"
@@ -140,10 +139,13 @@ class SparkEngine(OfflineEngine):
     """The offline engine on Spark; `master` any Spark master URL, or pass a `session` already made."""
 
     name = "spark"
-    # A global top-k list uses `_top`'s shortlist when a chunk's range join would read more (row, event)
-    # pairs than this (its spine rows x the mean events per window); below it the plain join is cheaper:
-    # at 100k synthetic events (10.5k requests x ~600 events per 2 hours) the join took 69 s of JVM CPU
-    # for the candidate stage's state and the shortlist 138 s, while at 5M events the join would read
+    # A sliding top-k list (topk_count, covisit) uses `_top`'s shortlist when a chunk's range join would
+    # read more (row, event) pairs than this (its spine rows x a key's mean events per window); below it
+    # the plain join is cheaper, for sparse counts keep nearly every value in the shortlist. Measured at
+    # 100k synthetic events (JVM CPU, load ~6.5): the candidate stage's state 69 s with the join of the
+    # global trending list (10.5k requests x ~600 events per 2 hours: 6M pairs), 138 s with the shortlist;
+    # co-visitation (35k rows x ~400 pairs per item and week) 59 s joined, 81 s shortlisted. At 1M events
+    # those joins grow tenfold per row (the shop keeps 1,200 items) and at 5M the trending join would read
     # ~250k x 30k pairs. Both are exact (tests/features/test_spark_top.py sets 0 to test the shortlist).
     top_above: float = 20_000_000
 
@@ -475,10 +477,13 @@ class SparkEngine(OfflineEngine):
 
     def _top_index(self, f: Feature, src: str) -> tuple[str, str, str, float]:
         """`_top`'s index (lazy: built only if a chunk uses it): running counts per (key, value) in time
-        order and in arrival order, counts per (key, value, block), and the mean events per window (the
-        events' count over their time span, in windows), which decides whether a chunk needs it."""
-        n, lo, hi = self._sql(f"SELECT count(*), min(ts), max(ts) FROM {src}").first()
-        density = n * f.window.length_ms / max((hi or 0) - (lo or 0), f.window.length_ms)
+        order and in arrival order, counts per (key, value, block), and the mean events per window of a key
+        (the events' count over their time span, in windows, over the keys), which decides whether a chunk
+        needs it."""
+        keys = _keys(f)
+        distinct = f"count(DISTINCT {', '.join(keys)})" if keys else "1"
+        n, n_keys, lo, hi = self._sql(f"SELECT count(*), {distinct}, min(ts), max(ts) FROM {src}").first()
+        density = n * f.window.length_ms / max((hi or 0) - (lo or 0), f.window.length_ms) / max(n_keys, 1)
         kv = [*_keys(f), "value"]
         kc = "".join(f"{k}, " for k in kv)
         part = ", ".join(kv)

@@ -1,7 +1,7 @@
-"""The Spark engine's sliding top-k by count over a global list (a shortlist of values per row from running
-counts, the engine's `_top`, used over dense traffic) equals the exact answer: every accepted event with
-start <= ts <= t that had arrived by the row's offset, counted value by value in Python, the k largest,
-ties by value.
+"""The Spark engine's sliding top-k lists by count (a shortlist of values per row from running counts, the
+engine's `_top`, used over dense traffic: global topk_count, keyed topk_count, covisit) equal the exact
+answer: every accepted event (for covisit, pair) of the row's key with start <= ts <= t that had arrived by
+the row's offset, counted value by value in Python, the k largest, ties by value.
 
 Streams are dense on purpose: few values, so counts tie often, and windows of many blocks, so the shortlist
 prunes; spine rows are read at random instants and offsets (unsettled rows, whose tail of at most the
@@ -37,6 +37,8 @@ TOPS = FeatureRegistry.of(
             1,
             actions=("view", "add_to_cart"),
         ),
+        Feature("user_top_items", "user", "topk_count", sliding(HOUR_MS, 5 * MINUTE_MS), "item_id", 1),
+        Feature("co", "item", "covisit", sliding(2 * HOUR_MS, 5 * MINUTE_MS), k=2, span=2, gap_ms=20 * MINUTE_MS),
     ]
 )
 
@@ -62,56 +64,87 @@ def dense_streams(draw: st.DrawFn) -> list[Event]:
     return out
 
 
-def exact(f: Feature, accepted: pa.Table, user: str, t: int, o: int) -> list[dict]:
+def _pairs(f: Feature, accepted: list[dict]) -> list[dict]:
+    """Co-visitation pairs as the online engine makes them: each event with each of the `span` events before
+    it in its user's session (of another item, within `gap_ms`), both ways, at the later event's ts/offset."""
+    out, sessions = [], {}
+    for e in accepted:  # offset order
+        if f.actions is not None and e["action"] not in f.actions:
+            continue
+        before = sessions.setdefault((e["user_id"], e["sess"]), [])
+        for p in before[-f.span :]:
+            if p["item_id"] != e["item_id"] and abs(p["ts"] - e["ts"]) <= f.gap_ms:
+                out += [{"key": e["item_id"], "value": p["item_id"], "ts": e["ts"], "offset": e["offset"]},
+                        {"key": p["item_id"], "value": e["item_id"], "ts": e["ts"], "offset": e["offset"]}]  # fmt: skip
+        before.append(e)
+    return out
+
+
+def exact(f: Feature, accepted: list[dict], user: str, item: str, t: int, o: int) -> list[dict]:
     """The k most counted values of the window [start(t), t] among the events accepted by offset o."""
     start = f.window.start(t)
-    field = f.field or "item_id"
+    name = f.field or "item_id"
+    if f.agg == "covisit":
+        rows = [{**e, "ok": e["key"] == item} for e in _pairs(f, accepted)]
+    else:
+        key = {"global": lambda e: True, "user": lambda e: e["user_id"] == user}[f.entity]
+        rows = [{**e, "value": e[name], "ok": key(e) and (f.actions is None or e["action"] in f.actions)}
+                for e in accepted]  # fmt: skip
     counts = Counter(
-        e[field]
-        for e in accepted.to_pylist()
-        if e["offset"] <= o and start <= e["ts"] <= t and e[field] is not None
-        and (f.entity == "global" or e["user_id"] == user) and (f.actions is None or e["action"] in f.actions)
-    )  # fmt: skip
+        e["value"] for e in rows if e["ok"] and e["value"] is not None and e["offset"] <= o and start <= e["ts"] <= t
+    )
     top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: f.k]
-    return [{field: v, "count": n} for v, n in top]
+    return [{name: v, "count": n} for v, n in top]
 
 
-@settings(
-    max_examples=3,
-    deadline=None,
-    phases=[Phase.explicit, Phase.reuse, Phase.generate],
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-@example(  # four items tied at one event each: the two smallest names win; one user's tie of categories
-    events=[ev(i, "u0", f"i{3 - i}", T0 + i * MINUTE_MS, category=f"c{i % 2}") for i in range(4)],
-    reads=[(3, 3 * MINUTE_MS), (2, 3 * MINUTE_MS), (3, 0)],
-)
-@given(
-    events=dense_streams(),
-    reads=st.lists(
-        st.tuples(st.integers(-1, 80), st.integers(-10 * MINUTE_MS, 70 * MINUTE_MS)), min_size=1, max_size=12
-    ),  # fmt: skip
-)
-def test_the_sliding_top_k_shortlist_equals_the_exact_counts(events: list[Event], reads: list[tuple[int, int]]) -> None:
+def _check(reg: FeatureRegistry, events: list[Event], reads: list[tuple[int, int]]) -> None:
     spark = shared_spark_engine()
     history = events_to_arrow(events)
-    accepted = open_engine("duckdb").accepted(TOPS, history)
+    accepted = open_engine("duckdb").accepted(reg, history).to_pylist()
     rows = []  # read at (offset o, instant t): t near the ts of event o, earlier or later
     for i, (o, dt) in enumerate(reads):
         o = min(o, len(events) - 1)
-        rows.append(("u0" if i % 2 else "u1", events[max(o, 0)].ts + dt, o))
+        rows.append(("u0" if i % 2 else "u1", f"i{i % 3}", events[max(o, 0)].ts + dt, o))
     spine = pa.table(
         {
-            "user_id": [u for u, _, _ in rows],
-            "ts": pa.array([t for _, t, _ in rows], pa.int64()),
-            "offset": pa.array([o for _, _, o in rows], pa.int64()),
+            "user_id": [u for u, _, _, _ in rows],
+            "item_id": [i for _, i, _, _ in rows],
+            "ts": pa.array([t for _, _, t, _ in rows], pa.int64()),
+            "offset": pa.array([o for _, _, _, o in rows], pa.int64()),
         }
     )
     spark.top_above = 0  # the shortlist for every chunk, however small
     try:
-        got = spark.compute(TOPS, history, spine)
+        got = spark.compute(reg, history, spine)
     finally:
         del spark.top_above  # back to the class's threshold
-    for f in TOPS:
-        want = [exact(f, accepted, u, t, o) for u, t, o in rows]
+    for f in reg:
+        want = [exact(f, accepted, u, i, t, o) for u, i, t, o in rows]
         assert got[f.name].to_pylist() == want, (f.name, rows)
+
+
+# Few examples (each is a Spark computation: ~20 s on 2 quiet cores); no shrinking, as in test_spark_parity.
+SETTINGS = settings(
+    max_examples=2,
+    deadline=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+READS = st.lists(st.tuples(st.integers(-1, 80), st.integers(-10 * MINUTE_MS, 70 * MINUTE_MS)), min_size=1, max_size=10)
+TIED = [ev(i, "u0", f"i{3 - i}", T0 + i * MINUTE_MS, category=f"c{i % 2}") for i in range(4)]
+
+
+@SETTINGS
+@example(events=TIED, reads=[(3, 3 * MINUTE_MS), (2, 3 * MINUTE_MS), (3, 0)])  # four items tied at one event each
+@given(events=dense_streams(), reads=READS)
+def test_the_global_top_k_shortlist_equals_the_exact_counts(events: list[Event], reads: list[tuple[int, int]]) -> None:
+    _check(FeatureRegistry.of([TOPS["top_items"], TOPS["top_category"]]), events, reads)
+
+
+@SETTINGS
+@example(events=TIED, reads=[(3, 3 * MINUTE_MS), (2, 0)])
+@given(events=dense_streams(), reads=READS)
+def test_the_keyed_top_k_and_covisit_shortlists_equal_the_exact_counts(
+    events: list[Event], reads: list[tuple[int, int]]
+) -> None:
+    _check(FeatureRegistry.of([TOPS["user_top_items"], TOPS["co"]]), events, reads)
