@@ -3,8 +3,11 @@ candidate stage's proposals as negatives) on DuckDB and on Spark (1 and 2 local 
 
 Each engine runs in its own process on the same synthetic history (a Parquet file written once), so peak
 memory is that build's alone: the Python driver's peak RSS and, for Spark, the JVM's (VmHWM read before it
-stops). Run `python -m bench.bench_offline [--events N ...]` under `flock /tmp/insession-bench.lock` so that
-it never overlaps another benchmark; it writes docs/bench/bench_offline.md.
+stops). CPU seconds (the driver's user + system time, plus the JVM's for Spark) are reported beside wall
+seconds: on a machine shared with other work the wall time stretches with the load, the CPU time much less,
+so the CPU column is the one to compare between runs made at different loads. Run
+`python -m bench.bench_offline [--events N ...]` under `flock /tmp/insession-bench.lock` so that it never
+overlaps another benchmark; it writes docs/bench/bench_offline.md.
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ def _vm_hwm_gib(pid: int) -> float:
     return float("nan")
 
 
+def _cpu_s(pid: int) -> float:
+    """A process's user + system CPU seconds so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def child(history: Path, engine_name: str, master: str | None) -> None:
     """One build; prints a JSON line with its seconds, steps, groups and peak memory."""
     from insession.offline import open_engine
@@ -51,12 +60,14 @@ def child(history: Path, engine_name: str, master: str | None) -> None:
         engine=engine,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
-    jvm = float("nan")
+    jvm, cpu = float("nan"), _cpu_s(os.getpid())
     if engine_name == "spark":
-        jvm = _vm_hwm_gib(engine.spark.sparkContext._gateway.proc.pid)  # noqa: SLF001
+        jvm_pid = engine.spark.sparkContext._gateway.proc.pid  # noqa: SLF001
+        jvm, cpu = _vm_hwm_gib(jvm_pid), cpu + _cpu_s(jvm_pid)
     engine.close()
     out = {
         "seconds": seconds,
+        "cpu_s": cpu,
         "start_s": started,
         "steps": data.seconds,
         "groups": len(data.train) + len(data.val),
@@ -66,7 +77,8 @@ def child(history: Path, engine_name: str, master: str | None) -> None:
     print(json.dumps(out), flush=True)
 
 
-def run(quick: bool, sizes: list[int] | None = None) -> str:
+def run(quick: bool, sizes: list[int] | None = None, configs: list[str] | None = None) -> str:
+    """The section's table; `configs` picks among "duckdb", "local[1]", "local[2]" (default: all three)."""
     from bench.bench_train import synthetic_history
 
     sizes = sizes or ([20_000] if quick else [100_000])
@@ -77,6 +89,8 @@ def run(quick: bool, sizes: list[int] | None = None) -> str:
             path = Path(tmp) / f"history_{n}.parquet"
             pq.write_table(events, path)
             for engine_name, master in CONFIGS:
+                if configs and (master or engine_name) not in configs:
+                    continue
                 label = engine_name if master is None else f"spark {master}"
                 print(f"[bench_offline] {events.num_rows:,} events on {label} ...", flush=True)
                 cmd = [sys.executable, "-m", "bench.bench_offline", "--child", str(path), engine_name]
@@ -88,19 +102,21 @@ def run(quick: bool, sizes: list[int] | None = None) -> str:
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
                 steps = ", ".join(f"{k} {v:.0f}" for k, v in r["steps"].items())
                 rows.append([
-                    f"{events.num_rows:,}", label, r["seconds"], r["start_s"],
+                    f"{events.num_rows:,}", label, r["seconds"], r["cpu_s"], r["start_s"],
                     1e6 * r["seconds"] / events.num_rows, r["driver_gib"], r["jvm_gib"], r["groups"], steps,
                 ])  # fmt: skip
                 print(f"[bench_offline]   {r['seconds']:.0f} s; {steps}", flush=True)
     headers = [
-        "events", "engine", "build s", "engine start s", "µs per event", "driver peak GiB", "JVM peak GiB",
+        "events", "engine", "build s", "CPU s", "engine start s", "µs per event", "driver peak GiB", "JVM peak GiB",
         "groups", "steps (s)",
     ]  # fmt: skip
     return (
         "## Offline engines: the training-data build on DuckDB and on Spark (bench_offline)\n\n"
         "`build` with the candidate stage's proposals (what `insession training-data` and `insession train` "
         "run), each engine in its own process on the same synthetic history; Spark local, its UI off. "
-        "Peak memory: the Python driver's max RSS and the JVM's VmHWM.\n\n" + table(headers, rows)
+        "CPU s: the process's user + system time (for Spark the Python driver's plus the JVM's, including the "
+        "history's read in the driver). Peak memory: the Python driver's max RSS and the JVM's "
+        "VmHWM.\n\n" + table(headers, rows)
     )
 
 
@@ -108,23 +124,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--events", type=int, nargs="*", help="synthetic history sizes (default 100,000)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--configs", nargs="*", choices=["duckdb", "local[1]", "local[2]"], help="default: all")
+    ap.add_argument("--append", action="store_true", help="add the run below the doc's tables, not replace them")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         history, engine_name, *master = args.child
         return child(Path(history), engine_name, master[0] if master else None)
     t0 = time.perf_counter()
-    section = run(args.quick, args.events)
+    load0 = " / ".join(Path("/proc/loadavg").read_text().split()[:3])
+    section = run(args.quick, args.events, args.configs)
     load = " / ".join(Path("/proc/loadavg").read_text().split()[:3])
     footer = (
         f"\n\n_Measured {stamp()} on {machine()}; `python -m bench.bench_offline"
-        f"{' --quick' if args.quick else ''}{' --events ' + ' '.join(map(str, args.events)) if args.events else ''}`"
-        f"; took {time.perf_counter() - t0:.0f} s; load average (1 / 5 / 15 min) at the end: {load} (above ~1-2, "
+        f"{' --quick' if args.quick else ''}{' --events ' + ' '.join(map(str, args.events)) if args.events else ''}"
+        f"{' --configs ' + ' '.join(args.configs) if args.configs else ''}{' --append' if args.append else ''}`"
+        f"; took {time.perf_counter() - t0:.0f} s; load average (1 / 5 / 15 min) at the start: {load0}, at the end: "
+        f"{load} (above ~1-2, "
         "other work shared the 2 cores)._\n"
     )
     print(section + footer)
-    (DOCS / "bench").mkdir(parents=True, exist_ok=True)
-    (DOCS / "bench" / "bench_offline.md").write_text(section.rstrip() + footer)
+    doc = DOCS / "bench" / "bench_offline.md"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    if args.append and doc.exists():  # the new table (without the section's heading) below what is there
+        table_only = section.split("\n\n", 2)[2]
+        doc.write_text(doc.read_text().rstrip() + "\n\n" + table_only.rstrip() + footer)
+    else:
+        doc.write_text(section.rstrip() + footer)
 
 
 if __name__ == "__main__":
