@@ -156,6 +156,7 @@ class SparkEngine(OfflineEngine):
         self._views: list[str] = []  # the views and cached frames of the call running now
         self._cached: list = []
         self._base: tuple | None = None  # (key, events, (ev, acc), views, cached): see `_prepared`
+        self._on_disk = False
 
     def describe(self) -> str:
         sc = self.spark.sparkContext
@@ -219,7 +220,7 @@ class SparkEngine(OfflineEngine):
         from pyspark import StorageLevel
 
         self._cached.append(df)
-        return df.persist(StorageLevel.MEMORY_AND_DISK)
+        return df.persist(StorageLevel.DISK_ONLY if self._on_disk else StorageLevel.MEMORY_AND_DISK)
 
     def _prepared(self, events: EventsLike, reg: FeatureRegistry) -> tuple[str, str]:
         """`_prepare`'s (ev, acc), kept between calls on the same Arrow table and rules.
@@ -227,14 +228,17 @@ class SparkEngine(OfflineEngine):
         The training-data build asks one engine four times about one history (`accepted`, the candidate
         stage's state, co-visitation, the counters); preparing it is a watermark pass and a session pass
         over every event, so the last prepared table stays cached (until another history, rules or
-        `close`). An Arrow table is immutable and held here, so its identity names its content; a path is
-        prepared afresh each call (the files under it may change)."""
+        `close`), on local disk only, not in the heap the next call's sorts need (with the history cached
+        in memory, a 2 GiB driver failed at 1M events in co-visitation with UNABLE_TO_ACQUIRE_MEMORY). An
+        Arrow table is immutable and held here, so its identity names its content; a path is prepared
+        afresh each call (the files under it may change)."""
         key = (id(events), reg.lateness_ms, reg.session_gap_ms) if isinstance(events, pa.Table) else None
         if key is not None and self._base is not None and self._base[0] == key and self._base[1] is events:
             return self._base[2]
         self._drop_base()
         outer = (self._views, self._cached)
         self._views, self._cached = [], []
+        self._on_disk = True  # kept across calls: on local disk, not in the heap the next call's sorts need
         try:
             prepared = self._prepare(events, reg)
         except BaseException:
@@ -243,6 +247,7 @@ class SparkEngine(OfflineEngine):
         finally:
             views, cached = self._views, self._cached
             self._views, self._cached = outer
+            self._on_disk = False
         if key is None:  # this call's own
             self._views += views
             self._cached += cached
