@@ -228,10 +228,10 @@ class SparkEngine(OfflineEngine):
         The training-data build asks one engine four times about one history (`accepted`, the candidate
         stage's state, co-visitation, the counters); preparing it is a watermark pass and a session pass
         over every event, so the last prepared table stays cached (until another history, rules or
-        `close`), on local disk only, not in the heap the next call's sorts need (with the history cached
-        in memory, a 2 GiB driver failed at 1M events in co-visitation with UNABLE_TO_ACQUIRE_MEMORY). An
-        Arrow table is immutable and held here, so its identity names its content; a path is prepared
-        afresh each call (the files under it may change)."""
+        `close`), on local disk only, leaving the heap to the next call's sorts. (At 1M events a 2 GiB
+        driver still runs out of heap in co-visitation with the cache on disk, as it did with it in
+        memory: that failure is not this cache's.) An Arrow table is immutable and held here, so its
+        identity names its content; a path is prepared afresh each call (the files under it may change)."""
         key = (id(events), reg.lateness_ms, reg.session_gap_ms) if isinstance(events, pa.Table) else None
         if key is not None and self._base is not None and self._base[0] == key and self._base[1] is events:
             return self._base[2]
