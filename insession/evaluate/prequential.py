@@ -46,7 +46,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -180,12 +180,8 @@ class PrequentialConfig:
     dim: int = 32
     dropout: float = 0.1
     item2vec_epochs: int = 1
-    # continuous updates (`FollowConfig`)
-    update_epochs: int = 2
-    update_lr: float = 5e-4
-    update_batch_size: int = 32
-    validate_fraction: float = 0.3
-    min_new: int = 20
+    # continuous updates: how each one trains and decides (its seed, threads and bars are this config's)
+    update: FollowConfig = field(default_factory=lambda: FollowConfig(batch_size=32))
     # reporting
     trend_horizon_h: float = 48.0
     n_boot: int = 1000
@@ -376,16 +372,7 @@ def run(
         cont_dir = root / "continuous"
         shutil.copytree(frozen_dir, cont_dir)
         daily: dict[int, Artefact] = {0: frozen}  # day 1's model is the frozen one (module docstring)
-        fcfg = FollowConfig(
-            epochs=cfg.update_epochs,
-            lr=cfg.update_lr,
-            batch_size=cfg.update_batch_size,
-            validate_fraction=cfg.validate_fraction,
-            min_new=cfg.min_new,
-            seed=cfg.seed,
-            threads=cfg.threads,
-            progress=cfg.bars,
-        )
+        fcfg = replace(cfg.update, seed=cfg.seed, threads=cfg.threads, progress=cfg.bars)
         updates: list[dict[str, Any]] = []
         seconds["continuous"] = 0.0
         for w in windows:
@@ -497,8 +484,8 @@ def report(res: PrequentialResult, command: str, plot_path: str | None = None) -
         f"{len(res.windows)} windows of {c.window_hours} h, {len(res.window):,} add-to-carts "
         f"({int(res.proposed.sum()):,} proposed by the candidate stage, {int(res.trend.sum()):,} trend requests). "
         f"Full trainings: dim {c.dim}, at most {c.epochs} epochs, lr {c.lr}, batch {c.batch_size}, item2vec "
-        f"{c.item2vec_epochs} epoch; updates: {c.update_epochs} epochs, lr {c.update_lr}, batch "
-        f"{c.update_batch_size}, validation window {c.validate_fraction:.0%} of the new add-to-carts. "
+        f"{c.item2vec_epochs} epoch; updates: {c.update.epochs} epochs, lr {c.update.lr}, batch "
+        f"{c.update.batch_size}, validation window {c.update.validate_fraction:.0%} of the new add-to-carts. "
         f"Wall time {res.seconds.get('total', 0) / 60:.1f} min on 2 shared cores, 1 torch thread "
         f"(candidate lists {res.seconds.get('candidates', 0):.0f} s, frozen {res.seconds.get('frozen', 0):.0f} s, "
         f"continuous updates {res.seconds.get('continuous', 0):.0f} s in all).",
@@ -736,10 +723,9 @@ def prequential(
         dim=dim,
         lr=lr,
         batch_size=batch_size,
-        update_epochs=update_epochs,
-        update_lr=update_lr,
-        update_batch_size=update_batch_size,
-        validate_fraction=validate_fraction,
+        update=FollowConfig(
+            epochs=update_epochs, lr=update_lr, batch_size=update_batch_size, validate_fraction=validate_fraction
+        ),
         threads=threads,
         n_boot=n_boot,
         bars=bars,
@@ -750,8 +736,6 @@ def prequential(
         raise typer.BadParameter(str(e)) from None
     res = run(cfg, workdir=workdir, say=lambda s: typer.echo(s))
     if workdir is not None:  # the result itself, to re-render the report or the plot without a rerun
-        import pickle
-
         (workdir / "result.pkl").write_bytes(pickle.dumps(res))
     plot(res, plot_path)
     command = (

@@ -66,6 +66,10 @@ class Vocab:
         """The index of the global-average row."""
         return self.n_items + len(self.subcats) + len(self.cats)
 
+    def subcategory_name(self, j: int) -> str:
+        """The subcategory name of row j of `subcats` (the entries are "category<US>subcategory")."""
+        return self.subcats[j].split(_SEP, 1)[1]
+
     def surface_index(self, surfaces: Iterable[str | None]) -> np.ndarray:
         """Surface names -> int64 model indices: 1 + position in `surfaces`; 0 for a surface the training
         data never had, or none."""

@@ -75,7 +75,7 @@ from insession.model.artefact import (
     versions,
 )
 from insession.model.reranker import DualSequenceReranker
-from insession.model.vocab import _SEP, Vocab
+from insession.model.vocab import Vocab
 from insession.offline import OfflineEngine
 from insession.train.build import BuildConfig, build, load_events
 from insession.train.examples import Examples
@@ -87,7 +87,7 @@ STAGING, REFUSED, RETIRED = "_staging", "_refused", "_retired"  # under MODELS; 
 NOISE = 1e-6  # NDCG@10 differences below this are float noise: "not worse" tolerates them
 API_KEY_ENV = "INSESSION_API_KEY"
 _HISTORY = 20  # results kept in the status file
-_NOT_AN_ITEM = _SEP  # an item id no vocabulary holds: looks up as a cold-start row, never as padding
+_NOT_AN_ITEM = "\x1f"  # an item id no vocabulary holds (a control character): a cold-start row, never padding
 
 
 @dataclass
@@ -174,7 +174,7 @@ def index_map(src: Vocab, dst: Vocab) -> np.ndarray:
     def add(item: str, sub: int) -> None:
         ids.append(item)
         cats.append(src.cats[src.subcat_cat[sub]] if sub >= 0 else None)
-        subs.append(src.subcats[sub].split(_SEP, 1)[1] if sub >= 0 else None)
+        subs.append(src.subcategory_name(sub) if sub >= 0 else None)
 
     for item, sub in zip(src.items, src.item_subcat, strict=True):
         add(item, sub)
@@ -188,14 +188,12 @@ def index_map(src: Vocab, dst: Vocab) -> np.ndarray:
 
 
 def reindex(examples: Examples, src: Vocab, dst: Vocab) -> Examples:
-    """`examples` built with vocabulary `src` as `dst` indexes them: items by `index_map`, and, where the
-    examples carry a request surface, surfaces by name (one `dst` lacks reads as unknown, 0)."""
+    """`examples` built with vocabulary `src` as `dst` indexes them: items by `index_map`, surfaces by name
+    (one `dst` lacks reads as unknown, 0)."""
     m = index_map(src, dst)
     changes: dict[str, np.ndarray] = {f: m[getattr(examples, f)] for f in ("hist_items", "sess_items", "cand_items")}
-    surface = getattr(examples, "surface", None)
-    names = getattr(src, "surfaces", None)
-    if surface is not None and names is not None and hasattr(dst, "surface_index"):
-        changes["surface"] = np.concatenate([[0], dst.surface_index(names)]).astype(np.int64)[surface]
+    surfaces = np.concatenate([[0], dst.surface_index(src.surfaces)]).astype(np.int64)
+    changes["surface"] = surfaces[examples.surface]
     return dataclasses.replace(examples, **changes)
 
 

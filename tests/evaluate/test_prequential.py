@@ -26,6 +26,7 @@ from insession.evaluate.prequential import (
     window_index,
 )
 from insession.model.artefact import versions
+from insession.train.follow import FollowConfig
 
 TINY = PrequentialConfig(
     users=40,
@@ -37,8 +38,7 @@ TINY = PrequentialConfig(
     epochs=1,
     dim=16,
     item2vec_epochs=1,
-    update_epochs=1,
-    min_new=2,
+    update=FollowConfig(epochs=1, batch_size=32, min_new=2),
     n_boot=50,
     threads=1,
 )
