@@ -61,19 +61,19 @@ class Insession:
     def __init__(self, data_dir: str | Path, *, maintenance_interval_s: float | None = 5.0,
                  limits: Limits | None = None, rank_config: RankConfig | None = None,
                  snapshot_interval_s: float = SNAPSHOT_EVERY_S, max_users: int = 0, partitions: int = 16,
-                 log_config: LogConfig | None = None) -> None:
+                 log_config: LogConfig | None = None, held: frozenset[int] | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.log_config = log_config or LogConfig()  # [log]: the embedded log.sqlite, or a JetStream stream
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_file = _lock(self.data_dir)
         try:
-            self._open(maintenance_interval_s, limits, rank_config, snapshot_interval_s, max_users, partitions)
+            self._open(maintenance_interval_s, limits, rank_config, snapshot_interval_s, max_users, partitions, held)
         except BaseException:
             self._lock_file.close()
             raise
 
     def _open(self, maintenance_interval_s: float | None, limits: Limits | None, rank_config: RankConfig | None,
-              snapshot_interval_s: float, max_users: int, partitions: int) -> None:
+              snapshot_interval_s: float, max_users: int, partitions: int, held: frozenset[int] | None) -> None:
         self.history_dir = Path(self.log_config.history) if self.log_config.history else self.data_dir / "history"
         # shared by the nodes of a replicated log: only the export lease's holder checks and writes it
         self.shared_history = bool(self.log_config.url and self.log_config.history)
@@ -86,9 +86,9 @@ class Insession:
         except LogBehindError as e:  # it acknowledged more than it holds: refused before any offset is reused
             self.catalog.close()
             raise DataDirError(f"{self.data_dir}: {e}") from None
-        # One state partition per log partition (the log's crc32(user_id) % P).
+        # One state partition per log partition (the log's crc32(user_id) % P); a cluster node may hold some.
         self.features = FeatureEngine.open(self.data_dir / "features", partitions=self.log.partitions,
-                                           max_users=max_users)
+                                           max_users=max_users, held=held)
         self._check_log_not_behind()
         try:  # the Parquet history is what its manifest says, or rebuilt from the log (loudly)
             self.history_check = HistoryCheck() if self.shared_history else verify_history(

@@ -13,6 +13,11 @@ One writer (`update_many`, the log's commit thread) decides lateness and the wat
 for all units, so the partitioned state equals the single-stream rule exactly (property-tested), then
 applies each partition's events under that partition's lock, then the item and global units.
 
+A node of a cluster may **hold** only some partitions (`held`, from `[cluster]`, see docs/cluster.md):
+the partitions it does not hold keep only what the item units need from them (sessions and covisit's
+shopper side: a few recent events per shopper), not their user and user_item features, and a read of
+those raises `PartitionNotHeld` (the server forwards it to a node that holds the partition).
+
 Snapshots never pause serving: each section of a unit (a partition's sessions, each of its features) is
 captured (msgpack of the dict, one C call: ~5 ms per 10^5 shoppers) under the unit's lock only, while the
 other units keep serving, and written with the offset it held. A restart replays the log from the earliest
@@ -23,6 +28,7 @@ co-visited pairs the sections it depends on would not compute again.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import logging
 import os
@@ -63,6 +69,15 @@ REPLAY_CHUNK = 10_000  # events per batch when a new feature is backfilled from 
 USER_ENTITIES = ("user", "user_item")
 ITEM_UNIT = "feature-"  # the name prefix of an item or global feature's unit
 OFFSETS = "offsets"  # the section of a unit file that holds each other section's applied offset
+
+
+class PartitionNotHeld(LookupError):
+    """A read of shoppers whose partitions this engine does not all hold (a cluster node with a subset);
+    `partitions`: every partition the read needs, so that it can go to a node holding them all."""
+
+    def __init__(self, partitions: Iterable[int]) -> None:
+        self.partitions = frozenset(partitions)
+        super().__init__(f"partitions {sorted(self.partitions)} are not all held by this node")
 
 
 def _section(f: Feature) -> str:
@@ -135,13 +150,16 @@ class _Unit:
 
 
 class _Partition(_Unit):
-    """The shoppers of one partition: sessions, user and user_item features, covisit's shopper side."""
+    """The shoppers of one partition: sessions, user and user_item features, covisit's shopper side. A
+    partition not `held` keeps only sessions and covisit's shopper side (what the item units need)."""
 
-    def __init__(self, index: int, registry: FeatureRegistry, names: Names, max_users: int) -> None:
+    def __init__(self, index: int, registry: FeatureRegistry, names: Names, max_users: int,
+                 held: bool = True) -> None:
         self.sessions = Sessions(registry.session_gap_ms)
+        self.held = held
         aggs: dict[str, Agg] = {}
         for f in registry:
-            if f.entity in USER_ENTITIES:
+            if f.entity in USER_ENTITIES and held:
                 aggs[f.name] = make_agg(f, names, self.sessions)
             elif f.agg == "covisit":
                 aggs[f.name] = CovisitPairs(f, names)
@@ -184,22 +202,26 @@ class FeatureEngine:
 
     Reads are answered at the watermark (the largest event time applied), never at the wall clock.
     `max_users` > 0 caps the shoppers tracked per partition at max_users / P (least recently active
-    evicted; their features read empty until they come back, see docs/features.md).
+    evicted; their features read empty until they come back, see docs/features.md). `held`: the
+    partitions whose shoppers' features this engine keeps and serves (None: all of them).
     """
 
     def __init__(self, registry: FeatureRegistry, state_dir: Path | None = None, *,
-                 partitions: int = 16, max_users: int = 0) -> None:
+                 partitions: int = 16, max_users: int = 0, held: frozenset[int] | None = None) -> None:
         if partitions < 1:
             raise ValueError(f"partitions must be >= 1, not {partitions}")
         if max_users < 0:
             raise ValueError(f"max_users must be >= 0 (0: no cap), not {max_users}")
+        if held is not None and (not held or not held <= set(range(partitions))):
+            raise ValueError(f"held partitions must be a non-empty subset of 0..{partitions - 1}, not {sorted(held)}")
         self.registry = registry
         self.state_dir = state_dir
         self.partitions = partitions
         self.max_users = max_users
+        self.held = frozenset(range(partitions)) if held is None else held
         self._names = Names()
         per_partition = -(-max_users // partitions) if max_users else 0
-        self._parts = [_Partition(p, registry, self._names, per_partition) for p in range(partitions)]
+        self._parts = [_Partition(p, registry, self._names, per_partition, p in self.held) for p in range(partitions)]
         self._items = {f.name: self._item_unit(f) for f in registry if f.entity not in USER_ENTITIES}
         self._writer = threading.Lock()  # one writer step at a time; snapshots take it to order their captures
         self.lateness_ms = registry.lateness_ms
@@ -230,9 +252,13 @@ class FeatureEngine:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    def holds(self, user_id: str) -> bool:
+        """Whether this engine serves `user_id`'s features (its partition is held)."""
+        return partition_of(user_id, self.partitions) in self.held
+
     @classmethod
     def open(cls, state_dir: Path, registry: FeatureRegistry | None = None, *,
-             partitions: int = 16, max_users: int = 0) -> FeatureEngine:
+             partitions: int = 16, max_users: int = 0, held: frozenset[int] | None = None) -> FeatureEngine:
         """Open the state in `state_dir`: the last snapshot when it is intact and was taken with the same
         stream rules and partitions, else empty (applied_offset -1: replay the log from the start). A
         snapshot that cannot be used is set aside (renamed `rejected-*`) with a warning, never loaded.
@@ -240,7 +266,9 @@ class FeatureEngine:
         `registry` (default: `registry.json` there, else the default features) is what is declared. A
         declared feature the snapshot does not hold (declared after it was taken, or declared again
         differently) is not served: it is left out of `registry` and listed in `unbuilt`, for a backfill
-        (`insession.features.manage`); a feature the snapshot holds but no longer declared is ignored."""
+        (`insession.features.manage`); a feature the snapshot holds but no longer declared is ignored. A
+        snapshot taken with other `held` partitions is set aside like one of other stream rules: the
+        partitions a node holds change only with a rebuild from the log."""
         state_dir = Path(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         reg_path = state_dir / REGISTRY_FILE
@@ -249,7 +277,7 @@ class FeatureEngine:
         else:
             registry = registry or default_registry()
             registry.save(reg_path)
-        engine = cls(registry, state_dir, partitions=partitions, max_users=max_users)
+        engine = cls(registry, state_dir, partitions=partitions, max_users=max_users, held=held)
         old = state_dir / OLD_PICKLE_FILE
         if old.exists():
             log.warning("feature snapshot %s is of an older format: set aside, rebuilding from the log", old.name)
@@ -262,7 +290,7 @@ class FeatureEngine:
                 engine._restore(gen)
             except SnapshotError as e:
                 log.warning("feature snapshot %s set aside, rebuilding from the log: %s", gen.name, e)
-                engine = cls(registry, state_dir, partitions=partitions, max_users=max_users)
+                engine = cls(registry, state_dir, partitions=partitions, max_users=max_users, held=held)
                 engine.rejected_snapshots += 1
                 if gen.is_dir():
                     shutil.rmtree(state_dir / f"rejected-{gen.name}", ignore_errors=True)
@@ -271,7 +299,11 @@ class FeatureEngine:
         return engine
 
     def _header(self, unit: str, offset: int = -1, watermark: int = -1) -> UnitHeader:
-        return UnitHeader(self.partitions, self.registry.rules_hash(), unit, offset, watermark)
+        rules = self.registry.rules_hash()
+        if len(self.held) < self.partitions:  # a subset's state holds less: never restored as another's
+            held = f"{rules}:held={sorted(self.held)}".encode()
+            rules = hashlib.blake2b(held, digest_size=len(rules) // 2).hexdigest()
+        return UnitHeader(self.partitions, rules, unit, offset, watermark)
 
     def _restore(self, gen: Path) -> None:
         """Load snapshot `gen`; the declared features it does not hold go to `unbuilt`."""
@@ -441,7 +473,7 @@ class FeatureEngine:
             raise ValueError(f"feature {feature.name!r} is already declared")
         reg = FeatureRegistry.of([feature], lateness_ms=self.registry.lateness_ms,
                                  session_gap_ms=self.registry.session_gap_ms)
-        return FeatureEngine(reg, partitions=self.partitions, max_users=self.max_users)
+        return FeatureEngine(reg, partitions=self.partitions, max_users=self.max_users, held=self.held)
 
     def install(self, staged: FeatureEngine, tail: Callable[[int, int], Iterable[Event]]) -> None:
         """Serve the feature a backfill built in `staged` (see `staged`): under the writer lock, `staged`
@@ -542,10 +574,16 @@ class FeatureEngine:
         return stable_id(item) if i is None else i
 
     def _unit(self, f: Feature, part: int) -> _Unit:
+        if f.entity in USER_ENTITIES and not self._parts[part].held:
+            raise PartitionNotHeld([part])
         unit = self._parts[part] if f.entity in USER_ENTITIES else self._items.get(f.name)
         if unit is None or f.name not in unit.aggs:  # dropped since the caller looked it up
             raise KeyError(f"feature {f.name!r} was dropped")
         return unit
+
+    def _check_held(self, partitions: Iterable[int]) -> None:
+        if not all(self._parts[p].held for p in partitions):
+            raise PartitionNotHeld(partitions)
 
     def read(self, feature: str, key: str | tuple[str, ...] | None) -> Any:
         """The JSON-able value of `feature` for `key` (None for global features) at the watermark."""
@@ -566,6 +604,8 @@ class FeatureEngine:
         by_part: dict[int, list[int]] = {}
         for n, (_, part) in enumerate(located):
             by_part.setdefault(part, []).append(n)
+        if f.entity in USER_ENTITIES:
+            self._check_held(by_part)
         for part, where in by_part.items():
             unit = self._unit(f, part)
             with unit.lock:
@@ -598,6 +638,7 @@ class FeatureEngine:
             by_part: dict[int, list[int]] = {}
             for n, (_, part) in enumerate(located):
                 by_part.setdefault(part, []).append(n)
+            self._check_held(by_part)
             for part, where in by_part.items():
                 unit = self._parts[part]
                 with unit.lock:

@@ -20,6 +20,7 @@ from insession.serve import query_routes, rank_routes
 from insession.serve.auth import SECURITY, Auth, authorize
 from insession.serve.config import Config, exposure_warning, load_config
 from insession.serve.console import router as console_router
+from insession.serve.forward import Forwarder
 from insession.serve.limits import BodyLimit
 from insession.serve.metrics import Metrics, cluster_status
 
@@ -68,6 +69,7 @@ def open_handle(data_dir: str | Path, cfg: Config) -> Insession:
         max_users=cfg.features.max_users,
         partitions=cfg.features.partitions,
         log_config=cfg.log,
+        held=cfg.cluster.held(cfg.features.partitions),
     )
 
 
@@ -92,12 +94,14 @@ def create_app(data_dir: str | Path | None = None, *, handle: Insession | None =
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = handle is None or close_handle
         db = app.state.insession = handle or open_handle(data_dir, cfg)  # type: ignore[arg-type]
-        app.state.metrics.bind(db)
+        app.state.metrics.bind(db, app.state.forwarder)
         if warning:
             log.warning("%s", warning)
         try:
             yield
         finally:
+            if app.state.forwarder is not None:
+                await app.state.forwarder.close()
             if owned:
                 db.close()
 
@@ -106,6 +110,8 @@ def create_app(data_dir: str | Path | None = None, *, handle: Insession | None =
     app.state.auth = auth
     app.state.metrics = Metrics()
     app.state.warnings = [warning] if warning else []
+    split = cfg.cluster.held(cfg.features.partitions) is not None  # this node holds some partitions only
+    app.state.forwarder = Forwarder(cfg.cluster, cfg.features.partitions) if split else None
     app.add_middleware(BodyLimit, limit_for=cfg.http.limit_for, large_bytes=cfg.http.large_body_bytes,
                        per_client=cfg.http.large_bodies_per_client)
     app.add_exception_handler(Exception, _internal_error)
@@ -153,6 +159,8 @@ def create_app(data_dir: str | Path | None = None, *, handle: Insession | None =
             return JSONResponse({"ready": False, **warnings}, status_code=503)
         failing = {job: error for job, error in db.job_errors.items() if error}
         body = {"ready": not failing, **db.lag(), "watermark": db.features.watermark, **warnings}
+        if len(db.features.held) < db.features.partitions:  # [cluster] copies: the others' shoppers are forwarded
+            body["held_partitions"] = sorted(db.features.held)
         cluster = cluster_status(db)  # a replicated log: quorum, lag, stale (reads serve on without a quorum)
         if cluster is not None:
             body["cluster"] = msgspec.to_builtins(cluster)

@@ -8,7 +8,8 @@ what is allowed, so a typo can never leave a setting (API keys above all) silent
 Sections: `[server]` (listening, exposure, maintenance), `[[auth.keys]]` (API keys with roles),
 `[query]` (analytics lane limits), `[rank]` with `[rank.hygiene]` and `[rank.quotas]` (ranking service),
 `[http]` (request body limits per endpoint), `[features]` (feature engine sizing), `[log]` (the embedded
-event log, or a replicated JetStream stream: `insession.log.LogConfig`).
+event log, or a replicated JetStream stream: `insession.log.LogConfig`), `[cluster]` (the nodes serving one
+replicated log and the partitions each holds).
 """
 
 from __future__ import annotations
@@ -205,6 +206,61 @@ class FeaturesConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     partitions: Annotated[int, _text("partitions of the online state", ge=1)] = 16
 
 
+_NODE_URL = r"^https?://[^/?#\s]+$"  # scheme and host[:port], no path: a node's base URL
+
+
+class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """`[cluster]`: the insession nodes serving one replicated log, and which partitions each holds.
+
+    Partition p is held by `nodes[(p + j) % len(nodes)]` for j < `copies`: the same rule, computed from
+    the same list on every node, so every node knows where each shopper lives without asking. A request
+    for a shopper this node does not hold is forwarded to a node that does (docs/cluster.md)."""
+
+    nodes: Annotated[
+        list[Annotated[str, _text("a node's base URL", pattern=_NODE_URL)]],
+        _text("every node's base URL as the others reach it, the same list in the same order on every node "
+              "(`http://a:8000`); empty: this node alone holds every partition"),
+    ] = []
+    node: Annotated[str, _text("this node's own URL: one of `nodes`")] = ""
+    copies: Annotated[
+        int, _text("how many nodes hold each partition (0: every node holds every partition)", ge=0)
+    ] = 0
+    forward_timeout_s: Annotated[
+        float, _text("how long a forwarded request waits for a node before the next holder is tried", gt=0)
+    ] = 2.0
+    read_wait_s: Annotated[
+        float,
+        _text("how long a read that names an offset (`X-Insession-Min-Offset`, set on every forwarded read) "
+              "waits for this node to apply it before it answers 503", ge=0),
+    ] = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.nodes:
+            if self.node or self.copies:
+                raise ValueError("`node` and `copies` need `nodes`, the list of every node's URL")
+            return
+        if len(set(self.nodes)) != len(self.nodes):
+            raise ValueError(f"`nodes` lists a URL twice: {self.nodes}")
+        if self.node not in self.nodes:
+            raise ValueError(f"`node` ({self.node!r}) must be one of `nodes` ({', '.join(self.nodes)}): "
+                             "this node's own URL, spelled as in the list")
+        if self.copies > len(self.nodes):
+            raise ValueError(f"`copies` ({self.copies}) cannot exceed the {len(self.nodes)} nodes")
+
+    def holders(self, partition: int) -> list[str]:
+        """The nodes that hold `partition`, in the order a forwarder tries them (all when not split)."""
+        if not self.nodes:
+            return []
+        n = len(self.nodes)
+        return [self.nodes[(partition + j) % n] for j in range(self.copies or n)]
+
+    def held(self, partitions: int) -> frozenset[int] | None:
+        """The partitions this node holds (None: every partition, no forwarding)."""
+        if not self.nodes or not self.copies or self.copies == len(self.nodes):
+            return None
+        return frozenset(p for p in range(partitions) if self.node in self.holders(p))
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """A whole server config; every section is optional and defaults as documented."""
 
@@ -215,6 +271,16 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     features: FeaturesConfig = msgspec.field(default_factory=FeaturesConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        if self.cluster.nodes and not self.log.url:
+            raise ValueError("[cluster] nodes share one replicated log: set [log] url (nats://...) on every node; "
+                             "the embedded log is one machine's")
+        held = self.cluster.held(self.features.partitions)
+        if held is not None and not held:
+            raise ValueError(f"[cluster] gives node {self.cluster.node!r} none of the {self.features.partitions} "
+                             "partitions: raise [cluster] copies or [features] partitions")
 
 
 # -- loading ------------------------------------------------------------------------------------

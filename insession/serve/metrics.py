@@ -93,6 +93,7 @@ class PartitionLag(msgspec.Struct, frozen=True):
     partition: int
     last_offset: int  # -1: no event in this partition yet
     lag: int  # offsets between the partition's newest event and the newest one this node applied (0: current)
+    held: bool = True  # this node serves the partition's shoppers ([cluster] copies; else it forwards them)
 
 
 class ClusterStatus(msgspec.Struct, frozen=True):
@@ -136,7 +137,7 @@ def cluster_status(handle: Any) -> ClusterStatus | None:
         stream=state.stream, quorum=state.quorum, stale=stale, reason=reason, leader=state.leader,
         servers=state.servers, checked_s_ago=round(age, 3) if age is not None else None,
         stream_last_offset=last, applied_offset=applied, consumer_lag=max(last - applied, 0),
-        partitions=[PartitionLag(p, off, max(off - applied, 0))
+        partitions=[PartitionLag(p, off, max(off - applied, 0), p in handle.features.held)
                     for p, off in enumerate(state.partition_last_offsets)],
         exporting=log_.exporting(),
     )
@@ -206,8 +207,11 @@ class Metrics:
 
     # -- wiring ---------------------------------------------------------------------------------
 
-    def bind(self, handle: Any) -> None:
-        """Pull gauges from the embedded handle at scrape time and observe its queries (idempotent)."""
+    def bind(self, handle: Any, forwarder: Any = None) -> None:
+        """Pull gauges from the embedded handle (and the forwarder's counts) at scrape time and observe its
+        queries (idempotent)."""
+        if forwarder is not None:
+            self._pull.forwarder = forwarder
         if self._pull.handle is handle:
             return
         self._pull.handle = handle
@@ -257,6 +261,7 @@ class _HandleCollector(Collector):
 
     def __init__(self) -> None:
         self.handle: Any = None
+        self.forwarder: Any = None  # insession.serve.forward.Forwarder, on a node holding some partitions
 
     def collect(self) -> Iterator[Metric]:
         h = self.handle
@@ -267,8 +272,7 @@ class _HandleCollector(Collector):
         except Exception:  # a scrape must never fail because one source is closing or missing
             log.exception("metrics: reading the embedded handle failed")
 
-    @staticmethod
-    def _collect(h: Any) -> Iterator[Metric]:
+    def _collect(self, h: Any) -> Iterator[Metric]:
         if hasattr(h, "lag"):
             for name, value in h.lag().items():
                 g = GaugeMetricFamily(f"insession_{name}", _LAG_HELP.get(name, name.replace("_", " ")))
@@ -316,6 +320,12 @@ class _HandleCollector(Collector):
             yield CounterMetricFamily("insession_ingest_unknown_items", "Events stored for items not in the catalogue",
                                       value=h.unknown_items)
         yield from _cluster_metrics(h)
+        if self.forwarder is not None:
+            c = CounterMetricFamily("insession_forwarded_requests", "Reads of shoppers this node does not hold, "
+                                    "forwarded, by target node and outcome", labels=["node", "outcome"])
+            for (node, outcome), n in sorted(self.forwarder.forwarded.items()):
+                c.add_metric([node, outcome], n)
+            yield c
         yield from _model_metrics(h)
         lane = getattr(getattr(h, "query", None), "analytics", None)
         if lane is not None:
@@ -370,9 +380,13 @@ def _cluster_metrics(h: Any) -> Iterator[Metric]:
                                 value=status.checked_s_ago)
     lag = GaugeMetricFamily("insession_log_partition_lag", "Offsets by which a partition's newest event is beyond "
                             "what this node applied", labels=["partition"])
+    held = GaugeMetricFamily("insession_partition_held", "1: this node serves the partition's shoppers (else it "
+                             "forwards their reads to a node that does)", labels=["partition"])
     for p in status.partitions:
         lag.add_metric([str(p.partition)], p.lag)
+        held.add_metric([str(p.partition)], int(p.held))
     yield lag
+    yield held
     up = GaugeMetricFamily("insession_log_server_up", "1: the server answers its monitoring endpoint",
                            labels=["server"])
     current = GaugeMetricFamily("insession_log_server_current", "1: the stream's leader, or a replica it counts "

@@ -15,11 +15,13 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from insession.features.engine import PartitionNotHeld
 from insession.query import QueryError, QueryService
 from insession.query.match import MAX_KEYS
 from insession.query.sql import MAX_SQL_CHARS
 from insession.schema import MAX_ID_LEN
 from insession.serve.auth import SECURITY, authorize, require, roles_of
+from insession.serve.forward import forwarder_of, here_or_there
 from insession.serve.metrics import CONTENT_TYPE, metrics_of
 
 router = APIRouter()
@@ -116,6 +118,9 @@ async def post_query(request: Request) -> Response:
     `authorize`, without FastAPI's per-request model and dependency machinery."""
     principal = authorize(request, "serve", "analytics")
     metrics_of(request)
+    gate = await here_or_there(request)
+    if gate is not None:
+        return gate
     try:
         try:
             body = _decode_body(await request.body())
@@ -128,6 +133,10 @@ async def post_query(request: Request) -> Response:
         result = await _service(request).execute_async(body.sql, body.params, roles_of(principal), who)
     except QueryError as e:
         return error_response(e)
+    except PartitionNotHeld as e:  # a serving-lane read of shoppers another node holds
+        forwarder = forwarder_of(request)
+        assert forwarder is not None  # an engine holding some partitions only runs beside its forwarder
+        return await forwarder.send(request, e.partitions, request.app.state.insession.features.applied_offset)
     return Response(_json.encode(result), media_type="application/json")
 
 
@@ -172,11 +181,28 @@ async def post_features(request: Request) -> Response:
         if any(pairs) != (body.entity == "user_item") or (any(pairs) and not all(pairs)):
             raise QueryError("keys are ids for user and item, [user_id, item_id] pairs for user_item",
                              code="bad_key")
-        keys: list[str | tuple[str, ...] | None] = [tuple(k) if isinstance(k, list) else k for k in body.keys]
-        answers = _service(request).read_features_many(body.entity, keys, body.features)
+        gate = await here_or_there(request)
+        if gate is not None:
+            return gate
+
+        def read(ks: list[Any]) -> list[dict[str, Any]]:
+            tuples: list[str | tuple[str, ...] | None] = [tuple(k) if isinstance(k, list) else k for k in ks]
+            answers = _service(request).read_features_many(body.entity, tuples, body.features)
+            return [{"key": k, "features": values, "fallbacks": fb}
+                    for k, (values, fb) in zip(ks, answers, strict=True)]
+
+        forwarder = forwarder_of(request)
+        if forwarder is None or body.entity == "item":
+            rows = read(body.keys)
+        else:  # a node holding some partitions: the others' keys are read where they are held
+            scattered = await forwarder.scatter(
+                request, msgspec.structs.asdict(body), body.keys, lambda k: k[0] if isinstance(k, list) else k, read,
+                request.app.state.insession.features.applied_offset)
+            if isinstance(scattered, Response):
+                return scattered
+            rows = scattered
     except QueryError as e:
         return error_response(e)
-    rows = [{"key": k, "features": values, "fallbacks": fb} for k, (values, fb) in zip(body.keys, answers, strict=True)]
     return Response(_json.encode({"entity": body.entity, "rows": rows}), media_type="application/json")
 
 
@@ -196,6 +222,9 @@ async def get_features(
     metrics_of(request)
     if entity == "user_item" and item_id is None:
         return error_response(QueryError("a user_item key needs ?item_id=...", code="bad_key"))
+    gate = await here_or_there(request, key if entity in ("user", "user_item") else None)
+    if gate is not None:
+        return gate
     lookup: str | tuple[str, str] | None = {"global": None, "user_item": (key, item_id or "")}.get(entity, key)
     try:
         values, fallbacks = _service(request).read_features(entity, lookup)

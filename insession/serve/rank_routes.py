@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from insession.rank import ArtefactRefused, ModelInfo, Ranker, RankRequest, RankRequestError, RankResponse
 from insession.serve.auth import require
+from insession.serve.forward import here_or_there
 from insession.serve.metrics import metrics_of
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,9 @@ async def rank(request: Request) -> Response:
         req = _decode_rank.decode(await request.body())
     except msgspec.DecodeError as e:  # ValidationError is a DecodeError
         return _error(422 if isinstance(e, msgspec.ValidationError) else 400, f"invalid rank request: {e}")
+    gate = await here_or_there(request, req.user_id)  # a shopper another node holds is ranked there
+    if gate is not None:
+        return gate
     try:
         result = await _ranker(request).arank(req)
     except RankRequestError as e:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from insession.features import FeatureEngine, FeatureRegistry, default_registry
 from insession.features.declare import DAY_MS, HOUR_MS, MINUTE_MS, UNBOUNDED, Feature, sliding
-from insession.features.engine import CURRENT_FILE, OLD_PICKLE_FILE, _feed, _Partition, _Unit
+from insession.features.engine import CURRENT_FILE, OLD_PICKLE_FILE, PartitionNotHeld, _feed, _Partition, _Unit
 from insession.features.online import Ev, Names, Sessions, make_agg
 from insession.features.snapshot import HEADER_SIZE
 from insession.schema import Event, partition_of
@@ -360,3 +360,43 @@ def test_sweeping_unit_by_unit_equals_one_sweep() -> None:
         by_unit.sweep_next()
     assert captures(by_unit) == captures(whole) != captures(replayed(default_registry(), events))
     assert all_reads(by_unit) == all_reads(replayed(default_registry(), events))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=many_user_streams(), partitions=st.sampled_from([2, 3, 7, 16]),
+       registry=st.sampled_from(sorted(REGISTRIES)), data=st.data())
+def test_a_node_holding_some_partitions_answers_as_one_holding_all(
+        events: list[Event], partitions: int, registry: str, data: st.DataObject) -> None:
+    """A cluster node holding a subset: its held shoppers' features and every item and global feature (fed
+    by all partitions, co-visitation included) equal those of an engine holding every partition; a read
+    of a shopper it does not hold raises PartitionNotHeld, naming the partition to forward to."""
+    reg = REGISTRIES[registry]
+    held = frozenset(data.draw(st.sets(st.integers(0, partitions - 1), min_size=1, max_size=partitions - 1)))
+    whole, subset = replayed(reg, events, partitions), FeatureEngine(reg, partitions=partitions, held=held)
+    subset.update_many(events)
+    expected = all_reads(whole)
+    for (name, user, item), value in expected.items():
+        f = reg[name]
+        key = key_of(f.entity, {"user_id": user, "item_id": item})
+        if f.entity in ("user", "user_item") and partition_of(user, partitions) not in held:
+            with pytest.raises(PartitionNotHeld) as raised:
+                subset.read(name, key)
+            assert raised.value.partitions == {partition_of(user, partitions)}
+            assert not subset.holds(user)
+        else:
+            assert subset.read(name, key) == value, (name, user, item)
+    mine = [u for u in USERS if subset.holds(u)]
+    assert subset.read_all_many("user", mine) == whole.read_all_many("user", mine)
+
+
+def test_a_snapshot_of_other_held_partitions_leads_to_a_rebuild(tmp_path: Path) -> None:
+    """The partitions a node holds change only with a rebuild from the log: a snapshot taken holding other
+    partitions (fewer features in them) is set aside, never restored with features missing."""
+    state, events = _snapshotted(tmp_path)
+    engine = FeatureEngine.open(state, held=frozenset({0, 1}))
+    assert (engine.rejected_snapshots, engine.applied_offset) == (1, -1)
+    engine.update_many(events)
+    engine.snapshot()
+    again = FeatureEngine.open(state, held=frozenset({0, 1}))
+    assert (again.rejected_snapshots, again.applied_offset) == (0, events[-1].offset)
+    assert FeatureEngine.open(state).rejected_snapshots == 1

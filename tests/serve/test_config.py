@@ -162,6 +162,19 @@ def test_every_service_setting_has_a_config_key(section: type[msgspec.Struct], s
          "one of key or sha256"),
         ("[features]\npartitions = 0\n", "server.toml:2: features.partitions: Expected `int` >= 1"),
         ("[server\nport = 1\n", "server.toml: not valid TOML"),
+        ('[cluster]\nnodes = ["http://a:8000"]\nnode = "http://a:8000"\n', "server.toml: (top level): [cluster] "
+         "nodes share one replicated log: set [log] url"),
+        ('[log]\nurl = "nats://n:4222"\n[cluster]\nnodes = ["http://a:8000", "http://b:8000"]\nnode = "http://c:8000"\n',
+         "server.toml:3: cluster: `node` ('http://c:8000') must be one of `nodes`"),
+        ('[log]\nurl = "nats://n:4222"\n[cluster]\nnodes = ["http://a:8000", "http://a:8000"]\nnode = "http://a:8000"\n',
+         "lists a URL twice"),
+        ('[log]\nurl = "nats://n:4222"\n[cluster]\nnodes = ["http://a:8000/x"]\nnode = "http://a:8000/x"\n',
+         "server.toml:4: cluster.nodes[0]: Expected `str` matching regex"),
+        ('[log]\nurl = "nats://n:4222"\n[cluster]\nnodes = ["http://a:8000"]\nnode = "http://a:8000"\ncopies = 2\n',
+         "`copies` (2) cannot exceed the 1 nodes"),
+        ('[cluster]\ncopies = 2\n', "`node` and `copies` need `nodes`"),
+        ('[log]\nurl = "nats://n:4222"\n[features]\npartitions = 1\n[cluster]\nnodes = ["http://a:1", "http://b:1"]\n'
+         'node = "http://b:1"\ncopies = 1\n', "gives node 'http://b:1' none of the 1 partitions"),
     ],
 )
 def test_bad_toml_is_refused_naming_the_key_line_and_what_is_allowed(text: str, says: str) -> None:
@@ -221,3 +234,17 @@ def test_serve_refuses_a_data_directory_in_use_with_one_line(tmp_path: Path) -> 
     assert result.exit_code == 3, result.output
     assert result.output.startswith("error: ") and "one insession per data directory" in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_cluster_layout_holds_each_partition_copies_times_and_is_the_same_from_every_node() -> None:
+    nodes = ["http://a:8000", "http://b:8000", "http://c:8000"]
+    layouts = [parse_config(f'[log]\nurl = "nats://n:4222"\n[cluster]\nnodes = {nodes!r}\nnode = "{me}"\ncopies = 2\n'
+                            .replace("'", '"')).cluster for me in nodes]
+    held = [c.held(16) for c in layouts]
+    assert all(h is not None and len(h) in (10, 11) for h in held)
+    assert all(sum(p in h for h in held if h is not None) == 2 for p in range(16))
+    assert all(c.holders(p) == layouts[0].holders(p) for c in layouts for p in range(16))
+    assert all(nodes[i] in layouts[0].holders(p) for i, h in enumerate(held) if h is not None for p in h)
+    everywhere = parse_config('[log]\nurl = "nats://n:4222"\n[cluster]\nnodes = ["http://a:1", "http://b:1"]\n'
+                              'node = "http://a:1"\n').cluster
+    assert everywhere.held(16) is None and everywhere.holders(3) == ["http://b:1", "http://a:1"]

@@ -31,8 +31,10 @@ from starlette.concurrency import run_in_threadpool
 from insession.model.artefact import CURVE
 from insession.schema import MAX_ID_LEN
 from insession.serve.auth import ROLES, Principal, authorize
+from insession.serve.config import ClusterConfig
 from insession.serve.console.figures import Sample, overview
 from insession.serve.console.views import cluster_view, features_view, model_versions, models_view, shopper_view
+from insession.serve.forward import here_or_there
 from insession.serve.metrics import metrics_of
 
 HERE = Path(__file__).parent
@@ -153,16 +155,23 @@ async def features(request: Request) -> Response:
 
 @router.get("/api/shopper/{user_id}")
 async def shopper(request: Request, user_id: str = UserId) -> Response:
-    """One shopper right now (see `views.shopper_view`)."""
+    """One shopper right now (see `views.shopper_view`); a shopper another node holds is read there."""
     authorize(request, *READ_ROLES)
+    gate = await here_or_there(request, user_id)
+    if gate is not None:
+        return gate
     return _json_response(await run_in_threadpool(shopper_view, request.app.state.insession, user_id))
 
 
 @router.get("/api/shopper/{user_id}/stream")
-async def shopper_stream(request: Request, user_id: str = UserId) -> StreamingResponse:
+async def shopper_stream(request: Request, user_id: str = UserId) -> Response:
     """Server-sent events: the shopper now, then again each time features applied an event of theirs;
-    the stream ends after STREAM_S and the page reconnects (reading the shopper anew)."""
+    the stream ends after STREAM_S and the page reconnects (reading the shopper anew). A shopper another
+    node holds is streamed from there, relayed."""
     authorize(request, *READ_ROLES)
+    gate = await here_or_there(request, user_id)
+    if gate is not None:
+        return gate
     db = request.app.state.insession
     hub = _hub(request)
 
@@ -204,7 +213,8 @@ async def model_curve(request: Request, version: str) -> FileResponse:
 async def cluster(request: Request) -> Response:
     """This node's view of the replicated log (see `views.cluster_view`); `{replicated: false}` on the embedded log."""
     authorize(request, *READ_ROLES)
-    return _json_response(cluster_view(request.app.state.insession))
+    config = getattr(request.app.state, "config", None)
+    return _json_response(cluster_view(request.app.state.insession, config.cluster if config else ClusterConfig()))
 
 
 # -- shared state of the streams --------------------------------------------------------------------

@@ -22,6 +22,7 @@ from insession.model.artefact import CURVE, FEATURES, METRICS, versions
 from insession.model.reranker import SIGNALS
 from insession.rank import RankRequest
 from insession.rank.inputs import Shopper, counters, covisit_counts, signals
+from insession.serve.config import ClusterConfig
 from insession.serve.console.figures import Sample, percentiles_ms
 from insession.serve.metrics import cluster_status
 
@@ -102,13 +103,17 @@ def features_view(db: Any, now: Sample) -> dict[str, Any]:
     }
 
 
-def cluster_view(db: Any) -> dict[str, Any]:
+def cluster_view(db: Any, cluster: ClusterConfig) -> dict[str, Any]:
     """The cluster page: `{replicated: false}` on the embedded log, else this node's `cluster_status` (the
-    figures /metrics and /readyz show: servers, leader, quorum, stale, per-partition and consumer lag)."""
+    figures /metrics and /readyz show: servers, leader, quorum, stale, per-partition and consumer lag), with
+    the nodes holding each partition (`holders`, empty when no `[cluster]` nodes are configured)."""
     status = cluster_status(db)
     if status is None:
         return {"replicated": False}
-    return {"replicated": True, **msgspec.to_builtins(status)}
+    view = {"replicated": True, "node": cluster.node, **msgspec.to_builtins(status)}
+    for p in view["partitions"]:
+        p["holders"] = cluster.holders(p["partition"])
+    return view
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -468,9 +468,10 @@ function renderCluster(c) {
     ["exports the history", yesNo(c.exporting)],
     ["checked", c.checked_s_ago === null ? "not yet" : `${num(c.checked_s_ago, 1)} s ago`],
   ]);
-  fill($("partitions").tBodies[0], c.partitions.map((p) => el("tr", { "data-partition": p.partition },
+  fill($("partitions").tBodies[0], c.partitions.map((p) => el("tr", { "data-partition": p.partition, class: p.held ? null : "muted" },
     el("th", { scope: "row" }, p.partition), el("td", { class: "num" }, p.last_offset < 0 ? "–" : num(p.last_offset)),
-    el("td", { class: "num" + (p.lag > 0 ? " warn" : "") }, num(p.lag)))));
+    el("td", { class: "num" + (p.lag > 0 ? " warn" : "") }, num(p.lag)), el("td", {}, p.held ? "yes" : "no (forwarded)"),
+    el("td", {}, p.holders.length ? p.holders.flatMap((h, i) => [i ? " " : null, el("code", { title: h === c.node ? "this node" : null }, h)]) : "every node"))));
 }
 
 function clusterPage() {
