@@ -57,7 +57,7 @@ import msgspec
 import pyarrow as pa
 
 from insession.log.base import AppendResult, LogUnavailable
-from insession.log.export import events_to_arrow, remove_orphans, write_day_partitions
+from insession.log.export import events_to_arrow, history_location, remove_orphans, write_day_partitions
 from insession.schema import Event, partition_of
 
 log = logging.getLogger(__name__)
@@ -345,13 +345,13 @@ class EventLog:
         """Last offset written to the Parquet history; -1 when nothing is exported."""
         return self._exported
 
-    def export(self, history_dir: Path, upto_offset: int | None = None, *, min_events: int = 1) -> int:
+    def export(self, history_dir: Path | str, upto_offset: int | None = None, *, min_events: int = 1) -> int:
         """Export (exported_offset, upto_offset] to Parquet by event day; idempotent; returns the new mark.
 
         Does nothing while fewer than `min_events` are pending: a periodic caller can pass a segment size
         so the history is a few large files instead of many small ones (the tail stays in `tail_arrow`).
         """
-        history_dir = Path(history_dir)
+        history_dir = history_location(history_dir)  # a Path, or an object-store URI as it is
         with self._export_lock:
             upto = self._last if upto_offset is None else min(upto_offset, self._last)
             if upto - self._exported < max(min_events, 1):

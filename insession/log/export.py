@@ -12,6 +12,17 @@ lists every part with its offset range, row count, size and crc32. `verify_histo
 moves a file the manifest does not list into `_quarantine/` (a stray copy would count its events
 twice), and rebuilds from the log a part that is missing, truncated or altered (size or crc32), so the
 analytics lane and training never read a history that differs from the log without a loud log line.
+
+Object stores (decision): a history location with a URI scheme other than `file://` (`s3://bucket/prefix`,
+`gs://...`, anything `pyarrow.fs.FileSystem.from_uri` opens) is written and read through `pyarrow.fs`
+(`HistoryStore`), the same layout under the prefix. There is no rename: a part is serialised in memory
+and written with one PUT of the whole object, which the store makes visible whole or not at all (a
+writer that dies mid-upload leaves nothing, so there are no temporaries to clean); the manifest is
+likewise one PUT after the parts, replacing the previous one whole. Orphan removal deletes parts beyond
+the mark as on a disk; quarantine is a copy and a delete. `verify_history` checks each listed part's
+size from the listing but does not read every part back for its crc32 (that would download the whole
+history at every start or takeover; a PUT is checksummed by the store on upload). Local paths (and
+`file://` URIs) keep the fsync-then-rename writes above.
 """
 
 from __future__ import annotations
@@ -25,6 +36,9 @@ from pathlib import Path
 
 import msgspec
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from insession.durable import replace_durably, write_atomic
@@ -36,6 +50,7 @@ DAY_MS = 86_400_000
 MANIFEST = "_manifest.json"
 QUARANTINE = "_quarantine"
 _PART = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
+_PART_PATH = re.compile(r"^day=[^/]+/part-(\d+)-(\d+)\.parquet$")  # a part, relative to the history
 _json = msgspec.json.Encoder()
 
 
@@ -66,20 +81,189 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def load_manifest(history_dir: Path) -> dict[str, Part]:
-    path = history_dir / MANIFEST
-    if not path.exists():
+def is_object_store(location: str | Path) -> bool:
+    """Whether a history location is an object-store URI (a scheme other than `file://`), written through
+    pyarrow.fs without renames; a plain path or a `file://` URI is a local directory."""
+    text = str(location)
+    return not isinstance(location, Path) and "://" in text and not text.startswith("file://")
+
+
+def history_location(text: str | Path) -> str | Path:
+    """`[log] history` as the history functions take it: a Path for a local directory (also `file://`), the
+    URI itself for an object store (a Path would fold `s3://` into `s3:/`)."""
+    if is_object_store(text):
+        return str(text)
+    return Path(str(text).removeprefix("file://"))
+
+
+def redacted(location: str | Path) -> str:
+    """A history location fit for messages and logs: credentials in a URI's user part
+    (`s3://KEY:SECRET@bucket/...`) replaced by `***` (prefer the environment's credentials anyway)."""
+    text = str(location)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return text
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rsplit("@", 1)[1]
+    return f"{scheme}://{authority}{slash}{path}"
+
+
+class HistoryStore:
+    """A history's files, on a local disk (`local` set: fsync-then-rename writes, `pathlib`) or in an object
+    store through pyarrow.fs (one PUT per object; see the module doc). Paths given to and returned by the
+    methods are relative to the history (`day=YYYY-MM-DD/part-A-B.parquet`, `_manifest.json`)."""
+
+    def __init__(self, location: str | Path) -> None:
+        self.location = str(location)
+        if is_object_store(location):
+            try:
+                fs, root = pafs.FileSystem.from_uri(self.location)
+            except (pa.ArrowException, ValueError) as e:
+                raise ValueError(f"history {redacted(self.location)!r} is not a filesystem URI pyarrow can open "
+                                 f"({redacted(str(e))}); write "
+                                 "s3://bucket/prefix (credentials from the environment) or a local path") from e
+            self.local: Path | None = None
+            self.fs: pafs.FileSystem = fs
+            self.root = root.rstrip("/")
+        else:
+            self.local = Path(self.location.removeprefix("file://"))
+            self.fs = pafs.LocalFileSystem()
+            self.root = str(self.local)
+
+    @classmethod
+    def of(cls, history: str | Path | HistoryStore) -> HistoryStore:
+        return history if isinstance(history, HistoryStore) else cls(history)
+
+    def __str__(self) -> str:
+        return redacted(self.location)
+
+    def full(self, rel: str) -> str:
+        """The path of `rel` as `self.fs` names it."""
+        return f"{self.root}/{rel}"
+
+    def exists(self) -> bool:
+        if self.local is not None:
+            return self.local.exists()
+        return self.fs.get_file_info(self.root).type != pafs.FileType.NotFound or bool(self.files())
+
+    def files(self) -> dict[str, int]:
+        """Every file one level below a `day=` directory (parts, and locally also temporaries): relative path
+        -> size in bytes."""
+        if self.local is not None:
+            return {str(p.relative_to(self.local)): p.stat().st_size
+                    for p in self.local.glob("day=*/*") if p.is_file()}
+        out = {}
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True, allow_not_found=True))
+        for info in infos:
+            rel = info.path[len(self.root) + 1:]
+            if info.type == pafs.FileType.File and rel.startswith("day=") and rel.count("/") == 1:
+                out[rel] = int(info.size or 0)
+        return out
+
+    def parts(self) -> list[str]:
+        """The complete part files (`day=*/part-A-B.parquet`), sorted: what analytics and training read."""
+        if self.local is not None:
+            return sorted(str(p.relative_to(self.local)) for p in self.local.glob(HISTORY_GLOB))
+        return sorted(rel for rel in self.files() if _PART_PATH.match(rel))
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        """A whole file's bytes; None when it does not exist."""
+        if self.local is not None:
+            path = self.local / rel
+            return path.read_bytes() if path.exists() else None
+        try:
+            with self.fs.open_input_stream(self.full(rel)) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Replace `rel` with `data`, whole: fsync-then-rename on a disk, one PUT to an object store."""
+        if self.local is not None:
+            write_atomic(self.local / rel, data)
+            return
+        with self.fs.open_output_stream(self.full(rel)) as f:
+            f.write(data)
+
+    def write_part(self, rel: str, events: Sequence[Event]) -> Part:
+        """Write events as the Parquet part `rel`, whole or not at all; its manifest record."""
+        table = events_to_arrow(events)
+        if self.local is not None:
+            path = self.local / rel
+            write_parquet_atomic(table, path)
+            return Part(rel, events[0].offset, events[-1].offset, len(events), path.stat().st_size, _crc32(path))
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        data = sink.getvalue().to_pybytes()
+        self.write_bytes(rel, data)
+        return Part(rel, events[0].offset, events[-1].offset, len(events), len(data), zlib.crc32(data))
+
+    def intact(self, part: Part, size: int | None) -> bool:
+        """Whether the file of `part` (listed with `size`; None: absent) is what the manifest records: size and
+        crc32 on a disk, size in an object store (module doc)."""
+        if size is None or size != part.size:
+            return False
+        return self.local is None or _crc32(self.local / part.path) == part.crc32
+
+    def delete(self, rel: str) -> None:
+        if self.local is not None:
+            (self.local / rel).unlink()
+        else:
+            self.fs.delete_file(self.full(rel))
+
+    def move(self, rel: str, to: str) -> None:
+        """Move a file within the history (a rename on a disk; a copy and a delete in an object store)."""
+        if self.local is not None:
+            target = self.local / to
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (self.local / rel).replace(target)
+        else:
+            self.fs.move(self.full(rel), self.full(to))
+
+    def rows(self, rel: str) -> int:
+        """A part's row count from its Parquet footer."""
+        if self.local is not None:
+            return pq.read_metadata(self.local / rel).num_rows
+        with self.fs.open_input_file(self.full(rel)) as f:
+            return pq.read_metadata(f).num_rows
+
+    def dataset(self, rels: Sequence[str]) -> pads.Dataset:
+        """The given parts as one Arrow dataset with `EVENT_ARROW_SCHEMA` (a part older than a column reads it
+        as null), scanned lazily through this store's filesystem."""
+        return pads.dataset([self.full(r) for r in rels], schema=EVENT_ARROW_SCHEMA, format="parquet",
+                            filesystem=self.fs)
+
+
+def part_range(rel: str) -> tuple[int, int]:
+    """The (first, last) offsets in a part's name."""
+    m = _PART.match(rel.rsplit("/", 1)[-1])
+    if m is None:
+        raise ValueError(f"{rel} is not a history part's name")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _first(rel: str) -> int:
+    """A part's first offset by its name; 0 for a file the glob matched without offsets in its name (a stray
+    copy: read, and filtered by its rows' offsets, as the analytics lane reads it)."""
+    m = _PART.match(rel.rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else 0
+
+
+def _last(rel: str) -> int:
+    m = _PART.match(rel.rsplit("/", 1)[-1])
+    return int(m.group(2)) if m else 2**62
+
+
+def load_manifest(history_dir: str | Path | HistoryStore) -> dict[str, Part]:
+    data = HistoryStore.of(history_dir).read_bytes(MANIFEST)
+    if data is None:
         return {}
-    return {p.path: p for p in msgspec.json.decode(path.read_bytes(), type=list[Part])}
+    return {p.path: p for p in msgspec.json.decode(data, type=list[Part])}
 
 
-def _save_manifest(history_dir: Path, parts: dict[str, Part]) -> None:
-    write_atomic(history_dir / MANIFEST, msgspec.json.encode(sorted(parts.values(), key=lambda p: p.path)))
-
-
-def _record(history_dir: Path, path: Path, events: Sequence[Event]) -> Part:
-    return Part(str(path.relative_to(history_dir)), events[0].offset, events[-1].offset, len(events),
-                path.stat().st_size, _crc32(path))
+def _save_manifest(store: HistoryStore, parts: dict[str, Part]) -> None:
+    store.write_bytes(MANIFEST, msgspec.json.encode(sorted(parts.values(), key=lambda p: p.path)))
 
 
 def events_to_arrow(events: Sequence[Event]) -> pa.Table:
@@ -120,10 +304,42 @@ def events_from_arrow(table: pa.Table | pa.RecordBatch) -> list[Event]:
 HISTORY_GLOB = "day=*/part-*.parquet"  # a history's part files: not temporaries, not `_quarantine/`
 
 
-def history_files(history_dir: Path) -> list[str]:
+def history_files(history_dir: str | Path | HistoryStore) -> list[str]:
     """The complete Parquet part files of the history: what analytics and training read (temporaries of a
-    running export and files set aside in `_quarantine/` are not matched)."""
-    return sorted(str(p) for p in Path(history_dir).glob(HISTORY_GLOB))
+    running export and files set aside in `_quarantine/` are not matched). Full paths, as the store's
+    filesystem names them (for a local directory: ordinary paths)."""
+    store = HistoryStore.of(history_dir)
+    return [store.full(rel) for rel in store.parts()]
+
+
+def read_history(history: str | Path | HistoryStore, below: int | None = None) -> pa.Table:
+    """The history's events (EVENT_ARROW_SCHEMA, part order), only those with offset < `below` when given:
+    parts that start at or beyond it are not even opened (a takeover may be removing them)."""
+    store = HistoryStore.of(history)
+    rels = [r for r in store.parts() if below is None or _first(r) < below]
+    if not rels:
+        return EVENT_ARROW_SCHEMA.empty_table()
+    table = store.dataset(rels).to_table()
+    return table if below is None else table.filter(pc.less(table["offset"], below))
+
+
+def history_dataset(history: str | Path | HistoryStore, below: int | None = None) -> pads.Dataset:
+    """The history as a lazily scanned Arrow dataset holding only offsets < `below` (when given): parts wholly
+    below it are scanned from the store; a part that straddles it (a mark trailing the exporter's) is read
+    and filtered in memory. What the analytics lane hands DuckDB for an object-store history."""
+    store = HistoryStore.of(history)
+    whole, straddling = [], []
+    for rel in store.parts():
+        first, last = _first(rel), _last(rel)
+        if below is None or last < below:
+            whole.append(rel)
+        elif first < below:
+            straddling.append(rel)
+    children: list[pads.Dataset] = [store.dataset(whole)]
+    if straddling:
+        table = store.dataset(straddling).to_table()
+        children.append(pads.dataset(table.filter(pc.less(table["offset"], below))))
+    return children[0] if len(children) == 1 else pads.dataset(children)
 
 
 def day_of(ts_ms: int) -> str:
@@ -139,98 +355,97 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     replace_durably(tmp, path)
 
 
-def write_day_partitions(events: Sequence[Event], history_dir: Path) -> list[Path]:
-    """Write events (in offset order) as one Parquet file per event day; returns the files written."""
+def write_day_partitions(events: Sequence[Event], history_dir: str | Path | HistoryStore) -> list[str]:
+    """Write events (in offset order) as one Parquet file per event day, then the manifest listing them;
+    returns the parts written (relative to the history)."""
+    store = HistoryStore.of(history_dir)
     by_day: dict[int, list[Event]] = {}
     for ev in events:
         by_day.setdefault(ev.ts // DAY_MS, []).append(ev)
     written = []
-    manifest = load_manifest(history_dir)
+    manifest = load_manifest(store)
     for day_index, day_events in sorted(by_day.items()):
-        path = (history_dir / f"day={day_of(day_index * DAY_MS)}"
-                / f"part-{day_events[0].offset}-{day_events[-1].offset}.parquet")
-        write_parquet_atomic(events_to_arrow(day_events), path)
-        part = _record(history_dir, path, day_events)
-        manifest[part.path] = part
-        written.append(path)
+        rel = f"day={day_of(day_index * DAY_MS)}/part-{day_events[0].offset}-{day_events[-1].offset}.parquet"
+        manifest[rel] = store.write_part(rel, day_events)
+        written.append(rel)
     if written:
-        _save_manifest(history_dir, manifest)
+        _save_manifest(store, manifest)
     return written
 
 
-def history_end(history_dir: Path) -> int:
+def history_end(history_dir: str | Path | HistoryStore) -> int:
     """The last offset the Parquet history holds, by its manifest and its part files' names; -1: none."""
+    store = HistoryStore.of(history_dir)
     try:
-        ends = [part.last for part in load_manifest(history_dir).values()]
+        ends = [part.last for part in load_manifest(store).values()]
     except ValueError:  # an unreadable manifest: verify_history refuses it with its own message
         ends = []
-    ends += [int(m.group(2)) for path in history_dir.glob(HISTORY_GLOB) if (m := _PART.match(path.name))]
+    ends += [int(m.group(2)) for rel in store.parts() if (m := _PART.match(rel.rsplit("/", 1)[-1]))]
     return max(ends, default=-1)
 
 
-def remove_orphans(history_dir: Path, exported_offset: int) -> int:
+def remove_orphans(history_dir: str | Path | HistoryStore, exported_offset: int) -> int:
     """Delete part files (and temporaries) left by an export that crashed before it was recorded, and
     their manifest entries."""
+    store = HistoryStore.of(history_dir)
     removed = 0
-    for path in history_dir.glob("day=*/*"):
-        m = _PART.match(path.name)
-        if (m is None and path.name.endswith(".parquet.tmp")) or (m and int(m.group(1)) > exported_offset):
-            path.unlink()
+    for rel in store.files():
+        m = _PART.match(rel.rsplit("/", 1)[-1])
+        if (m is None and rel.endswith(".parquet.tmp")) or (m and int(m.group(1)) > exported_offset):
+            store.delete(rel)
             removed += 1
-    manifest = load_manifest(history_dir)
+    manifest = load_manifest(store)
     kept = {name: p for name, p in manifest.items() if p.first <= exported_offset}
     if len(kept) != len(manifest):
-        _save_manifest(history_dir, kept)
+        _save_manifest(store, kept)
     return removed
 
 
-def verify_history(history_dir: Path, exported_offset: int,
+def verify_history(history_dir: str | Path | HistoryStore, exported_offset: int,
                    read: Callable[[int, int], Iterable[Event]]) -> HistoryCheck:
     """Make the Parquet history what the manifest says (see the module doc). `read(first, last)` gives the
     log's events in [first, last]. A directory from before the manifest is adopted as it is (once).
     Raises ValueError when a part cannot be rebuilt to its recorded rows from the log."""
+    store = HistoryStore.of(history_dir)
     check = HistoryCheck()
-    if not history_dir.exists():
+    if not store.exists():
         return check
-    remove_orphans(history_dir, exported_offset)
-    manifest = load_manifest(history_dir)
-    on_disk = {str(p.relative_to(history_dir)): p for p in history_dir.glob("day=*/*") if p.is_file()}
+    remove_orphans(store, exported_offset)
+    manifest = load_manifest(store)
+    on_disk = store.files()
     if not manifest and on_disk:  # written before the manifest existed: adopt what is there
-        for name, path in on_disk.items():
-            m = _PART.match(path.name)
+        for name in on_disk:
+            m = _PART.match(name.rsplit("/", 1)[-1])
             if m:
-                rows = pq.read_metadata(path).num_rows
-                manifest[name] = Part(name, int(m.group(1)), int(m.group(2)), rows, path.stat().st_size, _crc32(path))
-        _save_manifest(history_dir, manifest)
-        log.warning("history %s had no manifest: adopted %d parts as they are", history_dir.name, len(manifest))
-    for name, path in on_disk.items():
+                data = store.read_bytes(name) or b""
+                manifest[name] = Part(name, int(m.group(1)), int(m.group(2)), store.rows(name), len(data),
+                                      zlib.crc32(data))
+        _save_manifest(store, manifest)
+        log.warning("history %s had no manifest: adopted %d parts as they are", store, len(manifest))
+    for name in on_disk:
         if name not in manifest:
-            _quarantine(history_dir, path, "not in the manifest (a stray copy would count its events twice)")
+            _quarantine(store, name, "not in the manifest (a stray copy would count its events twice)")
             check.quarantined += 1
     for name, part in manifest.items():
-        path = history_dir / name
-        if path.exists() and path.stat().st_size == part.size and _crc32(path) == part.crc32:
+        if store.intact(part, on_disk.get(name)):
             continue
-        if path.exists():
-            _quarantine(history_dir, path, "its size or crc32 differs from the manifest's")
+        if name in on_disk:
+            _quarantine(store, name, "its size or crc32 differs from the manifest's")
             check.quarantined += 1
-        day = path.parent.name.removeprefix("day=")
+        day = name.split("/", 1)[0].removeprefix("day=")
         events = [e for e in read(part.first, part.last) if day_of(e.ts) == day]
         if len(events) != part.rows:
             raise ValueError(f"history part {name} cannot be rebuilt from the log: {len(events)} of its "
                              f"{part.rows} events are in the log")
-        write_parquet_atomic(events_to_arrow(events), path)
-        manifest[name] = _record(history_dir, path, events)
+        manifest[name] = store.write_part(name, events)
         log.warning("history part %s was missing or damaged: rebuilt from the log (%d events)", name, part.rows)
         check.rebuilt += 1
     if check.rebuilt:
-        _save_manifest(history_dir, manifest)
+        _save_manifest(store, manifest)
     check.parts = len(manifest)
     return check
 
 
-def _quarantine(history_dir: Path, path: Path, why: str) -> None:
-    target = history_dir / QUARANTINE / path.relative_to(history_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    path.replace(target)
-    log.warning("history file %s moved to %s/: %s", path.relative_to(history_dir), QUARANTINE, why)
+def _quarantine(store: HistoryStore, rel: str, why: str) -> None:
+    store.move(rel, f"{QUARANTINE}/{rel}")
+    log.warning("history file %s moved to %s/: %s", rel, QUARANTINE, why)

@@ -52,6 +52,11 @@ one exports at a time: the holder of the export lease (`insession.log.lease`, a 
 bucket with a TTL), whose mark lives beside the lease, where every node reads it; a node that takes the
 lease first makes the history what its manifest and the mark say (`verify_history`: removes a dead
 holder's parts beyond the mark), then continues from the mark, so no event is written twice or skipped.
+The history may be an object store (`s3://...`, `insession.log.export.HistoryStore`).
+
+Readers that are not nodes (`insession train --log`) use `StreamReader`: read-only, it creates no stream
+and takes no lease; it reads the export mark, the stream's end from its leader (every acknowledged event
+is at or below it) and the events after the mark, and refuses without a quorum.
 """
 
 from __future__ import annotations
@@ -79,8 +84,16 @@ import pyarrow as pa
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from insession.log.base import AppendResult, ClusterState, LogConfig, LogUnavailable, OnCommit, ServerState
-from insession.log.export import events_to_arrow, history_end, remove_orphans, verify_history, write_day_partitions
-from insession.log.lease import ExportLease, LeaseLost
+from insession.log.export import (
+    events_to_arrow,
+    history_end,
+    history_location,
+    redacted,
+    remove_orphans,
+    verify_history,
+    write_day_partitions,
+)
+from insession.log.lease import MARK_KEY, ExportLease, LeaseLost
 from insession.schema import BatchRejected, Event, FieldError, partition_of
 
 log = logging.getLogger(__name__)
@@ -136,9 +149,86 @@ def monitor_urls(config: LogConfig) -> list[str]:
     return out
 
 
+NATS_SCHEMES = ("nats", "tls")
+
+
 def server_urls(config: LogConfig) -> list[str]:
-    """The `[log] url` list, each with a scheme."""
-    return [u if "://" in u else f"nats://{u}" for u in (x.strip() for x in config.url.split(",")) if u]
+    """The `[log] url` list, each with a scheme (`host:port` alone means `nats://host:port`). Raises
+    JetStreamError naming the entry when one is not a NATS server URL (a bad config refuses to start)."""
+    urls = [u if "://" in u else f"nats://{u}" for u in (x.strip() for x in config.url.split(",")) if u]
+    for url in urls:
+        parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a port that is not a number in 0..65535
+        except ValueError:
+            bad = True
+        else:
+            bad = parts.scheme not in NATS_SCHEMES or not parts.hostname or parts.path not in ("", "/")
+        if bad:
+            raise JetStreamError(f"[log] url / --log: {url!r} is not a NATS server URL; write "
+                                 "nats://host:4222, comma-separated for several servers (docs/cluster.md)")
+    return urls
+
+
+async def direct_get(nc: Any, stream: str, req: dict[str, Any], on_msg: Callable[[Any], None]) -> dict[str, str]:
+    """One batch direct get (`$JS.API.DIRECT.GET`, answered by any replica): `on_msg` gets each message,
+    in order; returns the end marker's headers (status 204: `Nats-Last-Sequence`, `Nats-UpTo-Sequence`),
+    or {} when nothing matched (404). A callback, not next_msg(): no timer per message."""
+    done: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+
+    async def collect(msg: Any) -> None:
+        if done.done():
+            return
+        headers = msg.headers
+        status = headers.get("Status") if headers else None
+        if status is None:
+            try:
+                on_msg(msg)
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                done.set_exception(e)
+        elif status == "204":  # end of batch
+            done.set_result(headers)
+        elif status == "404":  # nothing matched
+            done.set_result({})
+        else:
+            done.set_exception(_Retry(f"direct get answered {status} {headers.get('Description', '')}"))
+
+    sub = await nc.subscribe(nc.new_inbox(), cb=collect)
+    try:
+        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(req).encode(), reply=sub.subject)
+        return await asyncio.wait_for(done, ATTEMPT_TIMEOUT_S)
+    except TimeoutError as e:
+        raise _Retry("no replica answered a read in time") from e
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+
+
+async def get_batch(nc: Any, stream: str, seq: int, n: int, subject: str | None) -> list[Event]:
+    """Up to n stored events from sequence `seq` (of one subject), from whichever replica answers.
+
+    A whole-stream read asks for the bodies only (`no_hdr`: nats-py parses headers in Python, most of
+    a read's cost): the stream is dense, so the i-th message has sequence seq + i, which the batch's
+    end marker confirms (its Nats-Last-Sequence). One partition's messages are not adjacent: they
+    come with their headers and each one's Nats-Sequence.
+    """
+    req: dict[str, Any] = {"seq": seq, "batch": n}
+    if subject is None:
+        req["no_hdr"] = True
+    else:
+        req["next_by_subj"] = subject
+    out: list[Event] = []
+
+    def on_msg(msg: Any) -> None:
+        ev = _decoder.decode(msg.data)
+        ev.offset = seq + len(out) - 1 if subject is None else int(msg.headers["Nats-Sequence"]) - 1
+        out.append(ev)
+
+    end = int((await direct_get(nc, stream, req, on_msg)).get("Nats-Last-Sequence", -1))
+    if out and subject is None and end != out[-1].offset + 1:
+        raise RuntimeError(f"stream {stream} has a gap: {len(out)} messages from sequence {seq} end at {end}; "
+                           "something deleted messages from it (insession never does)")
+    return out
 
 
 def check_synced(monitors: list[str], timeout_s: float = 2.0) -> list[str]:
@@ -499,63 +589,10 @@ class JetStreamLog:
     # -- reads --------------------------------------------------------------------------------------
 
     async def _direct_get(self, req: dict[str, Any], on_msg: Callable[[Any], None]) -> dict[str, str]:
-        """One batch direct get (`$JS.API.DIRECT.GET`, answered by any replica): `on_msg` gets each message,
-        in order; returns the end marker's headers (status 204: `Nats-Last-Sequence`, `Nats-UpTo-Sequence`),
-        or {} when nothing matched (404). A callback, not next_msg(): no timer per message."""
-        done: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
-
-        async def collect(msg: Any) -> None:
-            if done.done():
-                return
-            headers = msg.headers
-            status = headers.get("Status") if headers else None
-            if status is None:
-                try:
-                    on_msg(msg)
-                except Exception as e:  # noqa: BLE001 - handed to the caller
-                    done.set_exception(e)
-            elif status == "204":  # end of batch
-                done.set_result(headers)
-            elif status == "404":  # nothing matched
-                done.set_result({})
-            else:
-                done.set_exception(_Retry(f"direct get answered {status} {headers.get('Description', '')}"))
-
-        sub = await self._nc.subscribe(self._nc.new_inbox(), cb=collect)
-        try:
-            await self._nc.publish(f"$JS.API.DIRECT.GET.{self.stream}", json.dumps(req).encode(), reply=sub.subject)
-            return await asyncio.wait_for(done, ATTEMPT_TIMEOUT_S)
-        except TimeoutError as e:
-            raise _Retry("no replica answered a read in time") from e
-        finally:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+        return await direct_get(self._nc, self.stream, req, on_msg)
 
     async def _get_batch(self, seq: int, n: int, subject: str | None) -> list[Event]:
-        """Up to n stored events from sequence `seq` (of one subject), from whichever replica answers.
-
-        A whole-stream read asks for the bodies only (`no_hdr`: nats-py parses headers in Python, most of
-        a read's cost): the stream is dense, so the i-th message has sequence seq + i, which the batch's
-        end marker confirms (its Nats-Last-Sequence). One partition's messages are not adjacent: they
-        come with their headers and each one's Nats-Sequence.
-        """
-        req: dict[str, Any] = {"seq": seq, "batch": n}
-        if subject is None:
-            req["no_hdr"] = True
-        else:
-            req["next_by_subj"] = subject
-        out: list[Event] = []
-
-        def on_msg(msg: Any) -> None:
-            ev = _decoder.decode(msg.data)
-            ev.offset = seq + len(out) - 1 if subject is None else int(msg.headers["Nats-Sequence"]) - 1
-            out.append(ev)
-
-        end = int((await self._direct_get(req, on_msg)).get("Nats-Last-Sequence", -1))
-        if out and subject is None and end != out[-1].offset + 1:
-            raise RuntimeError(f"stream {self.stream} has a gap: {len(out)} messages from sequence {seq} end at {end}; "
-                               "something deleted messages from it (insession never does)")
-        return out
+        return await get_batch(self._nc, self.stream, seq, n, subject)
 
     async def _partition_ends(self) -> tuple[list[int], int]:
         """The newest sequence of each partition (0: none) and the stream's, as the replica that answers has them."""
@@ -744,11 +781,11 @@ class JetStreamLog:
         """Whether this node writes the history now: its own always; a shared one while it holds the lease."""
         return self._lease is None or self._lease.held()
 
-    def export(self, history_dir: Path, upto_offset: int | None = None, *, min_events: int = 1) -> int:
+    def export(self, history_dir: Path | str, upto_offset: int | None = None, *, min_events: int = 1) -> int:
         """Export (exported_offset, upto_offset] to Parquet by event day, as the embedded log does; returns the
         mark. With a shared history only the lease holder writes (elsewhere: the mark, nothing written);
         each chunk is committed by moving the mark, and a holder that lost the lease stops at once."""
-        history_dir = Path(history_dir)
+        history_dir = history_location(history_dir)  # a Path, or an object-store URI as it is
         lease = self._lease
         with self._export_lock:
             if lease is not None and not lease.held():
@@ -793,9 +830,9 @@ class JetStreamLog:
         info = self._run(self._nc.jetstream(timeout=timeout_s).stream_info(self.stream), timeout_s + 1)
         stream_end, end = int(info.state.last_seq) - 1, history_end(history_dir)
         if end > stream_end:
-            raise JetStreamError(f"the shared history {history_dir} holds events up to offset {end} but stream "
-                                 f"{self.stream} ends at offset {stream_end}: it is another stream's history. Point "
-                                 "[log] history at this stream's own directory, or move that one aside.")
+            raise JetStreamError(f"the shared history {redacted(history_dir)} holds events up to offset {end} but "
+                                 f"stream {self.stream} ends at offset {stream_end}: it is another stream's history. "
+                                 "Point [log] history at this stream's own directory, or move that one aside.")
 
     def _save_mark(self, offset: int) -> None:
         tmp = self._mark_path.with_suffix(".tmp")
@@ -851,6 +888,165 @@ class JetStreamLog:
         self._loop.close()
 
     def __enter__(self) -> JetStreamLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class StreamReader:
+    """A read-only client of the replicated log for tools that are not nodes (`insession train --log`).
+
+    It creates nothing (a missing stream is an error, not a new stream), takes no export lease, starts no
+    follower or watcher, and checks no server's fsync setting (it writes nothing). What it reads:
+
+    - `shared_mark()`: the export mark of a shared `[log] history`, from the lease bucket's leader (None
+      when no node ever exported into a shared history of this stream);
+    - `last_offset()`: the stream's newest offset from the stream's leader, so every event acknowledged
+      before the call is at or below it (an acknowledged event is on a quorum, and the leader has it);
+    - `read(first, upto)` / `tail_arrow(first, upto)`: the stream's events in [first, upto] from whichever
+      replica answers, asked again until `ack_timeout_s` while a lagging replica has not caught up.
+
+    Decision: reading "every acknowledged event" needs the stream's leader, i.e. a quorum. Without one the
+    reader fails (JetStreamError naming the servers) instead of training on whatever one replica holds.
+    """
+
+    def __init__(self, config: LogConfig) -> None:
+        self.config = config
+        self.stream = config.stream
+        self._urls = server_urls(config)
+        if not self._urls:
+            raise JetStreamError("[log] url / --log names no NATS server")
+        self._timeout_s = config.ack_timeout_s
+        self._loop = asyncio.new_event_loop()
+        self._io = threading.Thread(target=self._loop.run_forever, name="insession-nats-reader", daemon=True)
+        self._io.start()
+        self._nc: Any = None
+        try:
+            self._nc = self._run(self._connect(), self._timeout_s + 5)
+        except BaseException:
+            self.close()
+            raise
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout_s: float) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    def _servers(self) -> str:
+        return ", ".join(self._urls)
+
+    async def _connect(self) -> Any:
+        async def on_error(e: Exception) -> None:
+            log.debug("NATS connection (reader): %s", e)
+
+        try:
+            return await asyncio.wait_for(
+                nats.connect(servers=self._urls, connect_timeout=2, reconnect_time_wait=0.25,
+                             max_reconnect_attempts=-1, error_cb=on_error, name="insession-reader"),
+                self._timeout_s)
+        except (TimeoutError, OSError, nats.errors.Error) as e:
+            raise JetStreamError(f"no NATS server of {self._servers()} answered within {self._timeout_s:.0f} s "
+                                 f"({type(e).__name__}); check --log / [log] url and that the servers run") from e
+
+    async def _with_leader(self, what: str, call: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """`call()` until it answers; a cluster without a leader (an election, a lost quorum) is asked again
+        until ack_timeout_s, then JetStreamError."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout_s
+        while True:
+            try:
+                return await call()
+            except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                    TimeoutError) as e:
+                if loop.time() >= deadline:
+                    raise JetStreamError(
+                        f"no leader of {what} answered within {self._timeout_s:.0f} s ({type(e).__name__}): reading "
+                        "every acknowledged event needs a quorum, a majority of the servers "
+                        f"{self._servers()} up; start them or wait for them") from e
+                await asyncio.sleep(0.25)
+
+    def shared_mark(self) -> int | None:
+        """The shared history's export mark (-1: nothing exported yet); None: no lease bucket, i.e. no node
+        of this stream was ever configured with a shared `[log] history`."""
+        bucket = f"{self.stream}_export"
+        js = self._nc.jetstream(timeout=min(self._timeout_s, ATTEMPT_TIMEOUT_S))
+
+        async def read() -> int | None:
+            try:
+                kv = await js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                return None
+            try:
+                entry = await kv.get(MARK_KEY)
+            except nats.js.errors.NotFoundError:  # never written (or deleted)
+                return -1
+            return int(entry.value)
+
+        return self._run(self._with_leader(f"the export bucket {bucket}", read), self._timeout_s + 5)
+
+    def last_offset(self) -> int:
+        """The stream's newest offset as its leader has it (-1: empty). JetStreamError when the stream does not
+        exist or no leader answers."""
+        js = self._nc.jetstream(timeout=min(self._timeout_s, ATTEMPT_TIMEOUT_S))
+
+        async def info() -> Any:
+            try:
+                return await js.stream_info(self.stream)
+            except nats.js.errors.NotFoundError as e:
+                raise JetStreamError(f"stream {self.stream} does not exist on {self._servers()}: check --stream / "
+                                     "[log] stream (a node creates it when it first opens the log)") from e
+
+        got = self._run(self._with_leader(f"stream {self.stream}", info), self._timeout_s + 5)
+        return int(got.state.last_seq) - 1
+
+    def read(self, first: int, upto: int) -> Iterator[Event]:
+        """The stream's events with first <= offset <= upto, in offset order; JetStreamError when the replicas
+        that answer do not reach `upto` within ack_timeout_s."""
+        start = max(first, 0)
+        give_up = time.monotonic() + self._timeout_s
+        reason = "no read yet"
+        while start <= upto:
+            n = min(READ_PAGE, upto - start + 1)
+            try:
+                page = self._run(get_batch(self._nc, self.stream, start + 1, n, None), ATTEMPT_TIMEOUT_S * 2)
+            except _Retry as e:
+                page, reason = [], str(e)
+            else:
+                reason = "the replica that answered has not caught up"
+            page = [ev for ev in page if ev.offset <= upto]
+            if page:
+                yield from page
+                start = page[-1].offset + 1
+                give_up = time.monotonic() + self._timeout_s
+                continue
+            if time.monotonic() > give_up:
+                raise JetStreamError(f"reading stream {self.stream} stopped at offset {start - 1} of {upto}: {reason}")
+            time.sleep(FOLLOW_IDLE_S)
+
+    def tail_arrow(self, first: int, upto: int) -> pa.Table:
+        """`read(first, upto)` as `EVENT_ARROW_SCHEMA`."""
+        return events_to_arrow(list(self.read(first, upto)))
+
+    def close(self) -> None:
+        """Close the connection and stop the client's loop (idempotent)."""
+        if self._loop.is_closed():
+            return
+
+        async def finish() -> None:
+            if self._nc is not None:
+                with contextlib.suppress(Exception):
+                    await self._nc.close()
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in rest:
+                task.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            self._run(finish(), 10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._io.join()
+        self._loop.close()
+
+    def __enter__(self) -> StreamReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

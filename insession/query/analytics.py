@@ -83,7 +83,7 @@ class Sources:
     for `items_ttl_s`) in the server and ships the tables to the worker as Arrow IPC.
     """
 
-    history_dir: Path | None
+    history_dir: Path | str | None  # a local directory, or an object-store URI (read through pyarrow.fs)
     exported_offset: Callable[[], int]
     tail_arrow: Callable[[int], pa.Table]  # events with offset >= argument, EVENT_ARROW_SCHEMA
     items_arrow: Callable[[], pa.Table]  # the catalogue, ITEM_ARROW_SCHEMA
@@ -91,7 +91,7 @@ class Sources:
     catalog_path: Path | None = None
 
     @classmethod
-    def of(cls, log: Any, catalog: Any, history_dir: Path | None) -> Sources:
+    def of(cls, log: Any, catalog: Any, history_dir: Path | str | None) -> Sources:
         """From an `EventLog` and a `Catalog` (`insession.log`): workers read their files."""
         return cls(history_dir, log.exported_offset, log.tail_arrow, catalog.to_arrow, log.path, catalog.path)
 

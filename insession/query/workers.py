@@ -16,7 +16,10 @@ unpickle anything). Results travel as Arrow IPC bytes, already cut to the row an
 
 The worker reads the sources itself: the history directory, the log's tail and the catalogue through
 read-only SQLite connections (one read transaction for the export mark and the tail, so the two agree),
-or Arrow IPC shipped with the job when the lane was given callables instead of files.
+or Arrow IPC shipped with the job when the lane was given callables instead of files. A history in an
+object store (`s3://...`, see `insession.log.export`) is read through pyarrow.fs and handed to DuckDB as
+an Arrow dataset (parts scanned lazily, with projection and filter pushdown), unioned with the tail:
+DuckDB's own httpfs extension is neither installed nor allowed (external access is off).
 
 `WorkerProcess` is the parent's handle: `call(job, timeout_s)` sends a job and waits at most
 `timeout_s`; past it the worker is SIGKILLed, reaped and restarted, and `WorkerTimeout` is raised.
@@ -44,8 +47,10 @@ from urllib.parse import quote
 import duckdb
 import msgspec
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 
-from insession.log.export import events_to_arrow
+from insession.log.export import HistoryStore, events_to_arrow, history_dataset, is_object_store
 from insession.query.tables import connect
 from insession.schema import ITEM_ARROW_SCHEMA, Event
 
@@ -370,6 +375,7 @@ class _Executor:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self._items: tuple[float, pa.Table] | None = None
+        self._store: HistoryStore | None = None  # an object-store history's filesystem, opened on first use
 
     def _items_table(self) -> pa.Table:
         assert self.config.catalog_path is not None
@@ -392,8 +398,19 @@ class _Executor:
             tail, items = read_tail(cfg.log_path), self._items_table()
         else:
             raise ValueError("the job carries no sources and the worker has no log to read")
-        history = Path(cfg.history_dir) if cfg.history_dir is not None else None
-        con = connect(history_dir=history, tail=tail, items=items, threads=cfg.threads, memory_limit=cfg.memory_limit)
+        if cfg.history_dir is not None and is_object_store(cfg.history_dir):
+            # DuckDB cannot read the object store itself (no httpfs here, and external access is off): the
+            # history goes in as an Arrow dataset scanned through pyarrow.fs, unioned with the tail
+            first = int(pc.min(tail.column("offset")).as_py()) if tail.num_rows else None
+            if self._store is None:
+                self._store = HistoryStore(cfg.history_dir)
+            events = pads.dataset([history_dataset(self._store, below=first), pads.dataset(tail)])
+            con = connect(history_dir=None, tail=events, items=items,  # type: ignore[arg-type]  # scanned as Arrow
+                          threads=cfg.threads, memory_limit=cfg.memory_limit)
+        else:
+            history = Path(cfg.history_dir) if cfg.history_dir is not None else None
+            con = connect(history_dir=history, tail=tail, items=items, threads=cfg.threads,
+                          memory_limit=cfg.memory_limit)
         try:
             params = job.params or None
             if job.kind == "explain":

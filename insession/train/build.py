@@ -18,6 +18,7 @@ with the session's items) come from the same state through the model's `signal_r
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -34,8 +35,16 @@ import pyarrow.parquet as pq
 from insession.datasets.files import EVENTS_FILE, ITEMS_FILE
 from insession.features import offline
 from insession.features.declare import MINUTE_MS, FeatureRegistry, default_registry
+from insession.log.base import LogConfig
 from insession.log.eventlog import LOG_FILE
-from insession.log.export import HISTORY_GLOB, history_files
+from insession.log.export import (
+    HISTORY_GLOB,
+    history_files,
+    history_location,
+    is_object_store,
+    read_history,
+    redacted,
+)
 from insession.model.reranker import COUNTERS, QUERIES, SIGNALS, signal_rows
 from insession.model.vocab import QUERY_GRAMS, Vocab
 from insession.offline import OfflineEngine, open_engine
@@ -46,6 +55,7 @@ from insession.train.pretrain import Stream
 
 SEQUENCES = ("history_seq", "session_seq")
 MODEL_STATE = (*SEQUENCES, QUERIES)  # the user features the model reads at each request
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -118,12 +128,95 @@ def as_history(events: pa.Table, items: pa.Table) -> pa.Table:
     return table.set_column(table.schema.get_field_index("price_band"), "price_band", bands).cast(EVENT_ARROW_SCHEMA)
 
 
-def load_events(path: Path) -> pa.Table:
+@dataclass(frozen=True)
+class ClusterEvents:
+    """What `read_cluster_events` read: every acknowledged event once, and where each part came from."""
+
+    events: pa.Table  # EVENT_ARROW_SCHEMA, by offset
+    history: str  # the history read (a directory or an object-store URI)
+    mark: int  # the export mark: offsets <= mark from the history, the rest from the stream (-1: none)
+    mark_from: str  # where the mark was read: a node's `<stream>.exported` file or the lease bucket
+    stream_end: int  # the stream's newest offset as its leader had it when read
+
+
+def read_cluster_events(location: str | Path, log: LogConfig) -> ClusterEvents:
+    """A replicated log's event history for training: the Parquet history up to its export mark plus the
+    stream's events after it, so every event the stream acknowledged before this call is in it exactly once.
+
+    `location` is the shared `[log] history` (a directory or a pyarrow.fs URI such as `s3://bucket/prefix`;
+    its mark is the key `exported` of the lease bucket `<stream>_export`), or a node's data directory with
+    its own `history/` and `<stream>.exported` (that node's mark). Decision: the mark is read first, then
+    the stream's end from its leader (so mark <= end), then only the parts starting at or below the mark
+    (a takeover may be deleting the ones beyond it) and the stream after it, the analytics lane's rule.
+    The history below the mark must hold each offset once: a repeat (a stray copy not yet quarantined)
+    is dropped with a warning, a missing offset refuses (ValueError: another stream's history, or lost
+    parts). JetStreamError for a bad URL, a missing stream or a lost quorum (reading every acknowledged
+    event needs the stream's leader)."""
+    from insession.log.jetstream import StreamReader
+
+    history: str | Path = history_location(location)
+    mark_file: Path | None = None
+    if isinstance(history, Path):
+        data_dir = history.parent if history.name == "history" else history
+        if (data_dir / f"{log.stream}.exported").exists():  # a node's own history (no shared [log] history)
+            mark_file = data_dir / f"{log.stream}.exported"
+        if (history / "history").is_dir():
+            history = history / "history"
+    with StreamReader(log) as reader:
+        if mark_file is not None:
+            mark, mark_from = int(mark_file.read_text()), str(mark_file)
+        else:
+            shared = reader.shared_mark()
+            mark, mark_from = (-1 if shared is None else shared), f"the lease bucket {log.stream}_export"
+            if shared is None:
+                _log.warning("no export mark for stream %s (no %s.exported beside %s, no lease bucket): the whole "
+                             "stream is read and the history is not", log.stream, log.stream, redacted(location))
+        end = reader.last_offset()
+        if mark > end:
+            raise ValueError(f"the export mark {mark} ({mark_from}) lies beyond the end of stream {log.stream} "
+                             f"(offset {end}): that history is another stream's; check --stream / [log] stream")
+        table = _exactly_once(read_history(history, below=mark + 1), mark, redacted(history))
+        tail = reader.tail_arrow(mark + 1, end)
+    events = pa.concat_tables([table, tail]).sort_by("offset")
+    return ClusterEvents(events, redacted(history), mark, mark_from, end)
+
+
+def _exactly_once(table: pa.Table, mark: int, where: str) -> pa.Table:
+    """The history rows up to `mark`, each offset once (a repeated one kept once, loudly); ValueError when an
+    offset in 0..mark is missing."""
+    table = table.sort_by("offset")
+    offsets = table["offset"].to_numpy()
+    keep = np.ones(len(offsets), dtype=bool)
+    keep[1:] = offsets[1:] != offsets[:-1]
+    if not keep.all():
+        _log.warning("history %s holds %d events twice (a stray copy the exporter has not quarantined yet): each "
+                     "is read once", where, int((~keep).sum()))
+        table = table.filter(pa.array(keep))
+    if table.num_rows != mark + 1 or (table.num_rows and table["offset"][0].as_py() != 0):
+        have = set(table["offset"].to_pylist())
+        missing = next((o for o in range(mark + 1) if o not in have), None)
+        why = f"offset {missing} is missing" if missing is not None else "offsets outside 0..mark"
+        raise ValueError(f"history {where} holds {table.num_rows} of the {mark + 1} events up to its export mark "
+                         f"{mark} ({why}): it is not this stream's history, or parts were lost; "
+                         "a node that takes the export lease verifies it and rebuilds lost parts from the stream")
+    return table
+
+
+def load_events(path: str | Path, *, log: LogConfig | None = None) -> pa.Table:
     """An event history (`EVENT_ARROW_SCHEMA`) from: a Parquet file with that schema; a data dir holding
     `history/day=*/` Parquet (the EventLog export), plus, beside an embedded `log.sqlite`, the events after
     its export mark, read as the analytics lane reads them (every acknowledged event once, also while a
-    server runs on the directory); or a dataset dir (`items.jsonl` + `events.parquet`, as `insession
-    generate` / `insession import` write it)."""
+    server runs on the directory); a history in an object store (`s3://bucket/prefix`, any pyarrow.fs URI);
+    or a dataset dir (`items.jsonl` + `events.parquet`, as `insession generate` / `insession import` write
+    it). With `log` naming a replicated log (`log.url`), `path` is its history and the stream's tail after
+    the export mark is read too (`read_cluster_events`)."""
+    if log is not None and log.url:
+        return read_cluster_events(path, log).events
+    if is_object_store(path):
+        table = read_history(str(path))
+        if not table.num_rows:
+            raise FileNotFoundError(f"no history part files ({HISTORY_GLOB}) under {path}")
+        return table.sort_by("offset")
     path = Path(path)
     if path.is_dir() and (path / ITEMS_FILE).exists() and (path / EVENTS_FILE).exists():
         items = pj.read_json(path / ITEMS_FILE)
@@ -134,15 +227,12 @@ def load_events(path: Path) -> pa.Table:
         # the data dir's log sits beside its history/, which is absent until the first export
         log_file = (path.parent if path.name == "history" else path) / LOG_FILE
         path = path / "history" if (path / "history").is_dir() else path
-        files = history_files(path)  # as analytics reads it: never a temporary or a `_quarantine/` file
         tail = read_tail(str(log_file)) if log_file.exists() else EVENT_ARROW_SCHEMA.empty_table()
-        if not files and not tail.num_rows:
+        # as the analytics lane: history rows from the tail's first offset on are hidden
+        table = read_history(path, below=pc.min(tail["offset"]).as_py() if tail.num_rows else None)
+        if not table.num_rows and not tail.num_rows and not history_files(path):
             raise FileNotFoundError(f"no history part files ({HISTORY_GLOB}) under {path}")
-        table = pa.concat_tables([EVENT_ARROW_SCHEMA.empty_table(),
-                                  *(pq.read_table(f, schema=EVENT_ARROW_SCHEMA) for f in files)])
-        if tail.num_rows:  # as the analytics lane: history rows from the tail's first offset on are hidden
-            first = pc.min(tail["offset"]).as_py()
-            table = pa.concat_tables([table.filter(pc.less(table["offset"], first)), tail])
+        table = pa.concat_tables([table, tail])
     else:
         table = pq.read_table(path)
     missing = set(EVENT_ARROW_SCHEMA.names) - set(table.column_names)

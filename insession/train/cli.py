@@ -5,10 +5,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from insession.log.base import LogConfig
 from insession.offline import ENGINES, OfflineEngine, open_engine
 from insession.train.build import BuildConfig
 from insession.train.pretrain import PretrainConfig
@@ -23,6 +24,75 @@ MasterOption = Annotated[
 ]
 
 
+LogOption = Annotated[
+    str | None,
+    typer.Option("--log", help="The replicated log's NATS servers (nats://h1:4222,nats://h2:4222,...; default: "
+                 "[log] url of --config): DATA_DIR is then its history (the shared [log] history, a directory or s3://bucket/"
+                 "prefix, or a node's data dir) and the stream's events after the export mark are read too "
+                 "(docs/cluster.md)."),
+]
+StreamOption = Annotated[
+    str | None, typer.Option("--stream", help="With --log: the JetStream stream (default: [log] stream, INSESSION).")
+]
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", help="A server config (TOML/JSON) whose [log] section names the replicated log "
+                 "(url, stream, ack_timeout_s); --log and --stream override it."),
+]
+
+
+def log_options(log: str | None, stream: str | None, config: Path | None) -> LogConfig | None:
+    """The replicated log `--log` / `--stream` / `--config` name; None: no replicated log (the history alone, or
+    an embedded log.sqlite beside it). A bad value stops the command with exit status 2 naming it."""
+    import msgspec
+
+    from insession.serve.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config).log
+        if log is not None:
+            cfg = msgspec.structs.replace(cfg, url=log)
+        if stream is not None:
+            cfg = msgspec.convert({**msgspec.structs.asdict(cfg), "stream": stream}, LogConfig)
+    except (ConfigError, msgspec.ValidationError) as e:
+        raise typer.BadParameter(str(e), param_hint="--config / --stream") from None
+    if not cfg.url:
+        if stream is not None:
+            raise typer.BadParameter("--stream needs --log (or a --config with [log] url)", param_hint="--stream")
+        return None
+    from insession.log.jetstream import JetStreamError, server_urls
+
+    try:
+        server_urls(cfg)
+    except JetStreamError as e:
+        raise typer.BadParameter(str(e), param_hint="--log") from None
+    return cfg
+
+
+def load_history(data_dir: str, log: LogConfig | None) -> Any:
+    """The events to train on (`insession.train.build.load_events`), saying where they came from; a replicated
+    log that cannot be read (unreachable, no quorum, no such stream) or a history that is not the stream's
+    stops the command with exit status 1 and the reason."""
+    from insession.train.build import load_events, read_cluster_events
+
+    if log is None:
+        events = load_events(data_dir)
+        typer.echo(f"{events.num_rows:,} events from {data_dir}")
+        return events
+    from insession.log.jetstream import JetStreamError
+
+    try:
+        got = read_cluster_events(data_dir, log)
+    except (JetStreamError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    tail = got.events.num_rows - (got.mark + 1)
+    typer.echo(f"{got.events.num_rows:,} events: {got.mark + 1:,} from the history {got.history} (export mark "
+               f"{got.mark}, from {got.mark_from}) and {tail:,} from stream {log.stream} after it "
+               f"(its end: offset {got.stream_end})")
+    return got.events
+
+
 def _engine(name: str, master: str | None) -> OfflineEngine:
     if name not in ENGINES:
         raise typer.BadParameter(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}", param_hint="--engine")
@@ -33,12 +103,16 @@ def _engine(name: str, master: str | None) -> OfflineEngine:
 
 def train(
     data_dir: Annotated[
-        Path,
+        str,
         typer.Argument(
-            help="A data dir holding history/day=*/ Parquet, or an events Parquet file with insession's event schema."
+            help="A data dir holding history/day=*/ Parquet, an events Parquet file with insession's event schema, "
+            "or (with --log) the replicated log's history."
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Artefacts go to OUT/<version>/.")] = Path("models"),
+    log: LogOption = None,
+    stream: StreamOption = None,
+    config: ConfigOption = None,
     epochs: Annotated[int, typer.Option(help="At most this many epochs (early stopping may end sooner).")] = 8,
     batch_size: Annotated[int, typer.Option(help="Example groups per batch.")] = 128,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-3,
@@ -89,10 +163,14 @@ def train(
     ] = False,
 ) -> None:
     """Train the Dual Sequence ReRanker on point-in-time training data from the feature engine."""
-    from insession.train.build import load_events
     from insession.train.pipeline import train_on_events
     from insession.train.replay import stage_proposer
 
+    replicated = log_options(log, stream, config)
+    if follow and replicated is not None:
+        raise typer.BadParameter("--follow reads a data dir's history and embedded log; with a replicated log "
+                                 "(--log / [log] url) it is not supported yet: run `insession train --log` "
+                                 "periodically instead", param_hint="--follow")
     if follow or rollback:
         from insession.train import follow as following
 
@@ -112,17 +190,17 @@ def train(
         offline = _engine(engine, master)
         try:
             following.follow(
-                data_dir, out, period, cfg, server=server, updates=updates or None, engine=offline, echo=typer.echo
+                Path(data_dir), out, period, cfg, server=server, updates=updates or None, engine=offline,
+                echo=typer.echo,
             )
         except KeyboardInterrupt:
             typer.echo("stopped")
         finally:
             offline.close()
         return
+    events = load_history(data_dir, replicated)  # before the engine starts: an unreadable log fails at once
     offline = _engine(engine, master)
     try:
-        events = load_events(data_dir)
-        typer.echo(f"{events.num_rows:,} events from {data_dir}")
         done = train_on_events(
             events,
             out,
@@ -152,10 +230,14 @@ def train(
 
 def training_data(
     data_dir: Annotated[
-        Path,
-        typer.Argument(help="A data dir holding history/day=*/ Parquet, an events Parquet file, or a dataset dir."),
+        str,
+        typer.Argument(help="A data dir holding history/day=*/ Parquet, an events Parquet file, a dataset dir, or "
+                       "(with --log) the replicated log's history."),
     ],
     out: Annotated[Path, typer.Option("--out", help="Writes train/val examples and requests as Parquet here.")],
+    log: LogOption = None,
+    stream: StreamOption = None,
+    config: ConfigOption = None,
     engine: EngineOption = "duckdb",
     master: MasterOption = None,
     val_fraction: Annotated[float, typer.Option(help="Share of the latest add-to-carts that validate.")] = 0.15,
@@ -166,13 +248,12 @@ def training_data(
     ] = True,
 ) -> None:
     """Build the point-in-time training examples (the columns the trainer reads) and write them as Parquet."""
-    from insession.train.build import build, load_events, write_training_data
+    from insession.train.build import build, write_training_data
     from insession.train.replay import stage_proposer
 
+    events = load_history(data_dir, log_options(log, stream, config))
     offline = _engine(engine, master)
     try:
-        events = load_events(data_dir)
-        typer.echo(f"{events.num_rows:,} events from {data_dir}")
         data = build(
             events,
             BuildConfig(val_fraction=val_fraction, seed=seed),
