@@ -20,7 +20,7 @@ from insession.features.manage import FeatureManager
 from insession.log import LogConfig, open_log
 from insession.log.catalog import Catalog
 from insession.log.eventlog import LogBehindError
-from insession.log.export import HistoryCheck, history_end, history_location, verify_history
+from insession.log.export import HistoryCheck, check_history, history_end, history_location, verify_history
 from insession.query import Limits, QueryService, Result
 from insession.rank import RankConfig, Ranker, RankRequest, RankResponse
 from insession.schema import BatchRejected, Event, FieldError, validate_events, validate_items
@@ -77,6 +77,10 @@ class Insession:
         # a local directory (Path) or an object-store URI (str: s3://bucket/prefix, insession.log.export)
         self.history_dir = history_location(self.log_config.history) if self.log_config.history else \
             self.data_dir / "history"
+        try:  # an object store that cannot be used (a bad URI, no such bucket) refuses to start
+            check_history(self.history_dir)
+        except ValueError as e:
+            raise DataDirError(f"[log] history: {e}") from None
         # shared by the nodes of a replicated log: only the export lease's holder checks and writes it
         self.shared_history = bool(self.log_config.url and self.log_config.history)
         self.catalog = Catalog(self.data_dir / "catalog.sqlite")

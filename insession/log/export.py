@@ -235,6 +235,23 @@ class HistoryStore:
                             filesystem=self.fs)
 
 
+def check_history(location: str | Path) -> None:
+    """Refuse an object-store history that cannot be used, before a node starts on it: a URI pyarrow cannot
+    open, or a bucket that does not exist or cannot be reached (ValueError saying which; nothing is created).
+    A local directory is created by the first export and is not checked here."""
+    if not is_object_store(location):
+        return
+    store = HistoryStore(location)
+    bucket = store.root.split("/", 1)[0]
+    try:
+        found = store.fs.get_file_info(bucket).type != pafs.FileType.NotFound
+    except OSError as e:
+        raise ValueError(f"history {store}: bucket {bucket!r} cannot be reached ({redacted(str(e))}); check the URI's "
+                         "endpoint and the credentials in the environment") from e
+    if not found:
+        raise ValueError(f"history {store}: bucket {bucket!r} does not exist; create it (insession creates none)")
+
+
 def part_range(rel: str) -> tuple[int, int]:
     """The (first, last) offsets in a part's name."""
     m = _PART.match(rel.rsplit("/", 1)[-1])

@@ -22,6 +22,7 @@ from conftest import make_event
 from nats_helpers import log_config, start_cluster, wait_for
 
 import insession
+from insession.embedded import DataDirError
 from insession.log import EventLog, LogConfig
 from insession.log.cluster import LocalCluster, free_ports
 from insession.log.export import HistoryStore, load_manifest, verify_history, write_day_partitions
@@ -136,9 +137,15 @@ def test_verify_history_on_s3_removes_quarantines_and_rebuilds(history: str, tmp
         assert verify_history(history, 89, lambda first, last: log.read(first, upto=last)).rebuilt == 0
 
 
-def test_a_bad_history_uri_is_refused_naming_it() -> None:
+def test_a_bad_history_uri_or_a_missing_bucket_refuses_to_start(s3: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"history 's3://b/p\?bogus=1' is not a filesystem URI pyarrow can open"):
         HistoryStore("s3://b/p?bogus=1")
+    with pytest.raises(DataDirError, match=r"\[log\] history: history 's3://b/p\?bogus=1' is not a filesystem URI"):
+        insession.open(tmp_path / "a", maintenance_interval_s=None, log_config=LogConfig(history="s3://b/p?bogus=1"))
+    missing = f"s3://nobucket-{uuid.uuid4().hex[:8]}/history?{s3}"
+    with pytest.raises(DataDirError, match=r"bucket 'nobucket-[0-9a-f]+' does not exist; create it"):
+        insession.open(tmp_path / "b", maintenance_interval_s=None, log_config=LogConfig(history=missing))
+    assert HistoryStore("s3://KEY:SECRET@b/p?region=x").__str__() == "s3://***@b/p?region=x"  # never in a message
 
 
 @pytest.fixture(scope="module")
