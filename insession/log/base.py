@@ -86,8 +86,10 @@ class LogConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     replicas: Annotated[int, msgspec.Meta(description="replicas of a stream this server creates", ge=1, le=5)] = 3
     history: Annotated[
         str,
-        msgspec.Meta(description="the Parquet history's directory; with a JetStream `url`, shared by every node "
-                     "(one exports at a time, under a lease: docs/cluster.md); empty: `DATA/history`, this node's own"),
+        msgspec.Meta(description="the Parquet history's directory, or an object-store URI (`s3://bucket/prefix"
+                     "?region=...`, any pyarrow.fs URI; credentials from the environment); with a JetStream `url`, "
+                     "shared by every node (one exports at a time, under a lease: docs/cluster.md); empty: "
+                     "`DATA/history`, this node's own"),
     ] = ""
     export_lease_s: Annotated[
         int,

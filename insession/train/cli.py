@@ -167,10 +167,6 @@ def train(
     from insession.train.replay import stage_proposer
 
     replicated = log_options(log, stream, config)
-    if follow and replicated is not None:
-        raise typer.BadParameter("--follow reads a data dir's history and embedded log; with a replicated log "
-                                 "(--log / [log] url) it is not supported yet: run `insession train --log` "
-                                 "periodically instead", param_hint="--follow")
     if follow or rollback:
         from insession.train import follow as following
 
@@ -190,7 +186,7 @@ def train(
         offline = _engine(engine, master)
         try:
             following.follow(
-                Path(data_dir), out, period, cfg, server=server, updates=updates or None, engine=offline,
+                data_dir, out, period, cfg, server=server, log=replicated, updates=updates or None, engine=offline,
                 echo=typer.echo,
             )
         except KeyboardInterrupt:

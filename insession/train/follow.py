@@ -65,6 +65,7 @@ import torch
 
 from insession.durable import fsync_dir, write_atomic
 from insession.features.declare import FeatureRegistry
+from insession.log import LogConfig
 from insession.model.artefact import (
     WEIGHTS,
     Artefact,
@@ -301,11 +302,12 @@ def _move(src: Path, dst: Path) -> None:
 
 
 def update_once(
-    data: Path | pa.Table,
+    data: str | Path | pa.Table,
     models: Path,
     cfg: FollowConfig | None = None,
     *,
     server: str | None = None,
+    log: LogConfig | None = None,
     registry: FeatureRegistry | None = None,
     engine: OfflineEngine | None = None,
     tamper: Callable[[DualSequenceReranker], None] | None = None,
@@ -313,12 +315,13 @@ def update_once(
     """One continuous update (module docstring): train a candidate on the add-to-carts since the serving
     model's data mark, validate both on the newest window, promote or refuse; the status file records it.
 
-    `data`: what `load_events` reads (a data dir, an events Parquet file, a dataset dir) or the events
-    themselves. `tamper` is a test seam called on the fine-tuned candidate before validation (e.g. to
+    `data`: what `load_events` reads (a data dir, an events Parquet file, a dataset dir; with `log` naming a
+    replicated log, its history, read with the stream's tail after the export mark) or the events themselves.
+    `tamper` is a test seam called on the fine-tuned candidate before validation (e.g. to
     sabotage it); production passes None. Raises FileNotFoundError when MODELS holds no model to start from.
     """
     with _exclusive(Path(models)):
-        return _update(data, Path(models), cfg or FollowConfig(), server, registry, engine, tamper)
+        return _update(data, Path(models), cfg or FollowConfig(), server, log, registry, engine, tamper)
 
 
 @contextlib.contextmanager
@@ -336,10 +339,11 @@ def _exclusive(models: Path) -> Iterator[None]:
 
 
 def _update(
-    data: Path | pa.Table,
+    data: str | Path | pa.Table,
     models: Path,
     cfg: FollowConfig,
     server: str | None,
+    log: LogConfig | None,
     registry: FeatureRegistry | None,
     engine: OfflineEngine | None,
     tamper: Callable[[DualSequenceReranker], None] | None,
@@ -348,7 +352,7 @@ def _update(
     base_dir = serving_version(models, server)
     base = load_artefact(base_dir)
     since = data_mark(base)
-    events = data if isinstance(data, pa.Table) else load_events(Path(data))
+    events = data if isinstance(data, pa.Table) else load_events(data, log=log)
     n_new, n_all = _new_requests(events, since)
     result = UpdateResult("skipped", "", serving=base_dir.name, base=base_dir.name, since_ts=since, new_requests=n_new)
     n_val = math.ceil(n_new * cfg.validate_fraction)
@@ -562,12 +566,13 @@ def describe(r: UpdateResult) -> str:
 
 
 def follow(
-    data: Path,
+    data: str | Path,
     models: Path,
     every_s: float,
     cfg: FollowConfig | None = None,
     *,
     server: str | None = None,
+    log: LogConfig | None = None,
     updates: int | None = None,
     engine: OfflineEngine | None = None,
     echo: Callable[[str], None] = print,
@@ -586,7 +591,7 @@ def follow(
         start = time.time()
         echo(f"[{time.strftime('%H:%M:%S')}] update {n}: training on the add-to-carts since the serving model ...")
         try:
-            result = update_once(data, models, cfg, server=server, engine=engine)
+            result = update_once(data, models, cfg, server=server, log=log, engine=engine)
         except Exception as e:
             record_error(models, e)
             echo(f"[{time.strftime('%H:%M:%S')}] update {n} failed: {type(e).__name__}: {e}")

@@ -34,6 +34,10 @@ from typer.testing import CliRunner
 
 from insession.client import API_KEY_HEADER
 from insession.embedded import Insession
+from insession.log import LogConfig
+from insession.log.cluster import LocalCluster
+from insession.log.export import events_from_arrow
+from insession.log.jetstream import JetStreamLog
 from insession.model.artefact import WEIGHTS, latest_version, load_artefact, versions
 from insession.model.reranker import DualSequenceReranker
 from insession.model.vocab import Vocab
@@ -50,6 +54,8 @@ from insession.train.follow import (
     RETIRED,
     STATUS,
     FollowConfig,
+    _new_requests,
+    data_mark,
     extend_vocab,
     follow,
     index_map,
@@ -244,6 +250,36 @@ def test_cli_follow_runs_updates_into_the_model_directory(shop: tuple[pa.Table, 
     assert back.exit_code == 0 and latest_version(models).name == read_status(models)["serving"] in back.output
     empty = CliRunner().invoke(app, [*args[:2], "--out", str(models.parent / "none"), "--follow"])
     assert empty.exit_code == 1 and "insession train" in empty.output
+
+
+def test_cli_follow_reads_a_replicated_logs_history_and_stream(shop: tuple[pa.Table, int], models: Path,
+                                                                tmp_path: Path) -> None:
+    """`--follow --log`: each update reads the node's exported history plus the stream after its mark (three
+    real NATS servers on loopback), as `insession train --log` does."""
+    events, _ = shop
+    expected = _new_requests(events, data_mark(load_artefact(latest_version(models))))[0]
+    nats = LocalCluster.on_free_ports(tmp_path / "nats")
+    nats.start()
+    try:
+        cfg = LogConfig(url=",".join(nats.urls), monitor=",".join(nats.monitor_urls), stream="FOLLOW")
+        node = tmp_path / "node"
+        stored = events_from_arrow(events)
+        with JetStreamLog(cfg, node, partitions=4) as log:
+            for i in range(0, len(stored), 1000):
+                log.append(stored[i : i + 1000])
+            log.export(node / "history", upto_offset=len(stored) // 2)  # the rest is in the stream only
+        app = typer.Typer()
+        app.command()(train)
+        app.command("noop")(lambda: None)
+        result = CliRunner().invoke(app, ["train", str(node), "--out", str(models), "--follow", "--updates", "1",
+                                          "--update-epochs", "0", "--threads", "1", "--no-served-negatives",
+                                          "--log", cfg.url, "--stream", cfg.stream])
+    finally:
+        nats.stop()
+    assert result.exit_code == 0, result.output
+    assert "update 1 promoted" in result.output
+    new = read_status(models)["history"][-1]["new_requests"]
+    assert new == expected > 0  # the new add-to-carts lie in the later half, which only the stream holds
 
 
 def test_parse_every() -> None:
