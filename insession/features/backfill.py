@@ -9,8 +9,9 @@ Decisions:
 - A child process, not a thread: replaying millions of events is seconds to minutes of Python, which in
   the server's process would take the GIL from serving for as long; the child has its own.
 - The history is used only when it is complete: offsets 0..N, each once (the manifest's parts, checked
-  with one DuckDB aggregate). Otherwise the child replays nothing and the server replays the log from
-  offset 0 instead (slower, still exact). The snapshot's offset says which.
+  with one DuckDB aggregate; in an object store, scanned through pyarrow.fs as an Arrow dataset). Otherwise
+  the child replays nothing and the server replays the log from offset 0 instead (slower, still exact). The
+  snapshot's offset says which.
 - DuckDB sorts the parts by offset (a part is one export batch's events of one day, so parts overlap in
   offsets), streaming record batches; memory stays at a batch plus the feature's state.
 - Progress (`progress.json`: done, total) is rewritten atomically every batch; `DESCRIBE FEATURE` reads it.
@@ -33,7 +34,7 @@ import msgspec
 from insession.durable import write_atomic
 from insession.features.declare import Feature, FeatureRegistry
 from insession.features.engine import FeatureEngine
-from insession.log.export import events_from_arrow, load_manifest
+from insession.log.export import events_from_arrow, history_dataset, is_object_store, load_manifest
 from insession.schema import event_columns_sql
 
 JOB_FILE = "job.json"
@@ -60,19 +61,25 @@ class Progress(msgspec.Struct):
     note: str = ""
 
 
-def _complete_parts(history_dir: Path) -> tuple[list[str], int]:
-    """The history part files and their event count when they hold offsets 0..count-1 once each, else
-    ([], 0) (a gap, a duplicate or no history: the log is replayed instead)."""
-    parts = sorted(str(history_dir / p) for p in load_manifest(history_dir))
-    if not parts:
-        return [], 0
-    with duckdb.connect() as con:
-        lo, hi, n, distinct = con.execute(
-            'SELECT min("offset"), max("offset"), count(*), count(DISTINCT "offset") '
-            "FROM read_parquet($files, union_by_name = true)", {"files": parts}).fetchone()
+def _complete_history(con: duckdb.DuckDBPyConnection, location: str) -> tuple[duckdb.DuckDBPyRelation | None, int]:
+    """The history's events as one relation and their count when they hold offsets 0..count-1 once each,
+    else (None, 0) (a gap, a duplicate or no history: the log is replayed instead). A local history is the
+    manifest's part files; one in an object store an Arrow dataset through pyarrow.fs (DuckDB cannot reach
+    the store itself), scanned lazily."""
+    if is_object_store(location):
+        if not load_manifest(location):
+            return None, 0
+        rel = con.from_arrow(history_dataset(location))
+    else:
+        parts = sorted(str(Path(location) / p) for p in load_manifest(Path(location)))
+        if not parts:
+            return None, 0
+        rel = con.read_parquet(parts, union_by_name=True)
+    (lo, hi, n, distinct), = rel.aggregate('min("offset"), max("offset"), count(*), count(DISTINCT "offset")'
+                                          ).fetchall()
     if n == 0 or lo != 0 or hi != n - 1 or distinct != n:
-        return [], 0
-    return parts, int(n)
+        return None, 0
+    return rel, int(n)
 
 
 def build(out_dir: Path) -> FeatureEngine:
@@ -81,15 +88,14 @@ def build(out_dir: Path) -> FeatureEngine:
     reg = FeatureRegistry.of([Feature.from_json(job.feature)], lateness_ms=job.lateness_ms,
                              session_gap_ms=job.session_gap_ms)
     engine = FeatureEngine.open(out_dir / "state", reg, partitions=job.partitions, max_users=job.max_users)
-    parts, total = _complete_parts(Path(job.history_dir))
-    progress = Progress(0, total, "" if total else "no complete history: the server replays the log")
-    write_atomic(out_dir / PROGRESS_FILE, msgspec.json.encode(progress))
-    if parts:
-        with duckdb.connect(config={"threads": 1, "memory_limit": "1GB"}) as con:
-            rel = con.sql(f'SELECT {event_columns_sql(con.read_parquet(parts, union_by_name=True).columns)} '
-                          f'FROM read_parquet($files, union_by_name = true) ORDER BY "offset"',
-                          params={"files": parts})
-            reader = rel.fetch_arrow_reader(BATCH)
+    with duckdb.connect(config={"threads": 1, "memory_limit": "1GB"}) as con:
+        history, total = _complete_history(con, job.history_dir)
+        progress = Progress(0, total, "" if total else "no complete history: the server replays the log")
+        write_atomic(out_dir / PROGRESS_FILE, msgspec.json.encode(progress))
+        if history is not None:
+            history.create_view("history")
+            reader = con.sql(f'SELECT {event_columns_sql(history.columns)} FROM history ORDER BY "offset"'
+                             ).to_arrow_reader(BATCH)
             for batch in reader:
                 engine.update_many(events_from_arrow(batch))
                 progress.done += batch.num_rows

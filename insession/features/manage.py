@@ -91,13 +91,13 @@ class FeatureManager:
     """The feature statements against one running engine; thread-safe. `read_log(a, b)` gives the log's
     events with a <= offset <= b; `model_in_use()` the serving model's version (None: no model)."""
 
-    def __init__(self, engine: FeatureEngine, history_dir: Path, read_log: ReadLog,
+    def __init__(self, engine: FeatureEngine, history_dir: str | Path, read_log: ReadLog,
                  model_in_use: Callable[[], str | None] = lambda: None) -> None:
         if engine.state_dir is None:
             raise ValueError("a FeatureManager needs an engine opened on a state directory")
         self.engine = engine
         self.state_dir = engine.state_dir
-        self.history_dir = Path(history_dir)
+        self.history_dir = history_dir  # a directory, or an object-store URI (str), as [log] history gives it
         self.read_log = read_log
         self.model_in_use = model_in_use
         self._lock = threading.RLock()

@@ -23,6 +23,8 @@ from nats_helpers import log_config, start_cluster, wait_for
 
 import insession
 from insession.embedded import DataDirError
+from insession.features import FeatureEngine, FeatureRegistry, backfill, default_registry
+from insession.features.backfill import JOB_FILE, PROGRESS_FILE, Job
 from insession.log import EventLog, LogConfig
 from insession.log.cluster import LocalCluster, free_ports
 from insession.log.export import HistoryStore, load_manifest, verify_history, write_day_partitions
@@ -182,3 +184,29 @@ def test_a_shared_s3_history_and_the_streams_tail_are_every_event_once(cluster: 
         assert db.export() == 259  # its takeover first removes a's uncommitted parts
         assert _offsets(history) == list(range(260))
         assert db.select('SELECT count(*), count(DISTINCT "offset") FROM events').rows == [[260, 260]]
+
+
+def test_a_feature_backfill_replays_an_s3_history(history: str, tmp_path: Path) -> None:
+    """The backfill child (`CREATE FEATURE`'s history half) reads a complete S3 history through pyarrow.fs,
+    in offset order, and builds exactly what replaying the log builds; an incomplete one is not used."""
+    feature = default_registry()["top_categories_15d"]
+    with EventLog(tmp_path / "log.sqlite") as log:
+        log.append([make_event(i, f"b{i}", day=i % 3) for i in range(120)])
+        assert log.export(history) == 119
+        events = list(log.read(0))
+    rules = FeatureRegistry.of([feature])
+    job = Job(feature.to_json(), rules.lateness_ms, rules.session_gap_ms, 4, 0, history)
+    out = tmp_path / "backfill"
+    out.mkdir()
+    (out / JOB_FILE).write_bytes(msgspec.json.encode(job))
+    built = backfill.build(out)
+    assert built.applied_offset == 119  # from the history, not left to the log's replay
+    assert msgspec.json.decode((out / PROGRESS_FILE).read_bytes())["done"] == 120
+    replayed = FeatureEngine(rules, partitions=4)
+    replayed.update_many(events)
+    assert all(built.read(feature.name, f"u{u}") == replayed.read(feature.name, f"u{u}") for u in range(13))
+    HistoryStore(history).delete(sorted(load_manifest(history))[0])  # a gap: the log is replayed instead
+    gap = tmp_path / "gap"
+    gap.mkdir()
+    (gap / JOB_FILE).write_bytes(msgspec.json.encode(job))
+    assert backfill.build(gap).applied_offset == -1
