@@ -29,12 +29,20 @@ Assumptions the real sample cannot calibrate (it has neither surfaces nor querie
   `search` (a segment opened by a search: the query's subcategory), `pdp` (browsing on from a product
   page: same subcategory; carts of items viewed in the session), `cart` (complements of the current
   category and consideration-set or staple items: replenishment), `checkout` (purchases);
-- search events: `P_SEARCH` of the segments open with one; its `query` property is the subcategory's
-  name, with a brand before it `P_QUERY_BRAND` of the time; the event names the item it led to;
+- search events: `P_SEARCH` of the segments open with one. Its `query` property is what the shopper wants:
+  the leaf subcategory's name of the item the search leads to, with that item's brand before it
+  `P_QUERY_BRAND` of the time. The event's item is what a search log records, a result shown for the query,
+  not the item the shopper goes on to pick: the top result, drawn from the query's leaf (and brand, when the
+  query names one) by that day's popularity, trends included (`_search_results`). It is the picked item only
+  as often as that popularity makes it so (a rare brand of a leaf has one item, which is then both). Before
+  this, the event named the picked item, so a model read the target off the search (session recency scored
+  NDCG@10 1.000 on the search surface);
 - no remove_from_cart (Taobao has none).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -95,6 +103,15 @@ TREND_SCHEMA = pa.schema([("kind", pa.string()), ("id", pa.string()), ("start_ms
                           ("peak_ms", pa.int64()), ("boost", pa.float64())])
 
 
+@dataclass
+class _SearchEvents(_Events):
+    """`_Events` plus, for each search event, the item it led to (-1 elsewhere) and whether its query names a
+    brand: what `RealisticShop._queries` writes the query text from, as the event's own item is a result."""
+
+    led_to: np.ndarray
+    branded: np.ndarray
+
+
 def _trend_curve(age_days: np.ndarray) -> np.ndarray:
     """A trend's strength at an age in days: 0 before it starts, 1 at TREND_PEAK_DAYS, fading after."""
     a = np.maximum(age_days, 0.0) / TREND_PEAK_DAYS
@@ -119,6 +136,7 @@ class RealisticShop(Shop):
         self.sub_replenishable = np.repeat(self.sub_replenishable, leaves)
         super()._build_catalogue(rng, specs)
         self.item_brand = np.array([it["brand"] for it in self.items])
+        self.item_brand_code = np.unique(self.item_brand, return_inverse=True)[1].astype(np.int64)
         trng = np.random.default_rng([self.seed, 0x7E4D])
         n_it = TREND_ITEMS_PER_DAY * self.days
         candidates = np.flatnonzero(self.item_available)
@@ -246,8 +264,12 @@ class RealisticShop(Shop):
         cum = np.cumsum(gap)
         ts = s.start[si] + SEARCH_LEAD_MS + np.minimum(cum - cum[first], MAX_SPAN_MS).astype(np.int64)
         q = np.flatnonzero(searched)
+        # The query's own stream (the one that drew only brands before), so every other event is unchanged.
+        qrng = np.random.default_rng([self.seed, d, 3])
+        branded = qrng.random(len(q)) < P_QUERY_BRAND
+        shown = self._search_results(w, by_sub, item[q], branded, 1.0 - qrng.random(len(q)))
         sess = np.concatenate([si, si[q]])
-        items = np.concatenate([item, item[q]])
+        items = np.concatenate([item, shown])
         actions = np.concatenate([action, np.full(len(q), SEARCH)])
         times = np.concatenate([ts, ts[q] - SEARCH_LEAD_MS])
         surfaces = np.concatenate([surface, np.full(len(q), SEARCH_PAGE)])
@@ -257,15 +279,39 @@ class RealisticShop(Shop):
         sizes = np.bincount(sess, minlength=n)
         seq[o] = np.arange(len(sess)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
         o = np.lexsort((seq, sess, times))
-        return _Events(sess[o], items[o], actions[o], times[o], surfaces[o], seq[o])
+        led_to = np.concatenate([np.full(m, -1), item[q]])
+        is_branded = np.concatenate([np.zeros(m, bool), branded])
+        return _SearchEvents(sess[o], items[o], actions[o], times[o], surfaces[o], seq[o], led_to[o],
+                             is_branded[o])
+
+    def _search_results(self, w: np.ndarray, by_sub: _GroupSampler, target: np.ndarray, branded: np.ndarray,
+                        u: np.ndarray) -> np.ndarray:
+        """The top result a search shows, one per search: an item of the leaf of the item it leads to (`target`),
+        and of that item's brand when the query names it, drawn by the day's weights `w` (popularity and
+        trends; `u` uniform in (0, 1]). Never the target by construction, only by its weight: a branded query
+        whose leaf has no other item of that brand with weight shows the target (or, if the target has no
+        weight either, a result of the whole leaf)."""
+        shown = by_sub.sample(self.item_sub[target], u)
+        if not branded.any():
+            return shown
+        n_brands = int(self.item_brand_code.max()) + 1
+        key = self.item_sub * n_brands + self.item_brand_code
+        live = np.flatnonzero(w > 0)
+        groups, inv = np.unique(key[live], return_inverse=True)
+        by_brand = _GroupSampler(inv, w[live], len(groups))
+        b = np.flatnonzero(branded)
+        want = key[target[b]]
+        j = np.minimum(np.searchsorted(groups, want), len(groups) - 1)
+        found = groups[j] == want
+        shown[b[found]] = live[by_brand.sample(j[found], u[b[found]])]
+        return shown
 
     def _queries(self, d: int, ev: _Events, intent_sub: np.ndarray) -> pa.Array:
-        """A search's query: its item's subcategory name, with the item's brand before it now and then."""
-        rows = np.flatnonzero(ev.action == SEARCH)
-        rng = np.random.default_rng([self.seed, d, 3])
-        branded = rng.random(len(rows)) < P_QUERY_BRAND
+        """A search's query: the subcategory name of the item it led to, with that item's brand before it when
+        the generator drew a branded query (`_SearchEvents.branded`); null for other events."""
+        assert isinstance(ev, _SearchEvents)
         text: list[str | None] = [None] * len(ev.action)
-        for r, b in zip(rows, branded, strict=True):
-            name = self.subcategories[self.item_sub[ev.item[r]]].replace("_", " ")
-            text[r] = f"{self.item_brand[ev.item[r]].lower()} {name}" if b else name
+        for r in np.flatnonzero(ev.action == SEARCH):
+            name = self.subcategories[self.item_sub[ev.led_to[r]]].replace("_", " ")
+            text[r] = f"{self.item_brand[ev.led_to[r]].lower()} {name}" if ev.branded[r] else name
         return pa.array(text, pa.string())

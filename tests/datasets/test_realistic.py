@@ -124,7 +124,7 @@ def test_surfaces_and_queries(taobao_sized, taobao_events):
     assert set(surface) == {"home", "search", "pdp", "cart", "checkout"}
     assert set(surface[action == "purchase"]) == {"checkout"} and set(surface[action == "search"]) == {"search"}
     assert {"home", "pdp", "cart", "search"} <= set(surface[action == "add_to_cart"])
-    # A query names its item's leaf subcategory (sometimes after a brand), and the views it opens are in it.
+    # A query names its result's leaf subcategory (sometimes after a brand).
     sub_of = {it["item_id"]: it["subcategory"] for it in taobao_sized.items}
     item, query = ev["item_id"].to_pylist(), ev["query"].to_pylist()
     searches = np.flatnonzero(action == "search")
@@ -134,6 +134,36 @@ def test_surfaces_and_queries(taobao_sized, taobao_events):
     # Wire form: surface a field, the query a property.
     one = next(e for e in taobao_sized.iter_events() if e["action"] == "search")
     assert one["surface"] == "search" and one["properties"]["query"]
+
+
+def test_a_search_names_a_result_for_its_query_not_the_item_it_leads_to(taobao_sized, taobao_events):
+    """A search event's item is a result in the query's leaf (and brand, when the query names one), drawn by
+    the day's popularity: it is the item the shopper then picks about as often as that popularity explains,
+    far from always (the old generator named the picked item on every search: rate 1)."""
+    shop, ev = taobao_sized, taobao_events
+    ids, item = ev["event_id"].to_pylist(), ev["item_id"].to_pylist()
+    action, query = ev["action"].to_pylist(), ev["query"].to_pylist()
+    row_of = {e: i for i, e in enumerate(ids)}
+    index = {it["item_id"]: k for k, it in enumerate(shop.items)}
+    weights = [shop._weights(d) for d in range(shop.days)]
+    hits, expected = [], []
+    for i in (i for i, a in enumerate(action) if a == "search"):
+        session, seq = ids[i].rsplit("-", 1)
+        nxt = row_of[f"{session}-{int(seq) + 1}"]  # the event the search opens
+        shown, picked = index[item[i]], index[item[nxt]]
+        leaf = shop.subcategories[shop.item_sub[shown]].replace("_", " ")
+        assert query[i].endswith(leaf)  # the result is in the query's leaf ...
+        in_group = shop.item_sub == shop.item_sub[shown]
+        if query[i] != leaf:  # ... and of the query's brand when it names one
+            assert query[i] == f"{shop.item_brand[shown].lower()} {leaf}"
+            in_group &= shop.item_brand == shop.item_brand[shown]
+        w = weights[int(session[1:5])]
+        hits.append(shown == picked)
+        expected.append(w[picked] * in_group[picked] / w[in_group].sum())
+    rate, p = float(np.mean(hits)), float(np.mean(expected))
+    sd = np.sqrt(np.sum(np.multiply(expected, 1.0 - np.array(expected)))) / len(hits)
+    assert len(hits) > 1000 and rate < 0.2
+    assert abs(rate - p) < 4 * sd + 1e-3, (rate, p, sd)
 
 
 def test_trends_rise_and_fade(taobao_sized, taobao_events):
