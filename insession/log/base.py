@@ -167,5 +167,10 @@ class Log(Protocol):
         its replay and the follower). A no-op for a log with one writer."""
         ...
 
+    def wake(self) -> None:
+        """Read other writers' events now rather than at the next poll: a reader waits for an offset this node
+        has not applied yet. A no-op for a log with one writer."""
+        ...
+
     def close(self) -> None: ...
 

@@ -382,6 +382,9 @@ class EventLog:
     def follow(self, from_offset: int) -> None:
         """Nothing to follow: this process is the log's one writer (on_commit sees every append)."""
 
+    def wake(self) -> None:
+        """Nothing to read: every acknowledged event was applied before its append returned."""
+
     def close(self) -> None:
         """Wait for the running commit and queued appends, then close the database (idempotent)."""
         with self._lock:
