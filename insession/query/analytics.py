@@ -30,6 +30,7 @@ from typing import Any
 import msgspec
 import pyarrow as pa
 
+from insession.log.base import LogConfig
 from insession.query.errors import QueryError
 from insession.query.workers import (
     HEADROOM_BYTES,
@@ -77,10 +78,14 @@ class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Sources:
     """Where the analytics lane reads from (the event log, the catalogue and the history directory).
 
-    With `log_path` and `catalog_path` (what `of` gives) each worker reads the log's tail and the
-    catalogue itself through read-only SQLite connections, so the server never materialises them for a
-    query. Without them the lane calls `tail_arrow(exported_offset() + 1)` and `items_arrow()` (cached
-    for `items_ttl_s`) in the server and ships the tables to the worker as Arrow IPC.
+    With `log_path` and `catalog_path` (what `of` gives for the embedded log) each worker reads the log's
+    tail and the catalogue itself through read-only SQLite connections, so the server never materialises
+    them for a query. With `stream` (a replicated log's `[log]`, what `of` gives for JetStream) and
+    `catalog_path`, each worker reads the stream's tail itself, from the export mark to the offset this
+    node knows acknowledged (`last_offset()`) when the query is dispatched: reading tens of thousands of
+    events back from NATS is Python work that, done in the server, held its requests up. Without either,
+    the lane calls `tail_arrow(exported_offset() + 1)` and `items_arrow()` (cached for `items_ttl_s`) in
+    the server and ships the tables to the worker as Arrow IPC.
     """
 
     history_dir: Path | str | None  # a local directory, or an object-store URI (read through pyarrow.fs)
@@ -89,11 +94,16 @@ class Sources:
     items_arrow: Callable[[], pa.Table]  # the catalogue, ITEM_ARROW_SCHEMA
     log_path: Path | None = None
     catalog_path: Path | None = None
+    stream: LogConfig | None = None
+    last_offset: Callable[[], int] | None = None  # with `stream`: the newest offset this node knows stored
 
     @classmethod
     def of(cls, log: Any, catalog: Any, history_dir: Path | str | None) -> Sources:
-        """From an `EventLog` and a `Catalog` (`insession.log`): workers read their files."""
-        return cls(history_dir, log.exported_offset, log.tail_arrow, catalog.to_arrow, log.path, catalog.path)
+        """From a `Log` and a `Catalog` (`insession.log`): workers read their files, or the replicated log's
+        stream (a log without a file of its own: `path` None, its `config` the `[log]` it opened)."""
+        stream = log.config if log.path is None else None
+        return cls(history_dir, log.exported_offset, log.tail_arrow, catalog.to_arrow, log.path, catalog.path,
+                   stream, log.last_offset if stream is not None else None)
 
 
 @dataclass(frozen=True)
@@ -155,6 +165,7 @@ class AnalyticsLane:
         self.sources = sources
         self.limits = lim = limits or Limits()
         files = sources.log_path is not None and sources.catalog_path is not None
+        streamed = sources.stream is not None and sources.last_offset is not None and sources.catalog_path is not None
         address_space = (
             size_bytes(lim.memory_limit, "memory_limit") + HEADROOM_BYTES + lim.threads * THREAD_HEADROOM_BYTES
         )
@@ -177,7 +188,8 @@ class AnalyticsLane:
             retry_after_s=lim.retry_after_s,
             history_dir=None if sources.history_dir is None else str(sources.history_dir),
             log_path=str(sources.log_path) if files else None,
-            catalog_path=str(sources.catalog_path) if files else None,
+            catalog_path=str(sources.catalog_path) if files or streamed else None,
+            stream=sources.stream if streamed else None,
         )
         self._workers = [WorkerProcess(self.config, f"analytics worker {i}") for i in range(lim.concurrency)]
         self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
@@ -277,8 +289,11 @@ class AnalyticsLane:
     def _execute(self, worker: WorkerProcess, req: _Request) -> Table:
         lim = self.limits
         job = Job("explain" if req.explain else "query", req.sql, req.params)
-        if self.config.log_path is None:  # sources given as callables: read here, ship to the worker
-            src = self.sources
+        src = self.sources
+        if self.config.stream is not None:  # the worker reads the stream's tail itself, up to what this node knows
+            assert src.last_offset is not None
+            job.tail_from, job.tail_upto = src.exported_offset() + 1, src.last_offset()
+        elif self.config.log_path is None:  # sources given as callables: read here, ship to the worker
             job.tail = _ipc(src.tail_arrow(src.exported_offset() + 1))
             job.items = _ipc(self._items_table())
         try:

@@ -41,7 +41,7 @@ import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import duckdb
@@ -50,9 +50,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from insession.log.base import LogConfig
 from insession.log.export import HistoryStore, events_to_arrow, history_dataset, is_object_store
 from insession.query.tables import connect
-from insession.schema import ITEM_ARROW_SCHEMA, Event
+from insession.schema import EVENT_ARROW_SCHEMA, ITEM_ARROW_SCHEMA, Event
+
+if TYPE_CHECKING:
+    from insession.log.jetstream import StreamReader
 
 HEADROOM_BYTES = 768 * 2**20  # a worker's address space beyond DuckDB's memory_limit (measured: ~0.5 GiB idle)
 MIN_WORKER_BYTES = 512 * 2**20  # below this a worker cannot even run a small query (idle: ~0.45 GiB)
@@ -87,7 +91,7 @@ def size_bytes(text: str, setting: str) -> int:
 
 
 class WorkerConfig(msgspec.Struct, frozen=True):
-    """What a worker needs, fixed for its life (passed as JSON on its command line)."""
+    """What a worker needs, fixed for its life (sent as JSON, its first message)."""
 
     nice: int
     address_space: int  # RLIMIT_AS in bytes
@@ -100,6 +104,7 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     history_dir: str | None
     log_path: str | None  # with catalog_path: read the sources from the files, else from the job
     catalog_path: str | None
+    stream: LogConfig | None = None  # with catalog_path: read the tail from this replicated log's stream
 
 
 class Job(msgspec.Struct):
@@ -110,6 +115,8 @@ class Job(msgspec.Struct):
     params: dict[str, Any] = {}
     tail: bytes | None = None  # Arrow IPC of the log tail, when the lane reads the sources itself
     items: bytes | None = None  # Arrow IPC of the catalogue, likewise
+    tail_from: int = 0  # with a `stream` worker: the tail is the stream's offsets tail_from..tail_upto
+    tail_upto: int = -1
 
 
 class Reply(msgspec.Struct):
@@ -185,7 +192,6 @@ class WorkerProcess:
                     "-c",
                     "import sys; from insession.query.workers import main; main(sys.argv)",
                     str(child.fileno()),
-                    msgspec.json.encode(self.config).decode(),
                 ],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
@@ -198,6 +204,9 @@ class WorkerProcess:
         finally:
             child.close()
         self._conn = Connection(parent.detach())
+        # over the socket, not the command line: a log or history URI may carry credentials, and every user
+        # of the host can read a process's command line
+        self._conn.send_bytes(msgspec.json.encode(self.config))
         self._ready = False
 
     def _reap(self, kill: bool) -> str:
@@ -299,8 +308,14 @@ _DUCKDB_NOISE = re.compile(r"\n\s*LINE \d+:.*", re.S)
 _EVENT = msgspec.msgpack.Decoder(Event)
 
 
+class StreamUnavailable(Exception):
+    """The replicated log's tail could not be read (no quorum, no server answering)."""
+
+
 def error_reply(e: BaseException, config: WorkerConfig) -> Reply:
     """A failed job as the HTTP answer the lane gives (the same statuses and codes as before the workers)."""
+    if isinstance(e, StreamUnavailable):
+        return Reply("error", status=503, code="unavailable", message=str(e), retry_after_s=config.retry_after_s)
     if isinstance(e, duckdb.OutOfMemoryException | MemoryError):
         return Reply(
             "error",
@@ -376,6 +391,7 @@ class _Executor:
         self.config = config
         self._items: tuple[float, pa.Table] | None = None
         self._store: HistoryStore | None = None  # an object-store history's filesystem, opened on first use
+        self._stream: StreamReader | None = None  # a replicated log's reader, connected on first use
 
     def _items_table(self) -> pa.Table:
         assert self.config.catalog_path is not None
@@ -383,6 +399,22 @@ class _Executor:
         if self._items is None or now - self._items[0] >= self.config.items_ttl_s:
             self._items = (now, read_items(self.config.catalog_path))
         return self._items[1]
+
+    def _stream_tail(self, stream: LogConfig, first: int, upto: int) -> pa.Table:
+        """The replicated log's events first..upto (the node's tail when the query was dispatched)."""
+        if upto < first:
+            return EVENT_ARROW_SCHEMA.empty_table()
+        try:
+            if self._stream is None:
+                from insession.log.jetstream import StreamReader  # nats-py only where a replicated log is used
+
+                self._stream = StreamReader(stream)
+            return self._stream.tail_arrow(first, upto)
+        except Exception as e:  # no quorum, no server: the next query connects anew
+            if self._stream is not None:
+                self._stream.close()
+                self._stream = None
+            raise StreamUnavailable(f"the replicated log's unexported events cannot be read now ({e}); retry") from e
 
     def run(self, job: Job) -> Reply:
         try:
@@ -394,6 +426,8 @@ class _Executor:
         cfg = self.config
         if job.tail is not None and job.items is not None:
             tail, items = _from_ipc(job.tail), _from_ipc(job.items)
+        elif cfg.stream is not None:
+            tail, items = self._stream_tail(cfg.stream, job.tail_from, job.tail_upto), self._items_table()
         elif cfg.log_path is not None:
             tail, items = read_tail(cfg.log_path), self._items_table()
         else:
@@ -462,13 +496,17 @@ def _exit_with_parent() -> None:
 
 
 def main(argv: list[str]) -> None:
-    """The worker process: `main(["-c", FD, CONFIG_JSON])` in a fresh interpreter (started by WorkerProcess)."""
-    fd, config = int(argv[1]), msgspec.json.decode(argv[2], type=WorkerConfig)
+    """The worker process: `main(["-c", FD])` in a fresh interpreter (started by WorkerProcess), whose first
+    message on FD is its `WorkerConfig`."""
+    conn = Connection(int(argv[1]))
     os.dup2(2, 1)  # anything a library prints goes to the log, never into the protocol
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        config = msgspec.json.decode(conn.recv_bytes(), type=WorkerConfig)
+    except (EOFError, ConnectionResetError):
+        os._exit(0)
     _confine(config)
     threading.Thread(target=_exit_with_parent, name="insession-worker-watchdog", daemon=True).start()
-    conn = Connection(fd)
     executor = _Executor(config)
     try:
         conn.send_bytes(msgspec.msgpack.encode(Reply("ready")))

@@ -19,11 +19,13 @@ from hypothesis import strategies as st
 from nats_helpers import log_config, start_cluster, wait_for
 from typer.testing import CliRunner
 
+import insession
 from insession.cli import app
 from insession.log import LogConfig
 from insession.log.cluster import LocalCluster, free_ports
 from insession.log.export import write_day_partitions
 from insession.log.jetstream import JetStreamError, JetStreamLog, StreamReader
+from insession.query import QueryError
 from insession.schema import Event
 from insession.train.build import load_events, read_cluster_events
 
@@ -179,3 +181,35 @@ def test_a_lost_quorum_stops_the_read_instead_of_reading_one_replica(tmp_path: P
         c.kill(2)
         with pytest.raises(JetStreamError, match="reading every acknowledged event needs a quorum"):
             read_cluster_events(tmp_path / "d", cfg)
+
+
+def test_a_nodes_analytics_workers_read_the_streams_tail_themselves(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The analytics lane of a node on a replicated log: each worker reads the stream's unexported events
+    itself (the server's own `tail_arrow` is never called: reading them back is Python work that held the
+    server's requests up), from the export mark to what the node knew acknowledged at dispatch; with every
+    server down the query gets 503 `unavailable`, not a 500."""
+    with LocalCluster.on_free_ports(tmp_path / "nats") as c:
+        c.start()
+        cfg = msgspec.structs.replace(log_config(c), ack_timeout_s=2.0)
+        with insession.open(tmp_path / "node", maintenance_interval_s=None, partitions=PARTITIONS,
+                            log_config=cfg) as db:
+            db.insert("events", [{"user_id": f"u{k % 5}", "item_id": f"i{k}", "action": "view",
+                                  "ts": 1_763_800_000_000 + k} for k in range(40)])
+            assert db.export() == 39
+            db.insert("events", [{"user_id": "u1", "item_id": "i1", "action": "view", "ts": 1_763_800_001_000 + k}
+                                 for k in range(25)])
+
+            def not_here(_: int) -> None:
+                raise AssertionError("the server read the tail itself")
+
+            monkeypatch.setattr(db.log, "tail_arrow", not_here)
+            rows = db.select('SELECT count(*), count(DISTINCT "offset"), max("offset") FROM events').rows
+            assert rows == [[65, 65, 64]]
+            for n in range(3):
+                c.kill(n)
+            with pytest.raises(QueryError) as refused:
+                db.select("SELECT count(*) FROM events")
+            assert (refused.value.status, refused.value.code) == (503, "unavailable")
+            for n in range(3):
+                c.restart(n, wait_leader=n == 2)

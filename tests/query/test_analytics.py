@@ -178,6 +178,22 @@ def test_workers_run_at_a_lower_os_priority_under_an_address_space_limit() -> No
         lane.close()
 
 
+def test_a_workers_settings_never_appear_on_its_command_line(tmp_path: Path) -> None:
+    """A history or log URI may carry credentials (`s3://...?secret_key=...`, `nats://user:pass@...`), and every
+    user of the host can read a process's command line: the worker gets its settings over its socket."""
+    secret = tmp_path / "history-s3cr3t"
+    secret.mkdir()
+    lane = AnalyticsLane(Sources(secret, lambda: -1, _sources().tail_arrow, ITEM_ARROW_SCHEMA.empty_table),
+                         Limits(concurrency=1, **SMALL))
+    try:
+        assert lane.submit("SELECT count(*) FROM events", {}).result(timeout=60).rows == [[1000]]
+        (pid,) = lane.pids
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert b"insession.query.workers" in command and b"s3cr3t" not in command
+    finally:
+        lane.close()
+
+
 def test_hostile_memory_query_gets_413_and_the_server_does_not_grow(tmp_path: Path) -> None:
     """Through the service, as the HTTP route runs it; the 1.1 GB strings never reach this process."""
     w = make_world(tmp_path, n=100, limits=Limits(concurrency=2, timeout_s=120, **SMALL))
