@@ -18,7 +18,9 @@ deleted; a duplicate or an abandoned batch takes no sequence), so offsets are de
 embedded log's and every reader of the log is unchanged.
 
 Writes: each event is one message (msgpack `Event`, as enriched by the caller) with `Nats-Msg-Id` =
-its `event_id` (or a random id for one without, so that retries of this call stay idempotent), so a retry
+its `event_id` percent-encoded (`message_id`: headers are CRLF-framed text that clients trim, so the id
+itself would make " x" and "x" one event, or a line break a header of its own), or a random id for one
+without (so that retries of this call stay idempotent), so a retry
 is stored once whichever server it reaches, within the duplicate window. A batch of 2..1000 is one
 atomic batch publish (ADR-50, `Nats-Batch-Id/-Sequence/-Commit`): the stream stores all of it or none.
 The server refuses a whole atomic batch that contains a known message id (err 10201); the log then asks
@@ -74,7 +76,7 @@ import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import msgspec
 import nats
@@ -138,6 +140,16 @@ class _Incomplete(_Retry):
 
 class _KnownIds(Exception):
     """The server refused an atomic batch because it holds one of its message ids (err 10201)."""
+
+
+_MSG_ID_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")  # printable ASCII but space and %
+
+
+def message_id(event_id: str) -> str:
+    """The `Nats-Msg-Id` of an event id: percent-encoded, so it is printable ASCII without spaces (nothing a
+    header's framing or the client's trimming can change) and distinct ids stay distinct (`%` is encoded
+    too). Ids of letters, digits and punctuation other than `%` are sent as they are."""
+    return quote(event_id, safe=_MSG_ID_SAFE)
 
 
 def monitor_urls(config: LogConfig) -> list[str]:
@@ -429,7 +441,7 @@ class JetStreamLog:
                 first[eid] = i
             unique.append(i)
             msgs.append((self.subject(partition_of(ev.user_id, self.partitions)), _encoder.encode(ev),
-                         eid if eid is not None else f"insession-{uuid.uuid4().hex}"))
+                         message_id(eid) if eid is not None else f"insession-{uuid.uuid4().hex}"))
         stored = self._run(self._store(msgs), self.config.ack_timeout_s + 2 * ATTEMPT_TIMEOUT_S)
         results: list[AppendResult | None] = [None] * len(events)
         for i, res in zip(unique, stored, strict=True):

@@ -99,6 +99,23 @@ def test_idempotent_by_event_id_across_batches_and_inside_one(make_log: MakeLog)
     assert log.last_offset() == 7
 
 
+ODD_IDS = ["x", " x", "x ", "x\r\n", "x\ny", "x y", "x%20y", "x%y", "é", "x:y", "Nats-Msg-Id: z", "\t"]
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_event_ids_are_compared_exactly_whatever_their_characters(make_log: MakeLog, batched: bool) -> None:
+    """Ids differing only in spaces, line breaks, escapes or non-ASCII characters are different events, and
+    each retried is a duplicate of its own first copy: NATS headers are CRLF-framed text that the client
+    trims, so a message id is an injective encoding of the event id, never the id itself."""
+    log = make_log()
+    events = [make_event(i, eid) for i, eid in enumerate(ODD_IDS)]
+    first = log.append(events) if batched else [r for e in events for r in log.append([e])]
+    assert [(r.offset, r.duplicate) for r in first] == [(i, False) for i in range(len(ODD_IDS))]
+    again = log.append([make_event(i, eid) for i, eid in reversed(list(enumerate(ODD_IDS)))])
+    assert [(r.offset, r.duplicate) for r in again] == [(i, True) for i in reversed(range(len(ODD_IDS)))]
+    assert [e.event_id for e in log.read()] == ODD_IDS
+
+
 def test_on_commit_gets_new_events_in_offset_order_before_append_returns(make_log: MakeLog) -> None:
     seen: list[Event] = []
     log = make_log(on_commit=seen.extend)
