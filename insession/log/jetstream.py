@@ -142,6 +142,19 @@ class _KnownIds(Exception):
     """The server refused an atomic batch because it holds one of its message ids (err 10201)."""
 
 
+def _hpub_frames(msgs: list[tuple[str, bytes, str]], batch_id: str) -> bytes:
+    """The protocol frames (`HPUB subject hdr_len total_len`) of an atomic batch's messages before its commit,
+    numbered from 1, in one buffer for the client's write queue. Built here rather than by 999 calls of
+    nats-py's `publish` (6 us each, its header checks and a flush future per message, against 1 us): every
+    part is known to be plain header text (the subject ours, the batch id hex, message ids `message_id`'s)."""
+    frames = []
+    for i, (subject, body, mid) in enumerate(msgs, 1):
+        hdr = b"NATS/1.0\r\nNats-Batch-Id: %b\r\nNats-Batch-Sequence: %d\r\nNats-Msg-Id: %b\r\n\r\n" % (
+            batch_id.encode(), i, mid.encode())
+        frames.append(b"HPUB %b %d %d\r\n%b%b\r\n" % (subject.encode(), len(hdr), len(hdr) + len(body), hdr, body))
+    return b"".join(frames)
+
+
 _MSG_ID_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")  # printable ASCII but space and %
 
 
@@ -536,10 +549,13 @@ class JetStreamLog:
         with the batch's last sequence (its messages have the sequences just before it, in order)."""
         bid = uuid.uuid4().hex
         n = len(batch)
+        nc = self._nc
+        if nc.is_closed or not nc.is_connected:
+            raise _Retry("connection: not connected")
         try:
-            for i, (subject, body, mid) in enumerate(batch[:-1], 1):
-                await self._nc.publish(subject, body, headers={
-                    "Nats-Batch-Id": bid, "Nats-Batch-Sequence": str(i), "Nats-Msg-Id": mid})
+            await nc._send_command(_hpub_frames(batch[:-1], bid))  # what publish() does, once for all of them
+            if nc._flush_queue is not None and nc._flush_queue.empty():
+                await nc._flush_pending()
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError, OSError) as e:
             raise _Retry(f"connection: {e!r}") from e
         subject, body, mid = batch[-1]
