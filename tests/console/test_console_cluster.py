@@ -105,6 +105,10 @@ def test_cluster_page_follows_two_servers_down_and_back(node: Node, page: Any, s
     expect(page.locator("#t-stale")).to_have_text("current")
     expect(page.locator("#servers tbody tr")).to_have_count(3)
     expect(page.locator("#partitions tbody tr")).to_have_count(PARTITIONS)
+    served, held_by = page.locator('#partitions tr[data-partition="0"] td').nth(2), page.locator(
+        '#partitions tr[data-partition="0"] td').nth(3)
+    expect(served).to_have_text("yes")  # no [cluster]: this node holds every partition
+    expect(held_by).to_have_text("every node")
     leader = view(node.url)["leader"]
     expect(page.locator("#t-leader")).to_have_text(f"leader {leader}")
     expect(page.locator(f'#servers tr[data-server="{leader}"] td').nth(1)).to_have_text("leader")
