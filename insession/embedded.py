@@ -92,6 +92,12 @@ class Insession:
         except LogBehindError as e:  # it acknowledged more than it holds: refused before any offset is reused
             self.catalog.close()
             raise DataDirError(f"{self.data_dir}: {e}") from None
+        try:  # catalogue upserts go through the log (a replicated one: every node's, in one order)
+            self.log.keep_catalog(self.catalog)
+        except BaseException:
+            self.log.close()
+            self.catalog.close()
+            raise
         # One state partition per log partition (the log's crc32(user_id) % P); a cluster node may hold some.
         self.features = FeatureEngine.open(self.data_dir / "features", partitions=self.log.partitions,
                                            max_users=max_users, held=held)
@@ -156,7 +162,7 @@ class Insession:
         if table == "events":
             return self.insert_events(validate_events(rows))
         if table == "items":
-            return InsertResult("items", self.catalog.upsert(validate_items(rows)))
+            return InsertResult("items", self.log.upsert_items(validate_items(rows)))
         raise BatchRejected([FieldError(-1, "table", f"unknown table {table!r}; tables: events, items")], 404)
 
     def insert_events(self, events: list[Event]) -> InsertResult:

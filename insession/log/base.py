@@ -20,6 +20,12 @@ tests/log/test_log_contract.py:
   `[log] history` exports only on the one node that holds the export lease (`insession.log.lease`);
   `export` elsewhere writes nothing and returns the shared mark.
 
+- `keep_catalog(catalog)` / `upsert_items(items)`: catalogue upserts go through the log. The embedded log
+  writes them to the catalogue; a replicated log stores each upsert (all-or-nothing) in the stream's
+  items stream, and every node applies every node's upserts to its own catalogue in that stream's order,
+  so all nodes enrich an event alike whichever node took the upsert; `upsert_items` returns once this
+  node's catalogue holds it.
+
 A replicated log also answers `cluster_state()` (`ClusterState`: its servers, the stream's leader, whether
 a quorum can acknowledge writes, the newest offset of each partition), from a check it repeats in the
 background, so that it never waits on the network either; `cluster_state(log)` is None for a log on one
@@ -30,12 +36,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Protocol
+from typing import TYPE_CHECKING, Annotated, Protocol
 
 import msgspec
 import pyarrow as pa
 
-from insession.schema import BatchRejected, Event, FieldError
+from insession.schema import BatchRejected, Event, FieldError, Item
+
+if TYPE_CHECKING:
+    from insession.log.catalog import Catalog
 
 OnCommit = Callable[[list[Event]], None]
 
@@ -165,6 +174,15 @@ class Log(Protocol):
         """Start passing other writers' events to on_commit from `from_offset` on (a log opened with
         `follow=False`: the owner first replays up to `from_offset - 1` itself, so no event falls between
         its replay and the follower). A no-op for a log with one writer."""
+        ...
+
+    def keep_catalog(self, catalog: Catalog) -> None:
+        """The catalogue `upsert_items` writes to (a replicated log: brought up to date with the items stream
+        before this returns, then kept so in the background)."""
+        ...
+
+    def upsert_items(self, items: list[Item]) -> int:
+        """Store catalogue rows all-or-nothing; returns how many, once the kept catalogue holds them."""
         ...
 
     def wake(self) -> None:

@@ -6,6 +6,10 @@ history say what the catalogue said then and a feature over them is point-in-tim
 Decision: an event for an unknown item is accepted and stored with category=None (`enrich` returns how
 many there were, the caller counts them); a later upsert of that item does not rewrite history, so the
 log always says what the catalogue knew when the event arrived.
+
+On a replicated log every node keeps its own catalogue file, fed with every node's upserts in the one
+order of the log's items stream (`JetStreamLog.keep_catalog`); `replicated_seq` is the newest message of
+that stream this catalogue holds, stored in the same transaction as the items, so a restart resumes there.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ CREATE TABLE IF NOT EXISTS items (
     updated_ts INTEGER NOT NULL
 )
 """
+_META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)"
 _UPSERT = """
 INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT(item_id) DO UPDATE SET category = excluded.category, subcategory = excluded.subcategory,
@@ -52,14 +57,19 @@ class Catalog:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute(_SCHEMA)
+        self._conn.execute(_META)
         self._lock = threading.Lock()
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'replicated_seq'").fetchone()
+        self.replicated_seq = int(row[0]) if row else 0  # the items stream's newest message held (0: none)
         self._items: dict[str, Item] = {
             row[0]: Item(row[0], row[1], row[2], row[3], bool(row[4]), row[5], row[6], row[7])
             for row in self._conn.execute("SELECT * FROM items")
         }
 
-    def upsert(self, items: list[Item]) -> int:
-        """Insert or replace items (all-or-nothing, durable before return); returns how many.
+    def upsert(self, items: list[Item], seq: int | None = None) -> int:
+        """Insert or replace items (all-or-nothing, durable before return); returns how many. `seq`: the
+        items stream message they came from, recorded with them (a message at or below `replicated_seq` is
+        already held: nothing is written).
 
         On a full disk nothing of the batch is stored, neither in SQLite nor in the dict events are
         enriched from, and `LogUnavailable` with status 507 says so (as the event log does); the next
@@ -70,9 +80,13 @@ class Catalog:
         rows = [(it.item_id, it.category, it.subcategory, it.price, int(it.available), it.brand, it.name,
                  it.updated_ts) for it in items]
         with self._lock:
+            if seq is not None and seq <= self.replicated_seq:
+                return 0
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 self._conn.executemany(_UPSERT, rows)
+                if seq is not None:
+                    self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('replicated_seq', ?)", (seq,))
                 self._conn.execute("COMMIT")
             except BaseException as e:
                 if self._conn.in_transaction:
@@ -83,6 +97,8 @@ class Catalog:
                                          "once space is freed", 507) from None
                 raise
             self._items.update((it.item_id, it) for it in items)
+            if seq is not None:
+                self.replicated_seq = seq
         return len(items)
 
     def get(self, item_id: str) -> Item | None:

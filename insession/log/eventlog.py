@@ -52,13 +52,17 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import pyarrow as pa
 
 from insession.log.base import AppendResult, LogUnavailable
 from insession.log.export import events_to_arrow, history_location, remove_orphans, write_day_partitions
-from insession.schema import Event, partition_of
+from insession.schema import Event, Item, partition_of
+
+if TYPE_CHECKING:
+    from insession.log.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +152,7 @@ class EventLog:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._export_lock = threading.Lock()
+        self._catalog: Catalog | None = None
         self._history_clean = False  # orphans of a crashed export removed from the history dir
         self._lock = threading.Lock()  # guards _pending, _committing, _closed
         self._idle = threading.Condition(self._lock)  # notified when no commit is running
@@ -384,6 +389,16 @@ class EventLog:
 
     def wake(self) -> None:
         """Nothing to read: every acknowledged event was applied before its append returned."""
+
+    def keep_catalog(self, catalog: Catalog) -> None:
+        """The catalogue `upsert_items` writes to: this machine's, its only copy."""
+        self._catalog = catalog
+
+    def upsert_items(self, items: list[Item]) -> int:
+        """Write the rows to the kept catalogue (durable before return)."""
+        if self._catalog is None:
+            raise RuntimeError("upsert_items before keep_catalog: no catalogue to write to")
+        return self._catalog.upsert(items)
 
     def close(self) -> None:
         """Wait for the running commit and queued appends, then close the database (idempotent)."""

@@ -75,7 +75,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import msgspec
@@ -96,17 +96,23 @@ from insession.log.export import (
     write_day_partitions,
 )
 from insession.log.lease import MARK_KEY, ExportLease, LeaseLost
-from insession.schema import BatchRejected, Event, FieldError, partition_of
+from insession.schema import BatchRejected, Event, FieldError, Item, partition_of
+
+if TYPE_CHECKING:
+    from insession.log.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000  # JetStream's atomic batch limit (jetstream.limits.batch.max_msgs)
+ITEMS_PER_MESSAGE = 1000  # catalogue rows per message of the items stream (~100 KB, under max_payload's 1 MB)
+ITEMS_PAGE = 16  # items-stream messages per direct get
 DUPLICATE_WINDOW_S = 600.0
 READ_PAGE = 1000  # messages per batch direct get
 EXPORT_CHUNK = 200_000
 EXPORT_PAGE = 5_000  # events read back from the stream per step of an export ...
 EXPORT_DUTY = 0.5  # ... and the share of the time the export reads: the rest is left to serving
 FOLLOW_IDLE_S = 0.05  # the follower's poll interval when the stream has nothing new
+ITEMS_IDLE_S = 0.5  # ... the catalogue follower's (an upsert through this node wakes it at once)
 FOLLOW_BEHIND_S = 0.001  # ... and when a write is acknowledged but the replica that answered has not applied it
 ATTEMPT_TIMEOUT_S = 2.0  # one publish attempt; attempts repeat until ack_timeout_s
 PARTITIONS_KEY = "insession_partitions"
@@ -122,6 +128,7 @@ CHECK_TIMEOUT_S = 1.0  # how long one check waits for the stream's leader, a rep
 T = TypeVar("T")
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Event)
+_items_decoder = msgspec.msgpack.Decoder(list[Item])
 _acks = msgspec.json.Decoder(dict[str, Any])
 
 
@@ -327,9 +334,16 @@ class JetStreamLog:
         self._io = threading.Thread(target=self._loop.run_forever, name="insession-nats", daemon=True)
         self._io.start()
         self._nc: Any = None
+        self._items_stream = f"{self.stream}_ITEMS"  # catalogue upserts, in one order for every node
+        self._items_subject = f"{config.stream.lower()}.items"
+        self._catalog: Catalog | None = None
+        self._items_kick = threading.Event()
+        self._items_follower = threading.Thread(target=self._follow_items, name="insession-items-follower",
+                                                daemon=True)
         try:
             self._nc = self._run(self._connect(), config.ack_timeout_s + 5)
             last_seq = self._run(self._ensure_stream(), config.ack_timeout_s + 5)
+            self._run(self._open_items_stream(), config.ack_timeout_s + 5)
         except BaseException:
             self._shutdown_loop()
             raise
@@ -703,6 +717,72 @@ class JetStreamLog:
                 self._delivering = True
             self._hand_over(page, page[-1].offset)
 
+    # -- the catalogue ------------------------------------------------------------------------------
+
+    async def _open_items_stream(self) -> None:
+        """Create the items stream if missing (the events stream's replicas, file storage, atomic batches)."""
+        js = self._nc.jetstream()
+        try:
+            await js.stream_info(self._items_stream)
+        except nats.js.errors.NotFoundError:
+            await js.add_stream(StreamConfig(
+                name=self._items_stream, subjects=[self._items_subject], num_replicas=self.config.replicas,
+                storage=StorageType.FILE, retention=RetentionPolicy.LIMITS, discard=DiscardPolicy.OLD,
+                duplicate_window=DUPLICATE_WINDOW_S, allow_atomic=True, allow_direct=True))
+
+    def keep_catalog(self, catalog: Catalog) -> None:
+        """Apply the items stream to `catalog` from the message it holds on (every node's upserts, in the
+        stream's order): all of it before this returns, then in the background."""
+        self._catalog = catalog
+        while self._apply_items():
+            pass
+        self._items_follower.start()
+
+    def _apply_items(self) -> bool:
+        """Apply the next page of the items stream to the catalogue; whether there was one."""
+        catalog = self._catalog
+        assert catalog is not None
+        first = catalog.replicated_seq + 1
+        pages: list[list[Item]] = []
+        self._run(direct_get(self._nc, self._items_stream, {"seq": first, "batch": ITEMS_PAGE, "no_hdr": True},
+                             lambda msg: pages.append(_items_decoder.decode(msg.data))), ATTEMPT_TIMEOUT_S * 2)
+        for seq, items in enumerate(pages, first):  # the stream is dense: the i-th message is seq first + i
+            catalog.upsert(items, seq=seq)
+        return bool(pages)
+
+    def _follow_items(self) -> None:
+        """Keep the catalogue up to date with the items stream; never dies."""
+        while not self._closed:
+            try:
+                if self._apply_items():
+                    continue
+            except Exception as e:  # noqa: BLE001 - lost connection, no replica: try again
+                log.warning("the catalogue follower cannot read the items stream: %r", e)
+            self._items_kick.wait(ITEMS_IDLE_S)
+            self._items_kick.clear()
+
+    def upsert_items(self, items: list[Item]) -> int:
+        """Store catalogue rows on a quorum (one atomic batch of messages of ITEMS_PER_MESSAGE rows), then
+        wait until this node's catalogue has applied them; raises LogUnavailable (503) without a quorum."""
+        catalog = self._catalog
+        if catalog is None:
+            raise RuntimeError("upsert_items before keep_catalog: no catalogue to write to")
+        chunks = [items[i : i + ITEMS_PER_MESSAGE] for i in range(0, len(items), ITEMS_PER_MESSAGE)]
+        if len(chunks) > MAX_BATCH:
+            raise BatchRejected([FieldError(-1, "", f"{len(items)} items exceed what one atomic batch holds "
+                                            f"({MAX_BATCH * ITEMS_PER_MESSAGE}); split them")], 413)
+        msgs = [(self._items_subject, _encoder.encode(chunk), f"insession-{uuid.uuid4().hex}") for chunk in chunks]
+        stored = self._run(self._store(msgs), self.config.ack_timeout_s + 2 * ATTEMPT_TIMEOUT_S)
+        last = max(r.offset for r in stored) + 1  # its sequence in the items stream
+        deadline = time.monotonic() + self.config.ack_timeout_s
+        while catalog.replicated_seq < last:
+            self._items_kick.set()
+            if time.monotonic() > deadline:
+                raise LogUnavailable(f"the items are stored (items stream sequence {last}) but this node's catalogue "
+                                     f"has not applied them within {self.config.ack_timeout_s:.0f} s; they will be")
+            time.sleep(0.002)
+        return len(items)
+
     def wake(self) -> None:
         """Have the follower read the stream now instead of after its idle poll (FOLLOW_IDLE_S): a read through
         this node waits for an offset another node acknowledged."""
@@ -908,10 +988,13 @@ class JetStreamLog:
             self._closed = True
             self._cond.notify_all()
         self._kick.set()
+        self._items_kick.set()
         self._stopping.set()
         if self._lease is not None:
             self._lease.close()
         self._watcher.join()
+        if self._items_follower.ident is not None:
+            self._items_follower.join()
         if self._follower.ident is not None:  # a handle opened with follow=False may never have started it
             self._follower.join()
         self._shutdown_loop()

@@ -101,7 +101,7 @@ def test_healthy_cluster_servers_leader_and_lag_per_partition(cluster: LocalClus
             assert detail["applied_offset"] == applied
             assert detail["stream_last_offset"] == newest
             assert detail["consumer_lag"] == newest - applied == 2
-            assert detail["partitions"][q] == {"partition": q, "last_offset": newest, "lag": 2}
+            assert detail["partitions"][q] == {"partition": q, "last_offset": newest, "lag": 2, "held": True}
             assert detail["partitions"][p]["lag"] == 0  # p's newest event (a2) is applied
             metrics = gauges(api)
             assert metrics[("insession_log_consumer_lag", ())] == 2

@@ -14,9 +14,10 @@ from conftest import make_event
 from nats_helpers import log_config, start_cluster
 
 from insession.log import Log, LogConfig, open_log
+from insession.log.catalog import Catalog
 from insession.log.cluster import LocalCluster
 from insession.log.export import events_to_arrow
-from insession.schema import Event, partition_of
+from insession.schema import Event, Item, partition_of
 
 P = 4
 MakeLog = Callable[..., Log]
@@ -114,6 +115,19 @@ def test_event_ids_are_compared_exactly_whatever_their_characters(make_log: Make
     again = log.append([make_event(i, eid) for i, eid in reversed(list(enumerate(ODD_IDS)))])
     assert [(r.offset, r.duplicate) for r in again] == [(i, True) for i in reversed(range(len(ODD_IDS)))]
     assert [e.event_id for e in log.read()] == ODD_IDS
+
+
+def test_catalogue_upserts_go_through_the_log_and_the_last_one_wins(make_log: MakeLog, tmp_path: Path) -> None:
+    log = make_log()
+    catalog = Catalog(tmp_path / "catalog.sqlite")
+    try:
+        log.keep_catalog(catalog)
+        assert log.upsert_items([Item("a", "c1", "s1"), Item("b", "c1", "s2", price=2.5)]) == 2
+        assert log.upsert_items([Item("a", "c2", "s1", available=False)]) == 1
+        assert catalog.get("a") == Item("a", "c2", "s1", available=False)
+        assert catalog.get("b") == Item("b", "c1", "s2", price=2.5) and len(catalog) == 2
+    finally:
+        catalog.close()
 
 
 def test_on_commit_gets_new_events_in_offset_order_before_append_returns(make_log: MakeLog) -> None:

@@ -12,12 +12,13 @@ from pathlib import Path
 import nats
 import pytest
 from conftest import make_event
-from nats_helpers import log_config, start_cluster
+from nats_helpers import log_config, start_cluster, wait_for
 
 from insession.log import LogConfig
+from insession.log.catalog import Catalog
 from insession.log.cluster import LocalCluster, free_ports, nats_server_binary
 from insession.log.jetstream import JetStreamError, JetStreamLog
-from insession.schema import BatchRejected
+from insession.schema import BatchRejected, Item
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,37 @@ def test_a_retry_through_another_server_is_stored_once(cluster: LocalCluster, tm
             assert [e.event_id for e in b.read()] == [f"e{i}" for i in range(25)]
         deadline_events = list(a.read())
         assert len(deadline_events) == 25  # a sees b's writes too
+
+
+def test_every_node_applies_every_nodes_catalogue_upserts_in_one_order(cluster: LocalCluster,
+                                                                        tmp_path: Path) -> None:
+    """Items upserted through one node reach the other's catalogue (enrichment alike on both), in the items
+    stream's order whichever node took them; a node reopened resumes at the message its catalogue holds and
+    gets what was upserted while it was away."""
+    cfg = log_config(cluster)
+    cat_a, cat_b = Catalog(tmp_path / "a.sqlite"), Catalog(tmp_path / "b.sqlite")
+    try:
+        with JetStreamLog(cfg, tmp_path / "a", partitions=4) as a:
+            a.keep_catalog(cat_a)
+            with JetStreamLog(cfg, tmp_path / "b", partitions=4) as b:
+                b.keep_catalog(cat_b)
+                a.upsert_items([Item(f"i{k}", "c1", "s") for k in range(2500)])  # three messages, one batch
+                b.upsert_items([Item("i7", "c2", "s")])
+                a.upsert_items([Item("i8", "c3", "s")])
+                wait_for("both at the end", lambda: cat_a.replicated_seq == 5 == cat_b.replicated_seq)
+                assert {i: (cat_a.get(i), cat_b.get(i)) for i in ("i0", "i7", "i8", "i2499")} == {
+                    i: (Item(i, c, "s"), Item(i, c, "s")) for i, c in (("i0", "c1"), ("i7", "c2"), ("i8", "c3"),
+                                                                      ("i2499", "c1"))}
+            a.upsert_items([Item("late", "c4", "s")])  # while b is away
+        cat_b.close()
+        cat_b = Catalog(tmp_path / "b.sqlite")
+        assert cat_b.replicated_seq == 5 and cat_b.get("late") is None
+        with JetStreamLog(cfg, tmp_path / "b", partitions=4) as b:
+            b.keep_catalog(cat_b)  # caught up before it returns
+            assert cat_b.replicated_seq == 6 and cat_b.get("late") == Item("late", "c4", "s") and len(cat_b) == 2501
+    finally:
+        cat_a.close()
+        cat_b.close()
 
 
 def test_offsets_are_stream_sequences_minus_one(cluster: LocalCluster, tmp_path: Path) -> None:

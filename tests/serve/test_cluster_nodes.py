@@ -85,9 +85,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[Nod
                "action": rng.choice(["view", "view", "add_to_cart", "purchase"]), "ts": T0 + n * 20_000}
               for n in range(600)]
     items = [{"item_id": item, "category": f"c{n % 4}"} for n, item in enumerate(ITEMS)]
-    reference.insert("items", items)
-    for node in nodes:  # the catalogue is each node's own
-        assert node.http.put("/v1/items", json=items).status_code == 200
+    assert nodes[1].http.put("/v1/items", json=items).status_code == 200  # through one node: the items stream
+    for db in [reference, *(n.db for n in nodes)]:  # ... brings it to every node's catalogue
+        deadline = time.monotonic() + 30
+        while len(db.catalog) < len(ITEMS):
+            assert time.monotonic() < deadline, "a node's catalogue did not get the items upserted elsewhere"
+            time.sleep(0.02)
     for n, start in enumerate(range(0, len(events), 50)):  # batches through every node
         r = nodes[n % 3].http.post("/v1/events", json=events[start : start + 50])
         assert r.status_code == 200, r.text
