@@ -265,6 +265,26 @@ async def get_batch(nc: Any, stream: str, seq: int, n: int, subject: str | None)
     return out
 
 
+def stop_client_loop(loop: asyncio.AbstractEventLoop, io: threading.Thread, nc: Any) -> None:
+    """Close the connection `nc` (None: never opened), cancel what is left on its loop (the client's own
+    tasks), stop the loop's thread `io` and close the loop."""
+
+    async def finish() -> None:
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await nc.close()
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in rest:
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(finish(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    io.join()
+    loop.close()
+
+
 def check_synced(monitors: list[str], timeout_s: float = 2.0) -> list[str]:
     """Raise JetStreamError unless every server that answers fsyncs each write and a majority answer;
     returns the endpoints that did not answer (a down server cannot be checked; it is named in the log)."""
@@ -1000,22 +1020,7 @@ class JetStreamLog:
         self._shutdown_loop()
 
     def _shutdown_loop(self) -> None:
-        """Close the connection, cancel what is left on the loop (the client's own tasks), stop the thread."""
-
-        async def finish() -> None:
-            if self._nc is not None:
-                with contextlib.suppress(Exception):
-                    await self._nc.close()
-            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in rest:
-                task.cancel()
-            await asyncio.gather(*rest, return_exceptions=True)
-
-        with contextlib.suppress(Exception):
-            self._run(finish(), 10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._io.join()
-        self._loop.close()
+        stop_client_loop(self._loop, self._io, self._nc)
 
     def __enter__(self) -> JetStreamLog:
         return self
@@ -1158,23 +1163,8 @@ class StreamReader:
 
     def close(self) -> None:
         """Close the connection and stop the client's loop (idempotent)."""
-        if self._loop.is_closed():
-            return
-
-        async def finish() -> None:
-            if self._nc is not None:
-                with contextlib.suppress(Exception):
-                    await self._nc.close()
-            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in rest:
-                task.cancel()
-            await asyncio.gather(*rest, return_exceptions=True)
-
-        with contextlib.suppress(Exception):
-            self._run(finish(), 10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._io.join()
-        self._loop.close()
+        if not self._loop.is_closed():
+            stop_client_loop(self._loop, self._io, self._nc)
 
     def __enter__(self) -> StreamReader:
         return self
