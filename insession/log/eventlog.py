@@ -58,7 +58,13 @@ import msgspec
 import pyarrow as pa
 
 from insession.log.base import AppendResult, LogUnavailable
-from insession.log.export import events_to_arrow, history_location, remove_orphans, write_day_partitions
+from insession.log.export import (
+    events_to_arrow,
+    history_location,
+    read_paced,
+    remove_orphans,
+    write_day_partitions,
+)
 from insession.schema import Event, Item, partition_of
 
 if TYPE_CHECKING:
@@ -368,7 +374,8 @@ class EventLog:
             try:
                 while self._exported < upto:
                     end = min(upto, self._exported + EXPORT_CHUNK)
-                    write_day_partitions(list(self.read(self._exported + 1, upto=end)), history_dir)
+                    write_day_partitions(read_paced(lambda a, b: self.read(a, upto=b), self._exported + 1, end),
+                                         history_dir)
                     conn.execute("UPDATE meta SET value = ? WHERE key = 'exported_offset'", (end,))
                     self._exported = end
             except BaseException:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -50,6 +51,8 @@ DAY_MS = 86_400_000
 MANIFEST = "_manifest.json"
 QUARANTINE = "_quarantine"
 ARROW_CHUNK = 4_096  # events converted to Arrow per C call (each holds the GIL throughout)
+EXPORT_PAGE = 5_000  # events an export reads from its log per step ...
+EXPORT_DUTY = 0.5  # ... and the share of the time it reads: the rest is left to serving
 _PART = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
 _PART_PATH = re.compile(r"^day=[^/]+/part-(\d+)-(\d+)\.parquet$")  # a part, relative to the history
 _json = msgspec.json.Encoder()
@@ -282,6 +285,19 @@ def load_manifest(history_dir: str | Path | HistoryStore) -> dict[str, Part]:
 
 def _save_manifest(store: HistoryStore, parts: dict[str, Part]) -> None:
     store.write_bytes(MANIFEST, msgspec.json.encode(sorted(parts.values(), key=lambda p: p.path)))
+
+
+def read_paced(read: Callable[[int, int], Iterable[Event]], first: int, last: int) -> list[Event]:
+    """Events first..last for an export, `read(a, b)` EXPORT_PAGE at a time with a pause after each as long
+    as the page took x (1 / EXPORT_DUTY - 1). Reading a log back is Python work on the serving process's GIL:
+    50,000 events of a replicated log read in one go held a node's requests up for ~0.3 s (reads forwarded
+    to it: p99 250-530 ms, against 35 ms paced, in bench_cluster's forwarding scenario)."""
+    events: list[Event] = []
+    for start in range(first, last + 1, EXPORT_PAGE):
+        began = time.perf_counter()
+        events.extend(read(start, min(last, start + EXPORT_PAGE - 1)))
+        time.sleep((time.perf_counter() - began) * (1 / EXPORT_DUTY - 1))
+    return events
 
 
 def events_to_arrow(events: Sequence[Event]) -> pa.Table:

@@ -90,6 +90,7 @@ from insession.log.export import (
     events_to_arrow,
     history_end,
     history_location,
+    read_paced,
     redacted,
     remove_orphans,
     verify_history,
@@ -109,8 +110,6 @@ ITEMS_PAGE = 16  # items-stream messages per direct get
 DUPLICATE_WINDOW_S = 600.0
 READ_PAGE = 1000  # messages per batch direct get
 EXPORT_CHUNK = 200_000
-EXPORT_PAGE = 5_000  # events read back from the stream per step of an export ...
-EXPORT_DUTY = 0.5  # ... and the share of the time the export reads: the rest is left to serving
 FOLLOW_IDLE_S = 0.05  # the follower's poll interval when the stream has nothing new
 ITEMS_IDLE_S = 0.5  # ... the catalogue follower's (an upsert through this node wakes it at once)
 FOLLOW_BEHIND_S = 0.001  # ... and when a write is acknowledged but the replica that answered has not applied it
@@ -943,7 +942,8 @@ class JetStreamLog:
                     end = min(upto, exported + EXPORT_CHUNK)
                     if lease is not None and not lease.held():
                         break  # its renewal failed: the lease may be another node's before the next chunk lands
-                    write_day_partitions(self._read_paced(exported + 1, end), history_dir)
+                    write_day_partitions(read_paced(lambda a, b: self.read(a, upto=b), exported + 1, end),
+                                         history_dir)
                     if lease is None:
                         self._save_mark(end)
                         self._exported = end
@@ -957,18 +957,6 @@ class JetStreamLog:
                 self._checked = None
                 raise
             return exported
-
-    def _read_paced(self, first: int, last: int) -> list[Event]:
-        """Events first..last for the export, read EXPORT_PAGE at a time with a pause after each as long as the
-        page took x (1 / EXPORT_DUTY - 1): reading the stream back is Python work on this process's GIL, and
-        50,000 events read at once held a node's reads up for ~0.3 s (forwarded reads' p99 250-330 ms against
-        97 ms paced, in bench_cluster's forwarding scenario)."""
-        events: list[Event] = []
-        for start in range(first, last + 1, EXPORT_PAGE):
-            began = time.perf_counter()
-            events.extend(self.read(start, upto=min(last, start + EXPORT_PAGE - 1)))
-            time.sleep((time.perf_counter() - began) * (1 / EXPORT_DUTY - 1))
-        return events
 
     def _check_history_of_stream(self, history_dir: Path) -> None:
         """Refuse a shared history that holds offsets beyond the stream's end: another stream's (or a
