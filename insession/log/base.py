@@ -18,7 +18,8 @@ tests/log/test_log_contract.py:
 - `export(history_dir)` / `exported_offset()` / `tail_arrow(from_offset)`: the Parquet history and the
   tail not yet in it, exactly as `insession.log.export` lays them out. A replicated log with a shared
   `[log] history` exports only on the one node that holds the export lease (`insession.log.lease`);
-  `export` elsewhere writes nothing and returns the shared mark.
+  `export` elsewhere writes nothing and returns the shared mark. `paced=True` (the background export of a
+  serving process) reads the log back in steps with pauses between them (`export.read_paced`).
 
 - `keep_catalog(catalog)` / `upsert_items(items)`: catalogue upserts go through the log. The embedded log
   writes them to the catalogue; a replicated log stores each upsert (all-or-nothing) in the stream's
@@ -166,7 +167,8 @@ class Log(Protocol):
 
     def exported_offset(self) -> int: ...
 
-    def export(self, history_dir: Path | str, upto_offset: int | None = None, *, min_events: int = 1) -> int: ...
+    def export(self, history_dir: Path | str, upto_offset: int | None = None, *, min_events: int = 1,
+               paced: bool = False) -> int: ...
 
     def tail_arrow(self, from_offset: int) -> pa.Table: ...
 

@@ -59,6 +59,7 @@ import pyarrow as pa
 
 from insession.log.base import AppendResult, LogUnavailable
 from insession.log.export import (
+    EXPORT_DUTY,
     events_to_arrow,
     history_location,
     read_paced,
@@ -356,7 +357,8 @@ class EventLog:
         """Last offset written to the Parquet history; -1 when nothing is exported."""
         return self._exported
 
-    def export(self, history_dir: Path | str, upto_offset: int | None = None, *, min_events: int = 1) -> int:
+    def export(self, history_dir: Path | str, upto_offset: int | None = None, *, min_events: int = 1,
+               paced: bool = False) -> int:
         """Export (exported_offset, upto_offset] to Parquet by event day; idempotent; returns the new mark.
 
         Does nothing while fewer than `min_events` are pending: a periodic caller can pass a segment size
@@ -374,8 +376,8 @@ class EventLog:
             try:
                 while self._exported < upto:
                     end = min(upto, self._exported + EXPORT_CHUNK)
-                    write_day_partitions(read_paced(lambda a, b: self.read(a, upto=b), self._exported + 1, end),
-                                         history_dir)
+                    write_day_partitions(read_paced(lambda a, b: self.read(a, upto=b), self._exported + 1, end,
+                                                    duty=EXPORT_DUTY if paced else 1.0), history_dir)
                     conn.execute("UPDATE meta SET value = ? WHERE key = 'exported_offset'", (end,))
                     self._exported = end
             except BaseException:

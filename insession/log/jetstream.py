@@ -87,6 +87,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 
 from insession.log.base import AppendResult, ClusterState, LogConfig, LogUnavailable, OnCommit, ServerState
 from insession.log.export import (
+    EXPORT_DUTY,
     events_to_arrow,
     history_end,
     history_location,
@@ -915,7 +916,8 @@ class JetStreamLog:
         """Whether this node writes the history now: its own always; a shared one while it holds the lease."""
         return self._lease is None or self._lease.held()
 
-    def export(self, history_dir: Path | str, upto_offset: int | None = None, *, min_events: int = 1) -> int:
+    def export(self, history_dir: Path | str, upto_offset: int | None = None, *, min_events: int = 1,
+               paced: bool = False) -> int:
         """Export (exported_offset, upto_offset] to Parquet by event day, as the embedded log does; returns the
         mark. With a shared history only the lease holder writes (elsewhere: the mark, nothing written);
         each chunk is committed by moving the mark, and a holder that lost the lease stops at once."""
@@ -942,8 +944,8 @@ class JetStreamLog:
                     end = min(upto, exported + EXPORT_CHUNK)
                     if lease is not None and not lease.held():
                         break  # its renewal failed: the lease may be another node's before the next chunk lands
-                    write_day_partitions(read_paced(lambda a, b: self.read(a, upto=b), exported + 1, end),
-                                         history_dir)
+                    write_day_partitions(read_paced(lambda a, b: self.read(a, upto=b), exported + 1, end,
+                                                    duty=EXPORT_DUTY if paced else 1.0), history_dir)
                     if lease is None:
                         self._save_mark(end)
                         self._exported = end
