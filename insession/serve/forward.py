@@ -140,7 +140,11 @@ class Forwarder:
         failures = []
         for target in targets:
             try:
-                sent = self._http().build_request(request.method, target + url_path, content=content, headers=headers)
+                # a relayed event stream may be quiet for long: no read timeout for it, the others' as configured
+                timeout = httpx.Timeout(self.cluster.forward_timeout_s, read=None) if stream else \
+                    httpx.USE_CLIENT_DEFAULT
+                sent = self._http().build_request(request.method, target + url_path, content=content, headers=headers,
+                                                  timeout=timeout)
                 r = await self._http().send(sent, stream=stream)
             except httpx.HTTPError as e:
                 self._count(target, "unreachable")
