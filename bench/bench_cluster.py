@@ -191,7 +191,8 @@ HEADERS = ["log", "batch", "clients", "events", "events/s", "ack p50 ms", "ack p
 
 def run(quick: bool) -> str:
     plan = [(1, 1, 500 if quick else 5_000), (1, 4, 250 if quick else 2_500), (100, 1, 50 if quick else 500),
-            (100, 4, 25 if quick else 250), (1000, 1, 10 if quick else 100), (1000, 2, 5 if quick else 50)]
+            (100, 4, 25 if quick else 250), (1000, 1, 10 if quick else 100), (1000, 2, 5 if quick else 50),
+            (1000, 4, 3 if quick else 40)]
     progress = tqdm(total=2 * len(plan) + 3, desc="bench_cluster", unit="scenario")
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
