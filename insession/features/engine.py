@@ -253,10 +253,6 @@ class FeatureEngine:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def holds(self, user_id: str) -> bool:
-        """Whether this engine serves `user_id`'s features (its partition is held)."""
-        return partition_of(user_id, self.partitions) in self.held
-
     @classmethod
     def open(cls, state_dir: Path, registry: FeatureRegistry | None = None, *,
              partitions: int = 16, max_users: int = 0, held: frozenset[int] | None = None) -> FeatureEngine:
