@@ -145,6 +145,10 @@ class _Incomplete(_Retry):
     (an election, a reconnect) or refused on its own (e.g. over the stream's max_msg_size)."""
 
 
+class _NoQuorum(Exception):
+    """The stream's leader answered but counts no majority current: asked again until the reader's timeout."""
+
+
 class _KnownIds(Exception):
     """The server refused an atomic batch because it holds one of its message ids (err 10201)."""
 
@@ -170,6 +174,21 @@ def message_id(event_id: str) -> str:
     header's framing or the client's trimming can change) and distinct ids stay distinct (`%` is encoded
     too). Ids of letters, digits and punctuation other than `%` are sent as they are."""
     return quote(event_id, safe=_MSG_ID_SAFE)
+
+
+def counts_quorum(info: Any) -> tuple[bool, int, int]:
+    """(quorum, current, needed) from a stream's info as its leader answered it: the leader plus the replicas
+    it counts current and not offline, against a majority of the stream's replicas. A stream without Raft
+    (one server) always has its quorum. NATS keeps a replica it stopped hearing from current for its
+    lost-quorum interval (seconds), so a leader whose followers just died still counts them for that long."""
+    cluster = info.cluster
+    replicas = int(info.config.num_replicas or 1)
+    needed = replicas // 2 + 1
+    if cluster is None:
+        return True, 1, needed
+    leader = cluster.leader or None
+    current = (1 if leader else 0) + sum(1 for p in cluster.replicas or [] if p.current and not p.offline)
+    return leader is not None and current >= needed, current, needed
 
 
 def monitor_urls(config: LogConfig) -> list[str]:
@@ -860,9 +879,7 @@ class JetStreamLog:
             leader = (cluster.leader if cluster is not None else None) or None
             peers = list(cluster.replicas or []) if cluster is not None else []
             replicas = int(info.config.num_replicas or 1)
-            current = (1 if leader else 0) + sum(1 for p in peers if p.current and not p.offline)
-            needed = replicas // 2 + 1
-            quorum = cluster is None or (leader is not None and current >= needed)  # None: one server, no Raft
+            quorum, current, needed = counts_quorum(info)
             if quorum:
                 reason = ""
             elif leader is None:
@@ -1032,8 +1049,11 @@ class StreamReader:
     - `read(first, upto)` / `tail_arrow(first, upto)`: the stream's events in [first, upto] from whichever
       replica answers, asked again until `ack_timeout_s` while a lagging replica has not caught up.
 
-    Decision: reading "every acknowledged event" needs the stream's leader, i.e. a quorum. Without one the
-    reader fails (JetStreamError naming the servers) instead of training on whatever one replica holds.
+    Decision: reading "every acknowledged event" needs the stream's leader counting a quorum (the rule of
+    `counts_quorum`). Without one the reader fails (JetStreamError naming the servers) instead of training on
+    whatever one replica holds. Bound (NATS's, not ours): a leader whose followers just died counts them
+    current for NATS's lost-quorum interval and is read from meanwhile; it still holds every acknowledged
+    event unless a network partition let the others elect a new leader within that interval.
     """
 
     def __init__(self, config: LogConfig) -> None:
@@ -1081,10 +1101,11 @@ class StreamReader:
             try:
                 return await call()
             except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError, nats.errors.NoRespondersError,
-                    TimeoutError) as e:
+                    TimeoutError, _NoQuorum) as e:
                 if loop.time() >= deadline:
                     raise JetStreamError(
-                        f"no leader of {what} answered within {self._timeout_s:.0f} s ({type(e).__name__}): reading "
+                        f"no leader of {what} answered within {self._timeout_s:.0f} s ({type(e).__name__}"
+                        f"{': ' + str(e) if isinstance(e, _NoQuorum) else ''}): reading "
                         "every acknowledged event needs a quorum, a majority of the servers "
                         f"{self._servers()} up; start them or wait for them") from e
                 await asyncio.sleep(0.25)
@@ -1115,10 +1136,14 @@ class StreamReader:
 
         async def info() -> Any:
             try:
-                return await js.stream_info(self.stream)
+                got = await js.stream_info(self.stream)
             except nats.js.errors.NotFoundError as e:
                 raise JetStreamError(f"stream {self.stream} does not exist on {self._servers()}: check --stream / "
                                      "[log] stream (a node creates it when it first opens the log)") from e
+            quorum, current, needed = counts_quorum(got)
+            if not quorum:
+                raise _NoQuorum(f"the leader counts {current} servers current, {needed} needed")
+            return got
 
         got = self._run(self._with_leader(f"stream {self.stream}", info), self._timeout_s + 5)
         return int(got.state.last_seq) - 1
