@@ -210,7 +210,8 @@ class Insession:
         retry_at = {"export": 0.0, "snapshot": 0.0}
         streak = {"export": 0, "snapshot": 0}  # consecutive failures: the backoff doubles with each
         # restart = the last snapshot + the log after it
-        jobs = {"export": lambda: self.log.export(self.history_dir, min_events=EXPORT_MIN_EVENTS, paced=True),
+        export_writer = self.query.analytics.export_writer()  # in a worker process: no GIL time of serving's
+        jobs = {"export": lambda: self.log.export(self.history_dir, min_events=EXPORT_MIN_EVENTS, write=export_writer),
                 "snapshot": lambda: self.features.snapshot()}
         while not self._stop.wait(interval_s):
             self.features.sweep_next()  # expired state leaves one unit at a time

@@ -101,6 +101,44 @@ def test_background_jobs_survive_a_full_disk_and_report_it(small_disk: Path, mon
         assert db._maintenance is not None and db._maintenance.is_alive()
 
 
+def test_the_background_export_runs_in_a_worker_that_reads_the_log_itself(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The serving process never reads the log back for the background export (that Python work stalled its
+    requests): an export worker reads the range from log.sqlite and writes the day parts; the history holds
+    every event once, as an export in this process writes it. A failing worker moves no mark and is
+    reported like any failed job, and the next round exports what it could not."""
+    monkeypatch.setattr(embedded, "EXPORT_MIN_EVENTS", 1)
+    monkeypatch.setattr(embedded, "RETRY_MAX_S", 0.05)
+    with insession.open(tmp_path / "data", maintenance_interval_s=0.05) as db:
+        db.insert("events", _events(30))
+        db.insert("events", _events(30, start=100_000))  # a second day
+        expected = load_events(tmp_path / "data").sort_by("offset")  # read before the log is fenced off
+
+        def not_here(*_: object, **__: object) -> None:
+            raise AssertionError("the serving process read the log for the background export")
+
+        monkeypatch.setattr(db.log, "read", not_here)
+        deadline = time.monotonic() + 60
+        while db.log.exported_offset() != 59 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert db.log.exported_offset() == 59 and db.job_failures["export"] == 0
+        history = db.history_dir
+        assert len(list(history.glob("day=*/part-*.parquet"))) == 2
+        assert load_events(tmp_path / "data").sort_by("offset").equals(expected)
+        shutil.rmtree(history)
+        history.write_text("not a directory")  # the worker cannot write its parts
+        db.insert("events", _events(5, start=60))
+        while db.job_failures["export"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert db.job_failures["export"] >= 2 and db.job_errors["export"] == "ExportFailed"
+        assert db.log.exported_offset() == 59
+        history.unlink()
+        history.mkdir()  # an empty history again: the next rounds write every event after the mark
+        while db.log.exported_offset() != 64 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert db.log.exported_offset() == 64 and db.job_errors["export"] is None
+
+
 def test_a_full_disk_refuses_writes_with_507_loses_nothing_and_recovers(small_disk: Path) -> None:
     data = small_disk / "data"
     acked: list[int] = []

@@ -18,8 +18,9 @@ tests/log/test_log_contract.py:
 - `export(history_dir)` / `exported_offset()` / `tail_arrow(from_offset)`: the Parquet history and the
   tail not yet in it, exactly as `insession.log.export` lays them out. A replicated log with a shared
   `[log] history` exports only on the one node that holds the export lease (`insession.log.lease`);
-  `export` elsewhere writes nothing and returns the shared mark. `paced=True` (the background export of a
-  serving process) reads the log back in steps with pauses between them (`export.read_paced`).
+  `export` elsewhere writes nothing and returns the shared mark. `write` (`export.ChunkWriter`: the
+  background export of a serving process passes an analytics worker's) writes each chunk elsewhere; the
+  log then only moves its mark.
 
 - `keep_catalog(catalog)` / `upsert_items(items)`: catalogue upserts go through the log. The embedded log
   writes them to the catalogue; a replicated log stores each upsert (all-or-nothing) in the stream's
@@ -46,6 +47,7 @@ from insession.schema import BatchRejected, Event, FieldError, Item
 
 if TYPE_CHECKING:
     from insession.log.catalog import Catalog
+    from insession.log.export import ChunkWriter
 
 OnCommit = Callable[[list[Event]], None]
 
@@ -168,7 +170,7 @@ class Log(Protocol):
     def exported_offset(self) -> int: ...
 
     def export(self, history_dir: Path | str, upto_offset: int | None = None, *, min_events: int = 1,
-               paced: bool = False) -> int: ...
+               write: ChunkWriter | None = None) -> int: ...
 
     def tail_arrow(self, from_offset: int) -> pa.Table: ...
 

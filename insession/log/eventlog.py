@@ -59,12 +59,11 @@ import pyarrow as pa
 
 from insession.log.base import AppendResult, LogUnavailable
 from insession.log.export import (
-    EXPORT_DUTY,
+    ChunkWriter,
     events_to_arrow,
     history_location,
-    read_paced,
     remove_orphans,
-    write_day_partitions,
+    writer_here,
 )
 from insession.schema import Event, Item, partition_of
 
@@ -358,13 +357,15 @@ class EventLog:
         return self._exported
 
     def export(self, history_dir: Path | str, upto_offset: int | None = None, *, min_events: int = 1,
-               paced: bool = False) -> int:
+               write: ChunkWriter | None = None) -> int:
         """Export (exported_offset, upto_offset] to Parquet by event day; idempotent; returns the new mark.
 
         Does nothing while fewer than `min_events` are pending: a periodic caller can pass a segment size
         so the history is a few large files instead of many small ones (the tail stays in `tail_arrow`).
+        Each chunk is written by `write` (None: read and written here), then the mark moves.
         """
         history_dir = history_location(history_dir)  # a Path, or an object-store URI as it is
+        write = write or writer_here(lambda a, b: self.read(a, upto=b), history_dir)
         with self._export_lock:
             upto = self._last if upto_offset is None else min(upto_offset, self._last)
             if upto - self._exported < max(min_events, 1):
@@ -376,8 +377,7 @@ class EventLog:
             try:
                 while self._exported < upto:
                     end = min(upto, self._exported + EXPORT_CHUNK)
-                    write_day_partitions(read_paced(lambda a, b: self.read(a, upto=b), self._exported + 1, end,
-                                                    duty=EXPORT_DUTY if paced else 1.0), history_dir)
+                    write(self._exported + 1, end)
                     conn.execute("UPDATE meta SET value = ? WHERE key = 'exported_offset'", (end,))
                     self._exported = end
             except BaseException:

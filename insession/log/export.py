@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -51,8 +50,6 @@ DAY_MS = 86_400_000
 MANIFEST = "_manifest.json"
 QUARANTINE = "_quarantine"
 ARROW_CHUNK = 4_096  # events converted to Arrow per C call (each holds the GIL throughout)
-EXPORT_PAGE = 5_000  # events an export reads from its log per step ...
-EXPORT_DUTY = 0.5  # ... and the share of the time it reads: the rest is left to serving
 _PART = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
 _PART_PATH = re.compile(r"^day=[^/]+/part-(\d+)-(\d+)\.parquet$")  # a part, relative to the history
 _json = msgspec.json.Encoder()
@@ -279,19 +276,22 @@ def _save_manifest(store: HistoryStore, parts: dict[str, Part]) -> None:
     store.write_bytes(MANIFEST, msgspec.json.encode(sorted(parts.values(), key=lambda p: p.path)))
 
 
-def read_paced(read: Callable[[int, int], Iterable[Event]], first: int, last: int, duty: float) -> list[Event]:
-    """Events first..last for an export, `read(a, b)` EXPORT_PAGE at a time with a pause after each as long
-    as the page took x (1 / duty - 1): a background export passes EXPORT_DUTY, an explicit one 1 (no pause).
-    Reading a log back is Python work on the serving process's GIL:
-    50,000 events of a replicated log read in one go held a node's requests up for ~0.3 s (reads forwarded
-    to it: p99 250-530 ms, against 35 ms paced, in bench_cluster's forwarding scenario)."""
-    events: list[Event] = []
-    for start in range(first, last + 1, EXPORT_PAGE):
-        began = time.perf_counter()
-        events.extend(read(start, min(last, start + EXPORT_PAGE - 1)))
-        if duty < 1:
-            time.sleep((time.perf_counter() - began) * (1 / duty - 1))
-    return events
+ChunkWriter = Callable[[int, int], None]
+"""How an export writes the log's events first..last to the history (`write_day_partitions` of them). A
+serving process passes one that runs in an analytics worker process (`AnalyticsLane.export_chunk`): the
+worker reads the range from the log itself, so none of the export's Python work (reading and decoding
+50,000 events, converting them to Arrow, writing Parquet) runs on the serving process's GIL. Read back in
+the server, paced to half of the time, the 10-second export still put ~100 ms stalls into bench_mixed's
+reads at a million shoppers."""
+
+
+def writer_here(read: Callable[[int, int], Iterable[Event]], history: str | Path | HistoryStore) -> ChunkWriter:
+    """The `ChunkWriter` that reads the range with `read(first, last)` and writes it in this process (an
+    explicit `export()`, the last one at close, and tools without workers)."""
+    def write(first: int, last: int) -> None:
+        write_day_partitions(list(read(first, last)), history)
+
+    return write
 
 
 def events_to_arrow(events: Sequence[Event]) -> pa.Table:

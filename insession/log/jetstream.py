@@ -87,15 +87,14 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 
 from insession.log.base import AppendResult, ClusterState, LogConfig, LogUnavailable, OnCommit, ServerState
 from insession.log.export import (
-    EXPORT_DUTY,
+    ChunkWriter,
     events_to_arrow,
     history_end,
     history_location,
-    read_paced,
     redacted,
     remove_orphans,
     verify_history,
-    write_day_partitions,
+    writer_here,
 )
 from insession.log.lease import MARK_KEY, ExportLease, LeaseLost
 from insession.schema import BatchRejected, Event, FieldError, Item, partition_of
@@ -934,11 +933,12 @@ class JetStreamLog:
         return self._lease is None or self._lease.held()
 
     def export(self, history_dir: Path | str, upto_offset: int | None = None, *, min_events: int = 1,
-               paced: bool = False) -> int:
+               write: ChunkWriter | None = None) -> int:
         """Export (exported_offset, upto_offset] to Parquet by event day, as the embedded log does; returns the
         mark. With a shared history only the lease holder writes (elsewhere: the mark, nothing written);
         each chunk is committed by moving the mark, and a holder that lost the lease stops at once."""
         history_dir = history_location(history_dir)  # a Path, or an object-store URI as it is
+        write = write or writer_here(lambda a, b: self.read(a, upto=b), history_dir)
         lease = self._lease
         with self._export_lock:
             if lease is not None and not lease.held():
@@ -961,8 +961,7 @@ class JetStreamLog:
                     end = min(upto, exported + EXPORT_CHUNK)
                     if lease is not None and not lease.held():
                         break  # its renewal failed: the lease may be another node's before the next chunk lands
-                    write_day_partitions(read_paced(lambda a, b: self.read(a, upto=b), exported + 1, end,
-                                                    duty=EXPORT_DUTY if paced else 1.0), history_dir)
+                    write(exported + 1, end)
                     if lease is None:
                         self._save_mark(end)
                         self._exported = end

@@ -13,6 +13,9 @@ in-memory DuckDB (`insession.query.tables.connect`), so nothing one query does c
 Validation (binding against empty tables) runs in a worker of its own too: DuckDB folds constant
 expressions while it prepares, so a `PREPARE` of `SELECT lpad('x', 1100000000, 'y')` already builds
 the 1.1 GB string.
+
+The background export of the log to the Parquet history runs in a worker of its own as well
+(`export_writer`), which reads the log's files or stream itself.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import msgspec
 import pyarrow as pa
 
 from insession.log.base import LogConfig
+from insession.log.export import ChunkWriter
 from insession.query.errors import QueryError
 from insession.query.workers import (
     HEADROOM_BYTES,
@@ -46,6 +50,11 @@ from insession.query.workers import (
 )
 
 Position = Callable[[str], dict[str, int]]
+EXPORT_TIMEOUT_S = 300.0  # one export chunk (at most 200,000 events) in the export worker; past it, killed
+
+
+class ExportFailed(RuntimeError):
+    """The export worker answered with an error (its message says which); the export is retried."""
 
 
 def _quarter_of_cores() -> int:
@@ -192,6 +201,8 @@ class AnalyticsLane:
             stream=sources.stream if streamed else None,
         )
         self._workers = [WorkerProcess(self.config, f"analytics worker {i}") for i in range(lim.concurrency)]
+        # the background export's own worker (a query never waits behind an export, nor an export behind one)
+        self._exporter = WorkerProcess(self.config, "export worker") if files or streamed else None
         self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._admitted = 0  # running + waiting
@@ -319,6 +330,18 @@ class AnalyticsLane:
             ) from None
         return _answer(reply, req.position)
 
+    def export_writer(self) -> ChunkWriter | None:
+        """The background export's `ChunkWriter`: the export worker reads the range from the log's files or
+        stream itself and writes it to the history, so the serving process does none of that work (None:
+        the sources are callables, nothing for a worker to read; the log exports in process)."""
+        return self._export_chunk if self._exporter is not None else None
+
+    def _export_chunk(self, first: int, last: int) -> None:
+        assert self._exporter is not None
+        reply = self._exporter.call(Job("export", "", tail_from=first, tail_upto=last), EXPORT_TIMEOUT_S)
+        if reply.kind != "exported":
+            raise ExportFailed(f"the export worker did not write offsets {first}..{last}: {reply.message}")
+
     def close(self) -> None:
         """Refuse new queries, cancel the waiting ones, kill running ones and reap every worker (idempotent)."""
         with self._lock:
@@ -337,7 +360,7 @@ class AnalyticsLane:
             req.future.cancel()
         for _ in self._dispatchers:
             self._requests.put(None)
-        for w in self._workers:
+        for w in [*self._workers, *([self._exporter] if self._exporter is not None else [])]:
             w.close()
         for t in self._dispatchers:
             t.join()

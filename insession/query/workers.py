@@ -39,6 +39,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,9 +52,15 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from insession.log.base import LogConfig
-from insession.log.export import HistoryStore, events_to_arrow, history_dataset, is_object_store
+from insession.log.export import (
+    HistoryStore,
+    events_to_arrow,
+    history_dataset,
+    is_object_store,
+    write_day_partitions,
+)
 from insession.query.tables import connect
-from insession.schema import EVENT_ARROW_SCHEMA, ITEM_ARROW_SCHEMA, Event
+from insession.schema import ITEM_ARROW_SCHEMA, Event
 
 if TYPE_CHECKING:
     from insession.log.jetstream import StreamReader
@@ -108,7 +115,8 @@ class WorkerConfig(msgspec.Struct, frozen=True):
 
 
 class Job(msgspec.Struct):
-    """One request. kind: "query" or "explain" (DuckDB's plan)."""
+    """One request. kind: "query", "explain" (DuckDB's plan) or "export" (the log's events tail_from..tail_upto
+    written to the history by `write_day_partitions`; `sql` unused)."""
 
     kind: str
     sql: str
@@ -120,7 +128,7 @@ class Job(msgspec.Struct):
 
 
 class Reply(msgspec.Struct):
-    """One answer. kind: "ready", "table" (Arrow IPC in `ipc`), "plan" or "error"."""
+    """One answer. kind: "ready", "table" (Arrow IPC in `ipc`), "plan", "exported" or "error"."""
 
     kind: str
     ipc: bytes | None = None
@@ -350,21 +358,39 @@ def _read_only(path: str) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, isolation_level=None)
 
 
+def _decoded(rows: Iterable[tuple[int, bytes]]) -> list[Event]:
+    events = []
+    for offset, body in rows:
+        ev = _EVENT.decode(body)
+        ev.offset = offset
+        events.append(ev)
+    return events
+
+
 def read_tail(log_path: str) -> pa.Table:
     """The events after the export mark, read in one read transaction of the log (EVENT_ARROW_SCHEMA)."""
     con = _read_only(log_path)
     try:
         con.execute("BEGIN")
         (mark,) = con.execute("SELECT value FROM meta WHERE key = 'exported_offset'").fetchone()
-        events = []
-        for offset, body in con.execute("SELECT offset, body FROM events WHERE offset > ? ORDER BY offset", (mark,)):
-            ev = _EVENT.decode(body)
-            ev.offset = offset
-            events.append(ev)
+        events = _decoded(con.execute("SELECT offset, body FROM events WHERE offset > ? ORDER BY offset", (mark,)))
         con.execute("COMMIT")
     finally:
         con.close()
     return events_to_arrow(events)
+
+
+def read_range(log_path: str, first: int, last: int) -> list[Event]:
+    """The log's events first..last in offset order; ValueError when it does not hold all of them."""
+    con = _read_only(log_path)
+    try:
+        events = _decoded(con.execute("SELECT offset, body FROM events WHERE offset BETWEEN ? AND ? ORDER BY offset",
+                                      (first, last)))
+    finally:
+        con.close()
+    if len(events) != last - first + 1:
+        raise ValueError(f"the log holds {len(events)} of the events {first}..{last} to export")
+    return events
 
 
 def read_items(catalog_path: str) -> pa.Table:
@@ -400,34 +426,56 @@ class _Executor:
             self._items = (now, read_items(self.config.catalog_path))
         return self._items[1]
 
-    def _stream_tail(self, stream: LogConfig, first: int, upto: int) -> pa.Table:
-        """The replicated log's events first..upto (the node's tail when the query was dispatched)."""
+    def _history(self) -> HistoryStore:
+        assert self.config.history_dir is not None
+        if self._store is None:
+            self._store = HistoryStore(self.config.history_dir)
+        return self._store
+
+    def _stream_events(self, stream: LogConfig, first: int, upto: int) -> list[Event]:
+        """The replicated log's events first..upto (a query: the node's tail when it was dispatched)."""
         if upto < first:
-            return EVENT_ARROW_SCHEMA.empty_table()
+            return []
         try:
             if self._stream is None:
                 from insession.log.jetstream import StreamReader  # nats-py only where a replicated log is used
 
                 self._stream = StreamReader(stream)
-            return self._stream.tail_arrow(first, upto)
-        except Exception as e:  # no quorum, no server: the next query connects anew
+            return list(self._stream.read(first, upto))
+        except Exception as e:  # no quorum, no server: the next job connects anew
             if self._stream is not None:
                 self._stream.close()
                 self._stream = None
-            raise StreamUnavailable(f"the replicated log's unexported events cannot be read now ({e}); retry") from e
+            raise StreamUnavailable(f"the replicated log's events {first}..{upto} cannot be read now ({e}); "
+                                    "retry") from e
 
     def run(self, job: Job) -> Reply:
         try:
-            return self._query(job)
+            return self._export(job) if job.kind == "export" else self._query(job)
         except Exception as e:  # every failure is an answer; the worker lives on
             return error_reply(e, self.config)
+
+    def _export(self, job: Job) -> Reply:
+        """Read the log's events tail_from..tail_upto from its files or stream and write them to the history."""
+        cfg = self.config
+        if cfg.history_dir is None:
+            raise ValueError("an export job for a worker without a history")
+        if cfg.stream is not None:
+            events = self._stream_events(cfg.stream, job.tail_from, job.tail_upto)
+        elif cfg.log_path is not None:
+            events = read_range(cfg.log_path, job.tail_from, job.tail_upto)
+        else:
+            raise ValueError("an export job for a worker that reads no log")
+        write_day_partitions(events, self._history())
+        return Reply("exported")
 
     def _query(self, job: Job) -> Reply:
         cfg = self.config
         if job.tail is not None and job.items is not None:
             tail, items = _from_ipc(job.tail), _from_ipc(job.items)
         elif cfg.stream is not None:
-            tail, items = self._stream_tail(cfg.stream, job.tail_from, job.tail_upto), self._items_table()
+            tail = events_to_arrow(self._stream_events(cfg.stream, job.tail_from, job.tail_upto))
+            items = self._items_table()
         elif cfg.log_path is not None:
             tail, items = read_tail(cfg.log_path), self._items_table()
         else:
@@ -436,9 +484,7 @@ class _Executor:
             # DuckDB cannot read the object store itself (no httpfs here, and external access is off): the
             # history goes in as an Arrow dataset scanned through pyarrow.fs, unioned with the tail
             first = int(pc.min(tail.column("offset")).as_py()) if tail.num_rows else None
-            if self._store is None:
-                self._store = HistoryStore(cfg.history_dir)
-            events = pads.dataset([history_dataset(self._store, below=first), pads.dataset(tail)])
+            events = pads.dataset([history_dataset(self._history(), below=first), pads.dataset(tail)])
             con = connect(history_dir=None, tail=events, items=items,  # type: ignore[arg-type]  # scanned as Arrow
                           threads=cfg.threads, memory_limit=cfg.memory_limit)
         else:

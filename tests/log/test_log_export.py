@@ -15,15 +15,13 @@ from conftest import T0, make_event
 from insession.log.eventlog import EventLog
 from insession.log.export import (
     ARROW_CHUNK,
-    EXPORT_PAGE,
     day_of,
     events_from_arrow,
     events_to_arrow,
     load_manifest,
-    read_paced,
     write_parquet_atomic,
 )
-from insession.schema import EVENT_ARROW_SCHEMA, Event
+from insession.schema import EVENT_ARROW_SCHEMA
 
 
 def _history(history: Path) -> pa.Table:
@@ -145,20 +143,6 @@ def test_events_from_arrow_inverts_events_to_arrow() -> None:
         e.offset, e.properties, e.brand, e.price, e.price_band = n, {"q": "milk", "n": n}, "acme", 12.5, "10-25"
     evs[2].properties = evs[2].brand = evs[2].price = evs[2].price_band = None
     assert events_from_arrow(events_to_arrow(evs)) == evs
-
-
-@pytest.mark.parametrize("duty", [1.0, 0.5])
-def test_a_paced_read_returns_the_range_in_order_one_page_at_a_time(duty: float) -> None:
-    asked: list[tuple[int, int]] = []
-
-    def read(a: int, b: int) -> list[Event]:
-        asked.append((a, b))
-        return [make_event(i) for i in range(a, b + 1)]
-
-    last = 2 * EXPORT_PAGE + 17
-    got = read_paced(read, 3, last, duty=duty)
-    assert [e.ts for e in got] == [make_event(i).ts for i in range(3, last + 1)]
-    assert asked == [(3, EXPORT_PAGE + 2), (EXPORT_PAGE + 3, 2 * EXPORT_PAGE + 2), (2 * EXPORT_PAGE + 3, last)]
 
 
 def test_events_convert_to_arrow_in_chunks_and_back_unchanged() -> None:

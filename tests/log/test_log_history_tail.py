@@ -190,8 +190,9 @@ def test_a_nodes_analytics_workers_read_the_streams_tail_themselves(tmp_path: Pa
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The analytics lane of a node on a replicated log: each worker reads the stream's unexported events
     itself (the server's own `tail_arrow` is never called: reading them back is Python work that held the
-    server's requests up), from the export mark to what the node knew acknowledged at dispatch; with every
-    server down the query gets 503 `unavailable`, not a 500."""
+    server's requests up), from the export mark to what the node knew acknowledged at dispatch, and the
+    export worker writes the history from the stream likewise; with every server down the query gets 503
+    `unavailable`, not a 500."""
     with LocalCluster.on_free_ports(tmp_path / "nats") as c:
         c.start()
         with JetStreamLog(cfg := log_config(c), tmp_path / "w", partitions=PARTITIONS):
@@ -211,6 +212,12 @@ def test_a_nodes_analytics_workers_read_the_streams_tail_themselves(tmp_path: Pa
             monkeypatch.setattr(db.log, "tail_arrow", not_here)
             rows = db.select('SELECT count(*), count(DISTINCT "offset"), max("offset") FROM events').rows
             assert rows == [[65, 65, 64]]
+            # the background export's writer is a worker too: it reads the stream, the node reads nothing
+            monkeypatch.setattr(db.log, "read", not_here)
+            assert db.log.export(db.history_dir, write=db.query.analytics.export_writer()) == 64
+            db.insert("events", [{"user_id": "u2", "item_id": "i2", "action": "view", "ts": 1_763_800_002_000}])
+            rows = db.select('SELECT count(*), count(DISTINCT "offset"), max("offset") FROM events').rows
+            assert rows == [[66, 66, 65]]  # 65 from the history the worker wrote, 1 from the stream's tail
             for n in range(3):
                 c.kill(n)
             with pytest.raises(QueryError) as refused:
