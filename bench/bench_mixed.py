@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -35,8 +36,10 @@ from bench.bench_features import N_CATEGORIES, N_ITEMS, synthetic_events
 from bench.bench_query import ANALYTICS_SQL, _Analytics
 from bench.common import Sample, http_request, open_loop, percentiles_ms, table
 from insession.embedded import Insession
+from insession.features.declare import FeatureRegistry, pinned_hash
+from insession.features.engine import REGISTRY_FILE
 from insession.model import DualSequenceReranker, Vocab
-from insession.model.artefact import new_version, save_artefact
+from insession.model.artefact import load_artefact, new_version, save_artefact
 from insession.rank.onnx import ONNX_FILE, export
 from insession.serve.process import ServerProcess
 
@@ -57,13 +60,35 @@ def _cache(n_users: int, per_user: int) -> Path:
 def cached_shop(n_users: int, per_user: int) -> Path:
     """The loaded data directory of this size, loaded now when the cache has none."""
     cache = _cache(n_users, per_user)
+    registry = cache / "features" / REGISTRY_FILE
+    if (cache / "READY").exists() and pinned_hash(FeatureRegistry.load(registry)) is None:
+        print(f"bench_mixed: the cached shop {cache} was loaded with fewer features than the model reads; "
+              "loading it again")
+        (cache / "READY").unlink()
     if not (cache / "READY").exists():
         print(f"bench_mixed: loading {n_users:,} shoppers x {per_user} events into {cache}")
         shutil.rmtree(cache, ignore_errors=True)
         t = time.perf_counter()
         _load(cache, n_users, per_user)
         (cache / "READY").write_text(f"loaded in {time.perf_counter() - t:.0f} s\n")
+    try:
+        load_artefact(cache / "models")
+    except (ValueError, OSError) as e:  # a cache older than the network: the server would rank without it
+        print(f"bench_mixed: the cached shop's model cannot be loaded ({str(e)[:120]}...); writing a new one")
+        shutil.rmtree(cache / "models", ignore_errors=True)
+        with Insession(cache, maintenance_interval_s=None) as db:
+            _write_model(db, cache)
     return cache
+
+
+def _write_model(db: Insession, data_dir: Path) -> None:
+    """A seeded random ReRanker artefact over the shop's catalogue, with its ONNX graph."""
+    cat = db.catalog.to_arrow()
+    vocab = Vocab.build(cat["item_id"], cat["category"], cat["subcategory"])
+    torch.manual_seed(0)
+    model = DualSequenceReranker(vocab.config()).eval()
+    version = save_artefact(new_version(data_dir / "models"), model, vocab, db.features.registry.hash(), {})
+    export(model, version / ONNX_FILE)  # what the server would do in the background at its first load
 
 
 def _load(data_dir: Path, n_users: int, per_user: int) -> None:
@@ -78,17 +103,15 @@ def _load(data_dir: Path, n_users: int, per_user: int) -> None:
                 db.insert_events(chunk)
                 bar.update(len(chunk))
         db.export()
-        cat = db.catalog.to_arrow()
-        vocab = Vocab.build(cat["item_id"], cat["category"], cat["subcategory"])
-        torch.manual_seed(0)
-        model = DualSequenceReranker(vocab.config()).eval()
-        version = save_artefact(new_version(data_dir / "models"), model, vocab, db.features.registry.hash(), {})
-        export(model, version / ONNX_FILE)  # what the server would do in the background at its first load
+        _write_model(db, data_dir)
         db.features.snapshot()
 
 
 def _client(port: int, n_users: int, start_ts: int, seconds: float, out: Connection) -> None:
-    """Second process: the three open-loop streams at once; sends back their samples."""
+    """Second process: the three open-loop streams at once; sends back their samples. The client's garbage
+    collector is off while it measures: its full collections over the growing lists of samples stalled every
+    send for up to ~300 ms, at the same instants in every run, and counted as the server's latency."""
+    gc.disable()
     rng = np.random.default_rng(3)
     users = rng.integers(0, n_users, int(seconds * (FEATURE_RATE + RANK_RATE + INGEST_RATE * BATCH)) + 1)
     items = np.minimum(rng.zipf(1.3, len(users)), N_ITEMS) - 1
@@ -155,34 +178,51 @@ def _cpu_s(pid: int) -> float:
         return 0.0
 
 
+def _mtime_ns(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
 class _Watch(threading.Thread):
     """Samples every second the server's memory and CPU (share of one core; its GIL lets Python use about
-    one) and its children's private memory (the analytics workers), and notes each new snapshot (the
-    CURRENT file changing), in seconds after `t0`."""
+    one), its children's (the analytics and export workers) private memory and CPU, and notes each new
+    snapshot (the CURRENT file changing) and each export (the history's manifest rewritten), in seconds
+    after `t0`."""
 
-    def __init__(self, pid: int, state_dir: Path, t0: float) -> None:
+    def __init__(self, pid: int, data_dir: Path, t0: float) -> None:
         super().__init__(daemon=True)
-        self.pid, self.current, self.t0 = pid, state_dir / "CURRENT", t0
+        self.pid, self.t0 = pid, t0
+        self.current, self.manifest = data_dir / "features" / "CURRENT", data_dir / "history" / "_manifest.json"
         self.stop = threading.Event()
         self.snapshots: list[float] = []
+        self.exports: list[float] = []
         self.rss: list[tuple[float, float, float]] = []  # (t, server MB, workers MB)
-        self.cpu: list[tuple[float, float]] = []  # (t, server CPU over the last second, in cores)
+        self.cpu: list[tuple[float, float, float]] = []  # (t, server / workers CPU over the last second, cores)
 
     def run(self) -> None:
         seen = self.current.read_text() if self.current.exists() else ""
+        exported = _mtime_ns(self.manifest)
         last_mem, last_cpu = 0.0, _cpu_s(self.pid)
+        last_children: dict[int, float] = {c: _cpu_s(c) for c in _children(self.pid)}
         while not self.stop.wait(0.05):
             now = time.perf_counter() - self.t0
             text = self.current.read_text() if self.current.exists() else ""
             if text and text != seen:
                 seen = text
                 self.snapshots.append(now)
+            if (m := _mtime_ns(self.manifest)) != exported:
+                exported = m
+                self.exports.append(now)
             if now - last_mem >= 1.0:
                 last_mem = now
-                self.rss.append((now, _rss_mb(self.pid), sum(_private_mb(c) for c in _children(self.pid))))
-                cpu = _cpu_s(self.pid)
-                self.cpu.append((now, cpu - last_cpu))
-                last_cpu = cpu
+                children = _children(self.pid)
+                self.rss.append((now, _rss_mb(self.pid), sum(_private_mb(c) for c in children)))
+                cpu, child_cpu = _cpu_s(self.pid), {c: _cpu_s(c) for c in children}
+                workers = sum(t - last_children.get(c, 0.0) for c, t in child_cpu.items())
+                self.cpu.append((now, cpu - last_cpu, workers))
+                last_cpu, last_children = cpu, child_cpu
 
 
 def _stats(samples: list[Sample]) -> dict[str, float]:
@@ -203,12 +243,15 @@ def _plot(results: dict[str, list[Sample]], watch: _Watch, half: float, seconds:
         ax.scatter(due, [s.latency * 1000 for s in results[kind]], s=3, marker=marker, alpha=0.35, label=kind)
     for n, t in enumerate(watch.snapshots):
         ax.axvline(t, color="crimson", linewidth=1, linestyle="--", label="snapshot written" if n == 0 else None)
+    for n, t in enumerate(watch.exports):
+        ax.axvline(t, color="seagreen", linewidth=0.6, linestyle=":", label="export written" if n == 0 else None)
     ax.axvspan(half, seconds, color="grey", alpha=0.12, label="two analytics scans running")
     ax.set_yscale("log")
     ax.set_ylabel("latency from due time, ms")
     ax.legend(loc="upper left", fontsize=8, markerscale=4, ncol=3)
     ax.set_title("Latency of every request over the run (open loop)")
-    cpu.plot([t for t, _ in watch.cpu], [c for _, c in watch.cpu], label="server process")
+    cpu.plot([t for t, _, _ in watch.cpu], [c for _, c, _ in watch.cpu], label="server process")
+    cpu.plot([t for t, _, _ in watch.cpu], [w for _, _, w in watch.cpu], label="its workers (analytics, export)")
     for t in watch.snapshots:
         cpu.axvline(t, color="crimson", linewidth=1, linestyle="--")
     cpu.set_ylabel("CPU, cores")
@@ -243,11 +286,15 @@ def run(quick: bool) -> str:
             start_ts = int(ready["watermark"]) + 60_000
             for _ in range(50):  # warm-up: connections, model threads, popular lists
                 _get(server.port, f"/v1/features/user/u{_}")
+            ranked = json.loads(_post(server.port, "/v1/rank", {"user_id": "u1", "k": 20}))
+            if ranked.get("fallback") is not None:  # the rank figures would be of a fallback list, not the model
+                raise RuntimeError(f"the server ranks without its model ({ranked.get('fallback_reason')}); "
+                                   "see the server's log above")
             ctx = mp.get_context("spawn")
             recv, send = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_client, args=(server.port, n_users, start_ts, seconds, send))
             t0 = time.perf_counter()
-            watch = _Watch(server.proc.pid, data_dir / "features", t0)
+            watch = _Watch(server.proc.pid, data_dir, t0)
             watch.start()
             proc.start()
             send.close()
@@ -266,6 +313,16 @@ def run(quick: bool) -> str:
         finally:
             server.stop()
     return _report(results, watch, scans, seconds, n_users, per_user, snapshot_s, ready_s)
+
+
+def _post(port: int, path: str, body: dict[str, object]) -> bytes:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    body_out = conn.getresponse().read()
+    conn.close()
+    return body_out
 
 
 def _get(port: int, path: str) -> bytes:
@@ -303,8 +360,10 @@ def _report(results: dict[str, tuple[list[Sample], int]], watch: _Watch, scans: 
     server_mb = max(m for _, m, _ in watch.rss) if watch.rss else 0.0
     workers_mb = max(w for _, _, w in watch.rss) if watch.rss else 0.0
     scans_done = sum(len(s.done) for s in scans)
-    cpu_first = [c for t, c in watch.cpu if t < half]
-    cpu_second = [c for t, c in watch.cpu if t >= half]
+    cpu_first = [c for t, c, _ in watch.cpu if t < half]
+    cpu_second = [c for t, c, _ in watch.cpu if t >= half]
+    workers_first = [w for t, _, w in watch.cpu if t < half]
+    workers_second = [w for t, _, w in watch.cpu if t >= half]
     return "\n\n".join([
         f"### Mixed load: {n_users:,} shoppers x {per_user} events, {seconds:.0f} s of ingest + reads + ranking, "
         "analytics in the second half",
@@ -317,7 +376,9 @@ def _report(results: dict[str, tuple[list[Sample], int]], watch: _Watch, scans: 
         f"({sum(s.refused for s in scans)} answered 429, {sum(s.failed for s in scans)} failed). Sends the "
         f"client could not make on time (> 1 ms late): " + ", ".join(f"{k} {v}" for k, v in late.items()) + ". "
         f"Server process CPU, mean over each half: {np.mean(cpu_first or [0]):.2f} / "
-        f"{np.mean(cpu_second or [0]):.2f} cores (its Python work is bound to about one by the GIL).",
+        f"{np.mean(cpu_second or [0]):.2f} cores (its Python work is bound to about one by the GIL); its "
+        f"workers' (export, analytics): {np.mean(workers_first or [0]):.2f} / {np.mean(workers_second or [0]):.2f}. "
+        f"Exports written: {len(watch.exports)}.",
         table(["requests", "part", "n", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "failed"], rows),
         table(["target (issue: serving that never stops)", "wanted", "measured", ""], checks),
         _plot(samples, watch, half, seconds),

@@ -70,6 +70,7 @@ MIN_WORKER_BYTES = 512 * 2**20  # below this a worker cannot even run a small qu
 THREAD_HEADROOM_BYTES = 64 * 2**20  # and per DuckDB thread (stack, allocator arena)
 START_TIMEOUT_S = 60.0  # a worker that is not ready by then is reported as failed to start
 CLOSE_GRACE_S = 2.0  # an idle worker told to exit (EOF) is SIGKILLed after this
+READ_PAGE = 5_000  # events an export job reads from log.sqlite per statement
 WORKER_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_ARENA_MAX": "2"}
 
 _UNITS = {
@@ -381,11 +382,15 @@ def read_tail(log_path: str) -> pa.Table:
 
 
 def read_range(log_path: str, first: int, last: int) -> list[Event]:
-    """The log's events first..last in offset order; ValueError when it does not hold all of them."""
+    """The log's events first..last in offset order, READ_PAGE at a time (each page its own short read
+    transaction: one over the whole range would keep the writer's checkpoints from emptying the WAL while it
+    lasts); ValueError when the log does not hold all of them."""
     con = _read_only(log_path)
+    events: list[Event] = []
     try:
-        events = _decoded(con.execute("SELECT offset, body FROM events WHERE offset BETWEEN ? AND ? ORDER BY offset",
-                                      (first, last)))
+        for start in range(first, last + 1, READ_PAGE):
+            events += _decoded(con.execute("SELECT offset, body FROM events WHERE offset BETWEEN ? AND ? "
+                                           "ORDER BY offset", (start, min(last, start + READ_PAGE - 1))))
     finally:
         con.close()
     if len(events) != last - first + 1:

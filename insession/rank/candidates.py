@@ -32,6 +32,11 @@ from insession.features import FeatureEngine
 from insession.log.catalog import Catalog
 from insession.rank.inputs import item_counts
 
+# Items whose counts the popular lists' rebuild reads per lock hold. The whole 50,000-item catalogue read
+# under one hold kept the item unit locked ~300 ms: every ranking (read on the event loop) and every ingest
+# (its writer step reaches the item units) waited, a spike of every request each rebuild (bench_mixed).
+REFRESH_CHUNK = 1_000
+
 
 @dataclass(frozen=True)
 class CandidateQuotas:
@@ -158,7 +163,9 @@ class PopularItems:
         try:
             table = self.catalog.to_arrow().filter(pc.field("available"))
             ids = table["item_id"].to_pylist()
-            count = item_counts(self.features, "item_count_28d", ids)
+            count: list[float] = []
+            for start in range(0, len(ids), REFRESH_CHUNK):  # the item unit's lock is held per chunk
+                count += item_counts(self.features, "item_count_28d", ids[start : start + REFRESH_CHUNK])
             order = sorted((i for i in range(len(ids)) if count[i] > 0), key=lambda i: (-count[i], ids[i]))
             categories = table["category"].to_pylist()
             per_category: dict[str, list[str]] = {}
