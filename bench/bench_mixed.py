@@ -109,8 +109,9 @@ def _load(data_dir: Path, n_users: int, per_user: int) -> None:
 
 def _client(port: int, n_users: int, start_ts: int, seconds: float, out: Connection) -> None:
     """Second process: the three open-loop streams at once; sends back their samples. The client's garbage
-    collector is off while it measures: its full collections over the growing lists of samples stalled every
-    send for up to ~300 ms, at the same instants in every run, and counted as the server's latency."""
+    collector is off while it measures (its collections over the growing lists of samples made sends late,
+    counted as the server's latency: sends more than 1 ms late fell from 164 / 2,769 / 168 to 12 / 1,818 / 12
+    for ingest / features / rank, and the worst feature read from 1,424 to 614 ms)."""
     gc.disable()
     rng = np.random.default_rng(3)
     users = rng.integers(0, n_users, int(seconds * (FEATURE_RATE + RANK_RATE + INGEST_RATE * BATCH)) + 1)
