@@ -770,10 +770,21 @@ class JetStreamLog:
 
     def keep_catalog(self, catalog: Catalog) -> None:
         """Apply the items stream to `catalog` from the message it holds on (every node's upserts, in the
-        stream's order): all of it before this returns, then in the background."""
+        stream's order): all of it before this returns, then in the background. A replica that cannot answer
+        yet (a stream just created, its replicas still electing: direct gets answer 503) is asked again
+        until `ack_timeout_s`, then JetStreamError."""
         self._catalog = catalog
-        while self._apply_items():
-            pass
+        deadline = time.monotonic() + self.config.ack_timeout_s
+        while True:
+            try:
+                if not self._apply_items():
+                    break
+            except _Retry as e:
+                if time.monotonic() >= deadline:
+                    raise JetStreamError(f"no replica of stream {self._items_stream} served the catalogue within "
+                                         f"{self.config.ack_timeout_s:.0f} s ({e}): is a majority of its servers "
+                                         "up?") from e
+                time.sleep(0.25)
         self._items_follower.start()
 
     def _apply_items(self) -> bool:
