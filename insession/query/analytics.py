@@ -72,6 +72,10 @@ class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     queue: int = 8  # analytics queries waiting beyond those; one more gets 429
     threads: int = msgspec.field(default_factory=_quarter_of_cores)  # DuckDB threads per analytics query
     nice: int = 10  # added to the analytics worker processes' OS niceness (0 leaves it)
+    # The workers (queries and the export) run under SCHED_IDLE where the OS has it: niceness 10 still gave
+    # two analytics scans about a core of a 2-core machine beside the server and its load client
+    # (bench_mixed), and serving's latency ran away each time a snapshot added its work on top.
+    idle_cpu: bool = True
     timeout_s: float = 30.0  # per query, from the moment it starts running
     memory_limit: str = "1GB"  # per query (DuckDB memory_limit; the worker's RLIMIT_AS adds headroom)
     max_rows: int = 10_000  # rows returned at most (more: truncated=true)
@@ -188,6 +192,7 @@ class AnalyticsLane:
                 )
         self.config = WorkerConfig(
             nice=max(lim.nice, 0),
+            idle_cpu=lim.idle_cpu,
             address_space=address_space,
             threads=lim.threads,
             memory_limit=lim.memory_limit,

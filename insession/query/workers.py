@@ -6,13 +6,14 @@ torch and DuckDB threads a forked child would inherit half-locked). Plain `subpr
 multiprocessing, because multiprocessing's spawn also starts a resource-tracker process that outlives
 the pool and re-imports the server's `__main__` in every worker.
 
-At start a worker raises its niceness, caps its address space with `RLIMIT_AS` (DuckDB's memory limit
-plus `HEADROOM_BYTES` and `THREAD_HEADROOM_BYTES` per DuckDB thread for the interpreter, the libraries,
-thread stacks and allocations DuckDB does not count, such as one huge string), selects the system
-allocator for Arrow and at most two glibc arenas (both otherwise reserve gigabytes of address space
-they never touch), and then answers jobs one at a time over a socket pair: a pickled `Job` in (from
-the trusted parent), a msgpack `Reply` out (typed, so a compromised worker cannot make the server
-unpickle anything). Results travel as Arrow IPC bytes, already cut to the row and byte limits.
+At start a worker raises its niceness (and, with `idle_cpu`, takes Linux's SCHED_IDLE policy), caps its
+address space with `RLIMIT_AS` (DuckDB's memory limit plus `HEADROOM_BYTES` and `THREAD_HEADROOM_BYTES`
+per DuckDB thread for the interpreter, the libraries, thread stacks and allocations DuckDB does not
+count, such as one huge string), selects the system allocator for Arrow and at most two glibc arenas
+(both otherwise reserve gigabytes of address space they never touch), and then answers jobs one at a
+time over a socket pair: a pickled `Job` in (from the trusted parent), a msgpack `Reply` out (typed, so
+a compromised worker cannot make the server unpickle anything). Results travel as Arrow IPC bytes,
+already cut to the row and byte limits.
 
 The worker reads the sources itself: the history directory, the log's tail and the catalogue through
 read-only SQLite connections (one read transaction for the export mark and the tail, so the two agree),
@@ -102,6 +103,7 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     """What a worker needs, fixed for its life (sent as JSON, its first message)."""
 
     nice: int
+    idle_cpu: bool  # SCHED_IDLE (where the OS has it): CPU only when nothing else wants it
     address_space: int  # RLIMIT_AS in bytes
     threads: int
     memory_limit: str
@@ -534,6 +536,8 @@ def _confine(config: WorkerConfig) -> None:
     """Lower this process's CPU priority and cap its address space (both inherited by DuckDB's threads)."""
     if config.nice > 0:
         os.nice(config.nice)
+    if config.idle_cpu and hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     resource.setrlimit(resource.RLIMIT_AS, (config.address_space, config.address_space))
 
 

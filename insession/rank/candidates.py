@@ -36,6 +36,9 @@ from insession.rank.inputs import item_counts
 # under one hold kept the item unit locked ~300 ms: every ranking (read on the event loop) and every ingest
 # (its writer step reaches the item units) waited, a spike of every request each rebuild (bench_mixed).
 REFRESH_CHUNK = 1_000
+# A background rebuild's share of the time between chunks: it is ~220 ms of Python at 50,000 items, and run
+# flat out it took the GIL from requests for that long, still a ~400 ms spike every rebuild in bench_mixed.
+REFRESH_DUTY = 0.25
 
 
 @dataclass(frozen=True)
@@ -154,10 +157,12 @@ class PopularItems:
         if self._built_at is None:
             self.refresh()
         elif time.monotonic() - self._built_at > self.ttl_s and not self._lock.locked():
-            threading.Thread(target=self.refresh, name="insession-popular", daemon=True).start()
+            threading.Thread(target=self.refresh, args=(REFRESH_DUTY,), name="insession-popular", daemon=True).start()
         return self._lists
 
-    def refresh(self) -> None:
+    def refresh(self, duty: float = 1.0) -> None:
+        """Rebuild the lists; `duty` < 1 pauses after each chunk of counts (1 / duty - 1) times as long as the
+        chunk took (the first build, which a ranking waits for, runs flat out)."""
         if not self._lock.acquire(blocking=False):
             return  # a rebuild is already running
         try:
@@ -165,7 +170,10 @@ class PopularItems:
             ids = table["item_id"].to_pylist()
             count: list[float] = []
             for start in range(0, len(ids), REFRESH_CHUNK):  # the item unit's lock is held per chunk
+                began = time.perf_counter()
                 count += item_counts(self.features, "item_count_28d", ids[start : start + REFRESH_CHUNK])
+                if duty < 1:
+                    time.sleep((time.perf_counter() - began) * (1 / duty - 1))
             order = sorted((i for i in range(len(ids)) if count[i] > 0), key=lambda i: (-count[i], ids[i]))
             categories = table["category"].to_pylist()
             per_category: dict[str, list[str]] = {}

@@ -81,6 +81,8 @@ class QueryConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     nice: Annotated[int, _text("added to the analytics threads' OS niceness (0 leaves it)", ge=0, le=19)] = (
         _LIMITS.nice
     )
+    idle_cpu: Annotated[bool, _text("the analytics and export workers run under SCHED_IDLE (Linux): they get CPU "
+                                    "only when serving leaves some")] = _LIMITS.idle_cpu
     timeout_s: Annotated[float, _text("per query, from the moment it starts running", gt=0)] = _LIMITS.timeout_s
     memory_limit: Annotated[
         str,

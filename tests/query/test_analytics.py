@@ -171,9 +171,16 @@ def test_workers_run_at_a_lower_os_priority_under_an_address_space_limit() -> No
         lane.submit("SELECT 1", {}).result(timeout=60)
         (pid,) = lane.pids  # the one query worker, started by the first query
         assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 5)
+        assert os.sched_getscheduler(pid) == os.SCHED_IDLE  # idle_cpu, the default
         limits = Path(f"/proc/{pid}/limits").read_text()
         (line,) = [x for x in limits.splitlines() if x.startswith("Max address space")]
         assert line.split()[3:5] == [str(640 * 10**6)] * 2
+    finally:
+        lane.close()
+    lane = AnalyticsLane(_sources(), Limits(concurrency=1, nice=5, idle_cpu=False, **SMALL))
+    try:
+        lane.submit("SELECT 1", {}).result(timeout=60)
+        assert os.sched_getscheduler(lane.pids[0]) == os.SCHED_OTHER
     finally:
         lane.close()
 
