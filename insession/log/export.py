@@ -281,8 +281,8 @@ ChunkWriter = Callable[[int, int], None]
 serving process passes one that runs in an analytics worker process (`AnalyticsLane.export_chunk`): the
 worker reads the range from the log itself, so none of the export's Python work (reading and decoding
 50,000 events, converting them to Arrow, writing Parquet) runs on the serving process's GIL. Read back in
-the server, paced to half of the time, the 10-second export still put ~100 ms stalls into bench_mixed's
-reads at a million shoppers."""
+the server, paced to half of the time, each export still came with a 100-300 ms spike of every request in
+bench_mixed at a million shoppers."""
 
 
 def writer_here(read: Callable[[int, int], Iterable[Event]], history: str | Path | HistoryStore) -> ChunkWriter:

@@ -117,6 +117,7 @@ ATTEMPT_TIMEOUT_S = 2.0  # one publish attempt; attempts repeat until ack_timeou
 PARTITIONS_KEY = "insession_partitions"
 _ERR_DUPLICATE_IN_BATCH = 10201
 _ERR_WRONG_LAST_SEQUENCE = 10071
+_ERR_NO_PLACEMENT = 10005  # "no suitable peers for placement": a server not (yet) known to be up
 _ERR_BATCH_INCOMPLETE = 10176
 _ERR_DUPLICATE_IN_PROCESS = 10158  # our earlier attempt with this id is still being proposed: outcome pending
 INCOMPLETE_TRIES = 3  # an atomic batch incomplete this often has a message the stream refuses: an error
@@ -381,7 +382,6 @@ class JetStreamLog:
         try:
             self._nc = self._run(self._connect(), config.ack_timeout_s + 5)
             last_seq = self._run(self._ensure_stream(), config.ack_timeout_s + 5)
-            self._run(self._open_items_stream(), config.ack_timeout_s + 5)
         except BaseException:
             self._shutdown_loop()
             raise
@@ -437,15 +437,21 @@ class JetStreamLog:
                                  "or fix [log] url / --log") from e
 
     async def _ensure_stream(self) -> int:
-        """Create the stream if missing; check an existing one; return its last sequence. A cluster still
-        electing its leaders (JetStream answers 503 "temporarily unavailable") is asked again until
-        `ack_timeout_s`, so a node can start together with its servers."""
+        """Create the stream and its items stream if missing; check an existing one; return its last
+        sequence. A cluster still electing its leaders (JetStream answers 503 "temporarily unavailable") or
+        still learning that a server is back (400 "no suitable peers for placement": seen right after a
+        cluster formed) is asked again until `ack_timeout_s`, so a node can start together with its servers."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.ack_timeout_s
         while True:
             try:
-                return await self._open_stream()
-            except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError) as e:
+                last_seq = await self._open_stream()
+                await self._open_items_stream()
+                return last_seq
+            except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError, nats.js.errors.BadRequestError) \
+                    as e:
+                if isinstance(e, nats.js.errors.BadRequestError) and e.err_code != _ERR_NO_PLACEMENT:
+                    raise
                 if loop.time() >= deadline:
                     raise JetStreamError(f"JetStream did not serve stream {self.stream} within "
                                          f"{self.config.ack_timeout_s:.0f} s ({e}): is a majority of its servers "
