@@ -96,7 +96,7 @@ from insession.log.export import (
     verify_history,
     writer_here,
 )
-from insession.log.lease import MARK_KEY, ExportLease, LeaseLost
+from insession.log.lease import MARK_KEY, ExportLease, LeaseLost, asked_again, forming
 from insession.schema import BatchRejected, Event, FieldError, Item, partition_of
 
 if TYPE_CHECKING:
@@ -117,7 +117,6 @@ ATTEMPT_TIMEOUT_S = 2.0  # one publish attempt; attempts repeat until ack_timeou
 PARTITIONS_KEY = "insession_partitions"
 _ERR_DUPLICATE_IN_BATCH = 10201
 _ERR_WRONG_LAST_SEQUENCE = 10071
-_ERR_NO_PLACEMENT = 10005  # "no suitable peers for placement": a server not (yet) known to be up
 _ERR_BATCH_INCOMPLETE = 10176
 _ERR_DUPLICATE_IN_PROCESS = 10158  # our earlier attempt with this id is still being proposed: outcome pending
 INCOMPLETE_TRIES = 3  # an atomic batch incomplete this often has a message the stream refuses: an error
@@ -441,22 +440,19 @@ class JetStreamLog:
         sequence. A cluster still electing its leaders (JetStream answers 503 "temporarily unavailable") or
         still learning that a server is back (400 "no suitable peers for placement": seen right after a
         cluster formed) is asked again until `ack_timeout_s`, so a node can start together with its servers."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.ack_timeout_s
-        while True:
-            try:
-                last_seq = await self._open_stream()
-                await self._open_items_stream()
-                return last_seq
-            except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError, nats.js.errors.BadRequestError) \
-                    as e:
-                if isinstance(e, nats.js.errors.BadRequestError) and e.err_code != _ERR_NO_PLACEMENT:
-                    raise
-                if loop.time() >= deadline:
-                    raise JetStreamError(f"JetStream did not serve stream {self.stream} within "
-                                         f"{self.config.ack_timeout_s:.0f} s ({e}): is a majority of its servers "
-                                         "up? (insession nats-cluster, or the servers of [log] url)") from e
-                await asyncio.sleep(0.25)
+        async def both() -> int:
+            last_seq = await self._open_stream()
+            await self._open_items_stream()
+            return last_seq
+
+        try:
+            return await asked_again(both, self.config.ack_timeout_s)
+        except Exception as e:
+            if not forming(e):
+                raise
+            raise JetStreamError(f"JetStream did not serve stream {self.stream} within "
+                                 f"{self.config.ack_timeout_s:.0f} s ({e}): is a majority of its servers "
+                                 "up? (insession nats-cluster, or the servers of [log] url)") from e
 
     async def _open_stream(self) -> int:
         js = self._nc.jetstream()

@@ -34,11 +34,12 @@ A clean close releases the lease at once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -51,6 +52,31 @@ MARK_KEY = "exported"
 _ERR_WRONG_LAST_SEQUENCE = 10071
 
 Run = Callable[[Coroutine[Any, Any, Any], float], Any]
+T = TypeVar("T")
+ERR_NO_PLACEMENT = 10005  # "no suitable peers for placement": a server not (yet) known to be up
+
+
+def forming(e: BaseException) -> bool:
+    """Whether JetStream answered with a moment's state of a cluster that is forming or taking a server back:
+    503 while it elects its leaders, a timeout, or 400 "no suitable peers for placement" (seen right after a
+    cluster formed: a node creating its stream failed to start)."""
+    if isinstance(e, nats.js.errors.BadRequestError):
+        return e.err_code == ERR_NO_PLACEMENT
+    return isinstance(e, nats.js.errors.ServiceUnavailableError | nats.errors.TimeoutError)
+
+
+async def asked_again(call: Callable[[], Coroutine[Any, Any, T]], timeout_s: float) -> T:
+    """`call()`, asked again every 0.25 s while it fails with a `forming` answer, for at most `timeout_s`;
+    then (or at once, for any other error) the error is raised."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        try:
+            return await call()
+        except Exception as e:
+            if not forming(e) or loop.time() >= deadline:
+                raise
+        await asyncio.sleep(0.25)
 
 
 class LeaseLost(RuntimeError):
@@ -81,7 +107,7 @@ class ExportLease:
         self._deadline = 0.0  # monotonic time until which this node's lease certainly holds
         self._taken = 0  # how many times this node took the lease
         self.holder: str | None = None  # the holder as last seen (this node's name while it holds)
-        self._kv = run(self._open(replicas), timeout_s)
+        self._kv = run(asked_again(lambda: self._open(replicas), timeout_s), timeout_s + 5)
         self._mark = run(self._read_mark(), timeout_s)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._keep, name="insession-export-lease", daemon=True)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
+import nats.js.errors
 import pyarrow.parquet as pq
 import pytest
 from conftest import make_event
@@ -26,6 +27,7 @@ from insession.log import LogConfig
 from insession.log.cluster import LocalCluster
 from insession.log.export import load_manifest, write_day_partitions
 from insession.log.jetstream import JetStreamError, JetStreamLog
+from insession.log.lease import ERR_NO_PLACEMENT, ExportLease
 
 TTL_S = 2
 PARTITIONS = 4
@@ -107,6 +109,27 @@ def test_two_nodes_one_exporter_every_event_once(cluster: LocalCluster, tmp_path
     finally:
         a.close()
         b.close()
+
+
+def test_a_lease_bucket_not_yet_placeable_is_asked_again(cluster: LocalCluster, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lease bucket is created like the stream, so it meets the same moments of a forming cluster (503,
+    400 "no suitable peers for placement"): a mock, for moments that cannot be caused on demand; two such
+    answers are waited out and the node exports."""
+    real, left = ExportLease._open, {"n": 2}
+
+    async def not_yet(self: ExportLease, replicas: int) -> object:
+        if left["n"] > 0:
+            left["n"] -= 1
+            raise nats.js.errors.BadRequestError(code=400, err_code=ERR_NO_PLACEMENT, description="peer offline")
+        return await real(self, replicas)
+
+    monkeypatch.setattr(ExportLease, "_open", not_yet)
+    with JetStreamLog(shared(cluster, tmp_path / "history"), tmp_path / "a", partitions=4) as log:
+        log.append([make_event(k, f"e{k}") for k in range(5)])
+        assert left["n"] == 0
+        wait_for("the lease taken", log.exporting)
+        assert log.export(tmp_path / "history") == 4
 
 
 def test_a_holder_whose_lease_expired_is_fenced_off(cluster: LocalCluster, tmp_path: Path) -> None:
