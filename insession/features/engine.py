@@ -85,6 +85,13 @@ def _section(f: Feature) -> str:
     return f"f:{f.name}@{f.hash()}"
 
 
+def yield_rest(began: float, duty: float) -> None:
+    """After a step of background work that began at `began` (perf_counter), sleep (1 / duty - 1) times as
+    long as it took, so the work holds the GIL for `duty` of the time at most (1: no pause)."""
+    if duty < 1:
+        time.sleep((time.perf_counter() - began) * (1 / duty - 1))
+
+
 def chunked(events: Iterable[Event], n: int) -> Iterator[list[Event]]:
     """`events` in lists of at most n (a replay applies a chunk per call, never the whole log at once)."""
     it = iter(events)
@@ -343,8 +350,7 @@ class FeatureEngine:
                     began = time.perf_counter()
                     with unit.lock:
                         agg.sweep(unit.wm, self.lateness_ms, keys[start : start + SWEEP_CHUNK])
-                    if duty < 1:
-                        time.sleep((time.perf_counter() - began) * (1 / duty - 1))
+                    yield_rest(began, duty)
 
     def sweep_next(self) -> None:
         """Sweep the next unit in turn (maintenance calls this every few seconds): a pass over every key of

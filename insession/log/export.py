@@ -278,7 +278,7 @@ def _save_manifest(store: HistoryStore, parts: dict[str, Part]) -> None:
 
 ChunkWriter = Callable[[int, int], None]
 """How an export writes the log's events first..last to the history (`write_day_partitions` of them). A
-serving process passes one that runs in an analytics worker process (`AnalyticsLane.export_chunk`): the
+serving process passes one that runs in an analytics worker process (`AnalyticsLane.export_writer`): the
 worker reads the range from the log itself, so none of the export's Python work (reading and decoding
 50,000 events, converting them to Arrow, writing Parquet) runs on the serving process's GIL. Read back in
 the server, paced to half of the time, each export still came with a 100-300 ms spike of every request in

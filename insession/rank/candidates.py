@@ -29,6 +29,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from insession.features import FeatureEngine
+from insession.features.engine import yield_rest
 from insession.log.catalog import Catalog
 from insession.rank.inputs import item_counts
 
@@ -172,8 +173,7 @@ class PopularItems:
             for start in range(0, len(ids), REFRESH_CHUNK):  # the item unit's lock is held per chunk
                 began = time.perf_counter()
                 count += item_counts(self.features, "item_count_28d", ids[start : start + REFRESH_CHUNK])
-                if duty < 1:
-                    time.sleep((time.perf_counter() - began) * (1 / duty - 1))
+                yield_rest(began, duty)
             order = sorted((i for i in range(len(ids)) if count[i] > 0), key=lambda i: (-count[i], ids[i]))
             categories = table["category"].to_pylist()
             per_category: dict[str, list[str]] = {}
