@@ -36,6 +36,20 @@ def _ablations(on: bool, only: str) -> tuple[str, ...]:
     return tuple(n for n in ABLATIONS if n == "reranker" or not names or n in names)
 
 
+def _pretraining(on: bool, only: str) -> tuple[str, ...]:
+    """The pre-training variants to train: none, every one, or the named ones (in PRETRAIN_VARIANTS)."""
+    from insession.evaluate.runner import PRETRAIN_VARIANTS
+
+    names = [n for n in only.split(",") if n]
+    unknown = sorted(set(names) - set(PRETRAIN_VARIANTS))
+    if unknown:
+        raise typer.BadParameter(f"unknown variant(s) {unknown}; choose from {', '.join(PRETRAIN_VARIANTS)}",
+                                 param_hint="--only-pretraining")
+    if not on:
+        return ()
+    return tuple(n for n in PRETRAIN_VARIANTS if not names or n in names)
+
+
 def evaluate(
     dataset: Annotated[
         str,
@@ -90,6 +104,15 @@ def evaluate(
     ] = True,
     pretrain_epochs: Annotated[int, typer.Option(help="Masked-item pre-training epochs of those variants.")] = 5,
     pretrain_lr: Annotated[float, typer.Option(help="Pre-training learning rate.")] = 1e-2,
+    only_pretraining: Annotated[
+        str, typer.Option(help="Train only these pre-training variants (comma list; '' for all of them).")
+    ] = "",
+    finetune_lr_scale: Annotated[
+        float, typer.Option(help="Fine-tuning after pre-training: the pre-trained parts' learning-rate multiplier.")
+    ] = 1.0,
+    freeze_epochs: Annotated[
+        int, typer.Option(help="Fine-tuning after pre-training: epochs with the pre-trained parts frozen.")
+    ] = 0,
     ctr: Annotated[
         str, typer.Option(help="CTR models trained on impressions built from the views (comma list; '' for none).")
     ] = "din,bst",
@@ -114,7 +137,7 @@ def evaluate(
     from insession.evaluate.data import Dataset, load_real, load_synthetic
     from insession.evaluate.neural import MODELS
     from insession.evaluate.report import render
-    from insession.evaluate.runner import PRETRAIN_VARIANTS, RERANKER_GRID, EvalConfig, run
+    from insession.evaluate.runner import RERANKER_GRID, EvalConfig, run
     from insession.evaluate.sequential import SEQ_GRID, SeqConfig
     from insession.evaluate.split import earlier_window
     from insession.train.pretrain import PretrainConfig
@@ -137,8 +160,10 @@ def evaluate(
         seq_grid=SEQ_GRID if seq_tune else ({"dropout": seq_dropout, "lr": seq_lr},),
         seq_seeds=seq_seeds,
         seq_refit=seq_refit,
-        pretraining=tuple(PRETRAIN_VARIANTS) if pretraining else (),
-        pretrain=PretrainConfig(epochs=pretrain_epochs, lr=pretrain_lr),
+        pretraining=_pretraining(pretraining, only_pretraining),
+        pretrain=PretrainConfig(
+            epochs=pretrain_epochs, lr=pretrain_lr, finetune_lr_scale=finetune_lr_scale, freeze_epochs=freeze_epochs
+        ),
         ctr=tuple(c for c in ctr.split(",") if c),
         ctr_seeds=ctr_seeds,
         n_boot=boot,
@@ -158,7 +183,13 @@ def evaluate(
         + f"{'--neural' if neural else '--no-neural'} --sequential '{sequential}' "
         + ("--seq-tune " if seq_tune else f"--no-seq-tune --seq-dropout {seq_dropout} --seq-lr {seq_lr} ")
         + f"--seq-epochs {seq_epochs} --seq-seeds {seq_seeds} {'--seq-refit' if seq_refit else '--no-seq-refit'} "
-        + (f"--pretraining --pretrain-epochs {pretrain_epochs} --pretrain-lr {pretrain_lr} " if pretraining else "")
+        + (
+            f"--pretraining --pretrain-epochs {pretrain_epochs} --pretrain-lr {pretrain_lr} "
+            + (f"--only-pretraining '{only_pretraining}' " if only_pretraining else "")
+            + f"--finetune-lr-scale {finetune_lr_scale} --freeze-epochs {freeze_epochs} "
+            if pretraining
+            else ""
+        )
         + ("" if pretraining else "--no-pretraining ")
         + f"--ctr '{ctr}' --ctr-seeds {ctr_seeds} --boot {boot}"
         + (f" --section {name}" if name != dataset else "")

@@ -92,9 +92,15 @@ def render(res: Results, img_dir: Path, img_prefix: str) -> str:
         if kind == "pretraining":
             p = rs[0].params
             losses = [r.params.get("pretrain_loss") for r in rs]
+            tuned = (
+                f", fine-tuned at lr x{p['lr_scale']:g} with {p['freeze_epochs']} frozen epochs"
+                if p["pretrain_epochs"]
+                else ""
+            )
             return (
-                f"{len(rs)} seeds; pre-training {p['pretrain_epochs']} epochs (final masked-item loss {losses}), "
-                f"item2vec {'on' if p['item2vec'] else 'off'}; best epochs {[r.params.get('best_epoch') for r in rs]}"
+                f"{len(rs)} seeds; pre-training {p['pretrain_epochs']} epochs (final masked-item loss {losses})"
+                f"{tuned}, item2vec {'on' if p['item2vec'] else 'off'}; "
+                f"best epochs {[r.params.get('best_epoch') for r in rs]}"
             )
         if kind == "neural":
             return f"{len(rs)} seeds; trained on the reranker's add-to-cart groups"
@@ -271,7 +277,9 @@ def _pretraining_section(res: Results, pooled: dict) -> list[str]:
         f"The reranker row is item2vec on, pre-training off. Pre-training: {pc.epochs} epochs of masked items "
         f"(rate {pc.mask_rate:g}, lr {pc.lr:g}, item rows rescaled to std {pc.item_scale:g}, at most "
         f"{pc.max_windows} windows an epoch) over the history and session windows of every event before the "
-        "reranker's own training split; then the same fine-tuning. Known / unknown: proposed requests whose "
+        "reranker's own training split; then the same fine-tuning, the pre-trained item table and encoders at "
+        f"{pc.finetune_lr_scale:g} x its learning rate and frozen for its first {pc.freeze_epochs} epochs. "
+        "Known / unknown: proposed requests whose "
         "positive a next-item model fitted before the "
         + ("test" if cfg.seq_refit else "validation")
         + " period knows.",

@@ -470,6 +470,8 @@ def run(ds: Dataset, cfg: EvalConfig) -> Results:
             fitted = _fit_reranker(data, cfg, seed, res.reranker_setting, {}, vectors, pretrained=on, item2vec=i2v)
             res.train_curves[f"{name}_seed{seed}"] = [e.__dict__ for e in fitted.epochs]
             params = {"pretrain_epochs": cfg.pretrain.epochs if on else 0, "item2vec": i2v}
+            if on:
+                params |= {"lr_scale": cfg.pretrain.finetune_lr_scale, "freeze_epochs": cfg.pretrain.freeze_epochs}
             if fitted.pretrain:
                 params["pretrain_loss"] = round(fitted.pretrain[-1].loss, 3)
             params["best_epoch"] = fitted.best_epoch

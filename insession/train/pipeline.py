@@ -16,7 +16,7 @@ from insession.offline import OfflineEngine
 from insession.train.build import BuildConfig, Proposer, TrainingData, build
 from insession.train.item2vec import item2vec
 from insession.train.plots import plot_curve
-from insession.train.pretrain import pretrain
+from insession.train.pretrain import pretrain, pretrained_parameters
 from insession.train.trainer import TrainConfig, TrainResult, fit, seed_everything, set_threads, use_bf16
 
 
@@ -43,7 +43,7 @@ def train_model(
     """The training step: a reranker sized by the data's vocabulary (+ overrides), initialised from
     `vectors` when given, pre-trained on every training-period interaction when `tc.pretrain.epochs` > 0
     (masked items, `insession.train.pretrain`), then fitted with early stopping on the data's validation
-    groups."""
+    groups (the pre-trained parameters at `tc.pretrain`'s fine-tuning rate and frozen epochs, if it ran)."""
     set_threads(tc.threads)
     seed_everything(tc.seed)
     model = DualSequenceReranker(data.vocab.config(**model_overrides))
@@ -52,7 +52,7 @@ def train_model(
     logs = pretrain(
         model, data.stream, data.vocab.unknown, tc.pretrain, seed=tc.seed, bf16=use_bf16(tc.bf16), progress=tc.progress
     )
-    result = fit(model, data.train, data.val, tc)
+    result = fit(model, data.train, data.val, tc, pretrained_parameters(model) if logs else ())
     result.pretrain = logs
     return result
 

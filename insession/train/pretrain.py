@@ -63,6 +63,12 @@ class PretrainConfig:
     # while 0.1 at lr 1e-2 fell steadily (10.75 -> 10.19 in 5 epochs), so 0.1 (no rescale) is the default
     item_scale: float = 0.1
     max_windows: int | None = 20_000  # windows per epoch at most (a seeded sample; bounds big shops)
+    # how the fine-tuning after pre-training treats `pretrained_parameters` (`insession.train.trainer.fit`):
+    # their learning rate is the fine-tuning's times `finetune_lr_scale`, and they are frozen for the first
+    # `freeze_epochs` epochs, so that fine-tuning at the full rate does not overwrite what pre-training
+    # learnt. 1.0 and 0 (the defaults) fine-tune every weight alike, as before.
+    finetune_lr_scale: float = 1.0
+    freeze_epochs: int = 0
 
 
 @dataclass
@@ -87,6 +93,17 @@ class Stream:
                 f"{int(self.ts.max())}): build it from the events before the training split only "
                 "(TrainingData.stream does)"
             )
+
+
+def pretrained_parameters(model: DualSequenceReranker) -> list[nn.Parameter]:
+    """The parameters `pretrain` fits, each once: the item table and both encoders (their action, time and
+    position embeddings included; one encoder when they are shared). Everything else (pooling, gate, head,
+    query and surface embeddings) is the fine-tuning's alone."""
+    seen: dict[int, nn.Parameter] = {}
+    for module in (model.item_embed, model.history_encoder, model.session_encoder):
+        for p in module.parameters():
+            seen.setdefault(id(p), p)
+    return list(seen.values())
 
 
 def window_offsets(group: np.ndarray, max_len: int) -> np.ndarray:

@@ -6,11 +6,12 @@ import copy
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from insession.model.reranker import DualSequenceReranker
@@ -149,12 +150,36 @@ def category_auc(model: DualSequenceReranker, examples: Examples, vocab: Vocab, 
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
-def fit(model: DualSequenceReranker, train: Examples, val: Examples, tc: TrainConfig) -> TrainResult:
-    """Train with AdamW on the hybrid loss; keep the weights of the best validation NDCG@10."""
+def finetune_optimizer(
+    model: DualSequenceReranker, tc: TrainConfig, pretrained: Collection[nn.Parameter] = ()
+) -> torch.optim.AdamW:
+    """AdamW over every parameter of `model` at `tc.lr`; the `pretrained` ones (what pre-training fitted,
+    `insession.train.pretrain.pretrained_parameters`) in a second group at `tc.lr` x
+    `tc.pretrain.finetune_lr_scale`. Without `pretrained`, one group, exactly the optimiser of before."""
+    ids = {id(p) for p in pretrained}
+    groups: list[dict] = [{"params": [p for p in model.parameters() if id(p) not in ids]}]
+    if pretrained:
+        groups.append({"params": list(pretrained), "lr": tc.lr * tc.pretrain.finetune_lr_scale})
+    return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+
+
+def fit(
+    model: DualSequenceReranker,
+    train: Examples,
+    val: Examples,
+    tc: TrainConfig,
+    pretrained: Collection[nn.Parameter] = (),
+) -> TrainResult:
+    """Train with AdamW on the hybrid loss; keep the weights of the best validation NDCG@10.
+
+    `pretrained`: the parameters a pre-training fitted (empty when none ran). They learn at
+    `tc.pretrain.finetune_lr_scale` times the rate (`finetune_optimizer`) and are frozen (no gradient, so
+    AdamW leaves them and their moments untouched, weight decay included) during the first
+    `tc.pretrain.freeze_epochs` epochs; every parameter is trainable again when `fit` returns."""
     seed_everything(tc.seed)
     set_threads(tc.threads)
     rng = np.random.default_rng(tc.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = finetune_optimizer(model, tc, pretrained)
     logs: list[EpochLog] = []
     best, best_state, stale = -1.0, copy.deepcopy(model.state_dict()), 0
     lengths = train.lengths()
@@ -162,6 +187,8 @@ def fit(model: DualSequenceReranker, train: Examples, val: Examples, tc: TrainCo
     orders = epoch_orders(len(train), tc.epoch_groups, rng)
     for epoch in range(1, tc.epochs + 1):
         model.train()
+        for p in pretrained:
+            p.requires_grad_(epoch > tc.pretrain.freeze_epochs)
         t0 = time.perf_counter()
         chosen = next(orders)
         batches = [chosen[b] for b in bucketed_batches(lengths[chosen], tc.batch_size, rng)]
@@ -204,6 +231,8 @@ def fit(model: DualSequenceReranker, train: Examples, val: Examples, tc: TrainCo
             stale += 1
             if stale >= tc.patience:
                 break
+    for p in pretrained:
+        p.requires_grad_(True)
     model.load_state_dict(best_state)
     model.eval()
     best_epoch = max(range(len(logs)), key=lambda i: logs[i].val_ndcg10) + 1 if logs else 0

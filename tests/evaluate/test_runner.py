@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pytest
 import typer
 from typer.testing import CliRunner
 
 from insession.evaluate.baselines import baselines
-from insession.evaluate.cli import evaluate, write_section
+from insession.evaluate.cli import _pretraining, evaluate, write_section
 from insession.evaluate.ctr import CtrConfig
 from insession.evaluate.data import Dataset
 from insession.evaluate.neural import score_examples
@@ -41,7 +42,7 @@ def test_run_and_report(shop: Dataset, tmp_path: Path) -> None:
         grid=({"dim": 16, "lr": 2e-3, "dropout": 0.0}, {"dim": 8, "lr": 3e-3, "dropout": 0.1}),
         item2vec_epochs=0,
         pretraining=("pretrained", "pretrained_no_item2vec"),
-        pretrain=PretrainConfig(epochs=1, max_windows=200),
+        pretrain=PretrainConfig(epochs=1, max_windows=200, finetune_lr_scale=0.1, freeze_epochs=1),
         n_boot=30,
         threads=1,
         progress=False,
@@ -97,6 +98,8 @@ def test_run_and_report(shop: Dataset, tmp_path: Path) -> None:
     # the pre-training rows: pre-trained (a masked-item loss logged) and compared with the reranker without it
     pre = next(m for m in res.methods if m.name == "pretrained")
     assert pre.kind == "pretraining" and pre.params["pretrain_epochs"] == 1 and pre.params["pretrain_loss"] > 0
+    assert pre.params["lr_scale"] == 0.1 and pre.params["freeze_epochs"] == 1  # how it was fine-tuned, reported
+    assert "fine-tuned at lr x0.1 with 1 frozen epochs" in body and "at 0.1 x its learning rate and frozen" in body
     assert "### Pre-training on every interaction (issue 20)" in body and "| pretrained_no_item2vec |" in body
     # issue 17: each ablation's paired difference, and every metric, on each surface's requests
     surfaces = sorted(set(res.segments["surface"].tolist()))
@@ -142,6 +145,16 @@ def test_ensemble_averages_each_candidates_score_over_seeds() -> None:
     b = [np.array([3.0, -1.0]), np.array([2.0, 2.0, 0.0])]
     got = mean_scores([a, b])
     assert [g.tolist() for g in got] == [[2.0, 1.0], [1.0, 2.0, 2.0]]
+
+
+def test_only_pretraining_picks_the_named_variants() -> None:
+    """`--only-pretraining` keeps the named variants (in their table order), '' keeps all, `--no-pretraining`
+    none; an unknown name is refused."""
+    assert _pretraining(True, "no_item2vec,pretrained") == ("pretrained", "no_item2vec")
+    assert _pretraining(True, "") == ("pretrained", "pretrained_no_item2vec", "no_item2vec")
+    assert _pretraining(False, "pretrained") == ()
+    with pytest.raises(typer.BadParameter, match="unknown variant"):
+        _pretraining(True, "pretrained,frozen")
 
 
 def test_two_seeds_report_the_ensemble(shop: Dataset, tmp_path: Path) -> None:

@@ -12,8 +12,18 @@ import torch
 from train_shop import make_shop
 
 from insession.model.reranker import DualSequenceReranker, RerankerConfig, Sequence
-from insession.train.build import BuildConfig, build
-from insession.train.pretrain import MaskedItemHead, PretrainConfig, Stream, mask_window, pretrain, window_offsets
+from insession.train.build import BuildConfig, TrainingData, build
+from insession.train.pipeline import train_model
+from insession.train.pretrain import (
+    MaskedItemHead,
+    PretrainConfig,
+    Stream,
+    mask_window,
+    pretrain,
+    pretrained_parameters,
+    window_offsets,
+)
+from insession.train.trainer import TrainConfig, finetune_optimizer, fit, seed_everything
 
 
 @pytest.fixture(autouse=True)
@@ -163,3 +173,75 @@ def test_encode_once_equals_per_candidate_after_pretraining() -> None:
     for c in range(N_ITEMS - 1):
         single = Batch(hist, sess, req, cands[:, c : c + 1], counters[:, c : c + 1], torch.zeros(1, 1))
         torch.testing.assert_close(model(single)[0, 0], once[0, c], atol=1e-5, rtol=0)
+
+
+# Fine-tuning after pre-training (issue 20's follow-up): the pre-trained parameters at a lower rate and/or
+# frozen for the first epochs.
+
+
+@pytest.fixture(scope="module")
+def small_data() -> TrainingData:
+    """The training tests' shop, built (~0.5 s): 103 training and 19 validation groups."""
+    events, _ = make_shop(n_users=20, sessions_per_user=4, seed=3)
+    return build(events, BuildConfig(), progress=False)
+
+
+def test_pretrained_parameters_are_exactly_what_pretraining_fits() -> None:
+    """`pretrained_parameters` names every parameter `pretrain` changes and no other (each once), for separate
+    and for shared encoders."""
+    for shared in (False, True):
+        torch.manual_seed(0)
+        model = DualSequenceReranker(RerankerConfig(n_items=N_ITEMS, dim=32, dropout=0.0, shared_encoder=shared))
+        before = {id(p): p.detach().clone() for p in model.parameters()}
+        pretrain(model, runs_stream(60), UNKNOWN, PretrainConfig(epochs=2, batch_size=16), progress=False)
+        changed = {id(p) for p in model.parameters() if not torch.equal(p, before[id(p)])}
+        named = [id(p) for p in pretrained_parameters(model)]
+        assert len(named) == len(set(named)) and set(named) == changed
+
+
+def test_the_lr_multiplier_reaches_the_optimiser_groups() -> None:
+    """The pre-trained parameters get their own group at lr x the multiplier, the rest the fine-tuning's lr;
+    every parameter is in exactly one group. Without pre-trained parameters: one group, as before."""
+    model = tiny_model()
+    pre = pretrained_parameters(model)
+    tc = TrainConfig(lr=2e-3, pretrain=PretrainConfig(finetune_lr_scale=0.1))
+    opt = finetune_optimizer(model, tc, pre)
+    assert [g["lr"] for g in opt.param_groups] == [2e-3, pytest.approx(2e-4)]
+    assert [id(p) for p in opt.param_groups[1]["params"]] == [id(p) for p in pre]
+    grouped = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())
+    plain = finetune_optimizer(model, tc)
+    assert len(plain.param_groups) == 1 and plain.param_groups[0]["lr"] == 2e-3
+
+
+def test_a_frozen_epoch_leaves_the_pretrained_parameters_unchanged(small_data: TrainingData) -> None:
+    """One fine-tuning epoch with `freeze_epochs` 1 moves the ranking head and not one bit of the item table or
+    the encoders; every parameter is trainable again afterwards. Without the freeze the same epoch moves them."""
+    for freeze in (1, 0):
+        torch.manual_seed(0)
+        model = DualSequenceReranker(small_data.vocab.config(dim=16))
+        pre = pretrained_parameters(model)
+        ids = {id(p) for p in pre}
+        before = {id(p): p.detach().clone() for p in model.parameters()}
+        tc = TrainConfig(epochs=1, batch_size=16, threads=1, bf16=False, progress=False,
+                         pretrain=PretrainConfig(freeze_epochs=freeze))
+        fit(model, small_data.train, small_data.val, tc, pre)
+        moved = {id(p) for p in model.parameters() if not torch.equal(p, before[id(p)])}
+        assert moved - ids  # the fine-tuning's own parameters learnt
+        assert (moved & ids) == (set() if freeze else ids)
+        assert all(p.requires_grad for p in model.parameters())
+
+
+def test_train_model_freezes_what_pretraining_fitted(small_data: TrainingData) -> None:
+    """Wiring: with pre-training on and every fine-tuning epoch frozen, `train_model` returns the item table
+    that pre-training alone leaves (the same seeded model, pre-trained the same way)."""
+    pc = PretrainConfig(epochs=1, max_windows=200, freeze_epochs=1)
+    tc = TrainConfig(epochs=1, batch_size=16, threads=1, bf16=False, progress=False, pretrain=pc)
+    seed_everything(tc.seed)
+    alone = DualSequenceReranker(small_data.vocab.config(dim=16))
+    pretrain(alone, small_data.stream, small_data.vocab.unknown, pc, seed=tc.seed, progress=False)
+    result = train_model(small_data, tc, dim=16)
+    assert result.pretrain
+    for a, b in zip(pretrained_parameters(alone), pretrained_parameters(result.model), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert not torch.equal(alone.head_out.weight, result.model.head_out.weight)
