@@ -240,6 +240,10 @@ class FeatureEngine:
         self.rejected_snapshots = 0  # snapshots set aside (damaged, older format, other stream rules)
         self._sweep_cursor = -1
         self._snapshotting = threading.Lock()
+        # True while a snapshot holds a unit's lock to capture a section (up to ~15-25 ms at a million
+        # shoppers, in chunks that let the GIL go): a reader on an event loop reads in a thread meanwhile,
+        # so the loop never waits on that lock (see `insession.query.service.QueryService.off_loop`).
+        self.capturing = False
         self.version = 0  # +1 per feature installed or dropped (the query planner's cache key)
         self.unbuilt: list[Feature] = []  # declared, but not in the snapshot restored: to backfill, not served
 
@@ -414,7 +418,11 @@ class FeatureEngine:
             captures = unit.sections()
         for name, capture in captures:
             with unit.lock:
-                sections[name], offsets[name] = capture(), unit.applied
+                self.capturing = True
+                try:
+                    sections[name], offsets[name] = capture(), unit.applied
+                finally:
+                    self.capturing = False
                 wm = unit.wm if wm < 0 else wm
         sections[OFFSETS] = [msgspec.msgpack.encode(offsets)]
         write_unit(directory / f"{unit.name}.state", self._header(unit.name, min(offsets.values()), wm), sections)

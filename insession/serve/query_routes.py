@@ -193,7 +193,7 @@ async def post_features(request: Request) -> Response:
 
         forwarder = forwarder_of(request)
         if forwarder is None or body.entity == "item":
-            rows = read(body.keys)
+            rows = await _service(request).off_loop(read, body.keys)
         else:  # a node holding some partitions: the others' keys are read where they are held
             scattered = await forwarder.scatter(
                 request, msgspec.structs.asdict(body), body.keys, lambda k: k[0] if isinstance(k, list) else k, read,
@@ -226,8 +226,9 @@ async def get_features(
     if gate is not None:
         return gate
     lookup: str | tuple[str, str] | None = {"global": None, "user_item": (key, item_id or "")}.get(entity, key)
+    service = _service(request)
     try:
-        values, fallbacks = _service(request).read_features(entity, lookup)
+        values, fallbacks = await service.off_loop(service.read_features, entity, lookup)
     except QueryError as e:
         return error_response(e)
     doc = {"entity": entity, "key": lookup, "features": values, "fallbacks": fallbacks}

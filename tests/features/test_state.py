@@ -3,10 +3,12 @@ pure reads, damaged snapshots rebuilt, the shopper cap, and snapshots that leave
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import random
 import tempfile
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,11 +18,11 @@ from features_helpers import ALL_KINDS, T0, ev, key_of, streams
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from insession.features import FeatureEngine, FeatureRegistry, default_registry
+from insession.features import FeatureEngine, FeatureRegistry, default_registry, online
 from insession.features.declare import DAY_MS, HOUR_MS, MINUTE_MS, UNBOUNDED, Feature, sliding
 from insession.features.engine import CURRENT_FILE, OLD_PICKLE_FILE, PartitionNotHeld, _feed, _Partition, _Unit
 from insession.features.online import Ev, Names, Sessions, make_agg
-from insession.features.snapshot import HEADER_SIZE
+from insession.features.snapshot import _HEAD, _HEAD_CRC, HEADER_SIZE
 from insession.schema import Event, partition_of
 
 USERS = [f"u{n}" for n in range(12)]
@@ -89,7 +91,8 @@ def test_restart_at_any_interleaving_equals_never_stopping(
 ) -> None:
     """The writer goes on between the captures of the sections of every unit (`progress[k]` events before
     the k-th), so the sections of one snapshot hold different offsets; restarting from it and replaying the
-    whole log equals never having stopped."""
+    whole log equals never having stopped. Sections go in chunks of 3 keys, so most span several."""
+    monkeypatch.setattr(online, "CAPTURE_CHUNK", 3)
     reg = REGISTRIES[registry]
     state = Path(tempfile.mkdtemp(dir=tmp_path))
     cut = cut % (len(events) + 1)
@@ -239,6 +242,48 @@ def test_any_single_bit_flip_leads_to_a_rebuild(tmp_path: Path, unit: int, posit
     _reopened_equals_never_stopping(state, events, rejected=1)
 
 
+@pytest.mark.parametrize("keys", [0, 1, 3, 7, 9])
+@pytest.mark.parametrize("feature", ["seq_all", "last_item"])  # keyed by shopper; by (shopper, item) pairs
+def test_a_section_goes_in_chunks_of_at_most_capture_chunk_keys_and_restores_whole(
+    monkeypatch: pytest.MonkeyPatch, keys: int, feature: str,
+) -> None:
+    monkeypatch.setattr(online, "CAPTURE_CHUNK", 3)
+    f = ALL_KINDS[feature]
+    agg = make_agg(f, Names(), Sessions(30 * MINUTE_MS))
+    agg.state = {((n, n % 2) if agg.pair_keys else n): agg.VALUE(bytes([n])) if agg.VALUE is bytearray
+                 else (n, n, n) for n in range(keys)}
+    chunks = agg.capture()
+    assert len(chunks) == max(1, -(-keys // 3))  # never an empty trailing chunk; one (empty) for no keys
+    again = make_agg(f, Names(), Sessions(30 * MINUTE_MS))
+    again.restore(chunks)
+    assert again.state == agg.state
+
+
+def _as_format_1(path: Path) -> bytearray:
+    """The unit file rewritten as format 1 wrote it: the same body, its blake2b-128 in the header."""
+    data = bytearray(path.read_bytes())
+    fields = list(_HEAD.unpack_from(data))
+    fields[1], fields[-1] = 1, hashlib.blake2b(data[HEADER_SIZE:], digest_size=16).digest()
+    head = _HEAD.pack(*fields)
+    data[:HEADER_SIZE] = head + _HEAD_CRC.pack(zlib.crc32(head))
+    return data
+
+
+def test_a_format_1_snapshot_with_its_blake2b_checksum_is_still_read(tmp_path: Path) -> None:
+    """Format 2 changed only the body's checksum (crc32 for blake2b-128): data directories written by
+    format 1 load as they are, and a bit flipped in one is still caught."""
+    state, events = _snapshotted(tmp_path)
+    for path in _unit_files(state):
+        path.write_bytes(bytes(_as_format_1(path)))
+    _reopened_equals_never_stopping(state, events, rejected=0)
+    _snapshotted(tmp_path)
+    path = next(p for p in _unit_files(state) if p.stem == "partition-003")
+    data = _as_format_1(path)
+    data[-5] ^= 4
+    path.write_bytes(bytes(data))
+    _reopened_equals_never_stopping(state, events, rejected=1)
+
+
 def test_an_old_pickle_snapshot_is_set_aside_never_unpickled(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
@@ -287,6 +332,7 @@ def test_capturing_one_partition_blocks_neither_other_partitions_nor_item_reads(
     capture_sessions = held.sessions.capture
 
     def slow_capture() -> list[bytes]:  # runs under the partition's lock
+        assert engine.capturing, "readers on an event loop are told to read in a thread"
         capturing.set()
         assert release.wait(30)
         return capture_sessions()
@@ -315,7 +361,7 @@ def test_capturing_one_partition_blocks_neither_other_partitions_nor_item_reads(
     snap.join(30)
     blocked_mine.join(30)
     assert not snap.is_alive() and not blocked_mine.is_alive()
-    assert engine.snapshot_offset == 199
+    assert engine.snapshot_offset == 199 and not engine.capturing
 
 
 def test_a_large_batch_holds_one_partition_at_a_time_and_never_the_others(monkeypatch: pytest.MonkeyPatch) -> None:

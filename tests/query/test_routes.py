@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fastapi.testclient import TestClient
 
 from insession.query import Limits, Sources
+from insession.schema import partition_of
 
 from .conftest import World, make_app, make_world
 
@@ -173,3 +175,32 @@ def test_error_bodies_keep_their_message_without_paths() -> None:
     assert e.to_dict()["error"] == 'IO Error: No files found that match the pattern "<server file>"'
     assert "/srv/data/history" in str(e)  # the server's log keeps it
     assert QueryError("1/2 and a/b/c are not paths").to_dict()["error"] == "1/2 and a/b/c are not paths"
+
+
+def test_a_feature_read_never_stalls_the_loop_on_a_unit_a_snapshot_is_capturing(world: World) -> None:
+    """While a snapshot holds a partition's lock to capture a section (`FeatureEngine.capturing`), a read of
+    that partition waits in a thread, not on the event loop: reads of other shoppers, by every route, are
+    answered meanwhile, and the waiting one gets the same answer once the capture is done."""
+    engine = world.features
+    mine = "u1"
+    other = next(u for u in (f"u{n}" for n in range(8))
+                 if partition_of(u, engine.partitions) != partition_of(mine, engine.partitions))
+    lock = engine._parts[partition_of(mine, engine.partitions)].lock
+    with TestClient(make_app(world.handle())) as client, ThreadPoolExecutor(4) as pool:  # one event loop
+        expected = client.get(f"/v1/features/user/{mine}").json()
+        lock.acquire()
+        engine.capturing = True
+        try:
+            pending = pool.submit(client.get, f"/v1/features/user/{mine}")
+            time.sleep(0.2)
+            assert not pending.done(), "the captured partition's read waits for the capture"
+            answers = [
+                pool.submit(client.get, f"/v1/features/user/{other}"),
+                pool.submit(client.post, "/v1/features", json={"entity": "user", "keys": [other]}),
+                pool.submit(client.post, "/v1/query", json={"sql": SERVING, "params": {"user": other}}),
+            ]
+            assert [a.result(5).status_code for a in answers] == [200, 200, 200]
+        finally:
+            engine.capturing = False
+            lock.release()
+        assert pending.result(10).json() == expected
