@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from insession.rank import ArtefactRefused, ModelInfo, Ranker, RankRequest, RankRequestError, RankResponse
-from insession.serve.auth import require
+from insession.serve.auth import SECURITY, authorize, require
 from insession.serve.forward import here_or_there
 from insession.serve.metrics import metrics_of
 
@@ -72,16 +72,17 @@ def _ranker(request: Request) -> Ranker:
 @router.post(
     "/v1/rank",
     tags=["rank"],
-    openapi_extra=_body(RankRequest),
+    openapi_extra={**_body(RankRequest), **SECURITY},
     responses=_response(RankResponse),
-    dependencies=[Depends(require("serve"))],
 )
 async def rank(request: Request) -> Response:
     """Rank candidates (or the built-in candidate stage's ~60 proposals) for a shopper, within `budget_ms`.
 
     The response says which model version ranked, or which fallback did and why; `explain` adds the
-    history and session events each top item attended to most.
+    history and session events each top item attended to most. A hot path: the key is checked by
+    `authorize`, without FastAPI's dependency machinery (see `query_routes.get_features`).
     """
+    authorize(request, "serve")
     try:
         req = _decode_rank.decode(await request.body())
     except msgspec.DecodeError as e:  # ValidationError is a DecodeError
