@@ -112,3 +112,22 @@ def test_a_spine_without_offsets_sees_what_arrived_by_its_instant(spark: SparkEn
 def test_an_unknown_engine_is_named() -> None:
     with pytest.raises(ValueError, match="unknown offline engine 'flink'; choose one of duckdb, spark"):
         open_engine("flink")
+
+
+def test_a_spine_longer_than_a_chunk_comes_back_in_chunks_equal_to_duckdb(spark: SparkEngine) -> None:
+    """Past `chunk_rows` the engine computes each feature once over the whole spine, keeps the values on
+    local disk and hands them back a chunk at a time: each chunk holds its own rows, in order."""
+    history = events_to_arrow(_late_stream())
+    reg = FeatureRegistry.of([default_registry()[n] for n in ("item_count_28d", "session_seq", "trending_items_2h")])
+    spine = pa.table(
+        {
+            "user_id": ["u0", "u1", "u0", "u0", "u1", "u0", "u9"],
+            "item_id": ["i1", "i1", "i2", "i0", "i4", "i1", "i0"],
+            "ts": pa.array([T0 + m * MINUTE_MS for m in (0, 1, 17, 19, 21, 90, 200)], pa.int64()),
+            "offset": pa.array([0, 1, 3, 4, 2, 6, 6], pa.int64()),
+        }
+    )
+    want = open_engine("duckdb").compute(reg, history, spine)
+    chunks = list(spark.compute_chunks(reg, history, spine, chunk_rows=3))
+    assert [c.num_rows for c in chunks] == [3, 3, 1]
+    _assert_same(reg, want, pa.concat_tables(chunks))

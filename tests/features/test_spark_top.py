@@ -1,11 +1,12 @@
-"""The Spark engine's sliding top-k lists by count (a shortlist of values per row from running counts, the
+"""The Spark engine's sliding top-k lists by count (counts per block for a row's complete blocks, its edge
+blocks read event by event, the candidates the group's k largest block counts and the edge's values: the
 engine's `_top`, used over dense traffic: global topk_count, keyed topk_count, covisit) equal the exact
 answer: every accepted event (for covisit, pair) of the row's key with start <= ts <= t that had arrived by
 the row's offset, counted value by value in Python, the k largest, ties by value.
 
-Streams are dense on purpose: few values, so counts tie often, and windows of many blocks, so the shortlist
-prunes; spine rows are read at random instants and offsets (unsettled rows, whose tail of at most the
-lateness is read event by event, as well as settled ones)."""
+Streams are dense on purpose: few values, so counts tie often (a value outside the group's k largest can
+overtake them only through its edge), and windows of many blocks; spine rows are read at random instants
+and offsets (rows whose tail of at most the lateness is read by arrival, rows before any complete block)."""
 
 from __future__ import annotations
 
@@ -113,7 +114,7 @@ def _check(reg: FeatureRegistry, events: list[Event], reads: list[tuple[int, int
             "offset": pa.array([o for _, _, _, o in rows], pa.int64()),
         }
     )
-    spark.top_above = 0  # the shortlist for every chunk, however small
+    spark.top_above = 0  # `_top` for every spine, however small
     try:
         got = spark.compute(reg, history, spine)
     finally:
@@ -137,14 +138,14 @@ TIED = [ev(i, "u0", f"i{3 - i}", T0 + i * MINUTE_MS, category=f"c{i % 2}") for i
 @SETTINGS
 @example(events=TIED, reads=[(3, 3 * MINUTE_MS), (2, 3 * MINUTE_MS), (3, 0)])  # four items tied at one event each
 @given(events=dense_streams(), reads=READS)
-def test_the_global_top_k_shortlist_equals_the_exact_counts(events: list[Event], reads: list[tuple[int, int]]) -> None:
+def test_the_global_top_k_lists_equal_the_exact_counts(events: list[Event], reads: list[tuple[int, int]]) -> None:
     _check(FeatureRegistry.of([TOPS["top_items"], TOPS["top_category"]]), events, reads)
 
 
 @SETTINGS
 @example(events=TIED, reads=[(3, 3 * MINUTE_MS), (2, 0)])
 @given(events=dense_streams(), reads=READS)
-def test_the_keyed_top_k_and_covisit_shortlists_equal_the_exact_counts(
+def test_the_keyed_top_k_and_covisit_lists_equal_the_exact_counts(
     events: list[Event], reads: list[tuple[int, int]]
 ) -> None:
     _check(FeatureRegistry.of([TOPS["user_top_items"], TOPS["co"]]), events, reads)
