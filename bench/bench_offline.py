@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,25 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+_KEEP_STAGES = {"spark.ui.retainedJobs": "100000", "spark.ui.retainedStages": "100000"}
+
+
+def _spark_totals(sc) -> dict[str, float]:  # noqa: ANN001
+    """Jobs, and the shuffle written and spilled to disk summed over every stage, from Spark's status store
+    (kept with the UI off; `_KEEP_STAGES` keeps every stage of a build)."""
+    gw = sc._gateway  # noqa: SLF001
+    store = sc._jsc.sc().statusStore()  # noqa: SLF001
+    # AppStatusStore.stageList(statuses, details, withSummaries, unsortedQuantiles, taskStatus): every stage
+    stages = store.stageList(None, False, False, gw.new_array(gw.jvm.double, 0), gw.jvm.java.util.ArrayList())
+    shuffle = spilled = 0
+    for i in range(stages.size()):
+        st = stages.apply(i)
+        shuffle += st.shuffleWriteBytes()
+        spilled += st.diskBytesSpilled()
+    return {"jobs": len(sc.statusTracker().getJobIdsForGroup()), "shuffle_gib": shuffle / 2**30,
+            "spill_gib": spilled / 2**30}  # fmt: skip
+
+
 def child(history: Path, engine_name: str, master: str | None) -> None:
     """One build; prints a JSON line with its seconds, steps, groups and peak memory."""
     from insession.offline import open_engine
@@ -52,7 +72,12 @@ def child(history: Path, engine_name: str, master: str | None) -> None:
 
     events = pq.read_table(history)
     t0 = time.perf_counter()
-    engine = open_engine(engine_name, master=master)
+    if engine_name == "spark":  # the UI off; every stage kept in the status store, for the totals below
+        from insession.offline.spark_engine import SparkEngine
+
+        engine = SparkEngine(master or "local[*]", conf={"spark.ui.enabled": "false", **_KEEP_STAGES})
+    else:
+        engine = open_engine(engine_name, master=master)
     started = time.perf_counter() - t0
     print(f"[bench_offline] {engine.describe()}", file=sys.stderr, flush=True)
     data = build(
@@ -60,10 +85,14 @@ def child(history: Path, engine_name: str, master: str | None) -> None:
         engine=engine,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
-    jvm, cpu = float("nan"), _cpu_s(os.getpid())
+    jvm, cpu, totals = float("nan"), _cpu_s(os.getpid()), {}
     if engine_name == "spark":
         jvm_pid = engine.spark.sparkContext._gateway.proc.pid  # noqa: SLF001
         jvm, cpu = _vm_hwm_gib(jvm_pid), cpu + _cpu_s(jvm_pid)
+        try:  # the build's own numbers stand even if Spark's status store cannot be read
+            totals = _spark_totals(engine.spark.sparkContext)
+        except Exception as e:  # noqa: BLE001
+            print(f"[bench_offline] no stage totals: {e!r:.300}", file=sys.stderr, flush=True)
     engine.close()
     out = {
         "seconds": seconds,
@@ -73,12 +102,36 @@ def child(history: Path, engine_name: str, master: str | None) -> None:
         "groups": len(data.train) + len(data.val),
         "driver_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "jvm_gib": jvm,
+        **totals,
     }
     print(json.dumps(out), flush=True)
 
 
-def run(quick: bool, sizes: list[int] | None = None, configs: list[str] | None = None) -> str:
-    """The section's table; `configs` picks among "duckdb", "local[1]", "local[2]" (default: all three)."""
+def _run_child(cmd: list[str], timeout_s: float | None) -> dict | str:
+    """One child build: its JSON line, or a line saying how it failed (its last stderr line, in which step)
+    or that it ran past `timeout_s` (its process group, the JVM included, is killed)."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        step = [ln for ln in err.splitlines() if ln.strip() and "WARN" not in ln][-1:] or [""]
+        return f"stopped after {timeout_s:.0f} s, in: {step[0][:160]}"
+    if proc.returncode:
+        print(err[-4000:], file=sys.stderr, flush=True)
+        lines = [ln for ln in err.splitlines() if "Error" in ln or "Exception" in ln] or err.splitlines()[-1:]
+        return f"failed: {lines[-1][:200] if lines else proc.returncode}"
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run(
+    quick: bool, sizes: list[int] | None = None, configs: list[str] | None = None, timeout_s: float | None = None
+) -> str:
+    """The section's table; `configs` picks among "duckdb", "local[1]", "local[2]" (default: all three); a
+    build past `timeout_s` is stopped and its row says so."""
     from bench.bench_train import synthetic_history
 
     sizes = sizes or ([20_000] if quick else [100_000])
@@ -96,19 +149,22 @@ def run(quick: bool, sizes: list[int] | None = None, configs: list[str] | None =
                 cmd = [sys.executable, "-m", "bench.bench_offline", "--child", str(path), engine_name]
                 if master:
                     cmd.append(master)
-                proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=os.environ)
-                if proc.returncode:
-                    raise RuntimeError(f"{label} at {n:,} events failed:\n{proc.stderr[-4000:]}")
-                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                failed = _run_child(cmd, timeout_s)
+                if isinstance(failed, str):  # a failure or a timeout is a result too: a row that says so
+                    print(f"[bench_offline]   {failed}", flush=True)
+                    rows.append([f"{events.num_rows:,}", label, *[float("nan")] * 9, "", failed])
+                    continue
+                r = failed
                 steps = ", ".join(f"{k} {v:.0f}" for k, v in r["steps"].items())
                 rows.append([
                     f"{events.num_rows:,}", label, r["seconds"], r["cpu_s"], r["start_s"],
-                    1e6 * r["seconds"] / events.num_rows, r["driver_gib"], r["jvm_gib"], r["groups"], steps,
+                    1e6 * r["seconds"] / events.num_rows, r["driver_gib"], r["jvm_gib"], r.get("jobs", float("nan")),
+                    r.get("shuffle_gib", float("nan")), r.get("spill_gib", float("nan")), r["groups"], steps,
                 ])  # fmt: skip
                 print(f"[bench_offline]   {r['seconds']:.0f} s; {steps}", flush=True)
     headers = [
         "events", "engine", "build s", "CPU s", "engine start s", "µs per event", "driver peak GiB", "JVM peak GiB",
-        "groups", "steps (s)",
+        "Spark jobs", "shuffle written GiB", "spilled GiB", "groups", "steps (s)",
     ]  # fmt: skip
     return (
         "## Offline engines: the training-data build on DuckDB and on Spark (bench_offline)\n\n"
@@ -116,7 +172,8 @@ def run(quick: bool, sizes: list[int] | None = None, configs: list[str] | None =
         "run), each engine in its own process on the same synthetic history; Spark local, its UI off. "
         "CPU s: the process's user + system time (for Spark the Python driver's plus the JVM's, including the "
         "history's read in the driver). Peak memory: the Python driver's max RSS and the JVM's "
-        "VmHWM.\n\n" + table(headers, rows)
+        "VmHWM. Spark jobs, shuffle written and spilled to disk: summed over the build's stages from Spark's "
+        "status store.\n\n" + table(headers, rows)
     )
 
 
@@ -125,6 +182,7 @@ def main() -> None:
     ap.add_argument("--events", type=int, nargs="*", help="synthetic history sizes (default 100,000)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--configs", nargs="*", choices=["duckdb", "local[1]", "local[2]"], help="default: all")
+    ap.add_argument("--timeout", type=float, help="stop a build after this many seconds (its row says so)")
     ap.add_argument("--append", action="store_true", help="add the run below the doc's tables, not replace them")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -133,12 +191,13 @@ def main() -> None:
         return child(Path(history), engine_name, master[0] if master else None)
     t0 = time.perf_counter()
     load0 = " / ".join(Path("/proc/loadavg").read_text().split()[:3])
-    section = run(args.quick, args.events, args.configs)
+    section = run(args.quick, args.events, args.configs, args.timeout)
     load = " / ".join(Path("/proc/loadavg").read_text().split()[:3])
     footer = (
         f"\n\n_Measured {stamp()} on {machine()}; `python -m bench.bench_offline"
         f"{' --quick' if args.quick else ''}{' --events ' + ' '.join(map(str, args.events)) if args.events else ''}"
-        f"{' --configs ' + ' '.join(args.configs) if args.configs else ''}{' --append' if args.append else ''}`"
+        f"{' --configs ' + ' '.join(args.configs) if args.configs else ''}"
+        f"{f' --timeout {args.timeout:.0f}' if args.timeout else ''}{' --append' if args.append else ''}`"
         f"; took {time.perf_counter() - t0:.0f} s; load average (1 / 5 / 15 min) at the start: {load0}, at the end: "
         f"{load} (above ~1-2, "
         "other work shared the 2 cores)._\n"
