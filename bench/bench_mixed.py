@@ -7,7 +7,11 @@ from then): ingest batches of 50 events (5,000 events/s, event time moving with 
 shoppers), `GET /v1/features/user/{id}` (500/s) and `/v1/rank` (100/s). In the second half two threads of
 this process keep two heavy analytics scans running. The snapshot interval is lowered so several
 snapshots fall inside; their instants are taken from the state directory's CURRENT file. The server's
-memory and CPU (and its analytics workers' private memory) are sampled every second.
+memory and CPU (and its analytics workers' private memory) are sampled every second. Before that load, a
+server started on the same data answers `GET /v1/features/user/{id}` alone at 1,000/s for a minute (no
+ingest, no ranking: the issue's "stall episodes every 18-22 s" case), and the seconds holding a read over
+20 ms are listed; it is stopped and the measured server started afresh, so the load's snapshots fall where
+they fell before this phase existed.
 
 The loaded data directory is kept in $INSESSION_BENCH_CACHE (default: the temp dir) and copied for each
 run, so a rerun skips the load.
@@ -45,6 +49,7 @@ from insession.serve.process import ServerProcess
 
 INGEST_RATE, BATCH = 100, 50  # requests/s and events per request: 5,000 events/s
 FEATURE_RATE, RANK_RATE = 500, 100
+READS_ONLY_RATE, STALL_MS = 1_000, 20.0  # the reads-only minute before the mixed load; a read over it is a stall
 TARGETS = {  # (kind, percentile): the issue's target in ms
     ("features", "p99"): 5.0, ("features", "p99.9"): 25.0, ("features", "max"): 100.0,
     ("rank", "p99"): 10.0, ("rank", "p99.9"): 50.0, ("ingest", "p99"): 25.0,
@@ -107,8 +112,10 @@ def _load(data_dir: Path, n_users: int, per_user: int) -> None:
         db.features.snapshot()
 
 
-def _client(port: int, n_users: int, start_ts: int, seconds: float, out: Connection) -> None:
-    """Second process: the three open-loop streams at once; sends back their samples. The client's garbage
+def _client(port: int, n_users: int, start_ts: int, seconds: float, out: Connection,
+            reads_only: bool = False) -> None:
+    """Second process: the three open-loop streams at once (or, `reads_only`, feature reads alone at
+    `READS_ONLY_RATE`); sends back their samples. The client's garbage
     collector is off while it measures (its collections over the growing lists of samples made sends late,
     counted as the server's latency: sends more than 1 ms late fell from 164 / 2,769 / 168 to 12 / 1,818 / 12
     for ingest / features / rank, and the worst feature read from 1,424 to 614 ms)."""
@@ -130,6 +137,11 @@ def _client(port: int, n_users: int, start_ts: int, seconds: float, out: Connect
     def rank(i: int) -> bytes:
         body = json.dumps({"user_id": f"u{users[len(users) // 2 + i]}", "k": 20}).encode()
         return http_request("POST", "/v1/rank", body)
+
+    if reads_only:
+        out.send({"reads only": asyncio.run(open_loop(port, feature, READS_ONLY_RATE, seconds, "reads only"))})
+        out.close()
+        return
 
     async def together() -> list[tuple[list[Sample], int]]:
         return list(await asyncio.gather(
@@ -270,14 +282,32 @@ def _plot(results: dict[str, list[Sample]], watch: _Watch, half: float, seconds:
     return "![latency over time, snapshots and analytics marked](img/bench_mixed_timeline.png)"
 
 
+def _measure(port: int, n_users: int, start_ts: int, seconds: float, reads_only: bool = False
+             ) -> tuple[mp.process.BaseProcess, Connection]:
+    """Start the load client in a process of its own; its samples arrive on the returned connection."""
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_client, args=(port, n_users, start_ts, seconds, send, reads_only))
+    proc.start()
+    send.close()
+    return proc, recv
+
+
 def run(quick: bool) -> str:
     n_users, per_user, seconds, snapshot_s = (20_000, 20, 40.0, 8.0) if quick else (1_000_000, 20, 300.0, 60.0)
+    reads_only_s = 10.0 if quick else 60.0
     cache = cached_shop(n_users, per_user)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
         shutil.copytree(cache, data_dir)
         config = Path(tmp) / "server.toml"
         config.write_text(f"[features]\nsnapshot_interval_s = {snapshot_s}\n")
+        with ServerProcess(data_dir, ready_timeout_s=1800) as server:  # its own start: the load's snapshot
+            for _ in range(50):  # clock starts anew with the measured server
+                _get(server.port, f"/v1/features/user/u{_}")
+            proc, recv = _measure(server.port, n_users, 0, reads_only_s, reads_only=True)
+            reads_only: list[Sample] = recv.recv()["reads only"][0]
+            proc.join()
         t_start = time.perf_counter()
         server = ServerProcess(data_dir, ready_timeout_s=1800, extra_args=["--config", str(config)]).start()
         ready_s = time.perf_counter() - t_start
@@ -291,14 +321,10 @@ def run(quick: bool) -> str:
             if ranked.get("fallback") is not None:  # the rank figures would be of a fallback list, not the model
                 raise RuntimeError(f"the server ranks without its model ({ranked.get('fallback_reason')}); "
                                    "see the server's log above")
-            ctx = mp.get_context("spawn")
-            recv, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_client, args=(server.port, n_users, start_ts, seconds, send))
             t0 = time.perf_counter()
             watch = _Watch(server.proc.pid, data_dir, t0)
             watch.start()
-            proc.start()
-            send.close()
+            proc, recv = _measure(server.port, n_users, start_ts, seconds)
             time.sleep(seconds / 2)
             scans = [_Analytics(server.port, sql) for sql in ANALYTICS_SQL]
             for s in scans:
@@ -313,7 +339,7 @@ def run(quick: bool) -> str:
             watch.join()
         finally:
             server.stop()
-    return _report(results, watch, scans, seconds, n_users, per_user, snapshot_s, ready_s)
+    return _report(results, reads_only, watch, scans, seconds, n_users, per_user, snapshot_s, ready_s)
 
 
 def _post(port: int, path: str, body: dict[str, object]) -> bytes:
@@ -337,8 +363,9 @@ def _get(port: int, path: str) -> bytes:
     return body
 
 
-def _report(results: dict[str, tuple[list[Sample], int]], watch: _Watch, scans: list[_Analytics], seconds: float,
-            n_users: int, per_user: int, snapshot_s: float, ready_s: float) -> str:
+def _report(results: dict[str, tuple[list[Sample], int]], reads_only: list[Sample], watch: _Watch,
+            scans: list[_Analytics], seconds: float, n_users: int, per_user: int, snapshot_s: float,
+            ready_s: float) -> str:
     half = seconds / 2
     samples = {kind: s for kind, (s, _) in results.items()}
     rows, checks = [], []
@@ -351,6 +378,10 @@ def _report(results: dict[str, tuple[list[Sample], int]], watch: _Watch, scans: 
             if label == "whole run":
                 checks += [[f"{kind} {q}", f"< {target:g} ms", st[q], "met" if st[q] < target else "NOT met"]
                            for (k, q), target in TARGETS.items() if k == kind]
+    st = _stats(reads_only)
+    rows.append(["features", f"reads only, {READS_ONLY_RATE:,}/s, before the load", st["n"], st["p50"], st["p99"],
+                 st["p99.9"], st["max"], st["failed"]])
+    stalls = sorted({int(s.due) for s in reads_only if s.latency * 1000.0 > STALL_MS})
     first = _stats([s for s in samples["features"] if s.due < half])
     second = _stats([s for s in samples["features"] if s.due >= half])
     ratio = second["p99"] / first["p99"]
@@ -379,7 +410,9 @@ def _report(results: dict[str, tuple[list[Sample], int]], watch: _Watch, scans: 
         f"Server process CPU, mean over each half: {np.mean(cpu_first or [0]):.2f} / "
         f"{np.mean(cpu_second or [0]):.2f} cores (its Python work is bound to about one by the GIL); its "
         f"workers' (export, analytics): {np.mean(workers_first or [0]):.2f} / {np.mean(workers_second or [0]):.2f}. "
-        f"Exports written: {len(watch.exports)}.",
+        f"Exports written: {len(watch.exports)}. Reads alone before the load ({len(reads_only):,} reads, "
+        f"{READS_ONLY_RATE:,}/s, no ingest or ranking): seconds holding a read over {STALL_MS:g} ms: "
+        + (", ".join(f"{t} s" for t in stalls) if stalls else "none") + ".",
         table(["requests", "part", "n", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "failed"], rows),
         table(["target (issue: serving that never stops)", "wanted", "measured", ""], checks),
         _plot(samples, watch, half, seconds),
