@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated
 
@@ -22,15 +23,20 @@ def write_section(doc: Path, name: str, body: str) -> None:
     doc.write_text(text)
 
 
+def _named(only: str, choices: Collection[str], what: str, hint: str) -> list[str]:
+    """The comma-separated names in `only`, each one of `choices` (else typer.BadParameter listing them)."""
+    names = [n for n in only.split(",") if n]
+    unknown = sorted(set(names) - set(choices))
+    if unknown:
+        raise typer.BadParameter(f"unknown {what} {unknown}; choose from {', '.join(choices)}", param_hint=hint)
+    return names
+
+
 def _ablations(on: bool, only: str) -> tuple[str, ...]:
     """The reranker rows to train: the full model, then every ablation or the named ones (in ABLATIONS)."""
     from insession.evaluate.runner import ABLATIONS
 
-    names = [n for n in only.split(",") if n]
-    unknown = sorted(set(names) - set(ABLATIONS))
-    if unknown:
-        raise typer.BadParameter(f"unknown ablation(s) {unknown}; choose from {', '.join(ABLATIONS)}",
-                                 param_hint="--only-ablations")
+    names = _named(only, ABLATIONS, "ablation(s)", "--only-ablations")
     if not on:
         return ("reranker",)
     return tuple(n for n in ABLATIONS if n == "reranker" or not names or n in names)
@@ -40,11 +46,7 @@ def _pretraining(on: bool, only: str) -> tuple[str, ...]:
     """The pre-training variants to train: none, every one, or the named ones (in PRETRAIN_VARIANTS)."""
     from insession.evaluate.runner import PRETRAIN_VARIANTS
 
-    names = [n for n in only.split(",") if n]
-    unknown = sorted(set(names) - set(PRETRAIN_VARIANTS))
-    if unknown:
-        raise typer.BadParameter(f"unknown variant(s) {unknown}; choose from {', '.join(PRETRAIN_VARIANTS)}",
-                                 param_hint="--only-pretraining")
+    names = _named(only, PRETRAIN_VARIANTS, "variant(s)", "--only-pretraining")
     if not on:
         return ()
     return tuple(n for n in PRETRAIN_VARIANTS if not names or n in names)
