@@ -12,6 +12,7 @@ stopped (SIGTERM), killed (SIGKILL) and restarted one by one; their store surviv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -151,14 +152,25 @@ class LocalCluster:
                                    f"(each sees {sorted(map(str, leaders))}); see {self.directory}/n*/server.log")
             time.sleep(0.1)
 
-    def stream_leader(self, stream: str) -> str:
-        """The name of the server leading `stream` now, asked over NATS (stream info, answered by its leader)."""
+    def stream_leader(self, stream: str, timeout_s: float = 30.0) -> str:
+        """The name of the server leading `stream` now, asked over NATS (stream info, answered by its leader).
+        Asked again until `timeout_s`: on 2 busy cores (the suite beside its servers) one request went
+        unanswered for the client's 5 s, and a stream between two leaders answers with none."""
         import nats  # the client, only for this question
+        from nats.errors import TimeoutError as NoAnswer
 
         async def ask() -> str:
+            deadline = time.monotonic() + timeout_s
             nc = await nats.connect(servers=self.urls)
             try:
-                return (await nc.jetstream().stream_info(stream)).cluster.leader
+                while True:
+                    with contextlib.suppress(NoAnswer):
+                        info = await nc.jetstream().stream_info(stream)
+                        if info.cluster is not None and info.cluster.leader:
+                            return info.cluster.leader
+                    if time.monotonic() > deadline:
+                        raise ClusterError(f"no leader of stream {stream!r} answered within {timeout_s:.0f} s")
+                    await asyncio.sleep(0.2)
             finally:
                 await nc.close()
 
