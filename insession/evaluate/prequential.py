@@ -35,7 +35,8 @@ Protocol (`run`; docs/continuous.md, "Prequential replay"):
 The CLI (`insession prequential`) runs it on a seeded realistic shop, prints progress, writes the plot
 (`--plot`) and, with `--doc`, its results section into a Markdown file; with `--workdir` it keeps the model
 directories and the result (`result.pkl`), and `--pool DIR --pool DIR ...` pools saved runs' paired
-differences (`pooled_difference`: several shops or seeds, sessions kept distinct) without running anything.
+differences (`pooled_difference`: several shops, or training seeds on one shop, `--train-seed`) without
+running anything.
 """
 
 from __future__ import annotations
@@ -170,7 +171,11 @@ class PrequentialConfig:
     users: int = 400
     items: int = 100_000
     days: int = 9
-    seed: int = 0
+    seed: int = 0  # the shop's seed, and the trainings' unless `train_seed` is set
+    # the trainings' seed (frozen, daily, continuous updates: initialisation, batch order, the build's samples);
+    # None: `seed`, so the runs made before this option reproduce. Several on one shop, pooled
+    # (`pooled_difference`), average a comparison over training runs instead of resting on one per arm
+    train_seed: int | None = None
     test_days: int = 3
     window_hours: int = 12
     # full trainings (frozen, daily)
@@ -187,6 +192,10 @@ class PrequentialConfig:
     n_boot: int = 1000
     threads: int = 1  # torch intra-op threads (1 on a shared machine; see TrainConfig.threads)
     bars: bool = False  # the inner steps' progress bars (the replay prints its own lines regardless)
+
+    @property
+    def training_seed(self) -> int:
+        return self.seed if self.train_seed is None else self.train_seed
 
 
 @dataclass
@@ -319,7 +328,12 @@ def run(
     seconds["candidates"] = time.perf_counter() - t
 
     tc = TrainConfig(
-        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, threads=cfg.threads, progress=cfg.bars
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        seed=cfg.training_seed,
+        threads=cfg.threads,
+        progress=cfg.bars,
     )
     overrides = {"dim": cfg.dim, "dropout": cfg.dropout}
     own_tmp = tempfile.TemporaryDirectory(prefix="insession-prequential-") if workdir is None else None
@@ -352,7 +366,7 @@ def run(
             fit_events,
             out,
             train_config=tc,
-            build_config=BuildConfig(seed=cfg.seed),
+            build_config=BuildConfig(seed=cfg.training_seed),
             proposer=proposer,
             item2vec_epochs=cfg.item2vec_epochs,
             **overrides,
@@ -372,7 +386,7 @@ def run(
         cont_dir = root / "continuous"
         shutil.copytree(frozen_dir, cont_dir)
         daily: dict[int, Artefact] = {0: frozen}  # day 1's model is the frozen one (module docstring)
-        fcfg = replace(cfg.update, seed=cfg.seed, threads=cfg.threads, progress=cfg.bars)
+        fcfg = replace(cfg.update, seed=cfg.training_seed, threads=cfg.threads, progress=cfg.bars)
         updates: list[dict[str, Any]] = []
         seconds["continuous"] = 0.0
         for w in windows:
@@ -483,7 +497,8 @@ def report(res: PrequentialResult, command: str, plot_path: str | None = None) -
         f"Shop `{res.dataset}`: {res.n_events:,} events; test period the last {c.test_days} days, "
         f"{len(res.windows)} windows of {c.window_hours} h, {len(res.window):,} add-to-carts "
         f"({int(res.proposed.sum()):,} proposed by the candidate stage, {int(res.trend.sum()):,} trend requests). "
-        f"Full trainings: dim {c.dim}, at most {c.epochs} epochs, lr {c.lr}, batch {c.batch_size}, item2vec "
+        f"Training seed {c.training_seed}. Full trainings: dim {c.dim}, at most {c.epochs} epochs, lr {c.lr}, "
+        f"batch {c.batch_size}, item2vec "
         f"{c.item2vec_epochs} epoch; updates: {c.update.epochs} epochs, lr {c.update.lr}, batch "
         f"{c.update.batch_size}, validation window {c.update.validate_fraction:.0%} of the new add-to-carts. "
         f"Wall time {res.seconds.get('total', 0) / 60:.1f} min on 2 shared cores, 1 torch thread "
@@ -534,13 +549,15 @@ def pooled_difference(
     mask: Callable[[PrequentialResult], np.ndarray],
     n_boot: int = 1000,
 ) -> tuple[int, Estimate]:
-    """Arm a - arm b over the masked requests of several runs (different shops or seeds) pooled: (requests,
-    mean difference with a paired session-bootstrap 95% interval; sessions stay distinct across runs)."""
+    """Arm a - arm b over the masked requests of several runs pooled: (requests, mean difference with a paired
+    session-bootstrap 95% interval). Sessions are keyed by shop (`dataset`): distinct across shops, one
+    resampling unit across the runs of one shop with different training seeds (`train_seed`), whose deltas on
+    the same requests are not independent draws; the point is then the mean over those seeds."""
     deltas, sessions = [], []
-    for k, res in enumerate(results):
+    for res in results:
         m = mask(res)
         deltas.append(res.scores[a].ndcg10[m] - res.scores[b].ndcg10[m])
-        sessions.append(np.char.add(f"{k}:", res.scores[a].session[m].astype(str)))
+        sessions.append(np.char.add(f"{res.dataset}:", res.scores[a].session[m].astype(str)))
     delta, session = np.concatenate(deltas), np.concatenate(sessions)
     zero = np.zeros(len(delta))
     empty = Pairs(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
@@ -552,9 +569,9 @@ def pooled_difference(
 def pooled_report(results: list[PrequentialResult], n_boot: int = 1000) -> str:
     """The paired differences of `summary_rows`' first subsets over several runs pooled (`pooled_difference`),
     as a Markdown table."""
-    names = [r.dataset for r in results]
+    names = [f"`{r.dataset}` (training seed {r.config.training_seed})" for r in results]
     lines = [
-        f"Pooled over {', '.join(f'`{n}`' for n in names)}:",
+        f"Pooled over {', '.join(names)}:",
         "",
         "| requests | n | continuous - daily | continuous - frozen | daily - frozen |",
         "|---|---|---|---|---|",
@@ -674,7 +691,14 @@ def prequential(
     users: Annotated[int, typer.Option(help="Shoppers of the realistic shop.")] = 400,
     items: Annotated[int, typer.Option(help="Catalogue size (a few times the event count, as Taobao).")] = 100_000,
     days: Annotated[int, typer.Option(help="Days of the shop.")] = 9,
-    seed: Annotated[int, typer.Option(help="The shop's and the trainings' seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="The shop's seed (and the trainings', without --train-seed).")] = 0,
+    train_seed: Annotated[
+        int | None,
+        typer.Option(
+            help="The trainings' seed (frozen, daily, updates); default: --seed. Several on one shop, pooled "
+            "(--pool), average the comparison over training runs."
+        ),
+    ] = None,
     test_days: Annotated[int, typer.Option(help="The last N days are the test period.")] = 3,
     window_hours: Annotated[int, typer.Option(help="Window length in hours (divides 24).")] = 12,
     epochs: Annotated[int, typer.Option(help="Full trainings' epochs at most (early stopping).")] = 4,
@@ -717,6 +741,7 @@ def prequential(
         items=items,
         days=days,
         seed=seed,
+        train_seed=train_seed,
         test_days=test_days,
         window_hours=window_hours,
         epochs=epochs,

@@ -143,3 +143,67 @@ def test_the_command_is_registered_pools_saved_runs_and_refuses_bad_windows(
     assert "windows after a trend shift" in out.output and res.dataset in out.output
     bad = CliRunner().invoke(app, ["prequential", "--window-hours", "7"])
     assert bad.exit_code == 2 and "window_hours" in bad.output
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("train_seed", "expected"), [(None, TINY.seed), (11, 11)])
+def test_the_training_seed_reaches_every_training_and_defaults_to_the_shop_seed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, train_seed: int | None, expected: int
+) -> None:
+    """The full trainings (model and build) and the continuous updates all train with `train_seed`; the
+    shop stays the one of `seed` (same name, same requests)."""
+    import insession.evaluate.prequential as preq
+
+    seen: dict[str, int] = {}
+    real_train = preq.train_on_events
+
+    def train(events: pa.Table, out: Path, **kw: object) -> object:
+        seen["fit"], seen["build"] = kw["train_config"].seed, kw["build_config"].seed  # type: ignore[attr-defined]
+        return real_train(events, out, **kw)  # type: ignore[arg-type]
+
+    def update(events: pa.Table, models: Path, cfg: FollowConfig) -> object:
+        seen["update"] = cfg.seed
+        raise _Stop
+
+    monkeypatch.setattr(preq, "train_on_events", train)
+    monkeypatch.setattr(preq, "update_once", update)
+    cfg = PrequentialConfig(**{**TINY.__dict__, "train_seed": train_seed})
+    with pytest.raises(_Stop):
+        run(cfg, workdir=tmp_path, say=lambda _: None)
+    assert seen == {"fit": expected, "build": expected, "update": expected}
+
+
+def test_training_seeds_of_one_shop_pool_as_one_shop(replay: tuple[PrequentialResult, Path]) -> None:
+    """Two runs of the same shop (training seeds) share their sessions: pooled, they resample together, so
+    two identical runs give exactly the one run's interval, not a narrower one."""
+    from dataclasses import replace
+
+    res, _ = replay
+    rng = np.random.default_rng(0)  # scores that differ by request, so the interval has a width
+    res = replace(res, scores={a: replace(p, ndcg10=rng.random(len(p))) for a, p in res.scores.items()})
+    everything = lambda r: np.ones(len(r.window), bool)  # noqa: E731
+    _, one = pooled_difference([res], "continuous", "frozen", everything, 200)
+    _, two = pooled_difference([res, res], "continuous", "frozen", everything, 200)
+    assert one.high > one.low
+    assert (two.value, two.low, two.high) == pytest.approx((one.value, one.low, one.high))
+
+
+def test_the_command_passes_the_training_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import insession.evaluate.prequential as preq
+    from insession.cli import app
+
+    got: list[PrequentialConfig] = []
+
+    def fake_run(cfg: PrequentialConfig, **_: object) -> None:
+        got.append(cfg)
+        raise _Stop
+
+    monkeypatch.setattr(preq, "run", fake_run)
+    CliRunner().invoke(app, ["prequential", "--seed", "2", "--train-seed", "5"])
+    CliRunner().invoke(app, ["prequential", "--seed", "2"])
+    assert [(c.seed, c.training_seed) for c in got] == [(2, 5), (2, 2)]
