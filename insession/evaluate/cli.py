@@ -43,13 +43,14 @@ def _ablations(on: bool, only: str) -> tuple[str, ...]:
 
 
 def _pretraining(on: bool, only: str) -> tuple[str, ...]:
-    """The pre-training variants to train: none, every one, or the named ones (in PRETRAIN_VARIANTS)."""
-    from insession.evaluate.runner import PRETRAIN_VARIANTS
+    """The pre-training variants to train: none, the default ones (DEFAULT_PRETRAINING), or the named ones
+    (any of PRETRAIN_VARIANTS, in its order)."""
+    from insession.evaluate.runner import DEFAULT_PRETRAINING, PRETRAIN_VARIANTS
 
     names = _named(only, PRETRAIN_VARIANTS, "variant(s)", "--only-pretraining")
     if not on:
         return ()
-    return tuple(n for n in PRETRAIN_VARIANTS if not names or n in names)
+    return tuple(n for n in PRETRAIN_VARIANTS if (n in names if names else n in DEFAULT_PRETRAINING))
 
 
 def evaluate(

@@ -94,7 +94,7 @@ def render(res: Results, img_dir: Path, img_prefix: str) -> str:
             losses = [r.params.get("pretrain_loss") for r in rs]
             tuned = (
                 f", fine-tuned at lr x{p['lr_scale']:g} with {p['freeze_epochs']} frozen epochs"
-                if p["pretrain_epochs"]
+                if "lr_scale" in p
                 else ""
             )
             return (

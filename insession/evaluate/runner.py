@@ -29,13 +29,14 @@ from insession.evaluate.sequential import (
     score_lists,
 )
 from insession.evaluate.split import TimeSplit, before, requests
+from insession.model.reranker import DualSequenceReranker
 from insession.model.vocab import Vocab
 from insession.train.build import BuildConfig, TrainingData, assemble_examples, build, counter_matrix
 from insession.train.examples import Examples
 from insession.train.pipeline import pretrain_vectors, train_model
-from insession.train.pretrain import PretrainConfig
+from insession.train.pretrain import PretrainConfig, pretrained_parameters
 from insession.train.replay import CandidateSets, build_candidates, stage_proposer
-from insession.train.trainer import TrainConfig, TrainResult, set_threads
+from insession.train.trainer import TrainConfig, TrainResult, fit, seed_everything, set_threads
 
 if TYPE_CHECKING:
     import torch
@@ -59,13 +60,20 @@ ABLATIONS: dict[str, dict[str, object]] = {
 
 # Pre-training (issue 20): the reranker with its sequence side pre-trained on every training-period
 # interaction (masked items, `insession.train.pretrain`) and/or without item2vec's initial item vectors:
-# name -> (pre-training on, item2vec on). The "reranker" row is (off, on). Kind "pretraining": compared with
-# the "reranker" row in their own table, and the first one also against the strongest other method.
-PRETRAIN_VARIANTS: dict[str, tuple[bool, bool]] = {
-    "pretrained": (True, True),
-    "pretrained_no_item2vec": (True, False),
-    "no_item2vec": (False, False),
+# name -> (pre-training on, item2vec on, the item table and encoders fine-tuned at `PretrainConfig`'s
+# `finetune_lr_scale` and `freeze_epochs`). The "reranker" row is (off, on, off). Kind "pretraining":
+# compared with the "reranker" row in their own table, and the first one also against the strongest other
+# method. "finetune_rate_only" is the control of the fine-tuning settings: no pre-training, but the parts
+# pre-training would fit at its rate and frozen epochs, so a pre-trained row's gain or loss can be split
+# into the rate's and the pre-training's. Only trained when named (`--only-pretraining`): at the default
+# x1 and 0 frozen epochs it is the reranker itself.
+PRETRAIN_VARIANTS: dict[str, tuple[bool, bool, bool]] = {
+    "pretrained": (True, True, True),
+    "pretrained_no_item2vec": (True, False, True),
+    "no_item2vec": (False, False, False),
+    "finetune_rate_only": (False, True, True),
 }
+DEFAULT_PRETRAINING: tuple[str, ...] = ("pretrained", "pretrained_no_item2vec", "no_item2vec")
 PRETRAINED = "pretrained"
 
 GROUPS_SUFFIX = "_groups"  # the neural baselines trained on the reranker's add-to-cart groups (issue 5's)
@@ -108,7 +116,7 @@ class EvalConfig:
     grid: tuple[dict[str, float], ...] = RERANKER_GRID
     item2vec_epochs: int = 1
     # the pre-training variants trained (each with every seed, at the chosen setting) and their settings
-    pretraining: tuple[str, ...] = tuple(PRETRAIN_VARIANTS)
+    pretraining: tuple[str, ...] = DEFAULT_PRETRAINING
     pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(epochs=5))
     n_boot: int = 1000
     threads: int = 0  # torch intra-op threads, 0 = every core (see TrainConfig.threads)
@@ -222,9 +230,12 @@ def _fit_reranker(
     vectors: dict[int, torch.Tensor | None],
     pretrained: bool = False,
     item2vec: bool = True,
+    rate_only: bool = False,
 ) -> TrainResult:
     """One reranker (a grid `setting`, ablation `switches`) on `data`; `vectors` caches item2vec by width.
-    `pretrained`: masked-item pre-training (`cfg.pretrain`) before fitting; `item2vec`: its initial vectors."""
+    `pretrained`: masked-item pre-training (`cfg.pretrain`) before fitting; `item2vec`: its initial vectors;
+    `rate_only` (without `pretrained`): `train_model`'s steps, but the parts pre-training fits
+    (`pretrained_parameters`) at `cfg.pretrain`'s fine-tuning rate and frozen epochs (PRETRAIN_VARIANTS)."""
     dim = int(setting["dim"])
     if item2vec and dim not in vectors:
         vectors[dim] = (
@@ -240,7 +251,14 @@ def _fit_reranker(
         pretrain=cfg.pretrain if pretrained else replace(cfg.pretrain, epochs=0),
     )
     init = vectors[dim] if item2vec else None
-    return train_model(data, tc, init, dim=dim, dropout=setting["dropout"], **switches)
+    if not rate_only or pretrained:
+        return train_model(data, tc, init, dim=dim, dropout=setting["dropout"], **switches)
+    set_threads(tc.threads)
+    seed_everything(tc.seed)
+    model = DualSequenceReranker(data.vocab.config(dim=dim, dropout=setting["dropout"], **switches))
+    if init is not None:
+        model.init_item_vectors(init)
+    return fit(model, data.train, data.val, tc, pretrained_parameters(model))
 
 
 def _sequential(
@@ -466,11 +484,13 @@ def run(ds: Dataset, cfg: EvalConfig) -> Results:
             res.seconds[f"{name}_seed{seed}"] = time.perf_counter() - t
         for name in cfg.pretraining:
             t = time.perf_counter()
-            on, i2v = PRETRAIN_VARIANTS[name]
-            fitted = _fit_reranker(data, cfg, seed, res.reranker_setting, {}, vectors, pretrained=on, item2vec=i2v)
+            on, i2v, scaled = PRETRAIN_VARIANTS[name]
+            fitted = _fit_reranker(
+                data, cfg, seed, res.reranker_setting, {}, vectors, pretrained=on, item2vec=i2v, rate_only=scaled
+            )
             res.train_curves[f"{name}_seed{seed}"] = [e.__dict__ for e in fitted.epochs]
             params = {"pretrain_epochs": cfg.pretrain.epochs if on else 0, "item2vec": i2v}
-            if on:
+            if scaled:
                 params |= {"lr_scale": cfg.pretrain.finetune_lr_scale, "freeze_epochs": cfg.pretrain.freeze_epochs}
             if fitted.pretrain:
                 params["pretrain_loss"] = round(fitted.pretrain[-1].loss, 3)

@@ -238,3 +238,32 @@ def test_sequential_without_refit_ranks_test_with_the_validation_fit(shop: Datas
     hybrid = [m for m in res.methods if m.name == HYBRID]
     assert len(sasrec) == 1 and len(hybrid) == 1 and sasrec[0].params["best_epoch"] == res.seq_grid["sasrec"][0][2]
     assert not np.any(sasrec[0].forced.ndcg10[~res.known["forced"]])
+
+
+def test_the_rate_control_is_the_reranker_but_for_the_rate_of_what_pretraining_fits(
+    shop: Dataset, sets: CandidateSets
+) -> None:
+    """`finetune_rate_only` (issue 20's control): no pre-training, the item table and encoders at the
+    fine-tuning's rate multiplier. At x1 it is the reranker's training weight for weight (the same steps as
+    `train_model`); at x0.1 those parts end elsewhere. Only trained when named."""
+    import torch
+
+    from insession.evaluate.runner import _fit_reranker
+    from insession.train.pretrain import pretrained_parameters
+
+    data = build(before(shop.events, sets_split_end(sets)), BuildConfig(val_fraction=0.2), progress=False)
+    setting = {"dim": 16, "lr": 3e-3, "dropout": 0.0}
+
+    def fitted(scale: float, rate_only: bool) -> torch.nn.Module:
+        cfg = EvalConfig(
+            epochs=1, threads=1, progress=False, pretrain=PretrainConfig(epochs=1, finetune_lr_scale=scale)
+        )
+        return _fit_reranker(data, cfg, 0, setting, {}, {}, item2vec=True, rate_only=rate_only).model
+
+    plain, same, slow = fitted(1.0, False), fitted(1.0, True), fitted(0.1, True)
+    for a, b in zip(plain.state_dict().values(), same.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    moved = zip(pretrained_parameters(plain), pretrained_parameters(slow), strict=True)
+    assert not all(torch.equal(a, b) for a, b in moved)
+    assert _pretraining(True, "finetune_rate_only") == ("finetune_rate_only",)
+    assert "finetune_rate_only" not in _pretraining(True, "")
