@@ -20,7 +20,9 @@ The rules are the DuckDB engine's (`insession.features.offline`), restated with 
 - Sliding topk_count and covisit (the 2-hour trending list, where every key's events share one window;
   co-visitation per item) add counts per block for a row's complete blocks to the events of its edge
   blocks (`_top`) once the spine's range join would read more than `SparkEngine.top_above` (row, event)
-  pairs; below that the range join is cheaper. Both are exact.
+  pairs; below that the range join is cheaper. Both are exact. A global list's requests that came in order
+  skip the edge's events (which hold every shopper's traffic): per group a bounded set of candidate values,
+  each counted by two as-of lookups partitioned by value (`_top_by_item`).
 - Everything else (distinct_topk, topk_count, age, covisit, session windows) joins each row with its
   key's events inside its window: sliding windows on (key, bucket of the window's length, at most two
   per row), session windows on (user, session). Unbounded distinct_topk / topk_count / age read the key's
@@ -678,6 +680,8 @@ class SparkEngine(OfflineEngine):
         is outranked by each of the group's k largest B (ties by value) and only those k and the edge's
         values are candidates. Work per row: its edge's events and k values, not its window: the global
         2-hour trending list read ~6k events per request at 1M events joined, co-visitation ~2.5k pairs.
+        A global list's edge holds every shopper's events of up to ~10 minutes, so its regular rows (in
+        order, see `_top_by_item`) are counted by value instead and only its other rows read the edge.
 
         This replaces a shortlist of values from running counts (DuckDB's `_top_sliding`): with sparse
         counts (most 1 or 2) nearly every value of the window stayed in it, and its three as-of sorts of
@@ -690,7 +694,8 @@ class SparkEngine(OfflineEngine):
             self._persist(
                 self._sql(f"""
             SELECT *, (s + {block - 1}) DIV {block} AS bl_lo, c0 DIV {block} AS bl_hi
-            FROM (SELECT rid, {kc}o, s, greatest(s, least(t + 1, m - {lat})) AS c0, least(t, m) AS hi
+            FROM (SELECT rid, {kc}o, s, greatest(s, least(t + 1, m - {lat})) AS c0, least(t, m) AS hi,
+                         {"t >= m AND s <= m - " + str(lat) if not keys else "false"} AS reg
                   FROM (SELECT *, greatest({_start_sql(f)}, 0) AS s FROM {sp}) WHERE m IS NOT NULL)
             WHERE hi >= s""")
             ),
@@ -724,7 +729,8 @@ class SparkEngine(OfflineEngine):
                 self._sql(f"""
             SELECT e.rid, x.value, count(*) AS p
             FROM (SELECT *, explode(filter(sequence(s DIV {block}, hi DIV {block}),
-                                           b -> bl_lo >= bl_hi OR b < bl_lo OR b >= bl_hi)) AS b FROM {rows}) e
+                                           b -> bl_lo >= bl_hi OR b < bl_lo OR b >= bl_hi)) AS b
+                  FROM {rows} WHERE NOT reg) e
             JOIN (SELECT *, ts DIV {block} AS b FROM {src}) x
               ON {on}x.b = e.b AND x.ts >= e.s AND x.ts <= e.hi AND (x.ts < e.c0 OR x.off <= e.o)
             GROUP BY e.rid, x.value""")
@@ -736,9 +742,66 @@ class SparkEngine(OfflineEngine):
             FROM {edge} p JOIN {rows} r USING (rid)
             LEFT JOIN {full} g ON {g_on} AND g.value = p.value
             UNION ALL
-            SELECT r.rid, g.value, g.n FROM {rows} r JOIN {best} g ON {g_on}
+            SELECT r.rid, g.value, g.n FROM {rows} r JOIN {best} g ON {g_on} AND NOT r.reg
             LEFT ANTI JOIN {edge} p ON p.rid = r.rid AND p.value = g.value"""
+        if not keys:
+            counts += f" UNION ALL {self._top_by_item(f, rows, src, blocks, full, best)}"
         return self._view(self._sql(self._top_counts(f, counts)), "res")
+
+    def _top_by_item(self, f: Feature, rows: str, src: str, blocks: str, full: str, best: str) -> str:
+        """(rid, value, n) of a global list's regular rows (`reg`: t >= m and s <= m - lateness, every request
+        of the training build whose event came in order): candidates bounded per group, each counted by two
+        lookups keyed by the value. Work per request: its candidates, not the shop's traffic.
+
+        For such a row the visible events are exactly those with off <= o and ts >= s (off <= o gives
+        ts <= m <= t; an accepted event after o has ts >= m - lateness >= s), so a value's count is
+        O(v, o) - T(v, s): its running count by offset at o minus its count of events with ts < s, two
+        as-of joins partitioned by value. Which values to count: every row of a group (same complete blocks)
+        counts at least B(v) (the complete blocks) and at most U(v), the block counts over the group's
+        envelope (the blocks from its rows' least s to their greatest m); a value with U(v) < theta, the
+        group's k-th largest B (0 with fewer than k values), is outranked by k values in every row, so the
+        candidates are the values with U(v) >= theta (ties by value kept). Exact; the rest of the rows
+        (late requests, instants past their watermark) keep `_top`'s edge reads."""
+        block, k = _block(f), f.k
+        # U(v) = B(v) + E(v): E sums the envelope's blocks outside the complete ones
+        edge = f"""
+            SELECT g.bl_lo, g.bl_hi, x.value, sum(x.n) AS n
+            FROM (SELECT bl_lo, bl_hi, explode(filter(sequence(lo, hi), b -> b < bl_lo OR b >= bl_hi)) AS b
+                  FROM (SELECT bl_lo, bl_hi, min(s) DIV {block} AS lo, max(hi) DIV {block} AS hi
+                        FROM {rows} WHERE reg GROUP BY 1, 2)) g
+            JOIN {blocks} x ON x.b = g.b
+            GROUP BY 1, 2, 3"""
+        theta = f"SELECT bl_lo, bl_hi, IF(count(*) >= {k}, min(n), 0) AS theta FROM {best} GROUP BY 1, 2"
+        cand = self._view(
+            self._sql(f"""
+            SELECT bl_lo, bl_hi, value FROM (
+                SELECT bl_lo, bl_hi, value, coalesce(b.n, 0) + coalesce(e.n, 0) AS u
+                FROM (SELECT * FROM {full} LEFT SEMI JOIN (SELECT bl_lo, bl_hi FROM {rows} WHERE reg)
+                      USING (bl_lo, bl_hi)) b
+                FULL JOIN ({edge}) e USING (bl_lo, bl_hi, value))
+            LEFT JOIN ({theta}) USING (bl_lo, bl_hi)
+            WHERE u >= coalesce(theta, 0)"""),
+            "top_cand",
+        )
+        pairs = self._view(
+            self._persist(
+                self._sql(f"""
+            SELECT r.rid, c.value AS v, c.value, r.o, r.s
+            FROM {rows} r JOIN {cand} c USING (bl_lo, bl_hi) WHERE r.reg""")
+            ),
+            "top_pairs",
+        )
+
+        def running(pos: str) -> str:  # a value's count of events up to each position (offset or ts)
+            return f"""(SELECT value, {pos}, sum(c) OVER (PARTITION BY value ORDER BY {pos} ROWS UNBOUNDED PRECEDING)
+                        AS n FROM (SELECT value, {pos}, count(*) AS c FROM {src} GROUP BY 1, 2))"""
+
+        arrived = self._asof(pairs, "o", running("off"), "off", ["value"], ["n"], strict=False, ids=("rid", "v"))
+        before = self._asof(pairs, "s", running("ts"), "ts", ["value"], ["n"], strict=True, ids=("rid", "v"))
+        return f"""
+            SELECT a.rid, a.v AS value, a.n - coalesce(b.n, 0) AS n
+            FROM {arrived} a LEFT JOIN {before} b ON b.rid = a.rid AND b.v = a.v
+            WHERE a.n > coalesce(b.n, 0)"""
 
     def _top_counts(self, f: Feature, counts: str) -> str:
         """topk_count / covisit: the k largest of `counts` (rid, value, n), ties by value."""

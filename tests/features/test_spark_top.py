@@ -2,7 +2,9 @@
 blocks read event by event, the candidates the group's k largest block counts and the edge's values: the
 engine's `_top`, used over dense traffic: global topk_count, keyed topk_count, covisit) equal the exact
 answer: every accepted event (for covisit, pair) of the row's key with start <= ts <= t that had arrived by
-the row's offset, counted value by value in Python, the k largest, ties by value.
+the row's offset, counted value by value in Python, the k largest, ties by value. Global lists count a row
+read in order (t >= its watermark, start <= watermark - lateness) by value from a candidate set bounded per
+group (`_top_by_item`), the other rows by their edge's events: the reads below give both kinds.
 
 Streams are dense on purpose: few values, so counts tie often (a value outside the group's k largest can
 overtake them only through its edge), and windows of many blocks; spine rows are read at random instants
@@ -133,10 +135,14 @@ SETTINGS = settings(
 )
 READS = st.lists(st.tuples(st.integers(-1, 80), st.integers(-10 * MINUTE_MS, 70 * MINUTE_MS)), min_size=1, max_size=10)
 TIED = [ev(i, "u0", f"i{3 - i}", T0 + i * MINUTE_MS, category=f"c{i % 2}") for i in range(4)]
+# i1 and i2 once each in the complete blocks (the group's k-th largest: 1), i0 once in the edge 30 minutes
+# later: read in order at i0's event, all three count 1 and i0 leads by name, though its bound only ties 1
+EDGE_TIE = [ev(0, "u0", "i1", T0), ev(1, "u0", "i2", T0 + MINUTE_MS), ev(2, "u0", "i0", T0 + 30 * MINUTE_MS)]
 
 
 @SETTINGS
 @example(events=TIED, reads=[(3, 3 * MINUTE_MS), (2, 3 * MINUTE_MS), (3, 0)])  # four items tied at one event each
+@example(events=EDGE_TIE, reads=[(2, 0)])
 @given(events=dense_streams(), reads=READS)
 def test_the_global_top_k_lists_equal_the_exact_counts(events: list[Event], reads: list[tuple[int, int]]) -> None:
     _check(FeatureRegistry.of([TOPS["top_items"], TOPS["top_category"]]), events, reads)
