@@ -772,23 +772,24 @@ class SparkEngine(OfflineEngine):
             JOIN {blocks} x ON x.b = g.b
             GROUP BY 1, 2, 3"""
         theta = f"SELECT bl_lo, bl_hi, IF(count(*) >= {k}, min(n), 0) AS theta FROM {best} GROUP BY 1, 2"
+        # cached: ~80 values per group (bench/top_candidates.py); the (row, value) pairs, 41M at 5M events, are not
         cand = self._view(
-            self._sql(f"""
+            self._persist(
+                self._sql(f"""
             SELECT bl_lo, bl_hi, value FROM (
                 SELECT bl_lo, bl_hi, value, coalesce(b.n, 0) + coalesce(e.n, 0) AS u
                 FROM (SELECT * FROM {full} LEFT SEMI JOIN (SELECT bl_lo, bl_hi FROM {rows} WHERE reg)
                       USING (bl_lo, bl_hi)) b
                 FULL JOIN ({edge}) e USING (bl_lo, bl_hi, value))
             LEFT JOIN ({theta}) USING (bl_lo, bl_hi)
-            WHERE u >= coalesce(theta, 0)"""),
+            WHERE u >= coalesce(theta, 0)""")
+            ),
             "top_cand",
         )
         pairs = self._view(
-            self._persist(
-                self._sql(f"""
+            self._sql(f"""
             SELECT r.rid, c.value AS v, c.value, r.o, r.s
-            FROM {rows} r JOIN {cand} c USING (bl_lo, bl_hi) WHERE r.reg""")
-            ),
+            FROM {rows} r JOIN {cand} c USING (bl_lo, bl_hi) WHERE r.reg"""),
             "top_pairs",
         )
 
