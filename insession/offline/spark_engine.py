@@ -52,10 +52,12 @@ from insession.features.declare import ENTITY_KEYS, Feature, FeatureRegistry
 from insession.offline import (
     ACCEPTED_COLUMNS,
     ACCEPTED_SCHEMA,
+    CANDIDATE_SCHEMA,
     EventsLike,
     OfflineEngine,
     as_registry,
     check_spine,
+    session_candidates_sql,
     value_type,
 )
 from insession.schema import ACTIONS, EVENT_ARROW_SCHEMA
@@ -900,6 +902,17 @@ class SparkEngine(OfflineEngine):
         finally:
             self._release()
         return table.cast(ACCEPTED_SCHEMA)
+
+    def session_candidates(
+        self, registry: FeatureRegistry, events: EventsLike, requests: pa.Table, *, window_ms: int, k: int
+    ) -> pa.Table:
+        _, acc = self._prepared(events, registry)
+        try:
+            req = self._view(self._frame(requests.select(["g", "atc_offset"])), "requests")
+            table = self._sql(session_candidates_sql(acc, req, window_ms, k)).toArrow()
+        finally:
+            self._release()
+        return table.cast(CANDIDATE_SCHEMA)
 
 
 def _with_defaults(spine: pa.Table, reg: FeatureRegistry, results: list[pa.Table]) -> pa.Table:

@@ -340,35 +340,6 @@ def _requests(events: pa.Table) -> pa.Table:
     )
 
 
-def _candidates(con: duckdb.DuckDBPyConnection, cfg: BuildConfig) -> pa.Table:
-    """(g, item_id, category, subcategory, label) with the positive first, then hard negatives by proximity.
-
-    A range join on (user, session) and the ts window around each add-to-cart: the work per request is
-    bounded by its session window, never by the user's whole history.
-    """
-    return con.sql(f"""
-        WITH req AS (
-            SELECT r.g, e.user_id, e.sess, e.ts, e.item_id, e.category, e.subcategory
-            FROM requests r JOIN sess_events e ON e.off = r.atc_offset
-        ),
-        carted AS (SELECT DISTINCT user_id, sess, item_id FROM sess_events WHERE action = 'add_to_cart'),
-        near AS (
-            SELECT r.g, v.item_id, any_value(v.category) AS category, any_value(v.subcategory) AS subcategory,
-                   min(abs(v.ts - r.ts)) AS dist
-            FROM req r JOIN sess_events v
-              ON v.user_id = r.user_id AND v.sess = r.sess AND v.action = 'view'
-             AND v.ts BETWEEN r.ts - {cfg.window_ms} AND r.ts + {cfg.window_ms}
-            WHERE NOT EXISTS (SELECT 1 FROM carted c
-                              WHERE c.user_id = v.user_id AND c.sess = v.sess AND c.item_id = v.item_id)
-            GROUP BY r.g, v.item_id
-            QUALIFY row_number() OVER (PARTITION BY r.g ORDER BY dist, v.item_id) <= {cfg.max_hard_negatives}
-        )
-        SELECT g, item_id, category, subcategory, 1.0::FLOAT AS label, -1 AS dist FROM req
-        UNION ALL
-        SELECT g, item_id, category, subcategory, 0.0::FLOAT, dist FROM near
-        ORDER BY g, dist, item_id""").to_arrow_table()
-
-
 def ragged(lists: pa.ChunkedArray) -> tuple[np.ndarray, pa.StructArray]:
     """(offsets [n + 1], flattened values) of a list column: row r is values[offsets[r]:offsets[r + 1]]."""
     lists = lists.combine_chunks()
@@ -546,9 +517,9 @@ def build(
     """Training and validation examples (time split), vocabulary and item2vec inputs from an event history.
 
     With a `proposer` the candidate stage's proposals are negatives too, and only requests whose positive
-    the stage proposed are kept (see the module docstring). `engine` computes the point-in-time features and
-    the accepted events (default: DuckDB); what the build joins itself runs on its own DuckDB connection
-    over the Arrow tables the engine returns."""
+    the stage proposed are kept (see the module docstring). `engine` computes the point-in-time features, the
+    accepted events and each request's positive and in-session hard negatives (default: DuckDB); what the
+    build joins itself runs on its own DuckDB connection over the Arrow tables the engine returns."""
     cfg = cfg or BuildConfig()
     registry = registry or default_registry()
     engine = engine or open_engine()
@@ -573,7 +544,7 @@ def build(
     del train_events
 
     steps.start("hard negatives", "candidates: positives and in-session hard negatives ...")
-    cand = _candidates(con, cfg)
+    cand = engine.session_candidates(registry, events, requests, window_ms=cfg.window_ms, k=cfg.max_hard_negatives)
     train_groups, val_groups = keep[~is_val[keep]], keep[is_val[keep]]
     if len(val_groups) > cfg.max_val_groups:
         val_groups = np.sort(np.random.default_rng(cfg.seed).choice(val_groups, cfg.max_val_groups, replace=False))
