@@ -753,7 +753,9 @@ class SparkEngine(OfflineEngine):
     def _top_by_item(self, f: Feature, rows: str, src: str, blocks: str, full: str, best: str) -> str:
         """(rid, value, n) of a global list's regular rows (`reg`: t >= m and s <= m - lateness, every request
         of the training build whose event came in order): candidates bounded per group, each counted by two
-        lookups keyed by the value. Work per request: its candidates, not the shop's traffic.
+        lookups keyed by the value. Work per request: its candidates, not the shop's traffic (bench/top_candidates.py:
+        96, 86, 80 candidates per request at 100k, 1M, 5M synthetic events, against 301, 2,920, 14,463 events
+        in the edge blocks `_top` joined it with).
 
         For such a row the visible events are exactly those with off <= o and ts >= s (off <= o gives
         ts <= m <= t; an accepted event after o has ts >= m - lateness >= s), so a value's count is
