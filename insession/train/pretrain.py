@@ -28,7 +28,11 @@ lists, and helped only on positives outside them (forced view +0.023 [+0.015, +0
 pre-trained parts gently does not rescue it (2026-11-30, the same runs on the current model, where the full
 rate costs -0.066 [-0.091, -0.044]): at 0.1 x the rate -0.041 [-0.065, -0.021], frozen in the first epoch
 -0.077 [-0.103, -0.056]; 20 pre-training epochs -0.102 [-0.139, -0.069] at the full rate and -0.083
-[-0.119, -0.051] at 0.1 x. A lower rate recovers about 0.02, never the loss.
+[-0.119, -0.051] at 0.1 x. A lower rate recovers about 0.02, never the loss. The control (the same
+0.1 x rate for the item table and encoders without pre-training, `insession evaluate --only-pretraining
+finetune_rate_only`) ties the reranker on the served lists, +0.0018 [-0.0095, +0.0118], and gains only in
+the forced view, +0.0068 [+0.0040, +0.0098]: the 0.1 x rows' recovery on the served lists is the rate
+protecting what pre-training learnt, not the rate helping by itself, and it leaves no pre-training gain.
 
 Point in time: the stream is `TrainingData.stream`, the events before the build's `split_ts` (the
 instant the vocabulary is built before and the fine-tuning's validation groups start after); `pretrain`
