@@ -155,7 +155,13 @@ def train(
     ] = None,
     updates: Annotated[int, typer.Option(help="With --follow: stop after this many updates (0: never).")] = 0,
     update_epochs: Annotated[int, typer.Option(help="With --follow: fine-tuning epochs per update.")] = 2,
-    update_lr: Annotated[float, typer.Option(help="With --follow: the fine-tuning learning rate.")] = 5e-4,
+    update_lr: Annotated[
+        float, typer.Option(help="With --follow: the fine-tuning learning rate (FollowConfig: why 2e-3).")
+    ] = 2e-3,
+    update_validate_fraction: Annotated[
+        float,
+        typer.Option(help="With --follow: the newest share of an update's new add-to-carts that validates (the gate)."),
+    ] = 0.2,
     min_new: Annotated[int, typer.Option(help="With --follow: fewer new add-to-carts than this skip an update.")] = 20,
     rollback: Annotated[
         bool,
@@ -181,7 +187,14 @@ def train(
         except FileNotFoundError as e:
             typer.echo(f"{e}: train a first model into {out} with `insession train`", err=True)
             raise typer.Exit(1) from None
-        cfg = following.FollowConfig(epochs=update_epochs, lr=update_lr, min_new=min_new, seed=seed, threads=threads)
+        cfg = following.FollowConfig(
+            epochs=update_epochs,
+            lr=update_lr,
+            validate_fraction=update_validate_fraction,
+            min_new=min_new,
+            seed=seed,
+            threads=threads,
+        )
         cfg.batch_size, cfg.served_negatives = batch_size, served_negatives
         offline = _engine(engine, master)
         try:

@@ -252,6 +252,23 @@ def test_cli_follow_runs_updates_into_the_model_directory(shop: tuple[pa.Table, 
     assert empty.exit_code == 1 and "insession train" in empty.output
 
 
+def test_cli_follow_passes_the_update_settings(
+    shop: tuple[pa.Table, int], models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import insession.train.follow as following
+
+    got: list[FollowConfig] = []
+    monkeypatch.setattr(following, "follow", lambda data, out, period, cfg, **_: got.append(cfg))
+    app = typer.Typer()
+    app.command()(train)
+    app.command("noop")(lambda: None)
+    base = ["train", str(models.parent), "--out", str(models), "--follow"]
+    extra = ["--update-lr", "1e-3", "--update-validate-fraction", "0.5", "--update-epochs", "3"]
+    for args in (base, [*base, *extra]):
+        assert CliRunner().invoke(app, args).exit_code == 0
+    assert [(c.lr, c.validate_fraction, c.epochs) for c in got] == [(2e-3, 0.2, 2), (1e-3, 0.5, 3)]
+
+
 def test_cli_follow_reads_a_replicated_logs_history_and_stream(shop: tuple[pa.Table, int], models: Path,
                                                                 tmp_path: Path) -> None:
     """`--follow --log`: each update reads the node's exported history plus the stream after its mark (three
@@ -280,6 +297,28 @@ def test_cli_follow_reads_a_replicated_logs_history_and_stream(shop: tuple[pa.Ta
     assert "update 1 promoted" in result.output
     new = read_status(models)["history"][-1]["new_requests"]
     assert new == expected > 0  # the new add-to-carts lie in the later half, which only the stream holds
+
+
+def test_the_update_defaults_are_the_measured_setting_in_both_commands() -> None:
+    """lr 2e-3 and a 20% validation window (the decision in FollowConfig's docstring), the defaults of
+    `insession train --follow` and of `insession prequential`'s continuous arm alike."""
+    import inspect
+
+    from insession.evaluate.prequential import PrequentialConfig, prequential
+    from insession.train.cli import train
+
+    d = FollowConfig()
+    assert (d.lr, d.validate_fraction, d.epochs) == (2e-3, 0.2, 2)
+    follow_cli, replay_cli = inspect.signature(train).parameters, inspect.signature(prequential).parameters
+    assert (follow_cli["update_lr"].default, follow_cli["update_validate_fraction"].default) == (
+        d.lr,
+        d.validate_fraction,
+    )
+    assert follow_cli["update_epochs"].default == d.epochs
+    assert (replay_cli["update_lr"].default, replay_cli["validate_fraction"].default) == (d.lr, d.validate_fraction)
+    assert replay_cli["update_epochs"].default == d.epochs
+    replay = PrequentialConfig().update
+    assert (replay.lr, replay.validate_fraction, replay.epochs) == (d.lr, d.validate_fraction, d.epochs)
 
 
 def test_parse_every() -> None:
