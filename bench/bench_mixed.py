@@ -6,8 +6,11 @@ client in a second process sends, open loop (each request leaves when it is due 
 from then): ingest batches of 50 events (5,000 events/s, event time moving with the wall clock, random
 shoppers), `GET /v1/features/user/{id}` (500/s) and `/v1/rank` (100/s). In the second half two threads of
 this process keep two heavy analytics scans running. The snapshot interval is lowered so several
-snapshots fall inside; their instants are taken from the state directory's CURRENT file. The server's
-memory and CPU (and its analytics workers' private memory) are sampled every second. Before that load, a
+snapshots fall inside; their instants are taken from the state directory's CURRENT file. The load runs
+twice, each time on a fresh copy of the same data: first with the snapshots written by the server process
+itself (the baseline), then by a snapshot standby process (`[features] snapshot_writer = "standby"`, what
+a shop of this size runs with; the targets are checked on it). The memory and CPU of the server, of the
+standby and of the analytics workers (private memory) are sampled every second. Before that load, a
 server started on the same data answers `GET /v1/features/user/{id}` alone at 1,000/s for a minute (no
 ingest, no ranking: the issue's "stall episodes every 18-22 s" case), and the seconds holding a read over
 20 ms are listed; it is stopped and the measured server started afresh, so the load's snapshots fall where
@@ -31,6 +34,7 @@ import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -49,6 +53,7 @@ from insession.serve.process import ServerProcess
 
 INGEST_RATE, BATCH = 100, 50  # requests/s and events per request: 5,000 events/s
 FEATURE_RATE, RANK_RATE = 500, 100
+WRITERS = ("server", "standby")  # who writes the snapshots: the baseline first, then what a shop this size runs
 READS_ONLY_RATE, STALL_MS = 1_000, 20.0  # the reads-only minute before the mixed load; a read over it is a stall
 TARGETS = {  # (kind, percentile): the issue's target in ms
     ("features", "p99"): 5.0, ("features", "p99.9"): 25.0, ("features", "max"): 100.0,
@@ -198,11 +203,18 @@ def _mtime_ns(path: Path) -> int:
         return 0
 
 
+def _is_standby(pid: int) -> bool:
+    try:
+        return b"insession.features.standby" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 class _Watch(threading.Thread):
-    """Samples every second the server's memory and CPU (share of one core; its GIL lets Python use about
-    one), its children's (the analytics and export workers) private memory and CPU, and notes each new
-    snapshot (the CURRENT file changing) and each export (the history's manifest rewritten), in seconds
-    after `t0`."""
+    """Samples every second the memory and CPU (share of one core; a GIL lets Python use about one) of the
+    server, of its snapshot standby (if any) and of its other children (the analytics and export workers,
+    private memory), and notes each new snapshot (the CURRENT file changing) and each export (the history's
+    manifest rewritten), in seconds after `t0`."""
 
     def __init__(self, pid: int, data_dir: Path, t0: float) -> None:
         super().__init__(daemon=True)
@@ -211,8 +223,8 @@ class _Watch(threading.Thread):
         self.stop = threading.Event()
         self.snapshots: list[float] = []
         self.exports: list[float] = []
-        self.rss: list[tuple[float, float, float]] = []  # (t, server MB, workers MB)
-        self.cpu: list[tuple[float, float, float]] = []  # (t, server / workers CPU over the last second, cores)
+        self.rss: list[tuple[float, float, float, float]] = []  # (t, server, standby, workers MB)
+        self.cpu: list[tuple[float, float, float, float]] = []  # (t, server, standby, workers cores, last second)
 
     def run(self) -> None:
         seen = self.current.read_text() if self.current.exists() else ""
@@ -231,11 +243,23 @@ class _Watch(threading.Thread):
             if now - last_mem >= 1.0:
                 last_mem = now
                 children = _children(self.pid)
-                self.rss.append((now, _rss_mb(self.pid), sum(_private_mb(c) for c in children)))
+                standby = [c for c in children if _is_standby(c)]
+                workers = [c for c in children if c not in standby]
+                self.rss.append((now, _rss_mb(self.pid), sum(map(_rss_mb, standby)),
+                                 sum(map(_private_mb, workers))))
                 cpu, child_cpu = _cpu_s(self.pid), {c: _cpu_s(c) for c in children}
-                workers = sum(t - last_children.get(c, 0.0) for c, t in child_cpu.items())
-                self.cpu.append((now, cpu - last_cpu, workers))
+                used = {c: t - last_children.get(c, 0.0) for c, t in child_cpu.items()}
+                self.cpu.append((now, cpu - last_cpu, sum(used[c] for c in standby), sum(used[c] for c in workers)))
                 last_cpu, last_children = cpu, child_cpu
+
+
+class _Phase(NamedTuple):
+    """One measured server: its samples by kind (and sends made late), its watch, its scans, its start time."""
+
+    results: dict[str, tuple[list[Sample], int]]
+    watch: _Watch
+    scans: list[_Analytics]
+    ready_s: float
 
 
 def _stats(samples: list[Sample]) -> dict[str, float]:
@@ -244,7 +268,7 @@ def _stats(samples: list[Sample]) -> dict[str, float]:
     return {**p, "max": max(lat) * 1000.0, "failed": sum(s.status != 200 for s in samples)}
 
 
-def _plot(results: dict[str, list[Sample]], watch: _Watch, half: float, seconds: float) -> str:
+def _plot(results: dict[str, list[Sample]], watch: _Watch, half: float, seconds: float, writer: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -262,24 +286,30 @@ def _plot(results: dict[str, list[Sample]], watch: _Watch, half: float, seconds:
     ax.set_yscale("log")
     ax.set_ylabel("latency from due time, ms")
     ax.legend(loc="upper left", fontsize=8, markerscale=4, ncol=3)
-    ax.set_title("Latency of every request over the run (open loop)")
-    cpu.plot([t for t, _, _ in watch.cpu], [c for _, c, _ in watch.cpu], label="server process")
-    cpu.plot([t for t, _, _ in watch.cpu], [w for _, _, w in watch.cpu], label="its workers (analytics, export)")
-    for t in watch.snapshots:
-        cpu.axvline(t, color="crimson", linewidth=1, linestyle="--")
+    ax.set_title(f"Latency of every request over the run (open loop); snapshots written by the {writer}")
+    t = [x[0] for x in watch.cpu]
+    cpu.plot(t, [x[1] for x in watch.cpu], label="server process")
+    if writer == "standby":
+        cpu.plot(t, [x[2] for x in watch.cpu], label="snapshot standby")
+    cpu.plot(t, [x[3] for x in watch.cpu], label="its workers (analytics, export)")
+    for x in watch.snapshots:
+        cpu.axvline(x, color="crimson", linewidth=1, linestyle="--")
     cpu.set_ylabel("CPU, cores")
     cpu.legend(fontsize=8)
-    mem.plot([t for t, _, _ in watch.rss], [m / 1024 for _, m, _ in watch.rss], label="server")
-    mem.plot([t for t, _, _ in watch.rss], [w / 1024 for _, _, w in watch.rss],
-             label="analytics workers, private")
+    t = [x[0] for x in watch.rss]
+    mem.plot(t, [x[1] / 1024 for x in watch.rss], label="server")
+    if writer == "standby":
+        mem.plot(t, [x[2] / 1024 for x in watch.rss], label="snapshot standby")
+    mem.plot(t, [x[3] / 1024 for x in watch.rss], label="analytics workers, private")
     mem.set_ylabel("RSS, GiB")
     mem.set_xlabel("seconds since the load started")
     mem.legend(fontsize=8)
     fig.tight_layout()
     IMG.mkdir(parents=True, exist_ok=True)
-    fig.savefig(IMG / "bench_mixed_timeline.png", dpi=110)
+    name = f"bench_mixed_timeline_{writer}.png"
+    fig.savefig(IMG / name, dpi=110)
     plt.close(fig)
-    return "![latency over time, snapshots and analytics marked](img/bench_mixed_timeline.png)"
+    return f"![latency over time, snapshots (by the {writer}) and analytics marked](img/{name})"
 
 
 def _measure(port: int, n_users: int, start_ts: int, seconds: float, reads_only: bool = False
@@ -297,49 +327,60 @@ def run(quick: bool) -> str:
     n_users, per_user, seconds, snapshot_s = (20_000, 20, 40.0, 8.0) if quick else (1_000_000, 20, 300.0, 60.0)
     reads_only_s = 10.0 if quick else 60.0
     cache = cached_shop(n_users, per_user)
+    phases: dict[str, _Phase] = {}
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
         shutil.copytree(cache, data_dir)
-        config = Path(tmp) / "server.toml"
-        config.write_text(f"[features]\nsnapshot_interval_s = {snapshot_s}\n")
         with ServerProcess(data_dir, ready_timeout_s=1800) as server:  # its own start: the load's snapshot
             for _ in range(50):  # clock starts anew with the measured server
                 _get(server.port, f"/v1/features/user/u{_}")
             proc, recv = _measure(server.port, n_users, 0, reads_only_s, reads_only=True)
             reads_only: list[Sample] = recv.recv()["reads only"][0]
             proc.join()
-        t_start = time.perf_counter()
-        server = ServerProcess(data_dir, ready_timeout_s=1800, extra_args=["--config", str(config)]).start()
-        ready_s = time.perf_counter() - t_start
-        assert server.proc is not None
-        try:
-            ready = json.loads(_get(server.port, "/readyz"))
-            start_ts = int(ready["watermark"]) + 60_000
-            for _ in range(50):  # warm-up: connections, model threads, popular lists
-                _get(server.port, f"/v1/features/user/u{_}")
-            ranked = json.loads(_post(server.port, "/v1/rank", {"user_id": "u1", "k": 20}))
-            if ranked.get("fallback") is not None:  # the rank figures would be of a fallback list, not the model
-                raise RuntimeError(f"the server ranks without its model ({ranked.get('fallback_reason')}); "
-                                   "see the server's log above")
-            t0 = time.perf_counter()
-            watch = _Watch(server.proc.pid, data_dir, t0)
-            watch.start()
-            proc, recv = _measure(server.port, n_users, start_ts, seconds)
-            time.sleep(seconds / 2)
-            scans = [_Analytics(server.port, sql) for sql in ANALYTICS_SQL]
-            for s in scans:
-                s.start()
-            results: dict[str, tuple[list[Sample], int]] = recv.recv()
-            proc.join()
-            for s in scans:
-                s.stop.set()
-            for s in scans:
-                s.join(600)
-            watch.stop.set()
-            watch.join()
-        finally:
-            server.stop()
-    return _report(results, reads_only, watch, scans, seconds, n_users, per_user, snapshot_s, ready_s)
+        for writer in WRITERS:
+            shutil.rmtree(data_dir)
+            shutil.copytree(cache, data_dir)  # each writer from the same state and log
+            config = Path(tmp) / "server.toml"
+            config.write_text(f'[features]\nsnapshot_interval_s = {snapshot_s}\nsnapshot_writer = "{writer}"\n')
+            print(f"bench_mixed: the measured load, snapshots written by the {writer}", flush=True)
+            phases[writer] = _measured(data_dir, config, n_users, seconds)
+    return _report(phases, reads_only, seconds, n_users, per_user, snapshot_s)
+
+
+def _measured(data_dir: Path, config: Path, n_users: int, seconds: float) -> _Phase:
+    """Start a server on `data_dir` with `config`, run the mixed load on it for `seconds`, stop it."""
+    t_start = time.perf_counter()
+    server = ServerProcess(data_dir, ready_timeout_s=1800, extra_args=["--config", str(config)]).start()
+    ready_s = time.perf_counter() - t_start
+    assert server.proc is not None
+    try:
+        ready = json.loads(_get(server.port, "/readyz"))
+        start_ts = int(ready["watermark"]) + 60_000
+        for _ in range(50):  # warm-up: connections, model threads, popular lists
+            _get(server.port, f"/v1/features/user/u{_}")
+        ranked = json.loads(_post(server.port, "/v1/rank", {"user_id": "u1", "k": 20}))
+        if ranked.get("fallback") is not None:  # the rank figures would be of a fallback list, not the model
+            raise RuntimeError(f"the server ranks without its model ({ranked.get('fallback_reason')}); "
+                               "see the server's log above")
+        t0 = time.perf_counter()
+        watch = _Watch(server.proc.pid, data_dir, t0)
+        watch.start()
+        proc, recv = _measure(server.port, n_users, start_ts, seconds)
+        time.sleep(seconds / 2)
+        scans = [_Analytics(server.port, sql) for sql in ANALYTICS_SQL]
+        for s in scans:
+            s.start()
+        results: dict[str, tuple[list[Sample], int]] = recv.recv()
+        proc.join()
+        for s in scans:
+            s.stop.set()
+        for s in scans:
+            s.join(600)
+        watch.stop.set()
+        watch.join()
+    finally:
+        server.stop()
+    return _Phase(results, watch, scans, ready_s)
 
 
 def _post(port: int, path: str, body: dict[str, object]) -> bytes:
@@ -363,57 +404,78 @@ def _get(port: int, path: str) -> bytes:
     return body
 
 
-def _report(results: dict[str, tuple[list[Sample], int]], reads_only: list[Sample], watch: _Watch,
-            scans: list[_Analytics], seconds: float, n_users: int, per_user: int, snapshot_s: float,
-            ready_s: float) -> str:
-    half = seconds / 2
-    samples = {kind: s for kind, (s, _) in results.items()}
-    rows, checks = [], []
+def _rows(samples: dict[str, list[Sample]], half: float, writer: str) -> list[list[object]]:
+    rows: list[list[object]] = []
     for kind in ("features", "rank", "ingest"):
         for label, part in (("whole run", samples[kind]),
                             ("1st half (no analytics)", [s for s in samples[kind] if s.due < half]),
                             ("2nd half (analytics)", [s for s in samples[kind] if s.due >= half])):
             st = _stats(part)
-            rows.append([kind, label, st["n"], st["p50"], st["p99"], st["p99.9"], st["max"], st["failed"]])
-            if label == "whole run":
-                checks += [[f"{kind} {q}", f"< {target:g} ms", st[q], "met" if st[q] < target else "NOT met"]
-                           for (k, q), target in TARGETS.items() if k == kind]
+            rows.append([writer, kind, label, st["n"], st["p50"], st["p99"], st["p99.9"], st["max"], st["failed"]])
+    return rows
+
+
+def _phase_text(writer: str, phase: _Phase, half: float) -> str:
+    watch, scans = phase.watch, phase.scans
+
+    def mean(i: int, first: bool) -> float:
+        return float(np.mean([x[i] for x in watch.cpu if (x[0] < half) == first] or [0.0]))
+
+    def peak(i: int) -> float:
+        return max((x[i] for x in watch.rss), default=0.0) / 1024
+
+    late = {kind: n for kind, (_, n) in phase.results.items()}
+    standby = (f"; snapshot standby {peak(2):.2f} GiB (its own copy of the state)" if writer == "standby" else "")
+    standby_cpu = (f"; the standby's: {mean(2, True):.2f} / {mean(2, False):.2f}" if writer == "standby" else "")
+    return (
+        f"**Snapshots written by the {writer}.** {len(watch.snapshots)} snapshots written during the run (at "
+        + ", ".join(f"{t:.0f} s" for t in watch.snapshots) + f"). The server was ready {phase.ready_s:.0f} s "
+        f"after start (snapshot load). Peak RSS: server {peak(1):.2f} GiB{standby}; analytics workers' "
+        f"private memory {peak(3):.2f} GiB. Analytics scans completed in the second half: "
+        f"{sum(len(s.done) for s in scans)} ({sum(s.refused for s in scans)} answered 429, "
+        f"{sum(s.failed for s in scans)} failed). Sends the client could not make on time (> 1 ms late): "
+        + ", ".join(f"{k} {v}" for k, v in late.items()) + ". "
+        f"CPU, mean over each half, in cores: the server's {mean(1, True):.2f} / {mean(1, False):.2f} (its Python "
+        f"work is bound to about one by the GIL){standby_cpu}; its workers' (export, analytics): "
+        f"{mean(3, True):.2f} / {mean(3, False):.2f}. Exports written: {len(watch.exports)}."
+    )
+
+
+def _report(phases: dict[str, _Phase], reads_only: list[Sample], seconds: float, n_users: int, per_user: int,
+            snapshot_s: float) -> str:
+    half = seconds / 2
+    rows: list[list[object]] = []
+    for writer, phase in phases.items():
+        rows += _rows({kind: s for kind, (s, _) in phase.results.items()}, half, writer)
     st = _stats(reads_only)
-    rows.append(["features", f"reads only, {READS_ONLY_RATE:,}/s, before the load", st["n"], st["p50"], st["p99"],
-                 st["p99.9"], st["max"], st["failed"]])
+    rows.append(["(none)", "features", f"reads only, {READS_ONLY_RATE:,}/s, before the load", st["n"], st["p50"],
+                 st["p99"], st["p99.9"], st["max"], st["failed"]])
     stalls = sorted({int(s.due) for s in reads_only if s.latency * 1000.0 > STALL_MS})
+    measured = WRITERS[-1]  # the setting this size of shop runs with; the other is the baseline of the same run
+    samples = {kind: s for kind, (s, _) in phases[measured].results.items()}
+    checks: list[list[object]] = []
+    for (kind, q), target in TARGETS.items():
+        st = _stats(samples[kind])
+        checks.append([f"{kind} {q}", f"< {target:g} ms", st[q], "met" if st[q] < target else "NOT met"])
     first = _stats([s for s in samples["features"] if s.due < half])
     second = _stats([s for s in samples["features"] if s.due >= half])
     ratio = second["p99"] / first["p99"]
     checks.append(["feature reads p99, analytics / none", "< 1.5x", ratio, "met" if ratio < 1.5 else "NOT met"])
-    failed = sum(st[-1] for st in rows if st[1] == "whole run")
+    failed = sum(_stats(part)["failed"] for part in samples.values())
     checks.append(["failed requests", "0", failed, "met" if failed == 0 else "NOT met"])
-    late = {kind: n for kind, (_, n) in results.items()}
-    server_mb = max(m for _, m, _ in watch.rss) if watch.rss else 0.0
-    workers_mb = max(w for _, _, w in watch.rss) if watch.rss else 0.0
-    scans_done = sum(len(s.done) for s in scans)
-    cpu_first = [c for t, c, _ in watch.cpu if t < half]
-    cpu_second = [c for t, c, _ in watch.cpu if t >= half]
-    workers_first = [w for t, _, w in watch.cpu if t < half]
-    workers_second = [w for t, _, w in watch.cpu if t >= half]
     return "\n\n".join([
         f"### Mixed load: {n_users:,} shoppers x {per_user} events, {seconds:.0f} s of ingest + reads + ranking, "
         "analytics in the second half",
         __doc__.split("\n\n")[1].replace("\n", " ") if __doc__ else "",
-        f"Snapshot interval {snapshot_s:g} s: {len(watch.snapshots)} snapshots written during the run (at "
-        + ", ".join(f"{t:.0f} s" for t in watch.snapshots) + f"). The server was ready {ready_s:.0f} s after "
-        f"start (snapshot load). Peak RSS: server {server_mb / 1024:.2f} GiB; analytics workers' private "
-        f"memory {workers_mb / 1024:.2f} GiB. Analytics scans "
-        f"completed in the second half: {scans_done} "
-        f"({sum(s.refused for s in scans)} answered 429, {sum(s.failed for s in scans)} failed). Sends the "
-        f"client could not make on time (> 1 ms late): " + ", ".join(f"{k} {v}" for k, v in late.items()) + ". "
-        f"Server process CPU, mean over each half: {np.mean(cpu_first or [0]):.2f} / "
-        f"{np.mean(cpu_second or [0]):.2f} cores (its Python work is bound to about one by the GIL); its "
-        f"workers' (export, analytics): {np.mean(workers_first or [0]):.2f} / {np.mean(workers_second or [0]):.2f}. "
-        f"Exports written: {len(watch.exports)}. Reads alone before the load ({len(reads_only):,} reads, "
-        f"{READS_ONLY_RATE:,}/s, no ingest or ranking): seconds holding a read over {STALL_MS:g} ms: "
-        + (", ".join(f"{t} s" for t in stalls) if stalls else "none") + ".",
-        table(["requests", "part", "n", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "failed"], rows),
-        table(["target (issue: serving that never stops)", "wanted", "measured", ""], checks),
-        _plot(samples, watch, half, seconds),
+        f"Snapshot interval {snapshot_s:g} s. Reads alone before the load ({len(reads_only):,} reads, "
+        f"{READS_ONLY_RATE:,}/s, no ingest or ranking): the seconds holding a read over {STALL_MS:g} ms, counted "
+        "from the phase's start: " + (", ".join(f"second {t}" for t in stalls) if stalls else "none") + ".",
+        *(_phase_text(writer, phase, half) for writer, phase in phases.items()),
+        table(["snapshots by", "requests", "part", "n", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "failed"], rows),
+        table([f"target (issue: serving that never stops), snapshots by the {measured}", "wanted", "measured", ""],
+              checks),
+        *(_plot({kind: s for kind, (s, _) in phase.results.items()}, phase.watch, half, seconds, writer)
+          for writer, phase in phases.items()),
     ])
+
+

@@ -17,6 +17,7 @@ import msgspec
 from insession.features import FeatureEngine
 from insession.features.engine import chunked
 from insession.features.manage import FeatureManager
+from insession.features.standby import EXIT_RESTART, STATE_DIR, Standby
 from insession.log import LogConfig, open_log
 from insession.log.catalog import Catalog
 from insession.log.eventlog import LogBehindError
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 REPLAY_CHUNK = 10_000
 EXPORT_MIN_EVENTS = 50_000  # background export waits for this many events (fewer, larger Parquet files)
 SNAPSHOT_EVERY_S = 60.0  # default interval between feature snapshots (taken only when the state changed)
+SNAPSHOT_WRITERS = ("server", "standby")  # who writes them: this process, or a standby process beside it
 RETRY_MAX_S = 60.0  # a failing background job retries after 1, 2, 4 ... s, at most this
 
 
@@ -61,19 +63,27 @@ class Insession:
     def __init__(self, data_dir: str | Path, *, maintenance_interval_s: float | None = 5.0,
                  limits: Limits | None = None, rank_config: RankConfig | None = None,
                  snapshot_interval_s: float = SNAPSHOT_EVERY_S, max_users: int = 0, partitions: int = 16,
-                 log_config: LogConfig | None = None, held: frozenset[int] | None = None) -> None:
+                 log_config: LogConfig | None = None, held: frozenset[int] | None = None,
+                 snapshot_writer: str = "server") -> None:
         self.data_dir = Path(data_dir)
         self.log_config = log_config or LogConfig()  # [log]: the embedded log.sqlite, or a JetStream stream
+        if snapshot_writer not in SNAPSHOT_WRITERS:
+            raise ValueError(f"snapshot_writer must be one of {', '.join(SNAPSHOT_WRITERS)}, not {snapshot_writer!r}")
+        if snapshot_writer == "standby" and self.log_config.url:
+            raise DataDirError("snapshot_writer = \"standby\" needs the embedded log (the standby reads log.sqlite); "
+                               "with a replicated log leave it \"server\"")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_file = _lock(self.data_dir)
         try:
-            self._open(maintenance_interval_s, limits, rank_config, snapshot_interval_s, max_users, partitions, held)
+            self._open(maintenance_interval_s, limits, rank_config, snapshot_interval_s, max_users, partitions, held,
+                       snapshot_writer)
         except BaseException:
             self._lock_file.close()
             raise
 
     def _open(self, maintenance_interval_s: float | None, limits: Limits | None, rank_config: RankConfig | None,
-              snapshot_interval_s: float, max_users: int, partitions: int, held: frozenset[int] | None) -> None:
+              snapshot_interval_s: float, max_users: int, partitions: int, held: frozenset[int] | None,
+              snapshot_writer: str) -> None:
         # a local directory (Path) or an object-store URI (str: s3://bucket/prefix, insession.log.export)
         self.history_dir = history_location(self.log_config.history) if self.log_config.history else \
             self.data_dir / "history"
@@ -99,7 +109,7 @@ class Insession:
             self.catalog.close()
             raise
         # One state partition per log partition (the log's crc32(user_id) % P); a cluster node may hold some.
-        self.features = FeatureEngine.open(self.data_dir / "features", partitions=self.log.partitions,
+        self.features = FeatureEngine.open(self.data_dir / STATE_DIR, partitions=self.log.partitions,
                                            max_users=max_users, held=held)
         self._check_log_not_behind()
         try:  # the Parquet history is what its manifest says, or rebuilt from the log (loudly)
@@ -111,8 +121,14 @@ class Insession:
             raise DataDirError(f"{self.data_dir}: {e}") from None
         self.snapshot_interval_s = snapshot_interval_s
         # Background jobs (export, snapshot): failures so far, and the last one's message (readyz, metrics).
-        self.job_failures: dict[str, int] = {"export": 0, "snapshot": 0}
+        self.job_failures: dict[str, int] = {"export": 0, "snapshot": 0, "standby": 0}
         self.job_errors: dict[str, str | None] = {"export": None, "snapshot": None}
+        # With "standby", a second process writes the snapshots while it runs (insession.features.standby);
+        # the maintenance thread starts it and writes them itself whenever it is not running.
+        self.standby = Standby(self.data_dir, partitions=self.log.partitions, max_users=max_users,
+                               interval_s=snapshot_interval_s) if snapshot_writer == "standby" else None
+        self._standby_at = 0.0  # when to start the standby next (monotonic)
+        self._standby_streak = 0  # its failed exits in a row: the restart backoff doubles with each
         self.unknown_items = 0
         # Rebuild: last snapshot + everything the log acknowledged after it.
         for chunk in chunked(self.log.read(self.features.applied_offset + 1), REPLAY_CHUNK):
@@ -215,10 +231,13 @@ class Insession:
                 "snapshot": lambda: self.features.snapshot()}
         while not self._stop.wait(interval_s):
             self.features.sweep_next()  # expired state leaves one unit at a time
+            standby_writes = self.standby is not None and self._standby_writes()
             for name in ("export", "snapshot"):
                 if time.monotonic() < retry_at[name]:
                     continue
                 if name == "snapshot":
+                    if standby_writes:
+                        continue
                     changed = self.features.applied_offset != self.features.snapshot_offset
                     if not changed or time.monotonic() - last_snapshot < self.snapshot_interval_s:
                         continue
@@ -241,6 +260,32 @@ class Insession:
                     last_snapshot = time.monotonic()
                     gc.freeze()  # what the state gained since the last one (see _freeze_heap)
 
+    def _standby_writes(self) -> bool:
+        """Whether the snapshot standby writes the snapshots now. While it runs, the snapshot offset is
+        taken from `CURRENT`. Once it has exited it is started again: after a snapshot interval when it
+        asked to be (`EXIT_RESTART`: declarations changed or backfilling), after 1, 2, 4 ... s (at most
+        RETRY_MAX_S) when it failed, counted and logged. Until it runs, this process writes them."""
+        assert self.standby is not None
+        if self.standby.running():
+            self._standby_streak = 0
+            self.features.snapshot_offset = max(self.features.snapshot_offset,
+                                                self.features.written_snapshot_offset())
+            return True
+        code = self.standby.exited()
+        now = time.monotonic()
+        if code == EXIT_RESTART:
+            self._standby_at = now + self.snapshot_interval_s
+        elif code is not None:
+            self.job_failures["standby"] += 1
+            self._standby_streak += 1
+            backoff = min(RETRY_MAX_S, 2.0 ** self._standby_streak)
+            self._standby_at = now + backoff
+            logger.warning("the snapshot standby exited with code %d (%d failures so far); this process writes the "
+                           "snapshots until it is back, in %.0f s", code, self.job_failures["standby"], backoff)
+        if now >= self._standby_at:
+            self.standby.start()
+        return False
+
     def lag(self) -> dict[str, int]:
         """How far the history export and the feature snapshot trail the log, in events."""
         last = self.log.last_offset()
@@ -257,6 +302,8 @@ class Insession:
         self._stop.set()
         if self._maintenance is not None:
             self._maintenance.join()
+        if self.standby is not None:
+            self.standby.stop()  # before the last snapshot: one writer at a time
         self.feature_manager.close()  # backfills stop; the next start runs them again
         self.query.close()
         self.ranker.close()

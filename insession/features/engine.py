@@ -28,6 +28,8 @@ co-visited pairs the sections it depends on would not compute again.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import heapq
 import logging
@@ -55,13 +57,14 @@ from insession.features.online import (
     make_agg,
     stable_id,
 )
-from insession.features.snapshot import Sections, SnapshotError, UnitHeader, read_unit, write_unit
+from insession.features.snapshot import Sections, SnapshotError, UnitHeader, read_header, read_unit, write_unit
 from insession.schema import Event, partition_of
 
 log = logging.getLogger(__name__)
 
 REGISTRY_FILE = "registry.json"
 CURRENT_FILE = "CURRENT"  # names the complete snapshot directory
+SNAPSHOT_LOCK_FILE = "SNAPSHOT.lock"  # held by whoever writes a snapshot or loads one (see `snapshot_lock`)
 OLD_PICKLE_FILE = "features.snapshot"  # format of insession <= 0.1 (pickle): set aside, never loaded
 LOCK_EVERY = 512  # events applied per writer step, so readers never wait behind a long replay
 SWEEP_CHUNK = 1_000  # keys swept per lock hold (~1-3 ms of the GIL at a million shoppers)
@@ -83,6 +86,16 @@ class PartitionNotHeld(LookupError):
 
 def _section(f: Feature) -> str:
     return f"f:{f.name}@{f.hash()}"
+
+
+@contextlib.contextmanager
+def snapshot_lock(state_dir: Path) -> Iterator[None]:
+    """Hold `state_dir/SNAPSHOT.lock` (flock, exclusive, blocking): one process at a time writes a snapshot
+    (and deletes the ones it replaces) or loads one, so the server and its snapshot standby
+    (`insession.features.standby`) never read a snapshot the other is deleting."""
+    with (state_dir / SNAPSHOT_LOCK_FILE).open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
 
 
 def yield_rest(began: float, duty: float) -> None:
@@ -237,6 +250,7 @@ class FeatureEngine:
         self.applied_offset = -1
         self.too_late = 0
         self.snapshot_offset = -1
+        self.snapshots_written = 0  # by this engine (a snapshot standby's are not counted here)
         self.rejected_snapshots = 0  # snapshots set aside (damaged, older format, other stream rules)
         self._sweep_cursor = -1
         self._snapshotting = threading.Lock()
@@ -292,18 +306,19 @@ class FeatureEngine:
             os.replace(old, state_dir / f"rejected-{OLD_PICKLE_FILE}")
             engine.rejected_snapshots += 1
         current = state_dir / CURRENT_FILE
-        if current.exists():
-            gen = state_dir / current.read_text().strip()
-            try:
-                engine._restore(gen)
-            except SnapshotError as e:
-                log.warning("feature snapshot %s set aside, rebuilding from the log: %s", gen.name, e)
-                engine = cls(registry, state_dir, partitions=partitions, max_users=max_users, held=held)
-                engine.rejected_snapshots += 1
-                if gen.is_dir():
-                    shutil.rmtree(state_dir / f"rejected-{gen.name}", ignore_errors=True)
-                    os.replace(gen, state_dir / f"rejected-{gen.name}")
-                current.unlink()
+        with snapshot_lock(state_dir):
+            if current.exists():
+                gen = state_dir / current.read_text().strip()
+                try:
+                    engine._restore(gen)
+                except SnapshotError as e:
+                    log.warning("feature snapshot %s set aside, rebuilding from the log: %s", gen.name, e)
+                    engine = cls(registry, state_dir, partitions=partitions, max_users=max_users, held=held)
+                    engine.rejected_snapshots += 1
+                    if gen.is_dir():
+                        shutil.rmtree(state_dir / f"rejected-{gen.name}", ignore_errors=True)
+                        os.replace(gen, state_dir / f"rejected-{gen.name}")
+                    current.unlink()
         return engine
 
     def _header(self, unit: str, offset: int = -1, watermark: int = -1) -> UnitHeader:
@@ -375,8 +390,22 @@ class FeatureEngine:
         captures paced to a quarter of the time."""
         if self.state_dir is None:
             raise ValueError("this engine has no state_dir")
-        with self._snapshotting:  # maintenance and a finished backfill may both ask for one
+        # maintenance and a finished backfill may both ask for one; a standby process may be writing one
+        with self._snapshotting, snapshot_lock(self.state_dir):
             self._snapshot(self.state_dir)
+        self.snapshots_written += 1
+
+    def written_snapshot_offset(self) -> int:
+        """The applied offset of the snapshot `CURRENT` names now, whichever process wrote it (-1: none);
+        a snapshot standby's advance this way while this engine writes none."""
+        if self.state_dir is None:
+            return -1
+        with snapshot_lock(self.state_dir):  # not replaced and deleted under us
+            current = self.state_dir / CURRENT_FILE
+            try:
+                return read_header(self.state_dir / current.read_text().strip() / "stream.state").offset
+            except (FileNotFoundError, SnapshotError):  # none yet; a damaged one is set aside at the next start
+                return -1
 
     def _snapshot(self, state_dir: Path) -> None:
         gen = state_dir / f"snap-{max(self.applied_offset, 0):012d}-{time.time_ns()}"

@@ -111,6 +111,16 @@ def _read_header(f: BinaryIO, path: Path) -> tuple[UnitHeader, int, int, bytes]:
     return header, version, length, digest
 
 
+def read_header(path: Path) -> UnitHeader:
+    """The header of a unit file, checked (magic, format, its own crc32) but not the body."""
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise SnapshotError(f"{path.name}: cannot be read ({e.strerror})") from None
+    with f:
+        return _read_header(f, path)[0]
+
+
 def read_unit(path: Path, expect: UnitHeader) -> tuple[UnitHeader, Sections]:
     """Read and verify one unit file: header fields (all but offset and watermark) must equal `expect`'s,
     the body must have its length and checksum. Raises SnapshotError naming what is wrong."""

@@ -50,9 +50,10 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 import msgspec
 import pyarrow as pa
@@ -125,6 +126,22 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA busy_timeout=10000")
     return conn
+
+
+def connect_read_only(path: str | Path) -> sqlite3.Connection:
+    """A read-only connection to a log (or catalogue) file another process writes: the analytics and export
+    workers' and the snapshot standby's (`insession.features.standby`); never takes a write lock."""
+    return sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, isolation_level=None)
+
+
+def decode_rows(rows: Iterable[tuple[int, bytes]]) -> list[Event]:
+    """(offset, body) rows of the events table as events carrying their offsets."""
+    events = []
+    for offset, body in rows:
+        ev = _decoder.decode(body)
+        ev.offset = offset
+        events.append(ev)
+    return events
 
 
 class EventLog:
@@ -332,10 +349,7 @@ class EventLog:
         while left is None or left > 0:
             n = READ_PAGE if left is None else min(READ_PAGE, left)
             page = self._page(start, upto, n, partition)
-            for off, body in page:
-                ev = _decoder.decode(body)
-                ev.offset = off
-                yield ev
+            yield from decode_rows(page)
             if len(page) < n:
                 return
             start = page[-1][0] + 1

@@ -35,16 +35,13 @@ import re
 import resource
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 import duckdb
 import msgspec
@@ -53,6 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from insession.log.base import LogConfig
+from insession.log.eventlog import connect_read_only, decode_rows
 from insession.log.export import (
     HistoryStore,
     events_to_arrow,
@@ -316,7 +314,6 @@ INPUT_ERRORS = (
 )
 _COLUMN_NOT_FOUND = re.compile(r'Referenced column "([^"]+)" not found')
 _DUCKDB_NOISE = re.compile(r"\n\s*LINE \d+:.*", re.S)
-_EVENT = msgspec.msgpack.Decoder(Event)
 
 
 class StreamUnavailable(Exception):
@@ -357,26 +354,13 @@ def error_reply(e: BaseException, config: WorkerConfig) -> Reply:
     return Reply("error", status=500, code="internal", message=f"{type(e).__name__}: {e}")
 
 
-def _read_only(path: str) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, isolation_level=None)
-
-
-def _decoded(rows: Iterable[tuple[int, bytes]]) -> list[Event]:
-    events = []
-    for offset, body in rows:
-        ev = _EVENT.decode(body)
-        ev.offset = offset
-        events.append(ev)
-    return events
-
-
 def read_tail(log_path: str) -> pa.Table:
     """The events after the export mark, read in one read transaction of the log (EVENT_ARROW_SCHEMA)."""
-    con = _read_only(log_path)
+    con = connect_read_only(log_path)
     try:
         con.execute("BEGIN")
         (mark,) = con.execute("SELECT value FROM meta WHERE key = 'exported_offset'").fetchone()
-        events = _decoded(con.execute("SELECT offset, body FROM events WHERE offset > ? ORDER BY offset", (mark,)))
+        events = decode_rows(con.execute("SELECT offset, body FROM events WHERE offset > ? ORDER BY offset", (mark,)))
         con.execute("COMMIT")
     finally:
         con.close()
@@ -387,11 +371,11 @@ def read_range(log_path: str, first: int, last: int) -> list[Event]:
     """The log's events first..last in offset order, READ_PAGE at a time (each page its own short read
     transaction: one over the whole range would keep the writer's checkpoints from emptying the WAL while it
     lasts); ValueError when the log does not hold all of them."""
-    con = _read_only(log_path)
+    con = connect_read_only(log_path)
     events: list[Event] = []
     try:
         for start in range(first, last + 1, READ_PAGE):
-            events += _decoded(con.execute("SELECT offset, body FROM events WHERE offset BETWEEN ? AND ? "
+            events += decode_rows(con.execute("SELECT offset, body FROM events WHERE offset BETWEEN ? AND ? "
                                            "ORDER BY offset", (start, min(last, start + READ_PAGE - 1))))
     finally:
         con.close()
@@ -402,7 +386,7 @@ def read_range(log_path: str, first: int, last: int) -> list[Event]:
 
 def read_items(catalog_path: str) -> pa.Table:
     """The whole catalogue (ITEM_ARROW_SCHEMA)."""
-    con = _read_only(catalog_path)
+    con = connect_read_only(catalog_path)
     try:
         names = ITEM_ARROW_SCHEMA.names
         rows = con.execute(f"SELECT {', '.join(names)} FROM items").fetchall()

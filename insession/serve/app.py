@@ -70,6 +70,7 @@ def open_handle(data_dir: str | Path, cfg: Config) -> Insession:
         partitions=cfg.features.partitions,
         log_config=cfg.log,
         held=cfg.cluster.held(cfg.features.partitions),
+        snapshot_writer=cfg.features.snapshot_writer,
     )
 
 

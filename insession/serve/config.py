@@ -206,6 +206,11 @@ class FeaturesConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ] = 60.0
     max_users: Annotated[int, _text("shoppers kept in online state at most (0: no cap)", ge=0)] = 0
     partitions: Annotated[int, _text("partitions of the online state", ge=1)] = 16
+    snapshot_writer: Annotated[
+        Literal["server", "standby"],
+        _text("who writes the snapshots: this process, or a standby process with its own copy of the state "
+              "(no snapshot work on serving's GIL, twice the memory; the embedded log only)"),
+    ] = "server"
 
 
 _NODE_URL = r"^https?://[^/?#\s]+$"  # scheme and host[:port], no path: a node's base URL
@@ -279,6 +284,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         if self.cluster.nodes and not self.log.url:
             raise ValueError("[cluster] nodes share one replicated log: set [log] url (nats://...) on every node; "
                              "the embedded log is one machine's")
+        if self.features.snapshot_writer == "standby" and self.log.url:
+            raise ValueError("[features] snapshot_writer = \"standby\" reads the embedded log (log.sqlite); with "
+                             "[log] url (a replicated log) leave it \"server\"")
         held = self.cluster.held(self.features.partitions)
         if held is not None and not held:
             raise ValueError(f"[cluster] gives node {self.cluster.node!r} none of the {self.features.partitions} "

@@ -161,6 +161,10 @@ def test_every_service_setting_has_a_config_key(section: type[msgspec.Struct], s
         ('[[auth.keys]]\nname = "a"\nroles = ["serve"]\n', "server.toml:1: auth.keys[0]: key 'a': give exactly "
          "one of key or sha256"),
         ("[features]\npartitions = 0\n", "server.toml:2: features.partitions: Expected `int` >= 1"),
+        ('[features]\nsnapshot_writer = "standbye"\n', 'server.toml:2: features.snapshot_writer: Invalid enum value '
+         '\'standbye\' (allowed: one of "server", "standby")'),
+        ('[log]\nurl = "nats://n:4222"\n[features]\nsnapshot_writer = "standby"\n', '[features] snapshot_writer = '
+         '"standby" reads the embedded log'),
         ("[server\nport = 1\n", "server.toml: not valid TOML"),
         ('[cluster]\nnodes = ["http://a:8000"]\nnode = "http://a:8000"\n', "server.toml: (top level): [cluster] "
          "nodes share one replicated log: set [log] url"),

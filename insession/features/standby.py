@@ -1,0 +1,147 @@
+"""The snapshot standby: a second process that keeps its own copy of the online state and writes the snapshots.
+
+Why: at a million shoppers one snapshot's capture is ~0.65 s of msgpack under the GIL (16 partitions of
+~38 ms and ~40 ms of item units, measured on bench_mixed's state on 2026-11-30), on top of a server whose
+request handling already takes 0.7-0.9 of the one core its GIL gives it under bench_mixed's load. For the
+5-7 s a snapshot lasted there, requests queued: feature reads at 100-200 ms, and arcs of seconds with
+analytics beside. Chunked captures and reads off the event loop (engine.py) did not remove that, and a
+forked child writing its copy-on-write picture lost to the page-copy tax (docs/features.md). A standby
+pays in memory instead: a second copy of the state (about the server's own RSS) and the CPU to apply the
+log, with its own GIL, on another core, at a lower priority than serving (`NICE`).
+
+The contract:
+- `Standby` (the server's handle, `insession.embedded`) starts `python -m insession.features.standby` with
+  the server's partitions and shopper cap. The child opens the state as the server does (the last
+  snapshot, under `snapshot_lock`), then applies the log's events after it in offset order, read through a
+  read-only connection of `log.sqlite`. Every `interval_s`, if it applied something, it writes a snapshot
+  with `FeatureEngine.snapshot`, under the same lock, so a snapshot is whole before `CURRENT` names it, and
+  a restart is that snapshot plus the log after it, as with the server's own snapshots.
+- The child exits 0 on SIGTERM or when its parent is gone. It exits `EXIT_RESTART` when the declarations
+  change (`registry.json`), or when a declared feature is still backfilling, since its snapshot would lack
+  that feature. The server starts it again later and writes its own snapshots meanwhile.
+- The embedded log only (`log.sqlite`): with a replicated log the server refuses `standby` at start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from insession.features.engine import REGISTRY_FILE, FeatureEngine
+from insession.log.eventlog import LOG_FILE, READ_PAGE, connect_read_only, decode_rows
+
+log = logging.getLogger(__name__)
+
+EXIT_RESTART = 3  # the declarations changed, or one is still backfilling: start me again later
+POLL_S = 0.05  # how long the standby waits when the log has nothing new
+SWEEP_EVERY_S = 5.0  # expired state leaves the standby's memory as it leaves the server's (one unit a turn)
+NICE = 5  # serving first: the standby only lags when the CPU is short, and a snapshot may be older then
+STATE_DIR = "features"  # the feature state under a data directory (as the embedded handle opens it)
+
+
+class Standby:
+    """The server's handle on its snapshot standby process: `start`, `running`, `exited`, `stop`."""
+
+    def __init__(self, data_dir: Path, *, partitions: int, max_users: int, interval_s: float) -> None:
+        self.args = [str(data_dir), "--partitions", str(partitions), "--max-users", str(max_users),
+                     "--interval", repr(interval_s)]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        """Start the standby (a fresh interpreter, never a fork of the server)."""
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "insession.features.standby", *self.args, "--parent", str(os.getpid())],
+            stdin=subprocess.DEVNULL,
+        )
+        self.starts += 1
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def exited(self) -> int | None:
+        """The exit code of the standby that has just exited (then forgotten); None if none has."""
+        if self.proc is None or (code := self.proc.poll()) is None:
+            return None
+        self.proc = None
+        return code
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Ask the standby to stop (it finishes a snapshot it is writing), kill it after `timeout_s`."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run(data_dir: Path, *, partitions: int, max_users: int, interval_s: float, parent: int,
+        stop: threading.Event) -> int:
+    """The standby's loop (see the module docstring); returns its exit code."""
+    state_dir = data_dir / STATE_DIR
+    registry = state_dir / REGISTRY_FILE
+    stamp = registry.stat().st_mtime_ns
+    engine = FeatureEngine.open(state_dir, partitions=partitions, max_users=max_users)
+    if engine.unbuilt:
+        log.info("snapshot standby: %s still backfilling, exiting until it is served",
+                 ", ".join(f.name for f in engine.unbuilt))
+        return EXIT_RESTART
+    gc.collect()
+    gc.freeze()  # the state is not cyclic garbage: keep full collections from walking it (as the server does)
+    events = connect_read_only(data_dir / LOG_FILE)
+    log.info("snapshot standby: state at offset %d, following the log", engine.applied_offset)
+    last_snapshot = last_sweep = time.monotonic()
+    try:
+        while not stop.is_set() and os.getppid() == parent:
+            rows = events.execute("SELECT offset, body FROM events WHERE offset > ? ORDER BY offset LIMIT ?",
+                                  (engine.applied_offset, READ_PAGE)).fetchall()
+            if rows:
+                engine.update_many(decode_rows(rows))
+            if registry.stat().st_mtime_ns != stamp:
+                log.info("snapshot standby: the declarations changed, exiting to start on them")
+                return EXIT_RESTART
+            now = time.monotonic()
+            if now - last_sweep >= SWEEP_EVERY_S:
+                engine.sweep_next()
+                last_sweep = now
+            if now - last_snapshot >= interval_s and engine.applied_offset != engine.snapshot_offset:
+                engine.snapshot()
+                gc.freeze()
+                last_snapshot = time.monotonic()
+            if len(rows) < READ_PAGE:
+                stop.wait(POLL_S)
+    finally:
+        events.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m insession.features.standby", description=__doc__.splitlines()[0])
+    ap.add_argument("data_dir", type=Path)
+    ap.add_argument("--partitions", type=int, required=True)
+    ap.add_argument("--max-users", type=int, required=True)
+    ap.add_argument("--interval", type=float, required=True)
+    ap.add_argument("--parent", type=int, required=True, help="the server's pid: exit when it is gone")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s insession-standby %(levelname)s %(message)s")
+    os.nice(NICE)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server's whole process group: it stops me
+    return run(args.data_dir, partitions=args.partitions, max_users=args.max_users, interval_s=args.interval,
+               parent=args.parent, stop=stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
