@@ -120,10 +120,11 @@ def _run_child(cmd: list[str], timeout_s: float | None) -> dict | str:
         out, err = proc.communicate()
         step = [ln for ln in err.splitlines() if ln.strip() and "WARN" not in ln][-1:] or [""]
         return f"stopped after {timeout_s:.0f} s, in: {step[0][:160]}"
-    if proc.returncode:
-        print(err[-4000:], file=sys.stderr, flush=True)
-        lines = [ln for ln in err.splitlines() if "Error" in ln or "Exception" in ln] or err.splitlines()[-1:]
-        return f"failed: {lines[-1][:200] if lines else proc.returncode}"
+    if proc.returncode:  # the messages without the JVM's stack frames (the 5M build's cause was cut off)
+        said = [ln for ln in err.splitlines() if ln.strip() and not ln.lstrip().startswith("at ")]
+        print("\n".join(said[-60:]), file=sys.stderr, flush=True)
+        lines = [ln for ln in said if "Error" in ln or "Exception" in ln] or said[-1:]
+        return f"failed: {lines[0][:200] if lines else proc.returncode}"
     return json.loads(out.strip().splitlines()[-1])
 
 
