@@ -95,27 +95,25 @@ _NOT_AN_ITEM = "\x1f"  # an item id no vocabulary holds (a control character): a
 class FollowConfig:
     """How each update trains and decides.
 
-    `lr` 2e-3 (the full training's rate) and `validate_fraction` 0.2 are the defaults since 2026-11-30, in
-    place of 5e-4 and 0.3, decided on the prequential replay (docs/continuous.md, "The stronger update as
-    the default"; `insession prequential`, realistic shops of 2,000 shoppers, seeds 0-4, 3 test days in 6 h
-    windows, one training per arm and shop, so the intervals cover request sampling only). Continuous
-    minus the daily retrain, NDCG@10, paired session-bootstrap 95% intervals:
-
-    - after a trend shift the daily model has not seen, pooled over the five shops: **+0.0154 [+0.0112,
-      +0.0199]** (2,979 add-to-carts); on the shops no choice was made on (seeds 3 and 4; only seed 3 has
-      such windows): +0.0287 [+0.0198, +0.0381] (789); with 5e-4 and 0.3: +0.0009 [-0.0026, +0.0047] and
-      +0.0068 [-0.0002, +0.0141];
-    - over all 16,064 test add-to-carts: +0.0105 [+0.0087, +0.0124] against daily and +0.0146 [+0.0131,
-      +0.0162] against the frozen model, ahead of both on each of the five shops (with 5e-4 and 0.3:
-      +0.0018 and +0.0059).
-
-    A larger rate moves the model further from what serves, so more candidates are refused by the gate
-    (3-8 of 12 per shop); the smaller validation window trains on more of the newest add-to-carts."""
+    `lr` 5e-4 (a quarter of the full training's) and `validate_fraction` 0.3 stay the defaults. A stronger
+    update (lr 2e-3, 0.2) was measured against them on the prequential replay (docs/continuous.md, "The
+    stronger update on seed 2, two fresh shops and three training seeds"; realistic shops of 2,000 shoppers,
+    3 test days in 6 h windows) under a rule set beforehand: it must beat the daily retrain after a trend
+    shift by a margin outside the paired interval pooled and on fresh shops (seeds 3, 4) by themselves, and
+    lose overall to neither the daily retrain nor the frozen model. With one training per arm and shop it
+    did: continuous minus daily after a shift +0.0154 [+0.0112, +0.0199] over seeds 0-4, +0.0287 [+0.0198,
+    +0.0381] on the fresh ones (seed 3 alone has such windows), where 5e-4 / 0.3 gave +0.0009 [-0.0026,
+    +0.0047]. Trained again with two more training seeds (`insession prequential --train-seed`) on seed 3,
+    the same comparison gave +0.0095 [+0.0018, +0.0175] and -0.0202 [-0.0306, -0.0098]; averaged over the
+    three, +0.0060 [-0.0004, +0.0128]: inside the interval, so the fresh-shop condition is not met once the
+    training's randomness is averaged, and the defaults stay. (Overall it never lost: over seed 3's test
+    add-to-carts and the three training seeds +0.0051 [+0.0023, +0.0078] against daily, +0.0145 [+0.0121,
+    +0.0169] against frozen.)"""
 
     epochs: int = 2  # fine-tuning epochs on the new groups (all run: no early stopping)
-    lr: float = 2e-3  # the full training's rate (the class docstring: the measured decision)
+    lr: float = 5e-4  # below `insession train`'s 2e-3: the model is already trained (class docstring)
     batch_size: int = 128
-    validate_fraction: float = 0.2  # the newest share of the new add-to-carts: the validation window
+    validate_fraction: float = 0.3  # the newest share of the new add-to-carts: the validation window
     min_new: int = 20  # fewer new add-to-carts than this: no update
     keep_refused: int = 5  # refused candidates kept under MODELS/_refused/
     served_negatives: bool = True  # negatives (and validation lists) from the candidate stage's replay
