@@ -8,8 +8,9 @@ shoppers), `GET /v1/features/user/{id}` (500/s) and `/v1/rank` (100/s). In the s
 this process keep two heavy analytics scans running. The snapshot interval is lowered so several
 snapshots fall inside; their instants are taken from the state directory's CURRENT file. The load runs
 twice, each time on a fresh copy of the same data: first with the snapshots written by the server process
-itself (the baseline), then by a snapshot standby process (`[features] snapshot_writer = "standby"`, what
-a shop of this size runs with; the targets are checked on it). The memory and CPU of the server, of the
+itself (the default), then by a snapshot standby process (`[features] snapshot_writer = "standby"`: the
+snapshot work moves off the server's GIL onto another core, for a second copy of the state; the targets
+are checked on it). The memory and CPU of the server, of the
 standby and of the analytics workers (private memory) are sampled every second. Before that load, a
 server started on the same data answers `GET /v1/features/user/{id}` alone at 1,000/s for a minute (no
 ingest, no ranking: the issue's "stall episodes every 18-22 s" case), and the seconds holding a read over
@@ -53,7 +54,7 @@ from insession.serve.process import ServerProcess
 
 INGEST_RATE, BATCH = 100, 50  # requests/s and events per request: 5,000 events/s
 FEATURE_RATE, RANK_RATE = 500, 100
-WRITERS = ("server", "standby")  # who writes the snapshots: the baseline first, then what a shop this size runs
+WRITERS = ("server", "standby")  # who writes the snapshots: the default first, then the standby (targets checked)
 READS_ONLY_RATE, STALL_MS = 1_000, 20.0  # the reads-only minute before the mixed load; a read over it is a stall
 TARGETS = {  # (kind, percentile): the target in ms
     ("features", "p99"): 5.0, ("features", "p99.9"): 25.0, ("features", "max"): 100.0,
@@ -451,7 +452,7 @@ def _report(phases: dict[str, _Phase], reads_only: list[Sample], seconds: float,
     rows.append(["(none)", "features", f"reads only, {READS_ONLY_RATE:,}/s, before the load", st["n"], st["p50"],
                  st["p99"], st["p99.9"], st["max"], st["failed"]])
     stalls = sorted({int(s.due) for s in reads_only if s.latency * 1000.0 > STALL_MS})
-    measured = WRITERS[-1]  # the setting this size of shop runs with; the other is the baseline of the same run
+    measured = WRITERS[-1]  # the standby; the server-written run is the baseline of the same run
     samples = {kind: s for kind, (s, _) in phases[measured].results.items()}
     checks: list[list[object]] = []
     for (kind, q), target in TARGETS.items():
