@@ -302,6 +302,13 @@ class _HandleCollector(Collector):
                 "insession_feature_snapshots_rejected",
                 "Feature snapshots set aside at start (damaged, older format, other declarations)",
                 value=features.rejected_snapshots)
+        standby = getattr(h, "standby", None)
+        if standby is not None:  # [features] snapshot_writer = "standby"
+            yield GaugeMetricFamily("insession_snapshot_standby_running",
+                                    "1 while the snapshot standby process runs (it writes the snapshots), else 0",
+                                    value=int(standby.running()))
+            yield CounterMetricFamily("insession_snapshot_standby_starts", "Snapshot standby processes started",
+                                      value=standby.starts)
         check = getattr(h, "history_check", None)
         if check is not None:
             yield CounterMetricFamily("insession_history_parts_rebuilt",

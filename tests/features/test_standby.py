@@ -18,6 +18,7 @@ import insession
 from insession.embedded import DataDirError, Insession
 from insession.features import FeatureEngine
 from insession.log import LogConfig
+from insession.serve.metrics import Metrics
 
 T0 = 1_700_000_000_000
 USERS = [f"u{u}" for u in range(25)]
@@ -92,6 +93,12 @@ def test_a_killed_standby_is_counted_the_server_writes_meanwhile_and_it_comes_ba
         _until("the new standby's snapshot", lambda: _caught_up(db))
         assert db.features.snapshots_written == written  # the standby wrote it
         _restarted_equals_running(db)
+        metrics = Metrics()
+        metrics.bind(db)
+        sample = metrics.registry.get_sample_value
+        assert sample("insession_snapshot_standby_running") == 1
+        assert sample("insession_snapshot_standby_starts_total") == 2
+        assert sample("insession_background_failures_total", {"job": "standby"}) == 1
 
 
 def test_a_feature_declared_while_the_standby_runs_reaches_its_snapshots(tmp_path: Path) -> None:
