@@ -104,7 +104,7 @@ def build(out_dir: Path) -> FeatureEngine:
     return engine
 
 
-def _yield_cpu() -> None:
+def yield_cpu() -> None:
     """Serving first: SCHED_IDLE (run only on a CPU nothing else wants), else the lowest nice."""
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m insession.features.backfill OUT_DIR", file=sys.stderr)
         return 2
-    _yield_cpu()
+    yield_cpu()
     try:
         build(Path(args[0]))
     except Exception as e:  # the server reads the reason from stderr and shows it in DESCRIBE

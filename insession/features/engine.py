@@ -89,12 +89,12 @@ def _section(f: Feature) -> str:
 
 
 @contextlib.contextmanager
-def snapshot_lock(state_dir: Path) -> Iterator[None]:
-    """Hold `state_dir/SNAPSHOT.lock` (flock, exclusive, blocking): one process at a time writes a snapshot
-    (and deletes the ones it replaces) or loads one, so the server and its snapshot standby
-    (`insession.features.standby`) never read a snapshot the other is deleting."""
+def snapshot_lock(state_dir: Path, *, wait: bool = True) -> Iterator[None]:
+    """Hold `state_dir/SNAPSHOT.lock` (flock, exclusive): one process at a time writes a snapshot (and deletes
+    the ones it replaces) or loads one, so the server and its snapshot standby (`insession.features.standby`)
+    never read a snapshot the other is deleting. `wait=False` raises BlockingIOError if it is held."""
     with (state_dir / SNAPSHOT_LOCK_FILE).open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         yield  # closing the file releases the lock
 
 
@@ -397,15 +397,18 @@ class FeatureEngine:
 
     def written_snapshot_offset(self) -> int:
         """The applied offset of the snapshot `CURRENT` names now, whichever process wrote it (-1: none);
-        a snapshot standby's advance this way while this engine writes none."""
+        a snapshot standby's advance this way while this engine writes none. While another process holds
+        the snapshot lock (writing one), `snapshot_offset` as last known: the caller never waits for it."""
         if self.state_dir is None:
             return -1
-        with snapshot_lock(self.state_dir):  # not replaced and deleted under us
-            current = self.state_dir / CURRENT_FILE
-            try:
+        try:
+            with snapshot_lock(self.state_dir, wait=False):  # not replaced and deleted under us
+                current = self.state_dir / CURRENT_FILE
                 return read_header(self.state_dir / current.read_text().strip() / "stream.state").offset
-            except (FileNotFoundError, SnapshotError):  # none yet; a damaged one is set aside at the next start
-                return -1
+        except BlockingIOError:
+            return self.snapshot_offset
+        except (FileNotFoundError, SnapshotError):  # none yet; a damaged one is set aside at the next start
+            return -1
 
     def _snapshot(self, state_dir: Path) -> None:
         gen = state_dir / f"snap-{max(self.applied_offset, 0):012d}-{time.time_ns()}"

@@ -7,7 +7,8 @@ request handling already takes 0.7-0.9 of the one core its GIL gives it under be
 analytics beside. Chunked captures and reads off the event loop (engine.py) did not remove that, and a
 forked child writing its copy-on-write picture lost to the page-copy tax (docs/features.md). A standby
 pays in memory instead: a second copy of the state (about the server's own RSS) and the CPU to apply the
-log, with its own GIL, on another core, at a lower priority than serving (`NICE`).
+log, with its own GIL, on a core serving leaves idle (SCHED_IDLE, as the backfill's child: it only runs when
+nothing else wants the CPU, and its snapshots lag instead of taking CPU from serving).
 
 The contract:
 - `Standby` (the server's handle, `insession.embedded`) starts `python -m insession.features.standby` with
@@ -35,6 +36,7 @@ import threading
 import time
 from pathlib import Path
 
+from insession.features.backfill import yield_cpu
 from insession.features.engine import REGISTRY_FILE, FeatureEngine
 from insession.log.eventlog import LOG_FILE, READ_PAGE, connect_read_only, decode_rows
 
@@ -43,7 +45,6 @@ log = logging.getLogger(__name__)
 EXIT_RESTART = 3  # the declarations changed, or one is still backfilling: start me again later
 POLL_S = 0.05  # how long the standby waits when the log has nothing new
 SWEEP_EVERY_S = 5.0  # expired state leaves the standby's memory as it leaves the server's (one unit a turn)
-NICE = 5  # serving first: the standby only lags when the CPU is short, and a snapshot may be older then
 STATE_DIR = "features"  # the feature state under a data directory (as the embedded handle opens it)
 
 
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parent", type=int, required=True, help="the server's pid: exit when it is gone")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s insession-standby %(levelname)s %(message)s")
-    os.nice(NICE)
+    yield_cpu()  # serving first (SCHED_IDLE): at nice 5 it took a quarter core from a saturated server
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server's whole process group: it stops me
