@@ -79,9 +79,6 @@ def spark_session(master: str = "local[*]", *, ui: bool = True, conf: dict[str, 
         "spark.sql.session.timeZone": "UTC",
         "spark.sql.shuffle.partitions": str(4 * (os.cpu_count() or 2)),
         "spark.driver.memory": os.environ.get("INSESSION_SPARK_DRIVER_MEMORY", "2g"),
-        # no cap on one collect's results (Spark's default: 1 GiB): a feature's column for a whole spine comes
-        # back in one collect, and last-50 sequences at the 5M build's 514k requests are of that order
-        "spark.driver.maxResultSize": "0",
         "spark.ui.enabled": "true" if ui else "false",
         "spark.ui.showConsoleProgress": "false",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
