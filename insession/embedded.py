@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO, get_args
 
 import msgspec
 
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 REPLAY_CHUNK = 10_000
 EXPORT_MIN_EVENTS = 50_000  # background export waits for this many events (fewer, larger Parquet files)
 SNAPSHOT_EVERY_S = 60.0  # default interval between feature snapshots (taken only when the state changed)
-SNAPSHOT_WRITERS = ("server", "standby")  # who writes them: this process, or a standby process beside it
+SnapshotWriter = Literal["server", "standby"]  # who writes them: this process, or a standby process beside it
 RETRY_MAX_S = 60.0  # a failing background job retries after 1, 2, 4 ... s, at most this
 
 
@@ -64,11 +64,12 @@ class Insession:
                  limits: Limits | None = None, rank_config: RankConfig | None = None,
                  snapshot_interval_s: float = SNAPSHOT_EVERY_S, max_users: int = 0, partitions: int = 16,
                  log_config: LogConfig | None = None, held: frozenset[int] | None = None,
-                 snapshot_writer: str = "server") -> None:
+                 snapshot_writer: SnapshotWriter = "server") -> None:
         self.data_dir = Path(data_dir)
         self.log_config = log_config or LogConfig()  # [log]: the embedded log.sqlite, or a JetStream stream
-        if snapshot_writer not in SNAPSHOT_WRITERS:
-            raise ValueError(f"snapshot_writer must be one of {', '.join(SNAPSHOT_WRITERS)}, not {snapshot_writer!r}")
+        if snapshot_writer not in get_args(SnapshotWriter):
+            raise ValueError(f"snapshot_writer must be one of {', '.join(get_args(SnapshotWriter))}, "
+                             f"not {snapshot_writer!r}")
         if snapshot_writer == "standby" and self.log_config.url:
             raise DataDirError("snapshot_writer = \"standby\" needs the embedded log (the standby reads log.sqlite); "
                                "with a replicated log leave it \"server\"")
@@ -83,7 +84,7 @@ class Insession:
 
     def _open(self, maintenance_interval_s: float | None, limits: Limits | None, rank_config: RankConfig | None,
               snapshot_interval_s: float, max_users: int, partitions: int, held: frozenset[int] | None,
-              snapshot_writer: str) -> None:
+              snapshot_writer: SnapshotWriter) -> None:
         # a local directory (Path) or an object-store URI (str: s3://bucket/prefix, insession.log.export)
         self.history_dir = history_location(self.log_config.history) if self.log_config.history else \
             self.data_dir / "history"
@@ -263,7 +264,7 @@ class Insession:
     def _standby_writes(self) -> bool:
         """Whether the snapshot standby writes the snapshots now. While it runs, the snapshot offset is
         taken from `CURRENT`. Once it has exited it is started again: after a snapshot interval when it
-        asked to be (`EXIT_RESTART`: declarations changed or backfilling), after 1, 2, 4 ... s (at most
+        asked to be (`EXIT_RESTART`: declarations changed or backfilling), after 2, 4, 8 ... s (at most
         RETRY_MAX_S) when it failed, counted and logged. Until it runs, this process writes them."""
         assert self.standby is not None
         if self.standby.running():

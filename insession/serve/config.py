@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from insession.embedded import SnapshotWriter
 from insession.log.base import LogConfig
 from insession.query import Limits
 from insession.rank import RankConfig
@@ -207,7 +208,7 @@ class FeaturesConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_users: Annotated[int, _text("shoppers kept in online state at most (0: no cap)", ge=0)] = 0
     partitions: Annotated[int, _text("partitions of the online state", ge=1)] = 16
     snapshot_writer: Annotated[
-        Literal["server", "standby"],
+        SnapshotWriter,
         _text("who writes the snapshots: this process, or a standby process with its own copy of the state "
               "(no snapshot work on serving's GIL, twice the memory; the embedded log only)"),
     ] = "server"
