@@ -123,8 +123,8 @@ def _run_child(cmd: list[str], timeout_s: float | None) -> dict | str:
     if proc.returncode:  # the messages without the JVM's stack frames (the 5M build's cause was cut off)
         said = [ln for ln in err.splitlines() if ln.strip() and not ln.lstrip().startswith("at ")]
         print("\n".join(said[-60:]), file=sys.stderr, flush=True)
-        lines = [ln for ln in said if "Error" in ln or "Exception" in ln] or said[-1:]
-        return f"failed: {lines[0][:200] if lines else proc.returncode}"
+        causes = [ln for ln in said if "Caused by" in ln or "Error:" in ln or "Exception:" in ln] or said[-1:]
+        return f"failed: {causes[-1].strip()[:200] if causes else proc.returncode}"
     return json.loads(out.strip().splitlines()[-1])
 
 
