@@ -567,6 +567,58 @@ def pooled_difference(
     return len(delta), paired_difference(per_a, per_b, "ndcg10", n_boot, 0)
 
 
+def versus_difference(
+    results: list[PrequentialResult],
+    others: list[PrequentialResult],
+    mask: Callable[[PrequentialResult], np.ndarray],
+    n_boot: int = 1000,
+) -> tuple[int, Estimate]:
+    """The continuous arm of each run minus that of its counterpart in `others` (the same shop and training
+    seed, another update setting: the same requests, lists, frozen and daily models), pooled as
+    `pooled_difference` pools (sessions keyed by shop). Raises ValueError when a pair's requests differ."""
+    deltas, sessions = [], []
+    for res, other in zip(results, others, strict=True):
+        same_seed = res.config.training_seed == other.config.training_seed
+        if res.dataset != other.dataset or not same_seed or not res.requests["g"].equals(other.requests["g"]):
+            raise ValueError(
+                f"{res.dataset} (training seed {res.config.training_seed}) and {other.dataset} (training seed "
+                f"{other.config.training_seed}): not the same shop and training seed, nothing to pair"
+            )
+        m = mask(res)
+        deltas.append(res.scores["continuous"].ndcg10[m] - other.scores["continuous"].ndcg10[m])
+        sessions.append(np.char.add(f"{res.dataset}:", res.scores["continuous"].session[m].astype(str)))
+    delta, session = np.concatenate(deltas), np.concatenate(sessions)
+    zero = np.zeros(len(delta))
+    empty = Pairs(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+    per_a = PerRequest(delta, zero, zero, zero, session, session, zero, empty)
+    per_b = PerRequest(zero, zero, zero, zero, session, session, zero, empty)
+    return len(delta), paired_difference(per_a, per_b, "ndcg10", n_boot, 0)
+
+
+def _pool_subsets() -> list[tuple[str, Callable[[PrequentialResult], np.ndarray]]]:
+    return [
+        ("all test add-to-carts", lambda r: np.ones(len(r.window), bool)),
+        ("windows after a trend shift", lambda r: r.post_shift_mask()),
+        ("the other windows", lambda r: ~r.post_shift_mask()),
+        ("after the first day (daily retrained)", lambda r: r.window >= 24 // r.config.window_hours),
+        ("proposed view", lambda r: r.proposed),
+    ]
+
+
+def versus_report(results: list[PrequentialResult], others: list[PrequentialResult], n_boot: int = 1000) -> str:
+    """`versus_difference` on the subsets of `pooled_report`, as a Markdown table."""
+    lines = [
+        "Continuous (the --pool runs) minus continuous (the --versus runs), paired:",
+        "",
+        "| requests | n | continuous - continuous |",
+        "|---|---|---|",
+    ]
+    for name, mask in _pool_subsets():
+        n, e = versus_difference(results, others, mask, n_boot)
+        lines.append(f"| {name} | {n:,} | {_f(e)} |")
+    return "\n".join(lines)
+
+
 def pooled_report(results: list[PrequentialResult], n_boot: int = 1000) -> str:
     """The paired differences of `summary_rows`' first subsets over several runs pooled (`pooled_difference`),
     as a Markdown table."""
@@ -577,14 +629,7 @@ def pooled_report(results: list[PrequentialResult], n_boot: int = 1000) -> str:
         "| requests | n | continuous - daily | continuous - frozen | daily - frozen |",
         "|---|---|---|---|---|",
     ]
-    subsets: list[tuple[str, Callable[[PrequentialResult], np.ndarray]]] = [
-        ("all test add-to-carts", lambda r: np.ones(len(r.window), bool)),
-        ("windows after a trend shift", lambda r: r.post_shift_mask()),
-        ("the other windows", lambda r: ~r.post_shift_mask()),
-        ("after the first day (daily retrained)", lambda r: r.window >= 24 // r.config.window_hours),
-        ("proposed view", lambda r: r.proposed),
-    ]
-    for name, mask in subsets:
+    for name, mask in _pool_subsets():
         cells = [pooled_difference(results, a, b, mask, n_boot) for a, b in PAIRS]
         lines.append(f"| {name} | {cells[0][0]:,} | " + " | ".join(_f(e) for _, e in cells) + " |")
     return "\n".join(lines)
@@ -727,6 +772,13 @@ def prequential(
             "paired differences over them."
         ),
     ] = None,
+    versus: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="With --pool: saved runs of the same shops and training seeds with another update setting, "
+            "one per --pool run in the same order; prints the continuous arms' paired difference too."
+        ),
+    ] = None,
 ) -> None:
     """Prequential replay on the realistic shop: a frozen model, a daily retrain and continuous updates
     (`insession train --follow`'s update), NDCG@10 per window with paired session-bootstrap intervals, and a
@@ -735,7 +787,16 @@ def prequential(
     import sys
 
     if pool:
-        typer.echo(pooled_report([pickle.loads((p / "result.pkl").read_bytes()) for p in pool], n_boot))
+        results = [pickle.loads((p / "result.pkl").read_bytes()) for p in pool]
+        typer.echo(pooled_report(results, n_boot))
+        if versus:
+            if len(versus) != len(pool):
+                raise typer.BadParameter("one --versus run per --pool run", param_hint="--versus")
+            others = [pickle.loads((p / "result.pkl").read_bytes()) for p in versus]
+            try:
+                typer.echo("\n" + versus_report(results, others, n_boot))
+            except ValueError as e:
+                raise typer.BadParameter(str(e), param_hint="--versus") from None
         return
     cfg = PrequentialConfig(
         users=users,

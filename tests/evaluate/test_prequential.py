@@ -23,6 +23,7 @@ from insession.evaluate.prequential import (
     pooled_report,
     report,
     run,
+    versus_difference,
     window_index,
 )
 from insession.model.artefact import versions
@@ -141,6 +142,11 @@ def test_the_command_is_registered_pools_saved_runs_and_refuses_bad_windows(
     out = CliRunner().invoke(app, ["prequential", "--pool", str(tmp_path), "--n-boot", "50"])
     assert out.exit_code == 0, out.output
     assert "windows after a trend shift" in out.output and res.dataset in out.output
+    both = ["prequential", "--pool", str(tmp_path), "--versus", str(tmp_path), "--n-boot", "50"]
+    versus = CliRunner().invoke(app, both)
+    assert versus.exit_code == 0 and "| all test add-to-carts | " in versus.output.split("minus continuous")[1]
+    unpaired = CliRunner().invoke(app, [*both, "--versus", str(tmp_path)])
+    assert unpaired.exit_code == 2 and "one --versus run per --pool run" in unpaired.output
     bad = CliRunner().invoke(app, ["prequential", "--window-hours", "7"])
     assert bad.exit_code == 2 and "window_hours" in bad.output
 
@@ -207,3 +213,21 @@ def test_the_command_passes_the_training_seed(monkeypatch: pytest.MonkeyPatch) -
     CliRunner().invoke(app, ["prequential", "--seed", "2", "--train-seed", "5"])
     CliRunner().invoke(app, ["prequential", "--seed", "2"])
     assert [(c.seed, c.training_seed) for c in got] == [(2, 5), (2, 2)]
+
+
+def test_versus_pairs_the_continuous_arms_of_the_same_shop_and_training_seed(
+    replay: tuple[PrequentialResult, Path],
+) -> None:
+    """Another update setting's run of the same shop and training seed: the continuous arms' paired
+    difference; a run of another training seed (or shop) is refused."""
+    from dataclasses import replace
+
+    res, _ = replay
+    better = replace(res, scores={**res.scores, "continuous": replace(res.scores["continuous"])})
+    better.scores["continuous"].ndcg10 = res.scores["continuous"].ndcg10 + 0.25
+    everything = lambda r: np.ones(len(r.window), bool)  # noqa: E731
+    n, e = versus_difference([better, res], [res, res], everything, 50)
+    assert n == 2 * res.requests.num_rows and e.value == pytest.approx(0.125)
+    other_seed = replace(res, config=replace(res.config, train_seed=res.config.seed + 1))
+    with pytest.raises(ValueError, match="training seed"):
+        versus_difference([res], [other_seed], everything, 50)
