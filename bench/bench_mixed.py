@@ -9,8 +9,8 @@ this process keep two heavy analytics scans running. The snapshot interval is lo
 snapshots fall inside; their instants are taken from the state directory's CURRENT file. The load runs
 twice, each time on a fresh copy of the same data: first with the snapshots written by the server process
 itself (the default), then by a snapshot standby process (`[features] snapshot_writer = "standby"`: the
-snapshot work moves off the server's GIL onto another core, for a second copy of the state; the targets
-are checked on it). The memory and CPU of the server, of the
+snapshot work moves off the server's GIL onto CPU nothing else wants, for a second copy of the state; the
+targets are checked on it). The memory and CPU of the server, of the
 standby and of the analytics workers (private memory) are sampled every second. Before that load, a
 server started on the same data answers `GET /v1/features/user/{id}` alone at 1,000/s for a minute (no
 ingest, no ranking: the issue's "stall episodes every 18-22 s" case), and the seconds holding a read over
