@@ -856,18 +856,12 @@ class SparkEngine(OfflineEngine):
     ) -> Iterator[pa.Table]:
         """Each feature is one Spark job over the whole spine, never one per chunk: a chunk's job re-read and
         re-sorted the feature's whole index (as many rows as the history) with its 1M spine rows, so the 1M
-        build's 6.4M counter pairs cost 7 jobs per feature.
-
-        How the values reach the driver: on a local master each feature's job writes them as Parquet under
-        Spark's local dir and the driver reads the files with pyarrow, never through a collect: the 5M
-        build's shopper state (~0.5M requests, last-50 sequences among them) failed twice in one collect
-        on the 2 GiB heap (`TaskResultLost`, docs/bench/bench_offline.md). Elsewhere the executors' files are
-        not the driver's: a spine longer than `chunk_rows` keeps each feature's values cached on their local
-        disks and hands them back `chunk_rows` rows at a time (a light job each)."""
+        build's 6.4M counter pairs cost 7 jobs per feature. A spine longer than `chunk_rows` keeps each
+        feature's values cached on local disk and hands them back `chunk_rows` rows at a time (a light job
+        each), so the driver still holds one chunk of values."""
         reg = as_registry(features)
         check_spine(reg, spine)
         ev, acc = self._prepared(events, reg)
-        local = self.spark.sparkContext.master.startswith("local")
         try:
             sp = self._prepare_spine(spine, reg, ev, acc)
             whole = spine.num_rows <= chunk_rows
@@ -884,13 +878,10 @@ class SparkEngine(OfflineEngine):
                     res = self._top(f, sp, src, index, reg)
                 else:
                     res = self._window(f, sp, src)
-                values = self._sql(f"SELECT rid, v FROM {res}")
-                if local:
-                    results.append(self._written(values))
-                elif whole:
-                    results.append(values.toArrow())
+                if whole:
+                    results.append(self._sql(f"SELECT rid, v FROM {res}").toArrow())
                 else:
-                    kept = self._persist(values, disk=True)
+                    kept = self._persist(self._sql(f"SELECT rid, v FROM {res}"), disk=True)
                     kept.count()  # computed now, while this feature's views are the ones cached
                     results.append(self._view(kept, "kept"))
             if whole:
@@ -899,31 +890,11 @@ class SparkEngine(OfflineEngine):
             for lo in range(0, spine.num_rows, chunk_rows):
                 part = spine.slice(lo, chunk_rows)
                 hi = lo + part.num_rows
-                if local:  # rid-sorted tables: a chunk's rows are one slice of each
-                    got = []
-                    for r in results:
-                        a, b = np.searchsorted(r["rid"].to_numpy(), [lo, hi])
-                        g = r.slice(a, b - a)
-                        got.append(g.set_column(0, "rid", pc.subtract(g["rid"], lo)))
-                else:
-                    got = [self._sql(f"SELECT rid - {lo} AS rid, v FROM {r} WHERE rid >= {lo} AND rid < {hi}")
-                           .toArrow() for r in results]  # fmt: skip
+                got = [self._sql(f"SELECT rid - {lo} AS rid, v FROM {r} WHERE rid >= {lo} AND rid < {hi}").toArrow()
+                       for r in results]  # fmt: skip
                 yield _with_defaults(part, reg, got)
         finally:
             self._release()
-
-    def _written(self, values) -> pa.Table:  # noqa: ANN001
-        """A local master's feature values (rid, v), written as Parquet under Spark's local dir and read back
-        with pyarrow, sorted by rid (rows only for the spine rows the feature has a value for)."""
-        import pyarrow.parquet as pq
-
-        root = Path(self.spark.conf.get("spark.local.dir", tempfile.gettempdir()))
-        root.mkdir(parents=True, exist_ok=True)
-        folder = tempfile.mkdtemp(prefix="values-", dir=root)
-        self._files.append(folder)
-        values.write.mode("overwrite").parquet(folder)
-        table = pq.read_table(folder)
-        return table.sort_by("rid")
 
     def accepted(self, registry: FeatureRegistry, events: EventsLike) -> pa.Table:
         _, acc = self._prepared(events, registry)
