@@ -559,6 +559,11 @@ def pooled_difference(
         m = mask(res)
         deltas.append(res.scores[a].ndcg10[m] - res.scores[b].ndcg10[m])
         sessions.append(np.char.add(f"{res.dataset}:", res.scores[a].session[m].astype(str)))
+    return _paired(deltas, sessions, n_boot)
+
+
+def _paired(deltas: list[np.ndarray], sessions: list[np.ndarray], n_boot: int) -> tuple[int, Estimate]:
+    """The number of paired deltas and their mean with a bootstrap interval resampling sessions."""
     delta, session = np.concatenate(deltas), np.concatenate(sessions)
     zero = np.zeros(len(delta))
     empty = Pairs(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
@@ -587,12 +592,7 @@ def versus_difference(
         m = mask(res)
         deltas.append(res.scores["continuous"].ndcg10[m] - other.scores["continuous"].ndcg10[m])
         sessions.append(np.char.add(f"{res.dataset}:", res.scores["continuous"].session[m].astype(str)))
-    delta, session = np.concatenate(deltas), np.concatenate(sessions)
-    zero = np.zeros(len(delta))
-    empty = Pairs(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
-    per_a = PerRequest(delta, zero, zero, zero, session, session, zero, empty)
-    per_b = PerRequest(zero, zero, zero, zero, session, session, zero, empty)
-    return len(delta), paired_difference(per_a, per_b, "ndcg10", n_boot, 0)
+    return _paired(deltas, sessions, n_boot)
 
 
 def _pool_subsets() -> list[tuple[str, Callable[[PrequentialResult], np.ndarray]]]:

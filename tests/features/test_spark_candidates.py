@@ -79,6 +79,7 @@ HAND = [ev(0, "u0", "i1", T0, category="c1"), ev(1, "u0", "i4", T0 + MINUTE_MS /
     max_examples=3,
     deadline=None,
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    derandomize=True,  # fixed examples: one random example ran a clean-clone suite past 9 min (open, issue 15)
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @example(events=HAND)

@@ -56,6 +56,7 @@ def _assert_same(reg: FeatureRegistry, want: pa.Table, got: pa.Table) -> None:
     max_examples=2,
     deadline=None,
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    derandomize=True,  # fixed examples: one random example ran a clean-clone suite past 9 min (open, issue 15)
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @example(  # the shopper's latest event has no session id after one that had: the session closes by inactivity

@@ -131,6 +131,7 @@ SETTINGS = settings(
     max_examples=2,
     deadline=None,
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    derandomize=True,  # fixed examples: one random example ran a clean-clone suite past 9 min (open, issue 15)
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 READS = st.lists(st.tuples(st.integers(-1, 80), st.integers(-10 * MINUTE_MS, 70 * MINUTE_MS)), min_size=1, max_size=10)
