@@ -10,12 +10,12 @@ import pytest
 from insession.offline.spark_engine import SparkEngine, spark_session
 
 # Small on purpose: 2 local cores at most, one shuffle partition per stage (the test data is tiny; every
-# extra partition is a task's overhead), a modest driver heap.
+# extra partition is a task's overhead), a driver heap that holds a whole session of Spark tests.
 TEST_CONF = {
     "spark.sql.shuffle.partitions": "1",
     "spark.default.parallelism": "1",
     "spark.sql.adaptive.enabled": "false",
-    "spark.driver.memory": "1g",
+    "spark.driver.memory": "2g",  # 1g: a clean-clone suite hung in test_spark_top, the JVM at 190% CPU
 }
 
 
