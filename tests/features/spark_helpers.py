@@ -6,6 +6,7 @@ import functools
 import shutil
 
 import pytest
+from hypothesis import HealthCheck, Phase, settings
 
 from insession.offline.spark_engine import SparkEngine, spark_session
 
@@ -30,3 +31,15 @@ def shared_spark_engine() -> SparkEngine:
     if shutil.which("java") is None:
         pytest.skip("no Java runtime on PATH: Spark needs Java 17+ (scripts/setup_java.sh installs it)")
     return _engine()
+
+
+def spark_settings(max_examples: int) -> settings:
+    """Hypothesis settings of the Spark property tests: a few examples (each one a Spark job), no shrinking,
+    fixed examples (derandomize: a clean-clone suite sees the developer's), no deadline."""
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        phases=[Phase.explicit, Phase.reuse, Phase.generate],
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 from features_helpers import T0, ev
-from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
-from spark_helpers import shared_spark_engine
+from spark_helpers import shared_spark_engine, spark_settings
 
 from insession.features import FeatureRegistry
 from insession.features.declare import MINUTE_MS
@@ -75,13 +75,7 @@ HAND = [ev(0, "u0", "i1", T0, category="c1"), ev(1, "u0", "i4", T0 + MINUTE_MS /
         ev(9, "u0", "i1", T0 + 10 * MINUTE_MS, "add_to_cart")]  # fmt: skip
 
 
-@settings(
-    max_examples=3,
-    deadline=None,
-    phases=[Phase.explicit, Phase.reuse, Phase.generate],
-    derandomize=True,  # fixed examples: one random example ran a clean-clone suite past 9 min (open, issue 15)
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@spark_settings(3)
 @example(events=HAND)
 @given(events=shop_streams())
 def test_both_engines_give_the_positive_and_the_nearest_unbought_views_of_its_session(events: list[Event]) -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 from features_helpers import ALL_KINDS, T0, assert_parity, ev, online_reads, streams
-from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
-from spark_helpers import shared_spark_engine
+from spark_helpers import shared_spark_engine, spark_settings
 from test_parity import DECLARED_FIELDS
 
 from insession.features import FeatureRegistry, default_registry
@@ -52,13 +52,7 @@ def _assert_same(reg: FeatureRegistry, want: pa.Table, got: pa.Table) -> None:
 
 
 # No shrinking: each step of it is a Spark computation (minutes); the failing example is printed as drawn.
-@settings(
-    max_examples=2,
-    deadline=None,
-    phases=[Phase.explicit, Phase.reuse, Phase.generate],
-    derandomize=True,  # fixed examples: one random example ran a clean-clone suite past 9 min (open, issue 15)
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@spark_settings(2)
 @example(  # the shopper's latest event has no session id after one that had: the session closes by inactivity
     events=[ev(0, "u0", "i0", T0, category="c1", session="s2"), ev(1, "u0", "i1", T0 + MINUTE_MS, category="c0"),
             ev(2, "u1", "i2", T0 + 120 * MINUTE_MS)],

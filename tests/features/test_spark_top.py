@@ -16,9 +16,9 @@ from collections import Counter
 
 import pyarrow as pa
 from features_helpers import T0, ev
-from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
-from spark_helpers import shared_spark_engine
+from spark_helpers import shared_spark_engine, spark_settings
 
 from insession.features import FeatureRegistry
 from insession.features.declare import HOUR_MS, MINUTE_MS, Feature, sliding
@@ -127,13 +127,7 @@ def _check(reg: FeatureRegistry, events: list[Event], reads: list[tuple[int, int
 
 
 # Few examples (each is a Spark computation: ~20 s on 2 quiet cores); no shrinking, as in test_spark_parity.
-SETTINGS = settings(
-    max_examples=2,
-    deadline=None,
-    phases=[Phase.explicit, Phase.reuse, Phase.generate],
-    derandomize=True,  # fixed examples: one random example ran a clean-clone suite past 9 min (open, issue 15)
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+SETTINGS = spark_settings(2)
 READS = st.lists(st.tuples(st.integers(-1, 80), st.integers(-10 * MINUTE_MS, 70 * MINUTE_MS)), min_size=1, max_size=10)
 TIED = [ev(i, "u0", f"i{3 - i}", T0 + i * MINUTE_MS, category=f"c{i % 2}") for i in range(4)]
 # i1 and i2 once each in the complete blocks (the group's k-th largest: 1), i0 once in the edge 30 minutes
