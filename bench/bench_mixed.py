@@ -261,6 +261,7 @@ class _Phase(NamedTuple):
     watch: _Watch
     scans: list[_Analytics]
     ready_s: float
+    paused: tuple[float, int]  # seconds the analytics queries were held paused for serving, and how many pauses
 
 
 def _stats(samples: list[Sample]) -> dict[str, float]:
@@ -373,6 +374,7 @@ def _measured(data_dir: Path, config: Path, n_users: int, seconds: float) -> _Ph
             s.start()
         results: dict[str, tuple[list[Sample], int]] = recv.recv()
         proc.join()
+        paused = _paused(_get(server.port, "/metrics").decode())
         for s in scans:
             s.stop.set()
         for s in scans:
@@ -381,7 +383,18 @@ def _measured(data_dir: Path, config: Path, n_users: int, seconds: float) -> _Ph
         watch.join()
     finally:
         server.stop()
-    return _Phase(results, watch, scans, ready_s)
+    return _Phase(results, watch, scans, ready_s, paused)
+
+
+def _paused(metrics: str) -> tuple[float, int]:
+    """(seconds paused, pauses) of the analytics lane's serving-first rule, from a /metrics text."""
+    values = {}
+    for line in metrics.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("insession_analytics_paused_seconds_total", "insession_analytics_pauses_total"):
+            values[name] = float(value)
+    return (values.get("insession_analytics_paused_seconds_total", 0.0),
+            int(values.get("insession_analytics_pauses_total", 0)))
 
 
 def _post(port: int, path: str, body: dict[str, object]) -> bytes:
@@ -434,7 +447,8 @@ def _phase_text(writer: str, phase: _Phase, half: float) -> str:
         f"after start (snapshot load). Peak RSS: server {peak(1):.2f} GiB{standby}; analytics workers' "
         f"private memory {peak(3):.2f} GiB. Analytics scans completed in the second half: "
         f"{sum(len(s.done) for s in scans)} ({sum(s.refused for s in scans)} answered 429, "
-        f"{sum(s.failed for s in scans)} failed). Sends the client could not make on time (> 1 ms late): "
+        f"{sum(s.failed for s in scans)} failed); held paused for serving (`[query] yield_lag_ms`) "
+        f"{phase.paused[0]:.0f} s in {phase.paused[1]} pauses. Sends the client could not make on time (> 1 ms late): "
         + ", ".join(f"{k} {v}" for k, v in late.items()) + ". "
         f"CPU, mean over each half, in cores: the server's {mean(1, True):.2f} / {mean(1, False):.2f} (its Python "
         f"work is bound to about one by the GIL){standby_cpu}; its workers' (export, analytics): "

@@ -48,6 +48,7 @@ from insession.query.workers import (
     WorkerTimeout,
     size_bytes,
 )
+from insession.query.yielding import ServingFirst, YieldRule
 
 Position = Callable[[str], dict[str, int]]
 EXPORT_TIMEOUT_S = 300.0  # one export chunk (at most 200,000 events) in the export worker; past it, killed
@@ -82,6 +83,9 @@ class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_bytes: int = 16 * 1024 * 1024  # Arrow bytes returned at most (more: truncated=true)
     retry_after_s: int = 1  # told to a client refused with 429
     items_ttl_s: float = 1.0  # the `items` table is re-read from the catalogue at most this often
+    # Serving first (`insession.query.yielding`): while the serving process wakes on average more than this
+    # late (ms, over 100 ms), the running queries are paused; 0 turns it off.
+    yield_lag_ms: float = 5.0
     # Each worker process's address-space cap (RLIMIT_AS); None: memory_limit + 768MiB + 64MiB per DuckDB
     # thread. At least 512MiB: an idle worker's interpreter and libraries take about 0.45GiB.
     worker_memory: str | None = None
@@ -205,7 +209,17 @@ class AnalyticsLane:
             catalog_path=str(sources.catalog_path) if files or streamed else None,
             stream=sources.stream if streamed else None,
         )
-        self._workers = [WorkerProcess(self.config, f"analytics worker {i}") for i in range(lim.concurrency)]
+        if lim.yield_lag_ms < 0:
+            raise ValueError(f"[query] yield_lag_ms = {lim.yield_lag_ms!r} is negative; give 0 to turn pausing off")
+        self.serving_first = (
+            ServingFirst(YieldRule(lim.yield_lag_ms / 1000), lambda: self.pids, lambda: self.running)
+            if lim.yield_lag_ms > 0
+            else None
+        )
+        paused_s = self.serving_first.paused_s if self.serving_first is not None else None
+        self._workers = [
+            WorkerProcess(self.config, f"analytics worker {i}", paused_s) for i in range(lim.concurrency)
+        ]
         # the background export's own worker (a query never waits behind an export, nor an export behind one)
         self._exporter = WorkerProcess(self.config, "export worker") if files or streamed else None
         self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
@@ -363,6 +377,8 @@ class AnalyticsLane:
                 pending.append(req)
         for req in pending:
             req.future.cancel()
+        if self.serving_first is not None:
+            self.serving_first.close()  # continued, so an idle worker can read its EOF and exit
         for _ in self._dispatchers:
             self._requests.put(None)
         for w in [*self._workers, *([self._exporter] if self._exporter is not None else [])]:

@@ -62,6 +62,8 @@ from insession.query.tables import connect
 from insession.schema import ITEM_ARROW_SCHEMA, Event
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from insession.log.jetstream import StreamReader
 
 HEADROOM_BYTES = 768 * 2**20  # a worker's address space beyond DuckDB's memory_limit (measured: ~0.5 GiB idle)
@@ -169,9 +171,12 @@ def _exit_text(code: int | None) -> str:
 class WorkerProcess:
     """One worker process, started on first use and restarted after a kill or a death; thread-safe."""
 
-    def __init__(self, config: WorkerConfig, name: str) -> None:
+    def __init__(self, config: WorkerConfig, name: str, paused_s: Callable[[], float] | None = None) -> None:
         self.config = config
         self.name = name
+        # seconds this worker has been held paused so far (`insession.query.yielding`); a job's deadline moves
+        # by the pauses that fall inside it
+        self._paused_s = paused_s
         self._lock = threading.Lock()  # one job at a time; held by `call` for the job's duration
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
@@ -237,9 +242,17 @@ class WorkerProcess:
         return _exit_text(code)
 
     def _receive(self, timeout_s: float) -> Reply | None:
+        """The next reply, or None after `timeout_s` of the worker's running time (pauses not counted)."""
         assert self._conn is not None
-        if not self._conn.poll(timeout_s):
-            return None
+        paused = self._paused_s
+        deadline = time.monotonic() + timeout_s
+        start = paused() if paused is not None else 0.0
+        while True:
+            left = deadline - time.monotonic() + (paused() - start if paused is not None else 0.0)
+            if self._conn.poll(max(0.0, min(left, 0.25) if paused is not None else left)):
+                break
+            if left <= 0:
+                return None
         return msgspec.msgpack.decode(self._conn.recv_bytes(self._max_reply), type=Reply)
 
     def call(self, job: Job, timeout_s: float) -> Reply:

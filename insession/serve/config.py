@@ -84,7 +84,14 @@ class QueryConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     )
     idle_cpu: Annotated[bool, _text("the analytics and export workers run under SCHED_IDLE (Linux): they get CPU "
                                     "only when serving leaves some")] = _LIMITS.idle_cpu
-    timeout_s: Annotated[float, _text("per query, from the moment it starts running", gt=0)] = _LIMITS.timeout_s
+    yield_lag_ms: Annotated[
+        float,
+        _text("serving first: the running analytics queries pause while the server wakes on average more than "
+              "this late (ms, over 100 ms); 0 turns pausing off", ge=0),
+    ] = _LIMITS.yield_lag_ms
+    timeout_s: Annotated[
+        float, _text("per query, from the moment it starts running (time paused for serving not counted)", gt=0)
+    ] = _LIMITS.timeout_s
     memory_limit: Annotated[
         str,
         _text("per query (DuckDB memory_limit), e.g. 512MB or 2GB", pattern=_SIZE),

@@ -343,6 +343,17 @@ class _HandleCollector(Collector):
                                       value=lane.rejected)
             yield CounterMetricFamily("insession_analytics_timeouts", "Analytics queries interrupted at their deadline",
                                       value=lane.timeouts)
+            first = lane.serving_first
+            if first is not None:
+                yield CounterMetricFamily("insession_analytics_paused_seconds",
+                                          "Seconds running analytics queries were held paused for serving",
+                                          value=first.held_s)
+                yield CounterMetricFamily("insession_analytics_pauses",
+                                          "Pauses for serving that held a running analytics query",
+                                          value=first.pauses)
+                yield GaugeMetricFamily("insession_serving_lateness_seconds",
+                                        "How late the serving process wakes, mean over the last 100 ms",
+                                        value=first.lateness_s)
 
 
 def _model_metrics(h: Any) -> Iterator[Metric]:

@@ -53,6 +53,7 @@ max_rows = 50
 max_bytes = 4096
 retry_after_s = 3
 items_ttl_s = 0.5
+yield_lag_ms = 12.5
 
 [rank]
 budget_ms = 40
@@ -104,7 +105,7 @@ def test_every_setting_is_read_from_the_file() -> None:
     assert [(k.name, k.roles) for k in cfg.auth.keys] == [("shop", ["serve", "ingest"])]
     assert cfg.query.limits() == Limits(concurrency=3, queue=2, threads=2, nice=0, timeout_s=4.0,
                                         memory_limit="256MB", max_rows=50, max_bytes=4096, retry_after_s=3,
-                                        items_ttl_s=0.5)
+                                        items_ttl_s=0.5, yield_lag_ms=12.5)
     assert cfg.rank.rank_config() == RankConfig(
         budget_ms=40, max_budget_ms=500, max_candidates=100, default_k=7, explain_items=2, explain_events=1,
         hygiene=HygieneRules(0.3, frozenset({"milk"})), quotas=CandidateQuotas(40, 10, 10, 10, 10),

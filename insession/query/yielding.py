@@ -1,0 +1,151 @@
+"""Serving first: analytics queries pause while the serving process runs late.
+
+The analytics workers already run under SCHED_IDLE, so they get only CPU that serving leaves. That is not
+enough on a small machine: in `bench_mixed` (2 cores, 1,000,000 shoppers, 5,000 events/s, 500 reads/s,
+100 ranks/s) two analytics scans beside the server raised feature-read p99 from 6.6 ms to 436 ms and queued
+ingest acks for up to 2.5 s, although the scheduler gave the server every cycle it asked for. What a scan
+takes from serving on top of CPU time (shared cache and memory bandwidth: a DuckDB hash aggregate over 20
+million rows evicts the server's working set) no CPU priority controls. So the lane watches the serving
+process itself and stops its query workers (SIGSTOP) while serving falls behind, and continues them
+(SIGCONT) once it has kept up for a while.
+
+The signal is the process's own lateness: a thread asks to wake every `TICK_S` and measures how late it
+wakes. Lateness adds up everything serving waits for (the GIL held by other work, a CPU taken by another
+process, a slowed CPU), so it rises when serving saturates, whatever the cause. The rule (`YieldRule`, a
+pure function of the lateness it sees, so it is tested on made-up sequences):
+
+- pause when the mean lateness over the last `WINDOW` ticks exceeds `lag_s`;
+- continue once it has stayed at or under `lag_s` for `hold_s`;
+- never starve: after `max_pause_s` of pause, the workers run for `min_run_s` whatever the lateness (so
+  analytics keep at least min_run / (max_pause + min_run) of the time, ~9% by default).
+
+A paused query's time does not count against the lane's `timeout_s` (the lane's workers read
+`paused_s()`). The export worker and the snapshot standby are not paused: they must keep up with the log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+TICK_S = 0.01  # how often the lateness is sampled
+WINDOW = 10  # ticks averaged: 100 ms
+
+
+@dataclass
+class YieldRule:
+    """When analytics pause, from the lateness samples (seconds) of the serving process; `now` is monotonic."""
+
+    lag_s: float
+    hold_s: float = 0.2
+    max_pause_s: float = 2.0
+    min_run_s: float = 0.2
+    paused: bool = False
+    _samples: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    _since: float = 0.0  # when the current state (paused or running) began
+    _calm_since: float | None = None  # while paused: since when the lateness has been at or under lag_s
+    _forced_until: float = 0.0  # a starvation guard's run ends here
+
+    def lateness(self) -> float:
+        """The mean lateness over the window (0 before the first sample)."""
+        return sum(self._samples) / len(self._samples) if self._samples else 0.0
+
+    def step(self, lateness_s: float, now: float) -> bool:
+        """Record one sample; whether the workers should be paused now."""
+        self._samples.append(lateness_s)
+        late = self.lateness() > self.lag_s
+        if now < self._forced_until:
+            return self.paused
+        if not self.paused:
+            if late:
+                self.paused, self._since, self._calm_since = True, now, None
+        elif now - self._since >= self.max_pause_s:
+            self.paused, self._since, self._forced_until = False, now, now + self.min_run_s
+        elif late:
+            self._calm_since = None
+        elif self._calm_since is None:
+            self._calm_since = now
+        elif now - self._calm_since >= self.hold_s:
+            self.paused, self._since = False, now
+        return self.paused
+
+
+class ServingFirst:
+    """The thread that applies `YieldRule` to the processes `pids()` names; `paused_s()` is the time spent
+    paused so far (the lane's workers add it to their deadlines). `held_s` and `pauses` count only what held
+    a running query (`running()` > 0), for /metrics. `close()` continues the workers and stops."""
+
+    def __init__(self, rule: YieldRule, pids: Callable[[], list[int]], running: Callable[[], int]) -> None:
+        self.rule = rule
+        self._pids = pids
+        self._running = running
+        self._lock = threading.Lock()
+        self._paused_total = 0.0
+        self._paused_at: float | None = None
+        self.held_s = 0.0  # seconds paused while a query was running
+        self.pauses = 0  # pauses that held a running query
+        self._held_this_pause = False
+        self.lateness_s = 0.0  # the last window's mean, for /metrics
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="insession-serving-first", daemon=True)
+        self._thread.start()
+
+    def paused_s(self) -> float:
+        """Seconds the workers have been held paused, in total (including a pause going on now)."""
+        with self._lock:
+            extra = 0.0 if self._paused_at is None else time.monotonic() - self._paused_at
+            return self._paused_total + extra
+
+    @property
+    def paused(self) -> bool:
+        with self._lock:
+            return self._paused_at is not None
+
+    def _signal(self, sig: signal.Signals) -> None:
+        for pid in self._pids():
+            with contextlib.suppress(ProcessLookupError):  # ended between the listing and the signal
+                os.kill(pid, sig)
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        due = last + TICK_S
+        while not self._stop.wait(max(0.0, due - time.monotonic())):
+            now = time.monotonic()
+            lateness = now - due
+            due = now + TICK_S
+            pause = self.rule.step(lateness, now)
+            self.lateness_s = self.rule.lateness()
+            with self._lock:
+                was = self._paused_at is not None
+                if was and self._running() > 0:
+                    self.held_s += now - last
+                    if not self._held_this_pause:
+                        self._held_this_pause = True
+                        self.pauses += 1
+                if pause and not was:
+                    self._paused_at = now
+                    self._held_this_pause = False
+                elif not pause and was:
+                    assert self._paused_at is not None
+                    self._paused_total += now - self._paused_at
+                    self._paused_at = None
+            last = now
+            if pause:
+                self._signal(signal.SIGSTOP)  # every tick: a worker started since the last one is held too
+            elif was:
+                self._signal(signal.SIGCONT)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        with self._lock:
+            if self._paused_at is not None:
+                self._paused_total += time.monotonic() - self._paused_at
+                self._paused_at = None
+        self._signal(signal.SIGCONT)
