@@ -856,12 +856,20 @@ class SparkEngine(OfflineEngine):
     ) -> Iterator[pa.Table]:
         """Each feature is one Spark job over the whole spine, never one per chunk: a chunk's job re-read and
         re-sorted the feature's whole index (as many rows as the history) with its 1M spine rows, so the 1M
-        build's 6.4M counter pairs cost 7 jobs per feature. A spine longer than `chunk_rows` keeps each
-        feature's values cached on local disk and hands them back `chunk_rows` rows at a time (a light job
-        each), so the driver still holds one chunk of values."""
+        build's 6.4M counter pairs cost 7 jobs per feature.
+
+        How the values reach the driver: on a local master each feature's job writes them as Parquet under
+        Spark's local dir and the driver reads the files with pyarrow (`_written`), never through a collect,
+        whose results the JVM holds in its heap until Python has read them all. At 5M events the candidate
+        stage's history_seq (last-100 sequences for 514k requests, ~51M structs) was computed in 281 s and
+        written to Spark's noop sink on the 2 GiB heap, but collecting it failed in the bench twice
+        (`TaskResultLost`). Elsewhere the executors' files are not the driver's: the values are collected
+        (a spine longer than `chunk_rows`: cached on the executors' disks and collected `chunk_rows` rows at
+        a time, a light job each), so the driver holds one chunk of values."""
         reg = as_registry(features)
         check_spine(reg, spine)
         ev, acc = self._prepared(events, reg)
+        local = self.spark.sparkContext.master.startswith("local")
         try:
             sp = self._prepare_spine(spine, reg, ev, acc)
             whole = spine.num_rows <= chunk_rows
@@ -878,23 +886,48 @@ class SparkEngine(OfflineEngine):
                     res = self._top(f, sp, src, index, reg)
                 else:
                     res = self._window(f, sp, src)
-                if whole:
-                    results.append(self._sql(f"SELECT rid, v FROM {res}").toArrow())
+                values = self._sql(f"SELECT rid, v FROM {res}")
+                if local:
+                    results.append(self._written(values, None if whole else chunk_rows))
+                elif whole:
+                    results.append(values.toArrow())
                 else:
-                    kept = self._persist(self._sql(f"SELECT rid, v FROM {res}"), disk=True)
+                    kept = self._persist(values, disk=True)
                     kept.count()  # computed now, while this feature's views are the ones cached
                     results.append(self._view(kept, "kept"))
             if whole:
-                yield _with_defaults(spine, reg, results)
+                yield _with_defaults(spine, reg, [_read(r) if local else r for r in results])
                 return
             for lo in range(0, spine.num_rows, chunk_rows):
                 part = spine.slice(lo, chunk_rows)
                 hi = lo + part.num_rows
-                got = [self._sql(f"SELECT rid - {lo} AS rid, v FROM {r} WHERE rid >= {lo} AND rid < {hi}").toArrow()
-                       for r in results]  # fmt: skip
+                if local:
+                    got = [_read(r, lo // chunk_rows, lo) for r in results]
+                else:
+                    got = [self._sql(f"SELECT rid - {lo} AS rid, v FROM {r} WHERE rid >= {lo} AND rid < {hi}")
+                           .toArrow() for r in results]  # fmt: skip
                 yield _with_defaults(part, reg, got)
         finally:
             self._release()
+
+    def _written(self, values, chunk_rows: int | None) -> tuple[str, pa.Schema]:  # noqa: ANN001
+        """A local master's feature values (rid, v) written as Parquet by Spark's tasks into a new folder under
+        Spark's local dir (removed with the call's other files, `_release`): the folder and the values' Arrow
+        schema. With `chunk_rows`, one subfolder per chunk of spine rows (`chunk=N`, N = rid DIV chunk_rows:
+        each task sorts its rows by chunk, no shuffle), so a chunk is read alone: the 5M build's 32M
+        (request, candidate) counter pairs come back a million at a time."""
+        from pyspark.sql.pandas.types import to_arrow_schema
+
+        root = Path(self.spark.conf.get("spark.local.dir", tempfile.gettempdir()))
+        root.mkdir(parents=True, exist_ok=True)
+        folder = tempfile.mkdtemp(prefix="values-", dir=root)
+        self._files.append(folder)
+        if chunk_rows is None:
+            values.write.mode("overwrite").parquet(folder)
+        else:
+            chunked = values.selectExpr("*", f"rid DIV {chunk_rows} AS chunk")
+            chunked.write.mode("overwrite").partitionBy("chunk").parquet(folder)
+        return folder, to_arrow_schema(values.schema)
 
     def accepted(self, registry: FeatureRegistry, events: EventsLike) -> pa.Table:
         _, acc = self._prepared(events, registry)
@@ -915,6 +948,23 @@ class SparkEngine(OfflineEngine):
         finally:
             self._release()
         return table.cast(CANDIDATE_SCHEMA)
+
+
+def _read(written: tuple[str, pa.Schema], chunk: int | None = None, lo: int = 0) -> pa.Table:
+    """The (rid, v) rows `_written` wrote (only chunk `chunk`'s, their rid counted from `lo`), in no given
+    order; none when the feature had no value there (Spark then writes no file)."""
+    import pyarrow.parquet as pq
+
+    folder, schema = written
+    path = Path(folder) if chunk is None else Path(folder) / f"chunk={chunk}"
+    files = sorted(str(f) for f in path.glob("*.parquet"))
+    if not files:
+        return schema.empty_table()
+    table = pq.read_table(files)
+    if lo:
+        at = table.schema.get_field_index("rid")
+        table = table.set_column(at, "rid", pc.subtract(table["rid"], pa.scalar(lo, pa.int64())))
+    return table
 
 
 def _with_defaults(spine: pa.Table, reg: FeatureRegistry, results: list[pa.Table]) -> pa.Table:
