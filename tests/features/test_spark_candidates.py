@@ -11,7 +11,7 @@ import pyarrow as pa
 from features_helpers import T0, ev
 from hypothesis import example, given
 from hypothesis import strategies as st
-from spark_helpers import shared_spark_engine, spark_settings
+from spark_helpers import several_events, shared_spark_engine, spark_settings
 
 from insession.features import FeatureRegistry
 from insession.features.declare import MINUTE_MS
@@ -75,9 +75,9 @@ HAND = [ev(0, "u0", "i1", T0, category="c1"), ev(1, "u0", "i4", T0 + MINUTE_MS /
         ev(9, "u0", "i1", T0 + 10 * MINUTE_MS, "add_to_cart")]  # fmt: skip
 
 
-@spark_settings(3)
+@spark_settings(2)
 @example(events=HAND)
-@given(events=shop_streams())
+@given(events=several_events(shop_streams()))
 def test_both_engines_give_the_positive_and_the_nearest_unbought_views_of_its_session(events: list[Event]) -> None:
     history = events_to_arrow(events)
     duck = open_engine("duckdb")
