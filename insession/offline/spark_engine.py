@@ -922,11 +922,12 @@ class SparkEngine(OfflineEngine):
         root.mkdir(parents=True, exist_ok=True)
         folder = tempfile.mkdtemp(prefix="values-", dir=root)
         self._files.append(folder)
+        # row groups of 16 MiB: a task buffers one (outside Spark's memory accounting) before writing it
         if chunk_rows is None:
-            values.write.mode("overwrite").parquet(folder)
+            writer = values.write
         else:
-            chunked = values.selectExpr("*", f"rid DIV {chunk_rows} AS chunk")
-            chunked.write.mode("overwrite").partitionBy("chunk").parquet(folder)
+            writer = values.selectExpr("*", f"rid DIV {chunk_rows} AS chunk").write.partitionBy("chunk")
+        writer.mode("overwrite").option("parquet.block.size", str(16 << 20)).parquet(folder)
         return folder, to_arrow_schema(values.schema)
 
     def accepted(self, registry: FeatureRegistry, events: EventsLike) -> pa.Table:
