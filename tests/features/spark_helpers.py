@@ -12,11 +12,16 @@ from hypothesis import strategies as st
 from insession.offline.spark_engine import SparkEngine, spark_session
 
 # Small on purpose: 2 local cores at most, one shuffle partition per stage (the test data is tiny; every
-# extra partition is a task's overhead), a driver heap that holds a whole session of Spark tests.
+# extra partition is a task's overhead), a driver heap that holds a whole session of Spark tests. No code
+# generation: on rows by the dozen compiling each stage's Java costs more than it saves (one parity
+# computation of every kind: 23 s of JVM CPU interpreted against 28-38 s compiled, 14:16 UTC); the results
+# are Spark's either way (it falls back to the same interpreted operators wherever code generation fails).
 TEST_CONF = {
     "spark.sql.shuffle.partitions": "1",
     "spark.default.parallelism": "1",
     "spark.sql.adaptive.enabled": "false",
+    "spark.sql.codegen.wholeStage": "false",
+    "spark.sql.codegen.factoryMode": "NO_CODEGEN",
     "spark.driver.memory": "2g",  # 1g: a clean-clone suite hung in test_spark_top, the JVM at 190% CPU
 }
 
