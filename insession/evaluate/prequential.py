@@ -19,8 +19,8 @@ Protocol (`run`; docs/continuous.md, "Prequential replay"):
   the same training; re-running it would only cost time), so the arms agree on day 1 by construction.
 - **continuous**: a copy of the frozen model directory, then one `insession.train.follow.update_once` per
   window on the events before the window's start (warm start, new items on the cold-start chain, the
-  promotion gate on the newest `validate_fraction` of the new add-to-carts, 30% by default:
-  `FollowConfig`); the window is scored by whatever serves
+  promotion gate on the newest `validate_fraction` of the new add-to-carts, 20% by default since
+  2026-11-30, 30% before: `FollowConfig`); the window is scored by whatever serves
   after the update (the promoted candidate, or the previous model after a refusal or a skip).
 - **Scores**: NDCG@10 per request (`insession.evaluate.metrics`); per window and overall the arms' means,
   and the paired differences continuous - daily and continuous - frozen with paired session-bootstrap
@@ -752,11 +752,11 @@ def prequential(
     lr: Annotated[float, typer.Option(help="Full trainings' learning rate.")] = 2e-3,
     batch_size: Annotated[int, typer.Option(help="Groups per batch (full trainings).")] = 32,
     update_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs per continuous update.")] = 2,
-    update_lr: Annotated[float, typer.Option(help="Continuous updates' learning rate.")] = 5e-4,
+    update_lr: Annotated[float, typer.Option(help="Continuous updates' learning rate.")] = 2e-3,
     update_batch_size: Annotated[int, typer.Option(help="Groups per batch (continuous updates).")] = 32,
     validate_fraction: Annotated[
         float, typer.Option(help="Newest share of an update's new add-to-carts that validates (the gate).")
-    ] = 0.3,
+    ] = 0.2,
     threads: Annotated[int, typer.Option(help="Torch threads (0: every core).")] = 1,
     n_boot: Annotated[int, typer.Option(help="Bootstrap replicates.")] = 1000,
     plot_path: Annotated[Path, typer.Option("--plot", help="Where the plot goes.")] = Path("docs/img/prequential.png"),

@@ -156,12 +156,12 @@ def train(
     updates: Annotated[int, typer.Option(help="With --follow: stop after this many updates (0: never).")] = 0,
     update_epochs: Annotated[int, typer.Option(help="With --follow: fine-tuning epochs per update.")] = 2,
     update_lr: Annotated[
-        float, typer.Option(help="With --follow: the fine-tuning learning rate (FollowConfig: why 5e-4).")
-    ] = 5e-4,
+        float, typer.Option(help="With --follow: the fine-tuning learning rate (FollowConfig: why 2e-3).")
+    ] = 2e-3,
     update_validate_fraction: Annotated[
         float,
         typer.Option(help="With --follow: the newest share of an update's new add-to-carts that validates (the gate)."),
-    ] = 0.3,
+    ] = 0.2,
     min_new: Annotated[int, typer.Option(help="With --follow: fewer new add-to-carts than this skip an update.")] = 20,
     rollback: Annotated[
         bool,

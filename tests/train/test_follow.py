@@ -266,7 +266,7 @@ def test_cli_follow_passes_the_update_settings(
     extra = ["--update-lr", "1e-3", "--update-validate-fraction", "0.5", "--update-epochs", "3"]
     for args in (base, [*base, *extra]):
         assert CliRunner().invoke(app, args).exit_code == 0
-    assert [(c.lr, c.validate_fraction, c.epochs) for c in got] == [(5e-4, 0.3, 2), (1e-3, 0.5, 3)]
+    assert [(c.lr, c.validate_fraction, c.epochs) for c in got] == [(2e-3, 0.2, 2), (1e-3, 0.5, 3)]
 
 
 def test_cli_follow_reads_a_replicated_logs_history_and_stream(shop: tuple[pa.Table, int], models: Path,
@@ -299,8 +299,8 @@ def test_cli_follow_reads_a_replicated_logs_history_and_stream(shop: tuple[pa.Ta
     assert new == expected > 0  # the new add-to-carts lie in the later half, which only the stream holds
 
 
-def test_the_update_defaults_are_the_same_in_both_commands() -> None:
-    """lr 5e-4 and a 30% validation window (FollowConfig's docstring: why, measured), the defaults of
+def test_the_update_defaults_are_the_measured_setting_in_both_commands() -> None:
+    """lr 2e-3 and a 20% validation window (FollowConfig's docstring: the measured decision), the defaults of
     `insession train --follow` and of `insession prequential`'s continuous arm alike."""
     import inspect
 
@@ -308,7 +308,7 @@ def test_the_update_defaults_are_the_same_in_both_commands() -> None:
     from insession.train.cli import train
 
     d = FollowConfig()
-    assert (d.lr, d.validate_fraction, d.epochs) == (5e-4, 0.3, 2)
+    assert (d.lr, d.validate_fraction, d.epochs) == (2e-3, 0.2, 2)
     follow_cli, replay_cli = inspect.signature(train).parameters, inspect.signature(prequential).parameters
     assert (follow_cli["update_lr"].default, follow_cli["update_validate_fraction"].default) == (
         d.lr,
