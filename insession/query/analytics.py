@@ -212,9 +212,7 @@ class AnalyticsLane:
         if lim.yield_lag_ms < 0:
             raise ValueError(f"[query] yield_lag_ms = {lim.yield_lag_ms!r} is negative; give 0 to turn pausing off")
         self.serving_first = (
-            ServingFirst(YieldRule(lim.yield_lag_ms / 1000), lambda: self.pids, lambda: self.running)
-            if lim.yield_lag_ms > 0
-            else None
+            ServingFirst(YieldRule(lim.yield_lag_ms / 1000), lambda: self.pids) if lim.yield_lag_ms > 0 else None
         )
         paused_s = self.serving_first.paused_s if self.serving_first is not None else None
         self._workers = [
@@ -296,10 +294,16 @@ class AnalyticsLane:
             with self._lock:
                 self._running += 1
             outcome: Table | BaseException
+            first = self.serving_first
+            if first is not None:
+                first.begin()
             try:
                 outcome = self._execute(worker, req)
             except BaseException as e:  # handed to the waiting caller
                 outcome = e
+            finally:
+                if first is not None:
+                    first.end()
             with self._lock:
                 self._running -= 1
             if isinstance(outcome, BaseException):

@@ -346,10 +346,11 @@ class _HandleCollector(Collector):
             first = lane.serving_first
             if first is not None:
                 yield CounterMetricFamily("insession_analytics_paused_seconds",
-                                          "Seconds running analytics queries were held paused for serving",
+                                          "Seconds running analytics queries were held paused for serving "
+                                          "(counted when a pause ends)",
                                           value=first.held_s)
                 yield CounterMetricFamily("insession_analytics_pauses",
-                                          "Pauses for serving that held a running analytics query",
+                                          "Pauses for serving of the running analytics queries",
                                           value=first.pauses)
                 yield GaugeMetricFamily("insession_serving_lateness_seconds",
                                         "How late the serving process wakes, mean over the last 100 ms",

@@ -9,11 +9,13 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from insession.query import Limits
 from insession.query.analytics import AnalyticsLane
+from insession.query.workers import Job
 from insession.query.yielding import TICK_S, WINDOW, YieldRule
 
 from .test_analytics import SMALL, _sources
@@ -27,14 +29,20 @@ def _run(rule: YieldRule, lateness: list[float]) -> list[tuple[float, bool]]:
 
 
 def test_a_late_window_pauses_and_a_calm_hold_continues() -> None:
+    lateness = [0.001] * 20 + [0.02] * 5 + [0.0] * 60
     rule = YieldRule(LAG, hold_s=0.2)
-    states = _run(rule, [0.001] * 20 + [0.02] * 5 + [0.0] * 60)
+    states = _run(rule, lateness)
     paused = [t for t, p in states if p]
-    # 20 calm ticks, then the mean over 10 ticks first exceeds 5 ms at the third late one (0.06 / 10 > 0.005)
-    assert paused[0] == 22 * TICK_S
-    # calm from the tick whose window mean falls to <= 5 ms again, then held for 0.2 s
-    calm = next(k for k in range(25, 85) if sum(([0.001] * 20 + [0.02] * 5 + [0.0] * 60)[k - 9 : k + 1]) / 10 <= LAG)
-    assert paused[-1] == (calm + 19) * TICK_S
+
+    def late(k: int) -> bool:
+        window = lateness[max(0, k - WINDOW + 1) : k + 1]
+        return sum(window) / len(window) > LAG
+
+    first_late = next(k for k in range(len(lateness)) if late(k))
+    assert 20 <= first_late < 25 and paused[0] == first_late * TICK_S  # paused at the first late window
+    calm = next(k for k in range(first_late, len(lateness)) if not late(k))
+    hold_ticks = round(0.2 / TICK_S)
+    assert paused[-1] == (calm + hold_ticks - 1) * TICK_S  # continued after 0.2 s of calm windows
     assert not states[-1][1]
 
 
@@ -54,9 +62,10 @@ def test_the_rule_pauses_when_late_never_starves_and_continues_only_after_a_calm
             run_start = None
         else:
             if pause_start is not None:  # a pause ended: by the starvation guard, or after 0.2 s of calm
-                calm = all(
+                hold_ticks = round(0.2 / TICK_S)
+                calm = k >= hold_ticks and all(
                     sum(lateness[max(0, j - WINDOW + 1) : j + 1]) / len(lateness[max(0, j - WINDOW + 1) : j + 1]) <= LAG
-                    for j in range(k - 20, k + 1)
+                    for j in range(k - hold_ticks, k + 1)
                 )
                 assert t - pause_start >= 2.0 - 1e-9 or calm
                 pause_start = None
@@ -89,37 +98,78 @@ def _wait_for(cond: object, timeout_s: float = 10.0) -> bool:
     return False
 
 
-def test_workers_pause_while_the_process_is_late_and_paused_time_is_not_a_timeout() -> None:
+def _job(sql: str) -> Job:
+    """A query job as the lane sends it for sources given as callables (the tables shipped as Arrow IPC)."""
+    src = _sources()
+
+    def ipc(table: pa.Table) -> bytes:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+        return sink.getvalue().to_pybytes()
+
+    return Job("query", sql, {}, tail=ipc(src.tail_arrow(0)), items=ipc(src.items_arrow()))
+
+
+SLOW = "SELECT count(*) FROM range(0, 100000000) t(i) WHERE hash(i) % 7 = 0"  # ~0.5 s of one core
+SLOW_ROWS = [[14286499]]
+
+
+def test_a_running_query_pauses_while_the_process_is_late_and_goes_on_after() -> None:
     # The hog makes this process wake ~50 ms late (the GIL's switch interval, raised for the test), far above the
     # 20 ms threshold; a busy test machine alone makes it a few ms late at most.
-    lane = AnalyticsLane(_sources(), Limits(concurrency=1, yield_lag_ms=20.0, timeout_s=1.0, **SMALL))
+    lane = AnalyticsLane(_sources(), Limits(concurrency=1, yield_lag_ms=20.0, **SMALL))
     first = lane.serving_first
     assert first is not None
     try:
         assert lane.submit("SELECT count(*) FROM events", {}).result(timeout=60).rows == [[1000]]
         (pid,) = lane.pids
+        assert not first.paused and first.pauses == 0  # the lane was never late while it ran nothing heavy
         stop = threading.Event()
         hog = threading.Thread(target=_hog, args=(stop,))
         switch = sys.getswitchinterval()
         sys.setswitchinterval(0.05)
         hog.start()
         try:
+            fut = lane.submit(SLOW, {})
             assert _wait_for(lambda: _state(pid) == "T"), "the worker was not stopped while the process was late"
             assert first.paused and first.lateness_s > 0.02
-            # sent to a stopped worker, the query first runs in the starvation guard's run, 2 s into the pause:
-            # past its 1 s timeout in wall time, and not killed for it
-            sent = time.monotonic()
-            fut = lane.submit("SELECT count(*), count(DISTINCT user_id) FROM events", {})
-            _wait_for(fut.done, timeout_s=20.0)
-            waited = time.monotonic() - sent
         finally:
             stop.set()
             hog.join()
             sys.setswitchinterval(switch)
-        assert fut.result(timeout=30).rows == [[1000, 10]]
-        assert waited > 1.5 and lane.timeouts == 0
-        assert _wait_for(lambda: not first.paused and _state(pid) != "T"), "not continued once the process kept up"
-        assert first.pauses >= 1 and first.paused_s() > 1.0 and first.held_s > 1.0
+        assert fut.result(timeout=60).rows == SLOW_ROWS
+        assert _wait_for(lambda: not first.paused and _state(pid) != "T"), "not continued after the query"
+        assert first.pauses >= 1 and first.held_s > 0
+    finally:
+        lane.close()
+
+
+def test_time_paused_is_not_counted_against_a_querys_timeout() -> None:
+    """The deadline arithmetic with a real worker: a ~0.5 s query under a 0.25 s timeout completes when the
+    lane says 90% of the time since it was sent was paused, and is killed when nothing was."""
+    from insession.query.workers import WorkerProcess, WorkerTimeout
+
+    lane = AnalyticsLane(_sources(), Limits(concurrency=1, yield_lag_ms=0, **SMALL))
+    try:
+        t0 = time.monotonic()
+        held = WorkerProcess(lane.config, "held worker", paused_s=lambda: 0.9 * (time.monotonic() - t0))
+        try:
+            reply = held.call(_job(SLOW), timeout_s=0.25)
+            assert reply.kind == "table", reply.message
+        finally:
+            held.close()
+        unheld = WorkerProcess(lane.config, "unheld worker")
+        try:
+            unheld.call(_job("SELECT 1"), timeout_s=30)  # started (a start is not counted)
+            try:
+                unheld.call(_job(SLOW), timeout_s=0.25)
+            except WorkerTimeout:
+                pass
+            else:
+                raise AssertionError("a 0.5 s query finished within a 0.25 s timeout: the test proves nothing")
+        finally:
+            unheld.close()
     finally:
         lane.close()
 
