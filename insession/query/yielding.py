@@ -51,6 +51,7 @@ class YieldRule:
     max_pause_s: float = 2.0
     min_run_s: float = 0.2
     paused: bool = False
+    mean_s: float = 0.0  # the mean lateness over the window after the last step (0 before one)
     _samples: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     _since: float = 0.0  # when the current state (paused or running) began
     _calm_since: float | None = None  # while paused: since when the lateness has been at or under lag_s
@@ -59,16 +60,14 @@ class YieldRule:
     def reset(self) -> None:
         """Forget the samples and any pause (no query runs any more)."""
         self._samples.clear()
+        self.mean_s = 0.0
         self.paused, self._calm_since, self._forced_until = False, None, 0.0
-
-    def lateness(self) -> float:
-        """The mean lateness over the window (0 before the first sample)."""
-        return sum(self._samples) / len(self._samples) if self._samples else 0.0
 
     def step(self, lateness_s: float, now: float) -> bool:
         """Record one sample; whether the workers should be paused now."""
         self._samples.append(lateness_s)
-        late = self.lateness() > self.lag_s
+        self.mean_s = sum(self._samples) / len(self._samples)
+        late = self.mean_s > self.lag_s
         if now < self._forced_until:
             return self.paused
         if not self.paused:
@@ -88,7 +87,7 @@ class YieldRule:
 class ServingFirst:
     """The thread that applies `YieldRule` to the processes `pids()` names while a query runs (between
     `begin()` and `end()`, which the lane calls around each query); `paused_s()` is the time spent paused so
-    far (the lane's workers add it to their deadlines); `held_s` and `pauses` are for /metrics. `close()`
+    far (the lane's workers add it to their deadlines, /metrics reports it); `pauses` is for /metrics. `close()`
     continues the workers and stops."""
 
     def __init__(self, rule: YieldRule, pids: Callable[[], list[int]]) -> None:
@@ -99,7 +98,6 @@ class ServingFirst:
         self._active = threading.Event()  # set while _running > 0 (or to wake the thread for close)
         self._paused_total = 0.0
         self._paused_at: float | None = None
-        self.held_s = 0.0  # seconds paused (always while a query runs)
         self.pauses = 0
         self.lateness_s = 0.0  # the last window's mean, for /metrics
         self._stop = threading.Event()
@@ -144,7 +142,6 @@ class ServingFirst:
             elif not pause and was:
                 assert self._paused_at is not None
                 self._paused_total += now - self._paused_at
-                self.held_s += now - self._paused_at
                 self._paused_at = None
         if pause:
             self._signal(signal.SIGSTOP)  # every tick: a worker started since the last one is held too
@@ -159,7 +156,7 @@ class ServingFirst:
                 now = time.monotonic()
                 lateness, due = now - due, now + TICK_S
                 self._set(self.rule.step(lateness, now), now)
-                self.lateness_s = self.rule.lateness()
+                self.lateness_s = self.rule.mean_s
             self._set(False, time.monotonic())  # no query left (or closing): nothing stays stopped
             self.rule.reset()
             self.lateness_s = 0.0

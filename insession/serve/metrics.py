@@ -347,8 +347,8 @@ class _HandleCollector(Collector):
             if first is not None:
                 yield CounterMetricFamily("insession_analytics_paused_seconds",
                                           "Seconds running analytics queries were held paused for serving "
-                                          "(counted when a pause ends)",
-                                          value=first.held_s)
+                                          "(including a pause going on now)",
+                                          value=first.paused_s())
                 yield CounterMetricFamily("insession_analytics_pauses",
                                           "Pauses for serving of the running analytics queries",
                                           value=first.pauses)
