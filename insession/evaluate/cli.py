@@ -105,7 +105,10 @@ def evaluate(
             "and item2vec off, each with every seed."
         ),
     ] = True,
-    pretrain_epochs: Annotated[int, typer.Option(help="Masked-item pre-training epochs of those variants.")] = 5,
+    pretrain_epochs: Annotated[int, typer.Option(help="Pre-training epochs of those variants.")] = 5,
+    pretrain_objective: Annotated[
+        str, typer.Option(help="Pre-training objective: masked (masked items) or next (the next item of each prefix).")
+    ] = "masked",
     pretrain_lr: Annotated[float, typer.Option(help="Pre-training learning rate.")] = 1e-2,
     only_pretraining: Annotated[
         str, typer.Option(help="Train only these pre-training variants (comma list; '' for all of them).")
@@ -128,6 +131,7 @@ def evaluate(
     days: Annotated[int, typer.Option(help="Synthetic shop: days.")] = 14,
     seed: Annotated[int, typer.Option(help="Synthetic shop seed.")] = 7,
     boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 1000,
+    threads: Annotated[int, typer.Option(help="Torch threads (0: every core).")] = 0,
     backtest: Annotated[
         int,
         typer.Option(
@@ -145,6 +149,16 @@ def evaluate(
     from insession.evaluate.split import earlier_window
     from insession.train.pretrain import PretrainConfig
 
+    try:
+        pretrain = PretrainConfig(
+            epochs=pretrain_epochs,
+            objective=pretrain_objective,
+            lr=pretrain_lr,
+            finetune_lr_scale=finetune_lr_scale,
+            freeze_epochs=freeze_epochs,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--pretrain-objective") from e
     shop = dataset in ("synthetic", "realistic")
     ds = (
         load_synthetic(users, items, days, seed, realistic=dataset == "realistic")
@@ -164,12 +178,11 @@ def evaluate(
         seq_seeds=seq_seeds,
         seq_refit=seq_refit,
         pretraining=_pretraining(pretraining, only_pretraining),
-        pretrain=PretrainConfig(
-            epochs=pretrain_epochs, lr=pretrain_lr, finetune_lr_scale=finetune_lr_scale, freeze_epochs=freeze_epochs
-        ),
+        pretrain=pretrain,
         ctr=tuple(c for c in ctr.split(",") if c),
         ctr_seeds=ctr_seeds,
         n_boot=boot,
+        threads=threads,
     )
     name = section or dataset
     section = name
@@ -188,6 +201,7 @@ def evaluate(
         + f"--seq-epochs {seq_epochs} --seq-seeds {seq_seeds} {'--seq-refit' if seq_refit else '--no-seq-refit'} "
         + (
             f"--pretraining --pretrain-epochs {pretrain_epochs} --pretrain-lr {pretrain_lr} "
+            + (f"--pretrain-objective {pretrain_objective} " if pretrain_objective != "masked" else "")
             + (f"--only-pretraining '{only_pretraining}' " if only_pretraining else "")
             + f"--finetune-lr-scale {finetune_lr_scale} --freeze-epochs {freeze_epochs} "
             if pretraining
@@ -198,6 +212,7 @@ def evaluate(
         + (f" --section {name}" if name != dataset else "")
         + (f" --users {users} --items {items} --days {days} --seed {seed}" if shop else "")
         + (f" --backtest {backtest}" if backtest else "")
+        + (f" --threads {threads}" if threads else "")
     )
     body = render(res, out.parent / "img", f"eval_{section}")
     write_section(out, section, f"Reproduce: `{command}`\n\n{body}")

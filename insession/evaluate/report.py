@@ -98,7 +98,8 @@ def render(res: Results, img_dir: Path, img_prefix: str) -> str:
                 else ""
             )
             return (
-                f"{len(rs)} seeds; pre-training {p['pretrain_epochs']} epochs (final masked-item loss {losses})"
+                f"{len(rs)} seeds; pre-training {p['pretrain_epochs']} epochs (final "
+                f"{p.get('objective', 'masked')}-item loss {losses})"
                 f"{tuned}, item2vec {'on' if p['item2vec'] else 'off'}; "
                 f"best epochs {[r.params.get('best_epoch') for r in rs]}"
             )
@@ -274,9 +275,15 @@ def _pretraining_section(res: Results, pooled: dict) -> list[str]:
         "### Pre-training on every interaction (issue 20): variant minus the reranker (NDCG@10, paired, seeds "
         "averaged)",
         "",
-        f"The reranker row is item2vec on, pre-training off. Pre-training: {pc.epochs} epochs of masked items "
-        f"(rate {pc.mask_rate:g}, lr {pc.lr:g}, item rows rescaled to std {pc.item_scale:g}, at most "
-        f"{pc.max_windows} windows an epoch) over the history and session windows of every event before the "
+        f"The reranker row is item2vec on, pre-training off. Pre-training: {pc.epochs} epochs of "
+        + (
+            f"masked items (rate {pc.mask_rate:g}, lr {pc.lr:g}, item rows rescaled to std {pc.item_scale:g}, at "
+            f"most {pc.max_windows} windows an epoch) over the history and session windows"
+            if pc.objective == "masked"
+            else f"next items (lr {pc.lr:g}, item rows rescaled to std {pc.item_scale:g}, at most {pc.max_windows} "
+            "prefixes an epoch) after every history and session prefix"
+        )
+        + " of every event before the "
         "reranker's own training split; then the same fine-tuning, the pre-trained item table and encoders at "
         f"{pc.finetune_lr_scale:g} x its learning rate and frozen for its first {pc.freeze_epochs} epochs. "
         "Known / unknown: proposed requests whose "

@@ -59,7 +59,8 @@ ABLATIONS: dict[str, dict[str, object]] = {
 
 
 # Pre-training (issue 20): the reranker with its sequence side pre-trained on every training-period
-# interaction (masked items, `insession.train.pretrain`) and/or without item2vec's initial item vectors:
+# interaction (`insession.train.pretrain`: masked or next items, `PretrainConfig.objective`) and/or without
+# item2vec's initial item vectors:
 # name -> (pre-training on, item2vec on, the item table and encoders fine-tuned at `PretrainConfig`'s
 # `finetune_lr_scale` and `freeze_epochs`). The "reranker" row is (off, on, off). Kind "pretraining":
 # compared with the "reranker" row in their own table, and the first one also against the strongest other
@@ -233,7 +234,7 @@ def _fit_reranker(
     rate_only: bool = False,
 ) -> TrainResult:
     """One reranker (a grid `setting`, ablation `switches`) on `data`; `vectors` caches item2vec by width.
-    `pretrained`: masked-item pre-training (`cfg.pretrain`) before fitting; `item2vec`: its initial vectors;
+    `pretrained`: pre-training (`cfg.pretrain`, masked or next items) before fitting; `item2vec`: its initial vectors;
     `rate_only` (without `pretrained`): `train_model`'s steps, but the parts pre-training fits
     (`pretrained_parameters`) at `cfg.pretrain`'s fine-tuning rate and frozen epochs (PRETRAIN_VARIANTS)."""
     dim = int(setting["dim"])
@@ -490,6 +491,8 @@ def run(ds: Dataset, cfg: EvalConfig) -> Results:
             )
             res.train_curves[f"{name}_seed{seed}"] = [e.__dict__ for e in fitted.epochs]
             params = {"pretrain_epochs": cfg.pretrain.epochs if on else 0, "item2vec": i2v}
+            if on:
+                params["objective"] = cfg.pretrain.objective
             if scaled:
                 params |= {"lr_scale": cfg.pretrain.finetune_lr_scale, "freeze_epochs": cfg.pretrain.freeze_epochs}
             if fitted.pretrain:

@@ -3,9 +3,8 @@
 The reranker's fine-tuning data is one example group per add-to-cart (458 groups on Taobao's training
 split), while the same period holds tens of thousands of views, carts, purchases and favourites. Before
 fine-tuning with the hybrid loss, `pretrain` fits the item table and both encoders (history and session)
-on that whole stream with a masked-item (Cloze) objective, as BERT4Rec does for a bidirectional encoder
-(the reranker's encoders attend both ways, so a causal next-item objective would not train what they
-compute):
+on that whole stream with one of two objectives (`PretrainConfig.objective`). The default, "masked", is
+a masked-item (Cloze) objective, as BERT4Rec does for a bidirectional encoder:
 
 - windows: the history encoder reads each shopper's stream cut into windows of at most `max_history`
   events (all sessions, oldest first), the session encoder each session cut into windows of at most
@@ -34,6 +33,17 @@ finetune_rate_only`) ties the reranker on the served lists, +0.0018 [-0.0095, +0
 the forced view, +0.0068 [+0.0040, +0.0098]: the 0.1 x rows' recovery on the served lists is the rate
 protecting what pre-training learnt, not the rate helping by itself, and it leaves no pre-training gain.
 
+The other, "next", is SASRec's next-item prediction made sound for the reranker's bidirectional encoders
+without a causal mask: instead of one causal pass over a window, every event is its own instance, the
+encoder reading only the events before it (`next_item_prefixes`: the shopper's, across sessions as the
+masked objective's history windows, for the history encoder, the session's for the session encoder; the
+newest `max_history` / `max_session` of them, as a request's sequences are cut) and encoded as requested at
+that event's instant, so it attends both ways over the past alone, as it does when serving a request (whose
+history stops at the session's start). The state at the prefix's newest event, through the same
+head (`ItemHead`, tied to the item table), scores every trained item row; the loss is the full-softmax
+cross-entropy of the event's item (targets: events whose item has a trained row, never a group's first).
+An epoch draws at most `max_windows` prefixes, as the masked objective draws windows.
+
 Point in time: the stream is `TrainingData.stream`, the events before the build's `split_ts` (the
 instant the vocabulary is built before and the fine-tuning's validation groups start after); `pretrain`
 refuses a stream holding any event at or after its `cutoff`, so no validation or test interaction can
@@ -55,12 +65,16 @@ from insession.model.reranker import DualSequenceReranker, Sequence
 from insession.train.examples import pad_ragged
 from insession.train.loss import descend
 
+OBJECTIVES = ("masked", "next")  # masked items (Cloze, the default) or the next item of every prefix
+
 
 @dataclass
 class PretrainConfig:
-    """Pre-training switch and settings. `epochs` 0 is off (the ablation's "no pre-training")."""
+    """Pre-training switch and settings. `epochs` 0 is off (the ablation's "no pre-training"); `objective` is
+    one of OBJECTIVES (anything else is refused when the config is made)."""
 
     epochs: int = 0
+    objective: str = "masked"
     lr: float = 1e-2  # on Taobao 1e-3 left the masked-item loss at chance (10.56 -> 10.48 in 3 epochs; ln V = 10.52)
     batch_size: int = 128  # windows per step
     mask_rate: float = 0.2  # share of a window's trained-item events masked (BERT4Rec: 0.2 on sparse data)
@@ -70,7 +84,7 @@ class PretrainConfig:
     # Taobao 1.0 made the loss oscillate (13.6, 11.1, 11.4, 10.6, 10.9, 10.2, 10.8 at lr 3e-3, mask rate 0.4)
     # while 0.1 at lr 1e-2 fell steadily (10.75 -> 10.19 in 5 epochs), so 0.1 (no rescale) is the default
     item_scale: float = 0.1
-    max_windows: int | None = 20_000  # windows per epoch at most (a seeded sample; bounds big shops)
+    max_windows: int | None = 20_000  # windows (prefixes: next) per epoch at most (a seeded sample; bounds big shops)
     # how the fine-tuning after pre-training treats `pretrained_parameters` (`insession.train.trainer.fit`):
     # their learning rate is the fine-tuning's times `finetune_lr_scale`, and they are frozen for the first
     # `freeze_epochs` epochs, so that fine-tuning at the full rate does not overwrite what pre-training
@@ -78,6 +92,10 @@ class PretrainConfig:
     # pre-training beat the reranker without it (the figures: this module's docstring)
     finetune_lr_scale: float = 1.0
     freeze_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"pre-training objective {self.objective!r}: choose from {', '.join(OBJECTIVES)}")
 
 
 @dataclass
@@ -129,8 +147,20 @@ def window_offsets(group: np.ndarray, max_len: int) -> np.ndarray:
     return np.r_[np.flatnonzero(cut), n].astype(np.int64)
 
 
-class MaskedItemHead(nn.Module):
-    """The objective's own head: encoder state -> a score for every trained item row (tied to the item table)."""
+def next_item_prefixes(group: np.ndarray, items: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """The next-item objective's instances over one side's groups (shoppers or sessions, `group`
+    non-decreasing): every row whose item has a trained row (1 <= item < n_items) and that is not its group's
+    first. Returns (bounds [2U], targets [U]): instance u reads rows [bounds[2u], bounds[2u + 1]) (its group's
+    rows before the target; `pad_ragged` keeps the newest `max_len` of them) and predicts row targets[u]."""
+    off = window_offsets(group, max(len(group), 1))  # one window per group: the group boundaries
+    first = np.repeat(off[:-1], np.diff(off))  # per row, its group's first row
+    rows = np.arange(len(group))
+    targets = rows[(rows > first) & (items > 0) & (items < n_items)]
+    return np.stack([first[targets], targets], 1).ravel().astype(np.int64), targets.astype(np.int64)
+
+
+class ItemHead(nn.Module):
+    """Both objectives' head: encoder state -> a score for every trained item row (tied to the item table)."""
 
     def __init__(self, dim: int, n_items: int) -> None:
         super().__init__()
@@ -141,6 +171,10 @@ class MaskedItemHead(nn.Module):
         """states [M, D], table [n_items, D] (row 0 padding) -> logits [M, n_items], padding column -inf."""
         logits = self.proj(states) @ table.T + self.bias
         return logits.masked_fill(torch.arange(logits.shape[-1]) == 0, float("-inf"))
+
+    def loss(self, states: Tensor, model: DualSequenceReranker, targets: Tensor) -> Tensor:
+        """Full-softmax cross-entropy of `targets` [M] (trained item rows) given `states` [M, D]."""
+        return F.cross_entropy(self(states, model.item_embed.weight.weight).float(), targets)
 
 
 def mask_window(items: Tensor, n_items: int, unknown: int, rate: float, gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -158,7 +192,7 @@ def mask_window(items: Tensor, n_items: int, unknown: int, rate: float, gen: tor
 
 def masked_item_loss(
     model: DualSequenceReranker,
-    head: MaskedItemHead,
+    head: ItemHead,
     side: str,
     seq: Sequence,
     unknown: int,
@@ -173,16 +207,55 @@ def masked_item_loss(
         return None
     request_ts = seq.ts.masked_fill(~seq.mask, torch.iinfo(seq.ts.dtype).min).amax(-1)  # the newest event
     states = model.encoder_states(side, Sequence(masked, seq.actions, seq.ts), request_ts)
-    logits = head(states[keep], model.item_embed.weight.weight)
-    return F.cross_entropy(logits.float(), targets[keep])
+    return head.loss(states[keep], model, targets[keep])
+
+
+def next_item_loss(
+    model: DualSequenceReranker, head: ItemHead, side: str, prefix: Sequence, request_ts: Tensor, targets: Tensor
+) -> Tensor:
+    """Cross-entropy of each prefix's next item `targets` [B], from the encoder's state at the prefix's newest
+    event, the prefix [B, L] (right-padded, at least one event each) encoded as requested at `request_ts` [B]
+    (the next event's instant), as a request's sequences are encoded."""
+    states = model.encoder_states(side, prefix, request_ts)
+    newest = states[torch.arange(len(states)), prefix.mask.sum(-1) - 1]
+    return head.loss(newest, model, targets)
 
 
 @dataclass
 class PretrainLog:
     epoch: int
-    windows: int
+    windows: int  # windows (masked) or prefixes (next) seen in the epoch
     loss: float
     seconds: float
+
+
+@dataclass
+class _Side:
+    """One encoder's training units: unit u reads rows [bounds[keys[u]], bounds[keys[u] + 1]) (the newest
+    `max_len` of them, `pad_ragged`); `targets` [U] (next objective) the row each unit predicts."""
+
+    bounds: np.ndarray
+    keys: np.ndarray
+    max_len: int
+    targets: np.ndarray | None
+
+
+def _sides(stream: Stream, model: DualSequenceReranker, objective: str) -> dict[str, _Side]:
+    """Each encoder's units: its windows of 2 events or more (masked; a lone event has no context to predict
+    from), or its prefixes and their next items (next)."""
+    mc = model.cfg
+    sides = {}
+    for side, group, max_len in (
+        ("history", stream.shopper, mc.max_history),
+        ("session", stream.session, mc.max_session),
+    ):
+        if objective == "masked":
+            off = window_offsets(group, max_len)
+            sides[side] = _Side(off, np.flatnonzero(np.diff(off) >= 2), max_len, None)
+        else:
+            bounds, targets = next_item_prefixes(group, stream.items, mc.n_items)
+            sides[side] = _Side(bounds, 2 * np.arange(len(targets), dtype=np.int64), max_len, targets)
+    return sides
 
 
 def pretrain(
@@ -194,32 +267,28 @@ def pretrain(
     seed: int = 0,
     bf16: bool = False,
     progress: bool = True,
-    head: MaskedItemHead | None = None,
+    head: ItemHead | None = None,
 ) -> list[PretrainLog]:
-    """Fit `model`'s item table and both encoders on `stream` with the masked-item objective, in place.
+    """Fit `model`'s item table and both encoders on `stream` with `cfg.objective`, in place.
 
     `unknown`: the vocabulary's global-average row (`Vocab.unknown`), the mask token. Each epoch draws at
-    most `cfg.max_windows` windows (history and session windows together, shuffled). The cold-start rows
-    are re-derived from the item table at every epoch start (the mask token follows the table). Returns one
-    log per epoch; the model is left in eval mode."""
+    most `cfg.max_windows` units (windows, or prefixes for the next objective; both sides together,
+    shuffled). The cold-start rows are re-derived from the item table at every epoch start (the mask token
+    follows the table). Returns one log per epoch; the model is left in eval mode."""
     stream.check()
     if cfg.epochs <= 0 or len(stream) == 0:
         return []
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     mc = model.cfg
-    sides = {
-        "history": (window_offsets(stream.shopper, mc.max_history), mc.max_history),
-        "session": (window_offsets(stream.session, mc.max_session), mc.max_session),
-    }
-    # a window with one event has no context to predict from: dropped
-    windows = [(side, w) for side, (off, _) in sides.items() for w in np.flatnonzero(np.diff(off) >= 2).tolist()]
+    sides = _sides(stream, model, cfg.objective)
+    windows = [(side, u) for side, s in sides.items() for u in range(len(s.keys))]
     if not windows:
         return []
     with torch.no_grad():
         rows = model.item_embed.weight.weight[1:]
         rows.mul_(cfg.item_scale / rows.std().clamp(min=1e-12))
-    head = head or MaskedItemHead(mc.dim, mc.n_items)  # the objective's own (a caller may pass one to read it)
+    head = head or ItemHead(mc.dim, mc.n_items)  # the objective's own (a caller may pass one to read it)
     opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=cfg.lr, weight_decay=0.0)
     logs: list[PretrainLog] = []
     columns = (stream.items, stream.actions, stream.ts)
@@ -237,10 +306,21 @@ def pretrain(
         total, n = 0.0, 0
         bar = tqdm(batches, desc=f"pre-train {epoch}", disable=not progress, leave=False)
         for side, idx in bar:
-            off, max_len = sides[side]
-            it, ac, ts = (torch.from_numpy(a) for a in pad_ragged(off, columns, idx, max_len))
+            s = sides[side]
+            it, ac, ts = (torch.from_numpy(a) for a in pad_ragged(s.bounds, columns, s.keys[idx], s.max_len))
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = masked_item_loss(model, head, side, Sequence(it, ac, ts), unknown, cfg.mask_rate, gen)
+                if s.targets is None:
+                    loss = masked_item_loss(model, head, side, Sequence(it, ac, ts), unknown, cfg.mask_rate, gen)
+                else:
+                    nxt = s.targets[idx]
+                    loss = next_item_loss(
+                        model,
+                        head,
+                        side,
+                        Sequence(it, ac, ts),
+                        torch.from_numpy(stream.ts[nxt]),
+                        torch.from_numpy(stream.items[nxt]),
+                    )
             if loss is None:
                 continue
             descend(opt, loss, model)
@@ -249,7 +329,7 @@ def pretrain(
             bar.set_postfix(loss=f"{total / max(n, 1):.3f}")
         logs.append(PretrainLog(epoch, n, total / max(n, 1), time.perf_counter() - t0))
         if progress:
-            tqdm.write(f"pre-train epoch {epoch}: masked-item loss {logs[-1].loss:.3f} over {n:,} windows")
+            tqdm.write(f"pre-train epoch {epoch}: {cfg.objective}-item loss {logs[-1].loss:.3f} over {n:,} units")
     with torch.no_grad():
         model.item_embed.weight.weight[0].zero_()
     model.eval()

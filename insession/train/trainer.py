@@ -39,8 +39,8 @@ class TrainConfig:
     # seen once before any is seen twice): validation, early stopping and the curve stay frequent on big shops
     epoch_groups: int | None = 100_000
     loss: LossWeights = field(default_factory=LossWeights)
-    # masked-item pre-training of the item table and both encoders on every training-period interaction,
-    # before fitting (`insession.train.pretrain`); epochs 0 (the default) is off
+    # pre-training of the item table and both encoders on every training-period interaction (masked or next
+    # items, `PretrainConfig.objective`), before fitting (`insession.train.pretrain`); epochs 0 (the default) is off
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     progress: bool = True
 

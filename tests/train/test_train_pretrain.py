@@ -1,5 +1,5 @@
-"""Masked-item pre-training of the reranker's sequence side (issue 20): the objective on a hand-made case,
-the weights it leaves, its windows, and point-in-time correctness of its stream."""
+"""Pre-training of the reranker's sequence side (issue 20), masked-item and next-item: each objective on a
+hand-made case, the weights it leaves, its windows and prefixes, and point-in-time correctness of its stream."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ from insession.model.reranker import DualSequenceReranker, RerankerConfig, Seque
 from insession.train.build import BuildConfig, TrainingData, build
 from insession.train.pipeline import train_model
 from insession.train.pretrain import (
-    MaskedItemHead,
+    OBJECTIVES,
+    ItemHead,
     PretrainConfig,
     Stream,
     mask_window,
+    next_item_prefixes,
     pretrain,
     pretrained_parameters,
     window_offsets,
@@ -57,7 +59,7 @@ def tiny_model(seed: int = 0) -> DualSequenceReranker:
 
 
 @torch.no_grad()
-def middle_accuracy(model: DualSequenceReranker, head: MaskedItemHead | None = None) -> float:
+def middle_accuracy(model: DualSequenceReranker, head: ItemHead | None = None) -> float:
     """Share of a in 1..8 for which the history encoder's state at a masked middle event, scored against the
     item table (through `head` when given, else the raw dot product), ranks a+1 first."""
     model.eval()
@@ -75,7 +77,7 @@ def test_masked_item_is_predicted_after_a_few_epochs() -> None:
     """The objective learns a certain masked item: before pre-training the model ranks it first at chance,
     after 25 epochs for (nearly) every start item."""
     model = tiny_model()
-    head = MaskedItemHead(32, N_ITEMS)
+    head = ItemHead(32, N_ITEMS)
     assert middle_accuracy(model, head) <= 0.5
     logs = pretrain(
         model,
@@ -109,12 +111,56 @@ def test_window_offsets_never_cross_a_group_and_keep_the_newest_full() -> None:
     assert window_offsets(np.zeros(0, np.int64), 3).tolist() == [0]
 
 
-def test_pretrained_weights_load_into_the_reranker() -> None:
+@torch.no_grad()
+def next_accuracy(model: DualSequenceReranker, head: ItemHead) -> float:
+    """Share of a in 1..8 for which the history encoder's state at the newest event of the prefix (a, a+1),
+    encoded as requested at the next event's instant and scored through `head`, ranks a+2 first."""
+    model.eval()
+    a = torch.arange(1, 9)
+    items = torch.stack([a, a + 1], 1)
+    ts = torch.tensor([[0, 60_000]]).expand(8, 2)
+    states = model.encoder_states("history", Sequence(items, torch.ones_like(items), ts), torch.full((8,), 120_000))
+    return float((head(states[:, -1], model.item_embed.weight.weight).argmax(-1) == a + 2).float().mean())
+
+
+def test_next_item_is_predicted_after_a_few_epochs() -> None:
+    """The next-item objective learns a certain next item: after (a, a+1) always comes a+2. Ranked first at
+    chance before pre-training, for (nearly) every start item after it."""
+    model = tiny_model()
+    head = ItemHead(32, N_ITEMS)
+    assert next_accuracy(model, head) <= 0.5
+    cfg = PretrainConfig(epochs=25, lr=3e-3, batch_size=32, item_scale=1.0, objective="next")
+    logs = pretrain(model, runs_stream(), UNKNOWN, cfg, progress=False, head=head)
+    assert len(logs) == 25 and logs[-1].loss < logs[0].loss / 2
+    assert next_accuracy(model, head) >= 0.85
+    assert not model.training
+
+
+def test_next_item_prefixes_read_only_their_groups_past() -> None:
+    """Each prefix is its group's rows before the target (never the target, never another group's rows);
+    a group's first row and a row without a trained item (cold-start row 12, padding 0) predict nothing."""
+    group = np.array([0, 0, 0, 1, 1, 2, 3, 3])
+    items = np.array([3, 4, 12, 5, 6, 7, 8, 2])
+    bounds, targets = next_item_prefixes(group, items, N_ITEMS)
+    assert targets.tolist() == [1, 4, 7]
+    assert bounds.reshape(-1, 2).tolist() == [[0, 1], [3, 4], [6, 7]]
+    bounds, targets = next_item_prefixes(np.zeros(0, np.int64), np.zeros(0, np.int64), N_ITEMS)
+    assert len(bounds) == len(targets) == 0
+
+
+def test_an_unknown_objective_is_refused() -> None:
+    with pytest.raises(ValueError, match="objective 'nxt'"):
+        PretrainConfig(objective="nxt")
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_pretrained_weights_load_into_the_reranker(objective: str) -> None:
     """Pre-training changes the item table and both encoders and nothing the fine-tuning owns alone (pooling,
     gate, head); its weights load into a fresh reranker of the same config with every shape matching."""
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    pretrain(model, runs_stream(60), UNKNOWN, PretrainConfig(epochs=2, batch_size=16), progress=False)
+    cfg = PretrainConfig(epochs=2, batch_size=16, objective=objective)
+    pretrain(model, runs_stream(60), UNKNOWN, cfg, progress=False)
     after = model.state_dict()
     changed = {k.split(".")[0] for k, v in after.items() if not torch.equal(v, before[k])}
     assert {"item_embed", "history_encoder", "session_encoder"} <= changed
@@ -127,7 +173,8 @@ def test_pretrained_weights_load_into_the_reranker() -> None:
         torch.testing.assert_close(v, after[k], atol=0, rtol=0)
 
 
-def test_the_stream_stops_at_the_training_split_and_a_leak_is_refused() -> None:
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_the_stream_stops_at_the_training_split_and_a_leak_is_refused(objective: str) -> None:
     """Point in time: `TrainingData.stream` holds exactly the events before the build's split (the validation
     period's events would be in it if the cutoff were ignored), and `pretrain` refuses a stream holding an
     event at or after its cutoff."""
@@ -146,7 +193,7 @@ def test_the_stream_stops_at_the_training_split_and_a_leak_is_refused() -> None:
     assert (np.diff(s.shopper) >= 0).all() and (np.diff(s.session) >= 0).all()
     leaky = Stream(s.items, s.actions, s.ts, s.shopper, s.session, cutoff=int(s.ts.max()))
     with pytest.raises(ValueError, match="at or after its cutoff"):
-        pretrain(tiny_model(), leaky, UNKNOWN, PretrainConfig(epochs=1), progress=False)
+        pretrain(tiny_model(), leaky, UNKNOWN, PretrainConfig(epochs=1, objective=objective), progress=False)
 
 
 def test_encode_once_equals_per_candidate_after_pretraining() -> None:
@@ -186,14 +233,16 @@ def small_data() -> TrainingData:
     return build(events, BuildConfig(), progress=False)
 
 
-def test_pretrained_parameters_are_exactly_what_pretraining_fits() -> None:
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_pretrained_parameters_are_exactly_what_pretraining_fits(objective: str) -> None:
     """`pretrained_parameters` names every parameter `pretrain` changes and no other (each once), for separate
     and for shared encoders."""
     for shared in (False, True):
         torch.manual_seed(0)
         model = DualSequenceReranker(RerankerConfig(n_items=N_ITEMS, dim=32, dropout=0.0, shared_encoder=shared))
         before = {id(p): p.detach().clone() for p in model.parameters()}
-        pretrain(model, runs_stream(60), UNKNOWN, PretrainConfig(epochs=2, batch_size=16), progress=False)
+        cfg = PretrainConfig(epochs=2, batch_size=16, objective=objective)
+        pretrain(model, runs_stream(60), UNKNOWN, cfg, progress=False)
         changed = {id(p) for p in model.parameters() if not torch.equal(p, before[id(p)])}
         named = [id(p) for p in pretrained_parameters(model)]
         assert len(named) == len(set(named)) and set(named) == changed
