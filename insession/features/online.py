@@ -339,6 +339,7 @@ class TileAgg(Expiring):
         code = "i" if not self.tile_ms or self.tile_ms >= MINUTE_MS else "q"
         value = {"sum": "d", "age": "q"}.get(f.agg, "I")
         self.layout = ("q" if self.per_user else "B", code, value)
+        self._rec_key = _tile_structs(*self.layout)[1]  # a record's (sub, code): is the front still live?
         running = f.agg in ("count", "counts_by_action") and not self.per_user
         self.totals: dict[int, list[float]] | None = {} if running and self.tiles > self.RUNNING_TOTALS_FROM else None
 
@@ -458,9 +459,9 @@ class TileAgg(Expiring):
     def _live_total(self, key: int, buf: bytes, low: int) -> list[float]:
         """The key's running total less the records at the front that have left the window (pure)."""
         total = self.totals[key]  # type: ignore[index]
-        rec = _tile_structs(*self.layout)[0]
-        if not buf or rec.unpack_from(buf)[1] >> _SLOT_BITS >= low:
+        if not buf or self._rec_key.unpack_from(buf)[1] >> _SLOT_BITS >= low:
             return total
+        rec = _tile_structs(*self.layout)[0]
         total = list(total)
         for _, code, v in rec.iter_unpack(buf):
             if code >> _SLOT_BITS >= low:
@@ -479,7 +480,7 @@ class TileAgg(Expiring):
             return float(acc[0])
         if agg == "age":
             return t - int(acc[0])
-        return {a: int(n) for a, n in zip(ACTIONS, acc, strict=True)}
+        return dict(zip(ACTIONS, map(int, acc), strict=True))  # counts_by_action: one slot per action
 
     def read(self, key: Any, t: int) -> Any:
         return self.read_many([key], t)[0]

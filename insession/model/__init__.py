@@ -10,7 +10,7 @@ from insession.model.reranker import (
     RerankerConfig,
     Sequence,
     calendar_fields,
-    counter_row,
+    counter_value,
     signal_rows,
 )
 from insession.model.vocab import Vocab
@@ -26,6 +26,6 @@ __all__ = [
     "Sequence",
     "Vocab",
     "calendar_fields",
-    "counter_row",
+    "counter_value",
     "signal_rows",
 ]

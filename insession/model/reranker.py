@@ -66,17 +66,13 @@ COVISIT_DECAY = 0.5
 MS_PER_HOUR = 3_600_000
 
 
-def counter_row(features: Mapping[str, Any]) -> list[float]:
-    """The head's counter inputs, in COUNTERS order, from feature values as the feature engine returns them.
-
-    A count by action ({"view": 3, "add_to_cart": 1, ...}) counts every action; a missing value counts 0.
-    Training data and serving both go through this one function.
-    """
-    out = []
-    for name in COUNTERS:
-        v = features.get(name)
-        out.append(float(sum(v.values())) if isinstance(v, Mapping) else float(v or 0))
-    return out
+def counter_value(v: Any) -> float:
+    """One counter input of the head from a feature value as the feature engine returns it: a count by
+    action ({"view": 3, "add_to_cart": 1, ...}) counts every action; a missing value counts 0. Training data
+    (`counter_matrix`, column by column) and serving both follow this one rule."""
+    if type(v) is dict or isinstance(v, Mapping):  # the exact type first: the ABC check is slow per call
+        return float(sum(v.values()))
+    return float(v or 0)
 
 
 def _recency_counts(events: Sequence_[Mapping[str, Any]]) -> dict[str, tuple[int, int]]:

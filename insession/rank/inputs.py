@@ -2,7 +2,7 @@
 
 The sequences and counters follow the training examples exactly (insession.train.examples): events
 oldest -> newest with padding at the end, the most recent `max_history` / `max_session` kept, action
-index 1 + ACTIONS.index(action), counters in COUNTERS order through the model's own `counter_row`.
+index 1 + ACTIONS.index(action), counters in COUNTERS order through the model's own `counter_value`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from insession.features import FeatureEngine
 from insession.log.catalog import Catalog
 from insession.model import COUNTERS, Vocab
 from insession.model import Sequence as SeqTensors
-from insession.model.reranker import QUERIES, SIGNALS, counter_row, signal_rows
+from insession.model.reranker import QUERIES, SIGNALS, counter_value, signal_rows
 from insession.model.vocab import QUERY_GRAMS
 from insession.rank.hygiene import purchased_in
 from insession.schema import ACTIONS
@@ -52,19 +52,17 @@ class Shopper:
 
 def item_counts(features: FeatureEngine, feature: str, items: Sequence[str]) -> list[float]:
     """One item-level counter of COUNTERS (a total over actions) for each item, as the model reads it."""
-    col = COUNTERS.index(feature)
-    return [counter_row({feature: v})[col] for v in features.read_many(feature, list(items))]
+    return [counter_value(v) for v in features.read_many(feature, list(items))]
 
 
 def counters(features: FeatureEngine, user_id: str, items: Sequence[str]) -> np.ndarray:
     """[C, len(COUNTERS)] float32 for the model head: per-user item count, 28-day and 2-hour counts."""
     columns = [
-        features.read_many(n, [(user_id, i) for i in items] if features.registry[n].entity == "user_item"
-                           else list(items))
+        [counter_value(v) for v in features.read_many(
+            n, [(user_id, i) for i in items] if features.registry[n].entity == "user_item" else list(items))]
         for n in COUNTERS
     ]
-    rows = [counter_row(dict(zip(COUNTERS, values, strict=True))) for values in zip(*columns, strict=True)]
-    return np.array(rows, dtype=np.float32).reshape(len(items), len(COUNTERS))
+    return np.array(columns, dtype=np.float32).reshape(len(COUNTERS), len(items)).T.copy()
 
 
 def covisit_counts(features: FeatureEngine, session: Sequence[dict[str, Any]], n: int) -> dict[str, dict[str, int]]:

@@ -413,7 +413,7 @@ def _proposals(con: duckdb.DuckDBPyConnection, props: pa.Table) -> pa.Table:
 
 
 def counter_matrix(counted: pa.Table) -> np.ndarray:
-    """`counter_row` of every row of a table of COUNTERS features, column by column: [rows, len(COUNTERS)]
+    """`counter_value` of every cell of a table of COUNTERS features, column by column: [rows, len(COUNTERS)]
     float32 (a count by action counts every action, a missing value 0)."""
     out = np.zeros((counted.num_rows, len(COUNTERS)), np.float32)
     for j, name in enumerate(COUNTERS):

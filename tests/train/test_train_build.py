@@ -11,7 +11,7 @@ import pytest
 from train_shop import MINUTE, make_shop
 
 from insession.features.declare import default_registry
-from insession.model.reranker import COUNTERS, counter_row
+from insession.model.reranker import COUNTERS, counter_value
 from insession.schema import ACTIONS
 from insession.train.build import BuildConfig, TrainingData, build, counter_matrix
 
@@ -117,7 +117,7 @@ def test_counters_equal_a_brute_force_count_before_the_request(shop: pa.Table, d
                 assert counters == expected, (r, item)
 
 
-def test_counter_matrix_is_counter_row_of_every_row() -> None:
+def test_counter_matrix_is_counter_value_of_every_cell() -> None:
     by_action = pa.struct([(a, pa.int64()) for a in ACTIONS])
     rows = [
         {"user_item_count_28d": dict.fromkeys(ACTIONS, 2), "item_count_28d": None, "item_trending_2h": 7},
@@ -131,7 +131,7 @@ def test_counter_matrix_is_counter_row_of_every_row() -> None:
         [("user_item_count_28d", by_action), ("item_count_28d", by_action), ("item_trending_2h", pa.int64())]
     )
     table = pa.Table.from_pylist(rows, schema)
-    assert counter_matrix(table).tolist() == [counter_row(r) for r in rows]
+    assert counter_matrix(table).tolist() == [[counter_value(r.get(n)) for n in COUNTERS] for r in rows]
     assert counter_matrix(table).shape == (2, len(COUNTERS))
 
 
