@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -64,6 +65,7 @@ def serve(
     except DataDirError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(3) from None
+    sys.setswitchinterval(server.gil_switch_ms / 1000)
     # The app's shutdown closes the handle (final snapshot and export): uvicorn re-raises SIGTERM after it.
     uvicorn.run(create_app(handle=handle, config=cfg, close_handle=True), host=server.host, port=server.port,
                 loop="uvloop", http="httptools", access_log=False, log_level="warning")

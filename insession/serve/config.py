@@ -59,6 +59,12 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     maintenance_interval_s: Annotated[
         float, _text("seconds between background export/snapshot rounds", gt=0)
     ] = 5.0
+    gil_switch_ms: Annotated[
+        float,
+        _text("how long a thread of the server may hold the GIL while another waits for it "
+              "(`sys.setswitchinterval`; Python's own is 5): a request waits this long behind background work "
+              "at each hand-over", gt=0, le=100),
+    ] = 5.0
 
 
 class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

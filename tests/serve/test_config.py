@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import msgspec
@@ -36,6 +37,7 @@ EVERYTHING = """\
 host = "127.0.0.2"
 port = 9001
 maintenance_interval_s = 2.5
+gil_switch_ms = 1.5
 
 [[auth.keys]]
 name = "shop"
@@ -101,7 +103,8 @@ def _error(text: str, kind: str = "toml") -> str:
 
 def test_every_setting_is_read_from_the_file() -> None:
     cfg = parse_config(EVERYTHING)
-    assert (cfg.server.host, cfg.server.port, cfg.server.maintenance_interval_s) == ("127.0.0.2", 9001, 2.5)
+    assert (cfg.server.host, cfg.server.port, cfg.server.maintenance_interval_s, cfg.server.gil_switch_ms) == (
+        "127.0.0.2", 9001, 2.5, 1.5)
     assert [(k.name, k.roles) for k in cfg.auth.keys] == [("shop", ["serve", "ingest"])]
     assert cfg.query.limits() == Limits(concurrency=3, queue=2, threads=2, nice=0, timeout_s=4.0,
                                         memory_limit="256MB", max_rows=50, max_bytes=4096, retry_after_s=3,
@@ -123,6 +126,7 @@ def test_defaults_are_the_services_own() -> None:
     assert cfg.rank.rank_config() == RankConfig()
     assert cfg.features == FeaturesConfig(snapshot_interval_s=60.0, max_users=0, partitions=16)
     assert not cfg.auth.keys and cfg.server.host == "127.0.0.1"
+    assert cfg.server.gil_switch_ms == 5.0 == sys.getswitchinterval() * 1000  # Python's own: a change is chosen
 
 
 @pytest.mark.parametrize(
@@ -162,6 +166,8 @@ def test_every_service_setting_has_a_config_key(section: type[msgspec.Struct], s
         ('[[auth.keys]]\nname = "a"\nroles = ["serve"]\n', "server.toml:1: auth.keys[0]: key 'a': give exactly "
          "one of key or sha256"),
         ("[features]\npartitions = 0\n", "server.toml:2: features.partitions: Expected `int` >= 1"),
+        ("[server]\ngil_switch_ms = 0\n", "server.toml:2: server.gil_switch_ms: Expected `float` > 0.0"),
+        ("[server]\ngil_switch_ms = 500\n", "server.toml:2: server.gil_switch_ms: Expected `float` <= 100.0"),
         ('[features]\nsnapshot_writer = "standbye"\n', 'server.toml:2: features.snapshot_writer: Invalid enum value '
          '\'standbye\' (allowed: one of "server", "standby")'),
         ('[log]\nurl = "nats://n:4222"\n[features]\nsnapshot_writer = "standby"\n', '[features] snapshot_writer = '

@@ -1,13 +1,16 @@
-"""Does the analytics lane's serving-first watch cost serving when it ticks? (`insession.query.yielding`)
+"""A/B of two server settings under bench_mixed's load, on its cached 1M-shopper shop, without analytics.
 
-An A/B on bench_mixed's cached 1M-shopper shop, without analytics: the standby writes the snapshots, and the
-same load as bench_mixed's (5,000 events/s in batches of 50, 500 feature reads/s, 100 ranks/s, open loop)
-runs for SECONDS on a fresh copy of the data, four times, alternating `[query] yield_lag_ms` = 0 and 5.
-Measured when the watch ticked every 10 ms all the time (2026-11-30 14:33 UTC, 90 s runs): ingest ack p99
-201 / 383 ms off against 753 / 908 ms on; so the watch now ticks only while a query runs. Prints one line
-per run: the server's CPU and p50/p99/p99.9/max per request kind.
+The standby writes the snapshots, and the same load as bench_mixed's (5,000 events/s in batches of 50, 500
+feature reads/s, 100 ranks/s, open loop) runs for SECONDS on a fresh copy of the data, four times,
+alternating A and B (TOML lines added to the base config; runs alternate because how fast this shared host
+runs drifts within minutes). Prints one line per run: the server's CPU and p50/p99/p99.9/max per kind.
 
-    python -m bench.serving_first_ab 90
+    python -m bench.config_ab 90 '[query]\nyield_lag_ms = 0' '[query]\nyield_lag_ms = 5'
+
+Measured:
+- The analytics lane's serving-first watch (`insession.query.yielding`), `yield_lag_ms` 0 against 5, when it
+  ticked every 10 ms all the time (2026-11-30 14:33 UTC, 90 s runs): ingest ack p99 201 / 383 ms off
+  against 753 / 908 ms on; so the watch now ticks only while a query runs.
 """
 
 from __future__ import annotations
@@ -31,13 +34,12 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / 100
 
 
-def one_run(cache: Path, lag_ms: float, seconds: float) -> str:
+def one_run(cache: Path, setting: str, seconds: float) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         shutil.copytree(cache, data)
         cfg = Path(tmp) / "server.toml"
-        cfg.write_text('[features]\nsnapshot_interval_s = 60\nsnapshot_writer = "standby"\n'
-                       f"[query]\nyield_lag_ms = {lag_ms}\n")
+        cfg.write_text('[features]\nsnapshot_interval_s = 60\nsnapshot_writer = "standby"\n' + setting + "\n")
         server = ServerProcess(data, ready_timeout_s=1800, extra_args=["--config", str(cfg)]).start()
         assert server.proc is not None
         try:
@@ -57,14 +59,17 @@ def one_run(cache: Path, lag_ms: float, seconds: float) -> str:
         for kind in ("features", "rank", "ingest")
         for st in [_stats(results[kind][0])]
     )
-    return f"yield_lag_ms={lag_ms:g}: server CPU {share:.2f} cores | {kinds}"
+    return f"{setting!r}: server CPU {share:.2f} cores | {kinds}"
 
 
 def main() -> None:
-    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 90.0
+    if len(sys.argv) != 4:
+        sys.exit("usage: python -m bench.config_ab SECONDS 'A: TOML lines' 'B: TOML lines' (\\n between lines)")
+    seconds = float(sys.argv[1])
+    a, b = (arg.replace("\\n", "\n") for arg in sys.argv[2:])
     cache = cached_shop(N_USERS, PER_USER)
-    for rep, lag_ms in enumerate((0.0, 5.0, 0.0, 5.0)):
-        print(f"run {rep}: {one_run(cache, lag_ms, seconds)}", flush=True)
+    for rep, setting in enumerate((a, b, a, b)):
+        print(f"run {rep}: {one_run(cache, setting, seconds)}", flush=True)
 
 
 if __name__ == "__main__":
