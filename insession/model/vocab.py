@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +117,12 @@ class Vocab:
             surfaces=sorted({s for s in surfaces if s is not None}),
         )
 
+    def item_rows(self, item_ids: Sequence[str | None]) -> np.ndarray:
+        """The trained row of each item id, 0 where it has none (an unknown or null id): a dict lookup per
+        id, what serving needs for a request's few dozen ids (`lookup` adds the cold-start chain)."""
+        pos = self._item_pos
+        return np.fromiter((pos.get(i, -1) if i is not None else -1 for i in item_ids), np.int64, len(item_ids)) + 1
+
     def lookup(
         self,
         item_id: pa.Array,
@@ -129,11 +135,8 @@ class Vocab:
         """
         item_id = _strings(item_id)
         n = len(item_id)
-        if n <= SMALL_LOOKUP:  # a request's few misses: a dict, not an Arrow hash table of every item per call
-            pos = self._item_pos
-            out = np.fromiter((pos.get(i, -1) if i is not None else -1 for i in item_id.to_pylist()), np.int64, n) + 1
-        else:
-            out = _positions(item_id, self._items) + 1
+        # a request's few ids: a dict, not an Arrow hash table of every item per call
+        out = self.item_rows(item_id.to_pylist()) if n <= SMALL_LOOKUP else _positions(item_id, self._items) + 1
         cat = _strings(category if category is not None else pa.nulls(n, pa.string()))
         sub = _strings(subcategory if subcategory is not None else pa.nulls(n, pa.string()))
         s = _positions(_subcat_key(cat, sub), self._subcats)

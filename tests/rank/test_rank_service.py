@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -96,6 +97,20 @@ def test_cold_items_take_the_subcategory_row(shop: Shop, ranker: Ranker) -> None
     s = scores_of(resp)
     assert resp.fallback is None and set(s) == {"i60", "i61", "i3"}
     assert s["i60"] == pytest.approx(s["i61"], abs=1e-6)  # no events either: identical inputs
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from([f"i{i}" for i in range(70)] + ["new", "i999"]), max_size=30))
+def test_the_item_index_is_the_vocabularys_whole_lookup(shop: Shop, ranker: Ranker, items: list[str]) -> None:
+    """Trained rows by the dict, the rest by the cold-start chain: the same indices as one `Vocab.lookup` of
+    every id with its catalogue entry."""
+    assert ranker._model is not None
+    vocab = ranker._model.artefact.vocab
+    known = [shop.catalog.get(i) for i in items]
+    whole = vocab.lookup(pa.array(items, pa.string()),
+                         pa.array([k.category if k else None for k in known], pa.string()),
+                         pa.array([k.subcategory if k else None for k in known], pa.string()))
+    assert ItemIndex(vocab, shop.catalog)(items).tolist() == whole.tolist()
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
