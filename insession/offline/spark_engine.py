@@ -20,9 +20,9 @@ The rules are the DuckDB engine's (`insession.features.offline`), restated with 
 - Sliding topk_count and covisit (the 2-hour trending list, where every key's events share one window;
   co-visitation per item) add counts per block for a row's complete blocks to the events of its edge
   blocks (`_top`) once the spine's range join would read more than `SparkEngine.top_above` (row, event)
-  pairs; below that the range join is cheaper. Both are exact. A global list's requests that came in order
-  skip the edge's events (which hold every shopper's traffic): per group a bounded set of candidate values,
-  each counted by two as-of lookups partitioned by value (`_top_by_item`).
+  pairs; below that the range join is cheaper. Both are exact. Rows whose request came in order skip the
+  edge's events (which grow with the key's traffic): per group a bounded set of candidate values, each
+  counted by as-of lookups partitioned by (key, value) (`_top_by_item`).
 - Everything else (distinct_topk, topk_count, age, covisit, session windows) joins each row with its
   key's events inside its window: sliding windows on (key, bucket of the window's length, at most two
   per row), session windows on (user, session). Unbounded distinct_topk / topk_count / age read the key's
@@ -691,8 +691,10 @@ class SparkEngine(OfflineEngine):
         is outranked by each of the group's k largest B (ties by value) and only those k and the edge's
         values are candidates. Work per row: its edge's events and k values, not its window: the global
         2-hour trending list read ~6k events per request at 1M events joined, co-visitation ~2.5k pairs.
-        A global list's edge holds every shopper's events of up to ~10 minutes, so its regular rows (in
-        order, see `_top_by_item`) are counted by value instead and only its other rows read the edge.
+        An edge grows with its key's traffic (a global list's: every shopper's events of up to ~10 minutes;
+        co-visitation's: the item's pairs of the day, 85k for the busiest item-day at 5M events), so the
+        regular rows (in order, see `_top_by_item`), every row of the training build, are counted by value
+        instead and only the other rows read the edge.
 
         This replaces a shortlist of values from running counts (DuckDB's `_top_sliding`): with sparse
         counts (most 1 or 2) nearly every value of the window stayed in it, and its three as-of sorts of
@@ -706,7 +708,7 @@ class SparkEngine(OfflineEngine):
                 self._sql(f"""
             SELECT *, (s + {block - 1}) DIV {block} AS bl_lo, c0 DIV {block} AS bl_hi
             FROM (SELECT rid, {kc}o, s, greatest(s, least(t + 1, m - {lat})) AS c0, least(t, m) AS hi,
-                         {"t >= m AND s <= m - " + str(lat) if not keys else "false"} AS reg
+                         t >= m AND s <= m - {lat} AS reg
                   FROM (SELECT *, greatest({_start_sql(f)}, 0) AS s FROM {sp}) WHERE m IS NOT NULL)
             WHERE hi >= s""")
             ),
@@ -755,67 +757,84 @@ class SparkEngine(OfflineEngine):
             UNION ALL
             SELECT r.rid, g.value, g.n FROM {rows} r JOIN {best} g ON {g_on} AND NOT r.reg
             LEFT ANTI JOIN {edge} p ON p.rid = r.rid AND p.value = g.value"""
-        if not keys:
-            counts += f" UNION ALL {self._top_by_item(f, rows, src, blocks, full, best)}"
+        counts += f" UNION ALL {self._top_by_item(f, rows, src, blocks, full, best)}"
         return self._view(self._sql(self._top_counts(f, counts)), "res")
 
     def _top_by_item(self, f: Feature, rows: str, src: str, blocks: str, full: str, best: str) -> str:
-        """(rid, value, n) of a global list's regular rows (`reg`: t >= m and s <= m - lateness, every request
-        of the training build whose event came in order): candidates bounded per group, each counted by two
-        lookups keyed by the value. Work per request: its candidates, not the shop's traffic (bench/top_candidates.py:
-        96, 86, 80 candidates per request at 100k, 1M, 5M synthetic events, against 301, 2,920, 14,463 events
-        in the edge blocks `_top` joined it with).
+        """(rid, value, n) of the regular rows (`reg`: t >= m and s <= m - lateness, every request of the
+        training build, whose events came in order) of a sliding top-k list, global or per key: candidates
+        bounded per group, each counted by a lookup keyed by (key, value). Work per row: its candidates,
+        not its key's traffic. The global trending list (bench/top_candidates.py): 96, 86, 80 candidates per
+        request at 100k, 1M, 5M synthetic events, against 301, 2,920, 14,463 events in the edge blocks `_top`
+        joined it with. Co-visitation of the session items (a DuckDB emulation on bench_offline's history,
+        2026-11-30): 38 and 63 candidates per row at 1M and 5M events, against up to 1,975 and 7,935 pairs
+        of the item's day (mean per row) in its edge block; at 5M that edge join, ~7G (row, pair) matches
+        with 85k pairs of the busiest item-day in one task's join key, was where the 2 GiB heap ran out
+        (bench 15:54 UTC). Counted by value, co-visitation alone on those spines (local[2], 2 GiB heap, 2
+        shared cores) took 462 s at 1M and 1,718 s at 5M (767 and 660 µs of executor time per event), the
+        JVM's peak 2.46 and 2.61 GiB.
 
         For such a row the visible events are exactly those with off <= o and ts >= s (off <= o gives
         ts <= m <= t; an accepted event after o has ts >= m - lateness >= s), so a value's count is
-        O(v, o) - T(v, s): its running count by offset at o minus its count of events with ts < s, two
-        as-of joins partitioned by value. Which values to count: every row of a group (same complete blocks)
-        counts at least B(v) (the complete blocks) and at most U(v), the block counts over the group's
-        envelope (the blocks from its rows' least s to their greatest m); a value with U(v) < theta, the
-        group's k-th largest B (0 with fewer than k values), is outranked by k values in every row, so the
-        candidates are the values with U(v) >= theta (ties by value kept). Exact; the rest of the rows
-        (late requests, instants past their watermark) keep `_top`'s edge reads."""
+        O(v, o) - T(v, s): its key's running count of v by offset at o minus its count of events with
+        ts < s, two as-of joins partitioned by (key, value); T is looked up once per (group, value, s) and
+        shared by the group's rows (their s is one tile, mostly the same), so only O's sorts the (row,
+        candidate) pairs. Which values to count: every row of a group
+        (same key and complete blocks) counts at least B(v) (the complete blocks) and at most U(v), the
+        block counts over the group's envelope (the blocks from its rows' least s to their greatest m); a
+        value with U(v) < theta, the group's k-th largest B (0 with fewer than k values), is outranked by
+        k values in every row, so the candidates are the values with U(v) >= theta (ties by value kept).
+        Exact; the other rows (late requests, instants past their watermark) keep `_top`'s edge reads."""
         block, k = _block(f), f.k
+        keys = _keys(f)
+        kc = "".join(f"{c}, " for c in keys)
+        group = [*keys, "bl_lo", "bl_hi"]
+        gc = ", ".join(group)
         # U(v) = B(v) + E(v): E sums the envelope's blocks outside the complete ones
         edge = f"""
-            SELECT g.bl_lo, g.bl_hi, x.value, sum(x.n) AS n
-            FROM (SELECT bl_lo, bl_hi, explode(filter(sequence(lo, hi), b -> b < bl_lo OR b >= bl_hi)) AS b
-                  FROM (SELECT bl_lo, bl_hi, min(s) DIV {block} AS lo, max(hi) DIV {block} AS hi
-                        FROM {rows} WHERE reg GROUP BY 1, 2)) g
-            JOIN {blocks} x ON x.b = g.b
-            GROUP BY 1, 2, 3"""
-        theta = f"SELECT bl_lo, bl_hi, IF(count(*) >= {k}, min(n), 0) AS theta FROM {best} GROUP BY 1, 2"
-        # cached: ~80 values per group (bench/top_candidates.py); the (row, value) pairs, 41M at 5M events, are not
+            SELECT {", ".join(f"g.{c}" for c in group)}, x.value, sum(x.n) AS n
+            FROM (SELECT {gc}, explode(filter(sequence(lo, hi), b -> b < bl_lo OR b >= bl_hi)) AS b
+                  FROM (SELECT {gc}, min(s) DIV {block} AS lo, max(hi) DIV {block} AS hi
+                        FROM {rows} WHERE reg GROUP BY {gc})) g
+            JOIN {blocks} x ON {"".join(f"x.{c} = g.{c} AND " for c in keys)}x.b = g.b
+            GROUP BY {", ".join(f"g.{c}" for c in group)}, x.value"""
+        theta = f"SELECT {gc}, IF(count(*) >= {k}, min(n), 0) AS theta FROM {best} GROUP BY {gc}"
+        # cached: tens of values per group; the (row, value) pairs (41M for the trending list at 5M events,
+        # ~114M for co-visitation) are not: they are made once, for O's lookup
         cand = self._view(
             self._persist(
                 self._sql(f"""
-            SELECT bl_lo, bl_hi, value FROM (
-                SELECT bl_lo, bl_hi, value, coalesce(b.n, 0) + coalesce(e.n, 0) AS u
-                FROM (SELECT * FROM {full} LEFT SEMI JOIN (SELECT bl_lo, bl_hi FROM {rows} WHERE reg)
-                      USING (bl_lo, bl_hi)) b
-                FULL JOIN ({edge}) e USING (bl_lo, bl_hi, value))
-            LEFT JOIN ({theta}) USING (bl_lo, bl_hi)
+            SELECT {gc}, value FROM (
+                SELECT {gc}, value, coalesce(b.n, 0) + coalesce(e.n, 0) AS u
+                FROM (SELECT * FROM {full} LEFT SEMI JOIN (SELECT {gc} FROM {rows} WHERE reg) USING ({gc})) b
+                FULL JOIN ({edge}) e USING ({gc}, value))
+            LEFT JOIN ({theta}) USING ({gc})
             WHERE u >= coalesce(theta, 0)""")
             ),
             "top_cand",
         )
+
+        def running(pos: str) -> str:  # a (key, value)'s count of events up to each position (offset or ts)
+            return f"""(SELECT {kc}value, {pos},
+                               sum(c) OVER (PARTITION BY {kc}value ORDER BY {pos} ROWS UNBOUNDED PRECEDING) AS n
+                        FROM (SELECT {kc}value, {pos}, count(*) AS c FROM {src} GROUP BY {kc}value, {pos}))"""
+
+        by = [*keys, "value"]
+        # T(v, s) once per (group, value, s): the group's rows share s (a window's start is a whole tile)
+        starts = f"""(SELECT DISTINCT {", ".join(f"c.{c}" for c in group)}, c.value, r.s
+                      FROM (SELECT DISTINCT {gc}, s FROM {rows} WHERE reg) r JOIN {cand} c USING ({gc}))"""
+        before = self._asof(starts, "s", running("ts"), "ts", by, ["n"], strict=True, ids=("bl_lo", "bl_hi", "s"))
+        on = "".join(f"b.{c} = r.{c} AND " for c in group)
+        # one row per (row, candidate) carrying T, so O's lookup is the only sort of the pairs
         pairs = self._view(
             self._sql(f"""
-            SELECT r.rid, c.value AS v, c.value, r.o, r.s
-            FROM {rows} r JOIN {cand} c USING (bl_lo, bl_hi) WHERE r.reg"""),
+            SELECT r.rid, coalesce(b.n, 0) AS before, {"".join(f"r.{c}, " for c in keys)}c.value, r.o
+            FROM {rows} r JOIN {cand} c USING ({gc})
+            LEFT JOIN {before} b ON {on}b.value = c.value AND b.s = r.s WHERE r.reg"""),
             "top_pairs",
         )
-
-        def running(pos: str) -> str:  # a value's count of events up to each position (offset or ts)
-            return f"""(SELECT value, {pos}, sum(c) OVER (PARTITION BY value ORDER BY {pos} ROWS UNBOUNDED PRECEDING)
-                        AS n FROM (SELECT value, {pos}, count(*) AS c FROM {src} GROUP BY 1, 2))"""
-
-        arrived = self._asof(pairs, "o", running("off"), "off", ["value"], ["n"], strict=False, ids=("rid", "v"))
-        before = self._asof(pairs, "s", running("ts"), "ts", ["value"], ["n"], strict=True, ids=("rid", "v"))
-        return f"""
-            SELECT a.rid, a.v AS value, a.n - coalesce(b.n, 0) AS n
-            FROM {arrived} a LEFT JOIN {before} b ON b.rid = a.rid AND b.v = a.v
-            WHERE a.n > coalesce(b.n, 0)"""
+        arrived = self._asof(pairs, "o", running("off"), "off", by, ["n"], strict=False, ids=("rid", "before"))
+        return f"SELECT rid, value, n - before AS n FROM {arrived} WHERE n > before"
 
     def _top_counts(self, f: Feature, counts: str) -> str:
         """topk_count / covisit: the k largest of `counts` (rid, value, n), ties by value."""
