@@ -120,12 +120,39 @@ def _run_child(cmd: list[str], timeout_s: float | None) -> dict | str:
         out, err = proc.communicate()
         step = [ln for ln in err.splitlines() if ln.strip() and "WARN" not in ln][-1:] or [""]
         return f"stopped after {timeout_s:.0f} s, in: {step[0][:160]}"
-    if proc.returncode:  # the messages without the JVM's stack frames (the 5M build's cause was cut off)
-        said = [ln for ln in err.splitlines() if ln.strip() and not ln.lstrip().startswith("at ")]
-        print("\n".join(said[-60:]), file=sys.stderr, flush=True)
-        causes = [ln for ln in said if "Caused by" in ln or "Error:" in ln or "Exception:" in ln] or said[-1:]
-        return f"failed: {causes[-1].strip()[:200] if causes else proc.returncode}"
+    if proc.returncode:
+        kept = _failure_lines(err)
+        print("\n".join(kept), file=sys.stderr, flush=True)
+        causes = [i for i, ln in enumerate(kept) if _is_cause(ln)]
+        if not causes:
+            return f"failed: {kept[-1].strip()[:200] if kept else proc.returncode}"
+        at = causes[-1]  # the deepest cause and the first frame under it (which operator asked)
+        frame = next((ln.strip() for ln in kept[at + 1 : at + 2] if ln.lstrip().startswith("at ")), "")
+        return f"failed: {kept[at].strip()[:200]}{f' ({frame[:160]})' if frame else ''}"
     return json.loads(out.strip().splitlines()[-1])
+
+
+def _is_cause(line: str) -> bool:
+    return "Caused by" in line or "Error:" in line or "Exception:" in line
+
+
+def _failure_lines(err: str, frames: int = 12) -> list[str]:
+    """A failed child's stderr without Spark's WARN lines, each exception or cause keeping its first `frames`
+    stack frames (the operator that failed; its deeper frames are Spark's task plumbing). The 5M build's
+    failures lost them: the bench kept the last 4,000 characters (all frames), then no frames at all."""
+    kept: list[str] = []
+    under = frames  # frames still to keep under the last exception line
+    for ln in err.splitlines():
+        if not ln.strip() or " WARN " in ln:
+            continue
+        if ln.lstrip().startswith(("at ", "... ")):
+            if under < frames:
+                kept.append(ln)
+            under += 1
+            continue
+        under = 0 if _is_cause(ln) else frames
+        kept.append(ln)
+    return kept[-200:]
 
 
 def run(
