@@ -124,10 +124,13 @@ def train(
     pretrain_epochs: Annotated[
         int,
         typer.Option(
-            help="Masked-item pre-training epochs of the item table and both encoders on every training-period "
-            "interaction, before fitting (0: off; docs/evaluation.md measures it)."
+            help="Pre-training epochs of the item table and both encoders on every training-period interaction, "
+            "before fitting (0: off; docs/evaluation.md measures it)."
         ),
     ] = 0,
+    pretrain_objective: Annotated[
+        str, typer.Option(help="Pre-training objective: masked (masked items) or next (the next item of each prefix).")
+    ] = "masked",
     val_fraction: Annotated[float, typer.Option(help="Share of the latest add-to-carts that validate.")] = 0.15,
     threads: Annotated[int, typer.Option(help="torch intra-op threads (0: every core).")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -207,6 +210,10 @@ def train(
         finally:
             offline.close()
         return
+    try:
+        pretrain = PretrainConfig(epochs=pretrain_epochs, objective=pretrain_objective)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--pretrain-objective") from None
     events = load_history(data_dir, replicated)  # before the engine starts: an unreadable log fails at once
     offline = _engine(engine, master)
     try:
@@ -220,7 +227,7 @@ def train(
                 patience=patience,
                 seed=seed,
                 threads=threads,
-                pretrain=PretrainConfig(epochs=pretrain_epochs),
+                pretrain=pretrain,
             ),
             build_config=BuildConfig(val_fraction=val_fraction, seed=seed),
             proposer=stage_proposer(events, engine=offline) if served_negatives else None,

@@ -42,7 +42,7 @@ def train_model(
 ) -> TrainResult:
     """The training step: a reranker sized by the data's vocabulary (+ overrides), initialised from
     `vectors` when given, pre-trained on every training-period interaction when `tc.pretrain.epochs` > 0
-    (masked items, `insession.train.pretrain`), then fitted with early stopping on the data's validation
+    (masked or next items, `insession.train.pretrain`), then fitted with early stopping on the data's validation
     groups (the pre-trained parameters at `tc.pretrain`'s fine-tuning rate and frozen epochs, if it ran)."""
     set_threads(tc.threads)
     seed_everything(tc.seed)

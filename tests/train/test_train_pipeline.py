@@ -169,9 +169,14 @@ def test_cli_trains_from_a_history_dir(tmp_path: Path) -> None:
             "0",
             "--pretrain-epochs",
             "1",
+            "--pretrain-objective",
+            "next",
         ],
     )
     assert result.exit_code == 0, result.output
     art = load_artefact(tmp_path / "models")
     assert art.model.cfg.dim == 16 and "NDCG@10" in result.output
     assert [p["epoch"] for p in art.metrics["pretrain"]] == [1]  # pre-trained before fitting, and recorded
+    refused = CliRunner().invoke(app, ["train", str(tmp_path / "data"), "--pretrain-objective", "nxt"])
+    said = " ".join(refused.output.replace("│", " ").split())  # the error box wraps its lines
+    assert refused.exit_code == 2 and "objective 'nxt': choose from masked, next" in said, said
