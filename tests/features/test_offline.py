@@ -210,7 +210,9 @@ def test_sessions_drop_what_the_online_engine_drops(events: list[Event]) -> None
     assert accepted["offset"].to_pylist() == [e.offset for e in _accepted(events, engine.registry.lateness_ms)]
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 10 examples, not 20: each computes every default feature once whole and once per chunk (up to 20 chunks),
+# 30 s of the suite at 20; the parity tests above cover the features themselves.
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(events=streams(), chunk_rows=st.integers(1, 8))
 def test_a_spine_answered_in_chunks_equals_it_answered_at_once(events: list[Event], chunk_rows: int) -> None:
     table = events_to_arrow(events)
