@@ -11,6 +11,10 @@ Measured:
 - The analytics lane's serving-first watch (`insession.query.yielding`), `yield_lag_ms` 0 against 5, when it
   ticked every 10 ms all the time (2026-11-30 14:33 UTC, 90 s runs): ingest ack p99 201 / 383 ms off
   against 753 / 908 ms on; so the watch now ticks only while a query runs.
+- `[server] gil_switch_ms` 5 (Python's own) against 1 (2026-11-30 17:34-17:42 UTC, 90 s runs, the machine
+  otherwise idle, a host slower than at 14:33): at 5 ms the server used 0.98-0.99 cores and was saturated
+  (feature reads p50 5.7-7.9 s, ingest acks p50 45-54 s); at 1 ms 1.05-1.07 cores and feature reads p50
+  28-37 s. More hand-overs cost a saturated server throughput, so the default stays 5 ms.
 """
 
 from __future__ import annotations
