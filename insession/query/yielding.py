@@ -99,7 +99,6 @@ class ServingFirst:
         self._paused_total = 0.0
         self._paused_at: float | None = None
         self.pauses = 0
-        self.lateness_s = 0.0  # the last window's mean, for /metrics
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="insession-serving-first", daemon=True)
         self._thread.start()
@@ -122,6 +121,11 @@ class ServingFirst:
         with self._lock:
             extra = 0.0 if self._paused_at is None else time.monotonic() - self._paused_at
             return self._paused_total + extra
+
+    @property
+    def lateness_s(self) -> float:
+        """The last window's mean lateness (0 while no query runs), for /metrics."""
+        return self.rule.mean_s
 
     @property
     def paused(self) -> bool:
@@ -156,10 +160,8 @@ class ServingFirst:
                 now = time.monotonic()
                 lateness, due = now - due, now + TICK_S
                 self._set(self.rule.step(lateness, now), now)
-                self.lateness_s = self.rule.mean_s
             self._set(False, time.monotonic())  # no query left (or closing): nothing stays stopped
             self.rule.reset()
-            self.lateness_s = 0.0
 
     def close(self) -> None:
         self._stop.set()

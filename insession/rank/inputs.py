@@ -62,7 +62,7 @@ def counters(features: FeatureEngine, user_id: str, items: Sequence[str]) -> np.
             n, [(user_id, i) for i in items] if features.registry[n].entity == "user_item" else list(items))]
         for n in COUNTERS
     ]
-    return np.array(columns, dtype=np.float32).reshape(len(COUNTERS), len(items)).T.copy()
+    return np.ascontiguousarray(np.array(columns, dtype=np.float32).T)
 
 
 def covisit_counts(features: FeatureEngine, session: Sequence[dict[str, Any]], n: int) -> dict[str, dict[str, int]]:
