@@ -120,7 +120,7 @@ class EvalConfig:
     pretraining: tuple[str, ...] = DEFAULT_PRETRAINING
     pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(epochs=5))
     n_boot: int = 1000
-    threads: int = 0  # torch intra-op threads, 0 = every core (see TrainConfig.threads)
+    threads: int = 0  # torch intra-op threads, 0 = torch's default (see TrainConfig.threads)
     progress: bool = True
 
 
@@ -152,6 +152,8 @@ class Results:
     # per view ("proposed", "forced"): whether each test request's positive is known to the sequential models
     # (it occurs as a training target before the test period's held-out tail)
     known: dict[str, np.ndarray] = field(default_factory=dict)
+    # per view ("proposed", "forced"): the surface of each test request's add-to-cart, where the data has one
+    surfaces: dict[str, np.ndarray] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     train_curves: dict[str, list] = field(default_factory=dict)
 
@@ -180,10 +182,17 @@ def _segments(sets: CandidateSets, rows: np.ndarray, vocab_items: set[str]) -> d
         h = len(hist[i])
         out["history_length"].append("0" if h == 0 else "1-9" if h <= 9 else "10-49" if h <= 49 else "50+")
         out["cold_item"].append("warm item" if pos[i] in vocab_items else "cold item")
+    segments = {k: np.array(v) for k, v in out.items()}
+    surface = _surfaces(sets, rows)
+    return segments if surface is None else {**segments, "surface": surface}
+
+
+def _surfaces(sets: CandidateSets, rows: np.ndarray) -> np.ndarray | None:
+    """The surface of each request in `rows` ("unknown" where it has none); None where the data has none."""
     surface = sets.requests["surface"].to_pylist()
-    if any(surface[i] is not None for i in rows.tolist()):
-        out["surface"] = [surface[i] or "unknown" for i in rows.tolist()]
-    return {k: np.array(v) for k, v in out.items()}
+    if all(surface[i] is None for i in rows.tolist()):
+        return None
+    return np.array([surface[i] or "unknown" for i in rows.tolist()])
 
 
 def _examples_for(sets: CandidateSets, items: pa.Table, vocab: Vocab) -> Examples:
@@ -402,6 +411,10 @@ def run(ds: Dataset, cfg: EvalConfig) -> Results:
     res.known = {
         "proposed": known_mask(known_vocab, sets, test_rows),
         "forced": known_mask(known_vocab, sets, test_all),
+    }
+    res.surfaces = {
+        view: labels for view, rows in (("proposed", test_rows), ("forced", test_all))
+        if (labels := _surfaces(sets, rows)) is not None
     }
     if cfg.sequential:
         _sequential(ds, cfg, res, sets, sig, split, val_rows, test_rows, test_all, add, say)

@@ -103,7 +103,12 @@ def test_run_and_report(shop: Dataset, tmp_path: Path) -> None:
     assert "### Pre-training on every interaction (issue 20)" in body and "| pretrained_no_item2vec |" in body
     # issue 17: each ablation's paired difference, and every metric, on each surface's requests
     surfaces = sorted(set(res.segments["surface"].tolist()))
-    assert "### Ablations by surface" in body and "| no_counters | " in body.split("### Ablations by surface")[1]
+    assert np.array_equal(res.surfaces["proposed"], res.segments["surface"]) and len(res.surfaces["forced"]) == n_test
+    for view in ("proposed", "forced"):  # every test add-to-cart's surface is judged in the forced view
+        heading = f"### Ablations by surface: full reranker minus the ablated one (NDCG@10, paired, {view} view)"
+        table = body.split(heading)[1].split("\n\n")[2]
+        assert all(f"{v} (n={int((res.surfaces[view] == v).sum())})" in table for v in surfaces)
+        assert "| no_counters | " in table
     by_surface = body.split("**every metric by surface**")[1].split("\n\n")[1]
     assert "| ndcg10 | hr10 | mrr | auc | gauc |" in by_surface
     assert all(f"| reranker | {v} |" in by_surface for v in surfaces)
