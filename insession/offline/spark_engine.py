@@ -11,11 +11,9 @@ The rules are the DuckDB engine's (`insession.features.offline`), restated with 
   operator streams a sorted partition and spills it, so no step holds a key's history in memory.
 - count / counts_by_action / sum over sliding or unbounded windows: every accepted event with
   ts < cut = max(start, min(t + 1, m - lateness)) is visible to a row (m: the watermark once its offset had
-  arrived; a later arrival has ts >= m - lateness), and of the events from the cut to min(t, m) those that
-  arrived by its offset. The value is a difference of two running sums per key found by as-of joins (both
-  lookups of a row in one sort, up to min(t, m)) less the events of that span that arrived after the
-  offset: those were not newer than the watermark when they came (ts <= wm_prev), a small set joined
-  (broadcast while small) on (key, bucket of the lateness's width).
+  arrived; a later arrival has ts >= m - lateness), so the value is a difference of two running sums per
+  key found by as-of joins (both lookups of a row in one sort), plus the events from the cut to min(t, m)
+  read one by one: a span of at most the lateness, joined on (key, bucket of that width).
 - last / last_n over sliding, unbounded and before-session windows: the k latest visible events are among
   the events of that short tail and the k latest with ts < cut, whose ranks (per key, by ts then offset)
   end at the rank an as-of join finds; they are joined on (key, bucket of k ranks).
@@ -165,9 +163,6 @@ class SparkEngine(OfflineEngine):
     # tenfold per row (the shop keeps 1,200 items). Both are exact (tests/features/test_spark_top.py sets 0
     # to test `_top`).
     top_above: float = 20_000_000
-    # `_running` broadcasts a key's events with ts <= wm_prev (its only join with events) when there are at
-    # most this many: ~16k (1.6%, ties of ts) of the bench's synthetic 1M events, ~50 MB at this bound.
-    late_rows: int = 1_000_000
 
     def __init__(self, master: str = "local[*]", *, session=None, conf: dict[str, str] | None = None) -> None:  # noqa: ANN001
         self._own = session is None
@@ -407,9 +402,6 @@ class SparkEngine(OfflineEngine):
             # wm_after at or before o inside o's block of offsets (an as-of join partitioned by block, so
             # spread over the blocks), else the max of the blocks before it (every block up to the last one
             # is listed, with or without events, so that is an equi-join; o is clipped to the last offset).
-            # m depends on o alone, so it is found once per distinct offset and joined back on o: the
-            # counters' spine (5.5M (request, candidate) pairs at 1M events) holds ~100k offsets, and the
-            # spine's rows then take one join on o instead of an as-of sort and two joins on rid.
             blocks_m = self._view(
                 self._sql(f"""
                 SELECT a.b, max(x.bmax) OVER (ORDER BY a.b ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before
@@ -420,9 +412,8 @@ class SparkEngine(OfflineEngine):
             )
             clipped = self._view(
                 self._sql(f"""
-                SELECT o, oc DIV {BLOCK} AS b, oc
-                FROM (SELECT o, least(o, (SELECT max(off) FROM {ev})) AS oc
-                      FROM (SELECT DISTINCT o FROM {s_in} WHERE o >= 0))"""),
+                SELECT rid, oc DIV {BLOCK} AS b, oc
+                FROM (SELECT rid, least(o, (SELECT max(off) FROM {ev})) AS oc FROM {s_in} WHERE o >= 0)"""),
                 "clipped",
             )
             inner = self._asof(
@@ -433,14 +424,11 @@ class SparkEngine(OfflineEngine):
                 ["b"],
                 ["wm_after"],
                 strict=False,
-                ids=("o",),
             )
-            marks = self._view(
-                self._sql(f"""SELECT i.o, greatest(i.wm_after, x.before) AS m
-                              FROM {inner} i LEFT JOIN {blocks_m} x ON x.b = i.b"""),
-                "marks",
-            )
-            sp0 = self._sql(f"""SELECT s.rid, {kc}s.t, s.o, k.m FROM {s_in} s LEFT JOIN {marks} k ON k.o = s.o""")
+            sp0 = self._sql(f"""
+                SELECT s.rid, {kc}s.t, s.o, CASE WHEN s.o >= 0 THEN greatest(i.wm_after, x.before) END AS m
+                FROM {s_in} s LEFT JOIN {clipped} c USING (rid) LEFT JOIN {inner} i USING (rid)
+                LEFT JOIN {blocks_m} x ON x.b = c.b""")
         else:
             marks = self._view(self._sql(f"SELECT wm_after, max(off) AS off FROM {ev} GROUP BY wm_after"), "marks")
             found = self._asof(s_in, "t", marks, "wm_after", [], ["wm_after", "off"], strict=False)
@@ -486,7 +474,7 @@ class SparkEngine(OfflineEngine):
             has = "TRUE" if f.field is None else f"({value}) IS NOT NULL"
             return self._kept(
                 f"""
-                SELECT user_id, item_id, ts, off, sess, action, category, {value} AS value, wm_prev
+                SELECT user_id, item_id, ts, off, sess, action, category, {value} AS value
                 FROM {acc} WHERE {where} AND {has}""",
                 "src",
             )
@@ -600,25 +588,18 @@ class SparkEngine(OfflineEngine):
         )
 
     def _running(self, f: Feature, sp: str, src: str, index: str, reg: FeatureRegistry) -> str:
-        """count / counts_by_action / sum: running sums up to the row's last visible instant minus those at
-        the start, less the events of its tail that had not arrived by its offset.
+        """count / counts_by_action / sum: running sums at the cut minus those at the start, plus the tail.
 
-        A row sees every event with ts < cut and those of [cut, hi] that arrived by its offset oe, so its
-        value is R(hi + 1) - R(st) - L: R the key's running sum by ts (as-of lookups), L the sum over the
-        events of [cut, hi] with offset > oe (R(cut) - R(st) when cut > hi). Such an event came after oe
-        while the watermark was already >= hi >= its ts, so it is one of the key's events with
-        ts <= wm_prev (not newer than every event before it): L joins the rows with those events only,
-        broadcast when there are at most `late_rows` of them (1.6% of the bench's synthetic 1M events,
-        ties of ts). The former tail read every event of [cut, hi] by offset, a join that shuffled every
-        spine row (~2 buckets each): at 200k synthetic events it took about half of each counter's time.
-        Both as-of lookups of a row (w = 0 and w = 1) go through one sort of the spine and the index, and
-        L (w = 2) meets them in one aggregation by rid."""
+        Both as-of lookups of a row (at its cut, w = 0, and at its window's start, w = 1) go through one
+        sort of the spine and the index, and the tail's sums (w = 2) meet them in one aggregation by rid:
+        one sort and one aggregation per feature instead of two sorts and three joins (the same arithmetic,
+        c - s + x, on the same numbers)."""
         keys = _keys(f)
         kc = "".join(f"{k}, " for k in keys)
         ms = [c for c, _ in self._metrics(f)]
         b = self._bounds(f, sp, reg)
         at = self._asof(
-            f"(SELECT rid, 0 AS w, {kc}IF(cut <= hi, hi + 1, cut) AS p FROM {b} UNION ALL "
+            f"(SELECT rid, 0 AS w, {kc}cut AS p FROM {b} UNION ALL "
             f"SELECT rid, 1, {kc}st FROM {b} WHERE st IS NOT NULL)",
             "p",
             index,
@@ -628,30 +609,26 @@ class SparkEngine(OfflineEngine):
             strict=True,
             ids=("rid", "w"),
         )
-        parts = f"SELECT rid, w, {', '.join(ms)} FROM {at}"
-        late = self._kept(f"SELECT * FROM {src} WHERE ts <= wm_prev", "late")
-        n_late = self._sql(f"SELECT count(*) FROM {late}").first()[0]
-        if n_late:
-            per_event = dict(self._metrics(f))
-            width = reg.lateness_ms + 1
-            on = "".join(f"x.{k} = s.{k} AND " for k in keys)
-            hint = "/*+ BROADCAST(x) */ " if n_late <= self.late_rows else ""
-            parts += f"""
-                UNION ALL
-                SELECT {hint}s.rid, 2 AS w, {", ".join(f"sum({per_event[c]}) AS {c}" for c in ms)}
-                FROM (SELECT *, explode(sequence(cut DIV {width}, hi DIV {width})) AS b FROM {b} WHERE cut <= hi) s
-                JOIN (SELECT *, ts DIV {width} AS b FROM {late}) x
-                  ON {on}x.b = s.b AND x.ts >= s.cut AND x.ts <= s.hi AND x.off > s.oe
-                GROUP BY s.rid"""
+        tail = self._tail(f, b, src, reg)
+        per_event = dict(self._metrics(f))
+        tail_sums = (
+            f"SELECT rid, 2 AS w, {', '.join(f'sum({per_event[c]}) AS {c}' for c in ms)} FROM {tail} GROUP BY rid"
+        )
         part = {w: {c: f"coalesce(max(CASE WHEN w = {w} THEN {c} END), 0)" for c in ms} for w in range(3)}
-        total = {c: f"{part[0][c]} - {part[1][c]} - {part[2][c]}" for c in ms}
+        total = {c: f"{part[0][c]} - {part[1][c]} + {part[2][c]}" for c in ms}
         if f.agg == "count":
             v = f"CAST({total['n']} AS BIGINT)"
         elif f.agg == "sum":
             v = f"CAST({total['n']} AS DOUBLE)"
         else:
             v = "named_struct(" + ", ".join(f"{_lit(a)}, CAST({total['n_' + a]} AS BIGINT)" for a in ACTIONS) + ")"
-        return self._view(self._sql(f"SELECT rid, {v} AS v FROM ({parts}) GROUP BY rid"), "res")
+        return self._view(
+            self._sql(f"""
+            SELECT rid, {v} AS v FROM (
+                SELECT rid, w, {", ".join(ms)} FROM {at} UNION ALL {tail_sums})
+            GROUP BY rid"""),
+            "res",
+        )
 
     def _latest(self, f: Feature, sp: str, src: str, index: str, reg: FeatureRegistry) -> str:
         keys = _keys(f)

@@ -126,28 +126,3 @@ def test_a_spine_longer_than_a_chunk_comes_back_in_chunks_equal_to_duckdb(spark:
     chunks = list(spark.compute_chunks(reg, history, spine, chunk_rows=3))
     assert [c.num_rows for c in chunks] == [3, 3, 1]
     _assert_same(reg, want, pa.concat_tables(chunks))
-
-
-def test_running_counts_subtract_the_late_events_by_a_shuffled_join_too(spark: SparkEngine) -> None:
-    """`_running` subtracts a row's not-yet-arrived tail events with a broadcast join of the events with
-    ts <= wm_prev; past `late_rows` of them the join is shuffled instead: the same values as DuckDB. The
-    late stream's reads at every offset see the 3-minute-late view (u0, i2) before and after it arrived.
-    Two features (a user's count, an item's counts by action): each one is a Spark job of several seconds."""
-    history = events_to_arrow(_late_stream())
-    reg = FeatureRegistry.of([EVERY_KIND["n_2h"], EVERY_KIND["item_count_28d"]])  # a user's count, an item's
-    reads = [(u, i, m, o) for o in range(7) for u, i, m in (("u0", "i2", 19), ("u1", "i1", 21))]
-    spine = pa.table(
-        {
-            "user_id": [u for u, _, _, _ in reads],
-            "item_id": [i for _, i, _, _ in reads],
-            "ts": pa.array([T0 + m * MINUTE_MS for _, _, m, _ in reads], pa.int64()),
-            "offset": pa.array([o for _, _, _, o in reads], pa.int64()),
-        }
-    )
-    want = open_engine("duckdb").compute(reg, history, spine)
-    spark.late_rows = 0  # the shuffled join, however few late events
-    try:
-        got = spark.compute(reg, history, spine)
-    finally:
-        del spark.late_rows  # back to the class's bound
-    _assert_same(reg, want, got)
