@@ -6,4 +6,7 @@ scripts/setup.sh test
 scripts/setup_browser.sh
 scripts/setup_java.sh
 .venv/bin/ruff check insession tests bench
-.venv/bin/python -m pytest "$@"
+# two workers, one group of tests each at a time (a file; the Spark files together: one JVM; the console's
+# files: one server), the longest groups first (tests/conftest.py); INSESSION_TEST_WORKERS=0 runs the suite
+# in this process
+.venv/bin/python -m pytest -n "${INSESSION_TEST_WORKERS:-2}" --dist loadscope --no-loadscope-reorder "$@"

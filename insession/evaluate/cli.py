@@ -131,7 +131,7 @@ def evaluate(
     days: Annotated[int, typer.Option(help="Synthetic shop: days.")] = 14,
     seed: Annotated[int, typer.Option(help="Synthetic shop seed.")] = 7,
     boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 1000,
-    threads: Annotated[int, typer.Option(help="Torch threads (0: every core).")] = 0,
+    threads: Annotated[int, typer.Option(help="Torch threads (0: OMP_NUM_THREADS or every core).")] = 0,
     backtest: Annotated[
         int,
         typer.Option(

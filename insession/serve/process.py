@@ -21,9 +21,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`with ServerProcess(data_dir) as srv: Client(srv.url)`; waits for /readyz, stops on exit."""
+    """`with ServerProcess(data_dir) as srv: Client(srv.url)`; waits for /readyz, stops on exit.
 
-    def __init__(self, data_dir: Path, port: int | None = None, ready_timeout_s: float = 60.0,
+    `ready_timeout_s` only bounds a start that hangs (one that fails exits, and is reported at once): a
+    server whose model exports to ONNX at start took 18 s alone and over 60 s beside two other jobs on 2
+    cores (the test suite's second worker and a benchmark)."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, ready_timeout_s: float = 180.0,
                  extra_args: list[str] | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()

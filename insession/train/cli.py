@@ -132,7 +132,7 @@ def train(
         str, typer.Option(help="Pre-training objective: masked (masked items) or next (the next item of each prefix).")
     ] = "masked",
     val_fraction: Annotated[float, typer.Option(help="Share of the latest add-to-carts that validate.")] = 0.15,
-    threads: Annotated[int, typer.Option(help="torch intra-op threads (0: every core).")] = 0,
+    threads: Annotated[int, typer.Option(help="torch intra-op threads (0: OMP_NUM_THREADS or every core).")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     served_negatives: Annotated[
         bool,

@@ -29,8 +29,9 @@ class TrainConfig:
     weight_decay: float = 1e-5
     patience: int = 2  # epochs without a better validation NDCG@10 before stopping
     seed: int = 0
-    # intra-op threads, 0 = every core (the build is over when fitting starts; on a machine shared with
-    # other jobs, 1 avoids thrashing: 2 threads ran 14x slower beside another job on 2 cores)
+    # intra-op threads, 0 = torch's default: every core unless OMP_NUM_THREADS says otherwise (the build is
+    # over when fitting starts; on a machine shared with other jobs, 1 avoids thrashing: 2 threads ran 14x
+    # slower beside another job on 2 cores)
     threads: int = 0
     # bf16 autocast for the training passes (weights, optimiser and validation stay float32); None: on when
     # the CPU multiplies bf16 natively (AVX512-BF16/AMX), where it measured 2.1x faster per batch
@@ -80,10 +81,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# torch's own choice at import: every core, or OMP_NUM_THREADS where the environment sets it (the test
+# suite's workers run with 1 beside each other, tests/conftest.py)
+DEFAULT_THREADS = torch.get_num_threads()
+
+
 def set_threads(threads: int) -> None:
-    """Intra-op threads for the matmuls; 0 = every core."""
+    """Intra-op threads for the matmuls; 0 = torch's default (`DEFAULT_THREADS`), else at most every core."""
     cores = os.cpu_count() or 1
-    torch.set_num_threads(cores if threads <= 0 else min(threads, cores))
+    torch.set_num_threads(DEFAULT_THREADS if threads <= 0 else min(threads, cores))
 
 
 def use_bf16(flag: bool | None) -> bool:
