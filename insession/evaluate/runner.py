@@ -167,9 +167,11 @@ def _per_request(sets: CandidateSets, rows: np.ndarray, scores: list[np.ndarray]
     )
 
 
-def _segments(sets: CandidateSets, rows: np.ndarray, vocab_items: set[str]) -> dict[str, np.ndarray]:
+def _segments(
+    sets: CandidateSets, rows: np.ndarray, vocab_items: set[str], surface: np.ndarray | None
+) -> dict[str, np.ndarray]:
     """Segment label of each request in `rows`: repeat/new item, session and history length, cold item, and
-    the surface of the add-to-cart where the data has one."""
+    `surface` (the add-to-cart's, `_surfaces` of the same rows) where the data has one."""
     hist = sets.state["history_seq"].to_pylist()
     sess = sets.state["session_seq"].to_pylist()
     pos = sets.requests["item_id"].to_pylist()
@@ -183,7 +185,6 @@ def _segments(sets: CandidateSets, rows: np.ndarray, vocab_items: set[str]) -> d
         out["history_length"].append("0" if h == 0 else "1-9" if h <= 9 else "10-49" if h <= 49 else "50+")
         out["cold_item"].append("warm item" if pos[i] in vocab_items else "cold item")
     segments = {k: np.array(v) for k, v in out.items()}
-    surface = _surfaces(sets, rows)
     return segments if surface is None else {**segments, "surface": surface}
 
 
@@ -444,7 +445,7 @@ def run(ds: Dataset, cfg: EvalConfig) -> Results:
         examples = _examples_for(sets, ds.items, data.vocab)
         sub = examples.subset(test_all)  # trained before the test period: scored on it only
         if seed == cfg.seeds[0]:
-            res.segments = _segments(sets, test_rows, set(data.vocab.items))
+            res.segments = _segments(sets, test_rows, set(data.vocab.items), res.surfaces.get("proposed"))
         base_cfg = data.vocab.config()  # the sequence lengths the neural baselines' batches are cut to
         n_rows = (
             int(
