@@ -6,16 +6,17 @@ client in a second process sends, open loop (each request leaves when it is due 
 from then): ingest batches of 50 events (5,000 events/s, event time moving with the wall clock, random
 shoppers), `GET /v1/features/user/{id}` (500/s) and `/v1/rank` (100/s). In the second half two threads of
 this process keep two heavy analytics scans running. The snapshot interval is lowered so several
-snapshots fall inside; their instants are taken from the state directory's CURRENT file. The load runs
-twice, each time on a fresh copy of the same data: first with the snapshots written by the server process
-itself (the default), then by a snapshot standby process (`[features] snapshot_writer = "standby"`: the
-snapshot work moves off the server's GIL onto CPU nothing else wants, for a second copy of the state; the
-targets are checked on it). The memory and CPU of the server, of the
-standby and of the analytics workers (private memory) are sampled every second. Before that load, a
-server started on the same data answers `GET /v1/features/user/{id}` alone at 1,000/s for a minute (no
-ingest, no ranking: the issue's "stall episodes every 18-22 s" case), and the seconds holding a read over
-20 ms are listed; it is stopped and the measured server started afresh, so the load's snapshots fall where
-they fell before this phase existed.
+snapshots fall inside; their instants are taken from the state directory's CURRENT file. The snapshots
+are written by a snapshot standby process (`[features] snapshot_writer = "standby"`: the snapshot work off
+the server's GIL, for a second copy of the state). The load runs twice, each time on a fresh copy of the
+same data: first with every request sent to the server (the baseline), then with a feature reader
+(`[server] reader_port`: a process with a third copy of the state, following the log) taking the feature
+reads while ingest and ranking go to the server (the targets are checked on it). The memory and CPU of the
+server, of its standby, of its reader and of the analytics workers (private memory) are sampled every
+second. Before that load, a server started on the same data answers `GET /v1/features/user/{id}` alone at
+1,000/s for a minute (no ingest, no ranking: the issue's "stall episodes every 18-22 s" case), and the
+seconds holding a read over 20 ms are listed; it is stopped and the measured server started afresh, so the
+load's snapshots fall where they fell before this phase existed.
 
 The loaded data directory is kept in $INSESSION_BENCH_CACHE (default: the temp dir) and copied for each
 run, so a rerun skips the load.
@@ -50,11 +51,14 @@ from insession.features.engine import REGISTRY_FILE
 from insession.model import DualSequenceReranker, Vocab
 from insession.model.artefact import load_artefact, new_version, save_artefact
 from insession.rank.onnx import ONNX_FILE, export
-from insession.serve.process import ServerProcess
+from insession.serve.process import ServerProcess, free_port
 
 INGEST_RATE, BATCH = 100, 50  # requests/s and events per request: 5,000 events/s
 FEATURE_RATE, RANK_RATE = 500, 100
-WRITERS = ("server", "standby")  # who writes the snapshots: the default first, then the standby (targets checked)
+# The measured setups, each on a fresh copy of the data: name -> (extra config, feature reads on the reader).
+# The snapshots are the standby's in both (the best of the server / standby pair measured until 2026-11-30).
+SETUPS = {"server only": ("", False), "with reader": ("[server]\nreader_port = {reader_port}\n", True)}
+MEASURED = "with reader"  # the targets are checked on this one; the other is the same run's baseline
 READS_ONLY_RATE, STALL_MS = 1_000, 20.0  # the reads-only minute before the mixed load; a read over it is a stall
 TARGETS = {  # (kind, percentile): the issue's target in ms
     ("features", "p99"): 5.0, ("features", "p99.9"): 25.0, ("features", "max"): 100.0,
@@ -118,10 +122,10 @@ def _load(data_dir: Path, n_users: int, per_user: int) -> None:
         db.features.snapshot()
 
 
-def _client(port: int, n_users: int, start_ts: int, seconds: float, out: Connection,
+def _client(port: int, read_port: int, n_users: int, start_ts: int, seconds: float, out: Connection,
             reads_only: bool = False) -> None:
-    """Second process: the three open-loop streams at once (or, `reads_only`, feature reads alone at
-    `READS_ONLY_RATE`); sends back their samples. The client's garbage
+    """Second process: the three open-loop streams at once, feature reads to `read_port` (or, `reads_only`,
+    feature reads alone at `READS_ONLY_RATE`); sends back their samples. The client's garbage
     collector is off while it measures (its collections over the growing lists of samples made sends late,
     counted as the server's latency: sends more than 1 ms late fell from 164 / 2,769 / 168 to 12 / 1,818 / 12
     for ingest / features / rank, and the worst feature read from 1,424 to 614 ms)."""
@@ -152,7 +156,7 @@ def _client(port: int, n_users: int, start_ts: int, seconds: float, out: Connect
     async def together() -> list[tuple[list[Sample], int]]:
         return list(await asyncio.gather(
             open_loop(port, ingest, INGEST_RATE, seconds, "ingest"),
-            open_loop(port, feature, FEATURE_RATE, seconds, "features"),
+            open_loop(read_port, feature, FEATURE_RATE, seconds, "features"),
             open_loop(port, rank, RANK_RATE, seconds, "rank"),
         ))
 
@@ -204,18 +208,20 @@ def _mtime_ns(path: Path) -> int:
         return 0
 
 
-def _is_standby(pid: int) -> bool:
+def _is_child(pid: int, module: str) -> bool:
+    """Whether `pid` runs `python -m module` (the standby: insession.features.standby; the reader:
+    insession.serve.reader)."""
     try:
-        return b"insession.features.standby" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return module.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
 
 
 class _Watch(threading.Thread):
     """Samples every second the memory and CPU (share of one core; a GIL lets Python use about one) of the
-    server, of its snapshot standby (if any) and of its other children (the analytics and export workers,
-    private memory), and notes each new snapshot (the CURRENT file changing) and each export (the history's
-    manifest rewritten), in seconds after `t0`."""
+    server, of its snapshot standby, of its feature reader (if any) and of its other children (the analytics
+    and export workers, private memory), and notes each new snapshot (the CURRENT file changing) and each
+    export (the history's manifest rewritten), in seconds after `t0`."""
 
     def __init__(self, pid: int, data_dir: Path, t0: float) -> None:
         super().__init__(daemon=True)
@@ -224,8 +230,8 @@ class _Watch(threading.Thread):
         self.stop = threading.Event()
         self.snapshots: list[float] = []
         self.exports: list[float] = []
-        self.rss: list[tuple[float, float, float, float]] = []  # (t, server, standby, workers MB)
-        self.cpu: list[tuple[float, float, float, float]] = []  # (t, server, standby, workers cores, last second)
+        self.rss: list[tuple[float, float, float, float, float]] = []  # (t, server, standby, workers, reader MB)
+        self.cpu: list[tuple[float, float, float, float, float]] = []  # the same in cores, over the last second
 
     def run(self) -> None:
         seen = self.current.read_text() if self.current.exists() else ""
@@ -244,13 +250,15 @@ class _Watch(threading.Thread):
             if now - last_mem >= 1.0:
                 last_mem = now
                 children = _children(self.pid)
-                standby = [c for c in children if _is_standby(c)]
-                workers = [c for c in children if c not in standby]
+                standby = [c for c in children if _is_child(c, "insession.features.standby")]
+                reader = [c for c in children if _is_child(c, "insession.serve.reader")]
+                workers = [c for c in children if c not in standby and c not in reader]
                 self.rss.append((now, _rss_mb(self.pid), sum(map(_rss_mb, standby)),
-                                 sum(map(_private_mb, workers))))
+                                 sum(map(_private_mb, workers)), sum(map(_rss_mb, reader))))
                 cpu, child_cpu = _cpu_s(self.pid), {c: _cpu_s(c) for c in children}
                 used = {c: t - last_children.get(c, 0.0) for c, t in child_cpu.items()}
-                self.cpu.append((now, cpu - last_cpu, sum(used[c] for c in standby), sum(used[c] for c in workers)))
+                self.cpu.append((now, cpu - last_cpu, sum(used[c] for c in standby), sum(used[c] for c in workers),
+                                 sum(used[c] for c in reader)))
                 last_cpu, last_children = cpu, child_cpu
 
 
@@ -270,7 +278,7 @@ def _stats(samples: list[Sample]) -> dict[str, float]:
     return {**p, "max": max(lat) * 1000.0, "failed": sum(s.status != 200 for s in samples)}
 
 
-def _plot(results: dict[str, list[Sample]], watch: _Watch, half: float, seconds: float, writer: str) -> str:
+def _plot(results: dict[str, list[Sample]], watch: _Watch, half: float, seconds: float, setup: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,11 +296,12 @@ def _plot(results: dict[str, list[Sample]], watch: _Watch, half: float, seconds:
     ax.set_yscale("log")
     ax.set_ylabel("latency from due time, ms")
     ax.legend(loc="upper left", fontsize=8, markerscale=4, ncol=3)
-    ax.set_title(f"Latency of every request over the run (open loop); snapshots written by the {writer}")
+    ax.set_title(f"Latency of every request over the run (open loop), {setup}")
     t = [x[0] for x in watch.cpu]
     cpu.plot(t, [x[1] for x in watch.cpu], label="server process")
-    if writer == "standby":
-        cpu.plot(t, [x[2] for x in watch.cpu], label="snapshot standby")
+    cpu.plot(t, [x[2] for x in watch.cpu], label="snapshot standby")
+    if SETUPS[setup][1]:
+        cpu.plot(t, [x[4] for x in watch.cpu], label="feature reader")
     cpu.plot(t, [x[3] for x in watch.cpu], label="its workers (analytics, export)")
     for x in watch.snapshots:
         cpu.axvline(x, color="crimson", linewidth=1, linestyle="--")
@@ -300,26 +309,27 @@ def _plot(results: dict[str, list[Sample]], watch: _Watch, half: float, seconds:
     cpu.legend(fontsize=8)
     t = [x[0] for x in watch.rss]
     mem.plot(t, [x[1] / 1024 for x in watch.rss], label="server")
-    if writer == "standby":
-        mem.plot(t, [x[2] / 1024 for x in watch.rss], label="snapshot standby")
+    mem.plot(t, [x[2] / 1024 for x in watch.rss], label="snapshot standby")
+    if SETUPS[setup][1]:
+        mem.plot(t, [x[4] / 1024 for x in watch.rss], label="feature reader")
     mem.plot(t, [x[3] / 1024 for x in watch.rss], label="analytics workers, private")
     mem.set_ylabel("RSS, GiB")
     mem.set_xlabel("seconds since the load started")
     mem.legend(fontsize=8)
     fig.tight_layout()
     IMG.mkdir(parents=True, exist_ok=True)
-    name = f"bench_mixed_timeline_{writer}.png"
+    name = f"bench_mixed_timeline_{setup.replace(' ', '_')}.png"
     fig.savefig(IMG / name, dpi=110)
     plt.close(fig)
-    return f"![latency over time, snapshots (by the {writer}) and analytics marked](img/{name})"
+    return f"![latency over time, {setup}, snapshots and analytics marked](img/{name})"
 
 
-def _measure(port: int, n_users: int, start_ts: int, seconds: float, reads_only: bool = False
+def _measure(port: int, read_port: int, n_users: int, start_ts: int, seconds: float, reads_only: bool = False
              ) -> tuple[mp.process.BaseProcess, Connection]:
     """Start the load client in a process of its own; its samples arrive on the returned connection."""
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_client, args=(port, n_users, start_ts, seconds, send, reads_only))
+    proc = ctx.Process(target=_client, args=(port, read_port, n_users, start_ts, seconds, send, reads_only))
     proc.start()
     send.close()
     return proc, recv
@@ -336,30 +346,34 @@ def run(quick: bool) -> str:
         with ServerProcess(data_dir, ready_timeout_s=1800) as server:  # its own start: the load's snapshot
             for _ in range(50):  # clock starts anew with the measured server
                 _get(server.port, f"/v1/features/user/u{_}")
-            proc, recv = _measure(server.port, n_users, 0, reads_only_s, reads_only=True)
+            proc, recv = _measure(server.port, server.port, n_users, 0, reads_only_s, reads_only=True)
             reads_only: list[Sample] = recv.recv()["reads only"][0]
             proc.join()
-        for writer in WRITERS:
+        for setup, (extra, _) in SETUPS.items():
             shutil.rmtree(data_dir)
-            shutil.copytree(cache, data_dir)  # each writer from the same state and log
+            shutil.copytree(cache, data_dir)  # each setup from the same state and log
             config = Path(tmp) / "server.toml"
-            config.write_text(f'[features]\nsnapshot_interval_s = {snapshot_s}\nsnapshot_writer = "{writer}"\n')
-            print(f"bench_mixed: the measured load, snapshots written by the {writer}", flush=True)
-            phases[writer] = _measured(data_dir, config, n_users, seconds)
+            reader_port = free_port()
+            config.write_text(f'[features]\nsnapshot_interval_s = {snapshot_s}\nsnapshot_writer = "standby"\n'
+                              + extra.format(reader_port=reader_port))
+            print(f"bench_mixed: the measured load, {setup}", flush=True)
+            phases[setup] = _measured(data_dir, config, n_users, seconds, reader_port if extra else None)
     return _report(phases, reads_only, seconds, n_users, per_user, snapshot_s)
 
 
-def _measured(data_dir: Path, config: Path, n_users: int, seconds: float) -> _Phase:
-    """Start a server on `data_dir` with `config`, run the mixed load on it for `seconds`, stop it."""
+def _measured(data_dir: Path, config: Path, n_users: int, seconds: float, reader_port: int | None) -> _Phase:
+    """Start a server on `data_dir` with `config`, run the mixed load on it for `seconds` (feature reads on
+    `reader_port` when given, once the reader answers /readyz), stop it."""
     t_start = time.perf_counter()
     server = ServerProcess(data_dir, ready_timeout_s=1800, extra_args=["--config", str(config)]).start()
-    ready_s = time.perf_counter() - t_start
     assert server.proc is not None
     try:
+        read_port = server.port if reader_port is None else _reader_ready(reader_port, 1800)
+        ready_s = time.perf_counter() - t_start
         ready = json.loads(_get(server.port, "/readyz"))
         start_ts = int(ready["watermark"]) + 60_000
         for _ in range(50):  # warm-up: connections, model threads, popular lists
-            _get(server.port, f"/v1/features/user/u{_}")
+            _get(read_port, f"/v1/features/user/u{_}")
         ranked = json.loads(_post(server.port, "/v1/rank", {"user_id": "u1", "k": 20}))
         if ranked.get("fallback") is not None:  # the rank figures would be of a fallback list, not the model
             raise RuntimeError(f"the server ranks without its model ({ranked.get('fallback_reason')}); "
@@ -367,7 +381,7 @@ def _measured(data_dir: Path, config: Path, n_users: int, seconds: float) -> _Ph
         t0 = time.perf_counter()
         watch = _Watch(server.proc.pid, data_dir, t0)
         watch.start()
-        proc, recv = _measure(server.port, n_users, start_ts, seconds)
+        proc, recv = _measure(server.port, read_port, n_users, start_ts, seconds)
         time.sleep(seconds / 2)
         scans = [_Analytics(server.port, sql) for sql in ANALYTICS_SQL]
         for s in scans:
@@ -384,6 +398,17 @@ def _measured(data_dir: Path, config: Path, n_users: int, seconds: float) -> _Ph
     finally:
         server.stop()
     return _Phase(results, watch, scans, ready_s, paused)
+
+
+def _reader_ready(port: int, timeout_s: float) -> int:
+    """Wait until the feature reader on `port` answers /readyz (it loads the snapshot first); its port."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if json.loads(_get(port, "/readyz")).get("ready"):
+                return port
+        time.sleep(0.5)
+    raise RuntimeError(f"the feature reader on port {port} was not ready within {timeout_s:.0f} s")
 
 
 def _paused(metrics: str) -> tuple[float, int]:
@@ -418,18 +443,18 @@ def _get(port: int, path: str) -> bytes:
     return body
 
 
-def _rows(samples: dict[str, list[Sample]], half: float, writer: str) -> list[list[object]]:
+def _rows(samples: dict[str, list[Sample]], half: float, setup: str) -> list[list[object]]:
     rows: list[list[object]] = []
     for kind in ("features", "rank", "ingest"):
         for label, part in (("whole run", samples[kind]),
                             ("1st half (no analytics)", [s for s in samples[kind] if s.due < half]),
                             ("2nd half (analytics)", [s for s in samples[kind] if s.due >= half])):
             st = _stats(part)
-            rows.append([writer, kind, label, st["n"], st["p50"], st["p99"], st["p99.9"], st["max"], st["failed"]])
+            rows.append([setup, kind, label, st["n"], st["p50"], st["p99"], st["p99.9"], st["max"], st["failed"]])
     return rows
 
 
-def _phase_text(writer: str, phase: _Phase, half: float) -> str:
+def _phase_text(setup: str, phase: _Phase, half: float) -> str:
     watch, scans = phase.watch, phase.scans
 
     def mean(i: int, first: bool) -> float:
@@ -439,19 +464,23 @@ def _phase_text(writer: str, phase: _Phase, half: float) -> str:
         return max((x[i] for x in watch.rss), default=0.0) / 1024
 
     late = {kind: n for kind, (_, n) in phase.results.items()}
-    standby = (f"; snapshot standby {peak(2):.2f} GiB (its own copy of the state)" if writer == "standby" else "")
-    standby_cpu = (f"; the standby's: {mean(2, True):.2f} / {mean(2, False):.2f}" if writer == "standby" else "")
+    reader = SETUPS[setup][1]
+    reader_mem = f"; feature reader {peak(4):.2f} GiB (a third copy)" if reader else ""
+    reader_cpu = f"; the reader's: {mean(4, True):.2f} / {mean(4, False):.2f}" if reader else ""
     return (
-        f"**Snapshots written by the {writer}.** {len(watch.snapshots)} snapshots written during the run (at "
-        + ", ".join(f"{t:.0f} s" for t in watch.snapshots) + f"). The server was ready {phase.ready_s:.0f} s "
-        f"after start (snapshot load). Peak RSS: server {peak(1):.2f} GiB{standby}; analytics workers' "
+        f"**{setup.capitalize()}.** {len(watch.snapshots)} snapshots written during the run (at "
+        + ", ".join(f"{t:.0f} s" for t in watch.snapshots)
+        + f"). Ready {phase.ready_s:.0f} s after start (snapshot load"
+        + (", the reader's included" if reader else "") + f"). Peak RSS: server {peak(1):.2f} GiB; snapshot standby "
+        f"{peak(2):.2f} GiB (its own copy of the state){reader_mem}; analytics workers' "
         f"private memory {peak(3):.2f} GiB. Analytics scans completed in the second half: "
         f"{sum(len(s.done) for s in scans)} ({sum(s.refused for s in scans)} answered 429, "
         f"{sum(s.failed for s in scans)} failed); held paused for serving (`[query] yield_lag_ms`) "
         f"{phase.paused[0]:.0f} s in {phase.paused[1]} pauses. Sends the client could not make on time (> 1 ms late): "
         + ", ".join(f"{k} {v}" for k, v in late.items()) + ". "
         f"CPU, mean over each half, in cores: the server's {mean(1, True):.2f} / {mean(1, False):.2f} (its Python "
-        f"work is bound to about one by the GIL){standby_cpu}; its workers' (export, analytics): "
+        f"work is bound to about one by the GIL); the standby's {mean(2, True):.2f} / {mean(2, False):.2f}"
+        f"{reader_cpu}; its workers' (export, analytics): "
         f"{mean(3, True):.2f} / {mean(3, False):.2f}. Exports written: {len(watch.exports)}."
     )
 
@@ -460,14 +489,13 @@ def _report(phases: dict[str, _Phase], reads_only: list[Sample], seconds: float,
             snapshot_s: float) -> str:
     half = seconds / 2
     rows: list[list[object]] = []
-    for writer, phase in phases.items():
-        rows += _rows({kind: s for kind, (s, _) in phase.results.items()}, half, writer)
+    for setup, phase in phases.items():
+        rows += _rows({kind: s for kind, (s, _) in phase.results.items()}, half, setup)
     st = _stats(reads_only)
     rows.append(["(none)", "features", f"reads only, {READS_ONLY_RATE:,}/s, before the load", st["n"], st["p50"],
                  st["p99"], st["p99.9"], st["max"], st["failed"]])
     stalls = sorted({int(s.due) for s in reads_only if s.latency * 1000.0 > STALL_MS})
-    measured = WRITERS[-1]  # the standby; the server-written run is the baseline of the same run
-    samples = {kind: s for kind, (s, _) in phases[measured].results.items()}
+    samples = {kind: s for kind, (s, _) in phases[MEASURED].results.items()}
     checks: list[list[object]] = []
     for (kind, q), target in TARGETS.items():
         st = _stats(samples[kind])
@@ -485,12 +513,12 @@ def _report(phases: dict[str, _Phase], reads_only: list[Sample], seconds: float,
         f"Snapshot interval {snapshot_s:g} s. Reads alone before the load ({len(reads_only):,} reads, "
         f"{READS_ONLY_RATE:,}/s, no ingest or ranking): the seconds holding a read over {STALL_MS:g} ms, counted "
         "from the phase's start: " + (", ".join(f"second {t}" for t in stalls) if stalls else "none") + ".",
-        *(_phase_text(writer, phase, half) for writer, phase in phases.items()),
-        table(["snapshots by", "requests", "part", "n", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "failed"], rows),
-        table([f"target (issue: serving that never stops), snapshots by the {measured}", "wanted", "measured", ""],
+        *(_phase_text(setup, phase, half) for setup, phase in phases.items()),
+        table(["setup", "requests", "part", "n", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "failed"], rows),
+        table([f"target (issue: serving that never stops), {MEASURED}", "wanted", "measured", ""],
               checks),
-        *(_plot({kind: s for kind, (s, _) in phase.results.items()}, phase.watch, half, seconds, writer)
-          for writer, phase in phases.items()),
+        *(_plot({kind: s for kind, (s, _) in phase.results.items()}, phase.watch, half, seconds, setup)
+          for setup, phase in phases.items()),
     ])
 
 

@@ -44,7 +44,7 @@ def serve(
 
     from insession.embedded import DataDirError
     from insession.serve.app import create_app, open_handle
-    from insession.serve.config import ConfigError, exposure_warning, load_config
+    from insession.serve.config import exposure_warning, load_config
 
     try:
         cfg = load_config(config)
@@ -57,7 +57,7 @@ def serve(
         cfg = msgspec.structs.replace(cfg, server=server,
                                       log=cfg.log if log is None else msgspec.structs.replace(cfg.log, url=log))
         exposure_warning(cfg)  # a refused exposure stops before the data directory is touched
-    except ConfigError as e:
+    except ValueError as e:  # a ConfigError, or a check of the whole config refusing an option's override
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     try:  # opened here, not in the app's startup: a refused data directory is one line, not a traceback

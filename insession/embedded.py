@@ -15,12 +15,13 @@ from typing import Any, Literal, TextIO, get_args
 import msgspec
 
 from insession.features import FeatureEngine
-from insession.features.engine import chunked
+from insession.features.engine import REGISTRY_FILE, chunked
 from insession.features.manage import FeatureManager
 from insession.features.standby import EXIT_RESTART, STATE_DIR, Standby
+from insession.features.tail import READER_PAGE, LogTail
 from insession.log import LogConfig, open_log
-from insession.log.catalog import Catalog
-from insession.log.eventlog import LogBehindError
+from insession.log.catalog import Catalog, CatalogView
+from insession.log.eventlog import LOG_FILE, LogBehindError
 from insession.log.export import HistoryCheck, check_history, history_end, history_location, verify_history
 from insession.query import Limits, QueryService, Result
 from insession.rank import RankConfig, Ranker, RankRequest, RankResponse
@@ -33,6 +34,8 @@ EXPORT_MIN_EVENTS = 50_000  # background export waits for this many events (fewe
 SNAPSHOT_EVERY_S = 60.0  # default interval between feature snapshots (taken only when the state changed)
 SnapshotWriter = Literal["server", "standby"]  # who writes them: this process, or a standby process beside it
 RETRY_MAX_S = 60.0  # a failing background job retries after 1, 2, 4 ... s, at most this
+SWEEP_S = 5.0  # a replica's sweep, catalogue and declarations check, as often as the server's maintenance
+FREEZE_S = 60.0  # a replica moves its state out of the collector's reach this often (the server: each snapshot)
 
 
 class DataDirError(RuntimeError):
@@ -227,6 +230,7 @@ class Insession:
         retry_at = {"export": 0.0, "snapshot": 0.0}
         streak = {"export": 0, "snapshot": 0}  # consecutive failures: the backoff doubles with each
         # restart = the last snapshot + the log after it
+        assert self.query.analytics is not None  # this process has the log: its queries have an analytics lane
         export_writer = self.query.analytics.export_writer()  # in a worker process: no GIL time of serving's
         jobs = {"export": lambda: self.log.export(self.history_dir, min_events=EXPORT_MIN_EVENTS, write=export_writer),
                 "snapshot": lambda: self.features.snapshot()}
@@ -287,6 +291,10 @@ class Insession:
             self.standby.start()
         return False
 
+    def wake(self) -> None:
+        """Have the log's follower read other writers' events now rather than at its next poll."""
+        self.log.wake()
+
     def lag(self) -> dict[str, int]:
         """How far the history export and the feature snapshot trail the log, in events."""
         last = self.log.last_offset()
@@ -323,6 +331,87 @@ class Insession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Replica:
+    """A read-only copy of a data directory's online features in another process than the server's: what a
+    feature reader serves (`insession.serve.reader`, `[server] reader_port`).
+
+    It opens the state as the server does (the last snapshot; the log after it), then a follower thread
+    applies what the server appends to `log.sqlite` (`LogTail`, `READER_PAGE` events a step, read-only),
+    sweeps expired state (`sweep_next`, as the server's maintenance does) and reloads the catalogue the hygiene
+    rules read when its file changed (`CatalogView`). Reads are those of the server's `FeatureEngine` and
+    `QueryService` at this copy's `applied_offset`, which trails the server's by the follower's poll (50 ms
+    when idle; `wake` reads at once, for a read that names an offset it must see). It has no analytics lane,
+    no log to write, and writes nothing: no snapshot, no history, no lock on the directory.
+
+    `stale` is set, and the follower stops, when the declarations change (`registry.json`) or when a declared
+    feature is still backfilling: this copy would serve another set of features than the server. The
+    embedded log only: a replicated log's nodes are themselves the copies.
+    """
+
+    def __init__(self, data_dir: str | Path, *, partitions: int = 16, max_users: int = 0,
+                 limits: Limits | None = None, poll_s: float = 0.05) -> None:
+        self.data_dir = Path(data_dir)
+        state_dir = self.data_dir / STATE_DIR
+        self._registry = state_dir / REGISTRY_FILE
+        self._stamp = self._registry.stat().st_mtime_ns if self._registry.exists() else 0
+        self.features = FeatureEngine.open(state_dir, partitions=partitions, max_users=max_users)
+        self.catalog = CatalogView(self.data_dir / "catalog.sqlite")
+        self.query = QueryService(self.features, None, self.catalog, None, limits)
+        self.tail = LogTail(self.features, self.data_dir / LOG_FILE, READER_PAGE)
+        self.stale = threading.Event()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self.poll_s = poll_s
+        while self.tail.step() == self.tail.page:  # the log after the snapshot, before serving
+            pass
+        self.log_end = self.tail.last_offset()  # the newest offset in the log when the follower last looked
+        _freeze_heap()
+        if self.features.unbuilt:
+            self.stale.set()
+        self._follower = threading.Thread(target=self._follow, name="insession-replica", daemon=True)
+
+    def start(self) -> None:
+        """Start following the log (once the process is ready to serve)."""
+        self._follower.start()
+
+    def wake(self) -> None:
+        """Read the log now rather than at the next poll."""
+        self._wake.set()
+
+    def lag(self) -> int:
+        """Events in the log this copy had not applied when its follower last looked (0 while it keeps up)."""
+        return max(0, self.log_end - self.features.applied_offset)
+
+    def _follow(self) -> None:
+        last_sweep = last_freeze = time.monotonic()
+        while not self._stop.is_set() and not self.stale.is_set():
+            read = self.tail.step()
+            now = time.monotonic()
+            if now - last_sweep >= SWEEP_S:
+                self.features.sweep_next()
+                self.catalog.refresh()
+                if self._registry.exists() and self._registry.stat().st_mtime_ns != self._stamp:
+                    logger.info("feature reader: the declarations changed; stopping to start on them")
+                    self.stale.set()
+                last_sweep = now
+            if now - last_freeze >= FREEZE_S:
+                gc.freeze()  # what the state gained: kept out of full collections, as the server's is
+                last_freeze = now
+            if read < self.tail.page:
+                self.log_end = self.tail.last_offset()
+                self._wake.wait(self.poll_s)
+                self._wake.clear()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._follower.is_alive():
+            self._follower.join()
+        self.query.close()
+        self.tail.close()
+        self.catalog.close()
 
 
 def _lock(data_dir: Path) -> TextIO:

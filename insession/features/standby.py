@@ -14,9 +14,10 @@ The contract:
 - `Standby` (the server's handle, `insession.embedded`) starts `python -m insession.features.standby` with
   the server's partitions and shopper cap. The child opens the state as the server does (the last
   snapshot, under `snapshot_lock`), then applies the log's events after it in offset order, read through a
-  read-only connection of `log.sqlite`. Every `interval_s`, if it applied something, it writes a snapshot
-  with `FeatureEngine.snapshot`, under the same lock, so a snapshot is whole before `CURRENT` names it, and
-  a restart is that snapshot plus the log after it, as with the server's own snapshots.
+  read-only connection of `log.sqlite` (`insession.features.tail`). Every `interval_s`, if it applied
+  something, it writes a snapshot with `FeatureEngine.snapshot`, under the same lock, so a snapshot is
+  whole before `CURRENT` names it, and a restart is that snapshot plus the log after it, as with the
+  server's own snapshots.
 - The child exits 0 on SIGTERM or when its parent is gone. It exits `EXIT_RESTART` when the declarations
   change (`registry.json`), or when a declared feature is still backfilling, since its snapshot would lack
   that feature. The server starts it again later and writes its own snapshots meanwhile.
@@ -38,7 +39,8 @@ from pathlib import Path
 
 from insession.features.backfill import yield_cpu
 from insession.features.engine import REGISTRY_FILE, FeatureEngine
-from insession.log.eventlog import LOG_FILE, READ_PAGE, connect_read_only, decode_rows
+from insession.features.tail import LogTail
+from insession.log.eventlog import LOG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +102,12 @@ def run(data_dir: Path, *, partitions: int, max_users: int, interval_s: float, p
         return EXIT_RESTART
     gc.collect()
     gc.freeze()  # the state is not cyclic garbage: keep full collections from walking it (as the server does)
-    events = connect_read_only(data_dir / LOG_FILE)
+    tail = LogTail(engine, data_dir / LOG_FILE)
     log.info("snapshot standby: state at offset %d, following the log", engine.applied_offset)
     last_snapshot = last_sweep = time.monotonic()
     try:
         while not stop.is_set() and os.getppid() == parent:
-            rows = events.execute("SELECT offset, body FROM events WHERE offset > ? ORDER BY offset LIMIT ?",
-                                  (engine.applied_offset, READ_PAGE)).fetchall()
-            if rows:
-                engine.update_many(decode_rows(rows))
+            read = tail.step()
             if registry.stat().st_mtime_ns != stamp:
                 log.info("snapshot standby: the declarations changed, exiting to start on them")
                 return EXIT_RESTART
@@ -120,10 +119,10 @@ def run(data_dir: Path, *, partitions: int, max_users: int, interval_s: float, p
                 engine.snapshot()
                 gc.freeze()
                 last_snapshot = time.monotonic()
-            if len(rows) < READ_PAGE:
+            if read < tail.page:
                 stop.wait(POLL_S)
     finally:
-        events.close()
+        tail.close()
     return 0
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from insession.log.base import LogUnavailable
+from insession.log.eventlog import connect_read_only
 from insession.schema import ITEM_ARROW_SCHEMA, Event, Item, price_band
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,7 @@ class Catalog:
         self._lock = threading.Lock()
         row = self._conn.execute("SELECT value FROM meta WHERE key = 'replicated_seq'").fetchone()
         self.replicated_seq = int(row[0]) if row else 0  # the items stream's newest message held (0: none)
-        self._items: dict[str, Item] = {
-            row[0]: Item(row[0], row[1], row[2], row[3], bool(row[4]), row[5], row[6], row[7])
-            for row in self._conn.execute("SELECT * FROM items")
-        }
+        self._items = _load_items(self._conn)
 
     def upsert(self, items: list[Item], seq: int | None = None) -> int:
         """Insert or replace items (all-or-nothing, durable before return); returns how many. `seq`: the
@@ -133,3 +131,42 @@ class Catalog:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+def _load_items(conn: sqlite3.Connection) -> dict[str, Item]:
+    return {row[0]: Item(row[0], row[1], row[2], row[3], bool(row[4]), row[5], row[6], row[7])
+            for row in conn.execute("SELECT * FROM items")}
+
+
+class CatalogView:
+    """The catalogue as another process sees it (`get`, `refresh`): a read-only connection of the server's
+    `catalog.sqlite`, loaded whole and loaded again by `refresh` once the file changed (SQLite's
+    `data_version`). A feature reader's hygiene rules read it (`insession.serve.reader`), so an item made
+    unavailable leaves its lists as on the server, within one refresh. Decision: a whole reload per change,
+    off the request path (a reader's follower thread), since upserts are rare beside events; a shop
+    upserting its catalogue continuously would want a change counter in the table instead."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._conn = connect_read_only(self.path, handed_over=True)  # loaded here, refreshed by a follower thread
+        self._version = -1
+        self._items: dict[str, Item] = {}
+        self.refresh()
+
+    def refresh(self) -> bool:
+        """Load the items again if another connection committed since the last load; whether it did."""
+        version = int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+        if version == self._version:
+            return False
+        self._items = _load_items(self._conn)  # one assignment: a reader sees the old dict or the new one
+        self._version = version
+        return True
+
+    def get(self, item_id: str) -> Item | None:
+        return self._items.get(item_id)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def close(self) -> None:
+        self._conn.close()

@@ -128,10 +128,12 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
     return conn
 
 
-def connect_read_only(path: str | Path) -> sqlite3.Connection:
+def connect_read_only(path: str | Path, *, handed_over: bool = False) -> sqlite3.Connection:
     """A read-only connection to a log (or catalogue) file another process writes: the analytics and export
-    workers' and the snapshot standby's (`insession.features.standby`); never takes a write lock."""
-    return sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, isolation_level=None)
+    workers', the snapshot standby's and a feature reader's (`insession.features.tail`); never takes a write
+    lock. `handed_over`: opened in one thread and used in another afterwards (never two at once)."""
+    return sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, isolation_level=None,
+                           check_same_thread=not handed_over)
 
 
 def decode_rows(rows: Iterable[tuple[int, bytes]]) -> list[Event]:

@@ -128,7 +128,9 @@ class QueryService:
     ) -> None:
         self.features = features
         self.manager = manager
-        self.analytics = AnalyticsLane(sources or Sources.of(log, catalog, history_dir), limits)
+        # None for a process that serves online features only (a feature reader, `insession.serve.reader`)
+        self.analytics = None if log is None and sources is None else \
+            AnalyticsLane(sources or Sources.of(log, catalog, history_dir), limits)
         self.matcher = Matcher(self._declared, ACTIONS)
         self.hygiene = Hygiene(catalog.get, lambda name: features.read(name, None), self._declared, self._dropped)
         self.listeners: list[QueryListener] = []
@@ -265,12 +267,18 @@ class QueryService:
                 fallbacks[name] = fb
         return values, fallbacks
 
+    def _lane(self) -> AnalyticsLane:
+        if self.analytics is None:
+            raise QueryError("this process serves online features only (a feature reader): send analytics queries "
+                             "to the server", 421, code="misdirected")
+        return self.analytics
+
     def submit(self, p: Prepared) -> Future[Table]:
         """Admit an analytics-lane query (429 when the queue is full)."""
         plan = p.plan
         assert plan.duck_sql is not None
         try:
-            return self.analytics.submit(
+            return self._lane().submit(
                 plan.duck_sql,
                 p.params,
                 explain=plan.stmt.explain,
@@ -373,7 +381,7 @@ class QueryService:
         if p.plan.serving is not None:
             return Explanation(SERVING, ",".join(p.plan.serving.features), p.plan.serving.note)
         assert p.plan.duck_sql is not None
-        table = self.analytics.submit(p.plan.duck_sql, p.params, explain=True).result()
+        table = self._lane().submit(p.plan.duck_sql, p.params, explain=True).result()
         return Explanation(ANALYTICS, None, table.rows[0][0])
 
     async def off_loop(self, read: Callable[..., T], *args: Any) -> T:
@@ -419,7 +427,8 @@ class QueryService:
         return out
 
     def close(self) -> None:
-        self.analytics.close()
+        if self.analytics is not None:
+            self.analytics.close()
 
 
 def _column_position(stmt: Statement, name: str) -> dict[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from insession.serve.console import router as console_router
 from insession.serve.forward import Forwarder
 from insession.serve.limits import BodyLimit
 from insession.serve.metrics import Metrics, cluster_status
+from insession.serve.reader import Reader
 
 log = logging.getLogger(__name__)
 _json = msgspec.json.Encoder()
@@ -55,6 +57,13 @@ def _body_schema(struct: type[msgspec.Struct]) -> dict[str, Any]:
             },
         }
     }
+
+
+async def _supervise(reader: Reader) -> None:
+    """Start the feature reader, and again whenever it exits (`Reader.check`)."""
+    while True:
+        reader.check()
+        await asyncio.sleep(1.0)
 
 
 def open_handle(data_dir: str | Path, cfg: Config) -> Insession:
@@ -98,9 +107,14 @@ def create_app(data_dir: str | Path | None = None, *, handle: Insession | None =
         app.state.metrics.bind(db, app.state.forwarder)
         if warning:
             log.warning("%s", warning)
+        reader = app.state.reader = Reader(db.data_dir, cfg) if cfg.server.reader_port else None
+        supervise = asyncio.create_task(_supervise(reader)) if reader is not None else None
         try:
             yield
         finally:
+            if supervise is not None and reader is not None:
+                supervise.cancel()
+                await asyncio.to_thread(reader.stop)
             if app.state.forwarder is not None:
                 await app.state.forwarder.close()
             if owned:
@@ -160,6 +174,8 @@ def create_app(data_dir: str | Path | None = None, *, handle: Insession | None =
             return JSONResponse({"ready": False, **warnings}, status_code=503)
         failing = {job: error for job, error in db.job_errors.items() if error}
         body = {"ready": not failing, **db.lag(), "watermark": db.features.watermark, **warnings}
+        if getattr(request.app.state, "reader", None) is not None:  # [server] reader_port
+            body["reader"] = request.app.state.reader.status()
         if len(db.features.held) < db.features.partitions:  # [cluster] copies: the others' shoppers are forwarded
             body["held_partitions"] = sorted(db.features.held)
         cluster = cluster_status(db)  # a replicated log: quorum, lag, stale (reads serve on without a quorum)

@@ -65,6 +65,12 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
               "(`sys.setswitchinterval`; Python's own is 5): a request waits this long behind background work "
               "at each hand-over", gt=0, le=100),
     ] = 5.0
+    reader_port: Annotated[
+        int,
+        _text("a feature reader process serves GET /v1/features/... and POST /v1/features on this port, from its "
+              "own copy of the state (a second core for reads, twice the memory; 0: none; the embedded log only)",
+              ge=0, le=65535),
+    ] = 0
 
 
 class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -301,6 +307,12 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         if self.features.snapshot_writer == "standby" and self.log.url:
             raise ValueError("[features] snapshot_writer = \"standby\" reads the embedded log (log.sqlite); with "
                              "[log] url (a replicated log) leave it \"server\"")
+        if self.server.reader_port and self.log.url:
+            raise ValueError("[server] reader_port: the feature reader follows the embedded log (log.sqlite); with "
+                             "[log] url (a replicated log) every node serves reads itself: leave it 0")
+        if self.server.reader_port and self.server.reader_port == self.server.port:
+            raise ValueError(f"[server] reader_port {self.server.reader_port} is the server's own port: choose "
+                             "another (or 0 for no reader)")
         held = self.cluster.held(self.features.partitions)
         if held is not None and not held:
             raise ValueError(f"[cluster] gives node {self.cluster.node!r} none of the {self.features.partitions} "

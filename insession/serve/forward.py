@@ -205,7 +205,7 @@ async def here_or_there(request: Request, user_id: str | None = None) -> Respons
     features = state.insession.features
     config = getattr(state, "config", None)
     wait_s = config.cluster.read_wait_s if config is not None else ClusterConfig().read_wait_s
-    waited = await wait_applied(request, lambda: features.applied_offset, wait_s, state.insession.log.wake)
+    waited = await wait_applied(request, lambda: features.applied_offset, wait_s, state.insession.wake)
     if waited is not None:
         return waited
     forwarder = forwarder_of(request)

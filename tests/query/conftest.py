@@ -50,6 +50,7 @@ class World:
             log=self.log,
             catalog=self.catalog,
             history_dir=self.history_dir,
+            wake=self.log.wake,
         )
 
     def close(self) -> None:

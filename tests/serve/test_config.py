@@ -172,6 +172,10 @@ def test_every_service_setting_has_a_config_key(section: type[msgspec.Struct], s
          '\'standbye\' (allowed: one of "server", "standby")'),
         ('[log]\nurl = "nats://n:4222"\n[features]\nsnapshot_writer = "standby"\n', '[features] snapshot_writer = '
          '"standby" reads the embedded log'),
+        ('[log]\nurl = "nats://n:4222"\n[server]\nreader_port = 9001\n', "[server] reader_port: the feature reader "
+         "follows the embedded log"),
+        ("[server]\nport = 9001\nreader_port = 9001\n", "[server] reader_port 9001 is the server's own port"),
+        ("[server]\nreader_port = 70000\n", "server.toml:2: server.reader_port: Expected `int` <= 65535"),
         ("[server\nport = 1\n", "server.toml: not valid TOML"),
         ('[cluster]\nnodes = ["http://a:8000"]\nnode = "http://a:8000"\n', "server.toml: (top level): [cluster] "
          "nodes share one replicated log: set [log] url"),
@@ -223,6 +227,16 @@ def test_serve_stops_on_a_bad_config_naming_the_key(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "server.toml:1: unknown key 'auth.key'" in result.output
     assert not (tmp_path / "d").exists()  # refused before anything was opened
+
+
+def test_serve_refuses_a_reader_on_the_port_given_on_the_command_line(tmp_path: Path) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text("[server]\nreader_port = 18777\n")
+    result = CliRunner().invoke(cli, ["serve", "--data-dir", str(tmp_path / "d"), "--config", str(path),
+                                      "--port", "18777"])
+    assert result.exit_code == 2, result.output
+    assert "reader_port 18777 is the server's own port" in result.output
+    assert not (tmp_path / "d").exists()
 
 
 def test_serve_refuses_a_non_loopback_host_without_keys(tmp_path: Path) -> None:
