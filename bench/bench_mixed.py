@@ -374,10 +374,7 @@ def _measured(data_dir: Path, config: Path, n_users: int, seconds: float, reader
         start_ts = int(ready["watermark"]) + 60_000
         for _ in range(50):  # warm-up: connections, model threads, popular lists
             _get(read_port, f"/v1/features/user/u{_}")
-        ranked = json.loads(_post(server.port, "/v1/rank", {"user_id": "u1", "k": 20}))
-        if ranked.get("fallback") is not None:  # the rank figures would be of a fallback list, not the model
-            raise RuntimeError(f"the server ranks without its model ({ranked.get('fallback_reason')}); "
-                               "see the server's log above")
+        _ranks_with_model(server.port)
         t0 = time.perf_counter()
         watch = _Watch(server.proc.pid, data_dir, t0)
         watch.start()
@@ -398,6 +395,21 @@ def _measured(data_dir: Path, config: Path, n_users: int, seconds: float, reader
     finally:
         server.stop()
     return _Phase(results, watch, scans, ready_s, paused)
+
+
+def _ranks_with_model(port: int, timeout_s: float = 120.0) -> None:
+    """Wait until a ranking is the model's, not a fallback list: the rank figures would be of a fallback. A
+    deadline missed while the processes beside the server still load their copies of the state is waited
+    out; any other fallback (no model) is raised at once."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ranked = json.loads(_post(port, "/v1/rank", {"user_id": "u1", "k": 20}))
+        reason = ranked.get("fallback_reason")
+        if ranked.get("fallback") is None:
+            return
+        if reason != "timeout" or time.monotonic() > deadline:
+            raise RuntimeError(f"the server ranks without its model ({reason}); see the server's log above")
+        time.sleep(1.0)
 
 
 def _reader_ready(port: int, timeout_s: float) -> int:
