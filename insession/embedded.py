@@ -351,7 +351,7 @@ class Replica:
     """
 
     def __init__(self, data_dir: str | Path, *, partitions: int = 16, max_users: int = 0,
-                 limits: Limits | None = None, poll_s: float = 0.05) -> None:
+                 limits: Limits | None = None, poll_s: float = 0.05, check_s: float = SWEEP_S) -> None:
         self.data_dir = Path(data_dir)
         state_dir = self.data_dir / STATE_DIR
         self._registry = state_dir / REGISTRY_FILE
@@ -364,6 +364,7 @@ class Replica:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.poll_s = poll_s
+        self.check_s = check_s  # how often the sweep, the catalogue's refresh and the declarations' check run
         while self.tail.step() == self.tail.page:  # the log after the snapshot, before serving
             pass
         self.log_end = self.tail.last_offset()  # the newest offset in the log when the follower last looked
@@ -389,7 +390,7 @@ class Replica:
         while not self._stop.is_set() and not self.stale.is_set():
             read = self.tail.step()
             now = time.monotonic()
-            if now - last_sweep >= SWEEP_S:
+            if now - last_sweep >= self.check_s:
                 self.features.sweep_next()
                 self.catalog.refresh()
                 if self._registry.exists() and self._registry.stat().st_mtime_ns != self._stamp:

@@ -79,14 +79,20 @@ class Standby:
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """Ask the standby to stop (it finishes a snapshot it is writing), kill it after `timeout_s`."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_child(self.proc, timeout_s)
+
+
+def stop_child(proc: subprocess.Popen[bytes] | None, timeout_s: float) -> None:
+    """Ask a child process of the server (the standby, the feature reader) to stop with SIGTERM; SIGKILL it
+    after `timeout_s`. Nothing to do for one never started or already gone."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def run(data_dir: Path, *, partitions: int, max_users: int, interval_s: float, parent: int,

@@ -43,7 +43,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from insession.embedded import Replica
-from insession.features.standby import EXIT_RESTART
+from insession.features.standby import EXIT_RESTART, stop_child
 from insession.serve import query_routes
 from insession.serve.auth import Auth
 from insession.serve.config import Config, parse_config
@@ -110,14 +110,7 @@ class Reader:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Ask the reader to stop (SIGTERM), kill it after `timeout_s`."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_child(self.proc, timeout_s)
 
 
 def reader_app(replica: Replica, config: Config) -> FastAPI:

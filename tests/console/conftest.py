@@ -96,6 +96,9 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
     save_model(data / "db" / "models", "v2", seed=2)  # the newest: it serves from the start
     config = data / "server.toml"
     keys = write_config(config, {"admin": ["admin"], "viewer": ["serve"], "loader": ["ingest"]})
+    # eager PyTorch: no ONNX export of each version at start and reload (15-30 s of a test worker's CPU);
+    # nothing the console shows depends on the backend
+    config.write_text(config.read_text() + '\n[rank]\nbackend = "torch"\n')
     now_ms = int(time.time() * 1000)
     with ServerProcess(data / "db", extra_args=["--config", str(config)]) as srv:
         c = Console(srv.url, keys, now_ms)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -210,3 +212,11 @@ def assert_parity(registry: FeatureRegistry, events: list[Event], rows: list[dic
                     on,
                     want,
                 )
+
+
+def until(what: str, done: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    """Wait for `done()` (polled every 20 ms); fail naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, f"not within {timeout_s:.0f} s: {what}"
+        time.sleep(0.02)

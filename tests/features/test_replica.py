@@ -6,11 +6,10 @@ make it stale instead of serving another set of features."""
 from __future__ import annotations
 
 import random
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from features_helpers import until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -44,13 +43,6 @@ def _answers(query: Any) -> dict[tuple[str, Any], Any]:
     return {(entity, key): query.read_features(entity, key) for entity, keys in ENTITY_KEYS.items() for key in keys}
 
 
-def _until(what: str, done: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not done():
-        assert time.monotonic() < deadline, f"not within {timeout_s:.0f} s: {what}"
-        time.sleep(0.01)
-
-
 def _primary(path: Path) -> Insession:
     db = insession.open(path, maintenance_interval_s=None)
     if not len(db.catalog):
@@ -76,7 +68,7 @@ def test_the_replica_reads_what_the_server_reads_at_the_same_offset(tmp_path_fac
             replica.start()
             for batch in range(3):  # written while it follows
                 db.insert("events", _events(after // 3, rng, T0 + (batch + 1) * 10_000_000))
-            _until("the replica applied the log", lambda: replica.features.applied_offset == db.log.last_offset())
+            until("the replica applied the log", lambda: replica.features.applied_offset == db.log.last_offset())
             assert replica.lag() == 0 or replica.features.applied_offset == db.log.last_offset()
             assert _answers(replica.query) == _answers(db.query)
             assert replica.features.watermark == db.features.watermark
@@ -89,7 +81,7 @@ def test_a_catalogue_change_reaches_the_replica_s_hygiene(tmp_path: Path) -> Non
     with _primary(tmp_path / "data") as db:
         db.insert("events", [{"user_id": "u1", "item_id": i, "action": "view", "ts": T0 + n * 1000, "session_id": "s"}
                              for n, i in enumerate(ITEMS[:5])])
-        replica = Replica(db.data_dir)
+        replica = Replica(db.data_dir, check_s=0.1)
         replica.start()
         try:
             def lists(query: Any) -> list[Any]:  # the global item lists (trending, popular), as served
@@ -99,7 +91,7 @@ def test_a_catalogue_change_reaches_the_replica_s_hygiene(tmp_path: Path) -> Non
             assert lists(replica.query) == lists(db.query)
             db.insert("items", [{"item_id": "i2", "category": "c2", "price": 3.0, "available": False}])
             assert not any("i2" in str(v) for v in lists(db.query))  # unavailable: no list offers it on the server
-            _until("the replica's hygiene drops the unavailable item",
+            until("the replica's hygiene drops the unavailable item",
                    lambda: lists(replica.query) == lists(db.query), timeout_s=20.0)
         finally:
             replica.close()
@@ -107,12 +99,12 @@ def test_a_catalogue_change_reaches_the_replica_s_hygiene(tmp_path: Path) -> Non
 
 def test_new_declarations_make_the_replica_stale(tmp_path: Path) -> None:
     with _primary(tmp_path / "data") as db:
-        replica = Replica(db.data_dir)
+        replica = Replica(db.data_dir, check_s=0.1)
         replica.start()
         try:
             assert not replica.stale.is_set()
             db.execute("CREATE FEATURE views_1h_by_user AS SELECT user_id, count(*) FROM events "
                        "WHERE action = 'view' GROUP BY user_id WINDOW 1 HOUR")
-            _until("the replica notices the new declarations", replica.stale.is_set, timeout_s=20.0)
+            until("the replica notices the new declarations", replica.stale.is_set, timeout_s=20.0)
         finally:
             replica.close()

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import random
 import signal
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from features_helpers import key_of
+from features_helpers import key_of, until
 
 import insession
 from insession.embedded import DataDirError, Insession
@@ -36,13 +34,6 @@ def _events(n: int, seed: int, start_ms: int) -> list[dict[str, Any]]:
 def _reads(engine: FeatureEngine) -> dict[tuple[str, str, str], Any]:
     return {(f.name, u, i): engine.read(f.name, key_of(f.entity, {"user_id": u, "item_id": i}))
             for f in engine.registry for u in USERS[:8] for i in ITEMS[:8]}
-
-
-def _until(what: str, done: Callable[[], bool], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not done():
-        assert time.monotonic() < deadline, f"not within {timeout_s:.0f} s: {what}"
-        time.sleep(0.05)
 
 
 def _open(path: Path) -> Insession:
@@ -69,29 +60,29 @@ def test_the_standby_writes_every_snapshot_and_a_restart_from_them_equals_never_
     with _open(tmp_path / "data") as db:
         for batch in range(3):
             db.insert("events", _events(200, seed=batch, start_ms=T0 + batch * 4_000_000))
-            _until("the standby's snapshot holds every event", lambda: _caught_up(db))
+            until("the standby's snapshot holds every event", lambda: _caught_up(db))
             _restarted_equals_running(db)
         assert db.features.snapshots_written == 0  # the serving process wrote none of them
         assert db.standby is not None and db.standby.starts == 1 and db.standby.running()
         assert db.job_failures["standby"] == 0
         # the server reports the standby's snapshots as its own (its maintenance reads CURRENT every 50 ms)
-        _until("the server's snapshot offset follows the standby's", lambda: db.lag()["snapshot_lag"] == 0)
+        until("the server's snapshot offset follows the standby's", lambda: db.lag()["snapshot_lag"] == 0)
     assert db.standby.proc is None or db.standby.proc.poll() is not None  # stopped at close
 
 
 def test_a_killed_standby_is_counted_the_server_writes_meanwhile_and_it_comes_back(tmp_path: Path) -> None:
     with _open(tmp_path / "data") as db:
         db.insert("events", _events(100, seed=1, start_ms=T0))
-        _until("the standby's snapshot", lambda: _caught_up(db))
+        until("the standby's snapshot", lambda: _caught_up(db))
         assert db.standby is not None and db.standby.proc is not None
         db.standby.proc.send_signal(signal.SIGKILL)
         db.insert("events", _events(100, seed=2, start_ms=T0 + 3_000_000))
-        _until("the server's own snapshot", lambda: db.features.snapshots_written >= 1 and _caught_up(db))
+        until("the server's own snapshot", lambda: db.features.snapshots_written >= 1 and _caught_up(db))
         assert db.job_failures["standby"] == 1
-        _until("the standby started again", lambda: db.standby is not None and db.standby.starts == 2)
+        until("the standby started again", lambda: db.standby is not None and db.standby.starts == 2)
         written = db.features.snapshots_written
         db.insert("events", _events(100, seed=3, start_ms=T0 + 6_000_000))
-        _until("the new standby's snapshot", lambda: _caught_up(db))
+        until("the new standby's snapshot", lambda: _caught_up(db))
         assert db.features.snapshots_written == written  # the standby wrote it
         _restarted_equals_running(db)
         metrics = Metrics()
@@ -105,17 +96,17 @@ def test_a_killed_standby_is_counted_the_server_writes_meanwhile_and_it_comes_ba
 def test_a_feature_declared_while_the_standby_runs_reaches_its_snapshots(tmp_path: Path) -> None:
     with _open(tmp_path / "data") as db:
         db.insert("events", _events(200, seed=4, start_ms=T0))
-        _until("the standby's snapshot", lambda: _caught_up(db))
+        until("the standby's snapshot", lambda: _caught_up(db))
         db.execute("CREATE FEATURE brands_1d AS SELECT user_id, distinct_topk(brand, 2) FROM events "
                    "WHERE ts > now() - INTERVAL '1' DAY GROUP BY user_id, time_bucket(INTERVAL '1' HOUR, ts)")
         assert db.feature_manager.wait("brands_1d") == "serving"
-        _until("the server's snapshot at the install", lambda: db.features.snapshots_written >= 1)
+        until("the server's snapshot at the install", lambda: db.features.snapshots_written >= 1)
         # the standby exits at each change of the declarations and is started again; until it runs on the new
         # ones the server writes the snapshots, so insert until one holding everything is not the server's
         for attempt in range(10):
             written = db.features.snapshots_written
             db.insert("events", _events(50, seed=5 + attempt, start_ms=T0 + (5 + attempt) * 1_000_000))
-            _until("a snapshot of every event", lambda: _caught_up(db))
+            until("a snapshot of every event", lambda: _caught_up(db))
             if db.features.snapshots_written == written:
                 break
         else:
