@@ -104,10 +104,10 @@ def create_app(data_dir: str | Path | None = None, *, handle: Insession | None =
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = handle is None or close_handle
         db = app.state.insession = handle or open_handle(data_dir, cfg)  # type: ignore[arg-type]
-        app.state.metrics.bind(db, app.state.forwarder)
+        reader = app.state.reader = Reader(db.data_dir, cfg) if cfg.server.reader_port else None
+        app.state.metrics.bind(db, app.state.forwarder, reader)
         if warning:
             log.warning("%s", warning)
-        reader = app.state.reader = Reader(db.data_dir, cfg) if cfg.server.reader_port else None
         supervise = asyncio.create_task(_supervise(reader)) if reader is not None else None
         try:
             yield

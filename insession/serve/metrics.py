@@ -207,11 +207,13 @@ class Metrics:
 
     # -- wiring ---------------------------------------------------------------------------------
 
-    def bind(self, handle: Any, forwarder: Any = None) -> None:
-        """Pull gauges from the embedded handle (and the forwarder's counts) at scrape time and observe its
-        queries (idempotent)."""
+    def bind(self, handle: Any, forwarder: Any = None, reader: Any = None) -> None:
+        """Pull gauges from the embedded handle (and the forwarder's counts, the feature reader's state) at
+        scrape time and observe its queries (idempotent)."""
         if forwarder is not None:
             self._pull.forwarder = forwarder
+        if reader is not None:
+            self._pull.reader = reader
         if self._pull.handle is handle:
             return
         self._pull.handle = handle
@@ -262,6 +264,7 @@ class _HandleCollector(Collector):
     def __init__(self) -> None:
         self.handle: Any = None
         self.forwarder: Any = None  # insession.serve.forward.Forwarder, on a node holding some partitions
+        self.reader: Any = None  # insession.serve.reader.Reader, with [server] reader_port
 
     def collect(self) -> Iterator[Metric]:
         h = self.handle
@@ -333,6 +336,13 @@ class _HandleCollector(Collector):
             for (node, outcome), n in sorted(self.forwarder.forwarded.items()):
                 c.add_metric([node, outcome], n)
             yield c
+        if self.reader is not None:
+            yield GaugeMetricFamily("insession_reader_running", "1 while the feature reader process runs, else 0",
+                                    value=int(self.reader.running()))
+            yield CounterMetricFamily("insession_reader_starts", "Feature reader processes started",
+                                      value=self.reader.starts)
+            yield CounterMetricFamily("insession_reader_failures", "Feature reader processes that exited failing",
+                                      value=self.reader.failures)
         yield from _model_metrics(h)
         lane = getattr(getattr(h, "query", None), "analytics", None)
         if lane is not None:

@@ -37,6 +37,11 @@ key = "k-serve"
 name = "analyst"
 roles = ["analytics"]
 key = "k-analytics"
+
+[[auth.keys]]
+name = "operator"
+roles = ["admin"]
+key = "k-admin"
 """
 WRITER = {"X-API-Key": KEYS["ingest"]}
 SERVE = {"X-API-Key": KEYS["serve"]}
@@ -127,6 +132,10 @@ def test_a_killed_reader_is_counted_and_started_again(served: Served) -> None:
     after = _until("the server restarts its reader", lambda: (r := served.readyz()["reader"])["starts"] ==
                    before["starts"] + 1 and r["running"] and r)
     assert after["failures"] == before["failures"] + 1
+    metrics = httpx.get(served.url + "/metrics", headers={"X-API-Key": "k-admin"}, timeout=10).text
+    assert "insession_reader_running 1.0" in metrics
+    assert f"insession_reader_starts_total {after['starts']:.1f}" in metrics
+    assert f"insession_reader_failures_total {after['failures']:.1f}" in metrics
     offset = _write(served, [{"user_id": "u-new", "item_id": "i1", "action": "view", "ts": T0 + 10**7}])
     got = _until("the new reader serves", lambda: httpx.get(
         served.reader + "/v1/features/user/u-new", headers={**SERVE, "X-Insession-Min-Offset": str(offset)},
