@@ -189,23 +189,38 @@ class _Partition(_Unit):
         self.evicted = 0
 
     def apply(self, evs: list[Ev]) -> None:
-        sessions = self.sessions
-        for ev in self.since("sessions", evs):
+        """Sessions first, then the features, of each event. With a cap, the shoppers are evicted at the event
+        that takes the partition past it, wherever the batches end: a copy applying the same stream in other
+        pages (the standby, a feature reader, a restart's replay) evicts the same shoppers at the same event,
+        so its state equals this one's (evicting at the end of each batch made the copies differ)."""
+        sessions, cap = self.sessions, self.max_users
+        held = self.applied_of.get("sessions")
+        start = 0
+        for n, ev in enumerate(evs):
+            if held is not None and ev.off <= held:
+                continue  # a restart: the sessions section already holds it
             ev.sess = sessions.update(ev.u, ev.sid, ev.ts)
             ev.new = sessions.started
-        super().apply(evs)
-        if self.max_users and len(sessions.state) > self.max_users:
-            self.evict()
+            if cap and len(sessions.state) > cap:
+                super().apply(evs[start : n + 1])
+                self.evict(ev.off)
+                start = n + 1
+        if start < len(evs):
+            super().apply(evs[start:])
 
-    def evict(self) -> None:
-        """Forget the least recently active shoppers (by their latest event time) down to 98% of the cap,
-        so the scan runs once per 2% of new shoppers, not per event."""
+    def evict(self, at: int) -> None:
+        """Forget the least recently active shoppers (by their latest event time, then their key) down to 98%
+        of the cap, so the scan runs once per 2% of new shoppers, not per event. `at`: the offset of the event
+        that passed the cap; a feature restored from a section captured after it already holds this eviction."""
         state = self.sessions.state
         keep = self.max_users - self.max_users // 50
-        victims = set(heapq.nsmallest(len(state) - keep, state, key=self.sessions.last_ts))
+        last_ts = self.sessions.last_ts
+        victims = set(heapq.nsmallest(len(state) - keep, state, key=lambda u: (last_ts(u), u)))
         self.sessions.forget(victims)
         for agg in self.aggs.values():
-            agg.forget(victims)
+            held = self.applied_of.get(_section(agg.f))
+            if held is None or held < at:
+                agg.forget(victims)
         self.evicted += len(victims)
 
     def sections(self) -> list[tuple[str, Callable[[], list[bytes]]]]:

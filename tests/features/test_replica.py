@@ -43,8 +43,8 @@ def _answers(query: Any) -> dict[tuple[str, Any], Any]:
     return {(entity, key): query.read_features(entity, key) for entity, keys in ENTITY_KEYS.items() for key in keys}
 
 
-def _primary(path: Path) -> Insession:
-    db = insession.open(path, maintenance_interval_s=None)
+def _primary(path: Path, max_users: int = 0) -> Insession:
+    db = insession.open(path, maintenance_interval_s=None, max_users=max_users)
     if not len(db.catalog):
         db.insert("items", [{"item_id": i, "category": f"c{n % 4}", "price": 1.0 + n} for n, i in enumerate(ITEMS)])
     return db
@@ -53,16 +53,19 @@ def _primary(path: Path) -> Insession:
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 10_000), before=st.integers(1, 120), after=st.integers(3, 120),
-       snapshot=st.booleans())
+       snapshot=st.booleans(), cap=st.sampled_from([0, 0, 3, 8]))
 def test_the_replica_reads_what_the_server_reads_at_the_same_offset(tmp_path_factory: Any, seed: int, before: int,
-                                                                     after: int, snapshot: bool) -> None:
+                                                                     after: int, snapshot: bool, cap: int) -> None:
+    """`cap`: the shopper cap (0: none), on both; the replica applies the log in other pages than the server's
+    inserts, and evicts the same shoppers at the same event."""
     rng = random.Random(seed)
     path = tmp_path_factory.mktemp("data")
-    with _primary(path) as db:
+    with _primary(path, cap) as db:
         db.insert("events", _events(before, rng, T0))
         if snapshot:
             db.features.snapshot()
-        replica = Replica(path, partitions=db.features.partitions)  # the snapshot (if any) and the log after it
+        # the snapshot (if any) and the log after it
+        replica = Replica(path, partitions=db.features.partitions, max_users=cap)
         try:
             assert replica.features.applied_offset == db.log.last_offset()
             replica.start()

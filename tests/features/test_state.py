@@ -320,6 +320,36 @@ def test_the_shopper_cap_evicts_the_least_recently_active_and_counts(tmp_path: P
     assert engine.read("session_length", evicted) == 1
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(events=many_user_streams(), cap=st.integers(1, 6), partitions=st.sampled_from([1, 2, 4]),
+       sizes=st.lists(st.integers(1, 30), min_size=1, max_size=6), cut=st.integers(0, 120))
+def test_with_a_shopper_cap_the_state_is_the_stream_s_whatever_the_batches_and_a_restart(
+    tmp_path_factory: pytest.TempPathFactory, events: list[Event], cap: int, partitions: int, sizes: list[int],
+    cut: int,
+) -> None:
+    """The standby, a feature reader and a restart's replay apply the stream in other pages than the server:
+    with a cap, each must evict the same shoppers at the same event."""
+    whole = FeatureEngine(default_registry(), partitions=partitions, max_users=cap)
+    whole.update_many(events)
+    paged = FeatureEngine(default_registry(), partitions=partitions, max_users=cap)
+    start = 0
+    for n in range(len(events)):
+        if start >= len(events):
+            break
+        paged.update_many(events[start : start + sizes[n % len(sizes)]])
+        start += sizes[n % len(sizes)]
+    assert all_reads(paged) == all_reads(whole)
+    assert paged.evicted_users == whole.evicted_users
+    state = tmp_path_factory.mktemp("state")
+    first = FeatureEngine.open(state, partitions=partitions, max_users=cap)
+    first.update_many(events[: cut % (len(events) + 1)])
+    first.snapshot()
+    again = FeatureEngine.open(state, partitions=partitions, max_users=cap)
+    again.update_many(events)  # what the snapshot holds is skipped
+    assert all_reads(again) == all_reads(whole)
+
+
 def test_capturing_one_partition_blocks_neither_other_partitions_nor_item_reads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
