@@ -346,7 +346,9 @@ class Replica:
     no log to write, and writes nothing: no snapshot, no history, no lock on the directory.
 
     `stale` is set, and the follower stops, when the declarations change (`registry.json`) or when a declared
-    feature is still backfilling: this copy would serve another set of features than the server. The
+    feature is still backfilling: this copy would serve another set of features than the server; and when
+    following the log fails (`failed`: an unreadable log file, say), rather than serve a copy that no longer
+    moves. The
     embedded log only: a replicated log's nodes are themselves the copies.
     """
 
@@ -361,6 +363,7 @@ class Replica:
         self.query = QueryService(self.features, None, self.catalog, None, limits)
         self.tail = LogTail(self.features, self.data_dir / LOG_FILE, READER_PAGE)
         self.stale = threading.Event()
+        self.failed = False  # the follower stopped on an error (else `stale` means new declarations)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.poll_s = poll_s
@@ -386,6 +389,15 @@ class Replica:
         return max(0, self.log_end - self.features.applied_offset)
 
     def _follow(self) -> None:
+        """The follower thread: any failure stops it loudly (`failed`, `stale`), never a silent stale copy."""
+        try:
+            self._follow_log()
+        except Exception:  # noqa: BLE001 - the reader stops and is started again; the log says why
+            logger.exception("feature reader: following the log failed; stopping")
+            self.failed = True
+            self.stale.set()
+
+    def _follow_log(self) -> None:
         last_sweep = last_freeze = time.monotonic()
         while not self._stop.is_set() and not self.stale.is_set():
             read = self.tail.step()

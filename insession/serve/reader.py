@@ -21,7 +21,8 @@ The contract:
 - Freshness: the reader applies the log within its poll (50 ms) of the server's commit. A read that must see
   a write sends `X-Insession-Min-Offset` (the write's offset, as for a cluster's nodes): the reader waits until
   it applied it (`[cluster] read_wait_s`) or answers 503 `behind`.
-- It exits 0 on SIGTERM or when its parent is gone, `EXIT_RESTART` when the declarations change.
+- It exits 0 on SIGTERM or when its parent is gone, `EXIT_RESTART` when the declarations change, 1 when
+  following the log failed (it never serves a copy that stopped moving).
 - The embedded log only (`log.sqlite`), and a server holding every partition: the config refuses the others.
 """
 
@@ -179,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         server.run()  # SIGTERM or Ctrl-C: uvicorn finishes the requests in flight, then the signal ends the process
     finally:
         replica.close()
+    if replica.failed:
+        return 1  # started again after 1, 2, 4 ... s, counted as a failure
     return EXIT_RESTART if replica.stale.is_set() else 0
 
 

@@ -111,3 +111,19 @@ def test_new_declarations_make_the_replica_stale(tmp_path: Path) -> None:
             until("the replica notices the new declarations", replica.stale.is_set, timeout_s=20.0)
         finally:
             replica.close()
+
+
+def test_a_follower_that_fails_stops_the_replica_instead_of_serving_a_stale_copy(tmp_path: Path) -> None:
+    with _primary(tmp_path / "data") as db:
+        replica = Replica(db.data_dir, check_s=0.1)
+
+        def broken() -> int:
+            raise OSError("disk I/O error")
+
+        replica.tail.step = broken  # type: ignore[method-assign]  # a fault the file system would cause
+        replica.start()
+        try:
+            until("the replica stops", replica.stale.is_set, timeout_s=20.0)
+            assert replica.failed
+        finally:
+            replica.close()
