@@ -9,14 +9,15 @@ this process keep two heavy analytics scans running. The snapshot interval is lo
 snapshots fall inside; their instants are taken from the state directory's CURRENT file. The snapshots
 are written by a snapshot standby process (`[features] snapshot_writer = "standby"`: the snapshot work off
 the server's GIL, for a second copy of the state). The load runs twice, each time on a fresh copy of the
-same data: first with every request sent to the server (the baseline), then with a feature reader
-(`[server] reader_port`: a process with a third copy of the state, following the log) taking the feature
-reads while ingest and ranking go to the server (the targets are checked on it). The memory and CPU of the
-server, of its standby, of its reader and of the analytics workers (private memory) are sampled every
-second. Before that load, a server started on the same data answers `GET /v1/features/user/{id}` alone at
-1,000/s for a minute (no ingest, no ranking: the issue's "stall episodes every 18-22 s" case), and the
-seconds holding a read over 20 ms are listed; it is stopped and the measured server started afresh, so the
-load's snapshots fall where they fell before this phase existed.
+same data, both with a feature reader (`[server] reader_port`: a process with a third copy of the state,
+following the log, that serves feature reads and rankings): first with the feature reads sent to the reader
+and ingest and ranking to the server (the baseline: the best setup measured until then), then with the
+rankings sent to the reader and ingest and feature reads to the server (the targets are checked on it). The
+memory and CPU of the server, of its standby, of its reader and of the analytics workers (private memory)
+are sampled every second. Before that load, a server started on the same data answers `GET
+/v1/features/user/{id}` alone at 1,000/s for a minute (no ingest, no ranking: the issue's "stall episodes
+every 18-22 s" case), and the seconds holding a read over 20 ms are listed; it is stopped and the measured
+server started afresh, so the load's snapshots fall where they fell before this phase existed.
 
 The loaded data directory is kept in $INSESSION_BENCH_CACHE (default: the temp dir) and copied for each
 run, so a rerun skips the load.
@@ -55,10 +56,10 @@ from insession.serve.process import ServerProcess, free_port
 
 INGEST_RATE, BATCH = 100, 50  # requests/s and events per request: 5,000 events/s
 FEATURE_RATE, RANK_RATE = 500, 100
-# The measured setups, each on a fresh copy of the data: name -> (extra config, feature reads on the reader).
-# The snapshots are the standby's in both (the best of the server / standby pair measured until 2026-11-30).
-SETUPS = {"server only": ("", False), "with reader": ("[server]\nreader_port = {reader_port}\n", True)}
-MEASURED = "with reader"  # the targets are checked on this one; the other is the same run's baseline
+# The measured setups, each on a fresh copy of the data: name -> (feature reads on the reader, rankings on the
+# reader). The snapshots are the standby's in both (the best of the server / standby pair until 2026-11-30).
+SETUPS = {"reads on the reader": (True, False), "ranking on the reader": (False, True)}
+MEASURED = "ranking on the reader"  # the targets are checked on this one; the other is the same run's baseline
 READS_ONLY_RATE, STALL_MS = 1_000, 20.0  # the reads-only minute before the mixed load; a read over it is a stall
 TARGETS = {  # (kind, percentile): the issue's target in ms
     ("features", "p99"): 5.0, ("features", "p99.9"): 25.0, ("features", "max"): 100.0,
@@ -122,13 +123,13 @@ def _load(data_dir: Path, n_users: int, per_user: int) -> None:
         db.features.snapshot()
 
 
-def _client(port: int, read_port: int, n_users: int, start_ts: int, seconds: float, out: Connection,
-            reads_only: bool = False) -> None:
-    """Second process: the three open-loop streams at once, feature reads to `read_port` (or, `reads_only`,
-    feature reads alone at `READS_ONLY_RATE`); sends back their samples. The client's garbage
-    collector is off while it measures (its collections over the growing lists of samples made sends late,
-    counted as the server's latency: sends more than 1 ms late fell from 164 / 2,769 / 168 to 12 / 1,818 / 12
-    for ingest / features / rank, and the worst feature read from 1,424 to 614 ms)."""
+def _client(port: int, read_port: int, rank_port: int, n_users: int, start_ts: int, seconds: float,
+            out: Connection, reads_only: bool = False) -> None:
+    """Second process: the three open-loop streams at once, feature reads to `read_port` and rankings to
+    `rank_port` (or, `reads_only`, feature reads alone at `READS_ONLY_RATE`); sends back their samples. The
+    client's garbage collector is off while it measures (its collections over the growing lists of samples
+    made sends late, counted as the server's latency: sends more than 1 ms late fell from 164 / 2,769 / 168
+    to 12 / 1,818 / 12 for ingest / features / rank, and the worst feature read from 1,424 to 614 ms)."""
     gc.disable()
     rng = np.random.default_rng(3)
     users = rng.integers(0, n_users, int(seconds * (FEATURE_RATE + RANK_RATE + INGEST_RATE * BATCH)) + 1)
@@ -157,7 +158,7 @@ def _client(port: int, read_port: int, n_users: int, start_ts: int, seconds: flo
         return list(await asyncio.gather(
             open_loop(port, ingest, INGEST_RATE, seconds, "ingest"),
             open_loop(read_port, feature, FEATURE_RATE, seconds, "features"),
-            open_loop(port, rank, RANK_RATE, seconds, "rank"),
+            open_loop(rank_port, rank, RANK_RATE, seconds, "rank"),
         ))
 
     out.send(dict(zip(("ingest", "features", "rank"), asyncio.run(together()), strict=True)))
@@ -300,7 +301,7 @@ def _plot(results: dict[str, list[Sample]], watch: _Watch, half: float, seconds:
     t = [x[0] for x in watch.cpu]
     cpu.plot(t, [x[1] for x in watch.cpu], label="server process")
     cpu.plot(t, [x[2] for x in watch.cpu], label="snapshot standby")
-    if SETUPS[setup][1]:
+    if any(SETUPS[setup]):
         cpu.plot(t, [x[4] for x in watch.cpu], label="feature reader")
     cpu.plot(t, [x[3] for x in watch.cpu], label="its workers (analytics, export)")
     for x in watch.snapshots:
@@ -310,7 +311,7 @@ def _plot(results: dict[str, list[Sample]], watch: _Watch, half: float, seconds:
     t = [x[0] for x in watch.rss]
     mem.plot(t, [x[1] / 1024 for x in watch.rss], label="server")
     mem.plot(t, [x[2] / 1024 for x in watch.rss], label="snapshot standby")
-    if SETUPS[setup][1]:
+    if any(SETUPS[setup]):
         mem.plot(t, [x[4] / 1024 for x in watch.rss], label="feature reader")
     mem.plot(t, [x[3] / 1024 for x in watch.rss], label="analytics workers, private")
     mem.set_ylabel("RSS, GiB")
@@ -324,12 +325,13 @@ def _plot(results: dict[str, list[Sample]], watch: _Watch, half: float, seconds:
     return f"![latency over time, {setup}, snapshots and analytics marked](img/{name})"
 
 
-def _measure(port: int, read_port: int, n_users: int, start_ts: int, seconds: float, reads_only: bool = False
-             ) -> tuple[mp.process.BaseProcess, Connection]:
+def _measure(port: int, read_port: int, rank_port: int, n_users: int, start_ts: int, seconds: float,
+             reads_only: bool = False) -> tuple[mp.process.BaseProcess, Connection]:
     """Start the load client in a process of its own; its samples arrive on the returned connection."""
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_client, args=(port, read_port, n_users, start_ts, seconds, send, reads_only))
+    proc = ctx.Process(target=_client, args=(port, read_port, rank_port, n_users, start_ts, seconds, send,
+                                             reads_only))
     proc.start()
     send.close()
     return proc, recv
@@ -346,39 +348,42 @@ def run(quick: bool) -> str:
         with ServerProcess(data_dir, ready_timeout_s=1800) as server:  # its own start: the load's snapshot
             for _ in range(50):  # clock starts anew with the measured server
                 _get(server.port, f"/v1/features/user/u{_}")
-            proc, recv = _measure(server.port, server.port, n_users, 0, reads_only_s, reads_only=True)
+            proc, recv = _measure(server.port, server.port, server.port, n_users, 0, reads_only_s, reads_only=True)
             reads_only: list[Sample] = recv.recv()["reads only"][0]
             proc.join()
-        for setup, (extra, _) in SETUPS.items():
+        for setup, (reads, ranks) in SETUPS.items():
             shutil.rmtree(data_dir)
             shutil.copytree(cache, data_dir)  # each setup from the same state and log
             config = Path(tmp) / "server.toml"
             reader_port = free_port()
             config.write_text(f'[features]\nsnapshot_interval_s = {snapshot_s}\nsnapshot_writer = "standby"\n'
-                              + extra.format(reader_port=reader_port))
+                              + f"[server]\nreader_port = {reader_port}\n")
             print(f"bench_mixed: the measured load, {setup}", flush=True)
-            phases[setup] = _measured(data_dir, config, n_users, seconds, reader_port if extra else None)
+            phases[setup] = _measured(data_dir, config, n_users, seconds, reader_port, reads, ranks)
     return _report(phases, reads_only, seconds, n_users, per_user, snapshot_s)
 
 
-def _measured(data_dir: Path, config: Path, n_users: int, seconds: float, reader_port: int | None) -> _Phase:
-    """Start a server on `data_dir` with `config`, run the mixed load on it for `seconds` (feature reads on
-    `reader_port` when given, once the reader answers /readyz), stop it."""
+def _measured(data_dir: Path, config: Path, n_users: int, seconds: float, reader_port: int, reads: bool,
+              ranks: bool) -> _Phase:
+    """Start a server on `data_dir` with `config`, run the mixed load on it for `seconds` (feature reads and
+    rankings on `reader_port` as `reads` and `ranks` say, once the reader answers /readyz), stop it."""
     t_start = time.perf_counter()
     server = ServerProcess(data_dir, ready_timeout_s=1800, extra_args=["--config", str(config)]).start()
     assert server.proc is not None
     try:
-        read_port = server.port if reader_port is None else _reader_ready(reader_port, 1800)
+        _reader_ready(reader_port, 1800)
+        read_port = reader_port if reads else server.port
+        rank_port = reader_port if ranks else server.port
         ready_s = time.perf_counter() - t_start
         ready = json.loads(_get(server.port, "/readyz"))
         start_ts = int(ready["watermark"]) + 60_000
         for _ in range(50):  # warm-up: connections, model threads, popular lists
             _get(read_port, f"/v1/features/user/u{_}")
-        _ranks_with_model(server.port)
+        _ranks_with_model(rank_port)
         t0 = time.perf_counter()
         watch = _Watch(server.proc.pid, data_dir, t0)
         watch.start()
-        proc, recv = _measure(server.port, read_port, n_users, start_ts, seconds)
+        proc, recv = _measure(server.port, read_port, rank_port, n_users, start_ts, seconds)
         time.sleep(seconds / 2)
         scans = [_Analytics(server.port, sql) for sql in ANALYTICS_SQL]
         for s in scans:
@@ -476,7 +481,7 @@ def _phase_text(setup: str, phase: _Phase, half: float) -> str:
         return max((x[i] for x in watch.rss), default=0.0) / 1024
 
     late = {kind: n for kind, (_, n) in phase.results.items()}
-    reader = SETUPS[setup][1]
+    reader = any(SETUPS[setup])
     reader_mem = f"; feature reader {peak(4):.2f} GiB (a third copy)" if reader else ""
     reader_cpu = f"; the reader's: {mean(4, True):.2f} / {mean(4, False):.2f}" if reader else ""
     return (

@@ -24,7 +24,7 @@ from insession.log.catalog import Catalog, CatalogView
 from insession.log.eventlog import LOG_FILE, LogBehindError
 from insession.log.export import HistoryCheck, check_history, history_end, history_location, verify_history
 from insession.query import Limits, QueryService, Result
-from insession.rank import RankConfig, Ranker, RankRequest, RankResponse
+from insession.rank import ArtefactRefused, RankConfig, Ranker, RankRequest, RankResponse
 from insession.schema import BatchRejected, Event, FieldError, validate_events, validate_items
 
 logger = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class Insession:
         self.log.follow(self.features.applied_offset + 1)  # other writers' events from here on
         _freeze_heap()
         self.models_dir = self.data_dir / "models"  # `insession train --out` here; the newest version serves
-        self.ranker = Ranker(self.features, self.catalog, self.models_dir, rank_config)
+        self.ranker = Ranker(self.features, self.catalog, self.models_dir, rank_config, publish=True)
         # Feature statements (CREATE / DROP / SHOW / DESCRIBE FEATURE); declared features the snapshot does
         # not hold are backfilled again in the background from here.
         self.feature_manager = FeatureManager(
@@ -339,11 +339,13 @@ class Replica:
 
     It opens the state as the server does (the last snapshot; the log after it), then a follower thread
     applies what the server appends to `log.sqlite` (`LogTail`, `READER_PAGE` events a step, read-only),
-    sweeps expired state (`sweep_next`, as the server's maintenance does) and reloads the catalogue the hygiene
-    rules read when its file changed (`CatalogView`). Reads are those of the server's `FeatureEngine` and
-    `QueryService` at this copy's `applied_offset`, which trails the server's by the follower's poll (50 ms
-    when idle; `wake` reads at once, for a read that names an offset it must see). It has no analytics lane,
-    no log to write, and writes nothing: no snapshot, no history, no lock on the directory.
+    sweeps expired state (`sweep_next`, as the server's maintenance does), reloads the catalogue the hygiene
+    rules read when its file changed (`CatalogView`) and loads the model version the server serves when it
+    changed (`Ranker.follow_published`), so `ranker` ranks as the server's does. Reads are those of the
+    server's `FeatureEngine` and `QueryService` at this copy's `applied_offset`, which trails the server's by
+    the follower's poll (50 ms when idle; `wake` reads at once, for a read that names an offset it must see).
+    It has no analytics lane, no log to write, and writes nothing: no snapshot, no history, no lock on the
+    directory, no model.
 
     `stale` is set, and the follower stops, when the declarations change (`registry.json`) or when a declared
     feature is still backfilling: this copy would serve another set of features than the server; and when
@@ -353,7 +355,8 @@ class Replica:
     """
 
     def __init__(self, data_dir: str | Path, *, partitions: int = 16, max_users: int = 0,
-                 limits: Limits | None = None, poll_s: float = 0.05, check_s: float = SWEEP_S) -> None:
+                 limits: Limits | None = None, rank_config: RankConfig | None = None, poll_s: float = 0.05,
+                 check_s: float = SWEEP_S) -> None:
         self.data_dir = Path(data_dir)
         state_dir = self.data_dir / STATE_DIR
         self._registry = state_dir / REGISTRY_FILE
@@ -361,6 +364,8 @@ class Replica:
         self.features = FeatureEngine.open(state_dir, partitions=partitions, max_users=max_users)
         self.catalog = CatalogView(self.data_dir / "catalog.sqlite")
         self.query = QueryService(self.features, None, self.catalog, None, limits)
+        # the model version the server serves (models/SERVING), followed at each check
+        self.ranker = Ranker(self.features, self.catalog, self.data_dir / "models", rank_config)
         self.tail = LogTail(self.features, self.data_dir / LOG_FILE, READER_PAGE)
         self.stale = threading.Event()
         self.failed = False  # the follower stopped on an error (else `stale` means new declarations)
@@ -405,6 +410,7 @@ class Replica:
             if now - last_sweep >= self.check_s:
                 self.features.sweep_next()
                 self.catalog.refresh()
+                self._follow_model()
                 if self._registry.exists() and self._registry.stat().st_mtime_ns != self._stamp:
                     logger.info("feature reader: the declarations changed; stopping to start on them")
                     self.stale.set()
@@ -417,11 +423,22 @@ class Replica:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
 
+    def _follow_model(self) -> None:
+        """Load the model version the server serves when it changed; one that cannot load is logged, and the
+        model serving here stays (the server refuses the same artefacts: it does not serve them either)."""
+        try:
+            if self.ranker.follow_published():
+                logger.info("feature reader: now ranking with model %s, as the server", self.ranker.model.version
+                            if self.ranker.model else None)
+        except (FileNotFoundError, ArtefactRefused) as e:
+            logger.warning("feature reader: cannot load the model the server serves: %s", e)
+
     def close(self) -> None:
         self._stop.set()
         self._wake.set()
         if self._follower.is_alive():
             self._follower.join()
+        self.ranker.close()
         self.query.close()
         self.tail.close()
         self.catalog.close()

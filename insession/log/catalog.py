@@ -121,9 +121,7 @@ class Catalog:
 
     def to_arrow(self) -> pa.Table:
         """The whole catalogue as `ITEM_ARROW_SCHEMA`."""
-        items = list(self._items.values())
-        columns = {name: [getattr(it, name) for it in items] for name in ITEM_ARROW_SCHEMA.names}
-        return pa.table(columns, schema=ITEM_ARROW_SCHEMA)
+        return _items_table(self._items)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -131,6 +129,12 @@ class Catalog:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+def _items_table(items: dict[str, Item]) -> pa.Table:
+    rows = list(items.values())
+    columns = {name: [getattr(it, name) for it in rows] for name in ITEM_ARROW_SCHEMA.names}
+    return pa.table(columns, schema=ITEM_ARROW_SCHEMA)
 
 
 def _load_items(conn: sqlite3.Connection) -> dict[str, Item]:
@@ -164,6 +168,10 @@ class CatalogView:
 
     def get(self, item_id: str) -> Item | None:
         return self._items.get(item_id)
+
+    def to_arrow(self) -> pa.Table:
+        """The whole catalogue as `ITEM_ARROW_SCHEMA` (what the ranker's popular lists read)."""
+        return _items_table(self._items)
 
     def __len__(self) -> int:
         return len(self._items)

@@ -31,6 +31,7 @@ import msgspec
 import numpy as np
 import torch
 
+from insession.durable import write_atomic
 from insession.features import FeatureEngine
 from insession.features.declare import pinned_hash
 from insession.log.catalog import Catalog
@@ -56,6 +57,7 @@ from insession.schema import MAX_ID_LEN
 log = logging.getLogger(__name__)
 
 REASONS: tuple[str, ...] = ("no_model", "feature_error", "model_error", "timeout")
+SERVING_FILE = "SERVING"  # under the model directory: the version the server serves (feature readers follow it)
 STARTUP_BACKEND_WAIT_S = 300.0  # at most this long for the ONNX export at start; eager PyTorch serves after
 
 
@@ -226,6 +228,10 @@ class Ranker:
     Without a model every request is answered by the fallback ranking, flagged `no_model`. `fault` is a
     test hook called with the stage name ("features", "model") inside each stage; raising or sleeping in
     it forces that stage to fail.
+
+    `publish`: the server's ranker records the version it serves in `model_dir/SERVING` after each swap; a
+    feature reader's ranker (`publish` off) starts on that version and follows it (`follow_published`), so a
+    reader ranks with the model the server ranks with, also after a reload to an older version (a rollback).
     """
 
     def __init__(
@@ -234,7 +240,10 @@ class Ranker:
         catalog: Catalog,
         model_dir: Path | None = None,
         config: RankConfig | None = None,
+        *,
+        publish: bool = False,
     ) -> None:
+        self.publish = publish
         self.features = features
         self.catalog = catalog
         self.model_dir = Path(model_dir) if model_dir is not None else None
@@ -252,7 +261,7 @@ class Ranker:
             torch.set_num_threads(self.config.torch_threads)
         if self.model_dir is not None and self.model_dir.exists():  # no directory: nothing trained yet
             try:
-                self.reload()
+                self.reload(None if publish else self.published())
             except (FileNotFoundError, ArtefactRefused) as e:
                 log.warning("ranking without a model: %s", e)
             else:
@@ -286,6 +295,8 @@ class Ranker:
                 raise
             self._model = loaded  # the swap: one reference assignment
             self.last_reload_error = None
+            if self.publish and self.model_dir is not None and (self.model_dir / loaded.version).is_dir():
+                write_atomic(self.model_dir / SERVING_FILE, loaded.version + "\n")
         log.info("serving model %s", loaded.version)
         if self.config.backend == "onnx":
             exporter = threading.Thread(target=self._to_onnx, args=(loaded,), name="insession-onnx", daemon=True)
@@ -294,6 +305,26 @@ class Ranker:
         else:
             loaded.onnx_ready.set()
         return loaded.info
+
+    def published(self) -> Path | None:
+        """The version the server serves, as its ranker recorded it under `model_dir` (None: none recorded)."""
+        if self.model_dir is None:
+            return None
+        try:
+            version = (self.model_dir / SERVING_FILE).read_text().strip()
+        except FileNotFoundError:
+            return None
+        return self.model_dir / version if version and Path(version).name == version else None
+
+    def follow_published(self) -> bool:
+        """Load the version the server serves if it is not the one serving here; whether it loaded one.
+        Raises as `reload` does (the model serving here stays)."""
+        path = self.published()
+        loaded = self._model
+        if path is None or (loaded is not None and loaded.version == path.name):
+            return False
+        self.reload(path)
+        return True
 
     def _first_valid(self, candidates: list[Path]) -> _Loaded:
         """The newest of `candidates` that loads and fits the running features, loaded and warmed."""

@@ -67,8 +67,9 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ] = 5.0
     reader_port: Annotated[
         int,
-        _text("a feature reader process serves GET /v1/features/... and POST /v1/features on this port, from its "
-              "own copy of the state (a second core for reads, twice the memory; 0: none; the embedded log only)",
+        _text("a feature reader process serves GET /v1/features/..., POST /v1/features and POST /v1/rank on this "
+              "port, from its own copy of the state (a second core for reads, another copy of the state in memory; "
+              "0: none; the embedded log only)",
               ge=0, le=65535),
     ] = 0
 

@@ -14,10 +14,11 @@ The contract:
   2, 4 ... s (at most 60) when it failed, counted; after a snapshot interval when it stopped to start on new
   declarations (`EXIT_RESTART`). While it is down its port refuses connections: read through the server.
 - The child opens an `insession.embedded.Replica` (the last snapshot, the log after it: before it listens),
-  then serves `GET /v1/features/{entity}/{key}` and `POST /v1/features` with the server's own route functions,
-  API-key checks, hygiene rules, body limits and answers, and `/healthz`, `/readyz` (its applied offset and
-  lag). Anything else is answered 421 `misdirected`, naming the server's port: writes, queries and rankings
-  go to the server.
+  then serves `GET /v1/features/{entity}/{key}`, `POST /v1/features` and `POST /v1/rank` with the server's
+  own route functions, API-key checks, hygiene rules, body limits and answers (ranking with the model version
+  the server serves, `models/SERVING`, followed within 5 s of a reload), and `/healthz`, `/readyz` (its
+  applied offset and lag). Anything else is answered 421 `misdirected`, naming the server's port: writes,
+  queries and model reloads go to the server.
 - Freshness: the reader applies the log within its poll (50 ms) of the server's commit. A read that must see
   a write sends `X-Insession-Min-Offset` (the write's offset, as for a cluster's nodes): the reader waits until
   it applied it (`[cluster] read_wait_s`) or answers 503 `behind`.
@@ -45,7 +46,7 @@ from fastapi.responses import JSONResponse, Response
 
 from insession.embedded import Replica
 from insession.features.standby import EXIT_RESTART, stop_child
-from insession.serve import query_routes
+from insession.serve import query_routes, rank_routes
 from insession.serve.auth import Auth
 from insession.serve.config import Config, parse_config
 from insession.serve.limits import BodyLimit
@@ -132,6 +133,7 @@ def reader_app(replica: Replica, config: Config) -> FastAPI:
                        per_client=config.http.large_bodies_per_client)
     app.add_api_route("/v1/features/{entity}/{key}", query_routes.get_features, methods=["GET"])
     app.add_api_route("/v1/features", query_routes.post_features, methods=["POST"])
+    app.add_api_route("/v1/rank", rank_routes.rank, methods=["POST"])
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -147,9 +149,9 @@ def reader_app(replica: Replica, config: Config) -> FastAPI:
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
     async def misdirected(request: Request) -> Response:
-        return JSONResponse({"error": f"this is the feature reader: it serves GET /v1/features/... and POST "
-                             f"/v1/features; send {request.method} {request.url.path} to the server (port "
-                             f"{config.server.port})", "code": "misdirected"}, status_code=421)
+        return JSONResponse({"error": f"this is the feature reader: it serves GET /v1/features/..., POST "
+                             f"/v1/features and POST /v1/rank; send {request.method} {request.url.path} to the "
+                             f"server (port {config.server.port})", "code": "misdirected"}, status_code=421)
 
     return app
 
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(sys.stdin.read(), "json", name="the server's config")
     sys.setswitchinterval(config.server.gil_switch_ms / 1000)
     replica = Replica(args.data_dir, partitions=config.features.partitions, max_users=config.features.max_users,
-                      limits=config.query.limits())
+                      limits=config.query.limits(), rank_config=config.rank.rank_config())
     server = uvicorn.Server(uvicorn.Config(reader_app(replica, config), host=config.server.host,
                                            port=config.server.reader_port, loop="uvloop", http="httptools",
                                            access_log=False, log_level="warning"))

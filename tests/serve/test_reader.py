@@ -1,7 +1,8 @@
 """The feature reader (`[server] reader_port`, `insession.serve.reader`), a real second process beside a real
-server: its answers are the server's; a read naming the offset of a write sees it; the same API keys are
-checked; writes and everything else are sent back to the server with 421; a killed reader is counted and
-started again; the server's /readyz says how it is."""
+server: its answers are the server's, its rankings too, with the model version the server serves (also after
+a reload to an older one); a read naming the offset of a write sees it; the same API keys are checked; writes
+and everything else are sent back to the server with 421; a killed reader is counted and started again; the
+server's /readyz and /metrics say how it is."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
+from rank.shop import Shop, items
 
+from insession.features import FeatureEngine, default_registry
 from insession.serve.process import ServerProcess, free_port
 
 T0 = 1_700_000_000_000
@@ -22,6 +25,9 @@ KEYS = {"ingest": "k-ingest", "serve": "k-serve", "analytics": "k-analytics"}
 CONFIG = """
 [server]
 reader_port = {reader_port}
+
+[rank]
+backend = "torch"  # no ONNX export: the test is of the reader, not of the backend
 
 [[auth.keys]]
 name = "writer"
@@ -72,9 +78,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("reader")
     reader_port = free_port()
     (tmp / "server.toml").write_text(CONFIG.format(reader_port=reader_port))
+    shop = Shop(None, FeatureEngine(default_registry()), tmp / "data" / "models")  # type: ignore[arg-type]  # artefacts only
+    shop.artefact("v1", seed=1)
+    shop.artefact("v2", seed=2)  # the newest: the server serves it from the start
     with ServerProcess(tmp / "data", extra_args=["--config", str(tmp / "server.toml")]) as server:
-        items = [{"item_id": f"i{n}", "category": f"c{n % 3}", "price": 1.0 + n} for n in range(12)]
-        assert httpx.put(server.url + "/v1/items", json=items, headers=WRITER).status_code == 200
+        catalogue = [{"item_id": it.item_id, "category": it.category, "subcategory": it.subcategory,
+                      "price": it.price, "available": it.available} for it in items()]
+        assert httpx.put(server.url + "/v1/items", json=catalogue, headers=WRITER).status_code == 200
         reader = f"http://127.0.0.1:{reader_port}"
         _until("the reader answers /readyz", lambda: httpx.get(reader + "/readyz", timeout=5).status_code == 200)
         yield Served(server, reader)
@@ -106,6 +116,34 @@ def test_the_reader_answers_what_the_server_answers_and_reads_a_named_write(serv
     assert ready["ready"] and ready["role"] == "feature reader" and ready["applied_offset"] >= offset
 
 
+def test_the_reader_ranks_with_the_model_the_server_serves_and_follows_its_reloads(served: Served) -> None:
+    events = [{"user_id": "u-rank", "item_id": f"i{n}", "action": "view", "ts": T0 + 10**6 + n * 60_000,
+               "session_id": "s-rank"} for n in (16, 17, 18, 40)]
+    offset = _write(served, events)
+
+    def ranked(url: str) -> dict[str, Any]:
+        r = httpx.post(url + "/v1/rank", json={"user_id": "u-rank", "k": 10, "budget_ms": 5000}, timeout=30,
+                       headers={**SERVE, "X-Insession-Min-Offset": str(offset)})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        return ([i["item_id"] for i in a["items"]], a["model_version"], a["fallback"]) == (
+            [i["item_id"] for i in b["items"]], b["model_version"], b["fallback"])
+
+    here, there = ranked(served.url), ranked(served.reader)
+    assert here["fallback"] is None and here["model_version"] == "v2"
+    assert same(there, here)
+    admin = {"X-API-Key": "k-admin"}
+    back = httpx.post(served.url + "/v1/admin/reload", json={"version": "v1"}, headers=admin, timeout=60)
+    assert back.status_code == 200, back.text  # a rollback: the older version serves
+    assert ranked(served.url)["model_version"] == "v1"
+    until_v1 = _until("the reader ranks with v1", lambda: (r := ranked(served.reader))["model_version"] == "v1"
+                      and r, timeout_s=60)
+    assert same(until_v1, ranked(served.url))
+    assert not same(until_v1, here)  # the two versions rank differently: the comparison can fail
+
+
 def test_the_reader_checks_the_same_keys_and_sends_everything_else_to_the_server(served: Served) -> None:
     path = served.reader + "/v1/features/user/u1"
     assert httpx.get(path, timeout=10).status_code == 401
@@ -113,8 +151,8 @@ def test_the_reader_checks_the_same_keys_and_sends_everything_else_to_the_server
     assert httpx.get(path, headers={"X-API-Key": KEYS["analytics"]}, timeout=10).status_code == 200  # as the server
     assert httpx.get(served.url + "/v1/features/user/u1", headers={"X-API-Key": KEYS["analytics"]},
                      timeout=10).status_code == 200
-    for method, route in (("POST", "/v1/events"), ("PUT", "/v1/items"), ("POST", "/v1/query"), ("POST", "/v1/rank"),
-                          ("GET", "/metrics"), ("GET", "/console")):
+    for method, route in (("POST", "/v1/events"), ("PUT", "/v1/items"), ("POST", "/v1/query"),
+                          ("POST", "/v1/admin/reload"), ("GET", "/metrics"), ("GET", "/console")):
         r = httpx.request(method, served.reader + route, json={}, headers=WRITER, timeout=10)
         assert r.status_code == 421, (route, r.status_code)
         assert r.json()["code"] == "misdirected" and f"port {served.server.port}" in r.json()["error"]
