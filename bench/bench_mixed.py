@@ -301,8 +301,7 @@ def _plot(results: dict[str, list[Sample]], watch: _Watch, half: float, seconds:
     t = [x[0] for x in watch.cpu]
     cpu.plot(t, [x[1] for x in watch.cpu], label="server process")
     cpu.plot(t, [x[2] for x in watch.cpu], label="snapshot standby")
-    if any(SETUPS[setup]):
-        cpu.plot(t, [x[4] for x in watch.cpu], label="feature reader")
+    cpu.plot(t, [x[4] for x in watch.cpu], label="feature reader")
     cpu.plot(t, [x[3] for x in watch.cpu], label="its workers (analytics, export)")
     for x in watch.snapshots:
         cpu.axvline(x, color="crimson", linewidth=1, linestyle="--")
@@ -311,8 +310,7 @@ def _plot(results: dict[str, list[Sample]], watch: _Watch, half: float, seconds:
     t = [x[0] for x in watch.rss]
     mem.plot(t, [x[1] / 1024 for x in watch.rss], label="server")
     mem.plot(t, [x[2] / 1024 for x in watch.rss], label="snapshot standby")
-    if any(SETUPS[setup]):
-        mem.plot(t, [x[4] / 1024 for x in watch.rss], label="feature reader")
+    mem.plot(t, [x[4] / 1024 for x in watch.rss], label="feature reader")
     mem.plot(t, [x[3] / 1024 for x in watch.rss], label="analytics workers, private")
     mem.set_ylabel("RSS, GiB")
     mem.set_xlabel("seconds since the load started")
@@ -481,15 +479,12 @@ def _phase_text(setup: str, phase: _Phase, half: float) -> str:
         return max((x[i] for x in watch.rss), default=0.0) / 1024
 
     late = {kind: n for kind, (_, n) in phase.results.items()}
-    reader = any(SETUPS[setup])
-    reader_mem = f"; feature reader {peak(4):.2f} GiB (a third copy)" if reader else ""
-    reader_cpu = f"; the reader's: {mean(4, True):.2f} / {mean(4, False):.2f}" if reader else ""
     return (
         f"**{setup.capitalize()}.** {len(watch.snapshots)} snapshots written during the run (at "
         + ", ".join(f"{t:.0f} s" for t in watch.snapshots)
-        + f"). Ready {phase.ready_s:.0f} s after start (snapshot load"
-        + (", the reader's included" if reader else "") + f"). Peak RSS: server {peak(1):.2f} GiB; snapshot standby "
-        f"{peak(2):.2f} GiB (its own copy of the state){reader_mem}; analytics workers' "
+        + f"). Ready {phase.ready_s:.0f} s after start (snapshot load, the reader's included). Peak RSS: server "
+        f"{peak(1):.2f} GiB; snapshot standby {peak(2):.2f} GiB (its own copy of the state); feature reader "
+        f"{peak(4):.2f} GiB (a third copy); analytics workers' "
         f"private memory {peak(3):.2f} GiB. Analytics scans completed in the second half: "
         f"{sum(len(s.done) for s in scans)} ({sum(s.refused for s in scans)} answered 429, "
         f"{sum(s.failed for s in scans)} failed); held paused for serving (`[query] yield_lag_ms`) "
@@ -497,7 +492,7 @@ def _phase_text(setup: str, phase: _Phase, half: float) -> str:
         + ", ".join(f"{k} {v}" for k, v in late.items()) + ". "
         f"CPU, mean over each half, in cores: the server's {mean(1, True):.2f} / {mean(1, False):.2f} (its Python "
         f"work is bound to about one by the GIL); the standby's {mean(2, True):.2f} / {mean(2, False):.2f}"
-        f"{reader_cpu}; its workers' (export, analytics): "
+        f"; the reader's: {mean(4, True):.2f} / {mean(4, False):.2f}; its workers' (export, analytics): "
         f"{mean(3, True):.2f} / {mean(3, False):.2f}. Exports written: {len(watch.exports)}."
     )
 

@@ -350,8 +350,7 @@ class Replica:
     `stale` is set, and the follower stops, when the declarations change (`registry.json`) or when a declared
     feature is still backfilling: this copy would serve another set of features than the server; and when
     following the log fails (`failed`: an unreadable log file, say), rather than serve a copy that no longer
-    moves. The
-    embedded log only: a replicated log's nodes are themselves the copies.
+    moves. The embedded log only: a replicated log's nodes are themselves the copies.
     """
 
     def __init__(self, data_dir: str | Path, *, partitions: int = 16, max_users: int = 0,

@@ -2,10 +2,14 @@
 
 Why: a server's Python work runs on one core, its GIL's. Under bench_mixed's load at a million shoppers (5,000
 events/s, 500 feature reads/s, 100 rankings/s) the server needed all of it, and every request queued: py-spy
-put ~40% of its GIL in the HTTP stack, ~25% in ranking, ~11% in ingest and ~10% in feature reads. The
+put ~40% of its GIL in the HTTP stack, ~25% in ranking, ~11% in ingest and ~10% in feature reads
+(docs/architecture.md, 2026-11-30). The
 partitions of the state were the unit to spread, but the shoppers' reads, not the state, were what needed a
 second core. A reader takes the feature reads and their HTTP to its own process and GIL, for a second copy of
-the state in memory (about the server's RSS) and the CPU to apply the log to it.
+the state in memory (about the server's RSS) and the CPU to apply the log to it. Measured in bench_mixed at a
+million shoppers under that load with analytics beside (2026-11-30/12-01, three runs): feature reads on the
+reader p50 4.3-5.0 ms, p99 143-301 ms, against p50 32-33 s with every request on the saturated server; sent
+rankings instead, the reader ran near a core too (docs/bench/bench_mixed.md).
 
 The contract:
 - `Reader` (the server's handle, `insession.serve.app`) starts `python -m insession.serve.reader` with the data
@@ -40,11 +44,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import msgspec
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from insession.embedded import Replica
+from insession.embedded import RETRY_MAX_S, Replica
 from insession.features.standby import EXIT_RESTART, stop_child
 from insession.serve import query_routes, rank_routes
 from insession.serve.auth import Auth
@@ -54,7 +59,6 @@ from insession.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-RETRY_MAX_S = 60.0  # a failing reader starts again after 1, 2, 4 ... s, at most this
 _PARENT_CHECK_S = 1.0
 
 
@@ -73,8 +77,6 @@ class Reader:
 
     def start(self) -> None:
         """Start the reader (a fresh interpreter, never a fork of the server); its config goes on stdin."""
-        import msgspec
-
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "insession.serve.reader", str(self.data_dir), "--parent", str(os.getpid())],
             stdin=subprocess.PIPE,
