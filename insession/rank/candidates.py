@@ -1,15 +1,22 @@
-"""The candidate stage: about 60 items worth reranking for a shopper right now, from five sources.
+"""The candidate stage: about 60 items worth reranking for a shopper right now, from six sources.
 
-Sources, in priority order, each with a quota (unused quota passes down to the next source):
+Sources, in priority order, each with a quota (unused quota passes down to the next source, except the
+search source's: see 2):
 
 1. items of the current session, most recent first;
-2. co-visitation neighbours of the session's items (most recent session item first, neighbours
+2. the session's searches: for each search event of the session (most recent first), the items of the
+   subcategory of the result it showed, most popular (28 days) first, round-robin across searches. A search
+   log names one result, not the item the shopper goes on to pick; on the realistic shop only 3 of 15
+   search-surface add-to-carts were proposed without this source. Its unused quota is dropped, not passed
+   down, so a session without a search gets exactly the lists it got before the source existed (Taobao's
+   sample has no searches);
+3. co-visitation neighbours of the session's items (most recent session item first, neighbours
    interleaved round-robin so every recent item contributes);
-3. items of the shopper's history before this session, most recent first (shoppers come back for what
+4. items of the shopper's history before this session, most recent first (shoppers come back for what
    they looked at days ago: on Taobao these lift the stage's recall from 14.7 % to 18.5 %);
-4. popular items (28 days) of the shopper's categories: the session's categories, most recent first,
+5. popular items (28 days) of the shopper's categories: the session's categories, most recent first,
    then the top categories of the last 15 days;
-5. global trending (2 hours), then global popularity (28 days), until `n` items are proposed.
+6. global trending (2 hours), then global popularity (28 days), until `n` items are proposed.
 
 Every proposal passes an eligibility predicate (the hygiene rules for existing, available,
 not-already-purchased items), so nothing is proposed that could not be served. `propose` is a pure
@@ -24,8 +31,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, zip_longest
-from typing import Any
+from typing import Any, NamedTuple
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from insession.features import FeatureEngine
@@ -48,6 +56,7 @@ class CandidateQuotas:
 
     n: int = 60
     session: int = 15
+    search: int = 10
     covisit: int = 20
     history: int = 15
     category: int = 10
@@ -58,6 +67,7 @@ class CandidateSources:
     """What the candidate stage reads; every list is best (most recent / most frequent) first."""
 
     session_items: Sequence[str] = ()  # the session's items, most recent first (repeats allowed)
+    searched: Sequence[Sequence[str]] = ()  # per search of the session, most recent first: its subcategory's items
     covisit: Mapping[str, Sequence[str]] = field(default_factory=dict)  # item -> co-visited items
     history_items: Sequence[str] = ()  # the shopper's items before this session, most recent first (distinct)
     categories: Sequence[str] = ()  # the shopper's categories, most relevant first
@@ -76,16 +86,20 @@ def sources_for(
     quotas: CandidateQuotas = CandidateQuotas(),
     *,
     history: Sequence[str] = (),
+    search_results: Callable[[str], Sequence[str]] = lambda _: (),
 ) -> CandidateSources:
     """The sources for one shopper from feature values: `session` is `session_seq` (oldest first),
     `history` the item ids of `history_seq` (oldest first), `top_categories` is `top_categories_15d`,
     `covisit(item)` the `covisit` neighbours of an item (read for the `quotas.session` most recent distinct
-    session items only)."""
+    session items only), `search_results(item)` the items of the subcategory of a search event's item, most
+    popular first (asked once per distinct searched item, most recent first)."""
     session_items = [e["item_id"] for e in reversed(session)]
     recent = list(dict.fromkeys(session_items))[: quotas.session]
     session_categories = [e["category"] for e in reversed(session) if e["category"]]
+    searches = dict.fromkeys(e["item_id"] for e in reversed(session) if e["action"] == "search")
     return CandidateSources(
         session_items=session_items,
+        searched=[search_results(i) for i in searches] if quotas.search else [],
         covisit={i: covisit(i) for i in recent},
         history_items=list(dict.fromkeys(reversed(history))),
         categories=list(dict.fromkeys([*session_categories, *top_categories])),
@@ -123,6 +137,7 @@ def propose(
 
     session = list(dict.fromkeys(sources.session_items))  # distinct, most recent first
     left = take(session, quotas.session)
+    take(_round_robin(sources.searched), quotas.search)  # its unused quota is dropped: see the module docstring
     left = take(_round_robin(sources.covisit.get(i, ()) for i in session), quotas.covisit + left)
     left = take(sources.history_items, quotas.history + left)
     categories = _round_robin(sources.category_popular.get(c, ()) for c in sources.categories)
@@ -131,8 +146,18 @@ def propose(
     return out
 
 
+class PopularLists(NamedTuple):
+    """The popular lists, most popular (28 days) first: per category the items counted at least once, per
+    subcategory every available item (counted or not: a search's results), and the global top."""
+
+    per_category: dict[str, list[str]]
+    per_subcategory: dict[str, list[str]]
+    top: list[str]
+
+
 class PopularItems:
-    """Per-category and global lists of available items by 28-day count, rebuilt when older than `ttl_s`.
+    """Per-category, per-subcategory and global lists of available items by 28-day count, rebuilt when older
+    than `ttl_s`.
 
     The first `get` builds the lists in the caller; later rebuilds run on a background thread while
     requests keep using the previous lists, so no request pays for a rebuild after the first.
@@ -145,21 +170,26 @@ class PopularItems:
         self.per_category = per_category
         self.top = top
         self.ttl_s = ttl_s
-        self._lists: tuple[dict[str, list[str]], list[str]] = ({}, [])
+        self._lists = PopularLists({}, {}, [])
         self._built_at: float | None = None
         self._lock = threading.Lock()
 
-    def cached(self) -> tuple[dict[str, list[str]], list[str]]:
+    def cached(self) -> PopularLists:
         """The current lists without building anything (empty before the first build)."""
         return self._lists
 
-    def get(self) -> tuple[dict[str, list[str]], list[str]]:
-        """(category -> items, all categories' items), most popular first."""
+    def get(self) -> PopularLists:
+        """The lists, rebuilt in the background when older than `ttl_s`."""
         if self._built_at is None:
             self.refresh()
         elif time.monotonic() - self._built_at > self.ttl_s and not self._lock.locked():
             threading.Thread(target=self.refresh, args=(REFRESH_DUTY,), name="insession-popular", daemon=True).start()
         return self._lists
+
+    def search_results(self, item_id: str) -> list[str]:
+        """A search's results for the candidate stage: the items of `item_id`'s subcategory, most popular first."""
+        item = self.catalog.get(item_id)
+        return [] if item is None else self._lists.per_subcategory.get(item.subcategory, [])
 
     def refresh(self, duty: float = 1.0) -> None:
         """Rebuild the lists; `duty` < 1 pauses after each chunk of counts (1 / duty - 1) times as long as the
@@ -174,14 +204,24 @@ class PopularItems:
                 began = time.perf_counter()
                 count += item_counts(self.features, "item_count_28d", ids[start : start + REFRESH_CHUNK])
                 yield_rest(began, duty)
-            order = sorted((i for i in range(len(ids)) if count[i] > 0), key=lambda i: (-count[i], ids[i]))
-            categories = table["category"].to_pylist()
+            ranked = table.select(["item_id", "category", "subcategory"]).append_column(
+                "n", pa.array(count, pa.float64())).sort_by([("n", "descending"), ("item_id", "ascending")])
             per_category: dict[str, list[str]] = {}
-            for i in order:
-                bucket = per_category.setdefault(categories[i], [])
-                if len(bucket) < self.per_category:
-                    bucket.append(ids[i])
-            self._lists = (per_category, [ids[i] for i in order[: self.top]])
+            per_subcategory: dict[str, list[str]] = {}
+            top: list[str] = []
+            cap = self.per_category
+            for item, category, subcategory, n in zip(*(ranked[c].to_pylist() for c in ranked.column_names),
+                                                       strict=True):
+                bucket = per_subcategory.setdefault(subcategory, [])
+                if len(bucket) < cap:
+                    bucket.append(item)
+                if n > 0:
+                    bucket = per_category.setdefault(category, [])
+                    if len(bucket) < cap:
+                        bucket.append(item)
+                    if len(top) < self.top:
+                        top.append(item)
+            self._lists = PopularLists(per_category, per_subcategory, top)
             self._built_at = time.monotonic()
         finally:
             self._lock.release()

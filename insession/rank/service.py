@@ -514,16 +514,17 @@ class Ranker:
 
     def _propose(self, shopper: Shopper, covisit: dict[str, dict[str, int]]) -> list[str]:
         """The candidate stage on online features (`covisit`: the session items' neighbour counts)."""
-        per_category, popular = self.popular.get()
+        lists = self.popular.get()
         sources = sources_for(
             shopper.session,
             shopper.top_categories,
             lambda item: list(covisit.get(item, {})),
-            per_category,
+            lists.per_category,
             [t["item_id"] for t in self.features.read("trending_items_2h", None)],
-            popular,
+            lists.top,
             self.config.quotas,
             history=[e["item_id"] for e in shopper.history],
+            search_results=self.popular.search_results,
         )
         purchased = shopper.purchased
         rules = self.config.hygiene
@@ -531,7 +532,7 @@ class Ranker:
 
     def _popular_fallback(self) -> list[str]:
         """Candidates when the features cannot be read: the cached popular list (no feature read)."""
-        return list(self.popular.cached()[1][: self.config.quotas.n])
+        return list(self.popular.cached().top[: self.config.quotas.n])
 
     def _finish(self, job: _Job, result: _Scored | BaseException | None) -> RankResponse:
         """Model scores or a fallback ranking, then hygiene, metrics and the response."""

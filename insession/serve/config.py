@@ -146,6 +146,9 @@ class QuotasConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     n: Annotated[int, _text("proposals in all", ge=1)] = CandidateQuotas.n
     session: Annotated[int, _text("from the current session", ge=0)] = CandidateQuotas.session
+    search: Annotated[
+        int, _text("results of the session's searches (unused slots are not passed on)", ge=0)
+    ] = CandidateQuotas.search
     covisit: Annotated[int, _text("co-visited with the session's items", ge=0)] = CandidateQuotas.covisit
     history: Annotated[int, _text("from the shopper's history", ge=0)] = CandidateQuotas.history
     category: Annotated[int, _text("popular in the shopper's categories", ge=0)] = CandidateQuotas.category
@@ -184,7 +187,8 @@ class RankingConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             explain_items=self.explain_items,
             explain_events=self.explain_events,
             hygiene=HygieneRules(h.max_category_share, frozenset(h.replenishable)),
-            quotas=CandidateQuotas(q.n, q.session, q.covisit, q.history, q.category),
+            quotas=CandidateQuotas(n=q.n, session=q.session, search=q.search, covisit=q.covisit, history=q.history,
+                                   category=q.category),
             model_threads=self.model_threads,
             popular_ttl_s=self.popular_ttl_s,
             backend=self.backend,

@@ -3,9 +3,10 @@
 For each request the sources are read as the online engine would have served them just before the
 add-to-cart (`insession.features.offline`, same declarations): the session and history sequences, the
 15-day top categories, the 2-hour trending list and the co-visitation neighbours of the session's items.
-Popular items per category come from the declared 28-day window at the start of the request's hour (the
-service rebuilds its popular lists every few seconds; an hour-old snapshot is a little staler, never
-newer). Proposals go through the service's own `propose` and hygiene `eligible` rule.
+Popular items per category, and per subcategory for the session's searches, come from the declared 28-day
+window at the start of the request's hour (the service rebuilds its popular lists every few seconds; an
+hour-old snapshot is a little staler, never newer). Proposals go through the service's own `propose` and
+hygiene `eligible` rule.
 """
 
 from __future__ import annotations
@@ -117,6 +118,42 @@ def _popular_snapshots(
     return out
 
 
+def _search_snapshots(
+    events: pa.Table, items: pa.Table, wanted: set[tuple[int, str]], reg: FeatureRegistry
+) -> dict[tuple[int, str], list[str]]:
+    """(hour start, subcategory) -> the subcategory's available items, by 28-day count at that instant (none
+    counted is 0), then id: the search source's lists (`PopularLists.per_subcategory`). Online, every item of
+    the catalogue is listed; here only those seen in the log before the hour, the replay's stand-in for "was
+    in the catalogue then" (so no item is proposed before it exists)."""
+    if not wanted:
+        return {}
+    w = reg["item_count_28d"].window
+    con = duckdb.connect()
+    con.register("ev", events.select(["item_id", "ts"]))
+    con.register("items", items.select(["item_id", "subcategory", "available"]))
+    hs, subs = zip(*sorted(wanted), strict=True)
+    con.register("wanted", pa.table({"h": pa.array(hs, pa.int64()), "subcategory": pa.array(subs, pa.string())}))
+    rows = con.sql(f"""
+        WITH firsts AS (SELECT item_id, min(ts) AS first FROM ev GROUP BY item_id),
+        members AS (
+            SELECT w.h, w.subcategory, i.item_id FROM wanted w
+            JOIN items i ON i.subcategory = w.subcategory AND i.available
+            JOIN firsts f ON f.item_id = i.item_id AND f.first < w.h),
+        counted AS (
+            SELECT m.h, m.subcategory, m.item_id, count(e.ts) AS n FROM members m LEFT JOIN ev e
+              ON e.item_id = m.item_id AND e.ts < m.h AND e.ts >= (m.h // {w.tile_ms} - {w.tiles - 1}) * {w.tile_ms}
+            GROUP BY ALL),
+        ranked AS (
+            SELECT h, subcategory, item_id,
+                   row_number() OVER (PARTITION BY h, subcategory ORDER BY n DESC, item_id) AS r
+            FROM counted)
+        SELECT h, subcategory, item_id FROM ranked WHERE r <= {PER_CATEGORY} ORDER BY h, subcategory, r""").fetchall()
+    out: dict[tuple[int, str], list[str]] = {}
+    for h, subcategory, item in rows:
+        out.setdefault((int(h), subcategory), []).append(item)
+    return out
+
+
 def build_candidates(
     events: pa.Table,
     items: pa.Table,
@@ -151,6 +188,11 @@ def build_candidates(
     say("popular items per category (hourly snapshots) ...")
     hours = ts // HOUR_MS * HOUR_MS
     popular = _popular_snapshots(events, items, hours, reg)
+    subcategory_of = dict(zip(items["item_id"].to_pylist(), items["subcategory"].to_pylist(), strict=True))
+    searched = [[subcategory_of.get(e["item_id"]) for e in s if e["action"] == "search"] if quotas.search else []
+                for s in sessions]
+    results = _search_snapshots(
+        events, items, {(int(h), c) for h, cs in zip(hours, searched, strict=True) for c in cs if c is not None}, reg)
 
     # history item ids as integer codes into one list of names (no Python object per history event)
     offsets, flat = ragged(state["history_seq"])
@@ -178,6 +220,7 @@ def build_candidates(
                 top,
                 quotas,
                 history=[history_names[c] for c in codes[bounds[g] : bounds[g + 1]].tolist()],
+                search_results=lambda i, h=int(hours[g]): results.get((h, subcategory_of.get(i, "")), []),
             )
             purchased = {e["item_id"] for e in session if e["action"] == "purchase"}
             proposal = propose(sources, lambda i, p=purchased: eligible(i, catalog, p, rules), quotas)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from insession.evaluate.data import Dataset
 from insession.evaluate.split import TimeSplit, requests
+from insession.features import default_registry
+from insession.features.declare import DAY_MS
 from insession.rank.candidates import CandidateQuotas
-from insession.train.replay import CandidateSets, build_candidates
+from insession.train.replay import CandidateSets, _search_snapshots, build_candidates
 
 
 def test_lists_follow_the_stage(shop: Dataset, sets: CandidateSets) -> None:
@@ -40,3 +43,18 @@ def test_forced_view_replaces_the_last_proposal(shop: Dataset, split: TimeSplit)
         n = small.n_proposed[i]
         assert small.positive[i] == (n - 1 if n >= quotas.n else n)
         assert len(small.lists[i]) == max(n, min(n + 1, quotas.n))
+
+
+def test_search_lists_rank_the_subcategory_as_of_the_hour() -> None:
+    h = 100 * DAY_MS
+    items = pa.table({"item_id": ["a", "b", "c", "d", "e", "f", "g"],
+                      "subcategory": ["s", "s", "s", "s", "t", "s", "s"],
+                      "available": [True, True, True, False, True, True, True]})
+    seen = [("a", h - 1), ("a", h - 2), ("b", h - 3), ("g", h - 3), ("c", h + 1), ("d", h - 1), ("e", h - 1),
+            ("f", h - 40 * DAY_MS), ("a", h + 5)]
+    events = pa.table({"item_id": [i for i, _ in seen], "ts": pa.array([t for _, t in seen], pa.int64())})
+    got = _search_snapshots(events, items, {(h, "s"), (h, "t")}, default_registry())
+    # by 28-day count at h (a 2; b, g 1 each: by id), then f (seen 40 days before: counted 0); c is first seen
+    # after h (not in the catalogue yet), d is unavailable
+    assert got == {(h, "s"): ["a", "b", "g", "f"], (h, "t"): ["e"]}
+    assert _search_snapshots(events, items, set(), default_registry()) == {}

@@ -76,6 +76,7 @@ replenishable = ["milk"]
 [rank.quotas]
 n = 40
 session = 10
+search = 4
 covisit = 10
 history = 10
 category = 10
@@ -111,7 +112,8 @@ def test_every_setting_is_read_from_the_file() -> None:
                                         items_ttl_s=0.5, yield_lag_ms=12.5)
     assert cfg.rank.rank_config() == RankConfig(
         budget_ms=40, max_budget_ms=500, max_candidates=100, default_k=7, explain_items=2, explain_events=1,
-        hygiene=HygieneRules(0.3, frozenset({"milk"})), quotas=CandidateQuotas(40, 10, 10, 10, 10),
+        hygiene=HygieneRules(0.3, frozenset({"milk"})), quotas=CandidateQuotas(
+            n=40, session=10, search=4, covisit=10, history=10, category=10),
         model_threads=3, popular_ttl_s=30, backend="torch", torch_threads=None,
     )
     assert [cfg.http.limit_for(p) for p in ("/v1/events", "/v1/items", "/v1/query", "/v1/rank", "/v1/admin/reload",
