@@ -15,9 +15,10 @@ from typing import Any, Literal, TextIO, get_args
 import msgspec
 
 from insession.features import FeatureEngine
+from insession.features.child import RETRY_MAX_S
 from insession.features.engine import REGISTRY_FILE, chunked
 from insession.features.manage import FeatureManager
-from insession.features.standby import EXIT_RESTART, STATE_DIR, Standby
+from insession.features.standby import STATE_DIR, standby_process
 from insession.features.tail import READER_PAGE, LogTail
 from insession.log import LogConfig, open_log
 from insession.log.catalog import Catalog, CatalogView
@@ -33,7 +34,6 @@ REPLAY_CHUNK = 10_000
 EXPORT_MIN_EVENTS = 50_000  # background export waits for this many events (fewer, larger Parquet files)
 SNAPSHOT_EVERY_S = 60.0  # default interval between feature snapshots (taken only when the state changed)
 SnapshotWriter = Literal["server", "standby"]  # who writes them: this process, or a standby process beside it
-RETRY_MAX_S = 60.0  # a failing background job retries after 1, 2, 4 ... s, at most this
 SWEEP_S = 5.0  # a replica's sweep, catalogue and declarations check, as often as the server's maintenance
 FREEZE_S = 60.0  # a replica moves its state out of the collector's reach this often (the server: each snapshot)
 
@@ -125,14 +125,12 @@ class Insession:
             raise DataDirError(f"{self.data_dir}: {e}") from None
         self.snapshot_interval_s = snapshot_interval_s
         # Background jobs (export, snapshot): failures so far, and the last one's message (readyz, metrics).
-        self.job_failures: dict[str, int] = {"export": 0, "snapshot": 0, "standby": 0}
+        self.job_failures: dict[str, int] = {"export": 0, "snapshot": 0}
         self.job_errors: dict[str, str | None] = {"export": None, "snapshot": None}
         # With "standby", a second process writes the snapshots while it runs (insession.features.standby);
         # the maintenance thread starts it and writes them itself whenever it is not running.
-        self.standby = Standby(self.data_dir, partitions=self.log.partitions, max_users=max_users,
-                               interval_s=snapshot_interval_s) if snapshot_writer == "standby" else None
-        self._standby_at = 0.0  # when to start the standby next (monotonic)
-        self._standby_streak = 0  # its failed exits in a row: the restart backoff doubles with each
+        self.standby = standby_process(self.data_dir, partitions=self.log.partitions, max_users=max_users,
+                                       interval_s=snapshot_interval_s) if snapshot_writer == "standby" else None
         self.unknown_items = 0
         # Rebuild: last snapshot + everything the log acknowledged after it.
         for chunk in chunked(self.log.read(self.features.applied_offset + 1), REPLAY_CHUNK):
@@ -266,30 +264,14 @@ class Insession:
                     gc.freeze()  # what the state gained since the last one (see _freeze_heap)
 
     def _standby_writes(self) -> bool:
-        """Whether the snapshot standby writes the snapshots now. While it runs, the snapshot offset is
-        taken from `CURRENT`. Once it has exited it is started again: after a snapshot interval when it
-        asked to be (`EXIT_RESTART`: declarations changed or backfilling), after 2, 4, 8 ... s (at most
-        RETRY_MAX_S) when it failed, counted and logged. Until it runs, this process writes them."""
+        """Whether the snapshot standby writes the snapshots now (started, and again after it exits, by
+        `ChildProcess.check`). While it runs, the snapshot offset is taken from `CURRENT`; until it runs,
+        this process writes them."""
         assert self.standby is not None
-        if self.standby.running():
-            self._standby_streak = 0
-            self.features.snapshot_offset = max(self.features.snapshot_offset,
-                                                self.features.written_snapshot_offset())
-            return True
-        code = self.standby.exited()
-        now = time.monotonic()
-        if code == EXIT_RESTART:
-            self._standby_at = now + self.snapshot_interval_s
-        elif code is not None:
-            self.job_failures["standby"] += 1
-            self._standby_streak += 1
-            backoff = min(RETRY_MAX_S, 2.0 ** self._standby_streak)
-            self._standby_at = now + backoff
-            logger.warning("the snapshot standby exited with code %d (%d failures so far); this process writes the "
-                           "snapshots until it is back, in %.0f s", code, self.job_failures["standby"], backoff)
-        if now >= self._standby_at:
-            self.standby.start()
-        return False
+        if not self.standby.check():
+            return False
+        self.features.snapshot_offset = max(self.features.snapshot_offset, self.features.written_snapshot_offset())
+        return True
 
     def wake(self) -> None:
         """Have the log's follower read other writers' events now rather than at its next poll."""
@@ -312,7 +294,7 @@ class Insession:
         if self._maintenance is not None:
             self._maintenance.join()
         if self.standby is not None:
-            self.standby.stop()  # before the last snapshot: one writer at a time
+            self.standby.stop(60.0)  # before the last snapshot (it finishes one it is writing): one writer at a time
         self.feature_manager.close()  # backfills stop; the next start runs them again
         self.query.close()
         self.ranker.close()

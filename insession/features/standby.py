@@ -11,16 +11,17 @@ log, with its own GIL, on a core serving leaves idle (SCHED_IDLE, as the backfil
 nothing else wants the CPU, and its snapshots lag instead of taking CPU from serving).
 
 The contract:
-- `Standby` (the server's handle, `insession.embedded`) starts `python -m insession.features.standby` with
-  the server's partitions and shopper cap. The child opens the state as the server does (the last
-  snapshot, under `snapshot_lock`), then applies the log's events after it in offset order, read through a
-  read-only connection of `log.sqlite` (`insession.features.tail`). Every `interval_s`, if it applied
-  something, it writes a snapshot with `FeatureEngine.snapshot`, under the same lock, so a snapshot is
-  whole before `CURRENT` names it, and a restart is that snapshot plus the log after it, as with the
-  server's own snapshots.
+- `standby_process` (the server's handle, `insession.embedded`, a `ChildProcess`) starts
+  `python -m insession.features.standby` with the server's partitions and shopper cap. The child opens the
+  state as the server does (the last snapshot, under `snapshot_lock`), then applies the log's events after
+  it in offset order, read through a read-only connection of `log.sqlite` (`insession.features.tail`).
+  Every `interval_s`, if it applied something, it writes a snapshot with `FeatureEngine.snapshot`, under
+  the same lock, so a snapshot is whole before `CURRENT` names it, and a restart is that snapshot plus the
+  log after it, as with the server's own snapshots.
 - The child exits 0 on SIGTERM or when its parent is gone. It exits `EXIT_RESTART` when the declarations
   change (`registry.json`), or when a declared feature is still backfilling, since its snapshot would lack
-  that feature. The server starts it again later and writes its own snapshots meanwhile.
+  that feature. The server starts it again later (`ChildProcess.check`: after a snapshot interval, or with
+  backoff after a failure) and writes its own snapshots meanwhile.
 - The embedded log only (`log.sqlite`): with a replicated log the server refuses `standby` at start.
 """
 
@@ -31,68 +32,31 @@ import gc
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 from insession.features.backfill import yield_cpu
+from insession.features.child import EXIT_RESTART, ChildProcess
 from insession.features.engine import REGISTRY_FILE, FeatureEngine
 from insession.features.tail import LogTail
 from insession.log.eventlog import LOG_FILE
 
 log = logging.getLogger(__name__)
 
-EXIT_RESTART = 3  # the declarations changed, or one is still backfilling: start me again later
 POLL_S = 0.05  # how long the standby waits when the log has nothing new
 SWEEP_EVERY_S = 5.0  # expired state leaves the standby's memory as it leaves the server's (one unit a turn)
 STATE_DIR = "features"  # the feature state under a data directory (as the embedded handle opens it)
 
 
-class Standby:
-    """The server's handle on its snapshot standby process: `start`, `running`, `exited`, `stop`."""
-
-    def __init__(self, data_dir: Path, *, partitions: int, max_users: int, interval_s: float) -> None:
-        self.args = [str(data_dir), "--partitions", str(partitions), "--max-users", str(max_users),
-                     "--interval", repr(interval_s)]
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        """Start the standby (a fresh interpreter, never a fork of the server)."""
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "insession.features.standby", *self.args, "--parent", str(os.getpid())],
-            stdin=subprocess.DEVNULL,
-        )
-        self.starts += 1
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def exited(self) -> int | None:
-        """The exit code of the standby that has just exited (then forgotten); None if none has."""
-        if self.proc is None or (code := self.proc.poll()) is None:
-            return None
-        self.proc = None
-        return code
-
-    def stop(self, timeout_s: float = 60.0) -> None:
-        """Ask the standby to stop (it finishes a snapshot it is writing), kill it after `timeout_s`."""
-        stop_child(self.proc, timeout_s)
-
-
-def stop_child(proc: subprocess.Popen[bytes] | None, timeout_s: float) -> None:
-    """Ask a child process of the server (the standby, the feature reader) to stop with SIGTERM; SIGKILL it
-    after `timeout_s`. Nothing to do for one never started or already gone."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def standby_process(data_dir: Path, *, partitions: int, max_users: int, interval_s: float) -> ChildProcess:
+    """The server's snapshot standby (`python -m insession.features.standby`), supervised as a `ChildProcess`:
+    started again `interval_s` after asking to be, with backoff after a failure."""
+    command = [sys.executable, "-m", "insession.features.standby", str(data_dir), "--partitions", str(partitions),
+               "--max-users", str(max_users), "--interval", repr(interval_s), "--parent", str(os.getpid())]
+    return ChildProcess("snapshot standby", command, restart_after_s=interval_s,
+                        consequence="; this process writes the snapshots until it is back")
 
 
 def run(data_dir: Path, *, partitions: int, max_users: int, interval_s: float, parent: int,

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from insession.embedded import Insession
+from insession.features.child import ChildProcess
 from insession.schema import BatchRejected, EventIn, ItemIn, decode_body
 from insession.serve import query_routes, rank_routes
 from insession.serve.auth import SECURITY, Auth, authorize
@@ -24,7 +25,7 @@ from insession.serve.console import router as console_router
 from insession.serve.forward import Forwarder
 from insession.serve.limits import BodyLimit
 from insession.serve.metrics import Metrics, cluster_status
-from insession.serve.reader import Reader
+from insession.serve.reader import reader_process
 
 log = logging.getLogger(__name__)
 _json = msgspec.json.Encoder()
@@ -59,8 +60,8 @@ def _body_schema(struct: type[msgspec.Struct]) -> dict[str, Any]:
     }
 
 
-async def _supervise(reader: Reader) -> None:
-    """Start the feature reader, and again whenever it exits (`Reader.check`)."""
+async def _supervise(reader: ChildProcess) -> None:
+    """Start the feature reader, and again whenever it exits (`ChildProcess.check`)."""
     while True:
         reader.check()
         await asyncio.sleep(1.0)
@@ -104,7 +105,7 @@ def create_app(data_dir: str | Path | None = None, *, handle: Insession | None =
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = handle is None or close_handle
         db = app.state.insession = handle or open_handle(data_dir, cfg)  # type: ignore[arg-type]
-        reader = app.state.reader = Reader(db.data_dir, cfg) if cfg.server.reader_port else None
+        reader = app.state.reader = reader_process(db.data_dir, cfg) if cfg.server.reader_port else None
         app.state.metrics.bind(db, app.state.forwarder, reader)
         if warning:
             log.warning("%s", warning)
@@ -114,7 +115,7 @@ def create_app(data_dir: str | Path | None = None, *, handle: Insession | None =
         finally:
             if supervise is not None and reader is not None:
                 supervise.cancel()
-                await asyncio.to_thread(reader.stop)
+                await asyncio.to_thread(reader.stop, 30.0)
             if app.state.forwarder is not None:
                 await app.state.forwarder.close()
             if owned:
@@ -175,7 +176,9 @@ def create_app(data_dir: str | Path | None = None, *, handle: Insession | None =
         failing = {job: error for job, error in db.job_errors.items() if error}
         body = {"ready": not failing, **db.lag(), "watermark": db.features.watermark, **warnings}
         if getattr(request.app.state, "reader", None) is not None:  # [server] reader_port
-            body["reader"] = request.app.state.reader.status()
+            reader = request.app.state.reader
+            body["reader"] = {"port": cfg.server.reader_port, "running": reader.running(), "starts": reader.starts,
+                              "failures": reader.failures}
         if len(db.features.held) < db.features.partitions:  # [cluster] copies: the others' shoppers are forwarded
             body["held_partitions"] = sorted(db.features.held)
         cluster = cluster_status(db)  # a replicated log: quorum, lag, stale (reads serve on without a quorum)

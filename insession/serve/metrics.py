@@ -264,7 +264,7 @@ class _HandleCollector(Collector):
     def __init__(self) -> None:
         self.handle: Any = None
         self.forwarder: Any = None  # insession.serve.forward.Forwarder, on a node holding some partitions
-        self.reader: Any = None  # insession.serve.reader.Reader, with [server] reader_port
+        self.reader: Any = None  # the feature reader's ChildProcess (insession.serve.reader), with [server] reader_port
 
     def collect(self) -> Iterator[Metric]:
         h = self.handle
@@ -325,6 +325,8 @@ class _HandleCollector(Collector):
             c = CounterMetricFamily("insession_background_failures", "Failed runs of a background job", labels=["job"])
             for job, n in failures.items():
                 c.add_metric([job], n)
+            standby = getattr(h, "standby", None)  # a ChildProcess with snapshot_writer = "standby"
+            c.add_metric(["standby"], standby.failures if standby is not None else 0)
             yield c
         if hasattr(h, "unknown_items"):
             yield CounterMetricFamily("insession_ingest_unknown_items", "Events stored for items not in the catalogue",

@@ -12,11 +12,12 @@ reader p50 4.3-5.0 ms, p99 143-301 ms, against p50 32-33 s with every request on
 rankings instead, the reader ran near a core too (docs/bench/bench_mixed.md).
 
 The contract:
-- `Reader` (the server's handle, `insession.serve.app`) starts `python -m insession.serve.reader` with the data
-  directory, the port and the server's pid; the server's config arrives on its stdin (API keys included:
-  never on a command line, which every user of the host can read). It is restarted when it exits: after 1,
-  2, 4 ... s (at most 60) when it failed, counted; after a snapshot interval when it stopped to start on new
-  declarations (`EXIT_RESTART`). While it is down its port refuses connections: read through the server.
+- `reader_process` (the server's handle, `insession.serve.app`, a `ChildProcess`) starts
+  `python -m insession.serve.reader` with the data directory and the server's pid; the server's config (the
+  port, and API keys: never on a command line, which every user of the host can read) arrives on its stdin.
+  It is restarted when it exits: after 2, 4, 8 ... s (at most 60) when it failed, counted; after a snapshot
+  interval when it stopped to start on new declarations (`EXIT_RESTART`). While it is down its port refuses
+  connections: read through the server.
 - The child opens an `insession.embedded.Replica` (the last snapshot, the log after it: before it listens),
   then serves `GET /v1/features/{entity}/{key}`, `POST /v1/features` and `POST /v1/rank` with the server's
   own route functions, API-key checks, hygiene rules, body limits and answers (ranking with the model version
@@ -36,10 +37,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -49,8 +48,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from insession.embedded import RETRY_MAX_S, Replica
-from insession.features.standby import EXIT_RESTART, stop_child
+from insession.embedded import Replica
+from insession.features.child import EXIT_RESTART, ChildProcess
 from insession.serve import query_routes, rank_routes
 from insession.serve.auth import Auth
 from insession.serve.config import Config, parse_config
@@ -62,59 +61,12 @@ log = logging.getLogger(__name__)
 _PARENT_CHECK_S = 1.0
 
 
-class Reader:
-    """The server's handle on its feature reader: `start`, `check` (restart when due), `status`, `stop`."""
-
-    def __init__(self, data_dir: Path, config: Config) -> None:
-        self.data_dir = Path(data_dir)
-        self.config = config
-        self.port = config.server.reader_port
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-        self.failures = 0
-        self._streak = 0
-        self._start_at = 0.0
-
-    def start(self) -> None:
-        """Start the reader (a fresh interpreter, never a fork of the server); its config goes on stdin."""
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "insession.serve.reader", str(self.data_dir), "--parent", str(os.getpid())],
-            stdin=subprocess.PIPE,
-        )
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(msgspec.json.encode(self.config))
-        self.proc.stdin.close()
-        self.starts += 1
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def check(self) -> None:
-        """Start the reader again when it has exited and its restart is due (see the module docstring)."""
-        now = time.monotonic()
-        if self.proc is not None and (code := self.proc.poll()) is not None:
-            self.proc = None
-            if code == EXIT_RESTART:
-                self._start_at = now + self.config.features.snapshot_interval_s
-            else:
-                self.failures += 1
-                self._streak += 1
-                self._start_at = now + min(RETRY_MAX_S, 2.0 ** self._streak)
-                log.warning("the feature reader exited with code %d (%d failures so far); starting it again in "
-                            "%.0f s; meanwhile read features through the server", code, self.failures,
-                            self._start_at - now)
-        elif self.running() and now - self._start_at > RETRY_MAX_S:
-            self._streak = 0  # it has run a while: the next failure starts the backoff again
-        if self.proc is None and now >= self._start_at:
-            self.start()
-
-    def status(self) -> dict[str, object]:
-        """What the server's /readyz says of its reader."""
-        return {"port": self.port, "running": self.running(), "starts": self.starts, "failures": self.failures}
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """Ask the reader to stop (SIGTERM), kill it after `timeout_s`."""
-        stop_child(self.proc, timeout_s)
+def reader_process(data_dir: Path, config: Config) -> ChildProcess:
+    """The server's feature reader (`python -m insession.serve.reader`), supervised as a `ChildProcess`: its
+    config on stdin, started again a snapshot interval after asking to be, with backoff after a failure."""
+    command = [sys.executable, "-m", "insession.serve.reader", str(data_dir), "--parent", str(os.getpid())]
+    return ChildProcess("feature reader", command, restart_after_s=config.features.snapshot_interval_s,
+                        stdin=msgspec.json.encode(config), consequence="; meanwhile read features through the server")
 
 
 def reader_app(replica: Replica, config: Config) -> FastAPI:

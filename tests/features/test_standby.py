@@ -64,7 +64,7 @@ def test_the_standby_writes_every_snapshot_and_a_restart_from_them_equals_never_
             _restarted_equals_running(db)
         assert db.features.snapshots_written == 0  # the serving process wrote none of them
         assert db.standby is not None and db.standby.starts == 1 and db.standby.running()
-        assert db.job_failures["standby"] == 0
+        assert db.standby.failures == 0
         # the server reports the standby's snapshots as its own (its maintenance reads CURRENT every 50 ms)
         until("the server's snapshot offset follows the standby's", lambda: db.lag()["snapshot_lag"] == 0)
     assert db.standby.proc is None or db.standby.proc.poll() is not None  # stopped at close
@@ -78,7 +78,7 @@ def test_a_killed_standby_is_counted_the_server_writes_meanwhile_and_it_comes_ba
         db.standby.proc.send_signal(signal.SIGKILL)
         db.insert("events", _events(100, seed=2, start_ms=T0 + 3_000_000))
         until("the server's own snapshot", lambda: db.features.snapshots_written >= 1 and _caught_up(db))
-        assert db.job_failures["standby"] == 1
+        assert db.standby.failures == 1
         until("the standby started again", lambda: db.standby is not None and db.standby.starts == 2)
         written = db.features.snapshots_written
         db.insert("events", _events(100, seed=3, start_ms=T0 + 6_000_000))
@@ -112,7 +112,7 @@ def test_a_feature_declared_while_the_standby_runs_reaches_its_snapshots(tmp_pat
         else:
             pytest.fail("no snapshot written by the standby after the new declaration")
         assert db.standby is not None and db.standby.starts >= 2
-        assert db.job_failures["standby"] == 0  # asked to be restarted: not a failure
+        assert db.standby.failures == 0  # asked to be restarted: not a failure
         _restarted_equals_running(db)
         assert "brands_1d" in db.features.registry
 
