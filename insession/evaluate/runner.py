@@ -51,10 +51,13 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "bce_only": {"loss": "bce"},
     "position_not_dhours": {"use_time": False},
     "zero_cold_start": {"cold_start": False},
-    # issue 17: the request's surface (embedding + per-surface adapter), the adapter alone, the query tokens
+    # issue 17: the request's surface (embedding + per-surface adapter), the adapter alone, the query's words
+    # matched against the candidate's category and subcategory (a signal of the head), and the query tokens
+    # in the session sequence (off by default: `RerankerConfig.use_queries`)
     "no_surface": {"use_surface": False},
     "no_surface_adapter": {"surface_adapter": False},
-    "no_query_tokens": {"use_queries": False},
+    "no_query_match": {"use_query_match": False},
+    "query_tokens": {"use_queries": True},
 }
 
 

@@ -21,15 +21,20 @@ Past the write-up (issue 17), two request-level inputs:
   head reads beside the calendar, and a per-surface adapter (a surface's own offsets to the wide path's
   weights and a vector on the deep head's last hidden layer, both zero at start, so a surface departs
   from the shared head only as far as its data asks);
-- the session's **search queries** (`session_queries`, the most recent distinct ones): each a token
+- the session's **search queries** (`session_queries`, the most recent distinct ones; `use_queries`, off by
+  default: measured harmful on the realistic shop, see `RerankerConfig`): each a token
   appended to the session sequence, embedded as the mean of its hashed word and character-trigram rows
   (`Vocab.query_grams`; no downloaded model), plus the search action and "now" as its time, so the
-  session encoder and target-aware pooling see what the shopper typed.
+  session encoder and target-aware pooling see what the shopper typed;
+- and, among the head's signals, **query_match**: how much of a session query names the candidate's category
+  or subcategory (`query_match`, a match of words: it needs no training data to say "this is what was
+  searched for", which the query tokens must learn from a few hundred groups).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from collections.abc import Sequence as Sequence_
 from dataclasses import asdict, dataclass, field
@@ -61,6 +66,7 @@ SIGNALS: tuple[str, ...] = (
     "touch_recency",  # 1 / (1 + log1p(hours since the shopper's latest event on it, session or history)); 0 if none
     "history_carted",  # 1 if the history holds an add-to-cart or purchase of the candidate
     "history_favorited",  # 1 if the history holds a favourite of the candidate
+    "query_match",  # the largest share of a session query's words in the candidate's category and subcategory
 )
 COVISIT_DECAY = 0.5
 MS_PER_HOUR = 3_600_000
@@ -85,6 +91,23 @@ def _recency_counts(events: Sequence_[Mapping[str, Any]]) -> dict[str, tuple[int
     return out
 
 
+def words(text: str) -> frozenset[str]:
+    """The lower-case words of a query or catalogue name: runs of letters and digits (`milk_03` and
+    `Milk 03` are both {milk, 03})."""
+    return frozenset(re.findall(r"[^\W_]+", text.lower()))
+
+
+def query_match(queries: Sequence_[str], category: str | None, subcategory: str | None) -> float:
+    """The `query_match` signal: the largest share of one query's words that name the candidate's category or
+    subcategory (1.0: every word of a query does; 0 without a query or a catalogue entry). Query tokens in
+    the session sequence must learn which item a query's hashed n-grams point to, and on the realistic shop
+    they did not (10 seeds, docs/evaluation.md); a match of words needs no learning to say it."""
+    if not queries or (category is None and subcategory is None):
+        return 0.0
+    names = words(f"{category or ''} {subcategory or ''}")
+    return max((len(q & names) / len(q) for q in map(words, queries) if q), default=0.0)
+
+
 def signal_rows(
     candidates: Sequence_[str],
     categories: Sequence_[str | None],
@@ -92,15 +115,19 @@ def signal_rows(
     history: Sequence_[Mapping[str, Any]],
     covisit: Mapping[str, Mapping[str, int]],
     now_ms: int,
+    subcategories: Sequence_[str | None] | None = None,
+    queries: Sequence_[str] = (),
 ) -> list[list[float]]:
     """The head's SIGNALS for each candidate, from the served state (training, evaluation and serving all
     go through this one function).
 
-    categories: each candidate's catalogue category (None: unknown); session / history: the `session_seq` /
-    `history_seq` features (events oldest -> newest, dicts with item_id, action, ts and category); covisit:
-    the `covisit` feature ({neighbour: count}) of the session's distinct items, most recent first (the
-    candidate stage reads the same lists); now_ms: the request instant (the model's request_ts).
+    categories / subcategories: each candidate's catalogue category and subcategory (None: unknown; no
+    subcategories: all unknown); session / history: the `session_seq` / `history_seq` features (events
+    oldest -> newest, dicts with item_id, action, ts and category); covisit: the `covisit` feature
+    ({neighbour: count}) of the session's distinct items, most recent first (the candidate stage reads the
+    same lists); now_ms: the request instant (the model's request_ts); queries: the `session_queries` feature.
     """
+    subs = subcategories if subcategories is not None else [None] * len(candidates)
     sess, hist = _recency_counts(session), _recency_counts(history)
     carted = {e["item_id"] for e in session if e["action"] == "add_to_cart"}
     latest: dict[str, int] = {}  # item -> ts of the shopper's latest event on it
@@ -114,7 +141,7 @@ def signal_rows(
             in_category[e["category"]] = in_category.get(e["category"], 0) + 1
     last = session[-1].get("category") if session else None
     rows = []
-    for c, cat in zip(candidates, categories, strict=True):
+    for c, cat, sub in zip(candidates, categories, subs, strict=True):
         s_n, s_age = sess.get(c, (0, 0))
         h_n, h_age = hist.get(c, (0, 0))
         recent = total = 0.0
@@ -136,6 +163,7 @@ def signal_rows(
                 1.0 / (1.0 + math.log1p(max(now_ms - latest[c], 0) / MS_PER_HOUR)) if c in latest else 0.0,
                 float(c in hist_carted),
                 float(c in hist_fav),
+                query_match(queries, cat, sub),
             ]
         )
     return rows
@@ -165,7 +193,11 @@ class RerankerConfig:
     cold_start: bool = True  # False: unknown items embed as the zero vector
     use_surface: bool = True  # False: the head sees no surface (neither the embedding nor the adapter)
     surface_adapter: bool = True  # False: the surface is only a head input; every surface shares the head
-    use_queries: bool = True  # False: the session's search queries are not tokens of the session sequence
+    # True: the session's search queries are tokens of the session sequence. Off by default since 2026-12-01:
+    # on the realistic shop they cost NDCG@10 in two 10-seed runs (forced view -0.012 and -0.013, the search
+    # surface too), where `query_match` helps on search (docs/evaluation.md, sections realistic_*)
+    use_queries: bool = False
+    use_query_match: bool = True  # False: the head reads the `query_match` signal as 0
     loss: str = "hybrid"  # "hybrid" or "bce" (read by insession.train.loss)
     item_subcat: list[int] = field(default_factory=list)  # subcategory of each trained item row (-1: pad)
     subcat_cat: list[int] = field(default_factory=list)  # category of each subcategory
@@ -442,6 +474,10 @@ class DualSequenceReranker(nn.Module):
         self.weekday = nn.Embedding(7, cfg.calendar_dim)
         self.week_of_month = nn.Embedding(5, cfg.calendar_dim)
         self.queries = QueryEmbedding(cfg) if cfg.use_queries else None
+        # 1 for each signal the head reads, 0 for `query_match` under its ablation (a buffer: exported with the model)
+        keep = torch.ones(len(SIGNALS))
+        keep[SIGNALS.index("query_match")] = float(cfg.use_query_match)
+        self.register_buffer("keep_signals", keep, persistent=False)
         n_meta = 4 + len(SIGNALS)  # lengths (2), similarities (2), the candidate's repeat signals
         self.gate = nn.Sequential(nn.Linear(3 * d + n_meta, d), nn.GELU(), nn.Linear(d, 1))
         self.cand_proj = nn.Linear(d, d)
@@ -558,6 +594,8 @@ class DualSequenceReranker(nn.Module):
         b, c = candidates.shape
         if not self.cfg.use_counters:  # the "no real-time counters" ablation drops every real-time signal
             counters, signals = torch.zeros_like(counters), torch.zeros_like(signals)
+        elif not self.cfg.use_query_match:
+            signals = signals * self.keep_signals
         cand = self.item_embed(candidates)  # [B, C, D]
         h_mask, s_mask = enc.history_items != 0, enc.session_mask
         ph, wh = self.history_pool(cand, enc.history, h_mask, enc.history_hours, enc.history_atc)

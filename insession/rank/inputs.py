@@ -76,8 +76,9 @@ def covisit_counts(features: FeatureEngine, session: Sequence[dict[str, Any]], n
 
 def signals(catalog: Catalog, shopper: Shopper, covisit: dict[str, dict[str, int]], items: Sequence[str]) -> np.ndarray:
     """[C, len(SIGNALS)] float32: the model's per-candidate repeat and co-visitation signals."""
-    categories = [it.category if (it := catalog.get(i)) is not None else None for i in items]
-    rows = signal_rows(items, categories, shopper.session, shopper.history, covisit, shopper.at_ms)
+    known = [catalog.get(i) for i in items]
+    rows = signal_rows(items, [it.category if it else None for it in known], shopper.session, shopper.history,
+                       covisit, shopper.at_ms, [it.subcategory if it else None for it in known], shopper.queries)
     return np.array(rows, dtype=np.float32).reshape(len(items), len(SIGNALS))
 
 

@@ -469,6 +469,7 @@ def assemble_examples(
         sessions = state["session_seq"].slice(lo, n).to_pylist()
         histories = state["history_seq"].slice(lo, n).to_pylist()
         items, cats = cand["item_id"].slice(a, b - a).to_pylist(), cand["category"].slice(a, b - a).to_pylist()
+        subs = cand["subcategory"].slice(a, b - a).to_pylist()
         now = parts["request_ts"][lo : lo + n].tolist()
         rows = [
             row
@@ -480,6 +481,8 @@ def assemble_examples(
                 histories[r] or [],
                 covisit[lo + r],
                 now[r],
+                subs[bounds[lo + r] - a : bounds[lo + r + 1] - a],
+                queries[lo + r] or [],
             )
         ]
         signals[a:b] = np.array(rows, np.float32).reshape(-1, len(SIGNALS))

@@ -10,6 +10,7 @@ import pytest
 from insession.evaluate.data import Dataset
 from insession.evaluate.split import TimeSplit, before
 from insession.model import SIGNALS, signal_rows
+from insession.model.reranker import QUERIES
 from insession.train.build import BuildConfig, TrainingData, build
 from insession.train.replay import build_candidates, stage_proposer
 
@@ -59,7 +60,9 @@ def test_groups_hold_the_stage_proposals_and_their_signals(
         # signals: the same function serving calls, on the same point-in-time state, by item id
         session, history = sets.state["session_seq"][g].as_py(), sets.state["history_seq"][g].as_py()
         now = int(meta["ts"][g].as_py())
-        expected = np.array(signal_rows(proposed, cat, session, history, sets.covisit[g], now), np.float32)
+        queries = sets.state[QUERIES][g].as_py() or []
+        expected = np.array(
+            signal_rows(proposed, cat, session, history, sets.covisit[g], now, sub, queries), np.float32)
         pos = proposed.index(meta["item_id"][g].as_py())
         np.testing.assert_allclose(signals[0], expected[pos], rtol=1e-6)
         got = sorted(map(tuple, np.round(signals[1:], 5).tolist()))

@@ -23,7 +23,7 @@ from insession.model import (
     Vocab,
     signal_rows,
 )
-from insession.model.reranker import COVISIT_DECAY, QUERY_BUCKETS, calendar_fields
+from insession.model.reranker import COVISIT_DECAY, QUERY_BUCKETS, calendar_fields, query_match
 from insession.model.vocab import QUERY_GRAMS
 
 T0 = 1_700_000_000_000
@@ -91,7 +91,7 @@ def model_for(cfg: RerankerConfig, seed: int = 0) -> DualSequenceReranker:
 
 
 def test_shapes_and_forward_equals_encode_then_score() -> None:
-    cfg = tiny_config()
+    cfg = tiny_config(use_queries=True)  # every input, the query tokens too
     m = model_for(cfg)
     batch = random_batch(cfg, [12, 3, 0, 5], [6, 0, 2, 1])
     scores = m(batch)
@@ -115,7 +115,8 @@ def test_shapes_and_forward_equals_encode_then_score() -> None:
         {"cold_start": False},
         {"use_surface": False},
         {"surface_adapter": False},
-        {"use_queries": False},
+        {"use_queries": True},
+        {"use_query_match": False},
     ],
 )
 def test_encode_once_equals_per_candidate_forward(ablation: dict) -> None:
@@ -260,7 +261,7 @@ def test_cold_rows_follow_training() -> None:
     "ablation",
     [
         "shared_encoder", "target_pooling", "learned_gate", "use_counters", "use_time", "cold_start", "use_surface",
-        "surface_adapter", "use_queries",
+        "surface_adapter", "use_queries", "use_query_match",
     ],
 )
 def test_every_ablation_trains(ablation: str) -> None:
@@ -319,6 +320,22 @@ def test_signal_rows_by_hand() -> None:
     assert rows["q"] == [0.0] * len(SIGNALS)  # never touched, no co-visitation, unknown category
 
 
+def test_query_match_is_the_best_share_of_a_query_s_words_naming_the_candidate() -> None:
+    queries = ["Acme milk 03", "soap"]
+    assert query_match(queries, "dairy", "milk_03") == pytest.approx(2 / 3)  # milk, 03; not the brand
+    assert query_match(queries, "dairy", "milk_04") == pytest.approx(1 / 3)
+    assert query_match(queries, "soap", None) == 1.0  # the second query, every word
+    assert query_match(["café au lait"], "Café", "au_lait_drinks") == 1.0  # letters beyond ASCII are words
+    assert query_match([], "dairy", "milk_03") == 0.0
+    assert query_match(queries, None, None) == 0.0  # not in the catalogue
+    assert query_match(["--", ""], "dairy", "milk") == 0.0  # a query of no words matches nothing
+    col = SIGNALS.index("query_match")
+    rows = signal_rows(["i1", "i2", "i3"], ["dairy", "dairy", None], [], [], {}, 0, ["milk_03", "cheese_01", None],
+                       queries)
+    assert [r[col] for r in rows] == [pytest.approx(2 / 3), 0.0, 0.0]
+    assert signal_rows(["i1"], ["dairy"], [], [], {}, 0)[0][col] == 0.0  # no subcategories, no queries
+
+
 @pytest.mark.parametrize("use_counters", [True, False])
 def test_signals_reach_the_head_unless_ablated(use_counters: bool) -> None:
     cfg = tiny_config(use_counters=use_counters)
@@ -328,6 +345,21 @@ def test_signals_reach_the_head_unless_ablated(use_counters: bool) -> None:
     with_signals = m.score(enc, batch.candidates, batch.counters, signals=batch.signals)
     without = m.score(enc, batch.candidates, batch.counters)
     assert torch.allclose(with_signals, without) != use_counters  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("use_query_match", [True, False])
+def test_the_query_match_signal_reaches_the_head_unless_ablated(use_query_match: bool) -> None:
+    m = model_for(tiny_config(use_query_match=use_query_match))
+    batch = random_batch(m.cfg, [5, 3], [4, 2])
+    assert batch.signals is not None
+    col = SIGNALS.index("query_match")
+    matched, unmatched = batch.signals.clone(), batch.signals.clone()
+    matched[..., col], unmatched[..., col] = 1.0, 0.0
+    one, zero = (_scores_with(m, batch, signals=s) for s in (matched, unmatched))
+    assert not torch.allclose(one, zero) if use_query_match else torch.equal(one, zero)
+    other = unmatched.clone()
+    other[..., SIGNALS.index("session_count")] += 1.0  # the other signals still count under the ablation
+    assert not torch.allclose(_scores_with(m, batch, signals=other), zero)
 
 
 def _scores_with(m: DualSequenceReranker, batch: Batch, **inputs: object) -> torch.Tensor:

@@ -61,7 +61,8 @@ class Shop:
             SURFACES,
         )
         torch.manual_seed(seed)
-        cfg = vocab.config(dim=32, n_heads=2, n_layers=1, dropout=0.0, max_history=50, max_session=20)
+        cfg = vocab.config(dim=32, n_heads=2, n_layers=1, dropout=0.0, max_history=50, max_session=20,
+                           use_queries=True)  # every input the serving path can feed, the query tokens too
         model = DualSequenceReranker(cfg).eval()
         with torch.no_grad():  # the surface adapters start at zero: give them weights the tests can see
             for table in (model.adapter_wide, model.adapter_out):

@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from insession.model import Batch, Vocab
+from insession.model import SIGNALS, Batch, Vocab
 from insession.rank import HygieneRules, RankConfig, Ranker, RankRequest, RankRequestError, fallback_ranking
 from insession.rank.inputs import ItemIndex, Shopper, counters, covisit_counts, item_counts, sequence, signals
 from insession.rank.onnx import ONNX_FILE
@@ -134,6 +134,8 @@ def test_encode_once_equals_one_full_forward_per_candidate(shop: Shop, ranker: R
     assert sigs.abs().sum() > 0  # the session's repeat and co-visitation signals reach the model
     # the surface and the session's query reach the model, as training's examples build them
     assert shopper.queries == ["s2 sneakers"]
+    match = sigs[:, SIGNALS.index("query_match")].tolist()  # "s2" names the subcategory of i17, i20 (s2)
+    assert match == [0.5 if item in ("i17", "i20") else 0.0 for item in cands]
     surface = torch.from_numpy(ranker._model.artefact.vocab.surface_index(["cart"]))
     queries = torch.from_numpy(Vocab.query_rows(shopper.queries)).unsqueeze(0)
     assert int(surface) == 1 + sorted(SURFACES).index("cart")
@@ -243,7 +245,7 @@ def test_feature_error_falls_back_with_and_without_candidates(shop: Shop, faulty
     assert [it.item_id for it in resp.items] == trending_order(shop, CANDS)
     resp = faulty.rank(RankRequest("u0", k=5))
     assert resp.fallback_reason == "feature_error" and resp.candidate_source == "candidate_stage"
-    assert [it.item_id for it in resp.items] == faulty.popular.cached()[1][:5]
+    assert [it.item_id for it in resp.items] == faulty.popular.cached().top[:5]
 
 
 def test_fallback_chain_trending_then_popularity_then_input_order() -> None:
