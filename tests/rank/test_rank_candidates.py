@@ -36,16 +36,18 @@ def test_empty_sources_propose_nothing() -> None:
 
 
 names = st.text(alphabet="abcdef", min_size=1, max_size=2)
+# random sources, items that are not eligible, and a total quota
+SOURCES = {
+    "session": st.lists(names, max_size=10),
+    "covisit": st.dictionaries(names, st.lists(names, max_size=6), max_size=6),
+    "popular": st.lists(names, max_size=30),
+    "banned": st.sets(names, max_size=5),
+    "n": st.integers(1, 40),
+}
 
 
 @settings(max_examples=100, deadline=None)
-@given(
-    session=st.lists(names, max_size=10),
-    covisit=st.dictionaries(names, st.lists(names, max_size=6), max_size=6),
-    popular=st.lists(names, max_size=30),
-    banned=st.sets(names, max_size=5),
-    n=st.integers(1, 40),
-)
+@given(**SOURCES)
 def test_proposals_are_distinct_eligible_and_bounded(
     session: list[str], covisit: dict[str, list[str]], popular: list[str], banned: set[str], n: int
 ) -> None:
@@ -104,21 +106,14 @@ def test_search_results_come_after_the_session_and_keep_their_unused_quota() -> 
 
 
 @settings(max_examples=100, deadline=None)
-@given(
-    session=st.lists(names, max_size=10),
-    covisit=st.dictionaries(names, st.lists(names, max_size=6), max_size=6),
-    history=st.lists(names, max_size=10),
-    popular=st.lists(names, max_size=30),
-    banned=st.sets(names, max_size=5),
-    n=st.integers(1, 40),
-    search=st.integers(0, 10),
-)
+@given(**SOURCES, history=st.lists(names, max_size=10), search=st.integers(0, 10))
 def test_without_a_search_the_search_quota_changes_nothing(
     session: list[str], covisit: dict[str, list[str]], history: list[str], popular: list[str], banned: set[str],
     n: int, search: int,
 ) -> None:
     sources = CandidateSources(session_items=session, covisit=covisit, history_items=history,
                                trending=popular[::2], popular=popular)
+
     def lists(q: int) -> list[str]:
         quotas = CandidateQuotas(n=n, session=3, search=q, covisit=4, history=3, category=2)
         return propose(sources, lambda i: i not in banned, quotas)
