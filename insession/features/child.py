@@ -23,7 +23,7 @@ from collections.abc import Sequence
 log = logging.getLogger(__name__)
 
 EXIT_RESTART = 3  # the child's declarations changed, or one is still backfilling: start it again later
-RETRY_MAX_S = 60.0  # a failing background job retries after 1, 2, 4 ... s, at most this
+RETRY_MAX_S = 60.0  # a failing background job (child, export, snapshot) retries after 2, 4 ... s, at most this
 
 
 class ChildProcess:

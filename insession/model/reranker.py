@@ -97,15 +97,16 @@ def words(text: str) -> frozenset[str]:
     return frozenset(re.findall(r"[^\W_]+", text.lower()))
 
 
-def query_match(queries: Sequence_[str], category: str | None, subcategory: str | None) -> float:
-    """The `query_match` signal: the largest share of one query's words that name the candidate's category or
-    subcategory (1.0: every word of a query does; 0 without a query or a catalogue entry). Query tokens in
-    the session sequence must learn which item a query's hashed n-grams point to, and on the realistic shop
-    they did not (10 seeds, docs/evaluation.md); a match of words needs no learning to say it."""
+def query_match(queries: Sequence_[frozenset[str]], category: str | None, subcategory: str | None) -> float:
+    """The `query_match` signal: the largest share of one query's words (`words` of each query, none empty)
+    that name the candidate's category or subcategory (1.0: every word of a query does; 0 without a query or
+    a catalogue entry). Query tokens in the session sequence must learn which item a query's hashed n-grams
+    point to, and on the realistic shop they did not (10 seeds, docs/evaluation.md); a match of words needs
+    no learning to say it."""
     if not queries or (category is None and subcategory is None):
         return 0.0
     names = words(f"{category or ''} {subcategory or ''}")
-    return max((len(q & names) / len(q) for q in map(words, queries) if q), default=0.0)
+    return max(len(q & names) / len(q) for q in queries)
 
 
 def signal_rows(
@@ -128,6 +129,7 @@ def signal_rows(
     same lists); now_ms: the request instant (the model's request_ts); queries: the `session_queries` feature.
     """
     subs = subcategories if subcategories is not None else [None] * len(candidates)
+    query_words = [w for w in map(words, queries) if w]
     sess, hist = _recency_counts(session), _recency_counts(history)
     carted = {e["item_id"] for e in session if e["action"] == "add_to_cart"}
     latest: dict[str, int] = {}  # item -> ts of the shopper's latest event on it
@@ -163,7 +165,7 @@ def signal_rows(
                 1.0 / (1.0 + math.log1p(max(now_ms - latest[c], 0) / MS_PER_HOUR)) if c in latest else 0.0,
                 float(c in hist_carted),
                 float(c in hist_fav),
-                query_match(queries, cat, sub),
+                query_match(query_words, cat, sub),
             ]
         )
     return rows

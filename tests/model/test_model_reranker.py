@@ -23,7 +23,7 @@ from insession.model import (
     Vocab,
     signal_rows,
 )
-from insession.model.reranker import COVISIT_DECAY, QUERY_BUCKETS, calendar_fields, query_match
+from insession.model.reranker import COVISIT_DECAY, QUERY_BUCKETS, calendar_fields, query_match, words
 from insession.model.vocab import QUERY_GRAMS
 
 T0 = 1_700_000_000_000
@@ -322,14 +322,16 @@ def test_signal_rows_by_hand() -> None:
 
 def test_query_match_is_the_best_share_of_a_query_s_words_naming_the_candidate() -> None:
     queries = ["Acme milk 03", "soap"]
-    assert query_match(queries, "dairy", "milk_03") == pytest.approx(2 / 3)  # milk, 03; not the brand
-    assert query_match(queries, "dairy", "milk_04") == pytest.approx(1 / 3)
-    assert query_match(queries, "soap", None) == 1.0  # the second query, every word
-    assert query_match(["café au lait"], "Café", "au_lait_drinks") == 1.0  # letters beyond ASCII are words
+    asked = [words(q) for q in queries]
+    assert asked == [{"acme", "milk", "03"}, {"soap"}]
+    assert query_match(asked, "dairy", "milk_03") == pytest.approx(2 / 3)  # milk, 03; not the brand
+    assert query_match(asked, "dairy", "milk_04") == pytest.approx(1 / 3)
+    assert query_match(asked, "soap", None) == 1.0  # the second query, every word
+    assert query_match([words("café au lait")], "Café", "au_lait_drinks") == 1.0  # letters beyond ASCII count
     assert query_match([], "dairy", "milk_03") == 0.0
-    assert query_match(queries, None, None) == 0.0  # not in the catalogue
-    assert query_match(["--", ""], "dairy", "milk") == 0.0  # a query of no words matches nothing
+    assert query_match(asked, None, None) == 0.0  # not in the catalogue
     col = SIGNALS.index("query_match")
+    assert signal_rows(["i1"], ["dairy"], [], [], {}, 0, ["milk"], ["--", ""])[0][col] == 0.0  # queries of no words
     rows = signal_rows(["i1", "i2", "i3"], ["dairy", "dairy", None], [], [], {}, 0, ["milk_03", "cheese_01", None],
                        queries)
     assert [r[col] for r in rows] == [pytest.approx(2 / 3), 0.0, 0.0]
