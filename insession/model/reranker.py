@@ -38,6 +38,7 @@ import re
 from collections.abc import Mapping
 from collections.abc import Sequence as Sequence_
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -91,9 +92,11 @@ def _recency_counts(events: Sequence_[Mapping[str, Any]]) -> dict[str, tuple[int
     return out
 
 
+@lru_cache(maxsize=1 << 16)
 def words(text: str) -> frozenset[str]:
     """The lower-case words of a query or catalogue name: runs of letters and digits (`milk_03` and
-    `Milk 03` are both {milk, 03})."""
+    `Milk 03` are both {milk, 03}). Cached: every ranking asks for its ~60 candidates' category names, which
+    repeat from request to request, and training for every candidate of every group."""
     return frozenset(re.findall(r"[^\W_]+", text.lower()))
 
 
